@@ -1,0 +1,453 @@
+"""The `chunked` backend: token chunks x vocabulary tiles in plain PyTorch ops.
+
+The [N, V] logits never exist. Rows are taken `plan.rows` at a time; each chunk's
+logits are built `plan.tile` vocabulary columns at a time into one reused workspace,
+folded into an online log-sum-exp, and the few logits the targets need are gathered
+on the way. Memory beyond inputs, outputs and gradients is O(N*k) statistics plus the
+workspace, whose size `workspace_bytes` bounds.
+
+When a reduced (scalar) loss needs gradients, the forward also produces them: a row's
+softmax is turned into its logits gradient in place while the tile is still in the
+workspace, and pushed through the two backward GEMMs. Three GEMMs per element
+(6*N*V*d FLOPs) instead of the four a recomputing backward needs; the backward then
+only scales by the upstream gradient. `reduction="none"`, and any second backward
+through a retained graph, recompute chunk by chunk from the saved statistics.
+
+Order: workspace planning -> tile kernels -> sweeps -> autograd Function -> entry.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from .options import LossOptions
+from .reference import LossStats, compute_dtype, reduce_loss
+from .targets import RowTerms, Slots, row_terms, row_weights
+
+# CPU GEMMs reach their plateau at about 128 rows (measured on a 2-core AVX-512 host:
+# 64 rows is ~25% slower for fp32); beyond that, a larger chunk buys nothing.
+_CPU_TARGET_ROWS = 128
+_CPU_MIN_WORKSPACE = 16 << 20
+_CPU_MAX_WORKSPACE = 64 << 20
+# On GPUs a chunk must fill the SMs: 256 MiB holds ~1k rows of a 64k vocabulary.
+_GPU_WORKSPACE = 256 << 20
+# Below this many rows the vocabulary is tiled instead of shrinking the chunk further.
+_MIN_CHUNK_ROWS = 16
+
+
+# --------------------------------------------------------------------------------------
+# Workspace planning
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ChunkPlan:
+    rows: int  # token rows per chunk
+    tile: int  # vocabulary columns per tile (== V: whole rows, one tile per chunk)
+    weight_block: int  # vocabulary rows per d_weight GEMM for low-precision inputs
+
+
+def _bytes_per_tile_element(dtype: torch.dtype, softcap: bool) -> int:
+    cdt = compute_dtype(dtype)
+    per = torch.finfo(cdt).bits // 8  # the compute-dtype tile
+    if dtype != cdt:
+        per += dtype.itemsize  # its low-precision twin, the GEMM output / operand
+    if softcap:
+        per += torch.finfo(cdt).bits // 8  # tanh(u / c), kept for the chain rule
+    return per
+
+
+def plan_chunks(num_rows: int, vocab_size: int, dim: int, dtype: torch.dtype, device: torch.device,
+                options: LossOptions) -> ChunkPlan:
+    """Rows per chunk and columns per tile for this problem and workspace budget."""
+    per_element = _bytes_per_tile_element(dtype, options.softcap is not None)
+    budget = options.workspace_bytes
+    if budget is None:
+        if device.type == "cpu":
+            budget = _CPU_TARGET_ROWS * vocab_size * per_element
+            budget = min(max(budget, _CPU_MIN_WORKSPACE), _CPU_MAX_WORKSPACE)
+        else:
+            budget = _GPU_WORKSPACE
+    elements = max(budget // per_element, 1)
+    rows_needed = max(num_rows, 1)
+    if elements // vocab_size >= min(_MIN_CHUNK_ROWS, rows_needed):
+        rows = min(rows_needed, elements // vocab_size)
+        tile = vocab_size
+    else:
+        rows = min(rows_needed, _MIN_CHUNK_ROWS)
+        tile = max(min(vocab_size, elements // rows), 1)
+    # The d_weight GEMM of a low-precision chunk lands in a temporary before it is
+    # added to the fp32 accumulator; a quarter of the budget bounds that temporary.
+    weight_block = max(min(vocab_size, (budget // 4) // max(dim * dtype.itemsize, 1)), 256)
+    return ChunkPlan(rows, tile, weight_block)
+
+
+class _Workspace:
+    """The reused tile buffers of one sweep."""
+
+    def __init__(self, plan: ChunkPlan, dtype: torch.dtype, device: torch.device, softcap: bool):
+        cdt = compute_dtype(dtype)
+        self.dtype = dtype
+        self.tile = torch.empty(plan.rows * plan.tile, dtype=cdt, device=device)
+        self.low = torch.empty(plan.rows * plan.tile, dtype=dtype, device=device) if dtype != cdt else None
+        self.tanh = torch.empty(plan.rows * plan.tile, dtype=cdt, device=device) if softcap else None
+
+    @staticmethod
+    def _view(buf: Tensor | None, rows: int, cols: int) -> Tensor | None:
+        return None if buf is None else buf[: rows * cols].view(rows, cols)
+
+
+# --------------------------------------------------------------------------------------
+# Tile kernels
+# --------------------------------------------------------------------------------------
+
+
+def _logits_tile(ws: _Workspace, x_rows: Tensor, weight: Tensor, bias: Tensor | None, v0: int, v1: int,
+                 options: LossOptions) -> tuple[Tensor, Tensor | None]:
+    """z = softcap(x W[v0:v1].T + b) / T into the workspace; also tanh(u/c) with a softcap."""
+    rows, cols = x_rows.shape[0], v1 - v0
+    z = ws._view(ws.tile, rows, cols)
+    if ws.low is not None:
+        # CPU GEMMs have no bf16-in/fp32-out form: the product is accumulated in fp32
+        # inside the GEMM and rounded once to the input dtype, as F.linear does.
+        low = ws._view(ws.low, rows, cols)
+        torch.mm(x_rows, weight[v0:v1].T, out=low)
+        z.copy_(low)
+    else:
+        torch.mm(x_rows, weight[v0:v1].T, out=z)
+    if bias is not None:
+        z.add_(bias[v0:v1])
+    tanh = None
+    if options.softcap is not None:
+        tanh = ws._view(ws.tanh, rows, cols)
+        torch.tanh(z.div_(options.softcap), out=tanh)
+        z.copy_(tanh).mul_(options.softcap / options.temperature)
+    elif options.temperature != 1.0:
+        z.mul_(1.0 / options.temperature)
+    return z, tanh
+
+
+def _gather_tile(z: Tensor, ids: Tensor, v0: int, out: Tensor) -> None:
+    """out[r, j] = z[r, ids[r, j] - v0] for the ids that fall in this tile."""
+    local = ids - v0
+    inside = (local >= 0) & (local < z.shape[1])
+    gathered = z.gather(1, local.clamp(0, z.shape[1] - 1))
+    out.copy_(torch.where(inside, gathered, out))
+
+
+def _logits_grad_(tile: Tensor, tanh: Tensor | None, softmax_scale: Tensor, uniform: Tensor | None,
+                  slot_coef: Tensor, local_ids: Tensor, options: LossOptions) -> Tensor:
+    """Turn exp-logits in `tile` into dL/du in place.
+
+    `tile` holds exp(z - ref) with `softmax_scale` = row_coef * exp(ref - lse) / T, so
+    row_coef * q / T is one multiply; the slot corrections land by scatter; the softcap
+    chain rule is 1 - tanh^2.
+    """
+    tile.mul_(softmax_scale[:, None])
+    if uniform is not None:
+        tile.sub_(uniform[:, None])
+    inside = (local_ids >= 0) & (local_ids < tile.shape[1])
+    corrections = torch.where(inside, -slot_coef, 0.0)
+    tile.scatter_add_(1, local_ids.clamp(0, tile.shape[1] - 1), corrections)
+    if tanh is not None:
+        tile.mul_(tanh.square_().neg_().add_(1.0))
+    return tile
+
+
+@dataclass
+class Grads:
+    """Gradient buffers of one sweep; d_weight accumulates in the compute dtype."""
+
+    input: Tensor | None
+    weight: Tensor | None
+    bias: Tensor | None
+
+    @staticmethod
+    def allocate(x: Tensor, weight: Tensor, bias: Tensor | None, need: tuple[bool, bool, bool]) -> "Grads":
+        cdt = compute_dtype(x.dtype)
+        return Grads(
+            torch.zeros_like(x) if need[0] else None,
+            torch.zeros(weight.shape, dtype=cdt, device=weight.device) if need[1] else None,
+            torch.zeros(bias.shape, dtype=cdt, device=bias.device) if (need[2] and bias is not None) else None,
+        )
+
+    def take(self, scale: Tensor, weight_dtype: torch.dtype, bias_dtype: torch.dtype | None
+             ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """Hand the buffers over, scaled by the upstream gradient; they are ours to scale in place."""
+        grads = []
+        for buf, dtype in ((self.input, None), (self.weight, weight_dtype), (self.bias, bias_dtype)):
+            if buf is None:
+                grads.append(None)
+                continue
+            buf.mul_(scale.to(buf.dtype))
+            grads.append(buf if dtype is None or buf.dtype == dtype else buf.to(dtype))
+        self.input = self.weight = self.bias = None
+        return tuple(grads)
+
+
+def _backprop_tile(ws: _Workspace, du: Tensor, x_rows: Tensor, weight: Tensor, v0: int, v1: int,
+                   input_rows: Tensor | None, grads: Grads, plan: ChunkPlan, whole_rows: bool) -> None:
+    """Push dL/du of one tile through the linear layer into the gradient buffers.
+
+    `input_rows` receives d_input of the chunk: the gradient buffer itself when one
+    GEMM covers the whole vocabulary, else a compute-dtype accumulator.
+    """
+    if grads.bias is not None:
+        grads.bias[v0:v1] += du.sum(dim=0)
+    if ws.low is not None:
+        du = ws._view(ws.low, *du.shape).copy_(du)
+    w_tile = weight[v0:v1]
+    if input_rows is not None:
+        if whole_rows:
+            torch.mm(du, w_tile, out=input_rows)
+        elif ws.low is None:
+            input_rows.addmm_(du, w_tile)
+        else:
+            input_rows += du @ w_tile
+    if grads.weight is not None:
+        if ws.low is None:
+            grads.weight[v0:v1].addmm_(du.T, x_rows)
+        else:
+            for b0 in range(0, v1 - v0, plan.weight_block):
+                b1 = min(b0 + plan.weight_block, v1 - v0)
+                grads.weight[v0 + b0 : v0 + b1] += du[:, b0:b1].T @ x_rows
+
+
+# --------------------------------------------------------------------------------------
+# Sweeps
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SweepStats:
+    lse: Tensor  # [N]
+    slot_logits: Tensor  # [N, K]
+    logit_sum: Tensor | None  # [N], only with label smoothing
+
+
+# (r0, r1, lse rows, slot logits rows, logit sum rows) -> coefficients of those rows,
+# already multiplied by each row's upstream weight:
+# (row_coef [n], slot_coef [n, K], uniform [n] or None)
+CoefFn = Callable[[int, int, Tensor, Tensor, Tensor | None], tuple[Tensor, Tensor, Tensor | None]]
+
+
+def sweep(x: Tensor, weight: Tensor, bias: Tensor | None, slot_ids: Tensor, options: LossOptions, *,
+          stats: SweepStats | None = None, coef_fn: CoefFn | None = None,
+          grads: Grads | None = None) -> SweepStats:
+    """One pass over the vocabulary for every token chunk.
+
+    Without `stats`, computes them (online log-sum-exp over tiles, logits at
+    `slot_ids` [N, K], logit sums). With `coef_fn` and `grads`, also accumulates the gradients of the loss whose
+    per-row coefficients `coef_fn` gives; when a chunk's rows fit in one tile the
+    logits are built once for both. Given `stats`, only the gradient pass runs.
+    """
+    num_rows, _ = x.shape
+    vocab_size = weight.shape[0]
+    cdt = compute_dtype(x.dtype)
+    plan = plan_chunks(num_rows, vocab_size, x.shape[1], x.dtype, x.device, options)
+    whole_rows = plan.tile == vocab_size
+    ws = _Workspace(plan, x.dtype, x.device, options.softcap is not None)
+    smoothing = bool(options.label_smoothing)
+    if stats is None:
+        lse = torch.empty(num_rows, dtype=cdt, device=x.device)
+        slot_logits = torch.zeros(slot_ids.shape, dtype=cdt, device=x.device)
+        logit_sum = torch.zeros(num_rows, dtype=cdt, device=x.device) if smoothing else None
+        stats = SweepStats(lse, slot_logits, logit_sum)
+        need_stats = True
+    else:
+        need_stats = False
+    for r0 in range(0, num_rows, plan.rows):
+        r1 = min(r0 + plan.rows, num_rows)
+        x_rows, ids = x[r0:r1], slot_ids[r0:r1]
+        exp_ref = None  # the tile still holds exp(z - exp_ref) of a whole row
+        if need_stats:
+            row_max = torch.full((r1 - r0,), -math.inf, dtype=cdt, device=x.device)
+            row_sum = torch.zeros(r1 - r0, dtype=cdt, device=x.device)
+            for v0 in range(0, vocab_size, plan.tile):
+                v1 = min(v0 + plan.tile, vocab_size)
+                z, tanh = _logits_tile(ws, x_rows, weight, bias, v0, v1, options)
+                _gather_tile(z, ids, v0, stats.slot_logits[r0:r1])
+                if smoothing:
+                    stats.logit_sum[r0:r1] += z.sum(dim=1)
+                tile_max = z.amax(dim=1)
+                new_max = torch.maximum(row_max, tile_max)
+                row_sum = row_sum * (row_max - new_max).exp() + z.sub_(new_max[:, None]).exp_().sum(dim=1)
+                row_max = new_max
+            stats.lse[r0:r1] = row_max + row_sum.log()
+            if whole_rows:
+                exp_ref = row_max
+        if coef_fn is None:
+            continue
+        lse_rows = stats.lse[r0:r1]
+        row_coef, slot_coef, uniform = coef_fn(
+            r0, r1, lse_rows, stats.slot_logits[r0:r1], None if stats.logit_sum is None else stats.logit_sum[r0:r1]
+        )
+        inv_t = 1.0 / options.temperature
+        if uniform is not None:
+            uniform = uniform * inv_t
+        slot_coef = slot_coef * inv_t
+        input_rows = None
+        if grads.input is not None:
+            input_rows = grads.input[r0:r1]
+            if not whole_rows and ws.low is not None:
+                # Partial products over vocabulary tiles are summed in fp32, rounded once.
+                input_rows = torch.zeros(input_rows.shape, dtype=cdt, device=x.device)
+        for v0 in range(0, vocab_size, plan.tile):
+            v1 = min(v0 + plan.tile, vocab_size)
+            if exp_ref is not None:
+                ref = exp_ref
+            else:
+                z, tanh = _logits_tile(ws, x_rows, weight, bias, v0, v1, options)
+                z.sub_(lse_rows[:, None]).exp_()
+                ref = lse_rows
+            scale = row_coef * (ref - lse_rows).exp() * inv_t
+            du = _logits_grad_(z, tanh, scale, uniform, slot_coef, ids - v0, options)
+            _backprop_tile(ws, du, x_rows, weight, v0, v1, input_rows, grads, plan, whole_rows)
+        if input_rows is not None and input_rows.dtype != grads.input.dtype:
+            grads.input[r0:r1] = input_rows
+    return stats
+
+
+def terms_coef_fn(slots: Slots, options: LossOptions, vocab_size: int, upstream: Tensor,
+                  sink: Callable[[int, int, RowTerms], None] | None = None) -> CoefFn:
+    """Coefficients of the linear_cross_entropy loss, scaled per row by `upstream` [N]."""
+
+    def coef_fn(r0, r1, lse, slot_logits, logit_sum):
+        terms = row_terms(lse, slot_logits, logit_sum, slots.rows(r0, r1), options, vocab_size)
+        if sink is not None:
+            sink(r0, r1, terms)
+        g = upstream[r0:r1]
+        uniform = None if terms.uniform is None else terms.uniform * g
+        return terms.row_coef * g, terms.slot_coef * g[:, None], uniform
+
+    return coef_fn
+
+
+def precomputed_coef_fn(row_coef: Tensor, slot_coef: Tensor, uniform: Tensor | None) -> CoefFn:
+    """Coefficients known for every row before the sweep (backward, distil_loss)."""
+
+    def coef_fn(r0, r1, lse, slot_logits, logit_sum):
+        return row_coef[r0:r1], slot_coef[r0:r1], None if uniform is None else uniform[r0:r1]
+
+    return coef_fn
+
+
+# --------------------------------------------------------------------------------------
+# Autograd Function
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ChunkedParams:
+    options: LossOptions
+    num_target: int
+    # Produce the gradients in the forward (a scalar loss whose inputs need gradients,
+    # decided outside the Function: grad mode is off inside `forward`).
+    eager: bool
+
+
+class ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Loss of 2-D `x` against `Slots`; outputs (loss, lse, token_loss, target_logprobs)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, slot_ids, slot_weights, slot_valid, params: ChunkedParams):
+        options = params.options
+        slots = Slots(slot_ids, slot_weights, slot_valid, params.num_target)
+        vocab_size = weight.shape[0]
+        cdt = compute_dtype(x.dtype)
+        row_valid = slots.row_valid
+        need = ctx.needs_input_grad[:3]
+        token_loss = torch.zeros(x.shape[0], dtype=cdt, device=x.device)
+        logq = torch.zeros(slots.ids.shape[0], params.num_target, dtype=cdt, device=x.device)
+
+        def keep(r0, r1, terms: RowTerms):
+            token_loss[r0:r1] = terms.token_loss
+            logq[r0:r1] = terms.target_logprobs
+
+        grads = None
+        if params.eager and any(need):
+            grads = Grads.allocate(x, weight, bias, need)
+            upstream = row_weights(row_valid, options.reduction, cdt)
+            stats = sweep(x, weight, bias, slots.ids, options,
+                          coef_fn=terms_coef_fn(slots, options, vocab_size, upstream, sink=keep), grads=grads)
+        else:
+            stats = sweep(x, weight, bias, slots.ids, options)
+            terms = row_terms(stats.lse, stats.slot_logits, stats.logit_sum, slots, options, vocab_size)
+            keep(0, x.shape[0], terms)
+        loss = reduce_loss(token_loss, row_valid, options.reduction)
+
+        if options.reduction == "none":
+            token_loss = token_loss.clone()  # the loss itself is the differentiable output
+
+        ctx.params = params
+        ctx.grads = grads
+        ctx.grad_dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        ctx.save_for_backward(x, weight, bias, slot_ids, slot_weights, slot_valid,
+                              stats.lse, stats.slot_logits, stats.logit_sum)
+        ctx.mark_non_differentiable(stats.lse, token_loss, logq)
+        return loss, stats.lse, token_loss, logq
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_lse, _grad_token_loss, _grad_logq):
+        x, weight, bias, slot_ids, slot_weights, slot_valid, lse, slot_logits, logit_sum = ctx.saved_tensors
+        params = ctx.params
+        if ctx.grads is not None:
+            grads, ctx.grads = ctx.grads, None
+            d_x, d_w, d_b = grads.take(grad_loss, *ctx.grad_dtypes)
+            return d_x, d_w, d_b, None, None, None, None
+        # No gradients from the forward (reduction="none", or a second backward through
+        # a retained graph): recompute them from the saved statistics.
+        options = params.options
+        slots = Slots(slot_ids, slot_weights, slot_valid, params.num_target)
+        cdt = compute_dtype(x.dtype)
+        if options.reduction == "none":
+            upstream = grad_loss.to(cdt)
+        else:
+            upstream = row_weights(slots.row_valid, options.reduction, cdt) * grad_loss.to(cdt)
+        need = ctx.needs_input_grad[:3]
+        grads = Grads.allocate(x, weight, bias, need)
+        sweep(x, weight, bias, slots.ids, options, stats=SweepStats(lse, slot_logits, logit_sum),
+              coef_fn=terms_coef_fn(slots, options, weight.shape[0], upstream), grads=grads)
+        one = torch.ones((), dtype=cdt, device=x.device)
+        d_x, d_w, d_b = grads.take(one, *ctx.grad_dtypes)
+        return d_x, d_w, d_b, None, None, None, None
+
+
+def chunked_linear_cross_entropy(x: Tensor, weight: Tensor, bias: Tensor | None, slots: Slots,
+                                 options: LossOptions) -> tuple[Tensor, LossStats]:
+    """Loss (in the compute dtype) and stats of 2-D `x` [N, d] by the chunked backend."""
+    needs_grad = x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    eager = options.reduction != "none" and needs_grad and torch.is_grad_enabled()
+    params = ChunkedParams(options, slots.num_target, eager)
+    loss, lse, token_loss, logq = ChunkedLinearCrossEntropy.apply(
+        x, weight, bias, slots.ids, slots.weights, slots.valid, params
+    )
+    return loss, LossStats(lse.float(), token_loss.float(), logq.float())
+
+
+class PrecomputedCoefficientLoss(torch.autograd.Function):
+    """A loss whose value is already known and whose gradient is one sweep with given
+    per-row coefficients (`distil_loss`'s weighted loss pass)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, value, slot_ids, lse, row_coef, slot_coef, options: LossOptions):
+        ctx.options = options
+        ctx.save_for_backward(x, weight, bias, slot_ids, lse, row_coef, slot_coef)
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad_value):
+        x, weight, bias, slot_ids, lse, row_coef, slot_coef = ctx.saved_tensors
+        cdt = compute_dtype(x.dtype)
+        grads = Grads.allocate(x, weight, bias, ctx.needs_input_grad[:3])
+        g = grad_value.to(cdt)
+        sweep(x, weight, bias, slot_ids, ctx.options, stats=SweepStats(lse, slot_coef, None),
+              coef_fn=precomputed_coef_fn(row_coef * g, slot_coef * g, None), grads=grads)
+        d_x, d_w, d_b = grads.take(torch.ones((), dtype=cdt, device=x.device), weight.dtype,
+                                   None if bias is None else bias.dtype)
+        return d_x, d_w, d_b, None, None, None, None, None, None
