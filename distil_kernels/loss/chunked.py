@@ -49,7 +49,6 @@ _MIN_CHUNK_ROWS = 16
 class ChunkPlan:
     rows: int  # token rows per chunk
     tile: int  # vocabulary columns per tile (== V: whole rows, one tile per chunk)
-    weight_block: int  # vocabulary rows per d_weight GEMM for low-precision inputs
 
 
 def _bytes_per_tile_element(dtype: torch.dtype, softcap: bool) -> int:
@@ -62,7 +61,7 @@ def _bytes_per_tile_element(dtype: torch.dtype, softcap: bool) -> int:
     return per
 
 
-def plan_chunks(num_rows: int, vocab_size: int, dim: int, dtype: torch.dtype, device: torch.device,
+def plan_chunks(num_rows: int, vocab_size: int, dtype: torch.dtype, device: torch.device,
                 options: LossOptions) -> ChunkPlan:
     """Rows per chunk and columns per tile for this problem and workspace budget."""
     per_element = _bytes_per_tile_element(dtype, options.softcap is not None)
@@ -81,10 +80,7 @@ def plan_chunks(num_rows: int, vocab_size: int, dim: int, dtype: torch.dtype, de
     else:
         rows = min(rows_needed, _MIN_CHUNK_ROWS)
         tile = max(min(vocab_size, elements // rows), 1)
-    # The d_weight GEMM of a low-precision chunk lands in a temporary before it is
-    # added to the fp32 accumulator; a quarter of the budget bounds that temporary.
-    weight_block = max(min(vocab_size, (budget // 4) // max(dim * dtype.itemsize, 1)), 256)
-    return ChunkPlan(rows, tile, weight_block)
+    return ChunkPlan(rows, tile)
 
 
 class _Workspace:
@@ -98,7 +94,7 @@ class _Workspace:
         self.tanh = torch.empty(plan.rows * plan.tile, dtype=cdt, device=device) if softcap else None
 
     @staticmethod
-    def _view(buf: Tensor | None, rows: int, cols: int) -> Tensor | None:
+    def view(buf: Tensor | None, rows: int, cols: int) -> Tensor | None:
         return None if buf is None else buf[: rows * cols].view(rows, cols)
 
 
@@ -111,11 +107,11 @@ def _logits_tile(ws: _Workspace, x_rows: Tensor, weight: Tensor, bias: Tensor | 
                  options: LossOptions) -> tuple[Tensor, Tensor | None]:
     """z = softcap(x W[v0:v1].T + b) / T into the workspace; also tanh(u/c) with a softcap."""
     rows, cols = x_rows.shape[0], v1 - v0
-    z = ws._view(ws.tile, rows, cols)
+    z = ws.view(ws.tile, rows, cols)
     if ws.low is not None:
         # CPU GEMMs have no bf16-in/fp32-out form: the product is accumulated in fp32
         # inside the GEMM and rounded once to the input dtype, as F.linear does.
-        low = ws._view(ws.low, rows, cols)
+        low = ws.view(ws.low, rows, cols)
         torch.mm(x_rows, weight[v0:v1].T, out=low)
         z.copy_(low)
     else:
@@ -124,7 +120,7 @@ def _logits_tile(ws: _Workspace, x_rows: Tensor, weight: Tensor, bias: Tensor | 
         z.add_(bias[v0:v1])
     tanh = None
     if options.softcap is not None:
-        tanh = ws._view(ws.tanh, rows, cols)
+        tanh = ws.view(ws.tanh, rows, cols)
         torch.tanh(z.div_(options.softcap), out=tanh)
         z.copy_(tanh).mul_(options.softcap / options.temperature)
     elif options.temperature != 1.0:
@@ -141,7 +137,7 @@ def _gather_tile(z: Tensor, ids: Tensor, v0: int, out: Tensor) -> None:
 
 
 def _logits_grad_(tile: Tensor, tanh: Tensor | None, softmax_scale: Tensor, uniform: Tensor | None,
-                  slot_coef: Tensor, local_ids: Tensor, options: LossOptions) -> Tensor:
+                  slot_coef: Tensor, local_ids: Tensor) -> Tensor:
     """Turn exp-logits in `tile` into dL/du in place.
 
     `tile` holds exp(z - ref) with `softmax_scale` = row_coef * exp(ref - lse) / T, so
@@ -190,32 +186,31 @@ class Grads:
         return tuple(grads)
 
 
-def _backprop_tile(ws: _Workspace, du: Tensor, x_rows: Tensor, weight: Tensor, v0: int, v1: int,
-                   input_rows: Tensor | None, grads: Grads, plan: ChunkPlan, whole_rows: bool) -> None:
-    """Push dL/du of one tile through the linear layer into the gradient buffers.
+def _backprop_tile(ws: _Workspace, du: Tensor, x_rows: Tensor, x_rows_wide: Tensor, weight: Tensor, v0: int,
+                   v1: int, input_rows: Tensor | None, grads: Grads, whole_rows: bool) -> None:
+    """Push dL/du (compute dtype) of one tile through the linear layer into the gradients.
 
     `input_rows` receives d_input of the chunk: the gradient buffer itself when one
-    GEMM covers the whole vocabulary, else a compute-dtype accumulator.
+    GEMM covers the whole vocabulary, else a compute-dtype accumulator. d_weight sums
+    over every chunk, so it takes an fp32 GEMM on the fp32 tile and the upcast rows
+    (`x_rows_wide`): a low-precision GEMM would round each chunk's partial sum, and
+    adding bf16 partials into an fp32 buffer costs more than the fp32 GEMM on CPUs.
     """
     if grads.bias is not None:
         grads.bias[v0:v1] += du.sum(dim=0)
-    if ws.low is not None:
-        du = ws._view(ws.low, *du.shape).copy_(du)
-    w_tile = weight[v0:v1]
-    if input_rows is not None:
-        if whole_rows:
-            torch.mm(du, w_tile, out=input_rows)
-        elif ws.low is None:
-            input_rows.addmm_(du, w_tile)
-        else:
-            input_rows += du @ w_tile
     if grads.weight is not None:
-        if ws.low is None:
-            grads.weight[v0:v1].addmm_(du.T, x_rows)
-        else:
-            for b0 in range(0, v1 - v0, plan.weight_block):
-                b1 = min(b0 + plan.weight_block, v1 - v0)
-                grads.weight[v0 + b0 : v0 + b1] += du[:, b0:b1].T @ x_rows
+        grads.weight[v0:v1].addmm_(du.T, x_rows_wide)
+    if input_rows is None:
+        return
+    w_tile = weight[v0:v1]
+    if ws.low is not None:
+        du = ws.view(ws.low, *du.shape).copy_(du)
+    if whole_rows:
+        torch.mm(du, w_tile, out=input_rows)
+    elif ws.low is None:
+        input_rows.addmm_(du, w_tile)
+    else:
+        input_rows += du @ w_tile
 
 
 # --------------------------------------------------------------------------------------
@@ -249,7 +244,7 @@ def sweep(x: Tensor, weight: Tensor, bias: Tensor | None, slot_ids: Tensor, opti
     num_rows, _ = x.shape
     vocab_size = weight.shape[0]
     cdt = compute_dtype(x.dtype)
-    plan = plan_chunks(num_rows, vocab_size, x.shape[1], x.dtype, x.device, options)
+    plan = plan_chunks(num_rows, vocab_size, x.dtype, x.device, options)
     whole_rows = plan.tile == vocab_size
     ws = _Workspace(plan, x.dtype, x.device, options.softcap is not None)
     smoothing = bool(options.label_smoothing)
@@ -291,6 +286,7 @@ def sweep(x: Tensor, weight: Tensor, bias: Tensor | None, slot_ids: Tensor, opti
         if uniform is not None:
             uniform = uniform * inv_t
         slot_coef = slot_coef * inv_t
+        x_rows_wide = x_rows.to(cdt) if grads.weight is not None else None
         input_rows = None
         if grads.input is not None:
             input_rows = grads.input[r0:r1]
@@ -306,8 +302,8 @@ def sweep(x: Tensor, weight: Tensor, bias: Tensor | None, slot_ids: Tensor, opti
                 z.sub_(lse_rows[:, None]).exp_()
                 ref = lse_rows
             scale = row_coef * (ref - lse_rows).exp() * inv_t
-            du = _logits_grad_(z, tanh, scale, uniform, slot_coef, ids - v0, options)
-            _backprop_tile(ws, du, x_rows, weight, v0, v1, input_rows, grads, plan, whole_rows)
+            du = _logits_grad_(z, tanh, scale, uniform, slot_coef, ids - v0)
+            _backprop_tile(ws, du, x_rows, x_rows_wide, weight, v0, v1, input_rows, grads, whole_rows)
         if input_rows is not None and input_rows.dtype != grads.input.dtype:
             grads.input[r0:r1] = input_rows
     return stats
