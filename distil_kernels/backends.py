@@ -1,33 +1,48 @@
 """Backend names and how `backend="auto"` resolves them.
 
-`auto` is meant to pick the fused GPU backend on CUDA tensors; until one is built
-into this package it picks `chunked`, which runs on every device.
+`auto` picks `triton` on CUDA tensors when Triton is installed, and `chunked`
+everywhere else. `triton` also runs on CPU tensors under `TRITON_INTERPRET=1`
+(Triton's interpreter, for tests).
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import torch
 
-# name -> device types it runs on (None: any device)
-BACKENDS: dict[str, tuple[str, ...] | None] = {
-    "torch": None,
-    "chunked": None,
-}
+BACKENDS = ("torch", "chunked", "triton")
+
+
+def triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
 
 
 def resolve_backend(backend: str, device: torch.device | None) -> str:
-    """The concrete backend for `backend` on `device` (None: any); ValueError names what is available."""
+    """The concrete backend for `backend` on `device` (None: any); ValueError says why not."""
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
     if backend == "auto":
+        if device is not None and device.type == "cuda" and triton_installed():
+            return "triton"
         return "chunked"
     if backend not in BACKENDS:
         names = ", ".join(repr(n) for n in ("auto", *BACKENDS))
         raise ValueError(f"backend must be one of {names}; got {backend!r}")
-    devices = BACKENDS[backend]
-    if device is not None and devices is not None and device.type not in devices:
-        raise ValueError(
-            f"backend={backend!r} runs on {', '.join(devices)} tensors, but input is on {device}; "
-            f"use backend='auto' or 'chunked'"
-        )
+    if backend == "triton":
+        if not triton_installed():
+            raise ValueError("backend='triton' needs the triton package (pip install triton); "
+                             "use backend='auto' or 'chunked'")
+        if device is not None and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(
+                f"backend='triton' runs on cuda tensors (or on the CPU under TRITON_INTERPRET=1), "
+                f"but input is on {device}; use backend='auto' or 'chunked'"
+            )
     return backend
+
+
+def check_backend_dtype(backend: str, dtype: torch.dtype) -> None:
+    if backend == "triton" and dtype == torch.float64:
+        raise TypeError("backend='triton' takes float16, bfloat16 or float32 input, got torch.float64; "
+                        "use backend='chunked' or 'torch' for float64")

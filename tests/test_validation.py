@@ -131,7 +131,7 @@ def test_renormalize_needs_positive_mass():
     [
         (dict(reduction="avg"), ValueError, r"reduction must be one of \('mean', 'sum', 'none'\), got 'avg'"),
         (dict(tail="drop"), ValueError, "tail must be one of"),
-        (dict(backend="cuda-magic"), ValueError, r"backend must be one of 'auto', 'torch', 'chunked'; got 'cuda-magic'"),
+        (dict(backend="cuda-magic"), ValueError, r"backend must be one of 'auto', 'torch', 'chunked', 'triton'; got 'cuda-magic'"),
         (dict(backend=3), TypeError, "backend must be a str"),
         (dict(label_smoothing=1.5), ValueError, r"label_smoothing must be in \[0, 1\], got 1.5"),
         (dict(temperature=0.0), ValueError, "temperature must be > 0"),
@@ -174,3 +174,20 @@ def test_ignore_index_is_configurable():
     y[0] = 7
     a = linear_cross_entropy(x, w, y, ignore_index=7, reduction="none")
     assert a[0] == 0 and (a[y != 7] > 0).all()
+
+
+def test_triton_backend_needs_cuda_or_the_interpreter(monkeypatch):
+    x, w, y, _ = inputs()
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    from distil_kernels.backends import triton_installed
+
+    if triton_installed():
+        with pytest.raises(ValueError, match=r"backend='triton' runs on cuda tensors.*input is on cpu"):
+            linear_cross_entropy(x, w, y, backend="triton")
+    else:
+        with pytest.raises(ValueError, match=r"backend='triton' needs the triton package"):
+            linear_cross_entropy(x, w, y, backend="triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    if triton_installed():
+        with pytest.raises(TypeError, match=r"backend='triton' takes float16, bfloat16 or float32 input"):
+            linear_cross_entropy(x.double(), w.double(), y, backend="triton")

@@ -414,6 +414,17 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         return d_x, d_w, d_b, None, None, None, None
 
 
+def chunked_gradients(x: Tensor, weight: Tensor, bias: Tensor | None, slot_ids: Tensor, stats: SweepStats,
+                      row_coef: Tensor, slot_coef: Tensor, uniform: Tensor | None, options: LossOptions,
+                      need: tuple[bool, bool, bool]) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """One gradient sweep for per-row coefficients already scaled by the upstream gradient."""
+    cdt = compute_dtype(x.dtype)
+    grads = Grads.allocate(x, weight, bias, need)
+    sweep(x, weight, bias, slot_ids, options, stats=stats, coef_fn=precomputed_coef_fn(row_coef, slot_coef, uniform),
+          grads=grads)
+    return grads.take(torch.ones((), dtype=cdt, device=x.device), weight.dtype, None if bias is None else bias.dtype)
+
+
 def chunked_linear_cross_entropy(x: Tensor, weight: Tensor, bias: Tensor | None, slots: Slots,
                                  options: LossOptions) -> tuple[Tensor, LossStats]:
     """Loss (in the compute dtype) and stats of 2-D `x` [N, d] by the chunked backend."""
@@ -425,25 +436,3 @@ def chunked_linear_cross_entropy(x: Tensor, weight: Tensor, bias: Tensor | None,
     )
     return loss, LossStats(lse.float(), token_loss.float(), logq.float())
 
-
-class PrecomputedCoefficientLoss(torch.autograd.Function):
-    """A loss whose value is already known and whose gradient is one sweep with given
-    per-row coefficients (`distil_loss`'s weighted loss pass)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, value, slot_ids, lse, row_coef, slot_coef, options: LossOptions):
-        ctx.options = options
-        ctx.save_for_backward(x, weight, bias, slot_ids, lse, row_coef, slot_coef)
-        return value.clone()
-
-    @staticmethod
-    def backward(ctx, grad_value):
-        x, weight, bias, slot_ids, lse, row_coef, slot_coef = ctx.saved_tensors
-        cdt = compute_dtype(x.dtype)
-        grads = Grads.allocate(x, weight, bias, ctx.needs_input_grad[:3])
-        g = grad_value.to(cdt)
-        sweep(x, weight, bias, slot_ids, ctx.options, stats=SweepStats(lse, slot_coef, None),
-              coef_fn=precomputed_coef_fn(row_coef * g, slot_coef * g, None), grads=grads)
-        d_x, d_w, d_b = grads.take(torch.ones((), dtype=cdt, device=x.device), weight.dtype,
-                                   None if bias is None else bias.dtype)
-        return d_x, d_w, d_b, None, None, None, None, None, None

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..backends import resolve_backend
+from ..backends import check_backend_dtype, resolve_backend
 from ..validation import check_ids, check_linear, check_probs, check_tensor
-from .chunked import PrecomputedCoefficientLoss, sweep
+from .passes import PassParams, PrecomputedCoefficientLoss, stats_pass
 from .options import LossOptions, _check_real
 from .reference import compute_dtype, reference_logits, reference_token_loss
 from .targets import SparseTarget, make_slots, row_terms
@@ -149,6 +149,7 @@ def distil_loss(
         raise ValueError(f"baseline must be one of {BASELINES}, got {baseline!r}")
     _check_distil_inputs(input, weight, expert, actions, mask, group, bias, validate, tail)
     name = resolve_backend(backend, input.device)
+    check_backend_dtype(name, input.dtype)
 
     batch, steps, dim = input.shape
     vocab_size = weight.shape[0]
@@ -170,7 +171,7 @@ def distil_loss(
         log_q_action = torch.where(live, torch.log_softmax(z, dim=1).gather(1, slots.ids[:, -1:])[:, 0], 0.0)
     else:
         with torch.no_grad():
-            stats = sweep(x, weight, bias, slots.ids, options)
+            stats = stats_pass(name, x, weight, bias, slots.ids, options)
         terms = row_terms(stats.lse, stats.slot_logits, None, slots, options, vocab_size)
         ce, lse = terms.token_loss, stats.lse
         log_q_action = torch.where(live, stats.slot_logits[:, -1] - lse, 0.0)
@@ -192,8 +193,8 @@ def distil_loss(
         terms = row_terms(lse, stats.slot_logits, None, slots, options, vocab_size)
         upstream = live.to(cdt) / count
         loss = PrecomputedCoefficientLoss.apply(
-            x, weight, bias, value, slots.ids, lse, terms.row_coef * upstream,
-            terms.slot_coef * upstream[:, None], options,
+            x, weight, bias, value, slots.ids, terms.row_coef * upstream, terms.slot_coef * upstream[:, None],
+            stats, PassParams(name, options),
         )
     if not return_stats:
         return loss

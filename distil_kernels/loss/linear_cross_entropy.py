@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from ..backends import resolve_backend
+from ..backends import check_backend_dtype, resolve_backend
 from ..validation import check_linear, check_target
 from .chunked import chunked_linear_cross_entropy
 from .options import LossOptions
@@ -53,10 +53,11 @@ def linear_cross_entropy(
         tail: how a sparse row's missing mass is treated: "bucket" (matched to the
             student's mass outside the ids), "renormalize" (probs scaled to sum to one)
             or "ignore" (weights used as given, may be negative).
-        filter_eps: lets a fused backward skip vocabulary tiles whose softmax values are
-            all below it ("auto": 2**-12 for bfloat16). `torch` and `chunked` are exact
-            and accept it for portability.
-        backend: "auto", "torch" (materialises fp32 logits: the reference) or "chunked".
+        filter_eps: lets the triton backward skip vocabulary tiles whose softmax values
+            are all below it, never a tile holding a target id ("auto": 2**-12 for
+            bfloat16). `torch` and `chunked` are exact and accept it for portability.
+        backend: "auto" (triton on CUDA, else chunked), "torch" (materialises fp32
+            logits: the reference), "chunked" or "triton".
         return_stats: also return `LossStats` (lse, token_loss, target_logprobs, each
             over the N flattened rows, fp32).
         workspace_bytes: bound on the `chunked` backend's logits workspace (None: a
@@ -76,6 +77,7 @@ def linear_cross_entropy(
     vocab_size = weight.shape[0]
     check_target(target, input, vocab_size, ignore_index, tail, values=validate)
     name = resolve_backend(backend, input.device)
+    check_backend_dtype(name, input.dtype)
     slots = make_slots(target, vocab_size, ignore_index, compute_dtype(input.dtype))
     x = input.reshape(-1, input.shape[-1])
     if bias is not None:
@@ -83,6 +85,10 @@ def linear_cross_entropy(
         bias = bias.to(compute_dtype(input.dtype))
     if name == "torch":
         loss, stats = reference_linear_cross_entropy(x, weight, bias, slots, options)
+    elif name == "triton":
+        from .triton import triton_linear_cross_entropy
+
+        loss, stats = triton_linear_cross_entropy(x, weight, bias, slots, options)
     else:
         loss, stats = chunked_linear_cross_entropy(x, weight, bias, slots, options)
     if reduction == "none":

@@ -11,62 +11,12 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from distil_kernels import LinearCrossEntropy, SparseTarget, linear_cross_entropy
 from distil_kernels.loss.options import LossOptions
-from distil_kernels.loss.reference import reference_token_loss
-from distil_kernels.loss.targets import make_slots
+from loss_problems import assert_close_all, assert_within_dtype_error, make_problem, run, same_dtype_pytorch
 
 BACKENDS = ["torch", "chunked"]
-
-
-def make_problem(n, d, v, *, k=None, dtype=torch.float64, seed=0, scale=1.0, bias=True, ignore_rows=(),
-                 pad_slots=(), mass=0.9):
-    gen = torch.Generator().manual_seed(seed)
-    x = (torch.randn(n, d, generator=gen, dtype=torch.float64) * scale / math.sqrt(d)).to(dtype)
-    w = (torch.randn(v, d, generator=gen, dtype=torch.float64) * 2.0).to(dtype)
-    b = (torch.randn(v, generator=gen, dtype=torch.float64) * 0.5).to(dtype) if bias else None
-    if k is None:
-        target = torch.randint(0, v, (n,), generator=gen)
-        for r in ignore_rows:
-            target[r] = -100
-    else:
-        ids = torch.stack([torch.randperm(v, generator=gen)[:k] for _ in range(n)]) if n else torch.zeros(0, k).long()
-        probs = torch.rand(n, k, generator=gen, dtype=torch.float64)
-        probs = probs / probs.sum(dim=1, keepdim=True) * mass
-        for r, j in pad_slots:
-            ids[r, j] = -100
-        for r in ignore_rows:
-            ids[r] = -100
-        target = SparseTarget(ids, probs)
-    return x, w, b, target
-
-
-def run(x, w, b, target, backend, grad_out=None, **options):
-    """Loss, stats and the gradients of (loss * grad_out).sum() w.r.t. x, w, b."""
-    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, w, b)]
-    loss, stats = linear_cross_entropy(leaves[0], leaves[1], target, bias=leaves[2], backend=backend,
-                                       return_stats=True, **options)
-    if grad_out is None:
-        grad_out = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype).reshape(loss.shape)
-    (loss * grad_out).sum().backward()
-    grads = [t.grad if t is not None else None for t in leaves]
-    return loss.detach(), stats, grads
-
-
-def assert_close_all(got, want, rtol, atol):
-    loss_g, stats_g, grads_g = got
-    loss_w, stats_w, grads_w = want
-    torch.testing.assert_close(loss_g.double(), loss_w.double(), rtol=rtol, atol=atol)
-    for name in ("lse", "token_loss", "target_logprobs"):
-        torch.testing.assert_close(getattr(stats_g, name).double(), getattr(stats_w, name).double(),
-                                   rtol=rtol, atol=atol, msg=lambda m: f"stats.{name}: {m}")
-    for name, g, w in zip(("input", "weight", "bias"), grads_g, grads_w):
-        if w is None:
-            assert g is None
-            continue
-        torch.testing.assert_close(g.double(), w.double(), rtol=rtol, atol=atol, msg=lambda m: f"d_{name}: {m}")
 
 
 OPTION_GRID = [
@@ -147,27 +97,9 @@ def test_low_precision_error_within_dtype(backend, dtype, kind):
     want = run(x64, w64, b64, target, "torch", **options)
     x, w, b = x64.to(dtype), w64.to(dtype), b64.to(dtype)
     got = run(x, w, b, target, backend, workspace_bytes=1 << 16, **options)
-    base = _same_dtype_pytorch(x, w, b, target, LossOptions(**options))
+    base = same_dtype_pytorch(x, w, b, target, LossOptions(**options))
 
-    def err(a, ref):
-        return (a.double() - ref.double()).abs().max().item()
-
-    scale_loss = err(base[0], want[0])
-    assert err(got[0], want[0]) <= 4 * scale_loss + 1e-6
-    for g, g_base, g_want in zip(got[2], base[1], want[2]):
-        tol = 4 * err(g_base, g_want) + 1e-6 * g_want.abs().max().item()
-        assert err(g, g_want) <= tol
-
-
-def _same_dtype_pytorch(x, w, b, target, options):
-    leaves = [t.detach().clone().requires_grad_() for t in (x, w, b)]
-    u = F.linear(leaves[0], leaves[1]).float() + leaves[2].float()
-    z = options.softcap * torch.tanh(u / options.softcap) / options.temperature
-    slots = make_slots(target, w.shape[0], options.ignore_index, torch.float32)
-    token_loss, _, _ = reference_token_loss(z, slots, options)
-    loss = token_loss.sum() / slots.row_valid.sum()
-    loss.backward()
-    return loss.detach(), [t.grad for t in leaves]
+    assert_within_dtype_error(got, base, want)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

@@ -1,0 +1,235 @@
+"""Backward kernel: recompute each logits tile, turn it into its gradient, push it through.
+
+Program (m, n) rebuilds the tile z[m, n] with `tl.dot`, forms
+
+    dL/du = (row_coef * exp(z - lse) - uniform - sum_j slot_coef_j [v == id_j]) * (1 - tanh^2)
+
+(the coefficients come from the forward's per-row statistics, temperature and upstream
+gradient folded in), and adds `du @ W[n]` to d_input[m] and `du^T @ x[m]` to d_weight[n]
+one hidden-dim slice at a time. Those sums cross programs, so each slice is a
+read-modify-write of an fp32 accumulator under a lock per (block, slice): no float
+atomics. By default a lock is a spin lock; in deterministic mode it is a ticket that
+admits program (m, n) to d_input[m] only after (m, n - 1) and to d_weight[n] only after
+(m - 1, n), a fixed summation order. Programs are dispatched in pid order and
+`grouped_program` orders (m, n - 1) and (m - 1, n) before (m, n), so a program only
+ever waits on programs that are already running.
+
+With `filter_eps`, a tile whose largest softmax value (from the forward's per-block
+maxima) is below it, and that holds no target id, is skipped without recomputing it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ..options import LossOptions
+from .configs import TileConfig, select_config
+from .lse_forward import ForwardStats
+from .tiles import grouped_program, logits_tile
+
+
+@dataclass(frozen=True)
+class BackwardResult:
+    d_input: Tensor | None
+    d_weight: Tensor | None
+    d_bias: Tensor | None
+    skipped_tiles: Tensor  # [1] int32: tiles the filter skipped
+    total_tiles: int
+
+
+@triton.jit
+def _acquire(lock_ptr, ticket, DETERMINISTIC: tl.constexpr):
+    if DETERMINISTIC:
+        while tl.atomic_add(lock_ptr, 0) != ticket:
+            pass
+    else:
+        while tl.atomic_cas(lock_ptr, 0, 1) != 0:
+            pass
+
+
+@triton.jit
+def _release(lock_ptr, ticket, DETERMINISTIC: tl.constexpr):
+    if DETERMINISTIC:
+        tl.atomic_xchg(lock_ptr, ticket + 1)
+    else:
+        tl.atomic_xchg(lock_ptr, 0)
+
+
+@triton.jit
+def _locked_add(ptrs, value, mask, lock_ptr, ticket, DETERMINISTIC: tl.constexpr):
+    _acquire(lock_ptr, ticket, DETERMINISTIC)
+    # .cg reads L2, where the previous holder's stores landed, not a stale L1 line.
+    current = tl.load(ptrs, mask=mask, other=0.0, cache_modifier=".cg")
+    tl.store(ptrs, current + value, mask=mask)
+    _release(lock_ptr, ticket, DETERMINISTIC)
+
+
+@triton.jit
+def _pass_ticket(lock_ptr, ticket, DETERMINISTIC: tl.constexpr):
+    # A skipped tile still takes its turn, or the programs after it would wait forever.
+    if DETERMINISTIC:
+        _acquire(lock_ptr, ticket, DETERMINISTIC)
+        _release(lock_ptr, ticket, DETERMINISTIC)
+
+
+@triton.jit
+def backward_kernel(
+    # pointers: inputs
+    x_ptr, w_ptr, b_ptr, ids_ptr, slot_coef_ptr, lse_ptr, row_coef_ptr, uniform_ptr, block_max_ptr,
+    # pointers: fp32 accumulators, their locks, and a count of skipped tiles
+    dx_ptr, dw_ptr, db_ptr, lock_x_ptr, lock_w_ptr, lock_b_ptr, skipped_ptr,
+    # sizes
+    N, V, D, K, num_m_blocks, num_tiles, num_d_slices,
+    fwd_block_m, fwd_block_n, fwd_num_tiles,
+    # strides (accumulators are contiguous [N, D] and [V, D])
+    stride_xn, stride_xd, stride_wv, stride_wd,
+    # logits transform and filter
+    softcap, inv_temp, log_filter_eps,
+    # meta-parameters
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,  # chain rule through c * tanh(u / c)
+    HAS_UNIFORM: tl.constexpr,  # label smoothing subtracts eps / V from every logit's gradient
+    NEED_DX: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
+    FILTER: tl.constexpr,  # skip tiles below filter_eps
+    DETERMINISTIC: tl.constexpr,  # ticket locks: a fixed summation order
+    DOT_PRECISION: tl.constexpr,
+):
+    pid_m, pid_n = grouped_program(tl.program_id(0), num_m_blocks, num_tiles, GROUP_M)
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = offs_m < N
+    col_ok = offs_n < V
+    # Padding rows get lse = +inf: their softmax is exactly 0.
+    lse = tl.load(lse_ptr + offs_m, mask=row_ok, other=float("inf"))
+
+    skip = pid_m < 0
+    if FILTER:
+        # The forward's per-block maxima may be coarser than this tile: take every
+        # forward block this tile overlaps (an upper bound, so a skip is always safe).
+        fm_first = (pid_m * BLOCK_M) // fwd_block_m
+        fm_last = (tl.minimum(pid_m * BLOCK_M + BLOCK_M, N) - 1) // fwd_block_m
+        fn_first = (pid_n * BLOCK_N) // fwd_block_n
+        fn_last = (tl.minimum(pid_n * BLOCK_N + BLOCK_N, V) - 1) // fwd_block_n
+        tile_max = tl.load(block_max_ptr + fm_first * fwd_num_tiles + fn_first)
+        for fm in range(fm_first, fm_last + 1):
+            for fn in range(fn_first, fn_last + 1):
+                tile_max = tl.maximum(tile_max, tl.load(block_max_ptr + fm * fwd_num_tiles + fn))
+        hits = pid_m * 0
+        for j in range(0, K):
+            ids_j = tl.load(ids_ptr + offs_m * K + j, mask=row_ok, other=-1)
+            hits += tl.sum(((ids_j >= pid_n * BLOCK_N) & (ids_j < pid_n * BLOCK_N + BLOCK_N)).to(tl.int32), axis=0)
+        skip = (tile_max - tl.min(lse, axis=0) < log_filter_eps) & (hits == 0)
+
+    offs_k = tl.arange(0, BLOCK_K)
+    if skip:
+        tl.atomic_add(skipped_ptr, 1)
+        for s in range(0, num_d_slices):
+            if NEED_DX:
+                _pass_ticket(lock_x_ptr + pid_m * num_d_slices + s, pid_n, DETERMINISTIC)
+            if NEED_DW:
+                _pass_ticket(lock_w_ptr + pid_n * num_d_slices + s, pid_m, DETERMINISTIC)
+        if NEED_DB:
+            _pass_ticket(lock_b_ptr + pid_n, pid_m, DETERMINISTIC)
+    else:
+        z, tanh = logits_tile(
+            x_ptr, w_ptr, b_ptr, offs_m, offs_n, N, V, D, stride_xn, stride_xd, stride_wv, stride_wd,
+            softcap, inv_temp, BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS, HAS_SOFTCAP, DOT_PRECISION,
+        )
+        row_coef = tl.load(row_coef_ptr + offs_m, mask=row_ok, other=0.0)
+        dz = tl.exp(z - lse[:, None]) * row_coef[:, None]
+        if HAS_UNIFORM:
+            dz -= tl.load(uniform_ptr + offs_m, mask=row_ok, other=0.0)[:, None]
+        for j in range(0, K):
+            ids_j = tl.load(ids_ptr + offs_m * K + j, mask=row_ok, other=-1)
+            in_tile = (ids_j >= pid_n * BLOCK_N) & (ids_j < pid_n * BLOCK_N + BLOCK_N)
+            # Most slots miss most tiles: test the block before touching the whole tile.
+            if tl.max(in_tile.to(tl.int32), axis=0) > 0:
+                coef_j = tl.load(slot_coef_ptr + offs_m * K + j, mask=row_ok, other=0.0)
+                dz -= tl.where(offs_n[None, :] == ids_j[:, None], coef_j[:, None], 0.0)
+        if HAS_SOFTCAP:
+            dz *= 1.0 - tanh * tanh
+        dz = tl.where(row_ok[:, None] & col_ok[None, :], dz, 0.0)
+        du = dz.to(x_ptr.dtype.element_ty)
+        if NEED_DB:
+            _locked_add(db_ptr + offs_n, tl.sum(dz, axis=0), col_ok, lock_b_ptr + pid_n, pid_m, DETERMINISTIC)
+        for s in range(0, num_d_slices):
+            offs_d = s * BLOCK_K + offs_k
+            d_ok = offs_d < D
+            if NEED_DX:
+                w = tl.load(w_ptr + offs_n[:, None] * stride_wv + offs_d[None, :] * stride_wd,
+                            mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+                part = tl.dot(du, w, input_precision=DOT_PRECISION)
+                _locked_add(dx_ptr + offs_m[:, None] * D + offs_d[None, :], part, row_ok[:, None] & d_ok[None, :],
+                            lock_x_ptr + pid_m * num_d_slices + s, pid_n, DETERMINISTIC)
+            if NEED_DW:
+                xs = tl.load(x_ptr + offs_m[:, None] * stride_xn + offs_d[None, :] * stride_xd,
+                             mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+                part = tl.dot(tl.trans(du), xs, input_precision=DOT_PRECISION)
+                _locked_add(dw_ptr + offs_n[:, None] * D + offs_d[None, :], part, col_ok[:, None] & d_ok[None, :],
+                            lock_w_ptr + pid_n * num_d_slices + s, pid_m, DETERMINISTIC)
+
+
+def backward(x: Tensor, weight: Tensor, bias: Tensor | None, slot_ids: Tensor, lse: Tensor, row_coef: Tensor,
+             slot_coef: Tensor, uniform: Tensor | None, forward: ForwardStats, options: LossOptions,
+             need: tuple[bool, bool, bool], config: TileConfig | None = None) -> BackwardResult:
+    """Gradients of the loss whose per-row coefficients are given (temperature folded in).
+
+    d_input (input dtype), d_weight (weight dtype), d_bias (fp32), or None where `need`
+    says so; accumulation is fp32 throughout.
+    """
+    if config is None:
+        config = select_config(
+            "backward", x.dtype, (x.shape[0], weight.shape[0], x.shape[1]), (bias is not None, tuple(need)),
+            lambda c: backward(x, weight, bias, slot_ids, lse, row_coef, slot_coef, uniform, forward, options,
+                               need, c),
+        )
+    n, d = x.shape
+    v = weight.shape[0]
+    k = slot_ids.shape[1]
+    dev = x.device
+    need_dx, need_dw, need_db = need[0], need[1], need[2] and bias is not None
+    dx = torch.zeros(n, d, dtype=torch.float32, device=dev) if need_dx else None
+    dw = torch.zeros(v, d, dtype=torch.float32, device=dev) if need_dw else None
+    db = torch.zeros(v, dtype=torch.float32, device=dev) if need_db else None
+    num_m_blocks = triton.cdiv(n, config.block_m)
+    num_tiles = triton.cdiv(v, config.block_n)
+    num_d_slices = triton.cdiv(d, config.block_k)
+    filter_eps = options.resolved_filter_eps(x.dtype)
+    skipped = torch.zeros(1, dtype=torch.int32, device=dev)
+    if n > 0 and (need_dx or need_dw or need_db):
+        lock_x = torch.zeros(num_m_blocks * num_d_slices, dtype=torch.int32, device=dev)
+        lock_w = torch.zeros(num_tiles * num_d_slices, dtype=torch.int32, device=dev)
+        lock_b = torch.zeros(num_tiles, dtype=torch.int32, device=dev)
+        dummy = lse
+        grid = (num_m_blocks * num_tiles,)
+        backward_kernel[grid](
+            x, weight, bias if bias is not None else dummy, slot_ids.contiguous(), slot_coef.contiguous(),
+            lse.contiguous(), row_coef.contiguous(), uniform if uniform is not None else dummy, forward.block_max,
+            dx if dx is not None else dummy, dw if dw is not None else dummy, db if db is not None else dummy,
+            lock_x, lock_w, lock_b, skipped,
+            n, v, d, k, num_m_blocks, num_tiles, num_d_slices,
+            forward.config.block_m, forward.config.block_n, forward.block_max.shape[1],
+            x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
+            float(options.softcap or 1.0), 1.0 / options.temperature,
+            math.log(filter_eps) if filter_eps else 0.0,
+            BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
+            HAS_BIAS=bias is not None, HAS_SOFTCAP=options.softcap is not None, HAS_UNIFORM=uniform is not None,
+            NEED_DX=need_dx, NEED_DW=need_dw, NEED_DB=need_db, FILTER=filter_eps is not None,
+            DETERMINISTIC=torch.are_deterministic_algorithms_enabled(),
+            DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+            num_warps=config.num_warps, num_stages=config.num_stages,
+        )
+    return BackwardResult(
+        None if dx is None else dx.to(x.dtype),
+        None if dw is None else dw.to(weight.dtype),
+        db,
+        skipped,
+        num_m_blocks * num_tiles,
+    )

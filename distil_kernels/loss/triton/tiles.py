@@ -1,0 +1,69 @@
+"""Device functions shared by the Triton loss kernels: the logits tile and program order."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def grouped_program(pid, num_m_blocks, num_n_tiles, GROUP_M: tl.constexpr):
+    """(token block, vocabulary tile) of program `pid`.
+
+    GROUP_M token blocks walk the vocabulary together, so each W tile is read from HBM
+    once per group and from L2 by the rest. Within a group consecutive programs differ
+    in their token block: program (m, n) always follows (m, n - 1) and (m - 1, n), which
+    the deterministic backward relies on.
+    """
+    per_group = GROUP_M * num_n_tiles
+    group = pid // per_group
+    first_m = group * GROUP_M
+    group_size = tl.minimum(num_m_blocks - first_m, GROUP_M)
+    local = pid % per_group
+    pid_m = first_m + local % group_size
+    pid_n = local // group_size
+    return pid_m, pid_n
+
+
+@triton.jit
+def tanh_fp32(y):
+    # 1 - 2 / (exp(2y) + 1) saturates to +-1 without overflow: exp(2y) = inf gives 1.
+    return 1.0 - 2.0 / (tl.exp(2.0 * y) + 1.0)
+
+
+@triton.jit
+def logits_tile(
+    x_ptr, w_ptr, b_ptr,
+    offs_m, offs_n,  # int64 row and vocabulary indices of the tile
+    N, V, D,
+    stride_xn, stride_xd, stride_wv, stride_wd,
+    softcap, inv_temp,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """z = softcap(x W^T + b) / T for one [BLOCK_M, BLOCK_N] tile, fp32, and tanh(u / c).
+
+    Rows past N and columns past V load zeros (no out-of-bounds read); callers mask them.
+    """
+    offs_k = tl.arange(0, BLOCK_K)
+    row_ok = offs_m < N
+    col_ok = offs_n < V
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xn + offs_k[None, :] * stride_xd
+    w_ptrs = w_ptr + offs_n[None, :] * stride_wv + offs_k[:, None] * stride_wd
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        k_ok = offs_k < D - k0
+        a = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        x_ptrs += BLOCK_K * stride_xd
+        w_ptrs += BLOCK_K * stride_wd
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    tanh = acc
+    if HAS_SOFTCAP:
+        tanh = tanh_fp32(acc / softcap)
+        acc = tanh * (softcap * inv_temp)
+    else:
+        acc = acc * inv_temp
+    return acc, tanh

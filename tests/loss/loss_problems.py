@@ -1,0 +1,94 @@
+"""Problems, runners and tolerance rules shared by the loss tests."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from distil_kernels import SparseTarget, linear_cross_entropy
+from distil_kernels.loss.reference import reduce_loss, reference_token_loss
+from distil_kernels.loss.targets import make_slots
+
+
+def make_problem(n, d, v, *, k=None, dtype=torch.float64, seed=0, scale=1.0, bias=True, ignore_rows=(),
+                 pad_slots=(), mass=0.9):
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(n, d, generator=gen, dtype=torch.float64) * scale / math.sqrt(d)).to(dtype)
+    w = (torch.randn(v, d, generator=gen, dtype=torch.float64) * 2.0).to(dtype)
+    b = (torch.randn(v, generator=gen, dtype=torch.float64) * 0.5).to(dtype) if bias else None
+    if k is None:
+        target = torch.randint(0, v, (n,), generator=gen)
+        for r in ignore_rows:
+            target[r] = -100
+    else:
+        ids = torch.stack([torch.randperm(v, generator=gen)[:k] for _ in range(n)]) if n else torch.zeros(0, k).long()
+        probs = torch.rand(n, k, generator=gen, dtype=torch.float64)
+        probs = probs / probs.sum(dim=1, keepdim=True) * mass
+        for r, j in pad_slots:
+            ids[r, j] = -100
+        for r in ignore_rows:
+            ids[r] = -100
+        target = SparseTarget(ids, probs)
+    return x, w, b, target
+
+
+def run(x, w, b, target, backend, grad_out=None, **options):
+    """Loss, stats and the gradients of (loss * grad_out).sum() w.r.t. x, w, b."""
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, w, b)]
+    loss, stats = linear_cross_entropy(leaves[0], leaves[1], target, bias=leaves[2], backend=backend,
+                                       return_stats=True, **options)
+    if grad_out is None:
+        grad_out = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype).reshape(loss.shape)
+    (loss * grad_out).sum().backward()
+    grads = [t.grad if t is not None else None for t in leaves]
+    return loss.detach(), stats, grads
+
+
+def assert_close_all(got, want, rtol, atol):
+    loss_g, stats_g, grads_g = got
+    loss_w, stats_w, grads_w = want
+    torch.testing.assert_close(loss_g.double(), loss_w.double(), rtol=rtol, atol=atol)
+    for name in ("lse", "token_loss", "target_logprobs"):
+        torch.testing.assert_close(getattr(stats_g, name).double(), getattr(stats_w, name).double(),
+                                   rtol=rtol, atol=atol, msg=lambda m: f"stats.{name}: {m}")
+    for name, g, w in zip(("input", "weight", "bias"), grads_g, grads_w):
+        if w is None:
+            assert g is None
+            continue
+        torch.testing.assert_close(g.double(), w.double(), rtol=rtol, atol=atol, msg=lambda m: f"d_{name}: {m}")
+
+
+def same_dtype_pytorch(x, w, b, target, options):
+    """PyTorch in x's dtype: logits from F.linear (rounded to that dtype), the loss in fp32.
+
+    Returns (loss, [d_input, d_weight, d_bias]) of the same objective as `run`.
+    """
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, w, b)]
+    u = F.linear(leaves[0], leaves[1]).float()
+    if leaves[2] is not None:
+        u = u + leaves[2].float()
+    if options.softcap is not None:
+        u = options.softcap * torch.tanh(u / options.softcap)
+    z = u / options.temperature
+    slots = make_slots(target, w.shape[0], options.ignore_index, torch.float32)
+    token_loss, _, _ = reference_token_loss(z, slots, options)
+    loss = reduce_loss(token_loss, slots.row_valid, options.reduction)
+    grad_out = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype).reshape(loss.shape)
+    (loss * grad_out).sum().backward()
+    return loss.detach(), [t.grad if t is not None else None for t in leaves]
+
+
+def max_error(a, ref):
+    return (a.double() - ref.double()).abs().max().item()
+
+
+def assert_within_dtype_error(got, same_dtype, want, factor=4.0):
+    """`got` (a `run` result) is within `factor` x PyTorch's same-dtype error of the float64 `want`."""
+    assert max_error(got[0], want[0]) <= factor * max_error(same_dtype[0], want[0]) + 1e-6
+    for name, g, g_base, g_want in zip(("input", "weight", "bias"), got[2], same_dtype[1], want[2]):
+        if g_want is None:
+            continue
+        tol = factor * max_error(g_base, g_want) + 1e-6 * g_want.abs().max().item()
+        assert max_error(g, g_want) <= tol, f"d_{name}: error {max_error(g, g_want):.3e} > {tol:.3e}"

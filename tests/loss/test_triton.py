@@ -1,0 +1,200 @@
+"""The triton backend under Triton's CPU interpreter, against the float64 reference.
+
+Triton decides at import whether kernels are interpreted, so these tests run in their
+own pytest process with TRITON_INTERPRET=1 (`make test` does both runs). The
+interpreter's bf16 `tl.dot` is unreliable, so inputs are fp32 and fp16; kernels use
+32x64 tiles here, so small odd shapes still cover many tiles, splits and masked edges.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+import pytest
+import torch
+
+if os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("runs under TRITON_INTERPRET=1 (make test runs it)", allow_module_level=True)
+pytest.importorskip("triton")
+
+from distil_kernels import SparseTarget, distil_loss, linear_cross_entropy  # noqa: E402
+from distil_kernels.loss.options import LossOptions  # noqa: E402
+from distil_kernels.loss.targets import make_slots, row_terms, row_weights  # noqa: E402
+from distil_kernels.loss.triton import triton_stats  # noqa: E402
+from distil_kernels.loss.triton.backward import backward  # noqa: E402
+from distil_kernels.loss.triton.configs import INTERPRETER_CONFIG  # noqa: E402
+from loss_problems import assert_within_dtype_error, make_problem, run, same_dtype_pytorch  # noqa: E402
+
+pytestmark = pytest.mark.interpreter
+
+OPTION_GRID = [
+    dict(tail=tail, label_smoothing=ls, temperature=t, softcap=sc, z_loss=zl, reduction=red)
+    for tail, ls, t, sc, zl, red in itertools.product(
+        ["bucket", "renormalize", "ignore"], [0.0, 0.1], [1.0, 0.7], [None, 4.0], [0.0, 1e-3], ["mean", "none"]
+    )
+    if (ls, t, sc, zl) in {(0.0, 1.0, None, 0.0), (0.1, 0.7, 4.0, 1e-3), (0.1, 1.0, None, 0.0), (0.0, 0.7, 4.0, 0.0)}
+]
+
+
+@pytest.mark.parametrize("options", OPTION_GRID, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+@pytest.mark.parametrize("kind", ["hard", "sparse"])
+def test_options_fp32(options, kind):
+    k = None if kind == "hard" else 5
+    x64, w64, b64, target = make_problem(37, 24, 75, k=k, seed=11, ignore_rows=(3,),
+                                         pad_slots=() if k is None else ((5, 1), (5, 4)))
+    want = run(x64, w64, b64, target, "torch", **options)
+    x, w, b = x64.float(), w64.float(), b64.float()
+    got = run(x, w, b, target, "triton", **options)
+    assert_within_dtype_error(got, same_dtype_pytorch(x, w, b, target, LossOptions(**options)), want)
+    for name in ("lse", "token_loss", "target_logprobs"):
+        torch.testing.assert_close(getattr(got[1], name).double(), getattr(want[1], name).double(),
+                                   rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("kind", ["hard", "sparse"])
+def test_odd_shapes(dtype, kind):
+    """N=252, V=507, d=123: nothing a multiple of the interpreter's 32x64x32 tiles."""
+    k = None if kind == "hard" else 6
+    x64, w64, b64, target = make_problem(252, 123, 507, k=k, seed=12, ignore_rows=(0, 251), scale=2.0)
+    options = dict(label_smoothing=0.05, softcap=8.0, temperature=0.9, z_loss=1e-4)
+    want = run(x64, w64, b64, target, "torch", **options)
+    x, w, b = x64.to(dtype), w64.to(dtype), b64.to(dtype)
+    got = run(x, w, b, target, "triton", **options)
+    assert_within_dtype_error(got, same_dtype_pytorch(x, w, b, target, LossOptions(**options)), want)
+
+
+def test_no_bias_and_partial_requires_grad():
+    x64, w64, _, target = make_problem(20, 16, 40, k=3, seed=13, bias=False)
+    x, w = x64.float(), w64.float()
+    xg = x.clone().requires_grad_()
+    linear_cross_entropy(xg, w, target, backend="triton").backward()
+    want = run(x64, w64, None, target, "torch", grad_out=torch.tensor(1.0, dtype=torch.float64))
+    torch.testing.assert_close(xg.grad.double(), want[2][0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_empty_and_all_ignored(reduction):
+    x, w, b, target = make_problem(0, 8, 40, dtype=torch.float32)
+    loss = linear_cross_entropy(x.requires_grad_(), w, target, bias=b, backend="triton", reduction=reduction)
+    assert loss.shape == ((0,) if reduction == "none" else ())
+    x, w, b, target = make_problem(6, 8, 40, k=3, dtype=torch.float32, ignore_rows=range(6))
+    loss, _, grads = run(x, w, b, target, "triton", reduction=reduction, label_smoothing=0.1)
+    assert not loss.any() and all(not g.any() for g in grads)
+
+
+def _peaked_problem(n=48, d=32, v=2048, seed=14):
+    """Hidden states aligned with their target's row: a confident model, where the target
+    logit (32) stands ~10 above every other (32 * cos of random unit vectors in 32-d)."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.nn.functional.normalize(torch.randn(v, d, generator=gen), dim=1)
+    y = torch.randint(0, v, (n,), generator=gen)
+    x = w[y] * 32.0 + 0.1 * torch.randn(n, d, generator=gen)
+    return x, w, y
+
+
+def _direct_backward(x, w, y, options):
+    """Run the backward kernel itself, to see how many tiles it skipped."""
+    slots = make_slots(y, w.shape[0], options.ignore_index, torch.float32)
+    stats = triton_stats(x, w, None, slots.ids, options)
+    terms = row_terms(stats.lse, stats.slot_logits, None, slots, options, w.shape[0])
+    g = row_weights(slots.row_valid, "mean", torch.float32)
+    return backward(x, w, None, slots.ids, stats.lse, terms.row_coef * g, terms.slot_coef * g[:, None], None,
+                    stats.forward, options, (True, True, False)), terms.row_coef * g
+
+
+def _tiles_holding_targets(y):
+    block_m, block_n = INTERPRETER_CONFIG.block_m, INTERPRETER_CONFIG.block_n
+    return {(r // block_m, int(t) // block_n) for r, t in enumerate(y)}
+
+
+def test_filter_skips_tiles_within_what_filter_eps_implies():
+    x, w, y = _peaked_problem()
+    exact, _ = _direct_backward(x, w, y, LossOptions())
+    assert int(exact.skipped_tiles) == 0
+    eps = 1e-3
+    filtered, coef = _direct_backward(x, w, y, LossOptions(filter_eps=eps))
+    # So peaked that every tile without a target is below eps: all of them are skipped.
+    assert int(filtered.skipped_tiles) == filtered.total_tiles - len(_tiles_holding_targets(y))
+    # Every dropped logit gradient is coef * q with q < eps, so the change in d_input[n]
+    # is at most eps * |coef_n| * sum_v |W_v| and in d_weight[v] at most eps * sum_n |coef_n x_n|.
+    bound_x = eps * coef.abs()[:, None] * w.abs().sum(dim=0)[None, :]
+    bound_w = eps * (coef.abs()[:, None] * x.abs()).sum(dim=0)[None, :].expand_as(w)
+    assert ((filtered.d_input - exact.d_input).abs() <= bound_x + 1e-6).all()
+    assert ((filtered.d_weight - exact.d_weight).abs() <= bound_w + 1e-6).all()
+    assert (filtered.d_input - exact.d_input).abs().max() > 0  # something was really dropped
+
+
+def test_filter_never_skips_a_tile_holding_a_target():
+    x, w, y = _peaked_problem(n=32, v=256)
+    # filter_eps near 1 would skip every tile; the ones holding a target must survive.
+    result, _ = _direct_backward(x, w, y, LossOptions(filter_eps=0.999))
+    assert int(result.skipped_tiles) == result.total_tiles - len(_tiles_holding_targets(y))
+    exact, _ = _direct_backward(x, w, y, LossOptions())
+    torch.testing.assert_close(result.d_weight[y], exact.d_weight[y], rtol=1e-6, atol=1e-7)
+
+
+def test_public_filter_eps_on_peaked_case():
+    """Through linear_cross_entropy: hard labels, mean, so every row's coefficient is 1/N."""
+    x, w, y = _peaked_problem()
+    eps = 1e-3
+    grads = {}
+    for filter_eps in (None, eps):
+        xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+        linear_cross_entropy(xg, wg, y, backend="triton", filter_eps=filter_eps).backward()
+        grads[filter_eps] = (xg.grad, wg.grad)
+    n = x.shape[0]
+    bound_x = eps / n * w.abs().sum(dim=0)
+    bound_w = eps / n * x.abs().sum(dim=0)
+    assert ((grads[eps][0] - grads[None][0]).abs() <= bound_x + 1e-7).all()
+    assert ((grads[eps][1] - grads[None][1]).abs() <= bound_w + 1e-7).all()
+
+
+def test_deterministic_mode_is_bitwise_reproducible():
+    x64, w64, b64, target = make_problem(40, 20, 100, k=4, seed=15)
+    x, w, b = x64.float(), w64.float(), b64.float()
+    default = run(x, w, b, target, "triton")
+    torch.use_deterministic_algorithms(True)
+    try:
+        first = run(x, w, b, target, "triton")
+        second = run(x, w, b, target, "triton")
+    finally:
+        torch.use_deterministic_algorithms(False)
+    for a, c, d in zip(first[2], second[2], default[2]):
+        assert torch.equal(a, c)
+        torch.testing.assert_close(a, d, rtol=1e-5, atol=1e-6)
+
+
+def test_distil_loss_through_triton():
+    gen = torch.Generator().manual_seed(16)
+    batch, steps, d, v, k = 3, 7, 13, 37, 4
+    x64 = torch.randn(batch, steps, d, generator=gen, dtype=torch.float64)
+    w64 = torch.randn(v, d, generator=gen, dtype=torch.float64)
+    b64 = torch.randn(v, generator=gen, dtype=torch.float64)
+    ids = torch.stack([torch.randperm(v, generator=gen)[:k] for _ in range(batch * steps)]).reshape(batch, steps, k)
+    ids[0, 2, 3] = -100
+    probs = torch.rand(batch, steps, k, generator=gen, dtype=torch.float64)
+    expert = SparseTarget(ids, probs / probs.sum(-1, keepdim=True) * 0.8)
+    actions = torch.randint(0, v, (batch, steps), generator=gen)
+    mask = torch.rand(batch, steps, generator=gen) > 0.2
+    group = torch.tensor([0, 0, 1])
+    kwargs = dict(group=group, discount=0.9, future_credit=0.5, softcap=5.0, temperature=0.8)
+    results = {}
+    for backend, dtype in (("torch", torch.float64), ("triton", torch.float32)):
+        leaves = [t.to(dtype).clone().requires_grad_() for t in (x64, w64, b64)]
+        loss = distil_loss(leaves[0], leaves[1], expert, actions, mask, bias=leaves[2], backend=backend, **kwargs)
+        loss.backward()
+        results[backend] = [loss.detach()] + [t.grad for t in leaves]
+    for got, want in zip(results["triton"], results["torch"]):
+        torch.testing.assert_close(got.double(), want, rtol=2e-5, atol=2e-6)
+
+
+def test_strided_input_rows():
+    """Kernels index rows by stride, so a view of a wider buffer needs no copy."""
+    x64, w64, b64, target = make_problem(8, 16, 40, seed=17)
+    wide = torch.zeros(8, 4096)
+    wide[:, :16] = x64.float()
+    got = run(wide[:, :16], w64.float(), b64.float(), target, "triton")
+    want = run(x64, w64, b64, target, "torch")
+    torch.testing.assert_close(got[0].double(), want[0], rtol=1e-5, atol=1e-6)
