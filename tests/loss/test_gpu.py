@@ -1,0 +1,125 @@
+"""The loss backends on a CUDA device, against the float64 reference.
+
+Skipped without CUDA (no device query at import beyond `torch.cuda.is_available`).
+bf16 results pass when their error is at most a small multiple of PyTorch's own bf16
+error on the same problem.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+from distil_kernels import SparseTarget, distil_loss, linear_cross_entropy  # noqa: E402
+from distil_kernels.loss.options import LossOptions  # noqa: E402
+from loss_problems import assert_within_dtype_error, make_problem, run, same_dtype_pytorch  # noqa: E402
+
+CUDA = torch.device("cuda")
+
+
+def on_cuda(x, w, b, target):
+    moved = SparseTarget(target.ids.to(CUDA), target.probs.to(CUDA)) if isinstance(target, SparseTarget) \
+        else target.to(CUDA)
+    return x.to(CUDA), w.to(CUDA), None if b is None else b.to(CUDA), moved
+
+
+def cpu64(result):
+    loss, stats, grads = result
+    return loss.double().cpu(), stats, [None if g is None else g.double().cpu() for g in grads]
+
+
+@pytest.mark.parametrize("backend", ["triton", "chunked"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("kind", ["hard", "sparse"])
+@pytest.mark.parametrize("options", [
+    dict(),
+    dict(label_smoothing=0.1, softcap=30.0, z_loss=1e-4, temperature=0.9),
+    dict(tail="renormalize", reduction="sum"),
+    dict(tail="ignore", reduction="none"),
+], ids=["plain", "all-options", "renormalize-sum", "ignore-none"])
+def test_matches_reference(backend, dtype, kind, options):
+    k = None if kind == "hard" else 32
+    x64, w64, b64, target = on_cuda(*make_problem(1000, 520, 32007, k=k, seed=21, ignore_rows=(3, 999), scale=4.0))
+    want = cpu64(run(x64, w64, b64, target, "torch", **options))
+    x, w, b = x64.to(dtype), w64.to(dtype), b64.to(dtype)
+    got = cpu64(run(x, w, b, target, backend, **options))
+    base = same_dtype_pytorch(x, w, b, target, LossOptions(**options))
+    base = (base[0].double().cpu(), [None if g is None else g.double().cpu() for g in base[1]])
+    assert_within_dtype_error(got, base, want)
+
+
+def test_auto_picks_triton_on_cuda():
+    x64, w64, b64, target = make_problem(64, 64, 1000, seed=22)
+    x, w, b, tgt = on_cuda(x64.bfloat16(), w64.bfloat16(), b64.bfloat16(), target)
+    torch.testing.assert_close(linear_cross_entropy(x, w, tgt, bias=b),
+                               linear_cross_entropy(x, w, tgt, bias=b, backend="triton"), rtol=0, atol=0)
+
+
+def test_deterministic_mode_bitwise_and_filter_on_peaked_logits():
+    gen = torch.Generator().manual_seed(23)
+    v, d, n = 50000, 256, 2048
+    w = torch.nn.functional.normalize(torch.randn(v, d, generator=gen), dim=1)
+    y = torch.randint(0, v, (n,), generator=gen)
+    x = (w[y] * 24.0 + 0.3 * torch.randn(n, d, generator=gen)).bfloat16().cuda()
+    w, y = w.bfloat16().cuda(), y.cuda()
+
+    def grads(**options):
+        xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+        linear_cross_entropy(xg, wg, y, backend="triton", **options).backward()
+        return xg.grad.float(), wg.grad.float()
+
+    exact = grads()
+    filtered = grads(filter_eps=2.0**-12)
+    bound_x = 2.0**-12 / n * w.float().abs().sum(dim=0)
+    assert ((filtered[0] - exact[0]).abs() <= bound_x + 2e-3 * exact[0].abs().max()).all()
+    torch.use_deterministic_algorithms(True)
+    try:
+        first, second = grads(), grads()
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert all(torch.equal(a, c) for a, c in zip(first, second))
+
+
+def test_distil_loss_triton_matches_torch():
+    gen = torch.Generator().manual_seed(24)
+    batch, steps, d, v, k = 4, 64, 256, 5003, 16
+    x = torch.randn(batch, steps, d, generator=gen) / 16
+    w = torch.randn(v, d, generator=gen)
+    ids = torch.stack([torch.randperm(v, generator=gen)[:k] for _ in range(batch * steps)]).reshape(batch, steps, k)
+    probs = torch.rand(batch, steps, k, generator=gen)
+    expert = SparseTarget(ids.cuda(), (probs / probs.sum(-1, keepdim=True) * 0.9).cuda())
+    actions = torch.randint(0, v, (batch, steps), generator=gen).cuda()
+    mask = (torch.rand(batch, steps, generator=gen) > 0.1).cuda()
+    group = torch.tensor([0, 0, 1, 1]).cuda()
+    results = {}
+    for backend in ("torch", "triton"):
+        xg, wg = x.cuda().requires_grad_(), w.cuda().requires_grad_()
+        loss = distil_loss(xg, wg, expert, actions, mask, group=group, discount=0.95, backend=backend)
+        loss.backward()
+        results[backend] = (loss.detach(), xg.grad, wg.grad)
+    for got, want in zip(results["triton"], results["torch"]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_memory_overhead_is_bounded():
+    """No [N, V] tensor: peak allocation beyond inputs and gradients stays far below N*V*2."""
+    n, d, v = 8192, 1024, 65536
+    x = (torch.randn(n, d, device=CUDA) / 32).bfloat16().requires_grad_()
+    w = torch.randn(v, d, device=CUDA).bfloat16().requires_grad_()
+    y = torch.randint(0, v, (n,), device=CUDA)
+    linear_cross_entropy(x, w, y, backend="triton").backward()
+    x.grad = w.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    linear_cross_entropy(x, w, y, backend="triton").backward()
+    torch.cuda.synchronize()
+    overhead = torch.cuda.max_memory_allocated() - before - (x.numel() + w.numel()) * 2
+    # The fp32 gradient accumulators (n + v) * d * 4 are the documented cost; logits would be n * v * 2.
+    assert overhead <= (n + v) * d * 4 + 64 * 2**20
+    assert overhead < n * v * 2
