@@ -26,6 +26,8 @@ print(f"torch {torch.__version__}  triton {triton.__version__}  cuda {torch.vers
       f"device {torch.cuda.get_device_name()}")
 PY
 
+python -c "import pytest, hypothesis" 2>/dev/null || echo "pytest/hypothesis missing: put their wheels in ./wheels (pytest, pluggy, iniconfig, hypothesis, sortedcontainers, attrs)"
+
 step "GPU tests (marker gpu)"
 python -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tail -n 25
 gpu_tests=${PIPESTATUS[0]}
@@ -34,7 +36,7 @@ step "CPU suite sanity on this machine (validation, chunked, properties)"
 python -m pytest -q -x tests/test_validation.py tests/loss/test_linear_cross_entropy.py -p no:cacheprovider 2>&1 | tail -n 3
 
 step "quick GPU benchmark"
-python -m bench loss --device cuda --quick --out "$out" 2>&1 | tail -n 60
+python -m bench loss --device cuda --quick --csv "$out/loss_cuda.csv" 2>&1 | tail -n 60
 bench_rc=${PIPESTATUS[0]}
 
 step "summary"

@@ -224,8 +224,8 @@ def _shape(text: str) -> Shape:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", choices=["cpu"], default="cpu",
-                        help="where the tensors live (GPU providers come with their issues)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="where the tensors live; cuda runs the GPU suite of bench/loss_gpu.py")
     parser.add_argument("--quick", action="store_true",
                         help=f"N,d,V = {','.join(map(str, QUICK_SHAPES[0]))} and {QUICK_REPEATS} repeats: a smoke run")
     parser.add_argument("--providers", type=lambda s: _names(s, list(PROVIDERS), "provider"), default=None,
@@ -245,6 +245,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.device == "cuda":
+        from . import loss_gpu
+
+        return loss_gpu.main(args)
     reason = cpu_memory_unsupported()
     if reason is not None:
         progress(f"bench loss: {reason}")

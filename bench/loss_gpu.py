@@ -1,0 +1,296 @@
+"""`python -m bench loss --device cuda`: the loss on a GPU against every competitor.
+
+Providers (hard labels): ours (`triton`, `chunked`), the `torch` reference, a
+`torch.compile`d chunked cross-entropy, PyTorch's native `F.linear_cross_entropy`,
+Liger-Kernel's fused linear cross-entropy and Apple's Cut Cross-Entropy (the last two
+optional: skipped when not installed). Sparse k=32 expert targets: ours against the
+torch reference and dense soft targets. Heads: Llama-3-8B (d=4096, V=128256),
+Qwen2.5-7B (d=3584, V=152064), Gemma-2-2B (d=2304, V=256000, softcap 30); N from
+4096 to 16384; bf16. Logits either random (nothing for a filter to skip: the worst
+case) or peaked (hidden states aligned with their target's row, as a trained model's).
+
+Per case: `triton.testing.do_bench` median, p20 and p80 of forward + backward; TFLOP/s
+counting 6*N*V*d (the GEMMs every method needs); the fraction of the measured bf16
+matmul rate, counting 8*N*V*d for a recomputing backward ("of peak"); the peak memory
+beyond inputs and gradients (`torch.cuda.max_memory_allocated`). Rows go to
+bench/out/loss_cuda.csv with the GPU name, versions and a timestamp.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from distil_kernels import SparseTarget, linear_cross_entropy
+
+from .report import OUT_DIR, Column, append_csv, fixed, format_table, machine_info, progress
+
+
+@dataclass(frozen=True)
+class Head:
+    name: str
+    dim: int
+    vocab: int
+    softcap: float | None
+
+
+HEADS = (
+    Head("llama3-8b", 4096, 128256, None),
+    Head("qwen2.5-7b", 3584, 152064, None),
+    Head("gemma2-2b", 2304, 256000, 30.0),
+)
+FULL_ROWS = (4096, 8192, 16384)
+QUICK_CASES = (("llama3-8b", 8192), ("gemma2-2b", 8192))
+SPARSE_K = 32
+# Peaked logits: the target row's logit stands this many standard deviations out.
+PEAK_SCALE = 24.0
+
+
+@dataclass
+class GpuInputs:
+    x: Tensor
+    weight: Tensor
+    labels: Tensor
+    sparse: SparseTarget
+    softcap: float | None
+
+
+def make_inputs(head: Head, rows: int, logits: str, seed: int = 0) -> GpuInputs:
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    dev = "cuda"
+    weight = torch.randn(head.vocab, head.dim, device=dev, generator=gen) * (4.0 / math.sqrt(head.dim))
+    labels = torch.randint(0, head.vocab, (rows,), device=dev, generator=gen)
+    x = torch.randn(rows, head.dim, device=dev, generator=gen)
+    if logits == "peaked":
+        x = 0.3 * x + F.normalize(weight[labels], dim=1) * PEAK_SCALE
+    ids = _sparse_ids(rows, head.vocab, gen)
+    probs = torch.softmax(2.0 * torch.randn(rows, SPARSE_K, device=dev, generator=gen), dim=1).sort(
+        dim=1, descending=True).values * 0.9
+    return GpuInputs(
+        x.bfloat16().requires_grad_(), weight.bfloat16().requires_grad_(), labels,
+        SparseTarget(ids, probs), head.softcap,
+    )
+
+
+def _sparse_ids(rows: int, vocab: int, gen: torch.Generator) -> Tensor:
+    out = torch.empty(rows, SPARSE_K, dtype=torch.long, device="cuda")
+    step = max(1, 2**28 // vocab)  # at most 1 GiB of random scores at a time
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        out[r0:r1] = torch.rand(r1 - r0, vocab, device="cuda", generator=gen).topk(SPARSE_K, dim=1).indices
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Providers
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GpuProvider:
+    name: str
+    target: str  # "hard" or "sparse"
+    loss: Callable[[GpuInputs], Tensor]
+    requirement: Callable[[GpuInputs], str | None] = lambda inputs: None
+
+
+def _ours(backend: str, target: str):
+    def loss(inputs: GpuInputs) -> Tensor:
+        tgt = inputs.labels if target == "hard" else inputs.sparse
+        return linear_cross_entropy(inputs.x, inputs.weight, tgt, softcap=inputs.softcap, backend=backend)
+    return loss
+
+
+def _softcapped_logits(x: Tensor, weight: Tensor, softcap: float | None) -> Tensor:
+    logits = (x @ weight.T).float()
+    return logits if softcap is None else softcap * torch.tanh(logits / softcap)
+
+
+def _chunk_ce(x: Tensor, weight: Tensor, labels: Tensor, softcap: float | None) -> Tensor:
+    return F.cross_entropy(_softcapped_logits(x, weight, softcap), labels, reduction="sum")
+
+
+_compiled_chunk_ce = None
+
+
+def _compiled_chunked(inputs: GpuInputs) -> Tensor:
+    """What a user writes with torch.compile: 4096-row chunks, each checkpointed."""
+    global _compiled_chunk_ce
+    if _compiled_chunk_ce is None:
+        _compiled_chunk_ce = torch.compile(_chunk_ce)
+    total = inputs.x.new_zeros((), dtype=torch.float32)
+    for r0 in range(0, inputs.x.shape[0], 4096):
+        total = total + torch.utils.checkpoint.checkpoint(
+            _compiled_chunk_ce, inputs.x[r0:r0 + 4096], inputs.weight, inputs.labels[r0:r0 + 4096], inputs.softcap,
+            use_reentrant=False,
+        )
+    return total / inputs.x.shape[0]
+
+
+def _native(inputs: GpuInputs) -> Tensor:
+    return F.linear_cross_entropy(inputs.x, inputs.weight, inputs.labels,
+                                  options=torch.nn.LinearCrossEntropyOptions())
+
+
+def _native_requirement(inputs: GpuInputs) -> str | None:
+    if not hasattr(torch.nn, "LinearCrossEntropyOptions"):
+        return f"torch {torch.__version__} has no F.linear_cross_entropy options"
+    return "no softcap in F.linear_cross_entropy" if inputs.softcap is not None else None
+
+
+def _module_requirement(module: str) -> Callable[[GpuInputs], str | None]:
+    def requirement(inputs: GpuInputs) -> str | None:
+        import importlib.util
+
+        return None if importlib.util.find_spec(module) is not None else f"{module} not installed"
+    return requirement
+
+
+def _liger(inputs: GpuInputs) -> Tensor:
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+    return liger_fused_linear_cross_entropy(inputs.x, inputs.weight, inputs.labels, softcap=inputs.softcap)
+
+
+def _cce(inputs: GpuInputs) -> Tensor:
+    from cut_cross_entropy import linear_cross_entropy as cce_linear_cross_entropy
+
+    return cce_linear_cross_entropy(inputs.x, inputs.weight, inputs.labels, softcap=inputs.softcap)
+
+
+def _dense_soft(inputs: GpuInputs) -> Tensor:
+    logits = _softcapped_logits(inputs.x, inputs.weight, inputs.softcap)
+    ids, probs = inputs.sparse.ids, inputs.sparse.probs
+    tail = (1.0 - probs.sum(dim=1, keepdim=True)) / (logits.shape[1] - ids.shape[1])
+    dense = tail.repeat(1, logits.shape[1]).scatter_(1, ids, probs)
+    return F.cross_entropy(logits, dense)
+
+
+PROVIDERS = (
+    GpuProvider("triton", "hard", _ours("triton", "hard")),
+    GpuProvider("chunked", "hard", _ours("chunked", "hard")),
+    GpuProvider("torch-ref", "hard", _ours("torch", "hard")),
+    GpuProvider("compiled-chunked", "hard", _compiled_chunked),
+    GpuProvider("native", "hard", _native, _native_requirement),
+    GpuProvider("liger", "hard", _liger, _module_requirement("liger_kernel")),
+    GpuProvider("cce", "hard", _cce, _module_requirement("cut_cross_entropy")),
+    GpuProvider("triton-sparse", "sparse", _ours("triton", "sparse")),
+    GpuProvider("torch-ref-sparse", "sparse", _ours("torch", "sparse")),
+    GpuProvider("dense-soft", "sparse", _dense_soft),
+)
+QUICK_PROVIDERS = ("triton", "torch-ref", "native", "liger", "cce", "triton-sparse", "dense-soft")
+
+
+# --------------------------------------------------------------------------------------
+# Measurement
+# --------------------------------------------------------------------------------------
+
+
+def matmul_tflops(rows: int, dim: int, vocab: int) -> float:
+    """The measured bf16 GEMM rate on this problem's logits GEMM, TFLOP/s."""
+    import triton.testing
+
+    a = torch.randn(rows, dim, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(vocab, dim, device="cuda", dtype=torch.bfloat16)
+    ms = triton.testing.do_bench(lambda: a @ b.T, warmup=25, rep=100)
+    del a, b
+    return 2 * rows * dim * vocab / (ms * 1e9)
+
+
+def measure(provider: GpuProvider, inputs: GpuInputs) -> dict:
+    import triton.testing
+
+    def step():
+        inputs.x.grad = inputs.weight.grad = None
+        provider.loss(inputs).backward()
+
+    step()  # compiles, autotunes, warms caches
+    median, p20, p80 = triton.testing.do_bench(step, warmup=5, rep=50, quantiles=[0.5, 0.2, 0.8])
+    inputs.x.grad = inputs.weight.grad = None
+    gc.collect()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    provider.loss(inputs).backward()
+    torch.cuda.synchronize()
+    grads = (inputs.x.numel() + inputs.weight.numel()) * inputs.x.element_size()
+    overhead = torch.cuda.max_memory_allocated() - before - grads
+    inputs.x.grad = inputs.weight.grad = None
+    return {"time_ms": median, "p20_ms": p20, "p80_ms": p80, "overhead_mib": overhead / 2**20}
+
+
+CSV_FIELDS = ["timestamp", "gpu", "torch", "triton", "commit", "head", "logits", "provider", "target", "N", "d",
+              "V", "softcap", "time_ms", "p20_ms", "p80_ms", "tflops_6nvd", "of_matmul_8nvd", "overhead_mib",
+              "matmul_tflops", "status"]
+TABLE = [
+    Column("provider", "provider", left=True), Column("logits", "logits", left=True),
+    Column("time_ms", "ms", fixed(2)), Column("p20_ms", "p20", fixed(2)), Column("p80_ms", "p80", fixed(2)),
+    Column("tflops_6nvd", "TFLOP/s(6NVd)", fixed(1)), Column("of_matmul_8nvd", "of_mm(8NVd)", fixed(2)),
+    Column("overhead_mib", "overhead_mib", fixed(1)), Column("status", "status", left=True),
+]
+
+
+def main(args) -> int:
+    if not torch.cuda.is_available():
+        progress("bench loss --device cuda: no CUDA device here")
+        return 2
+    import triton
+
+    heads = {h.name: h for h in HEADS}
+    cases = list(QUICK_CASES) if args.quick else [(h.name, n) for h in HEADS for n in FULL_ROWS]
+    names = args.providers or (QUICK_PROVIDERS if args.quick else [p.name for p in PROVIDERS])
+    providers = [p for p in PROVIDERS if p.name in names]
+    info = machine_info()
+    gpu = torch.cuda.get_device_name()
+    csv_path = Path(args.csv) if args.csv else OUT_DIR / "loss_cuda.csv"
+    rows = []
+    for head_name, n in cases:
+        head = heads[head_name]
+        rate = matmul_tflops(n, head.dim, head.vocab)
+        progress(f"{head.name} N={n}: bf16 matmul {rate:.0f} TFLOP/s")
+        for logits in ("random", "peaked"):
+            inputs = make_inputs(head, n, logits)
+            for provider in providers:
+                if logits == "peaked" and not provider.name.startswith("triton"):
+                    continue  # only a filtering backward can use peakedness
+                row = {"timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"), "gpu": gpu,
+                       "torch": torch.__version__, "triton": triton.__version__, "commit": info["commit"],
+                       "head": head.name, "logits": logits, "provider": provider.name, "target": provider.target,
+                       "N": n, "d": head.dim, "V": head.vocab, "softcap": head.softcap,
+                       "matmul_tflops": round(rate, 1)}
+                why = provider.requirement(inputs)
+                if why is not None:
+                    row["status"] = f"skipped: {why}"
+                else:
+                    try:
+                        row.update(measure(provider, inputs))
+                        row["tflops_6nvd"] = 6 * n * head.vocab * head.dim / (row["time_ms"] * 1e9)
+                        row["of_matmul_8nvd"] = 8 * n * head.vocab * head.dim / (row["time_ms"] * 1e9) / rate
+                        row["status"] = "ok"
+                    except torch.cuda.OutOfMemoryError:
+                        row["status"] = "OOM"
+                    except Exception as error:  # a competitor's failure must not end the suite
+                        row["status"] = f"error: {type(error).__name__}: {str(error)[:120]}"
+                    inputs.x.grad = inputs.weight.grad = None
+                    gc.collect()
+                    torch.cuda.empty_cache()
+                progress(f"  {provider.name} {logits}: {row.get('time_ms', float('nan')):.2f} ms, "
+                         f"{row.get('overhead_mib', float('nan')):.0f} MiB ({row['status']})")
+                rows.append(row)
+                append_csv(csv_path, [row], CSV_FIELDS)
+            del inputs
+            gc.collect()
+            torch.cuda.empty_cache()
+    print(f"linear cross-entropy fwd+bwd, bf16, on {gpu}: torch {torch.__version__}, triton {triton.__version__}, "
+          f"commit {info['commit']}")
+    print(format_table(rows, TABLE, group_by=lambda r: (r["head"], r["N"], r["target"])))
+    print(f"\n{len(rows)} rows appended to {csv_path}")
+    return 0
