@@ -27,7 +27,7 @@ from torch import Tensor
 
 from .options import LossOptions
 from .reference import LossStats, compute_dtype, reduce_loss
-from .targets import RowTerms, Slots, row_terms, row_weights
+from .targets import RowTerms, Slots, row_terms, row_upstream, row_weights
 
 # CPU GEMMs reach their plateau at about 128 rows (measured on a 2-core AVX-512 host:
 # 64 rows is ~25% slower for fp32); beyond that, a larger chunk buys nothing.
@@ -401,10 +401,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         options = params.options
         slots = Slots(slot_ids, slot_weights, slot_valid, params.num_target)
         cdt = compute_dtype(x.dtype)
-        if options.reduction == "none":
-            upstream = grad_loss.to(cdt)
-        else:
-            upstream = row_weights(slots.row_valid, options.reduction, cdt) * grad_loss.to(cdt)
+        upstream = row_upstream(grad_loss, slots.row_valid, options.reduction, cdt)
         need = ctx.needs_input_grad[:3]
         grads = Grads.allocate(x, weight, bias, need)
         sweep(x, weight, bias, slots.ids, options, stats=SweepStats(lse, slot_logits, logit_sum),

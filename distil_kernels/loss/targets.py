@@ -193,3 +193,10 @@ def row_weights(row_valid: Tensor, reduction: str, dtype: torch.dtype) -> Tensor
     if reduction == "mean":
         weights = weights / weights.sum().clamp_min(1.0)
     return weights
+
+
+def row_upstream(grad_loss: Tensor, row_valid: Tensor, reduction: str, dtype: torch.dtype) -> Tensor:
+    """Each row's upstream gradient: `grad_loss` [N] itself for "none", else scalar x row_weights."""
+    if reduction == "none":
+        return grad_loss.to(dtype)
+    return row_weights(row_valid, reduction, dtype) * grad_loss.to(dtype)

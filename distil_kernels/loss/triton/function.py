@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ..options import LossOptions
 from ..reference import LossStats, reduce_loss
-from ..targets import Slots, row_terms, row_weights
+from ..targets import Slots, row_terms, row_upstream
 from .backward import backward
 from .indexed_dot import indexed_dot
 from .lse_forward import ForwardStats, lse_forward
@@ -66,7 +66,8 @@ class TritonLinearCrossEntropy(torch.autograd.Function):
         loss = reduce_loss(terms.token_loss, slots.row_valid, options.reduction)
         token_loss = terms.token_loss.clone() if options.reduction == "none" else terms.token_loss
         ctx.params = params
-        ctx.forward_stats = stats.forward
+        # Not the ForwardStats itself: it holds lse, an output, and would make a reference cycle.
+        ctx.block_max, ctx.forward_config = stats.forward.block_max, stats.forward.config
         ctx.save_for_backward(x, weight, bias, slot_ids, slot_weights, slot_valid,
                               stats.lse, stats.slot_logits, stats.logit_sum)
         ctx.mark_non_differentiable(stats.lse, token_loss, terms.target_logprobs)
@@ -78,12 +79,10 @@ class TritonLinearCrossEntropy(torch.autograd.Function):
         options = ctx.params.options
         slots = Slots(slot_ids, slot_weights, slot_valid, ctx.params.num_target)
         terms = row_terms(lse, slot_logits, logit_sum, slots, options, weight.shape[0])
-        if options.reduction == "none":
-            upstream = grad_loss.float()
-        else:
-            upstream = row_weights(slots.row_valid, options.reduction, torch.float32) * grad_loss.float()
+        upstream = row_upstream(grad_loss, slots.row_valid, options.reduction, torch.float32)
         uniform = None if terms.uniform is None else terms.uniform * upstream
-        stats = TritonStats(lse, slot_logits, logit_sum, ctx.forward_stats)
+        forward = ForwardStats(lse, logit_sum, ctx.block_max, ctx.forward_config)
+        stats = TritonStats(lse, slot_logits, logit_sum, forward)
         d_x, d_w, d_b = triton_gradients(
             x, weight, bias, slot_ids, stats, terms.row_coef * upstream, terms.slot_coef * upstream[:, None],
             uniform, options, ctx.needs_input_grad[:3],
