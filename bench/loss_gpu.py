@@ -201,7 +201,6 @@ def matmul_tflops(rows: int, dim: int, vocab: int) -> float:
     a = torch.randn(rows, dim, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(vocab, dim, device="cuda", dtype=torch.bfloat16)
     ms = triton.testing.do_bench(lambda: a @ b.T, warmup=25, rep=100)
-    del a, b
     return 2 * rows * dim * vocab / (ms * 1e9)
 
 

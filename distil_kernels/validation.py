@@ -109,7 +109,8 @@ def check_probs(target: SparseTarget, ignore_index: int, tail: str) -> None:
     ids = target.ids.reshape(-1, target.k)
     live = ids != ignore_index
     if not bool(torch.isfinite(probs).all()):
-        raise ValueError(f"target.probs must be finite; first NaN/inf at index {_first_bad(~torch.isfinite(target.probs))}")
+        where = _first_bad(~torch.isfinite(target.probs))
+        raise ValueError(f"target.probs must be finite; first NaN/inf at index {where}")
     if tail == "ignore":
         return
     negative = (probs < 0) & live
@@ -129,7 +130,9 @@ def check_probs(target: SparseTarget, ignore_index: int, tail: str) -> None:
                 f"Use tail='renormalize' for unnormalised weights."
             )
         if target.k > 1:
-            sorted_ids = torch.sort(torch.where(live, ids, -1 - torch.arange(target.k, device=ids.device)), dim=1).values
+            # Padding becomes distinct negatives, so only real ids can collide after sorting.
+            padded = torch.where(live, ids, -1 - torch.arange(target.k, device=ids.device))
+            sorted_ids = torch.sort(padded, dim=1).values
             dup = (sorted_ids[:, 1:] == sorted_ids[:, :-1]) & (sorted_ids[:, 1:] >= 0)
             if bool(dup.any()):
                 row, col = _first_bad(dup)

@@ -24,7 +24,8 @@ def inputs(dtype=torch.float32):
     "change, error, match",
     [
         (lambda x, w, y: (x.long(), w, y), TypeError, r"input must be float16.*got torch.int64"),
-        (lambda x, w, y: (x, w[:, :3], y), ValueError, r"weight must have shape \[V, d\] with d = input.shape\[-1\] = 4"),
+        (lambda x, w, y: (x, w[:, :3], y), ValueError,
+         r"weight must have shape \[V, d\] with d = input.shape\[-1\] = 4"),
         (lambda x, w, y: (x, w.double(), y), TypeError, r"weight must have input's dtype torch.float32"),
         (lambda x, w, y: (x, w[0], y), ValueError, r"weight must have shape \[V, d\], got \(4,\)"),
         (lambda x, w, y: (x, w.to("meta"), y), ValueError, r"weight must be on input's device cpu"),
@@ -131,7 +132,8 @@ def test_renormalize_needs_positive_mass():
     [
         (dict(reduction="avg"), ValueError, r"reduction must be one of \('mean', 'sum', 'none'\), got 'avg'"),
         (dict(tail="drop"), ValueError, "tail must be one of"),
-        (dict(backend="cuda-magic"), ValueError, r"backend must be one of 'auto', 'torch', 'chunked', 'triton'; got 'cuda-magic'"),
+        (dict(backend="cuda-magic"), ValueError,
+         r"backend must be one of 'auto', 'torch', 'chunked', 'triton'; got 'cuda-magic'"),
         (dict(backend=3), TypeError, "backend must be a str"),
         (dict(label_smoothing=1.5), ValueError, r"label_smoothing must be in \[0, 1\], got 1.5"),
         (dict(temperature=0.0), ValueError, "temperature must be > 0"),

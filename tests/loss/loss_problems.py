@@ -52,12 +52,13 @@ def assert_close_all(got, want, rtol, atol):
     torch.testing.assert_close(loss_g.double(), loss_w.double(), rtol=rtol, atol=atol)
     for name in ("lse", "token_loss", "target_logprobs"):
         torch.testing.assert_close(getattr(stats_g, name).double(), getattr(stats_w, name).double(),
-                                   rtol=rtol, atol=atol, msg=lambda m: f"stats.{name}: {m}")
+                                   rtol=rtol, atol=atol, msg=lambda m, name=name: f"stats.{name}: {m}")
     for name, g, w in zip(("input", "weight", "bias"), grads_g, grads_w):
         if w is None:
             assert g is None
             continue
-        torch.testing.assert_close(g.double(), w.double(), rtol=rtol, atol=atol, msg=lambda m: f"d_{name}: {m}")
+        torch.testing.assert_close(g.double(), w.double(), rtol=rtol, atol=atol,
+                                   msg=lambda m, name=name: f"d_{name}: {m}")
 
 
 def same_dtype_pytorch(x, w, b, target, options):
