@@ -9,10 +9,11 @@ from .loss import (
     distil_loss,
     linear_cross_entropy,
 )
+from .sampling import TopK, linear_topk
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "DistilStats", "LinearCrossEntropy", "LossOptions", "LossStats", "SparseTarget",
-    "distil_loss", "linear_cross_entropy",
+    "DistilStats", "LinearCrossEntropy", "LossOptions", "LossStats", "SparseTarget", "TopK",
+    "distil_loss", "linear_cross_entropy", "linear_topk",
 ]

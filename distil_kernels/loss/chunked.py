@@ -83,7 +83,7 @@ def plan_chunks(num_rows: int, vocab_size: int, dtype: torch.dtype, device: torc
     return ChunkPlan(rows, tile)
 
 
-class _Workspace:
+class Workspace:
     """The reused tile buffers of one sweep."""
 
     def __init__(self, plan: ChunkPlan, dtype: torch.dtype, device: torch.device, softcap: bool):
@@ -103,7 +103,7 @@ class _Workspace:
 # --------------------------------------------------------------------------------------
 
 
-def _logits_tile(ws: _Workspace, x_rows: Tensor, weight: Tensor, bias: Tensor | None, v0: int, v1: int,
+def logits_tile(ws: Workspace, x_rows: Tensor, weight: Tensor, bias: Tensor | None, v0: int, v1: int,
                  options: LossOptions) -> tuple[Tensor, Tensor | None]:
     """z = softcap(x W[v0:v1].T + b) / T into the workspace; also tanh(u/c) with a softcap."""
     rows, cols = x_rows.shape[0], v1 - v0
@@ -186,7 +186,7 @@ class Grads:
         return tuple(grads)
 
 
-def _backprop_tile(ws: _Workspace, du: Tensor, x_rows: Tensor, x_rows_wide: Tensor, weight: Tensor, v0: int,
+def _backprop_tile(ws: Workspace, du: Tensor, x_rows: Tensor, x_rows_wide: Tensor, weight: Tensor, v0: int,
                    v1: int, input_rows: Tensor | None, grads: Grads, whole_rows: bool) -> None:
     """Push dL/du (compute dtype) of one tile through the linear layer into the gradients.
 
@@ -246,7 +246,7 @@ def sweep(x: Tensor, weight: Tensor, bias: Tensor | None, slot_ids: Tensor, opti
     cdt = compute_dtype(x.dtype)
     plan = plan_chunks(num_rows, vocab_size, x.dtype, x.device, options)
     whole_rows = plan.tile == vocab_size
-    ws = _Workspace(plan, x.dtype, x.device, options.softcap is not None)
+    ws = Workspace(plan, x.dtype, x.device, options.softcap is not None)
     smoothing = bool(options.label_smoothing)
     if stats is None:
         lse = torch.empty(num_rows, dtype=cdt, device=x.device)
@@ -265,7 +265,7 @@ def sweep(x: Tensor, weight: Tensor, bias: Tensor | None, slot_ids: Tensor, opti
             row_sum = torch.zeros(r1 - r0, dtype=cdt, device=x.device)
             for v0 in range(0, vocab_size, plan.tile):
                 v1 = min(v0 + plan.tile, vocab_size)
-                z, tanh = _logits_tile(ws, x_rows, weight, bias, v0, v1, options)
+                z, tanh = logits_tile(ws, x_rows, weight, bias, v0, v1, options)
                 _gather_tile(z, ids, v0, stats.slot_logits[r0:r1])
                 if smoothing:
                     stats.logit_sum[r0:r1] += z.sum(dim=1)
@@ -298,7 +298,7 @@ def sweep(x: Tensor, weight: Tensor, bias: Tensor | None, slot_ids: Tensor, opti
             if exp_ref is not None:
                 ref = exp_ref
             else:
-                z, tanh = _logits_tile(ws, x_rows, weight, bias, v0, v1, options)
+                z, tanh = logits_tile(ws, x_rows, weight, bias, v0, v1, options)
                 z.sub_(lse_rows[:, None]).exp_()
                 ref = lse_rows
             scale = row_coef * (ref - lse_rows).exp() * inv_t

@@ -1,0 +1,247 @@
+"""linear_topk: chunked against the torch reference, exact tie-breaking, log-probs, validation.
+
+Ground truth is a dense float64 log-softmax written here from the formula. Ties use
+integer-valued inputs, whose logits are exact in every backend and tiling, so equal
+logits are bitwise equal and the lower id must win everywhere.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from distil_kernels.sampling import TopK, linear_topk
+
+BACKENDS = ["torch", "chunked"]
+# 4096 bytes: 16-row chunks of 32 (fp32: 64) vocabulary columns, so V=507 spans many tiles.
+WORKSPACES = [None, 4096]
+
+
+def make_problem(n, v, d, dtype, seed, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64).to(dtype)
+    w = (torch.randn(v, d, generator=g, dtype=torch.float64) / d**0.5).to(dtype)
+    b = torch.randn(v, generator=g, dtype=torch.float64).to(dtype) if bias else None
+    return x, w, b
+
+
+def dense_log_softmax(x, w, b, softcap=None, temperature=1.0):
+    """float64 log-softmax over the vocabulary, straight from the formula."""
+    z = x.double() @ w.double().T
+    if b is not None:
+        z = z + b.double()
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    return F.log_softmax(z / temperature, dim=-1), torch.logsumexp(z / temperature, dim=-1)
+
+
+def assert_topk_close(got, log_q, lse, k, tol):
+    """Log-probs and lse within `tol` of float64; ids exact wherever no near-tie makes them ambiguous."""
+    want_values, want_ids = torch.sort(log_q, dim=1, descending=True, stable=True)
+    assert got.ids.shape == (log_q.shape[0], k) and got.ids.dtype == torch.int64
+    assert got.logprobs.dtype == torch.float32 and got.lse.dtype == torch.float32
+    torch.testing.assert_close(got.lse.double(), lse, rtol=0, atol=tol)
+    torch.testing.assert_close(got.logprobs.double(), want_values[:, :k], rtol=0, atol=tol)
+    # Each returned id really has the log-prob reported for it.
+    torch.testing.assert_close(got.logprobs.double(), log_q.gather(1, got.ids), rtol=0, atol=tol)
+    # Positions whose value is separated from both neighbours (and the (k+1)-th) by > 2 tol.
+    padded = torch.cat([want_values, torch.full_like(want_values[:, :1], -torch.inf)], dim=1)
+    gap_next = padded[:, :k] - padded[:, 1 : k + 1]
+    gap_prev = torch.cat([torch.full_like(gap_next[:, :1], torch.inf), gap_next[:, :-1]], dim=1)
+    clear = (gap_next > 2 * tol) & (gap_prev > 2 * tol)
+    assert torch.equal(got.ids[clear], want_ids[:, :k][clear])
+
+
+# --------------------------------------------------------------------------------------
+# Against float64 and across backends
+# --------------------------------------------------------------------------------------
+
+SHAPES = [(37, 507, 23), (16, 64, 8), (1, 5, 3)]
+OPTIONS = [{}, {"softcap": 3.0}, {"temperature": 0.7}, {"softcap": 2.5, "temperature": 1.3}]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()) or "plain")
+@pytest.mark.parametrize("bias", [False, True])
+def test_float64_chunked_equals_torch(shape, options, bias):
+    n, v, d = shape
+    x, w, b = make_problem(n, v, d, torch.float64, seed=n + v, bias=bias)
+    log_q, lse = dense_log_softmax(x, w, b, **options)
+    for k in sorted({1, 5, 64, v} & set(range(1, v + 1))):
+        want = linear_topk(x, w, k, bias=b, backend="torch", **options)
+        assert_topk_close(want, log_q, lse, k, tol=1e-6)
+        assert torch.equal(want.ids, torch.sort(log_q, dim=1, descending=True, stable=True).indices[:, :k])
+        for ws in WORKSPACES:
+            got = linear_topk(x, w, k, bias=b, backend="chunked", workspace_bytes=ws, **options)
+            assert torch.equal(got.ids, want.ids), (k, ws)
+            torch.testing.assert_close(got.logprobs, want.logprobs, rtol=0, atol=1e-6)
+            torch.testing.assert_close(got.lse, want.lse, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend, workspace_bytes", [("torch", None), ("chunked", None), ("chunked", 4096)])
+@pytest.mark.parametrize("options", OPTIONS[::3], ids=["plain", "softcap-temperature"])
+def test_float32_against_float64(backend, workspace_bytes, options):
+    x, w, b = make_problem(37, 507, 23, torch.float32, seed=3)
+    log_q, lse = dense_log_softmax(x, w, b, **options)
+    for k in (1, 5, 64, 507):
+        got = linear_topk(x, w, k, bias=b, backend=backend, workspace_bytes=workspace_bytes, **options)
+        assert_topk_close(got, log_q, lse, k, tol=2e-5)
+
+
+def test_auto_is_chunked_on_cpu():
+    x, w, b = make_problem(20, 300, 16, torch.float32, seed=4)
+    auto = linear_topk(x, w, 10, bias=b)
+    chunked = linear_topk(x, w, 10, bias=b, backend="chunked")
+    assert isinstance(auto, TopK)
+    for a, c in zip(auto, chunked):
+        assert torch.equal(a, c)
+
+
+def test_leading_dims_are_flattened():
+    x, w, b = make_problem(2 * 7, 101, 12, torch.float64, seed=5)
+    for backend in BACKENDS:
+        flat = linear_topk(x, w, 9, bias=b, backend=backend)
+        batched = linear_topk(x.view(2, 7, 12), w, 9, bias=b, backend=backend)
+        assert batched.ids.shape == (14, 9) and batched.lse.shape == (14,)
+        for a, c in zip(batched, flat):
+            assert torch.equal(a, c)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_input_and_no_grad(backend):
+    x, w, b = make_problem(0, 50, 8, torch.float32, seed=6)
+    out = linear_topk(x, w, 4, bias=b, backend=backend)
+    assert out.ids.shape == (0, 4) and out.logprobs.shape == (0, 4) and out.lse.shape == (0,)
+    x, w, b = make_problem(5, 50, 8, torch.float32, seed=6)
+    out = linear_topk(x.requires_grad_(), w.requires_grad_(), 4, bias=b.requires_grad_(), backend=backend)
+    assert not out.logprobs.requires_grad and not out.lse.requires_grad
+
+
+# --------------------------------------------------------------------------------------
+# Ties: lower ids win, at the k-th boundary and across tiles
+# --------------------------------------------------------------------------------------
+
+
+def tie_problem(dtype):
+    """Integer data: row 400 is every token's top logit, rows 5, 40, 77, 300 tie for second
+    (tiles 0, 1, 2 and 9 at 32 columns per tile), rows 10, 11, 12 tie for third (one tile)."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randint(1, 4, (37, 16), generator=g).to(dtype)
+    w = torch.randint(-1, 2, (507, 16), generator=g).to(dtype)
+    u = torch.full((16,), 4.0, dtype=dtype)
+    w[400] = 2 * u
+    w[[5, 40, 77, 300]] = u
+    w[[10, 11, 12]] = u - 1
+    return x, w
+
+
+TIE_CASES = [
+    (1, [400]),
+    (2, [400, 5]),
+    (3, [400, 5, 40]),
+    (4, [400, 5, 40, 77]),
+    (5, [400, 5, 40, 77, 300]),
+    (6, [400, 5, 40, 77, 300, 10]),
+    (7, [400, 5, 40, 77, 300, 10, 11]),
+    (8, [400, 5, 40, 77, 300, 10, 11, 12]),
+]
+
+
+# Softcaps wide enough not to saturate: the logits reach 256.
+TIE_OPTIONS = [{}, {"softcap": 1000.0}, {"temperature": 0.5}, {"softcap": 1000.0, "temperature": 0.7}]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("options", TIE_OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()) or "plain")
+def test_ties_go_to_the_lower_id(dtype, options):
+    x, w = tie_problem(dtype)
+    for k, want in TIE_CASES:
+        runs = [{"backend": "torch"}] + [{"backend": "chunked", "workspace_bytes": ws} for ws in WORKSPACES]
+        for run in runs:
+            out = linear_topk(x, w, k, **options, **run)
+            assert out.ids.tolist() == [want] * 37, (k, run)
+            # Tied ids carry equal log-probs.
+            if k >= 5:
+                assert torch.equal(out.logprobs[:, 1:5], out.logprobs[:, 1:2].expand(-1, 4))
+
+
+def test_saturated_softcap_ties_go_to_the_lower_id():
+    """softcap=3 rounds tanh to exactly 1 for the eight largest logits (float64): all tie."""
+    x, w = tie_problem(torch.float64)
+    want = [5, 10, 11, 12, 40, 77, 300, 400]
+    for run in [{"backend": "torch"}] + [{"backend": "chunked", "workspace_bytes": ws} for ws in WORKSPACES]:
+        for k in (1, 3, 8):
+            assert linear_topk(x, w, k, softcap=3.0, **run).ids.tolist() == [want[:k]] * 37, (k, run)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(1, 20),
+    v=st.integers(1, 150),
+    d=st.integers(1, 6),
+    k_frac=st.floats(0.0, 1.0),
+    seed=st.integers(0, 2**16),
+    softcap=st.sampled_from([None, 2.0]),
+    temperature=st.sampled_from([1.0, 0.5]),
+    small_workspace=st.booleans(),
+)
+def test_many_ties_chunked_equals_torch(n, v, d, k_frac, seed, softcap, temperature, small_workspace):
+    """Logits from {-1, 0, 1}-valued weights tie everywhere; every tiling must break ties alike."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(-2, 3, (n, d), generator=g).double()
+    w = torch.randint(-1, 2, (v, d), generator=g).double()
+    b = torch.randint(-1, 2, (v,), generator=g).double()
+    k = max(1, round(k_frac * v))
+    opts = {"bias": b, "softcap": softcap, "temperature": temperature}
+    want = linear_topk(x, w, k, backend="torch", **opts)
+    got = linear_topk(x, w, k, backend="chunked", workspace_bytes=4096 if small_workspace else None, **opts)
+    assert torch.equal(got.ids, want.ids)
+    torch.testing.assert_close(got.logprobs, want.logprobs, rtol=0, atol=1e-6)
+    torch.testing.assert_close(got.lse, want.lse, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("workspace_bytes", WORKSPACES)
+def test_non_finite_logits_propagate_like_torch(workspace_bytes):
+    x, w, b = make_problem(6, 200, 8, torch.float64, seed=8)
+    x[1, 0] = float("nan")
+    b[[3, 150]] = float("inf")
+    want = linear_topk(x, w, 5, bias=b, backend="torch")
+    got = linear_topk(x, w, 5, bias=b, backend="chunked", workspace_bytes=workspace_bytes)
+    assert torch.equal(got.ids, want.ids)
+    assert got.ids[1].tolist() == [0, 1, 2, 3, 4]  # NaN ranks first, lower ids first
+    assert got.lse[1].isnan() and not got.lse[0].isfinite()
+
+
+# --------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"k": 0}, ValueError, r"k must be in \[1, V\] = \[1, 50\], got 0"),
+        ({"k": 51}, ValueError, r"k must be in \[1, V\]"),
+        ({"k": 2.0}, TypeError, "k must be an int"),
+        ({"k": True}, TypeError, "k must be an int"),
+        ({"temperature": 0.0}, ValueError, "temperature must be > 0.*linear_sample"),
+        ({"temperature": -1.0}, ValueError, "temperature must be > 0"),
+        ({"temperature": float("nan")}, ValueError, "temperature must be finite"),
+        ({"softcap": 0.0}, ValueError, "softcap must be None or > 0"),
+        ({"workspace_bytes": 100}, ValueError, "workspace_bytes must be at least 4096"),
+        ({"backend": "triton"}, ValueError, "not implemented for linear_topk"),
+        ({"backend": "numpy"}, ValueError, "backend must be one of"),
+        ({"weight": torch.zeros(50, 7)}, ValueError, "weight must have shape"),
+        ({"weight": torch.zeros(50, 8, dtype=torch.float64)}, TypeError, "weight must have input's dtype"),
+        ({"bias": torch.zeros(49)}, ValueError, "bias must have shape"),
+        ({"input": torch.zeros(3, 8, dtype=torch.int64)}, TypeError, "input must be float16"),
+    ],
+)
+def test_validation(kwargs, error, match):
+    args = {"input": torch.zeros(3, 8), "weight": torch.zeros(50, 8), "k": 5}
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        linear_topk(args.pop("input"), args.pop("weight"), args.pop("k"), **args)
