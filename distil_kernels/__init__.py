@@ -9,11 +9,11 @@ from .loss import (
     distil_loss,
     linear_cross_entropy,
 )
-from .sampling import TopK, linear_topk
+from .sampling import Sample, TopK, linear_sample, linear_topk, sample_from_logits
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "DistilStats", "LinearCrossEntropy", "LossOptions", "LossStats", "SparseTarget", "TopK",
-    "distil_loss", "linear_cross_entropy", "linear_topk",
+    "DistilStats", "LinearCrossEntropy", "LossOptions", "LossStats", "Sample", "SparseTarget", "TopK",
+    "distil_loss", "linear_cross_entropy", "linear_sample", "linear_topk", "sample_from_logits",
 ]

@@ -1,0 +1,394 @@
+"""`sample_from_logits` and `linear_sample`: exact sampling with a counter-based stream.
+
+The distribution of a row: logits z (softcap applied for `linear_sample`) divided by
+the temperature, truncated, renormalised. Truncation keeps a prefix of the row's ids
+sorted by descending probability (ties to the lower id): `top_k` keeps k of them,
+`top_p` the shortest prefix whose renormalised mass (within the top-k) reaches top_p,
+`min_p` those whose probability is at least min_p times the largest; the kept set is
+the shortest of these prefixes. `temperature=0` is greedy (the lowest id among the
+maxima).
+
+A draw is Gumbel-max: the kept id maximising z_v + g_v, where the noise g_v of id v in
+sample j of a row comes from Philox4x32-10 keyed by the seed (the row's own seed when
+`seed` is a tensor [B]) at counter (v, position low word, j, position high word); the
+position is `positions[row]` when given, else 0 with per-row seeds, else the row's
+index. The noise of an id depends on nothing else, so a row's sample does not depend on
+the batch around it, the row order (given positions or per-row seeds) or the tiling,
+and backends that share the
+stream and the fp32 transform below draw the same ids; the exception is a float tie
+between two scores z_v + g_v computed by different math libraries.
+
+Outputs: `ids` [B, n]; `logprobs`, log-probability under the distribution sampled from
+(0 for greedy); `raw_logprobs`, under the untruncated softmax at temperature 1; `lse`
+[B], the log-sum-exp of the logits at temperature 1.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from .philox import philox4x32, seed_key
+
+_TWO_POW_32 = 2**32
+_TWO_POW_31 = 2**31
+_TWO_POW_MINUS_33 = 2.0**-33
+
+
+class Sample(NamedTuple):
+    ids: Tensor  # [B, n] int64
+    logprobs: Tensor  # [B, n] fp32, under the distribution sampled from
+    raw_logprobs: Tensor  # [B, n] fp32, untruncated softmax at temperature 1
+    lse: Tensor  # [B] fp32, log-sum-exp of the logits at temperature 1
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    min_p: float | None = None
+    num_samples: int = 1
+
+    def __post_init__(self) -> None:
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) \
+                or not math.isfinite(self.temperature):
+            raise TypeError(f"temperature must be a finite real number, got {self.temperature!r}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
+        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int)):
+            raise TypeError(f"top_k must be an int or None, got {type(self.top_k).__name__}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        if self.top_p is not None and not (isinstance(self.top_p, (int, float)) and 0.0 < self.top_p <= 1.0):
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.min_p is not None and not (isinstance(self.min_p, (int, float)) and 0.0 <= self.min_p <= 1.0):
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
+        if isinstance(self.num_samples, bool) or not isinstance(self.num_samples, int) or self.num_samples < 1:
+            raise ValueError(f"num_samples must be an int >= 1, got {self.num_samples!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+# --------------------------------------------------------------------------------------
+# The noise
+# --------------------------------------------------------------------------------------
+
+
+def row_keys(seed: int | Tensor, positions: Tensor | None, rows: int, device: torch.device
+             ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-row Philox key words (k0, k1) and position words (low, high), each [rows] int64."""
+    seed_t = torch.as_tensor(seed, dtype=torch.int64, device=device)
+    per_row_seeds = seed_t.dim() == 1
+    seed_t = seed_t if per_row_seeds else seed_t.expand(rows)
+    k0, k1 = seed_key(seed_t)
+    if positions is not None:
+        pos = positions.to(device=device, dtype=torch.int64)
+    elif per_row_seeds:
+        pos = torch.zeros(rows, device=device, dtype=torch.int64)  # the row's seed alone names it
+    else:
+        pos = torch.arange(rows, device=device, dtype=torch.int64)
+    return k0, k1, pos & 0xFFFFFFFF, (pos >> 32) & 0xFFFFFFFF
+
+
+def gumbel_noise(vocab_ids: Tensor, keys: tuple[Tensor, Tensor, Tensor, Tensor], sample: int) -> Tensor:
+    """g [rows, cols] fp32 for ids `vocab_ids` [rows, cols] (or [cols]) in sample `sample`.
+
+    The uniform is the first Philox word w: u = (2w + 1) / 2**33, never 0 or 1. The
+    exponential variate -log(u) is taken as -log(u) for u < 1/2 and as -log1p(-(1 - u))
+    above, with 2w + 1 and 2(2**32 - w) - 1 formed exactly in integers, so it keeps full
+    fp32 relative precision at both ends: a token of probability 1e-6 wins when its
+    variate is ~1e-6, which is resolved, not rounded away.
+    """
+    k0, k1, pos_lo, pos_hi = keys
+    ids = vocab_ids if vocab_ids.dim() == 2 else vocab_ids[None, :].expand(k0.shape[0], -1)
+    j = torch.full_like(ids, sample)
+    word, _, _, _ = philox4x32(ids, pos_lo[:, None], j, pos_hi[:, None], k0[:, None], k1[:, None])
+    u = (2 * word + 1).to(torch.float32) * _TWO_POW_MINUS_33
+    one_minus_u = (2 * (_TWO_POW_32 - word) - 1).to(torch.float32) * _TWO_POW_MINUS_33
+    exponential = torch.where(word < _TWO_POW_31, -torch.log(u), -torch.log1p(-one_minus_u))
+    return -torch.log(exponential)
+
+
+# --------------------------------------------------------------------------------------
+# Truncation
+# --------------------------------------------------------------------------------------
+
+
+def kept_prefix(sorted_z: Tensor, lse: Tensor, options: SamplingOptions) -> Tensor:
+    """Length [rows] of the kept prefix of ids sorted by (z desc, id asc); z at the temperature."""
+    rows, cols = sorted_z.shape
+    length = torch.full((rows,), cols, dtype=torch.int64, device=sorted_z.device)
+    if options.top_k is not None:
+        length = length.clamp_max(options.top_k)
+    if options.top_p is not None and options.top_p < 1.0:
+        probs = (sorted_z - lse[:, None]).exp()
+        ranks = torch.arange(cols, device=sorted_z.device)
+        probs = torch.where(ranks[None, :] < length[:, None], probs, 0.0)
+        mass = probs.cumsum(dim=1)
+        if options.top_k is not None:
+            # Renormalised within the top-k; without top_k the whole row's mass is 1, which
+            # a prefix of candidates (not the whole row) must not renormalise away.
+            mass = mass / probs.sum(dim=1, keepdim=True)
+        # Shortest prefix reaching top_p: one plus the count of prefixes still short of it.
+        nucleus = (mass < options.top_p).sum(dim=1) + 1
+        length = torch.minimum(length, nucleus)
+    if options.min_p is not None and options.min_p > 0.0:
+        threshold = sorted_z[:, :1] + math.log(options.min_p)
+        length = torch.minimum(length, (sorted_z >= threshold).sum(dim=1))
+    return length.clamp_min(1)
+
+
+# --------------------------------------------------------------------------------------
+# Reference (the `torch` backend of both functions)
+# --------------------------------------------------------------------------------------
+
+
+def reference_sample(raw_logits: Tensor, options: SamplingOptions, seed: int | Tensor,
+                     positions: Tensor | None) -> Sample:
+    """Sample from dense logits [B, V] (softcap already applied), fp32 math throughout."""
+    raw = raw_logits.float()
+    rows, vocab = raw.shape
+    lse_raw = torch.logsumexp(raw, dim=1)
+    n = options.num_samples
+    if options.greedy:
+        ids = torch.argmax(raw, dim=1, keepdim=True).expand(rows, n)
+        raw_logprobs = raw.gather(1, ids) - lse_raw[:, None]
+        return Sample(ids.contiguous(), torch.zeros(rows, n, device=raw.device), raw_logprobs, lse_raw)
+    z = raw / options.temperature
+    lse = torch.logsumexp(z, dim=1)
+    sorted_z, order = torch.sort(z, dim=1, descending=True, stable=True)
+    length = kept_prefix(sorted_z, lse, options)
+    ranks = torch.arange(vocab, device=raw.device)
+    kept_sorted = ranks[None, :] < length[:, None]
+    kept = torch.zeros_like(kept_sorted).scatter_(1, order, kept_sorted)
+    kept_lse = torch.logsumexp(torch.where(kept, z, -math.inf), dim=1)
+    keys = row_keys(seed, positions, rows, raw.device)
+    all_ids = torch.arange(vocab, device=raw.device)
+    draws = []
+    for j in range(n):
+        score = torch.where(kept, z + gumbel_noise(all_ids, keys, j), -math.inf)
+        draws.append(torch.argmax(score, dim=1))  # first maximum: ties to the lower id
+    ids = torch.stack(draws, dim=1)
+    logprobs = z.gather(1, ids) - kept_lse[:, None]
+    raw_logprobs = raw.gather(1, ids) - lse_raw[:, None]
+    return Sample(ids, logprobs, raw_logprobs, lse_raw)
+
+
+def sample_from_logits(logits: Tensor, *, temperature: float = 1.0, top_k: int | None = None,
+                       top_p: float | None = None, min_p: float | None = None, seed: int | Tensor = 0,
+                       positions: Tensor | None = None, num_samples: int = 1) -> Sample:
+    """Sample `num_samples` ids per row of existing `logits` [B, V] (see the module docstring)."""
+    if not isinstance(logits, Tensor):
+        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
+    if logits.dim() != 2 or not logits.dtype.is_floating_point:
+        raise ValueError(f"logits must be a floating tensor of shape [B, V], got {logits.dtype} "
+                         f"of shape {tuple(logits.shape)}")
+    if logits.shape[1] < 1:
+        raise ValueError("logits must have at least one column (V >= 1)")
+    if bool(torch.isnan(logits).any()):
+        raise ValueError("logits must not contain NaN")
+    options = SamplingOptions(temperature, top_k, top_p, min_p, num_samples)
+    if options.top_k is not None and options.top_k > logits.shape[1]:
+        raise ValueError(f"top_k must be <= V = {logits.shape[1]}, got {options.top_k}")
+    _check_seed_and_positions(seed, positions, logits.shape[0], logits.device)
+    with torch.no_grad():
+        return reference_sample(logits, options, seed, positions)
+
+
+def _check_seed_and_positions(seed, positions, rows: int, device: torch.device) -> None:
+    if isinstance(seed, Tensor):
+        if seed.dtype != torch.int64 or seed.shape not in ((), (rows,)):
+            raise ValueError(f"seed must be an int or an int64 tensor [B] = [{rows}], "
+                             f"got {seed.dtype} of shape {tuple(seed.shape)}")
+        if seed.device != device:
+            raise ValueError(f"seed must be on the logits' device {device}, got {seed.device}")
+    elif isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int or an int64 tensor, got {type(seed).__name__}")
+    if positions is not None:
+        if not isinstance(positions, Tensor) or positions.shape != (rows,) or positions.dtype.is_floating_point:
+            raise ValueError(f"positions must be an integer tensor [B] = [{rows}], got {positions!r:.80}")
+        if positions.device != device:
+            raise ValueError(f"positions must be on the logits' device {device}, got {positions.device}")
+
+
+# --------------------------------------------------------------------------------------
+# Chunked (`linear_sample` without [B, V] logits)
+# --------------------------------------------------------------------------------------
+
+# Candidates gathered per row for truncated sampling; a nucleus or min-p set that is not
+# settled within them takes the exact fallback (those rows' logits, a few rows at a time).
+CANDIDATES = 256
+
+
+def _sweep_sample(x: Tensor, weight: Tensor, bias: Tensor | None, softcap: float | None,
+                  options: SamplingOptions, keys, workspace_bytes: int | None) -> Sample:
+    """Untruncated or greedy sampling in one pass: online lse and a running Gumbel argmax."""
+    from ..loss.chunked import Workspace, logits_tile, plan_chunks
+    from ..loss.options import LossOptions
+
+    raw_options = LossOptions(softcap=softcap, workspace_bytes=workspace_bytes)
+    rows, vocab = x.shape[0], weight.shape[0]
+    n = options.num_samples
+    plan = plan_chunks(rows, vocab, x.dtype, x.device, raw_options)
+    ws = Workspace(plan, x.dtype, x.device, softcap is not None)
+    dev = x.device
+    ids = torch.zeros(rows, n, dtype=torch.int64, device=dev)
+    best_raw = torch.zeros(rows, n, dtype=torch.float32, device=dev)
+    lse_raw = torch.empty(rows, dtype=torch.float32, device=dev)
+    lse_z = torch.empty(rows, dtype=torch.float32, device=dev)
+    for r0 in range(0, rows, plan.rows):
+        r1 = min(r0 + plan.rows, rows)
+        chunk_keys = tuple(k[r0:r1] for k in keys)
+        best_score = torch.full((r1 - r0, n), -math.inf, device=dev)
+        raw_max = torch.full((r1 - r0,), -math.inf, device=dev)
+        raw_sum = torch.zeros(r1 - r0, device=dev)
+        z_max = torch.full((r1 - r0,), -math.inf, device=dev)
+        z_sum = torch.zeros(r1 - r0, device=dev)
+        for v0 in range(0, vocab, plan.tile):
+            v1 = min(v0 + plan.tile, vocab)
+            raw, _ = logits_tile(ws, x[r0:r1], weight, bias, v0, v1, raw_options)
+            raw = raw.float()
+            tile_ids = torch.arange(v0, v1, device=dev)
+            for j in range(n):
+                score = raw if options.greedy else raw / options.temperature + gumbel_noise(tile_ids, chunk_keys, j)
+                tile_best, local = score.max(dim=1)  # first maximum: the lowest id of the tile
+                better = tile_best > best_score[:, j]  # strictly: earlier tiles hold lower ids
+                best_score[:, j] = torch.where(better, tile_best, best_score[:, j])
+                ids[r0:r1, j] = torch.where(better, local + v0, ids[r0:r1, j])
+                best_raw[r0:r1, j] = torch.where(better, raw.gather(1, local[:, None])[:, 0], best_raw[r0:r1, j])
+            for values, run_max, run_sum in ((raw, raw_max, raw_sum),) + (
+                    () if options.greedy else ((raw / options.temperature, z_max, z_sum),)):
+                new_max = torch.maximum(run_max, values.amax(dim=1))
+                run_sum.mul_((run_max - new_max).exp()).add_((values - new_max[:, None]).exp().sum(dim=1))
+                run_max.copy_(new_max)
+        lse_raw[r0:r1] = raw_max + raw_sum.log()
+        lse_z[r0:r1] = z_max + z_sum.log()
+    raw_logprobs = best_raw - lse_raw[:, None]
+    if options.greedy:
+        return Sample(ids, torch.zeros_like(raw_logprobs), raw_logprobs, lse_raw)
+    return Sample(ids, best_raw / options.temperature - lse_z[:, None], raw_logprobs, lse_raw)
+
+
+def _candidate_sample(x: Tensor, weight: Tensor, bias: Tensor | None, softcap: float | None,
+                      options: SamplingOptions, seed, positions, keys, workspace_bytes: int | None) -> Sample:
+    """Truncated sampling from each row's top candidates, with an exact dense fallback."""
+    from ..loss.chunked import sweep
+    from ..loss.options import LossOptions
+    from .topk import chunked_topk
+
+    rows, vocab = x.shape[0], weight.shape[0]
+    n = options.num_samples
+    num_candidates = min(vocab, max(CANDIDATES, options.top_k or 0))
+    z_options = LossOptions(softcap=softcap, temperature=options.temperature, workspace_bytes=workspace_bytes)
+    cand_ids, cand_logprobs, lse_z = chunked_topk(x, weight, bias, num_candidates, z_options)
+    cand_logprobs, lse_z = cand_logprobs.float(), lse_z.float()
+    if options.temperature == 1.0:
+        lse_raw = lse_z
+    else:
+        raw_options = LossOptions(softcap=softcap, workspace_bytes=workspace_bytes)
+        lse_raw = sweep(x, weight, bias, torch.zeros(rows, 0, dtype=torch.int64, device=x.device), raw_options).lse
+        lse_raw = lse_raw.float()
+    cand_z = cand_logprobs + lse_z[:, None]
+    length = kept_prefix(cand_z, lse_z, options)
+    settled = _settled(cand_logprobs, length, options, num_candidates, vocab)
+    ranks = torch.arange(num_candidates, device=x.device)
+    kept = ranks[None, :] < length[:, None]
+    kept_lse = torch.logsumexp(torch.where(kept, cand_z, -math.inf), dim=1)
+    ids = torch.empty(rows, n, dtype=torch.int64, device=x.device)
+    for j in range(n):
+        score = torch.where(kept, cand_z + gumbel_noise(cand_ids, keys, j), -math.inf)
+        best = score.max(dim=1, keepdim=True).values
+        # Equal scores go to the lower vocabulary id, as in the dense argmax.
+        ids[:, j] = torch.where(score == best, cand_ids, vocab).min(dim=1).values
+    position = (cand_ids[:, :, None] == ids[:, None, :]).int().argmax(dim=1)
+    z_ids = cand_z.gather(1, position)
+    sample = Sample(ids, z_ids - kept_lse[:, None], z_ids * options.temperature - lse_raw[:, None], lse_raw)
+    unsettled = (~settled).nonzero()[:, 0]
+    if len(unsettled):
+        _dense_fallback(sample, x, weight, bias, softcap, options, seed, positions, unsettled, workspace_bytes)
+    return sample
+
+
+def _settled(cand_logprobs: Tensor, length: Tensor, options: SamplingOptions, num_candidates: int,
+             vocab: int) -> Tensor:
+    """Rows whose kept prefix is known from the candidates alone."""
+    if num_candidates == vocab or (options.top_k is not None and options.top_k <= num_candidates
+                                   and options.top_p is None and options.min_p is None):
+        return torch.ones(cand_logprobs.shape[0], dtype=torch.bool, device=cand_logprobs.device)
+    # The prefix ends inside the candidates unless it takes all of them and could go on.
+    return (length < num_candidates) | (options.top_k is not None and options.top_k <= num_candidates)
+
+
+def _dense_fallback(sample: Sample, x: Tensor, weight: Tensor, bias: Tensor | None, softcap: float | None,
+                    options: SamplingOptions, seed, positions, rows: Tensor, workspace_bytes: int | None) -> None:
+    """Exact sampling for `rows` from their dense logits, a bounded number of rows at a time."""
+    from ..loss.options import LossOptions
+    from ..loss.reference import reference_logits
+
+    # The dense reference holds about four [rows, V] fp32 buffers (logits, sort, scores).
+    budget = workspace_bytes or (64 << 20)
+    step = max(1, budget // (weight.shape[0] * 4 * 4))
+    raw_options = LossOptions(softcap=softcap)
+    for i in range(0, len(rows), step):
+        block = rows[i : i + step]
+        block_positions = block if positions is None else positions[block]
+        block_seed = seed[block] if isinstance(seed, Tensor) and seed.dim() == 1 else seed
+        dense = reference_sample(reference_logits(x[block], weight, bias, raw_options), options, block_seed,
+                                 block_positions)
+        for out, value in zip(sample, dense):
+            out[block] = value
+
+
+# --------------------------------------------------------------------------------------
+# Public function
+# --------------------------------------------------------------------------------------
+
+
+def linear_sample(input: Tensor, weight: Tensor, *, temperature: float = 1.0, top_k: int | None = None,
+                  top_p: float | None = None, min_p: float | None = None, seed: int | Tensor = 0,
+                  positions: Tensor | None = None, num_samples: int = 1, bias: Tensor | None = None,
+                  softcap: float | None = None, backend: str = "auto", workspace_bytes: int | None = None
+                  ) -> Sample:
+    """Sample from `softcap(input @ weight.T + bias)` [B, V] without building it (module docstring).
+
+    `input` [B, d] is the last hidden state of each row. `backend`: "auto" (chunked for
+    now), "torch" (dense logits: the reference) or "chunked".
+    """
+    from ..backends import resolve_backend
+    from ..loss.options import LossOptions
+    from ..loss.reference import reference_logits
+    from ..validation import check_linear
+
+    check_linear(input, weight, bias)
+    if input.dim() != 2:
+        raise ValueError(f"input must have shape [B, d], got {tuple(input.shape)}")
+    options = SamplingOptions(temperature, top_k, top_p, min_p, num_samples)
+    if options.top_k is not None and options.top_k > weight.shape[0]:
+        raise ValueError(f"top_k must be <= V = {weight.shape[0]}, got {options.top_k}")
+    LossOptions(softcap=softcap, workspace_bytes=workspace_bytes)  # validates both
+    _check_seed_and_positions(seed, positions, input.shape[0], input.device)
+    name = resolve_backend(backend, input.device)
+    if name == "triton":
+        if backend == "triton":
+            raise ValueError("backend='triton' is not implemented for linear_sample yet; use 'auto' or 'chunked'")
+        name = "chunked"
+    if bias is not None:
+        bias = bias.float() if input.dtype != torch.float64 else bias
+    with torch.no_grad():
+        if name == "torch":
+            raw = reference_logits(input, weight, bias, LossOptions(softcap=softcap))
+            return reference_sample(raw, options, seed, positions)
+        keys = row_keys(seed, positions, input.shape[0], input.device)
+        truncated = not options.greedy and (
+            options.top_k is not None or (options.top_p is not None and options.top_p < 1.0)
+            or (options.min_p is not None and options.min_p > 0.0))
+        if truncated:
+            return _candidate_sample(input, weight, bias, softcap, options, seed, positions, keys, workspace_bytes)
+        return _sweep_sample(input, weight, bias, softcap, options, keys, workspace_bytes)

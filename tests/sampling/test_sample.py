@@ -1,0 +1,173 @@
+"""sample_from_logits and linear_sample: exact distributions, the shared stream, backends."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from distil_kernels import linear_sample, sample_from_logits
+
+# Chi-square critical values at p = 1e-3 by degrees of freedom.
+CHI2_CRITICAL = {1: 10.828, 2: 13.816, 3: 16.266, 4: 18.467, 5: 20.515, 6: 22.458, 7: 24.322}
+PROBS = torch.tensor([0.35, 0.25, 0.15, 0.12, 0.08, 0.05], dtype=torch.float64)
+DRAWS = 30000
+
+
+def truncated(probs: torch.Tensor, temperature=1.0, top_k=None, top_p=None, min_p=None) -> torch.Tensor:
+    """The distribution DESIGN.md describes, written out for one row."""
+    p = probs ** (1.0 / temperature)
+    p = p / p.sum()
+    order = sorted(range(len(p)), key=lambda i: (-float(p[i]), i))
+    keep = len(p) if top_k is None else top_k
+    if top_p is not None:
+        inside = p[order[:keep]] / p[order[:keep]].sum() if top_k is not None else p[order[:keep]]
+        keep = min(keep, int((inside.cumsum(0) < top_p).sum()) + 1)
+    if min_p is not None:
+        keep = min(keep, int((p >= min_p * p.max()).sum()))
+    out = torch.zeros_like(p)
+    out[order[:keep]] = p[order[:keep]]
+    return out / out.sum()
+
+
+def chi_square(ids: torch.Tensor, expected: torch.Tensor) -> tuple[float, int]:
+    counts = torch.bincount(ids.flatten(), minlength=len(expected)).double()
+    assert (counts[expected == 0] == 0).all(), "an id outside the kept set was drawn"
+    live = expected > 0
+    e = expected[live] * ids.numel()
+    return float(((counts[live] - e) ** 2 / e).sum()), int(live.sum()) - 1
+
+
+OPTIONS = [dict(), dict(temperature=0.6), dict(temperature=1.7), dict(top_k=3), dict(top_p=0.7),
+           dict(min_p=0.3), dict(top_k=4, top_p=0.8, temperature=1.3), dict(top_p=0.95, min_p=0.2)]
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "plain")
+def test_sample_from_logits_chi_square(options):
+    logits = PROBS.log().float()[None, :].expand(DRAWS, -1).contiguous()
+    sample = sample_from_logits(logits, seed=11, **options)
+    expected = truncated(PROBS, **options)
+    stat, dof = chi_square(sample.ids, expected)
+    if dof:
+        assert stat < CHI2_CRITICAL[dof], f"chi2 {stat:.1f} with {dof} dof"
+    torch.testing.assert_close(sample.logprobs[:, 0].double(), expected[sample.ids[:, 0]].log(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sample.raw_logprobs[:, 0].double(), PROBS[sample.ids[:, 0]].log(), rtol=1e-5, atol=1e-5)
+
+
+def _head_for(probs: torch.Tensor, dim: int = 8):
+    """A head whose logits for the hidden state e_0 are log(probs): weight[:, 0] = log p."""
+    weight = torch.zeros(len(probs), dim, dtype=torch.float64)
+    weight[:, 0] = probs.log()
+    x = torch.zeros(DRAWS, dim, dtype=torch.float64)
+    x[:, 0] = 1.0
+    return x, weight
+
+
+@pytest.mark.parametrize("backend", ["torch", "chunked"])
+@pytest.mark.parametrize("options", OPTIONS[:1] + OPTIONS[3:7],
+                         ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "plain")
+def test_linear_sample_chi_square(backend, options):
+    x, weight = _head_for(PROBS)
+    sample = linear_sample(x, weight, seed=5, backend=backend, **options)
+    stat, dof = chi_square(sample.ids, truncated(PROBS, **options))
+    if dof:
+        assert stat < CHI2_CRITICAL[dof]
+
+
+def test_rare_token_is_drawn_at_its_rate():
+    """p = 1e-4 over 2e5 draws: 20 expected; [5, 40] holds with probability > 0.999."""
+    probs = torch.tensor([1 - 1e-4, 1e-4], dtype=torch.float64)
+    logits = probs.log().float()[None, :].expand(200000, -1).contiguous()
+    hits = int((sample_from_logits(logits, seed=3).ids == 1).sum())
+    assert 5 <= hits <= 40
+
+
+@pytest.mark.parametrize("options", [dict(), dict(top_k=5), dict(top_p=0.9), dict(min_p=0.05), dict(temperature=0),
+                                     dict(num_samples=3, top_p=0.95, temperature=1.3)])
+@pytest.mark.parametrize("workspace", [None, 4096])
+def test_chunked_draws_the_same_ids_as_torch(options, workspace):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(37, 16, generator=gen, dtype=torch.float64) * 2
+    w = torch.randn(300, 16, generator=gen, dtype=torch.float64)
+    b = torch.randn(300, generator=gen, dtype=torch.float64)
+    a = linear_sample(x, w, bias=b, softcap=5.0, seed=7, backend="torch", **options)
+    c = linear_sample(x, w, bias=b, softcap=5.0, seed=7, backend="chunked", workspace_bytes=workspace, **options)
+    assert torch.equal(a.ids, c.ids)
+    for p, q in zip(a[1:], c[1:]):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-5)
+
+
+def test_nucleus_larger_than_the_candidates_takes_the_exact_fallback():
+    """A flat row over V=2000: top_p=0.99 keeps ~1980 ids, far past the 256 candidates."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 8, generator=gen, dtype=torch.float64) * 0.01
+    w = torch.randn(2000, 8, generator=gen, dtype=torch.float64)
+    a = linear_sample(x, w, top_p=0.99, seed=2, backend="torch", num_samples=4)
+    c = linear_sample(x, w, top_p=0.99, seed=2, backend="chunked", num_samples=4)
+    assert torch.equal(a.ids, c.ids)
+    torch.testing.assert_close(a.logprobs, c.logprobs, rtol=0, atol=0)
+
+
+def test_rows_are_independent_of_the_batch_around_them():
+    gen = torch.Generator().manual_seed(2)
+    logits = torch.randn(50, 40, generator=gen)
+    positions = torch.randint(0, 2**40, (50,), generator=gen)
+    full = sample_from_logits(logits, seed=9, positions=positions, top_p=0.9, num_samples=2)
+    perm = torch.randperm(50, generator=gen)[:20]
+    part = sample_from_logits(logits[perm], seed=9, positions=positions[perm], top_p=0.9, num_samples=2)
+    assert torch.equal(part.ids, full.ids[perm])
+    per_row_seeds = torch.randint(0, 2**62, (50,), generator=gen)
+    full = sample_from_logits(logits, seed=per_row_seeds)
+    part = sample_from_logits(logits[perm], seed=per_row_seeds[perm])
+    assert torch.equal(part.ids, full.ids[perm])
+
+
+def test_seed_reproducible_and_samples_independent():
+    logits = torch.zeros(2000, 50)
+    a = sample_from_logits(logits, seed=1, num_samples=2)
+    assert torch.equal(a.ids, sample_from_logits(logits, seed=1, num_samples=2).ids)
+    assert (a.ids != sample_from_logits(logits, seed=2, num_samples=2).ids).float().mean() > 0.9
+    assert (a.ids[:, 0] != a.ids[:, 1]).float().mean() > 0.9
+
+
+def test_greedy_ties_to_lower_id():
+    logits = torch.tensor([[1.0, 3.0, 3.0, 0.0], [5.0, 5.0, 5.0, 5.0]])
+    sample = sample_from_logits(logits, temperature=0, num_samples=2)
+    assert sample.ids.tolist() == [[1, 1], [0, 0]]
+    assert not sample.logprobs.any()
+    for backend in ("torch", "chunked"):
+        # Hidden states equal to the logits through an identity head.
+        ids = linear_sample(logits, torch.eye(4), temperature=0, backend=backend).ids
+        assert ids.tolist() == [[1], [0]]
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(temperature=-1.0), ValueError, "temperature must be >= 0"),
+    (dict(top_k=0), ValueError, "top_k must be >= 1"),
+    (dict(top_k=100), ValueError, "top_k must be <= V = 6"),
+    (dict(top_p=0.0), ValueError, r"top_p must be in \(0, 1\]"),
+    (dict(top_p=1.5), ValueError, r"top_p must be in \(0, 1\]"),
+    (dict(min_p=-0.1), ValueError, r"min_p must be in \[0, 1\]"),
+    (dict(num_samples=0), ValueError, "num_samples must be an int >= 1"),
+    (dict(seed=1.5), TypeError, "seed must be an int or an int64 tensor"),
+    (dict(seed=torch.zeros(3, dtype=torch.int64)), ValueError, r"seed must be an int or an int64 tensor \[B\] = \[4\]"),
+    (dict(positions=torch.zeros(3, dtype=torch.int64)), ValueError, r"positions must be an integer tensor \[B\]"),
+])
+def test_bad_input(kwargs, error, match):
+    logits = torch.randn(4, 6)
+    with pytest.raises(error, match=match):
+        sample_from_logits(logits, **kwargs)
+
+
+def test_nan_logits_and_bad_shapes(monkeypatch):
+    with pytest.raises(ValueError, match="NaN"):
+        sample_from_logits(torch.tensor([[0.0, math.nan]]))
+    with pytest.raises(ValueError, match=r"shape \[B, V\]"):
+        sample_from_logits(torch.zeros(3))
+    with pytest.raises(ValueError, match=r"input must have shape \[B, d\]"):
+        linear_sample(torch.zeros(2, 3, 4), torch.zeros(5, 4))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    pytest.importorskip("triton")
+    with pytest.raises(ValueError, match="not implemented for linear_sample yet"):
+        linear_sample(torch.zeros(2, 4), torch.zeros(5, 4), backend="triton")
