@@ -13,6 +13,8 @@ import sys
 # suite name -> one-line description; the module is bench.<name>
 SUITES: dict[str, str] = {
     "loss": "linear cross-entropy, forward + backward: time and memory overhead per provider",
+    "sample": "sampling a token per row from hidden states: ours vs matmul + softmax + multinomial",
+    "topk": "an expert's top-k with exact log-probs from hidden states: ours vs matmul + log_softmax + topk",
 }
 
 
