@@ -9,8 +9,9 @@ the shortest of these prefixes. `temperature=0` is greedy (the lowest id among t
 maxima).
 
 A draw is Gumbel-max: the kept id maximising z_v + g_v, where the noise g_v of id v in
-sample j of a row comes from Philox4x32-10 keyed by the seed (the row's own seed when
-`seed` is a tensor [B]) at counter (v, position low word, j, position high word); the
+sample j of a row comes from word v % 4 of Philox4x32-10 keyed by the seed (the row's
+own seed when `seed` is a tensor [B]) at counter (v // 4, position low word, j,
+position high word); the
 position is `positions[row]` when given, else 0 with per-row seeds, else the row's
 index. The noise of an id depends on nothing else, so a row's sample does not depend on
 the batch around it, the row order (given positions or per-row seeds) or the tiling,
@@ -97,23 +98,46 @@ def row_keys(seed: int | Tensor, positions: Tensor | None, rows: int, device: to
     return k0, k1, pos & 0xFFFFFFFF, (pos >> 32) & 0xFFFFFFFF
 
 
-def gumbel_noise(vocab_ids: Tensor, keys: tuple[Tensor, Tensor, Tensor, Tensor], sample: int) -> Tensor:
-    """g [rows, cols] fp32 for ids `vocab_ids` [rows, cols] (or [cols]) in sample `sample`.
+def _gumbel_from_words(word: Tensor) -> Tensor:
+    """g = -log(E) for the exponential variate E = -log(u) of the uniform u = (2w + 1) / 2**33.
 
-    The uniform is the first Philox word w: u = (2w + 1) / 2**33, never 0 or 1. The
-    exponential variate -log(u) is taken as -log(u) for u < 1/2 and as -log1p(-(1 - u))
-    above, with 2w + 1 and 2(2**32 - w) - 1 formed exactly in integers, so it keeps full
-    fp32 relative precision at both ends: a token of probability 1e-6 wins when its
-    variate is ~1e-6, which is resolved, not rounded away.
+    u is never 0 or 1. E is taken as -log(u) for u < 1/2 and as -log1p(-(1 - u)) above,
+    with 2w + 1 and 2(2**32 - w) - 1 formed exactly in integers, so it keeps full fp32
+    relative precision at both ends: a token of probability 1e-6 wins when its variate
+    is ~1e-6, which is resolved, not rounded away.
     """
-    k0, k1, pos_lo, pos_hi = keys
-    ids = vocab_ids if vocab_ids.dim() == 2 else vocab_ids[None, :].expand(k0.shape[0], -1)
-    j = torch.full_like(ids, sample)
-    word, _, _, _ = philox4x32(ids, pos_lo[:, None], j, pos_hi[:, None], k0[:, None], k1[:, None])
     u = (2 * word + 1).to(torch.float32) * _TWO_POW_MINUS_33
     one_minus_u = (2 * (_TWO_POW_32 - word) - 1).to(torch.float32) * _TWO_POW_MINUS_33
     exponential = torch.where(word < _TWO_POW_31, -torch.log(u), -torch.log1p(-one_minus_u))
     return -torch.log(exponential)
+
+
+def _words(groups: Tensor, keys: tuple[Tensor, Tensor, Tensor, Tensor], sample: int) -> Tensor:
+    """The four Philox words [rows, cols, 4] of counter (group, pos_lo, sample, pos_hi)."""
+    k0, k1, pos_lo, pos_hi = keys
+    j = torch.full_like(groups, sample)
+    return torch.stack(philox4x32(groups, pos_lo[:, None], j, pos_hi[:, None], k0[:, None], k1[:, None]), dim=-1)
+
+
+def gumbel_noise(vocab_ids: Tensor, keys: tuple[Tensor, Tensor, Tensor, Tensor], sample: int) -> Tensor:
+    """g [rows, cols] fp32 for arbitrary ids `vocab_ids` [rows, cols] in sample `sample`.
+
+    Id v takes word v % 4 of the Philox block at counter v // 4: one Philox call serves
+    four consecutive ids (see `gumbel_noise_range`), and any id's noise can still be
+    formed on its own.
+    """
+    words = _words(vocab_ids >> 2, keys, sample)
+    return _gumbel_from_words(words.gather(-1, (vocab_ids & 3)[..., None])[..., 0])
+
+
+def gumbel_noise_range(v0: int, v1: int, keys: tuple[Tensor, Tensor, Tensor, Tensor], sample: int) -> Tensor:
+    """g [rows, v1 - v0] for the contiguous ids v0..v1-1: a quarter of the Philox calls."""
+    rows = keys[0].shape[0]
+    first, last = v0 >> 2, (v1 - 1) >> 2
+    groups = torch.arange(first, last + 1, device=keys[0].device)[None, :].expand(rows, -1)
+    words = _words(groups, keys, sample).reshape(rows, -1)
+    offset = v0 - 4 * first
+    return _gumbel_from_words(words[:, offset : offset + v1 - v0])
 
 
 # --------------------------------------------------------------------------------------
@@ -170,10 +194,9 @@ def reference_sample(raw_logits: Tensor, options: SamplingOptions, seed: int | T
     kept = torch.zeros_like(kept_sorted).scatter_(1, order, kept_sorted)
     kept_lse = torch.logsumexp(torch.where(kept, z, -math.inf), dim=1)
     keys = row_keys(seed, positions, rows, raw.device)
-    all_ids = torch.arange(vocab, device=raw.device)
     draws = []
     for j in range(n):
-        score = torch.where(kept, z + gumbel_noise(all_ids, keys, j), -math.inf)
+        score = torch.where(kept, z + gumbel_noise_range(0, vocab, keys, j), -math.inf)
         draws.append(torch.argmax(score, dim=1))  # first maximum: ties to the lower id
     ids = torch.stack(draws, dim=1)
     logprobs = z.gather(1, ids) - kept_lse[:, None]
@@ -255,9 +278,8 @@ def _sweep_sample(x: Tensor, weight: Tensor, bias: Tensor | None, softcap: float
             v1 = min(v0 + plan.tile, vocab)
             raw, _ = logits_tile(ws, x[r0:r1], weight, bias, v0, v1, raw_options)
             raw = raw.float()
-            tile_ids = torch.arange(v0, v1, device=dev)
             for j in range(n):
-                score = raw if options.greedy else raw / options.temperature + gumbel_noise(tile_ids, chunk_keys, j)
+                score = raw if options.greedy else raw / options.temperature + gumbel_noise_range(v0, v1, chunk_keys, j)
                 tile_best, local = score.max(dim=1)  # first maximum: the lowest id of the tile
                 better = tile_best > best_score[:, j]  # strictly: earlier tiles hold lower ids
                 best_score[:, j] = torch.where(better, tile_best, best_score[:, j])
