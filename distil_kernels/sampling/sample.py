@@ -250,6 +250,13 @@ def _check_seed_and_positions(seed, positions, rows: int, device: torch.device) 
 CANDIDATES = 256
 
 
+def _fold_lse_(run_max: Tensor, run_sum: Tensor, values: Tensor) -> None:
+    """Fold a tile into a running (max, sum of exp(v - max)) per row, in place."""
+    new_max = torch.maximum(run_max, values.amax(dim=1))
+    run_sum.mul_((run_max - new_max).exp()).add_((values - new_max[:, None]).exp().sum(dim=1))
+    run_max.copy_(new_max)
+
+
 def _sweep_sample(x: Tensor, weight: Tensor, bias: Tensor | None, softcap: float | None,
                   options: SamplingOptions, keys, workspace_bytes: int | None) -> Sample:
     """Untruncated or greedy sampling in one pass: online lse and a running Gumbel argmax."""
@@ -278,18 +285,17 @@ def _sweep_sample(x: Tensor, weight: Tensor, bias: Tensor | None, softcap: float
             v1 = min(v0 + plan.tile, vocab)
             raw, _ = logits_tile(ws, x[r0:r1], weight, bias, v0, v1, raw_options)
             raw = raw.float()
+            z = raw if options.greedy else raw / options.temperature
             for j in range(n):
-                score = raw if options.greedy else raw / options.temperature + gumbel_noise_range(v0, v1, chunk_keys, j)
+                score = z if options.greedy else z + gumbel_noise_range(v0, v1, chunk_keys, j)
                 tile_best, local = score.max(dim=1)  # first maximum: the lowest id of the tile
                 better = tile_best > best_score[:, j]  # strictly: earlier tiles hold lower ids
                 best_score[:, j] = torch.where(better, tile_best, best_score[:, j])
                 ids[r0:r1, j] = torch.where(better, local + v0, ids[r0:r1, j])
                 best_raw[r0:r1, j] = torch.where(better, raw.gather(1, local[:, None])[:, 0], best_raw[r0:r1, j])
-            for values, run_max, run_sum in ((raw, raw_max, raw_sum),) + (
-                    () if options.greedy else ((raw / options.temperature, z_max, z_sum),)):
-                new_max = torch.maximum(run_max, values.amax(dim=1))
-                run_sum.mul_((run_max - new_max).exp()).add_((values - new_max[:, None]).exp().sum(dim=1))
-                run_max.copy_(new_max)
+            _fold_lse_(raw_max, raw_sum, raw)
+            if not options.greedy:
+                _fold_lse_(z_max, z_sum, z)
         lse_raw[r0:r1] = raw_max + raw_sum.log()
         lse_z[r0:r1] = z_max + z_sum.log()
     raw_logprobs = best_raw - lse_raw[:, None]
