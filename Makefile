@@ -12,11 +12,11 @@ $(STAMP): pyproject.toml setup.py
 	@test -x $(PY) || $(PYTHON_BOOT) -m venv --system-site-packages $(VENV)
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q setuptools wheel
-	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
+	$(PY) -m pip install -q --no-build-isolation -e ".[test,trainer]"
 	@touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m bench loss --quick
+	$(PY) -m distil train
 
 # Triton picks compiler or interpreter at import, so the interpreter tests run in a
 # second process; the first runs everything else (ahead-of-time compiles included).
@@ -28,4 +28,4 @@ bench: $(STAMP)
 	$(PY) -m bench loss --device cpu
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis .benchmarks bench/out
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis .benchmarks bench/out runs

@@ -15,6 +15,7 @@ SUITES: dict[str, str] = {
     "loss": "linear cross-entropy, forward + backward: time and memory overhead per provider",
     "sample": "sampling a token per row from hidden states: ours vs matmul + softmax + multinomial",
     "topk": "an expert's top-k with exact log-probs from hidden states: ours vs matmul + log_softmax + topk",
+    "trainer": "distil vs grpo, ce, sdpo, opsd at equal rollout budgets; step time split; the bandit counterexample",
 }
 
 

@@ -1,0 +1,358 @@
+"""The DistIL training loop: sample rollouts, get feedback and expert targets, update.
+
+One step: `prompts_per_step` training prompts (a deterministic function of the run seed
+and the step), `rollouts_per_prompt` responses each by `linear_sample`, the task's
+verifier for rewards and feedback text, the expert's sparse targets at every visited
+state, then the objective's loss on the student's recomputed hidden states and one
+AdamW step. A short supervised warm start on the tasks' reference solutions comes first
+(teacher forcing, ordinary cross-entropy), so RL starts from a weak but non-zero policy.
+
+Outputs in `out`: `metrics.jsonl` (one row per step), `checkpoint/` (model, optimizer,
+expert and loop state; written atomically), `summary.json` and `curves.png` at the end.
+A run resumed from its checkpoint continues exactly as if it had not stopped: every
+random choice is a function of (seed, step) or lives in the checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from distil_kernels import SparseTarget, linear_cross_entropy
+
+from .evaluate import evaluate
+from .experts import Expert, ExpertQuery, ModelExpert, NoisyExpert, make_expert
+from .model import LanguageModel, TinyConfig, load_model, tiny_student
+from .objectives import Batch, Distil, Objective, make_objective
+from .rollout import SamplingConfig, sample_rollouts, teacher_forced, visited_states
+from .tasks import Task, get_task
+
+
+@dataclass
+class TrainConfig:
+    task: str = "addition"
+    task_options: dict[str, Any] = field(default_factory=dict)
+    objective: str = "distil"
+    expert: str = "oracle"  # oracle | self | ema:<decay> | model:<path>
+    expert_top_k: int = 16
+    noise: float = 0.0  # probability that the expert's answer at a state is replaced by a random token
+    steps: int = 500
+    seed: int = 0
+    out: str = "runs/distil"
+    model: str | None = None  # a local transformers causal LM; None: the built-in tiny student
+    student_hidden: int = 128  # the built-in student's width and depth
+    student_layers: int = 3
+    device: str = "cpu"
+    backend: str = "auto"
+    prompts_per_step: int = 32
+    rollouts_per_prompt: int = 2
+    lr: float = 1e-3
+    max_grad_norm: float = 1.0
+    warmup_steps: int = 400  # supervised steps on reference solutions before RL
+    warmup_batch: int = 32
+    warmup_lr: float = 1e-3
+    eval_every: int = 50
+    eval_prompts: int = 64
+    eval_samples: int = 4
+    temperature: float = 1.0
+    top_p: float | None = None
+    checkpoint_every: int = 25
+    future_credit: float = 1.0
+    discount: float = 1.0
+    baseline: str = "group"
+
+    def __post_init__(self) -> None:
+        positive = ("steps", "prompts_per_step", "rollouts_per_prompt", "eval_every", "eval_prompts",
+                    "eval_samples", "checkpoint_every", "expert_top_k", "warmup_batch", "student_hidden",
+                    "student_layers")
+        for name in positive:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not self.lr > 0 or not self.warmup_lr > 0:
+            raise ValueError(f"lr and warmup_lr must be > 0, got {self.lr}, {self.warmup_lr}")
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device='cuda' but torch sees no CUDA device; use --device cpu")
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+
+def _step_seed(seed: int, step: int, purpose: str) -> int:
+    digest = hashlib.blake2b(f"distil:{purpose}:{seed}:{step}".encode(), digest_size=7).digest()
+    return int.from_bytes(digest, "little")
+
+
+def build_objective(config: TrainConfig) -> Objective:
+    if config.objective == "distil":
+        return Distil(config.future_credit, config.discount, config.baseline)
+    return make_objective(config.objective)
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, *, progress: bool = True, log=print):
+        self.config = c = config
+        self.progress = progress
+        self.log = log
+        self.out = Path(config.out)
+        self.device = torch.device(config.device)
+        self.task: Task = get_task(config.task, **config.task_options)
+        torch.manual_seed(config.seed)
+        if config.model is None:
+            size = TinyConfig(hidden_size=c.student_hidden, intermediate_size=3 * c.student_hidden,
+                              num_hidden_layers=c.student_layers)
+            self.lm: LanguageModel = tiny_student(config.seed, self.device, size)
+        else:
+            self.lm = load_model(config.model, self.device)
+        self.objective = build_objective(config)
+        self.expert: Expert = make_expert(config.expert, task=self.task, student=self.lm, noise=config.noise,
+                                          seed=config.seed, top_k=config.expert_top_k, device=self.device,
+                                          backend=config.backend)
+        self.optimizer = torch.optim.AdamW(self.lm.model.parameters(), lr=config.lr, weight_decay=0.0)
+        self.sampling = SamplingConfig(config.temperature, config.top_p)
+        self.step = 0
+        self.rollouts = 0
+        self.warm = False
+        self.started = time.perf_counter()
+
+    # ----------------------------------------------------------------------------- state
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.out / "checkpoint"
+
+    def save_checkpoint(self) -> None:
+        """Write the checkpoint to a fresh directory, then swap it in: a kill leaves the old one whole."""
+        tmp = self.out / "checkpoint.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        torch.save(self.lm.model.state_dict(), tmp / "model.pt")
+        torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(self._expert_state(), tmp / "expert.pt")
+        state = {"step": self.step, "rollouts": self.rollouts, "warm": self.warm,
+                 "config": dataclasses.asdict(self.config), "torch_rng": torch.get_rng_state().tolist()}
+        (tmp / "state.json").write_text(json.dumps(state))
+        old = self.out / "checkpoint.old"
+        shutil.rmtree(old, ignore_errors=True)
+        if self.checkpoint_dir.exists():
+            os.replace(self.checkpoint_dir, old)
+        os.replace(tmp, self.checkpoint_dir)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def load_checkpoint(self, directory: Path | None = None) -> None:
+        directory = directory or self.checkpoint_dir
+        if not (directory / "state.json").exists():
+            old = self.out / "checkpoint.old"  # killed between the two renames
+            if (old / "state.json").exists():
+                directory = old
+            else:
+                raise FileNotFoundError(f"no checkpoint in {directory} (expected state.json, model.pt, optimizer.pt)")
+        state = json.loads((directory / "state.json").read_text())
+        self.lm.model.load_state_dict(torch.load(directory / "model.pt", map_location=self.device))
+        self.optimizer.load_state_dict(torch.load(directory / "optimizer.pt", map_location=self.device))
+        self._load_expert_state(torch.load(directory / "expert.pt", map_location=self.device, weights_only=False))
+        torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
+        self.step, self.rollouts, self.warm = state["step"], state["rollouts"], state["warm"]
+        self._truncate_metrics()
+
+    def _expert_state(self) -> dict:
+        state: dict[str, Any] = {}
+        expert = self.expert
+        if isinstance(expert, NoisyExpert):
+            state["noise_rng"] = expert.generator.get_state()
+            expert = expert.inner
+        if isinstance(expert, ModelExpert) and expert.ema is not None:
+            state["ema"] = expert.lm.model.state_dict()
+        return state
+
+    def _load_expert_state(self, state: dict) -> None:
+        expert = self.expert
+        if isinstance(expert, NoisyExpert):
+            expert.generator.set_state(state["noise_rng"])
+            expert = expert.inner
+        if isinstance(expert, ModelExpert) and expert.ema is not None:
+            expert.lm.model.load_state_dict(state["ema"])
+
+    def _truncate_metrics(self) -> None:
+        path = self.out / "metrics.jsonl"
+        if not path.exists():
+            return
+        rows = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= self.step]
+        path.write_text("".join(row + "\n" for row in rows))
+
+    # ----------------------------------------------------------------------------- phases
+
+    def warm_start(self) -> None:
+        """Supervised steps on reference solutions (teacher forcing)."""
+        c = self.config
+        for group in self.optimizer.param_groups:
+            group["lr"] = c.warmup_lr
+        for i in range(c.warmup_steps):
+            problems = self.task.problems(c.warmup_batch, seed=_step_seed(c.seed, i, "warmup"), split="train")
+            prompt_ids, prompt_mask, actions, mask = teacher_forced(self.lm, [p.prompt for p in problems],
+                                                                    [p.solution for p in problems])
+            states = visited_states(self.lm, prompt_ids, prompt_mask, actions, mask)
+            head = self.lm.head
+            loss = linear_cross_entropy(states[mask], head.weight, actions[mask], bias=head.bias, softcap=head.softcap,
+                                        backend=c.backend)
+            self._apply(loss)
+        for group in self.optimizer.param_groups:
+            group["lr"] = c.lr
+        # The warm-start moments would bias the first RL steps: start Adam afresh.
+        self.optimizer.state.clear()
+        self.warm = True
+
+    def _apply(self, loss: torch.Tensor) -> bool:
+        """Backward and step unless the loss or the gradient is not finite; True if applied."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if not torch.isfinite(loss):
+            return False
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(self.lm.model.parameters(), self.config.max_grad_norm)
+        if not torch.isfinite(norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            return False
+        self.optimizer.step()
+        return True
+
+    def train_step(self) -> dict[str, Any]:
+        c = self.config
+        start = time.perf_counter()
+        problems = self.task.problems(c.prompts_per_step, seed=_step_seed(c.seed, self.step, "train"), split="train")
+        rollouts = sample_rollouts(self.lm, [p.prompt for p in problems], num_rollouts=c.rollouts_per_prompt,
+                                   max_tokens=self.task.max_response_chars + 1, sampling=self.sampling,
+                                   seed=c.seed, step=self.step, backend=c.backend)
+        sampled = time.perf_counter()
+        repeated = [p for p in problems for _ in range(c.rollouts_per_prompt)]
+        feedback = self.task.verify_batch(repeated, rollouts.texts)
+        rewards = torch.tensor([f.reward for f in feedback], dtype=torch.float32, device=self.device)
+        expert: SparseTarget | None = None
+        if self.objective.needs_expert:
+            expert = self.expert.targets(ExpertQuery(repeated, rollouts, feedback))
+        states = visited_states(self.lm, rollouts.prompt_ids, rollouts.prompt_mask, rollouts.actions, rollouts.mask)
+        batch = Batch(states, self.lm.head, rollouts.actions, rollouts.mask, rollouts.group, rewards, expert,
+                      c.backend)
+        loss, extra = self.objective.loss(batch)
+        applied = self._apply(loss)
+        if applied:
+            self.expert.after_update(self.lm)
+        else:
+            self.log(f"step {self.step + 1}: non-finite {'loss' if not torch.isfinite(loss) else 'gradient'}, "
+                     f"update skipped")
+        elapsed = time.perf_counter() - start
+        self.step += 1
+        self.rollouts += len(repeated)
+        return {"step": self.step, "rollouts": self.rollouts, "loss": float(loss.detach()),
+                "reward": float(rewards.mean()),
+                "correct": sum(f.correct for f in feedback) / len(feedback),
+                "tokens_per_s": rollouts.num_tokens / max(sampled - start, 1e-9), "step_s": elapsed,
+                "skipped": int(not applied), **extra}
+
+    def evaluate(self) -> dict[str, float]:
+        c = self.config
+        metrics = evaluate(self.lm, self.task, prompts=c.eval_prompts, samples=c.eval_samples, seed=c.seed,
+                           sampling=self.sampling, expert=self.expert, backend=c.backend)
+        return {f"eval_{k}": v for k, v in metrics.items()}
+
+    # ----------------------------------------------------------------------------- run
+
+    def run(self, resume: bool = False) -> dict[str, Any]:
+        c = self.config
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "config.json").write_text(json.dumps(dataclasses.asdict(c), indent=2))
+        if resume:
+            self.load_checkpoint()
+            self.log(f"resumed from {self.checkpoint_dir} at step {self.step} ({self.rollouts} rollouts)")
+        else:
+            (self.out / "metrics.jsonl").write_text("")
+        if not self.warm:
+            if c.warmup_steps:
+                self.log(f"warm start: {c.warmup_steps} supervised steps on reference solutions")
+            self.warm_start()
+            row = {"step": 0, "rollouts": 0, "loss": math.nan, "reward": math.nan, "tokens_per_s": 0.0,
+                   **self.evaluate()}
+            self._append(row)
+            self.save_checkpoint()
+        bar = _progress(range(self.step, c.steps), initial=self.step, total=c.steps, enabled=self.progress)
+        for _ in bar:
+            row = self.train_step()
+            if self.step % c.eval_every == 0 or self.step == c.steps:
+                row.update(self.evaluate())
+            self._append(row)
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{row['loss']:.3f}", reward=f"{row['reward']:.2f}",
+                                **({"pass@1": f"{row['eval_pass@1']:.2f}"} if "eval_pass@1" in row else {}))
+            if self.step % c.checkpoint_every == 0 or self.step == c.steps:
+                self.save_checkpoint()
+        return self.finish()
+
+    def _append(self, row: dict[str, Any]) -> None:
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row, allow_nan=True) + "\n")
+
+    def finish(self) -> dict[str, Any]:
+        rows = read_metrics(self.out / "metrics.jsonl")
+        evals = [r for r in rows if "eval_pass@1" in r]
+        summary = {
+            "task": self.config.task, "objective": self.config.objective, "expert": self.config.expert,
+            "seed": self.config.seed, "steps": self.step, "rollouts": self.rollouts,
+            "pass@1_before": evals[0]["eval_pass@1"] if evals else None,
+            "pass@1_after": evals[-1]["eval_pass@1"] if evals else None,
+            "final_eval": {k: v for k, v in evals[-1].items() if k.startswith("eval_")} if evals else {},
+            "skipped_steps": sum(r.get("skipped", 0) for r in rows),
+            "seconds": round(time.perf_counter() - self.started, 1),
+        }
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        plot_curves(rows, self.out / "curves.png", f"{self.config.task} / {self.config.objective}")
+        return summary
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line]
+
+
+def _progress(iterable, *, initial: int, total: int, enabled: bool):
+    if not enabled:
+        return iterable
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return iterable
+    return tqdm(iterable, initial=initial, total=total, file=sys.stderr, dynamic_ncols=True, desc="train")
+
+
+def plot_curves(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [r for r in rows if r["step"] > 0]
+    evals = [r for r in rows if "eval_pass@1" in r]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    axes[0].plot([r["rollouts"] for r in evals], [r["eval_pass@1"] for r in evals], marker="o")
+    axes[0].set(xlabel="rollouts", ylabel="eval pass@1", title="held-out pass@1")
+    axes[1].plot([r["rollouts"] for r in train], [r["reward"] for r in train])
+    axes[1].set(xlabel="rollouts", ylabel="mean reward", title="training reward")
+    axes[2].plot([r["step"] for r in train], [r["loss"] for r in train])
+    axes[2].set(xlabel="step", ylabel="loss", title="loss")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,197 @@
+"""The training loop, checkpoints and exact resume, the NaN guard, and the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from distil.cli import main
+from distil.evaluate import pass_at_k
+from distil.experts import ModelExpert, NoisyExpert, OracleExpert
+from distil.model import LanguageModel, tiny_student
+from distil.rollout import SamplingConfig, sample_rollouts, visited_states
+from distil.tasks import get_task
+from distil.tokenizer import CharTokenizer
+from distil.train import TrainConfig, Trainer, read_metrics
+
+REPO = Path(__file__).resolve().parents[2]
+SMALL = dict(steps=4, warmup_steps=2, warmup_batch=8, prompts_per_step=4, rollouts_per_prompt=2, eval_every=2,
+             eval_prompts=6, eval_samples=2, checkpoint_every=1, student_hidden=32, student_layers=1)
+TIMING = {"tokens_per_s", "step_s"}
+
+
+def _comparable(rows):
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+
+
+def test_run_writes_metrics_summary_and_curves(tmp_path):
+    summary = Trainer(TrainConfig(out=str(tmp_path), **SMALL), progress=False, log=lambda *_: None).run()
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
+    for row in rows[1:]:
+        assert {"step", "rollouts", "loss", "reward", "tokens_per_s"} <= set(row)
+        assert math.isfinite(row["loss"]) and row["skipped"] == 0
+    assert [r["rollouts"] for r in rows] == [0, 8, 16, 24, 32]
+    assert "eval_pass@1" in rows[0] and "eval_pass@1" in rows[2] and "eval_pass@1" in rows[4]
+    assert summary["rollouts"] == 32 and summary["pass@1_after"] == rows[-1]["eval_pass@1"]
+    assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 4
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("objective", ["distil", "ce", "grpo", "sdpo", "opsd"])
+def test_every_objective_trains(tmp_path, objective):
+    config = TrainConfig(out=str(tmp_path), objective=objective, **{**SMALL, "steps": 2})
+    Trainer(config, progress=False, log=lambda *_: None).run()
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert all(math.isfinite(r["loss"]) for r in rows[1:]) and rows[-1]["skipped"] == 0
+
+
+@pytest.mark.parametrize("expert", ["self", "ema:0.9"])
+def test_model_experts_train(tmp_path, expert):
+    config = TrainConfig(out=str(tmp_path), expert=expert, noise=0.2, expert_top_k=4, **{**SMALL, "steps": 2})
+    trainer = Trainer(config, progress=False, log=lambda *_: None)
+    assert isinstance(trainer.expert, NoisyExpert) and isinstance(trainer.expert.inner, ModelExpert)
+    trainer.run()
+    assert all(math.isfinite(r["loss"]) for r in read_metrics(tmp_path / "metrics.jsonl")[1:])
+
+
+def test_resume_continues_exactly(tmp_path):
+    quiet = dict(progress=False, log=lambda *_: None)
+    whole = tmp_path / "whole"
+    Trainer(TrainConfig(out=str(whole), expert="ema:0.5", noise=0.3, **SMALL), **quiet).run()
+    split = tmp_path / "split"
+    Trainer(TrainConfig(out=str(split), expert="ema:0.5", noise=0.3, **{**SMALL, "steps": 2}), **quiet).run()
+    Trainer(TrainConfig(out=str(split), expert="ema:0.5", noise=0.3, **SMALL), **quiet).run(resume=True)
+    assert _comparable(read_metrics(split / "metrics.jsonl")) == _comparable(read_metrics(whole / "metrics.jsonl"))
+
+
+def test_killed_run_resumes_to_the_same_metrics(tmp_path):
+    """SIGKILL a real `python -m distil train` mid-run, resume it, compare with an uninterrupted run."""
+    flags = ["--steps", "6", "--warmup-steps", "2", "--warmup-batch", "8", "--prompts-per-step", "4",
+             "--rollouts-per-prompt", "2", "--eval-every", "3", "--eval-prompts", "6", "--eval-samples", "2",
+             "--checkpoint-every", "1", "--student-hidden", "32", "--student-layers", "1", "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "distil", "train", *flags, "--out", str(killed)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = killed / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 4:  # steps 0..3 written
+            break
+        if proc.poll() is not None:
+            pytest.fail("the run ended before it could be killed")
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert len(read_metrics(metrics)) < 7, "the run finished before the kill"
+    assert main(["train", *flags, "--out", str(killed), "--resume"]) == 0
+    whole = tmp_path / "whole"
+    assert main(["train", *flags, "--out", str(whole)]) == 0
+    assert _comparable(read_metrics(metrics)) == _comparable(read_metrics(whole / "metrics.jsonl"))
+
+
+def test_non_finite_loss_skips_the_step_and_says_so(tmp_path):
+    messages = []
+    trainer = Trainer(TrainConfig(out=str(tmp_path), **{**SMALL, "steps": 3}), progress=False, log=messages.append)
+    real_loss = trainer.objective.loss
+    calls = {"n": 0}
+
+    def sometimes_nan(batch):
+        calls["n"] += 1
+        loss, extra = real_loss(batch)
+        return (loss * math.nan if calls["n"] == 2 else loss), extra
+
+    trainer.objective.loss = sometimes_nan
+    before = {}
+
+    original_step = trainer.train_step
+
+    def remember_step():
+        if trainer.step == 1:
+            before.update({k: v.detach().clone() for k, v in trainer.lm.model.state_dict().items()})
+        row = original_step()
+        if trainer.step == 2:
+            after = trainer.lm.model.state_dict()
+            assert all(torch.equal(before[k], after[k]) for k in before), "a skipped step changed the weights"
+        return row
+
+    trainer.train_step = remember_step
+    trainer.run()
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r.get("skipped") for r in rows[1:]] == [0, 1, 0]
+    assert any("step 2: non-finite loss, update skipped" in m for m in messages)
+
+
+def test_cli_config_file_and_flags(tmp_path, capsys):
+    config = tmp_path / "run.toml"
+    config.write_text('objective = "ce"\nsteps = 5\nwarmup_steps = 1\nwarmup_batch = 4\nprompts_per_step = 2\n'
+                      'rollouts_per_prompt = 2\neval_every = 1\neval_prompts = 4\neval_samples = 2\nstudent_hidden = 32\n'
+                      '[task_options]\ndigits = 1\n')
+    out = tmp_path / "out"
+    assert main(["train", "--config", str(config), "--steps", "2", "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    result = [line for line in printed.splitlines() if line.startswith("result: ")]
+    assert len(result) == 1 and result[0].startswith("result: addition ce pass@1 ")
+    assert result[0].endswith(" s)") and "(8 rollouts, " in result[0]
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["steps"] == 2 and saved["objective"] == "ce" and saved["task_options"] == {"digits": 1}
+    assert main(["eval", "--checkpoint", str(out), "--samples", "3"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["step"] == 2 and {"pass@1", "pass@3", "avg@3", "maj@3"} <= set(report)
+
+
+def test_cli_rejects_bad_options(tmp_path, capsys):
+    config = tmp_path / "bad.toml"
+    config.write_text("stepz = 3\n")
+    with pytest.raises(SystemExit, match="unknown option"):
+        main(["train", "--config", str(config)])
+    assert main(["train", "--objective", "nope", "--out", str(tmp_path)]) == 2
+    assert "objective must be one of" in capsys.readouterr().err
+    assert main(["train", "--task", "nope", "--out", str(tmp_path)]) == 2
+
+
+def test_rollout_logprobs_and_padding():
+    lm = tiny_student(0, torch.device("cpu"))
+    r = sample_rollouts(lm, ["12+34=", "5+6="], num_rollouts=2, max_tokens=5, sampling=SamplingConfig(),
+                        seed=3, step=1)
+    with torch.no_grad():
+        states = visited_states(lm, r.prompt_ids, r.prompt_mask, r.actions, r.mask)
+        logq = torch.log_softmax(states @ lm.head.weight.T, -1).gather(2, r.actions[..., None])[..., 0]
+        torch.testing.assert_close(logq[r.mask], r.logprobs[r.mask], rtol=0, atol=2e-5)
+        # The short prompt is left-padded in the batch: its states equal those it has alone.
+        alone_ids = r.prompt_ids[2:3, r.prompt_mask[2]]
+        alone = visited_states(lm, alone_ids, torch.ones_like(alone_ids, dtype=torch.bool), r.actions[2:3],
+                               r.mask[2:3])
+        torch.testing.assert_close(alone[0][r.mask[2]], states[2][r.mask[2]], rtol=1e-4, atol=1e-5)
+
+
+def test_expert_tokenizer_checks():
+    lm = tiny_student(0, torch.device("cpu"))
+
+    class OtherTokenizer(CharTokenizer):
+        vocab_size = CharTokenizer.vocab_size + 1
+
+    other = LanguageModel(tiny_student(1, torch.device("cpu")).model, OtherTokenizer())
+    with pytest.raises(ValueError, match="tokenizer .* differs from the student's"):
+        ModelExpert(lm, other)
+    other.tokenizer.single_characters = False
+    with pytest.raises(ValueError, match="not one token per character"):
+        OracleExpert(get_task("addition"), other)
+
+
+def test_pass_at_k():
+    assert pass_at_k(4, 0, 1) == 0.0 and pass_at_k(4, 4, 2) == 1.0
+    assert pass_at_k(4, 1, 1) == pytest.approx(0.25)
+    assert pass_at_k(5, 2, 2) == pytest.approx(1 - 3 / 10)  # 1 - C(3,2)/C(5,2)
+    with pytest.raises(ValueError):
+        pass_at_k(2, 1, 3)
