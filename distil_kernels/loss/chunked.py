@@ -62,13 +62,19 @@ def _bytes_per_tile_element(dtype: torch.dtype, softcap: bool) -> int:
 
 
 def plan_chunks(num_rows: int, vocab_size: int, dtype: torch.dtype, device: torch.device,
-                options: LossOptions) -> ChunkPlan:
-    """Rows per chunk and columns per tile for this problem and workspace budget."""
+                options: LossOptions, cpu_target_rows: int = _CPU_TARGET_ROWS) -> ChunkPlan:
+    """Rows per chunk and columns per tile for this problem and workspace budget.
+
+    `cpu_target_rows`: the chunk the default CPU budget aims at. The sampling sweeps,
+    which keep nothing per chunk but the tile, ask for more rows: every chunk reads all
+    of W, and at 128 rows that second read of a 100 MB head costs more than the GEMM's
+    plateau gains.
+    """
     per_element = _bytes_per_tile_element(dtype, options.softcap is not None)
     budget = options.workspace_bytes
     if budget is None:
         if device.type == "cpu":
-            budget = _CPU_TARGET_ROWS * vocab_size * per_element
+            budget = cpu_target_rows * vocab_size * per_element
             budget = min(max(budget, _CPU_MIN_WORKSPACE), _CPU_MAX_WORKSPACE)
         else:
             budget = _GPU_WORKSPACE

@@ -22,24 +22,36 @@ _KEY_A = 0x9E3779B9
 _KEY_B = 0xBB67AE85
 
 
-def _mulhilo(a: int, b: Tensor) -> tuple[Tensor, Tensor]:
-    product = b * a
-    return (product >> 32) & _MASK32, product & _MASK32
-
-
 def philox4x32(c0: Tensor, c1: Tensor, c2: Tensor, c3: Tensor, k0: Tensor | int, k1: Tensor | int,
                rounds: int = ROUNDS) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Four uint32 words (as int64) from a 128-bit counter and a 64-bit key (uint32 words)."""
-    c0, c1, c2, c3 = (torch.as_tensor(c, dtype=torch.int64) & _MASK32 for c in (c0, c1, c2, c3))
-    k0 = torch.as_tensor(k0, dtype=torch.int64, device=c0.device) & _MASK32
-    k1 = torch.as_tensor(k1, dtype=torch.int64, device=c0.device) & _MASK32
+    """Four uint32 words (as int64) from a 128-bit counter and a 64-bit key (uint32 words).
+
+    Counter words and keys broadcast against each other. The rounds run in place on
+    contiguous buffers: on the CPU each int64 op is a memory pass, and a fresh tensor per
+    op (or a broadcast operand) costs several times the arithmetic.
+    """
+    c0, c1, c2, c3 = (torch.as_tensor(c, dtype=torch.int64) for c in (c0, c1, c2, c3))
+    device = c0.device
+    k0 = torch.as_tensor(k0, dtype=torch.int64, device=device) & _MASK32
+    k1 = torch.as_tensor(k1, dtype=torch.int64, device=device) & _MASK32
+    shape = torch.broadcast_shapes(c0.shape, c1.shape, c2.shape, c3.shape, k0.shape, k1.shape)
+    c0, c1, c2, c3 = ((c.expand(shape) & _MASK32).contiguous() for c in (c0, c1, c2, c3))
+    product_a = torch.empty(shape, dtype=torch.int64, device=device)
+    product_b = torch.empty(shape, dtype=torch.int64, device=device)
     for _ in range(rounds):
-        hi_b, lo_b = _mulhilo(_ROUND_B, c2)
-        hi_a, lo_a = _mulhilo(_ROUND_A, c0)
-        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        torch.mul(c2, _ROUND_B, out=product_b)
+        torch.mul(c0, _ROUND_A, out=product_a)
+        # The high word of each product, xor the other counter word and the key. Only
+        # c0 and c2 enter a multiplication, so they alone must be masked to 32 bits; c1
+        # and c3 (the low words) may keep the product's high bits, which the xor into
+        # the next c0 / c2 carries and that round's mask removes.
+        torch.bitwise_right_shift(product_b, 32, out=c0).bitwise_xor_(c1).bitwise_xor_(k0).bitwise_and_(_MASK32)
+        torch.bitwise_right_shift(product_a, 32, out=c2).bitwise_xor_(c3).bitwise_xor_(k1).bitwise_and_(_MASK32)
+        c1, product_b = product_b, c1
+        c3, product_a = product_a, c3
         k0 = (k0 + _KEY_A) & _MASK32
         k1 = (k1 + _KEY_B) & _MASK32
-    return c0, c1, c2, c3
+    return c0, c1.bitwise_and_(_MASK32), c2, c3.bitwise_and_(_MASK32)
 
 
 def seed_key(seed: Tensor | int) -> tuple[Tensor, Tensor]:

@@ -8,16 +8,17 @@ sorted by descending probability (ties to the lower id): `top_k` keeps k of them
 the shortest of these prefixes. `temperature=0` is greedy (the lowest id among the
 maxima).
 
-A draw is Gumbel-max: the kept id maximising z_v + g_v, where the noise g_v of id v in
-sample j of a row comes from word v % 4 of Philox4x32-10 keyed by the seed (the row's
-own seed when `seed` is a tensor [B]) at counter (v // 4, position low word, j,
-position high word); the
-position is `positions[row]` when given, else 0 with per-row seeds, else the row's
-index. The noise of an id depends on nothing else, so a row's sample does not depend on
-the batch around it, the row order (given positions or per-row seeds) or the tiling,
-and backends that share the
-stream and the fp32 transform below draw the same ids; the exception is a float tie
-between two scores z_v + g_v computed by different math libraries.
+A draw is Gumbel-max: the kept id maximising z_v + g_v. The noise g_v of id v in
+sample j of a row comes from word w = word v % 4 of Philox4x32-10 keyed by the seed
+(the row's own seed when `seed` is a tensor [B]) at counter (v // 4, position low
+word, j, position high word): u = (2w + 1) / 2**33, E = -log(u) in float64 (exact u,
+so E is accurate where it is tiny) rounded to fp32, g = -log(E) in fp32. The position
+is `positions[row]` when given, else 0 with per-row seeds, else the row's index. The
+noise of an id depends on nothing else, so a row's sample does not depend on the batch
+around it, the row order (given positions or per-row seeds) or the tiling, and backends
+that share the stream and this transform draw the same ids; the exception is a float
+tie between two scores z_v + g_v whose last bits differ between math libraries or
+matmul orders.
 
 Outputs: `ids` [B, n]; `logprobs`, log-probability under the distribution sampled from
 (0 for greedy); `raw_logprobs`, under the untruncated softmax at temperature 1; `lse`
@@ -35,8 +36,7 @@ from torch import Tensor
 
 from .philox import philox4x32, seed_key
 
-_TWO_POW_32 = 2**32
-_TWO_POW_31 = 2**31
+_TWO_POW_MINUS_32 = 2.0**-32
 _TWO_POW_MINUS_33 = 2.0**-33
 
 
@@ -99,24 +99,24 @@ def row_keys(seed: int | Tensor, positions: Tensor | None, rows: int, device: to
 
 
 def _gumbel_from_words(word: Tensor) -> Tensor:
-    """g = -log(E) for the exponential variate E = -log(u) of the uniform u = (2w + 1) / 2**33.
+    """g = -log(E) in fp32 for the exponential variate E = -log(u) of u = (2w + 1) / 2**33.
 
-    u is never 0 or 1. E is taken as -log(u) for u < 1/2 and as -log1p(-(1 - u)) above,
-    with 2w + 1 and 2(2**32 - w) - 1 formed exactly in integers, so it keeps full fp32
-    relative precision at both ends: a token of probability 1e-6 wins when its variate
-    is ~1e-6, which is resolved, not rounded away.
+    u is never 0 or 1, and it is exact in float64 (33 significant bits), so E = -log(u)
+    taken in float64 keeps full relative precision at both ends: near u = 1, where E is
+    tiny and a token of probability 1e-6 wins only when its variate is ~1e-6, the input
+    is exact and log's result is accurate to an ulp, no cancellation anywhere. E is
+    then rounded to fp32 and g taken in fp32.
     """
-    u = (2 * word + 1).to(torch.float32) * _TWO_POW_MINUS_33
-    one_minus_u = (2 * (_TWO_POW_32 - word) - 1).to(torch.float32) * _TWO_POW_MINUS_33
-    exponential = torch.where(word < _TWO_POW_31, -torch.log(u), -torch.log1p(-one_minus_u))
-    return -torch.log(exponential)
+    u = word.to(torch.float64).mul_(_TWO_POW_MINUS_32).add_(_TWO_POW_MINUS_33)
+    exponential = u.log_().neg_().to(torch.float32)
+    return exponential.log_().neg_()
 
 
 def _words(groups: Tensor, keys: tuple[Tensor, Tensor, Tensor, Tensor], sample: int) -> Tensor:
     """The four Philox words [rows, cols, 4] of counter (group, pos_lo, sample, pos_hi)."""
     k0, k1, pos_lo, pos_hi = keys
-    j = torch.full_like(groups, sample)
-    return torch.stack(philox4x32(groups, pos_lo[:, None], j, pos_hi[:, None], k0[:, None], k1[:, None]), dim=-1)
+    return torch.stack(philox4x32(groups, pos_lo[:, None], sample, pos_hi[:, None], k0[:, None], k1[:, None]),
+                       dim=-1)
 
 
 def gumbel_noise(vocab_ids: Tensor, keys: tuple[Tensor, Tensor, Tensor, Tensor], sample: int) -> Tensor:
@@ -132,10 +132,9 @@ def gumbel_noise(vocab_ids: Tensor, keys: tuple[Tensor, Tensor, Tensor, Tensor],
 
 def gumbel_noise_range(v0: int, v1: int, keys: tuple[Tensor, Tensor, Tensor, Tensor], sample: int) -> Tensor:
     """g [rows, v1 - v0] for the contiguous ids v0..v1-1: a quarter of the Philox calls."""
-    rows = keys[0].shape[0]
     first, last = v0 >> 2, (v1 - 1) >> 2
-    groups = torch.arange(first, last + 1, device=keys[0].device)[None, :].expand(rows, -1)
-    words = _words(groups, keys, sample).reshape(rows, -1)
+    groups = torch.arange(first, last + 1, device=keys[0].device)[None, :]
+    words = _words(groups, keys, sample).flatten(1)
     offset = v0 - 4 * first
     return _gumbel_from_words(words[:, offset : offset + v1 - v0])
 
@@ -250,23 +249,17 @@ def _check_seed_and_positions(seed, positions, rows: int, device: torch.device) 
 CANDIDATES = 256
 
 
-def _fold_lse_(run_max: Tensor, run_sum: Tensor, values: Tensor) -> None:
-    """Fold a tile into a running (max, sum of exp(v - max)) per row, in place."""
-    new_max = torch.maximum(run_max, values.amax(dim=1))
-    run_sum.mul_((run_max - new_max).exp()).add_((values - new_max[:, None]).exp().sum(dim=1))
-    run_max.copy_(new_max)
-
-
 def _sweep_sample(x: Tensor, weight: Tensor, bias: Tensor | None, softcap: float | None,
                   options: SamplingOptions, keys, workspace_bytes: int | None) -> Sample:
     """Untruncated or greedy sampling in one pass: online lse and a running Gumbel argmax."""
     from ..loss.chunked import Workspace, logits_tile, plan_chunks
     from ..loss.options import LossOptions
+    from .topk import SWEEP_CPU_ROWS, fold_lse_
 
     raw_options = LossOptions(softcap=softcap, workspace_bytes=workspace_bytes)
     rows, vocab = x.shape[0], weight.shape[0]
     n = options.num_samples
-    plan = plan_chunks(rows, vocab, x.dtype, x.device, raw_options)
+    plan = plan_chunks(rows, vocab, x.dtype, x.device, raw_options, SWEEP_CPU_ROWS)
     ws = Workspace(plan, x.dtype, x.device, softcap is not None)
     dev = x.device
     ids = torch.zeros(rows, n, dtype=torch.int64, device=dev)
@@ -293,9 +286,9 @@ def _sweep_sample(x: Tensor, weight: Tensor, bias: Tensor | None, softcap: float
                 best_score[:, j] = torch.where(better, tile_best, best_score[:, j])
                 ids[r0:r1, j] = torch.where(better, local + v0, ids[r0:r1, j])
                 best_raw[r0:r1, j] = torch.where(better, raw.gather(1, local[:, None])[:, 0], best_raw[r0:r1, j])
-            _fold_lse_(raw_max, raw_sum, raw)
+            fold_lse_(raw_max, raw_sum, raw)
             if not options.greedy:
-                _fold_lse_(z_max, z_sum, z)
+                fold_lse_(z_max, z_sum, z)
         lse_raw[r0:r1] = raw_max + raw_sum.log()
         lse_z[r0:r1] = z_max + z_sum.log()
     raw_logprobs = best_raw - lse_raw[:, None]
@@ -305,9 +298,13 @@ def _sweep_sample(x: Tensor, weight: Tensor, bias: Tensor | None, softcap: float
 
 
 def _candidate_sample(x: Tensor, weight: Tensor, bias: Tensor | None, softcap: float | None,
-                      options: SamplingOptions, seed, positions, keys, workspace_bytes: int | None) -> Sample:
-    """Truncated sampling from each row's top candidates, with an exact dense fallback."""
-    from ..loss.chunked import sweep
+                      options: SamplingOptions, seed, positions, keys, workspace_bytes: int | None,
+                      backend: str = "chunked") -> Sample:
+    """Truncated sampling from each row's top candidates, with an exact dense fallback.
+
+    The candidates and the lse at temperature 1 come from one top-k pass over the
+    vocabulary: the Triton kernel with `backend` "triton", the chunked sweep otherwise.
+    """
     from ..loss.options import LossOptions
     from .topk import chunked_topk
 
@@ -315,14 +312,16 @@ def _candidate_sample(x: Tensor, weight: Tensor, bias: Tensor | None, softcap: f
     n = options.num_samples
     num_candidates = min(vocab, max(CANDIDATES, options.top_k or 0))
     z_options = LossOptions(softcap=softcap, temperature=options.temperature, workspace_bytes=workspace_bytes)
-    cand_ids, cand_logprobs, lse_z = chunked_topk(x, weight, bias, num_candidates, z_options)
-    cand_logprobs, lse_z = cand_logprobs.float(), lse_z.float()
-    if options.temperature == 1.0:
-        lse_raw = lse_z
+    if backend == "triton":
+        from .triton import triton_topk
+
+        top = triton_topk
     else:
-        raw_options = LossOptions(softcap=softcap, workspace_bytes=workspace_bytes)
-        lse_raw = sweep(x, weight, bias, torch.zeros(rows, 0, dtype=torch.int64, device=x.device), raw_options).lse
-        lse_raw = lse_raw.float()
+        top = chunked_topk
+    cand_ids, cand_logprobs, lse_z, lse_raw = top(x, weight, bias, num_candidates, z_options,
+                                                  raw_lse=options.temperature != 1.0)
+    cand_logprobs, lse_z = cand_logprobs.float(), lse_z.float()
+    lse_raw = lse_z if lse_raw is None else lse_raw.float()
     cand_z = cand_logprobs + lse_z[:, None]
     length = kept_prefix(cand_z, lse_z, options)
     settled = _settled(cand_logprobs, length, options, num_candidates, vocab)
@@ -386,10 +385,11 @@ def linear_sample(input: Tensor, weight: Tensor, *, temperature: float = 1.0, to
                   ) -> Sample:
     """Sample from `softcap(input @ weight.T + bias)` [B, V] without building it (module docstring).
 
-    `input` [B, d] is the last hidden state of each row. `backend`: "auto" (chunked for
-    now), "torch" (dense logits: the reference) or "chunked".
+    `input` [B, d] is the last hidden state of each row. `backend`: "auto" (triton on
+    CUDA, else chunked), "torch" (dense logits: the reference), "chunked" or "triton"
+    (fp16, bf16 or fp32 input; the same ids as the other backends for the same seed).
     """
-    from ..backends import resolve_backend
+    from ..backends import check_backend_dtype, resolve_backend
     from ..loss.options import LossOptions
     from ..loss.reference import reference_logits
     from ..validation import check_linear
@@ -403,10 +403,7 @@ def linear_sample(input: Tensor, weight: Tensor, *, temperature: float = 1.0, to
     LossOptions(softcap=softcap, workspace_bytes=workspace_bytes)  # validates both
     _check_seed_and_positions(seed, positions, input.shape[0], input.device)
     name = resolve_backend(backend, input.device)
-    if name == "triton":
-        if backend == "triton":
-            raise ValueError("backend='triton' is not implemented for linear_sample yet; use 'auto' or 'chunked'")
-        name = "chunked"
+    check_backend_dtype(name, input.dtype)
     if bias is not None:
         bias = bias.float() if input.dtype != torch.float64 else bias
     with torch.no_grad():
@@ -418,5 +415,10 @@ def linear_sample(input: Tensor, weight: Tensor, *, temperature: float = 1.0, to
             options.top_k is not None or (options.top_p is not None and options.top_p < 1.0)
             or (options.min_p is not None and options.min_p > 0.0))
         if truncated:
-            return _candidate_sample(input, weight, bias, softcap, options, seed, positions, keys, workspace_bytes)
+            return _candidate_sample(input, weight, bias, softcap, options, seed, positions, keys, workspace_bytes,
+                                     backend=name)
+        if name == "triton":
+            from .triton import triton_sample
+
+            return triton_sample(input, weight, bias, softcap, options, keys)
         return _sweep_sample(input, weight, bias, softcap, options, keys, workspace_bytes)

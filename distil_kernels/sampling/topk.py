@@ -21,7 +21,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ..backends import resolve_backend
+from ..backends import check_backend_dtype, resolve_backend
 from ..loss.chunked import logits_tile, Workspace, plan_chunks
 from ..loss.options import LossOptions, _check_real
 from ..loss.reference import compute_dtype, reference_logits
@@ -54,39 +54,82 @@ def reference_topk(x: Tensor, weight: Tensor, bias: Tensor | None, k: int, optio
 # Tile kernels
 # --------------------------------------------------------------------------------------
 
+# Rows per chunk the CPU default workspace aims at in the sampling sweeps (see plan_chunks).
+SWEEP_CPU_ROWS = 256
+# Extra entries a tile's top-k asks for, so that a run of values equal to the k-th one
+# (a bf16 logit is one of 128 values per octave) usually ends inside them.
+TIE_MARGIN = 16
 
-def _tile_candidates(z: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """The exact top-min(k, cols) of each row of `z`: (values, local ids), ids ascending.
 
-    `torch.topk` picks arbitrarily among values equal to the k-th one, so its answer is
-    kept only when no other entry equals that value; otherwise the tile takes every
-    entry above the k-th value and the lowest-id entries equal to it. NaN ranks above
-    everything, as in a descending `torch.sort`.
+def _tile_candidates(z: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The exact top-min(k, cols) of each row of `z`: (values, local ids ascending, row lse).
+
+    `torch.topk` picks arbitrarily among entries equal to the k-th value, and such ties
+    are the rule for bf16 logits. So it is asked for `TIE_MARGIN` more entries than
+    needed; ordering those by (value desc, id asc) with two small sorts settles the ties
+    exactly whenever the whole run of entries equal to the k-th value fits inside them,
+    which the last of them shows (it is strictly smaller). The few rows where it does
+    not, and rows holding NaN, are redone by `_tied_candidates`.
+
+    The row's log-sum-exp is read off `log_softmax` at the row's maximum, where it is
+    exactly -log(sum(exp(z - max))): one fused pass instead of a max, a subtract, an exp
+    and a sum.
     """
     rows, cols = z.shape
     kk = min(k, cols)
-    values, local = torch.topk(z, kk, dim=1, sorted=False)
-    kth = values.amin(dim=1, keepdim=True)
-    if bool(((z >= kth).sum(dim=1) == kk).all()):
-        local = local.sort(dim=1).values  # ids ascending: equal values stay in id order
-        return z.gather(1, local), local
-    # Ties at the k-th value (or NaN): select by mask, lowest ids first among the ties.
-    if bool(values.isnan().any()):
-        kth = torch.where(values.isnan().any(dim=1, keepdim=True),
-                          torch.where(values.isnan(), math.inf, values).amin(dim=1, keepdim=True), kth)
-        # A row holding >= kk NaNs has its k-th value at NaN.
-        many_nan = z.isnan().sum(dim=1, keepdim=True) >= kk
-        kth = torch.where(many_nan, math.nan, kth)
-        z_nan = z.isnan()
-        above = (z > kth) | (z_nan & ~kth.isnan())
-        equal = (z == kth) | (z_nan & kth.isnan())
+    if kk == cols:
+        return z, torch.arange(cols, device=z.device).expand(rows, cols), torch.logsumexp(z, dim=1)
+    wide = min(cols, kk + TIE_MARGIN)
+    values, local = torch.topk(z, wide, dim=1, sorted=False)
+    local, by_id = local.sort(dim=1)
+    values, by_value = values.gather(1, by_id).sort(dim=1, descending=True, stable=True)
+    local = local.gather(1, by_value)
+    kth = values[:, kk - 1 : kk]
+    has_nan = values.isnan().any(dim=1)  # topk ranks NaN first: a row holding one shows it here
+    redo = has_nan if wide == cols else has_nan | ~(values[:, wide - 1] < kth[:, 0])
+    lse = values[:, 0] - torch.log_softmax(z, dim=1).gather(1, local[:, :1])[:, 0]
+    local, by_id = local[:, :kk].sort(dim=1)
+    values = values[:, :kk].gather(1, by_id)
+    if bool(redo.any()):
+        rows_to_redo = redo.nonzero()[:, 0]
+        values[rows_to_redo], local[rows_to_redo] = _tied_candidates(
+            z[rows_to_redo], kk, kth[rows_to_redo], bool(has_nan.any()))
+    return values, local, lse
+
+
+def _tied_candidates(z: Tensor, kk: int, kth: Tensor, any_nan: bool) -> tuple[Tensor, Tensor]:
+    """Exact top-kk of rows with ties at their k-th value `kth` [rows, 1]: (values, ids ascending).
+
+    Every entry at or above the k-th value (kk plus the ties, a short list) is gathered
+    in id order, and a stable descending sort of that list keeps the lowest ids among the
+    ties. NaN ranks above everything, as in a descending `torch.sort`.
+    """
+    rows = z.shape[0]
+    if any_nan:
+        nan = z.isnan()
+        nan_count = nan.sum(dim=1, keepdim=True)
+        ranked = torch.topk(z.masked_fill(nan, -math.inf), kk, dim=1).values
+        numbers_needed = (kk - nan_count - 1).clamp_min(0)
+        kth = torch.where(nan_count < kk, ranked.gather(1, numbers_needed), math.inf)
+        selected = nan | (z >= kth)
     else:
-        above = z > kth
-        equal = z == kth
-    need = kk - above.sum(dim=1, keepdim=True)
-    selected = above | (equal & (equal.cumsum(dim=1, dtype=torch.int32) <= need))
-    local = selected.nonzero()[:, 1].view(rows, kk)  # row-major: ids ascending per row
-    return z.gather(1, local), local
+        selected = z >= kth
+    where = selected.nonzero()  # row-major: ids ascending within a row
+    row, col = where[:, 0], where[:, 1]
+    counts = torch.bincount(row, minlength=rows)
+    starts = torch.cumsum(counts, 0) - counts
+    width = int(counts.max()) if rows else kk
+    slot = torch.arange(len(row), device=z.device) - starts[row]
+    # Pad after each row's entries: a stable sort keeps padding behind equal real values.
+    values = torch.full((rows, width), -math.inf, dtype=z.dtype, device=z.device)
+    local = torch.zeros((rows, width), dtype=torch.int64, device=z.device)
+    values[row, slot] = z[row, col]
+    local[row, slot] = col
+    values, order = torch.sort(values, dim=1, descending=True, stable=True)
+    local = local.gather(1, order[:, :kk])
+    values = values[:, :kk]
+    local, by_id = local.sort(dim=1)
+    return values.gather(1, by_id), local
 
 
 def _merge(best_values: Tensor, best_ids: Tensor, values: Tensor, ids: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -107,37 +150,53 @@ def _merge(best_values: Tensor, best_ids: Tensor, values: Tensor, ids: Tensor, k
 # --------------------------------------------------------------------------------------
 
 
-def chunked_topk(x: Tensor, weight: Tensor, bias: Tensor | None, k: int, options: LossOptions
-                 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(ids [N, k], logprobs [N, k], lse [N]) of 2-D `x` in the compute dtype, tile by tile."""
+def fold_lse_(run_max: Tensor, run_sum: Tensor, values: Tensor) -> None:
+    """Fold a tile into a running (max, sum of exp(v - max)) per row, in place."""
+    new_max = torch.maximum(run_max, values.amax(dim=1))
+    run_sum.mul_((run_max - new_max).exp()).add_((values - new_max[:, None]).exp().sum(dim=1))
+    run_max.copy_(new_max)
+
+
+def chunked_topk(x: Tensor, weight: Tensor, bias: Tensor | None, k: int, options: LossOptions,
+                 raw_lse: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """(ids [N, k], logprobs [N, k], lse [N], raw lse [N] or None) of 2-D `x`, tile by tile.
+
+    Values are in the compute dtype. With `raw_lse` the same pass also folds the
+    log-sum-exp of the logits at temperature 1 (z times the temperature), which truncated
+    sampling needs beside the candidates: one sweep over the vocabulary, not two.
+    """
     num_rows = x.shape[0]
     vocab_size = weight.shape[0]
     cdt = compute_dtype(x.dtype)
-    plan = plan_chunks(num_rows, vocab_size, x.dtype, x.device, options)
+    plan = plan_chunks(num_rows, vocab_size, x.dtype, x.device, options, SWEEP_CPU_ROWS)
     ws = Workspace(plan, x.dtype, x.device, options.softcap is not None)
     out_ids = torch.empty(num_rows, k, dtype=torch.int64, device=x.device)
     out_logprobs = torch.empty(num_rows, k, dtype=cdt, device=x.device)
     lse = torch.empty(num_rows, dtype=cdt, device=x.device)
+    lse_raw = torch.empty(num_rows, dtype=cdt, device=x.device) if raw_lse else None
     for r0 in range(0, num_rows, plan.rows):
         r1 = min(r0 + plan.rows, num_rows)
         x_rows = x[r0:r1]
         n = r1 - r0
         best_values = torch.empty(n, 0, dtype=cdt, device=x.device)
         best_ids = torch.empty(n, 0, dtype=torch.int64, device=x.device)
-        row_max = torch.full((n,), -math.inf, dtype=cdt, device=x.device)
-        row_sum = torch.zeros(n, dtype=cdt, device=x.device)
+        row_lse = torch.full((n,), -math.inf, dtype=cdt, device=x.device)
+        raw_max = torch.full((n,), -math.inf, dtype=cdt, device=x.device)
+        raw_sum = torch.zeros(n, dtype=cdt, device=x.device)
         for v0 in range(0, vocab_size, plan.tile):
             v1 = min(v0 + plan.tile, vocab_size)
             z, _ = logits_tile(ws, x_rows, weight, bias, v0, v1, options)
-            values, local = _tile_candidates(z, k)
+            values, local, tile_lse = _tile_candidates(z, k)
             best_values, best_ids = _merge(best_values, best_ids, values, local + v0, k)
-            new_max = torch.maximum(row_max, z.amax(dim=1))
-            row_sum = row_sum * (row_max - new_max).exp() + z.sub_(new_max[:, None]).exp_().sum(dim=1)
-            row_max = new_max
-        lse[r0:r1] = row_max + row_sum.log()
+            if raw_lse:
+                fold_lse_(raw_max, raw_sum, z * options.temperature)
+            row_lse = torch.logaddexp(row_lse, tile_lse)
+        lse[r0:r1] = row_lse
+        if raw_lse:
+            lse_raw[r0:r1] = raw_max + raw_sum.log()
         out_ids[r0:r1] = best_ids
         out_logprobs[r0:r1] = best_values - lse[r0:r1, None]
-    return out_ids, out_logprobs, lse
+    return out_ids, out_logprobs, lse, lse_raw
 
 
 # --------------------------------------------------------------------------------------
@@ -187,8 +246,9 @@ def linear_topk(
         bias: [V] or None, added to the logits in the compute dtype.
         softcap: None or c > 0, logits become c * tanh(logits / c) before the temperature.
         temperature: > 0, divides the (softcapped) logits.
-        backend: "auto" (chunked; triton is not implemented for linear_topk yet),
-            "torch" (materialises fp32 [N, V] logits) or "chunked".
+        backend: "auto" (triton on CUDA, else chunked), "torch" (materialises fp32
+            [N, V] logits: the reference), "chunked" or "triton" (fp16, bf16 or fp32
+            input; k above 256 takes the chunked sweep, see sampling/triton/topk.py).
         workspace_bytes: chunked only, the budget of the reused logits tile
             (None: a per-device default; >= 4096).
 
@@ -201,18 +261,18 @@ def linear_topk(
     vocab_size = weight.shape[0]
     k = _check_k(k, vocab_size)
     options = _topk_options(softcap, temperature, workspace_bytes)
-    if backend == "triton":
-        raise ValueError("backend='triton' is not implemented for linear_topk yet; "
-                         "use backend='auto', 'chunked' or 'torch'")
     name = resolve_backend(backend, input.device)
-    if name == "triton":  # "auto" on CUDA: no Triton top-k kernel yet
-        name = "chunked"
+    check_backend_dtype(name, input.dtype)
     x = input.reshape(-1, input.shape[-1])
     with torch.no_grad():
         if bias is not None:
             bias = bias.to(compute_dtype(input.dtype))
         if name == "torch":
             ids, logprobs, lse = reference_topk(x, weight, bias, k, options)
+        elif name == "triton":
+            from .triton import triton_topk
+
+            ids, logprobs, lse, _ = triton_topk(x, weight, bias, k, options)
         else:
-            ids, logprobs, lse = chunked_topk(x, weight, bias, k, options)
+            ids, logprobs, lse, _ = chunked_topk(x, weight, bias, k, options)
     return TopK(ids.contiguous(), logprobs.float().contiguous(), lse.float().contiguous())

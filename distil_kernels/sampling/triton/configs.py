@@ -1,0 +1,110 @@
+"""Launch configurations of the Triton sampling kernels, all in one place.
+
+As for the loss kernels (loss/triton/configs.py): a fixed default per operand width,
+chosen for H100 (sm_90) bf16 and sized to fit an A100's shared memory and the register
+file, candidates that `DISTIL_KERNELS_AUTOTUNE=1` times on the first launch of a shape
+bin, and small tiles under the interpreter. The ahead-of-time compile tests build every
+config listed here for sm_90 and sm_80.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import triton
+
+from ...loss.triton.configs import TileConfig, autotuning, interpreting, shape_bin
+
+# Largest k of the top-k kernel: each row keeps K int64 keys in registers next to a
+# sorted [BLOCK_M, BLOCK_N >= K] key tile; beyond 256 they would spill (see below).
+MAX_TOPK = 256
+
+# Samples drawn per program from one logits tile. A sample's noise is about a hundred
+# instructions per id (a quarter of a Philox call, a float64 and an fp32 log), by
+# instruction counts half the time of the tile's matmul at d = 4096 on an H100, so more
+# samples per program would save little matmul; a grid axis over groups of samples
+# keeps the GPU full at small batch sizes.
+SAMPLES_PER_PROGRAM = 4
+
+# Enough programs to cover the SMs of an H100 (132) a few times over.
+TARGET_PROGRAMS = 4 * 132
+
+# Registers bound these tiles, not shared memory. As the JIT specialises a contiguous,
+# 16-aligned launch, ptxas (CUDA 12.8) fits every config below in 255 registers per
+# thread on sm_90 and sm_80, spilling at most 8 bytes for bf16 and 24 for fp32
+# (tests/sampling/test_triton_sampling_aot.py reports each); one more key or noise
+# value per thread spills hundreds. Top-k: a [BLOCK_M, BLOCK_N] int64 key tile, its sorted copy and the
+# running keys take 8 bytes per entry, so a thread holds 16 tile entries (64x64 or
+# 16x256 over 8 warps). K <= 64 fits a 64-row block (one wgmma M); K up to 256 needs
+# BLOCK_N = 256 and so 16 rows, where 32-wide K slices leave room for a fourth stage.
+TOPK_SMALL_K = TileConfig(64, 64, 64, num_warps=8, num_stages=3)  # K <= 64
+TOPK_LARGE_K = TileConfig(16, 256, 32, num_warps=8, num_stages=4)  # 64 < K <= 256
+TOPK_CANDIDATES_SMALL_K = (TOPK_SMALL_K, TileConfig(64, 64, 64, num_warps=8, num_stages=4))
+TOPK_CANDIDATES_LARGE_K = (TOPK_LARGE_K, TileConfig(16, 256, 64, num_warps=8, num_stages=3))
+# fp32 operands take twice the registers and shared memory per K slice: 32-wide slices,
+# and two stages for the 256-wide tile.
+TOPK_SMALL_K_FP32 = TileConfig(64, 64, 32, num_warps=8, num_stages=3)
+TOPK_LARGE_K_FP32 = TileConfig(16, 256, 32, num_warps=8, num_stages=2)
+
+# Sampling: the noise of a tile (Philox on a quarter of it, then two logs per entry) is
+# live next to the fp32 logits, which leaves room for 8 tile entries per thread: 64x32
+# over 8 warps (64x64 fills all 255 registers and spills). Below 16 rows a 16x128
+# block reads each W tile once for all rows in a quarter of the tiles' loop trips.
+# Consecutive programs are row blocks of the same split, so at larger batches they read
+# each W tile at about the same time and share it through L2.
+SAMPLE_DEFAULT = TileConfig(64, 32, 64, num_warps=8, num_stages=3)
+SAMPLE_SMALL_BATCH = TileConfig(16, 128, 64, num_warps=8, num_stages=3)
+SAMPLE_CANDIDATES = (SAMPLE_DEFAULT, TileConfig(32, 64, 64, num_warps=8, num_stages=3))
+SAMPLE_DEFAULT_FP32 = TileConfig(64, 32, 32, num_warps=8, num_stages=3)
+SAMPLE_SMALL_BATCH_FP32 = TileConfig(16, 128, 32, num_warps=8, num_stages=3)
+
+# Under TRITON_INTERPRET=1 each program runs on the CPU, one numpy op at a time: small
+# tiles so that test shapes span several tiles per split and several splits.
+INTERPRETER_TOPK_CONFIG = TileConfig(16, 64, 32, num_warps=1, num_stages=1)
+INTERPRETER_TOPK_LARGE_K_CONFIG = TileConfig(16, 256, 32, num_warps=1, num_stages=1)
+INTERPRETER_SAMPLE_CONFIG = TileConfig(16, 64, 32, num_warps=1, num_stages=1)
+INTERPRETER_TARGET_PROGRAMS = 6
+
+
+def target_programs() -> int:
+    return INTERPRETER_TARGET_PROGRAMS if interpreting() else TARGET_PROGRAMS
+
+
+def topk_candidates(dtype: torch.dtype, K: int) -> tuple[TileConfig, ...]:
+    """Configs for `K` kept keys, the default first; every one has BLOCK_N >= K."""
+    if K <= TOPK_SMALL_K.block_n:
+        return (TOPK_SMALL_K_FP32,) if dtype == torch.float32 else TOPK_CANDIDATES_SMALL_K
+    return (TOPK_LARGE_K_FP32,) if dtype == torch.float32 else TOPK_CANDIDATES_LARGE_K
+
+
+def sample_candidates(dtype: torch.dtype, rows: int) -> tuple[TileConfig, ...]:
+    if dtype == torch.float32:
+        return (SAMPLE_SMALL_BATCH_FP32 if rows <= 16 else SAMPLE_DEFAULT_FP32,)
+    return (SAMPLE_SMALL_BATCH,) if rows <= 16 else SAMPLE_CANDIDATES
+
+
+_TUNED: dict[tuple, TileConfig] = {}
+
+
+def _pick(key: tuple, candidates: tuple[TileConfig, ...], run: Callable[[TileConfig], object] | None) -> TileConfig:
+    if not autotuning() or run is None or len(candidates) == 1:
+        return candidates[0]
+    if key not in _TUNED:
+        timings = [(triton.testing.do_bench(lambda c=c: run(c), warmup=5, rep=25), i) for i, c in enumerate(candidates)]
+        _TUNED[key] = candidates[min(timings)[1]]
+    return _TUNED[key]
+
+
+def select_topk_config(dtype: torch.dtype, K: int, rows: int, vocab: int,
+                       run: Callable[[TileConfig], object] | None = None) -> TileConfig:
+    if interpreting():
+        return INTERPRETER_TOPK_CONFIG if K <= INTERPRETER_TOPK_CONFIG.block_n else INTERPRETER_TOPK_LARGE_K_CONFIG
+    return _pick(("topk", dtype, K, shape_bin(rows), vocab), topk_candidates(dtype, K), run)
+
+
+def select_sample_config(dtype: torch.dtype, rows: int, vocab: int,
+                         run: Callable[[TileConfig], object] | None = None) -> TileConfig:
+    if interpreting():
+        return INTERPRETER_SAMPLE_CONFIG
+    return _pick(("sample", dtype, shape_bin(rows), vocab), sample_candidates(dtype, rows), run)

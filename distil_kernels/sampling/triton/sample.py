@@ -1,0 +1,211 @@
+"""Gumbel-max sample kernel: untruncated or greedy draws without the [B, V] logits.
+
+Program (m, s, j) takes row block m through vocabulary split s for samples
+SAMPLES*j .. SAMPLES*(j+1)-1. Each logits tile is computed once and serves all of the
+program's samples: its raw logits and z = raw / T are folded into running (max,
+sum-exp) pairs, and for each sample the Philox noise of the tile is added to z and the
+tile's argmax (ties to the lower id) competes with the sample's running best.
+
+The noise is the torch backend's stream (sampling/sample.py): id v of sample n takes
+word v % 4 of Philox4x32-10 keyed by the row's seed at counter (v // 4, position low
+word, n, position high word), so one `tl.philox` call on [BLOCK_M, BLOCK_N / 4] groups
+gives the whole tile; its four words are interleaved back into id order. The transform
+to g = -log(-log(u)) is the torch backend's (the inner log in float64, the outer in
+fp32), so both backends draw the same ids unless two scores tie to within the last
+bits of different math libraries or matmul orders.
+
+Each split stores its best (score, id, raw logit) per row and sample and its partials;
+the host keeps the best split per sample (the earlier split on equal scores, as its ids
+are lower) and merges the log-sum-exps.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ...loss.triton.tiles import logits_tile
+from ..sample import Sample, SamplingOptions
+from .configs import SAMPLES_PER_PROGRAM, TileConfig, select_sample_config
+from .splits import merge_lse, plan_splits
+
+TWO_POW_MINUS_32 = tl.constexpr(2.0**-32)
+TWO_POW_MINUS_33 = tl.constexpr(2.0**-33)
+
+
+@triton.jit
+def gumbel_from_words(words):
+    """The torch backend's g = -log(E) in fp32, E = -log(u) in float64 rounded to fp32, u = (2w + 1) / 2**33.
+
+    u has 33 significant bits, exact in float64, so E keeps full relative precision
+    where it is tiny (u near 1), and rounding it to fp32 gives the torch backend's E
+    whenever both float64 logs are within an ulp of the truth, all but always.
+    """
+    u = words.to(tl.float64) * TWO_POW_MINUS_32 + TWO_POW_MINUS_33
+    exponential = (-tl.log(u)).to(tl.float32)
+    return -tl.log(exponential)
+
+
+@triton.jit
+def tile_noise(seed, pos_lo, pos_hi, first_group, sample, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Gumbel noise [BLOCK_M, BLOCK_N] of ids 4*first_group .. for one sample: one Philox call per 4 ids."""
+    GROUPS: tl.constexpr = BLOCK_N // 4
+    shape: tl.constexpr = (BLOCK_M, GROUPS)
+    c0 = tl.broadcast_to((first_group + tl.arange(0, GROUPS)).to(tl.uint32)[None, :], shape)
+    c1 = tl.broadcast_to(pos_lo[:, None], shape)
+    c2 = tl.zeros(shape, dtype=tl.uint32) + sample
+    c3 = tl.broadcast_to(pos_hi[:, None], shape)
+    w0, w1, w2, w3 = tl.philox(seed[:, None], c0, c1, c2, c3)
+    # join(a, b) stacks on a new minor axis, so join(join(w0, w2), join(w1, w3)) lists the
+    # words of a group in the order w0, w1, w2, w3: id order.
+    words = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), (BLOCK_M, BLOCK_N))
+    return gumbel_from_words(words)
+
+
+@triton.jit
+def sample_kernel(
+    # pointers
+    x_ptr, w_ptr, b_ptr,
+    seed_ptr,  # [N] int64: each row's Philox key
+    pos_ptr,  # [N, 2] int64: position words (low, high)
+    score_ptr, id_ptr, raw_ptr,  # [N, num_splits, num_samples]: each split's best per sample
+    part_ptr,  # [N, num_splits, 4] fp32: (max, sum-exp) of the raw logits, then of z
+    # sizes
+    N, V, D, num_tiles, tiles_per_split, num_splits, num_samples,
+    # strides
+    stride_xn, stride_xd, stride_wv, stride_wd,
+    # logits transform
+    softcap, temperature,
+    # meta-parameters
+    SAMPLES: tl.constexpr,  # samples per program, a power of two
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr,  # bias added in the tile
+    HAS_SOFTCAP: tl.constexpr,  # c * tanh(u / c) applied in the tile
+    GREEDY: tl.constexpr,  # temperature 0: argmax of the raw logits, no noise, one sample
+    DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs: no silent TF32
+):
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    first_sample = tl.program_id(2) * SAMPLES
+    end_sample = tl.minimum(first_sample + SAMPLES, num_samples)
+    # int64: offs_m * stride_xn passes 2**31 for N * d beyond 2G elements.
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < N
+    seed = tl.load(seed_ptr + offs_m, mask=row_ok, other=0)
+    pos_lo = tl.load(pos_ptr + 2 * offs_m, mask=row_ok, other=0).to(tl.uint32)
+    pos_hi = tl.load(pos_ptr + 2 * offs_m + 1, mask=row_ok, other=0).to(tl.uint32)
+    cols = tl.arange(0, BLOCK_N)
+    slots = tl.arange(0, SAMPLES)  # sample first_sample + slot
+    best_score = tl.full((BLOCK_M, SAMPLES), float("-inf"), dtype=tl.float32)
+    best_id = tl.zeros((BLOCK_M, SAMPLES), dtype=tl.int64)
+    best_raw = tl.zeros((BLOCK_M, SAMPLES), dtype=tl.float32)
+    raw_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    raw_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    z_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    z_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    first_tile = pid_s * tiles_per_split
+    last_tile = tl.minimum(first_tile + tiles_per_split, num_tiles)
+    for tile in range(first_tile, last_tile):
+        offs_n = (tile * BLOCK_N + cols).to(tl.int64)
+        col_ok = offs_n < V
+        raw, tanh = logits_tile(
+            x_ptr, w_ptr, b_ptr, offs_m, offs_n, N, V, D, stride_xn, stride_xd, stride_wv, stride_wd,
+            softcap, 1.0, BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS, HAS_SOFTCAP, DOT_PRECISION,
+        )
+        raw = tl.where(col_ok[None, :], raw, float("-inf"))
+        new_max = tl.maximum(raw_max, tl.max(raw, axis=1))
+        raw_sum = raw_sum * tl.exp(raw_max - new_max) + tl.sum(tl.exp(raw - new_max[:, None]), axis=1)
+        raw_max = new_max
+        if GREEDY:
+            z = raw
+        else:
+            # Correctly rounded, as the torch backend's division: `/` is approximate on GPUs.
+            z = tl.math.div_rn(raw, temperature)
+            new_max = tl.maximum(z_max, tl.max(z, axis=1))
+            z_sum = z_sum * tl.exp(z_max - new_max) + tl.sum(tl.exp(z - new_max[:, None]), axis=1)
+            z_max = new_max
+        for sample in range(first_sample, end_sample):
+            if GREEDY:
+                score = z
+            else:
+                score = z + tile_noise(seed, pos_lo, pos_hi, tile * (BLOCK_N // 4), sample, BLOCK_M, BLOCK_N)
+            tile_best = tl.max(score, axis=1)
+            local = tl.argmax(score, axis=1, tie_break_left=True)
+            tile_raw = tl.max(tl.where(cols[None, :] == local[:, None], raw, float("-inf")), axis=1)
+            slot = (slots == sample - first_sample)[None, :]
+            previous = tl.max(tl.where(slot, best_score, float("-inf")), axis=1)
+            # Strictly greater: earlier tiles hold lower ids.
+            better = slot & (tile_best > previous)[:, None]
+            best_score = tl.where(better, tile_best[:, None], best_score)
+            best_id = tl.where(better, (tile * BLOCK_N + local).to(tl.int64)[:, None], best_id)
+            best_raw = tl.where(better, tile_raw[:, None], best_raw)
+    out = offs_m * num_splits + pid_s
+    samples = first_sample + slots
+    out_samples = out[:, None] * num_samples + samples[None, :]
+    sample_ok = row_ok[:, None] & (samples < num_samples)[None, :]
+    tl.store(score_ptr + out_samples, best_score, mask=sample_ok)
+    tl.store(id_ptr + out_samples, best_id, mask=sample_ok)
+    tl.store(raw_ptr + out_samples, best_raw, mask=sample_ok)
+    if first_sample == 0:  # one program per (row block, split) stores the partials
+        tl.store(part_ptr + out * 4, raw_max, mask=row_ok)
+        tl.store(part_ptr + out * 4 + 1, raw_sum, mask=row_ok)
+        if not GREEDY:
+            tl.store(part_ptr + out * 4 + 2, z_max, mask=row_ok)
+            tl.store(part_ptr + out * 4 + 3, z_sum, mask=row_ok)
+
+
+def triton_sample(x: Tensor, weight: Tensor, bias: Tensor | None, softcap: float | None,
+                  options: SamplingOptions, keys: tuple[Tensor, Tensor, Tensor, Tensor],
+                  config: TileConfig | None = None) -> Sample:
+    """Untruncated or greedy draws for 2-D `x` [B, d] (fp16, bf16 or fp32); `bias` fp32 or None.
+
+    `keys`: the rows' Philox key and position words (k0, k1, pos_lo, pos_hi), each [B]
+    int64 (`row_keys` in sampling/sample.py). Greedy draws one id per row and repeats it.
+    """
+    n, d = x.shape
+    v = weight.shape[0]
+    drawn = 1 if options.greedy else options.num_samples
+    if config is None:
+        config = select_sample_config(x.dtype, n, weight.shape[0],
+                                      lambda c: triton_sample(x, weight, bias, softcap, options, keys, c))
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    if weight.stride(-1) != 1:
+        weight = weight.contiguous()
+    samples_per_program = min(triton.next_power_of_2(drawn), SAMPLES_PER_PROGRAM)
+    sample_programs = triton.cdiv(drawn, samples_per_program)
+    plan = plan_splits(n, v, config.block_m, config.block_n, sample_programs)
+    k0, k1, pos_lo, pos_hi = keys
+    seeds = (k0 | (k1 << 32)).contiguous()  # the 64-bit seed that tl.philox splits back into (k0, k1)
+    positions = torch.stack([pos_lo, pos_hi], dim=1).contiguous()
+    dev = x.device
+    score = torch.empty(n, plan.num_splits, drawn, dtype=torch.float32, device=dev)
+    ids = torch.empty(n, plan.num_splits, drawn, dtype=torch.int64, device=dev)
+    raw = torch.empty(n, plan.num_splits, drawn, dtype=torch.float32, device=dev)
+    part = torch.empty(n, plan.num_splits, 4, dtype=torch.float32, device=dev)
+    if n > 0:
+        sample_kernel[(plan.num_m_blocks, plan.num_splits, sample_programs)](
+            x, weight, bias if bias is not None else x,
+            seeds, positions, score, ids, raw, part,
+            n, v, d, plan.num_tiles, plan.tiles_per_split, plan.num_splits, drawn,
+            x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
+            float(softcap or 1.0), float(options.temperature or 1.0),
+            SAMPLES=samples_per_program, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+            HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, GREEDY=options.greedy,
+            DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+            num_warps=config.num_warps, num_stages=config.num_stages,
+        )
+    # First maximum over splits: on equal scores the earlier split, whose ids are lower.
+    split = score.argmax(dim=1, keepdim=True)
+    best_ids = ids.gather(1, split).squeeze(1)
+    best_raw = raw.gather(1, split).squeeze(1)
+    lse_raw = merge_lse(part[..., 0], part[..., 1])
+    raw_logprobs = best_raw - lse_raw[:, None]
+    if options.greedy:
+        shape = (n, options.num_samples)
+        return Sample(best_ids.expand(shape).contiguous(), torch.zeros(shape, device=dev),
+                      raw_logprobs.expand(shape).contiguous(), lse_raw)
+    lse_z = merge_lse(part[..., 2], part[..., 3])
+    return Sample(best_ids, best_raw / options.temperature - lse_z[:, None], raw_logprobs, lse_raw)

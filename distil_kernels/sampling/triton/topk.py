@@ -1,0 +1,227 @@
+"""Top-k kernel: the k most probable ids of each row, exactly, and its log-sum-exp.
+
+Program (m, s) takes row block m through vocabulary split s. Each logits tile (from the
+loss core's `logits_tile`) is folded into a running (max, sum-exp) and turned into int64
+keys that order entries by (value descending, id ascending): the fp32 bits, flipped so
+that integer order is float order, in the high word and 2**32 - 1 - id in the low word.
+Integer comparisons then break ties to the lower id exactly, and one sort orders
+values and ids together (`sort_rows`).
+
+Each row keeps its best K keys (k padded to a power of two, K <= BLOCK_N) in registers,
+sorted ascending. A tile that can change them is sorted descending and cut to its first
+K keys; the elementwise maximum of an ascending and a descending sequence of K holds the
+K largest of their union (Batcher's half-cleaner), which one more sort of K puts back in
+order. In random order tile t holds about K / t entries of a row's best K so far, so
+with small K and many tiles most tiles beat no row's K-th key, and those skip both
+sorts.
+
+Each split stores its K best keys and (max, sum-exp) per row; the host takes the top k
+of the num_splits * K keys of a row and merges the log-sum-exp.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ...loss.options import LossOptions
+from ...loss.triton.tiles import logits_tile
+from .configs import MAX_TOPK, TileConfig, select_topk_config
+from .splits import merge_lse, plan_splits
+
+# The key of a masked entry: below the key of every float, -inf and NaN included.
+EMPTY_KEY = tl.constexpr(-(2**63))
+
+
+class TritonTopK(NamedTuple):
+    ids: Tensor  # [N, k] int64, descending probability, ties to the lower id
+    logprobs: Tensor  # [N, k] fp32, z[id] - lse
+    lse: Tensor  # [N] fp32, log-sum-exp of z = softcap(x W^T + b) / T
+    lse_raw: Tensor | None  # [N] fp32, log-sum-exp of softcap(x W^T + b), when asked for
+
+
+@triton.jit
+def ordered_keys(z, offs_n):
+    """int64 keys of fp32 values `z` [M, N] at ids `offs_n` [N]: larger key = (larger z, or equal z and lower id)."""
+    bits = z.to(tl.int32, bitcast=True)
+    # -0.0 equals +0.0, so both take +0.0's key and tie by id; NaN ranks above +inf,
+    # as in a descending torch.sort.
+    bits = tl.where(z == 0.0, 0, bits)
+    bits = tl.where(z != z, 0x7FC00000, bits)
+    # Negative floats order backwards as integers: flipping their magnitude bits fixes it.
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    return (ordered.to(tl.int64) << 32) | (0xFFFFFFFF - offs_n)[None, :]
+
+
+@triton.jit
+def _bit_indicator(LOG_N: tl.constexpr, axis: tl.constexpr):
+    """0, 1 along axis `axis` of a [M, 2, ..., 2] hypercube with LOG_N twos; size 1 elsewhere."""
+    return tl.reshape(tl.arange(0, 2), [1] * axis + [2] + [1] * (LOG_N - axis))
+
+
+@triton.jit
+def _compare_exchange(h, descending, LOG_N: tl.constexpr, axis: tl.constexpr):
+    """One bitonic step: each entry meets its partner along `axis` and keeps the min or the max."""
+    # a + b - a = b holds in wrapping int64 arithmetic, so a sum finds the partner.
+    partner = tl.sum(h, axis=axis, keep_dims=True) - h
+    right = _bit_indicator(LOG_N, axis)
+    return tl.where((h > partner) != (right ^ descending), partner, h)
+
+
+@triton.jit
+def sort_rows(x, DESCENDING: tl.constexpr):
+    """Each row of int64 `x` [M, N] (N a power of two) sorted, by a bitonic network.
+
+    The network of `tl.sort`, on the [M, 2, ..., 2] hypercube of `x`, but partners are
+    found by a sum over a size-2 axis instead of an xor: Triton's interpreter runs
+    numpy sums at once but reductions with a custom combine element by element (seconds
+    per tile, hours per test run), and the compiled code is the same shuffles.
+    """
+    M: tl.constexpr = x.shape[0]
+    N: tl.constexpr = x.shape[1]
+    LOG_N: tl.constexpr = int(N).bit_length() - 1
+    h = tl.reshape(x, [M] + [2] * LOG_N)  # axis a holds bit LOG_N - a of the column
+    for stage in tl.static_range(1, LOG_N + 1):
+        # Stage s merges runs of 2**s, alternately ascending and descending (by bit s of
+        # the column) until the last stage, which runs the requested way.
+        if stage < LOG_N:
+            descending = _bit_indicator(LOG_N, LOG_N - stage) ^ DESCENDING
+        else:
+            descending = DESCENDING
+        for i in tl.static_range(stage):
+            h = _compare_exchange(h, descending, LOG_N, LOG_N - stage + 1 + i)
+    return tl.reshape(h, [M, N])
+
+
+@triton.jit
+def topk_kernel(
+    # pointers
+    x_ptr, w_ptr, b_ptr,
+    keys_ptr,  # [N, num_splits, K] int64: each split's best keys per row
+    part_ptr,  # [N, num_splits, 4] fp32: (max, sum-exp) of z, then of the raw logits
+    # sizes
+    N, V, D, num_tiles, tiles_per_split, num_splits,
+    # strides
+    stride_xn, stride_xd, stride_wv, stride_wd,
+    # logits transform
+    softcap, inv_temp,
+    # meta-parameters
+    K: tl.constexpr,  # keys kept per row: k padded to a power of two, <= BLOCK_N
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr,  # bias added in the tile
+    HAS_SOFTCAP: tl.constexpr,  # c * tanh(u / c) applied in the tile
+    RAW_LSE: tl.constexpr,  # truncated sampling at T != 1 also needs the lse at temperature 1
+    DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs: no silent TF32
+):
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    # int64: offs_m * stride_xn passes 2**31 for N * d beyond 2G elements.
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < N
+    best = tl.full((BLOCK_M, K), EMPTY_KEY, dtype=tl.int64)  # ascending
+    kth = tl.full((BLOCK_M,), EMPTY_KEY, dtype=tl.int64)  # best[:, 0]
+    run_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    run_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    raw_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    raw_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    first_tile = pid_s * tiles_per_split
+    last_tile = tl.minimum(first_tile + tiles_per_split, num_tiles)
+    for tile in range(first_tile, last_tile):
+        offs_n = (tile * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+        col_ok = offs_n < V
+        z, tanh = logits_tile(
+            x_ptr, w_ptr, b_ptr, offs_m, offs_n, N, V, D, stride_xn, stride_xd, stride_wv, stride_wd,
+            softcap, inv_temp, BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS, HAS_SOFTCAP, DOT_PRECISION,
+        )
+        z = tl.where(col_ok[None, :], z, float("-inf"))
+        new_max = tl.maximum(run_max, tl.max(z, axis=1))
+        run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(z - new_max[:, None]), axis=1)
+        run_max = new_max
+        if RAW_LSE:
+            raw = tanh * softcap if HAS_SOFTCAP else tanh
+            raw = tl.where(col_ok[None, :], raw, float("-inf"))
+            new_max = tl.maximum(raw_max, tl.max(raw, axis=1))
+            raw_sum = raw_sum * tl.exp(raw_max - new_max) + tl.sum(tl.exp(raw - new_max[:, None]), axis=1)
+            raw_max = new_max
+        keys = ordered_keys(z, offs_n)
+        keys = tl.where(row_ok[:, None] & col_ok[None, :], keys, EMPTY_KEY)
+        # Two int64 sorts cost far more instructions than the keys: skip them when no
+        # row's K-th key is beaten, as in most tiles once the running keys are filled.
+        needed = tl.max(tl.where(tl.max(keys, axis=1) > kth, 1, 0), axis=0)
+        if needed > 0:
+            top = sort_rows(keys, True)
+            if K < BLOCK_N:
+                # Chunks of a descending row: the first is the elementwise maximum of all.
+                top = tl.max(tl.reshape(top, (BLOCK_M, BLOCK_N // K, K)), axis=1)
+            best = sort_rows(tl.maximum(best, top), False)
+            kth = tl.min(best, axis=1)
+    out = offs_m * num_splits + pid_s
+    offs_k = tl.arange(0, K)
+    tl.store(keys_ptr + out[:, None] * K + offs_k[None, :], best, mask=row_ok[:, None])
+    tl.store(part_ptr + out * 4, run_max, mask=row_ok)
+    tl.store(part_ptr + out * 4 + 1, run_sum, mask=row_ok)
+    if RAW_LSE:
+        tl.store(part_ptr + out * 4 + 2, raw_max, mask=row_ok)
+        tl.store(part_ptr + out * 4 + 3, raw_sum, mask=row_ok)
+
+
+def decode_keys(keys: Tensor) -> tuple[Tensor, Tensor]:
+    """(fp32 values, int64 ids) of keys made by `ordered_keys`."""
+    ids = 0xFFFFFFFF - (keys & 0xFFFFFFFF)
+    ordered = (keys >> 32).to(torch.int32)
+    bits = ordered ^ ((ordered >> 31) & 0x7FFFFFFF)
+    return bits.view(torch.float32), ids
+
+
+def padded_k(k: int) -> int:
+    return triton.next_power_of_2(k)
+
+
+def triton_topk(x: Tensor, weight: Tensor, bias: Tensor | None, k: int, options: LossOptions,
+                raw_lse: bool = False, config: TileConfig | None = None) -> TritonTopK:
+    """Top-k of 2-D `x` [N, d] (fp16, bf16 or fp32) against `weight` [V, d]; `bias` fp32 or None.
+
+    k above `MAX_TOPK` (256) takes the chunked sweep: the kernel keeps each row's keys in
+    registers, and more than 256 int64 keys per row next to the key tile would spill.
+    """
+    if k > MAX_TOPK:
+        from ..topk import chunked_topk
+
+        ids, logprobs, lse, lse_raw = chunked_topk(x, weight, bias, k, options, raw_lse)
+        return TritonTopK(ids, logprobs.float(), lse.float(), None if lse_raw is None else lse_raw.float())
+    n, d = x.shape
+    v = weight.shape[0]
+    K = padded_k(k)
+    if config is None:
+        config = select_topk_config(x.dtype, K, n, weight.shape[0],
+                                    lambda c: triton_topk(x, weight, bias, k, options, raw_lse, c))
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    if weight.stride(-1) != 1:
+        weight = weight.contiguous()
+    plan = plan_splits(n, v, config.block_m, config.block_n)
+    dev = x.device
+    keys = torch.empty(n, plan.num_splits, K, dtype=torch.int64, device=dev)
+    part = torch.empty(n, plan.num_splits, 4, dtype=torch.float32, device=dev)
+    if n > 0:
+        topk_kernel[(plan.num_m_blocks, plan.num_splits)](
+            x, weight, bias if bias is not None else x,
+            keys, part,
+            n, v, d, plan.num_tiles, plan.tiles_per_split, plan.num_splits,
+            x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
+            float(options.softcap or 1.0), 1.0 / options.temperature,
+            K=K, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+            HAS_BIAS=bias is not None, HAS_SOFTCAP=options.softcap is not None, RAW_LSE=raw_lse,
+            DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+            num_warps=config.num_warps, num_stages=config.num_stages,
+        )
+    # Keys are distinct but for EMPTY_KEY, which ranks last and k <= V keeps it out.
+    top = torch.topk(keys.view(n, plan.num_splits * K), k, dim=1).values
+    values, ids = decode_keys(top)
+    lse = merge_lse(part[..., 0], part[..., 1])
+    lse_raw = merge_lse(part[..., 2], part[..., 3]) if raw_lse else None
+    return TritonTopK(ids, values - lse[:, None], lse, lse_raw)

@@ -1,0 +1,249 @@
+"""The triton backend of linear_topk and linear_sample under Triton's CPU interpreter.
+
+Triton decides at import whether kernels are interpreted, so these tests run in their
+own pytest process with TRITON_INTERPRET=1 (`make test` does both runs). The
+interpreter's bf16 `tl.dot` is unreliable, so inputs are fp32 and fp16. The kernels use
+16-row tiles of 64 vocabulary columns here (256 for k > 64) and split the vocabulary
+for 6 programs, so the small odd shapes below cover masked edges, several splits and
+several tiles per split.
+
+Top-k is checked against the float64 formula; exact ties use integer-valued inputs,
+whose logits are exact in every backend. Sampling must draw the torch backend's ids for
+the same seed: both use the same Philox stream and fp32 transform.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+if os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("runs under TRITON_INTERPRET=1 (make test runs it)", allow_module_level=True)
+pytest.importorskip("triton")
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from distil_kernels import linear_sample, linear_topk  # noqa: E402
+from distil_kernels.sampling.sample import _gumbel_from_words, gumbel_noise_range, row_keys  # noqa: E402
+from distil_kernels.sampling.triton.sample import gumbel_from_words, tile_noise  # noqa: E402
+
+pytestmark = pytest.mark.interpreter
+
+
+def make_problem(n, v, d, dtype, seed, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(n, d, generator=g, dtype=torch.float64) * scale).to(dtype)
+    w = (torch.randn(v, d, generator=g, dtype=torch.float64) / d**0.5).to(dtype)
+    b = torch.randn(v, generator=g, dtype=torch.float64).to(dtype)
+    return x, w, b
+
+
+def dense_log_softmax(x, w, b, softcap=None, temperature=1.0):
+    """float64 log-softmax and lse of the inputs as given, straight from the formula."""
+    z = x.double() @ w.double().T
+    if b is not None:
+        z = z + b.double()
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    z = z / temperature
+    return F.log_softmax(z, dim=-1), torch.logsumexp(z, dim=-1)
+
+
+def assert_topk_close(got, log_q, lse, k, tol):
+    """Log-probs and lse within `tol` of float64; ids exact wherever no near-tie makes them ambiguous."""
+    want_values, want_ids = torch.sort(log_q, dim=1, descending=True, stable=True)
+    assert got.ids.shape == (log_q.shape[0], k) and got.ids.dtype == torch.int64
+    torch.testing.assert_close(got.lse.double(), lse, rtol=0, atol=tol)
+    torch.testing.assert_close(got.logprobs.double(), want_values[:, :k], rtol=0, atol=tol)
+    torch.testing.assert_close(got.logprobs.double(), log_q.gather(1, got.ids), rtol=0, atol=tol)
+    padded = torch.cat([want_values, torch.full_like(want_values[:, :1], -torch.inf)], dim=1)
+    gap_next = padded[:, :k] - padded[:, 1 : k + 1]
+    gap_prev = torch.cat([torch.full_like(gap_next[:, :1], torch.inf), gap_next[:, :-1]], dim=1)
+    clear = (gap_next > 2 * tol) & (gap_prev > 2 * tol)
+    assert torch.equal(got.ids[clear], want_ids[:, :k][clear])
+    assert len(set(got.ids[0].tolist())) == k
+
+
+# --------------------------------------------------------------------------------------
+# Top-k
+# --------------------------------------------------------------------------------------
+
+TOPK_OPTIONS = [{}, {"softcap": 3.0, "temperature": 0.7}]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("options", TOPK_OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()) or "plain")
+@pytest.mark.parametrize("k", [1, 5, 64])
+def test_topk_odd_shapes(dtype, options, k):
+    """N=37, V=507, d=23: 3 row blocks x 2 splits of 4 tiles, the last tile 59 columns wide."""
+    x, w, b = make_problem(37, 507, 23, dtype, seed=k, scale=2.0)
+    got = linear_topk(x, w, k, bias=b, backend="triton", **options)
+    log_q, lse = dense_log_softmax(x, w, b, **options)
+    assert_topk_close(got, log_q, lse, k, tol=2e-5)
+    want = linear_topk(x, w, k, bias=b, backend="torch", **options)
+    torch.testing.assert_close(got.logprobs, want.logprobs, rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("k", [100, 256])
+def test_topk_large_k(k):
+    """K = 128 and 256 keep 256-wide tiles: V=700 spans 3 of them, over 2 splits."""
+    x, w, b = make_problem(21, 700, 16, torch.float32, seed=k)
+    got = linear_topk(x, w, k, bias=b, backend="triton", temperature=1.3)
+    log_q, lse = dense_log_softmax(x, w, b, temperature=1.3)
+    assert_topk_close(got, log_q, lse, k, tol=2e-5)
+
+
+def test_topk_above_256_takes_the_chunked_sweep():
+    x, w, b = make_problem(5, 400, 8, torch.float32, seed=3)
+    got = linear_topk(x, w, 300, bias=b, backend="triton")
+    want = linear_topk(x, w, 300, bias=b, backend="chunked")
+    assert torch.equal(got.ids, want.ids)
+    torch.testing.assert_close(got.logprobs, want.logprobs, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("k", [5, 64, 256])
+@pytest.mark.parametrize("softcap", [None, 40.0])
+def test_topk_exact_ties_go_to_the_lower_id(k, softcap):
+    """Integer logits from 7 distinct weight rows repeated over V=300: every value ties many times."""
+    g = torch.Generator().manual_seed(k)
+    x = torch.randint(-3, 4, (19, 8), generator=g).float()
+    w = torch.randint(-2, 3, (7, 8), generator=g).float()[torch.randint(0, 7, (300,), generator=g)]
+    b = torch.randint(-1, 2, (300,), generator=g).float()
+    got = linear_topk(x, w, k, bias=b, softcap=softcap, temperature=0.5, backend="triton")
+    want = linear_topk(x, w, k, bias=b, softcap=softcap, temperature=0.5, backend="torch")
+    assert torch.equal(got.ids, want.ids)
+    # The tile's tanh (1 - 2 / (exp(2y) + 1)) is a few ulp of 1 off near 0, c = 40 times that.
+    tol = 1e-5 if softcap is None else 5e-5
+    torch.testing.assert_close(got.logprobs, want.logprobs, rtol=0, atol=tol)
+    torch.testing.assert_close(got.lse, want.lse, rtol=0, atol=tol)
+
+
+def test_topk_edge_inputs():
+    x, w, b = make_problem(9, 130, 24, torch.float32, seed=5)
+    # A non-unit inner stride (made contiguous by the launcher) and a 3-D input.
+    wide = torch.zeros(9, 48)
+    wide[:, ::2] = x
+    got = linear_topk(wide[:, ::2].reshape(3, 3, 24), w, 7, bias=b, backend="triton")
+    want = linear_topk(x, w, 7, bias=b, backend="torch")
+    assert torch.equal(got.ids, want.ids)
+    empty = linear_topk(x[:0], w, 4, backend="triton")
+    assert empty.ids.shape == (0, 4) and empty.lse.shape == (0,)
+    one = linear_topk(x[:1], w[:3], 3, backend="triton")
+    assert torch.equal(one.ids, linear_topk(x[:1], w[:3], 3, backend="torch").ids)
+    with pytest.raises(TypeError, match="float64"):
+        linear_topk(x.double(), w.double(), 3, backend="triton")
+
+
+# --------------------------------------------------------------------------------------
+# The noise
+# --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _noise_kernel(seed_ptr, pos_ptr, words_ptr, gumbel_ptr, noise_ptr, first_group, sample,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    rows = tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    words = tl.load(words_ptr + cols).to(tl.uint32)
+    tl.store(gumbel_ptr + cols, gumbel_from_words(words))
+    seed = tl.load(seed_ptr + rows)
+    pos_lo = tl.load(pos_ptr + 2 * rows).to(tl.uint32)
+    pos_hi = tl.load(pos_ptr + 2 * rows + 1).to(tl.uint32)
+    noise = tile_noise(seed, pos_lo, pos_hi, first_group, sample, BLOCK_M, BLOCK_N)
+    tl.store(noise_ptr + rows[:, None] * BLOCK_N + cols[None, :], noise)
+
+
+def test_noise_is_the_torch_stream():
+    """Gumbel transform at the edge words, and a tile's noise at large ids, seeds and positions."""
+    edges = torch.tensor([0, 1, 2, 2**31 - 2, 2**31 - 1, 2**31, 2**31 + 1, 2**32 - 2, 2**32 - 1])
+    words = torch.cat([edges, torch.randint(0, 2**32, (64 - len(edges),), generator=torch.Generator().manual_seed(0))])
+    seeds = torch.tensor([0, 1, -1, 2**40 + 3, -(2**62), 7, 2**32 - 1, 12345])
+    positions = torch.tensor([0, 5, 2**32 + 1, 2**45, 3, 2**33 - 1, 17, 0])
+    keys = row_keys(seeds, positions, 8, torch.device("cpu"))
+    seed_words = keys[0] | (keys[1] << 32)
+    gumbel = torch.empty(64)
+    noise = torch.empty(8, 64)
+    first_group, sample = 2**28 + 5, 3
+    _noise_kernel[(1,)](seed_words, torch.stack(keys[2:], dim=1).contiguous(), words, gumbel, noise, first_group,
+                        sample, BLOCK_M=8, BLOCK_N=64)
+    # Math libraries differ by an ulp in the fp32 log: a few 1e-7 absolute where g = -log(E) crosses 0.
+    torch.testing.assert_close(gumbel, _gumbel_from_words(words), rtol=1e-6, atol=4e-7)
+    v0 = 4 * first_group
+    torch.testing.assert_close(noise, gumbel_noise_range(v0, v0 + 64, keys, sample), rtol=1e-6, atol=4e-7)
+
+
+# --------------------------------------------------------------------------------------
+# Sampling
+# --------------------------------------------------------------------------------------
+
+SAMPLE_OPTIONS = [
+    dict(), dict(temperature=0.7), dict(temperature=0, num_samples=3), dict(top_k=5), dict(top_p=0.9),
+    dict(min_p=0.1), dict(num_samples=5, top_k=40, top_p=0.95, temperature=1.3), dict(num_samples=6),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("options", SAMPLE_OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "plain")
+def test_sample_draws_the_torch_ids(dtype, options):
+    """B=21, V=300, d=16: 2 row blocks x 3 splits (2 tiles each, the last 44 columns wide)."""
+    x, w, b = make_problem(21, 300, 16, dtype, seed=1, scale=3.0)
+    want = linear_sample(x, w, bias=b, softcap=5.0, seed=7, backend="torch", **options)
+    got = linear_sample(x, w, bias=b, softcap=5.0, seed=7, backend="triton", **options)
+    assert torch.equal(got.ids, want.ids)
+    for p, q in zip(got[1:], want[1:]):
+        assert p.dtype == torch.float32 and p.shape == q.shape
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("options", [dict(), dict(top_p=0.8)], ids=["plain", "top_p"])
+def test_sample_per_row_seeds_and_positions(options):
+    x, w, b = make_problem(19, 200, 8, torch.float32, seed=2, scale=2.0)
+    gen = torch.Generator().manual_seed(3)
+    seeds = torch.randint(-(2**62), 2**62, (19,), generator=gen)
+    positions = torch.randint(0, 2**40, (19,), generator=gen)
+    for seed, pos in ((seeds, None), (seeds, positions), (11, positions)):
+        want = linear_sample(x, w, bias=b, seed=seed, positions=pos, num_samples=2, backend="torch", **options)
+        got = linear_sample(x, w, bias=b, seed=seed, positions=pos, num_samples=2, backend="triton", **options)
+        assert torch.equal(got.ids, want.ids)
+
+
+def test_greedy_ties_go_to_the_lower_id():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randint(-3, 4, (20, 8), generator=g).float()
+    w = torch.randint(-1, 2, (5, 8), generator=g).float()[torch.randint(0, 5, (250,), generator=g)]
+    got = linear_sample(x, w, temperature=0, backend="triton")
+    want = (x @ w.T).argmax(dim=1)  # first maximum
+    assert torch.equal(got.ids[:, 0], want)
+    assert (got.logprobs == 0).all()
+
+
+CHI2_CRITICAL = {2: 13.816, 5: 20.515}  # p = 1e-3, by degrees of freedom
+PROBS = torch.tensor([0.35, 0.25, 0.15, 0.12, 0.08, 0.05], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("options, expected", [
+    (dict(), PROBS),
+    (dict(top_p=0.7), torch.tensor([0.35, 0.25, 0.15, 0, 0, 0], dtype=torch.float64) / 0.75),
+], ids=["plain", "top_p"])
+def test_sample_chi_square(options, expected):
+    """2048 draws (64 rows x 32 samples) from a head whose logits are log(PROBS)."""
+    w = torch.zeros(6, 8)
+    w[:, 0] = PROBS.log().float()
+    x = torch.zeros(64, 8)
+    x[:, 0] = 1.0
+    ids = linear_sample(x, w, seed=5, num_samples=32, backend="triton", **options).ids.flatten()
+    counts = torch.bincount(ids, minlength=6).double()
+    assert (counts[expected == 0] == 0).all()
+    live = expected > 0
+    e = expected[live] * ids.numel()
+    assert float(((counts[live] - e) ** 2 / e).sum()) < CHI2_CRITICAL[int(live.sum()) - 1]
+
+
+def test_sample_rejects_float64():
+    x, w, _ = make_problem(3, 20, 4, torch.float64, seed=0)
+    with pytest.raises(TypeError, match="float64"):
+        linear_sample(x, w, backend="triton")
