@@ -135,8 +135,8 @@ def test_non_finite_loss_skips_the_step_and_says_so(tmp_path):
 def test_cli_config_file_and_flags(tmp_path, capsys):
     config = tmp_path / "run.toml"
     config.write_text('objective = "ce"\nsteps = 5\nwarmup_steps = 1\nwarmup_batch = 4\nprompts_per_step = 2\n'
-                      'rollouts_per_prompt = 2\neval_every = 1\neval_prompts = 4\neval_samples = 2\nstudent_hidden = 32\n'
-                      '[task_options]\ndigits = 1\n')
+                      'rollouts_per_prompt = 2\neval_every = 1\neval_prompts = 4\neval_samples = 2\n'
+                      'student_hidden = 32\n[task_options]\ndigits = 1\n')
     out = tmp_path / "out"
     assert main(["train", "--config", str(config), "--steps", "2", "--out", str(out), "--no-progress"]) == 0
     printed = capsys.readouterr().out
