@@ -57,11 +57,18 @@ def compare_objectives(args: argparse.Namespace) -> dict[str, list[list[dict]]]:
 
     runs: dict[str, list[list[dict]]] = {}
     seeds = 1 if args.quick else args.seeds
-    for objective in args.objectives.split(","):
-        for seed in range(seeds):
+    for seed in range(seeds):
+        # The warm start depends on the seed only: run it once and start every objective from it.
+        warm = Trainer(_config("distil", seed, args), progress=False, log=progress)
+        progress(f"trainer: warm start, seed {seed} ...")
+        warm.warm_start()
+        for objective in args.objectives.split(","):
             config = _config(objective, seed, args)
             progress(f"trainer: {objective} seed {seed} ({config.steps} steps) ...")
-            Trainer(config, progress=False, log=progress).run()
+            trainer = Trainer(config, progress=False, log=progress)
+            trainer.lm.model.load_state_dict(warm.lm.model.state_dict())
+            trainer.warm = True
+            trainer.run()
             rows = [r for r in read_metrics(Path(config.out) / "metrics.jsonl") if "eval_pass@1" in r]
             runs.setdefault(objective, []).append(rows)
     return runs

@@ -285,6 +285,7 @@ class Trainer:
             if c.warmup_steps:
                 self.log(f"warm start: {c.warmup_steps} supervised steps on reference solutions")
             self.warm_start()
+        if not resume:
             row = {"step": 0, "rollouts": 0, "loss": math.nan, "reward": math.nan, "tokens_per_s": 0.0,
                    **self.evaluate()}
             self._append(row)

@@ -195,3 +195,48 @@ def test_pass_at_k():
     assert pass_at_k(5, 2, 2) == pytest.approx(1 - 3 / 10)  # 1 - C(3,2)/C(5,2)
     with pytest.raises(ValueError):
         pass_at_k(2, 1, 3)
+
+
+def _save_hf_model(path: Path, seed: int = 0) -> None:
+    """A tiny Llama and a character-level fast tokenizer, saved as a transformers checkpoint."""
+    import tokenizers
+    from tokenizers import pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from distil.tokenizer import CHARACTERS
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{c: 3 + i for i, c in enumerate(CHARACTERS)}}
+    inner = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab=vocab, unk_token="<pad>"))
+    inner.pre_tokenizer = pre_tokenizers.Split(pattern=tokenizers.Regex("."), behavior="isolated")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=inner, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(seed)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+
+
+def test_student_from_a_local_transformers_checkpoint(tmp_path, capsys):
+    model_dir = tmp_path / "model"
+    _save_hf_model(model_dir)
+    flags = ["--model", str(model_dir), "--expert", "self", "--steps", "2", "--warmup-steps", "1",
+             "--warmup-batch", "4", "--prompts-per-step", "2", "--rollouts-per-prompt", "2", "--eval-every", "2",
+             "--eval-prompts", "4", "--eval-samples", "2", "--no-progress"]
+    assert main(["train", *flags, "--out", str(tmp_path / "run")]) == 0
+    assert "result: addition distil pass@1 " in capsys.readouterr().out
+    # A character oracle cannot speak a tokenizer it does not know to be one token per character.
+    assert main(["train", "--model", str(model_dir), "--expert", "oracle", "--out", str(tmp_path / "x")]) == 2
+    assert "not one token per character" in capsys.readouterr().err
+    # An expert model with another vocabulary is refused before training starts.
+    other = tmp_path / "other"
+    _save_hf_model(other)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(other)
+    tok.add_tokens(["<extra>"])
+    tok.save_pretrained(other)
+    assert main(["train", "--model", str(model_dir), "--expert", f"model:{other}", "--out", str(tmp_path / "y")]) == 2
+    assert "differs from the student's" in capsys.readouterr().err
+    assert main(["train", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "z")]) == 2
+    assert "not a directory" in capsys.readouterr().err
