@@ -218,18 +218,25 @@ class Trainer:
         self.optimizer.state.clear()
         self.warm = True
 
-    def _apply(self, loss: torch.Tensor) -> bool:
-        """Backward and step unless the loss or the gradient is not finite; True if applied."""
+    def _apply(self, loss: torch.Tensor) -> str:
+        """Backward and step: "applied", "no signal" (a zero gradient), or the non-finite part.
+
+        A zero gradient (GRPO when every group's rewards are equal) takes no step: Adam
+        would still move every weight along its momentum, scaled by second moments that
+        rare signals leave tiny, which wrecks a policy whose rewards are mostly zero.
+        """
         self.optimizer.zero_grad(set_to_none=True)
         if not torch.isfinite(loss):
-            return False
+            return "loss"
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(self.lm.model.parameters(), self.config.max_grad_norm)
         if not torch.isfinite(norm):
             self.optimizer.zero_grad(set_to_none=True)
-            return False
+            return "gradient"
+        if norm == 0:
+            return "no signal"
         self.optimizer.step()
-        return True
+        return "applied"
 
     def train_step(self) -> dict[str, Any]:
         c = self.config
@@ -249,12 +256,11 @@ class Trainer:
         batch = Batch(states, self.lm.head, rollouts.actions, rollouts.mask, rollouts.group, rewards, expert,
                       c.backend)
         loss, extra = self.objective.loss(batch)
-        applied = self._apply(loss)
-        if applied:
+        outcome = self._apply(loss)
+        if outcome == "applied":
             self.expert.after_update(self.lm)
-        else:
-            self.log(f"step {self.step + 1}: non-finite {'loss' if not torch.isfinite(loss) else 'gradient'}, "
-                     f"update skipped")
+        elif outcome != "no signal":
+            self.log(f"step {self.step + 1}: non-finite {outcome}, update skipped")
         elapsed = time.perf_counter() - start
         self.step += 1
         self.rollouts += len(repeated)
@@ -262,7 +268,7 @@ class Trainer:
                 "reward": float(rewards.mean()),
                 "correct": sum(f.correct for f in feedback) / len(feedback),
                 "tokens_per_s": rollouts.num_tokens / max(sampled - start, 1e-9), "step_s": elapsed,
-                "skipped": int(not applied), **extra}
+                "skipped": int(outcome in ("loss", "gradient")), "no_signal": int(outcome == "no signal"), **extra}
 
     def evaluate(self) -> dict[str, float]:
         c = self.config
