@@ -3,6 +3,14 @@
 Providers: `matmul` (the bare logits GEMM), `ours` (`linear_topk`, no [N, V] logits),
 `torch` (matmul, log_softmax, topk) and `torch-compile`. CPU default shape: N=1024,
 d=896, V=151936; CUDA: N=8192, d=3584, V=152064.
+
+On CUDA also `triton` and `chunked` (`linear_topk` with that backend by name) and, when
+installed, `flashinfer`: `flashinfer.top_k` (radix top-k returning values and ids, in
+recent FlashInfer) on the fp32 logits, minus their log-sum-exp. FlashInfer's older
+top-k functions (`top_k_renorm_probs`, `top_k_mask_logits`) return dense [N, V] tensors,
+not ids, so without `flashinfer.top_k` the provider is skipped. The CUDA run ends with a
+PASS/FAIL line for the issue's target. `--quick` on CUDA: bf16 only, ~25 ms of timed
+calls per provider, no `torch.compile`.
 """
 
 from __future__ import annotations
@@ -13,37 +21,83 @@ import torch
 
 from distil_kernels import linear_topk
 
-from .sampling_suite import DTYPES, Provider, compiled, run_suite
+from .sampling_suite import DTYPES, Provider, compiled, find_row, flashinfer_module, print_target, run_suite
 
 K = 64
+CUDA_SHAPES = [(8192, 3584, 152064)]
 
 
 def _torch_topk(x: torch.Tensor, weight: torch.Tensor):
     return torch.log_softmax((x @ weight.T).float(), dim=-1).topk(K, dim=-1)
 
 
-def providers() -> list[Provider]:
-    torch_compiled = compiled(_torch_topk)
-    return [
+def flashinfer_providers() -> list[Provider]:
+    flashinfer = flashinfer_module("topk")
+    if flashinfer is None:
+        return []
+    if not hasattr(flashinfer, "top_k"):
+        print(f"topk: FlashInfer provider skipped (flashinfer {getattr(flashinfer, '__version__', '?')} has no "
+              f"flashinfer.top_k; its top_k_renorm_probs / top_k_mask_logits give dense tensors, not ids)")
+        return []
+
+    def top_k(x, w):
+        def call():
+            logits = (x @ w.T).float()
+            values, ids = flashinfer.top_k(logits, K, sorted=True)
+            return values - torch.logsumexp(logits, dim=-1, keepdim=True), ids
+        return call
+
+    return [Provider("flashinfer", top_k, optional=True)]
+
+
+def providers(device: str = "cpu", quick: bool = False) -> list[Provider]:
+    cuda = device == "cuda"
+    out = [
         Provider("matmul", lambda x, w: (lambda: x @ w.T)),
         Provider("ours", lambda x, w: (lambda: linear_topk(x, w, K))),
-        Provider("torch", lambda x, w: (lambda: _torch_topk(x, w))),
-        Provider("torch-compile", lambda x, w: (lambda: torch_compiled(x, w))),
     ]
+    if cuda:
+        out += [Provider(backend, lambda x, w, backend=backend: (lambda: linear_topk(x, w, K, backend=backend)))
+                for backend in ("triton", "chunked")]
+    out.append(Provider("torch", lambda x, w: (lambda: _torch_topk(x, w))))
+    if not (cuda and quick):  # compiling costs ~20 s on a fresh GPU machine
+        torch_compiled = compiled(_torch_topk)
+        out.append(Provider("torch-compile", lambda x, w: (lambda: torch_compiled(x, w))))
+    if cuda:
+        out += flashinfer_providers()
+    return out
+
+
+def report_targets(rows: list[dict]) -> None:
+    print("\ntargets (bf16, d=3584, V=152064; set for an H100):")
+    ours, matmul = (find_row(rows, p, "bf16", CUDA_SHAPES[0]) for p in ("ours", "matmul"))
+    print_target(f"linear_topk k={K} N=8192 time vs bare matmul",
+                 ours["time_ms"] / matmul["time_ms"] if ours and matmul else None, "<=", 1.2)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--quick", action="store_true", help="one small shape, 3 repeats")
-    parser.add_argument("--dtypes", default="fp32,bf16", help="comma-separated: fp32,bf16")
+    parser.add_argument("--quick", action="store_true",
+                        help="one small shape, 3 repeats (CUDA: bf16, short timings, no torch.compile)")
+    parser.add_argument("--dtypes", default=None, help="comma-separated: fp32,bf16 (default both; bf16 with "
+                                                       "--quick on CUDA)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--csv", default=None)
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.device == "cuda":
-        shapes = [(8192, 3584, 152064)]
+    cuda = args.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        print("bench topk --device cuda: no CUDA device here")
+        return 2
+    if cuda:
+        shapes = CUDA_SHAPES
     else:
         shapes = [(256, 896, 32000)] if args.quick else [(1024, 896, 151936)]
-    dtypes = [d for d in args.dtypes.split(",") if d in DTYPES]
-    return run_suite("topk", providers(), shapes, dtypes, args.device, 3 if args.quick else args.repeats, args.csv)
+    names = args.dtypes or ("bf16" if cuda and args.quick else "fp32,bf16")
+    dtypes = [d for d in names.split(",") if d in DTYPES]
+    rows = run_suite("topk", providers(args.device, args.quick), shapes, dtypes, args.device,
+                     3 if args.quick else args.repeats, args.csv, rep_ms=25 if args.quick else 100)
+    if cuda:
+        report_targets(rows)
+    return 0

@@ -67,8 +67,17 @@ INTERPRETER_SAMPLE_CONFIG = TileConfig(16, 64, 32, num_warps=1, num_stages=1)
 INTERPRETER_TARGET_PROGRAMS = 6
 
 
-def target_programs() -> int:
-    return INTERPRETER_TARGET_PROGRAMS if interpreting() else TARGET_PROGRAMS
+# The sampler writes 32 B of partials per (row, split, sample) and few rows fill nothing:
+# at B=64 and V=152064, 4 programs per SM would mean 528 splits and 1.03 MiB of partials
+# for one token per row. Two per SM (16 warps each, loads pipelined) still stream the
+# head at full bandwidth and halve that.
+SAMPLE_TARGET_PROGRAMS = 2 * 132
+
+
+def target_programs(kind: str = "topk") -> int:
+    if interpreting():
+        return INTERPRETER_TARGET_PROGRAMS
+    return SAMPLE_TARGET_PROGRAMS if kind == "sample" else TARGET_PROGRAMS
 
 
 def topk_candidates(dtype: torch.dtype, K: int) -> tuple[TileConfig, ...]:

@@ -176,7 +176,7 @@ def triton_sample(x: Tensor, weight: Tensor, bias: Tensor | None, softcap: float
         weight = weight.contiguous()
     samples_per_program = min(triton.next_power_of_2(drawn), SAMPLES_PER_PROGRAM)
     sample_programs = triton.cdiv(drawn, samples_per_program)
-    plan = plan_splits(n, v, config.block_m, config.block_n, sample_programs)
+    plan = plan_splits(n, v, config.block_m, config.block_n, sample_programs, kind="sample")
     k0, k1, pos_lo, pos_hi = keys
     seeds = (k0 | (k1 << 32)).contiguous()  # the 64-bit seed that tl.philox splits back into (k0, k1)
     positions = torch.stack([pos_lo, pos_hi], dim=1).contiguous()

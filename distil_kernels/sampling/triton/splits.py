@@ -24,11 +24,12 @@ class SplitPlan:
     num_splits: int
 
 
-def plan_splits(rows: int, vocab: int, block_m: int, block_n: int, other_programs: int = 1) -> SplitPlan:
-    """Splits so that row blocks x splits x `other_programs` cover the target program count."""
+def plan_splits(rows: int, vocab: int, block_m: int, block_n: int, other_programs: int = 1,
+                kind: str = "topk") -> SplitPlan:
+    """Splits so that row blocks x splits x `other_programs` cover `kind`'s target program count."""
     num_m_blocks = max(triton.cdiv(rows, block_m), 1)
     num_tiles = triton.cdiv(vocab, block_n)
-    wanted = max(1, min(num_tiles, target_programs() // (num_m_blocks * other_programs)))
+    wanted = max(1, min(num_tiles, target_programs(kind) // (num_m_blocks * other_programs)))
     tiles_per_split = triton.cdiv(num_tiles, wanted)
     num_splits = triton.cdiv(num_tiles, tiles_per_split)  # no empty split
     return SplitPlan(num_m_blocks, num_tiles, tiles_per_split, num_splits)
