@@ -182,7 +182,9 @@ def test_logit_shift_invariance(config, data):
 
     base = evaluate(loss(0.0), x, w, b)
     shifted = evaluate(loss(shift), x, w, b)
-    assert_same(shifted, base)
+    # Shifted logits are rounded at the shift's magnitude: float64 error grows with |c| / T.
+    growth = 1.0 + abs(shift) / options["temperature"]
+    assert_same(shifted, base, rtol=TOL["rtol"] * growth, atol=TOL["atol"] * growth)
 
 
 @config_param

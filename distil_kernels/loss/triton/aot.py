@@ -1,12 +1,26 @@
 """Ahead-of-time compilation of every loss kernel and config, for a GPU target, on any host.
 
 `triton.compile` lowers a kernel to PTX and a cubin for a named architecture without a
-GPU, so compile errors and shared-memory budgets are caught on CPU-only CI. Each spec
-names a kernel, the type of every runtime argument, and its constexprs.
+GPU, so compile errors, shared-memory budgets and register spills are caught on
+CPU-only CI. Each spec names a kernel, the type of every runtime argument, its
+constexprs, and the arguments a typical launch has divisible by 16 or equal to 1.
+
+A spec compiles two ways. `compile_spec` takes every runtime argument as a plain value:
+the code a launch with odd sizes or strides gets. `compile_as_launched` takes what a
+contiguous launch of a real model gets: Triton's JIT turns an integer argument equal
+to 1 into a constant and marks pointers, sizes and strides that are multiples of 16,
+which vectorises the loads and lets it pipeline them through shared memory
+(`num_stages` buffers of each operand tile). That build's shared memory, registers and
+spills are the ones a model's launch sees; `resource_usage` reads the last two from the
+cubin. The sampling kernels' specs (sampling/triton/aot.py) use the same functions.
 """
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import tempfile
 from dataclasses import dataclass
 
 import triton
@@ -16,11 +30,11 @@ from triton.compiler import ASTSource
 from .backward import backward_kernel
 from .configs import (
     BACKWARD_CANDIDATES,
+    BACKWARD_CANDIDATES_FP32,
     FORWARD_CANDIDATES,
     FORWARD_CANDIDATES_FP32,
     INDEXED_DOT_BLOCK_D,
     INDEXED_DOT_BLOCK_P,
-    INTERPRETER_CONFIG,
     TileConfig,
 )
 from .indexed_dot import indexed_dot_kernel
@@ -28,50 +42,64 @@ from .lse_forward import lse_forward_kernel
 
 # Largest dynamic shared memory per block: sm_90 (H100) 227 KiB, sm_80 (A100) 163 KiB.
 SHARED_MEMORY_LIMIT = {90: 232448, 80: 166912}
-_TRITON_DTYPE = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
+TRITON_DTYPE = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
+
+# As launched on contiguous x [N, d] and W [V, d]: the inner strides are 1, and d and
+# the row strides are multiples of 16 in any real model (d = 896, 4096, ...). So is every
+# pointer of a fresh tensor: the caching allocator aligns blocks far beyond 16 bytes.
+UNIT_STRIDES = ("stride_xd", "stride_wd")
+DIVISIBLE_SIZES = ("D", "stride_xn", "stride_wv")
 
 
 @dataclass(frozen=True)
 class CompileSpec:
     name: str
     kernel: object
-    signature: dict
+    signature: dict  # argument name -> Triton type ("*bf16", "i32", "fp32") or "constexpr"
     constexprs: dict
     num_warps: int
     num_stages: int
+    divisible: tuple[str, ...] = ()  # arguments a typical launch has divisible by 16
+    unit_strides: tuple[str, ...] = ()  # integer arguments a typical launch passes as 1
 
 
-def _types(kernel, pointer_types: dict, float_args: tuple = ()) -> dict:
-    """Signature: named pointers get their element type, floats fp32, other args i32."""
+def kernel_spec(name: str, kernel, pointers: dict, constexprs: dict, config: TileConfig | None = None,
+                float_args: tuple = (), num_warps: int = 4, num_stages: int = 2) -> CompileSpec:
+    """A spec: named pointers get their element type, `float_args` fp32, other arguments i32.
+
+    Warps and stages come from `config` when given. As launched, every pointer, d and
+    the row strides are divisible by 16, and the inner strides are 1.
+    """
     signature = {}
-    for name in kernel.arg_names:
-        if name in pointer_types:
-            signature[name] = "*" + pointer_types[name]
-        elif name in float_args:
-            signature[name] = "fp32"
+    for arg in kernel.arg_names:
+        if arg in constexprs:
+            signature[arg] = "constexpr"
+        elif arg in pointers:
+            signature[arg] = "*" + pointers[arg]
+        elif arg in float_args:
+            signature[arg] = "fp32"
         else:
-            signature[name] = "i32"
-    return signature
-
-
-def _with_constexprs(signature: dict, constexprs: dict) -> dict:
-    return {k: ("constexpr" if k in constexprs else v) for k, v in signature.items()}
+            signature[arg] = "i32"
+    if config is not None:
+        num_warps, num_stages = config.num_warps, config.num_stages
+    divisible = tuple(pointers) + tuple(a for a in DIVISIBLE_SIZES if a in signature)
+    unit_strides = tuple(a for a in UNIT_STRIDES if a in signature)
+    return CompileSpec(name, kernel, signature, constexprs, num_warps, num_stages, divisible, unit_strides)
 
 
 def forward_spec(config: TileConfig, dtype: str) -> CompileSpec:
-    t = _TRITON_DTYPE[dtype]
+    t = TRITON_DTYPE[dtype]
     pointers = {"x_ptr": t, "w_ptr": t, "b_ptr": "fp32", "part_max_ptr": "fp32", "part_sum_ptr": "fp32",
                 "part_zsum_ptr": "fp32", "block_max_ptr": "fp32"}
     constexprs = {"BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "BLOCK_K": config.block_k,
                   "HAS_BIAS": True, "HAS_SOFTCAP": True, "LOGIT_SUM": True,
                   "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32"}
-    sig = _with_constexprs(_types(lse_forward_kernel, pointers, ("softcap", "inv_temp")), constexprs)
-    return CompileSpec(f"lse_forward[{dtype},{config}]", lse_forward_kernel, sig, constexprs,
-                       config.num_warps, config.num_stages)
+    return kernel_spec(f"lse_forward[{dtype},{config}]", lse_forward_kernel, pointers, constexprs, config,
+                       float_args=("softcap", "inv_temp"))
 
 
 def backward_spec(config: TileConfig, dtype: str, deterministic: bool, filtered: bool) -> CompileSpec:
-    t = _TRITON_DTYPE[dtype]
+    t = TRITON_DTYPE[dtype]
     pointers = {"x_ptr": t, "w_ptr": t, "b_ptr": "fp32", "ids_ptr": "i64", "slot_coef_ptr": "fp32",
                 "lse_ptr": "fp32", "row_coef_ptr": "fp32", "uniform_ptr": "fp32", "block_max_ptr": "fp32",
                 "dx_ptr": "fp32", "dw_ptr": "fp32", "db_ptr": "fp32", "lock_x_ptr": "i32", "lock_w_ptr": "i32",
@@ -80,37 +108,71 @@ def backward_spec(config: TileConfig, dtype: str, deterministic: bool, filtered:
                   "GROUP_M": config.group_m, "HAS_BIAS": True, "HAS_SOFTCAP": True, "HAS_UNIFORM": True,
                   "NEED_DX": True, "NEED_DW": True, "NEED_DB": True, "FILTER": filtered,
                   "DETERMINISTIC": deterministic, "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32"}
-    sig = _with_constexprs(_types(backward_kernel, pointers, ("softcap", "inv_temp", "log_filter_eps")), constexprs)
     flags = ("det," if deterministic else "") + ("filter," if filtered else "")
-    return CompileSpec(f"backward[{dtype},{flags}{config}]", backward_kernel, sig, constexprs,
-                       config.num_warps, config.num_stages)
+    return kernel_spec(f"backward[{dtype},{flags}{config}]", backward_kernel, pointers, constexprs, config,
+                       float_args=("softcap", "inv_temp", "log_filter_eps"))
 
 
 def indexed_dot_spec(dtype: str) -> CompileSpec:
-    t = _TRITON_DTYPE[dtype]
+    t = TRITON_DTYPE[dtype]
     pointers = {"x_ptr": t, "w_ptr": t, "b_ptr": "fp32", "ids_ptr": "i64", "out_ptr": "fp32"}
     constexprs = {"BLOCK_P": INDEXED_DOT_BLOCK_P, "BLOCK_D": INDEXED_DOT_BLOCK_D, "HAS_BIAS": True, "HAS_SOFTCAP": True}
-    sig = _with_constexprs(_types(indexed_dot_kernel, pointers, ("softcap", "inv_temp")), constexprs)
-    return CompileSpec(f"indexed_dot[{dtype}]", indexed_dot_kernel, sig, constexprs, 4, 2)
+    return kernel_spec(f"indexed_dot[{dtype}]", indexed_dot_kernel, pointers, constexprs,
+                       float_args=("softcap", "inv_temp"), num_warps=4, num_stages=2)
 
 
 def all_specs() -> list[CompileSpec]:
-    """Every kernel x config x dtype that can be launched, filter and deterministic variants included."""
+    """Every kernel x config x dtype launched on a GPU, filter and deterministic variants included.
+
+    INTERPRETER_CONFIG is left out: its one-warp tiles run only under TRITON_INTERPRET=1,
+    never on a GPU, and compiled as launched one warp holds the whole 32x64 fp32 tile
+    and its gradient, which spills.
+    """
     specs = []
-    for dtype in ("bf16", "fp32"):
-        specs += [forward_spec(c, dtype) for c in (FORWARD_CANDIDATES_FP32 if dtype == "fp32" else FORWARD_CANDIDATES)]
-        for c in BACKWARD_CANDIDATES:
-            specs.append(backward_spec(c, dtype, deterministic=False, filtered=False))
-        specs.append(backward_spec(BACKWARD_CANDIDATES[0], dtype, deterministic=True, filtered=True))
-        specs.append(backward_spec(BACKWARD_CANDIDATES[0], dtype, deterministic=False, filtered=True))
+    for dtype, forward, backward in (("bf16", FORWARD_CANDIDATES, BACKWARD_CANDIDATES),
+                                     ("fp32", FORWARD_CANDIDATES_FP32, BACKWARD_CANDIDATES_FP32)):
+        specs += [forward_spec(c, dtype) for c in forward]
+        specs += [backward_spec(c, dtype, deterministic=False, filtered=False) for c in backward]
+        # The flags change the live values (ticket loads, the filter's block maxima): the default, each way.
+        specs.append(backward_spec(backward[0], dtype, deterministic=True, filtered=True))
+        specs.append(backward_spec(backward[0], dtype, deterministic=False, filtered=True))
         specs.append(indexed_dot_spec(dtype))
-    specs.append(forward_spec(INTERPRETER_CONFIG, "fp32"))
-    specs.append(backward_spec(INTERPRETER_CONFIG, "fp32", deterministic=True, filtered=True))
     return specs
 
 
-def compile_spec(spec: CompileSpec, arch: int):
-    """Compile for sm_`arch`; returns the compiled kernel (asm and metadata)."""
-    source = ASTSource(fn=spec.kernel, signature=spec.signature, constexprs=spec.constexprs)
+def _compile(spec: CompileSpec, arch: int, signature: dict, constexprs: dict, attrs: dict):
+    source = ASTSource(fn=spec.kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(source, target=GPUTarget("cuda", arch, 32),
                           options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
+
+
+def compile_spec(spec: CompileSpec, arch: int):
+    """Compile for sm_`arch` with every runtime argument a plain value (odd sizes and strides)."""
+    return _compile(spec, arch, spec.signature, spec.constexprs, {})
+
+
+def compile_as_launched(spec: CompileSpec, arch: int):
+    """Compile for sm_`arch` as the JIT specialises a contiguous, 16-aligned launch."""
+    signature = dict(spec.signature)
+    constexprs = dict(spec.constexprs)
+    for name in spec.unit_strides:
+        signature[name] = "constexpr"
+        constexprs[name] = 1
+    names = list(signature)
+    attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in spec.divisible}
+    return _compile(spec, arch, signature, constexprs, attrs)
+
+
+def resource_usage(compiled) -> tuple[int, int]:
+    """(registers per thread, stack bytes per thread) of a compiled kernel; stack above 0 means spills."""
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        out = subprocess.run([cuobjdump, "--dump-resource-usage", path], capture_output=True, text=True,
+                             check=True).stdout
+    match = re.search(r"REG:(\d+).*?STACK:(\d+)", out)
+    if match is None:
+        raise RuntimeError(f"no resource usage in cuobjdump output: {out[:200]}")
+    return int(match.group(1)), int(match.group(2))

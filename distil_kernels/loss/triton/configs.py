@@ -5,7 +5,8 @@ sized to fit an A100's shared memory too, and a list of candidates. With
 `DISTIL_KERNELS_AUTOTUNE=1` the first launch for a shape bin times every candidate on
 the real inputs and keeps the fastest; the launchers allocate fresh accumulators and
 locks per launch, so trial runs leave nothing behind. The ahead-of-time compile tests
-build every config listed here for sm_90 and sm_80 and check its shared memory.
+build every config listed here for sm_90 and sm_80 as a launch specialises it and check
+its shared memory and register spills.
 """
 
 from __future__ import annotations
@@ -32,29 +33,55 @@ class TileConfig:
                 f"-g{self.group_m}")
 
 
-# The forward only reduces its tile to (max, sum-exp) per row, so a wide 128x256
-# tile keeps the tensor cores busy; 3 stages of 64-wide K slices take 48 KiB of smem.
-FORWARD_DEFAULT = TileConfig(128, 256, 64, num_warps=8, num_stages=3)
+# Registers bound these tiles before shared memory does. As launched (unit inner strides,
+# 16-aligned operands: tests/loss/test_triton_aot.py), Triton pipelines the x and W
+# slices through shared memory, `num_stages` buffers on sm_90 and one fewer on sm_80, and
+# every fp32 value of a tile lives in registers: 255 per thread at most, 65536 per SM.
+#
+# The forward only reduces its tile to (max, sum-exp, sum) per row, but the epilogue
+# (bias, tanh softcap, exp) keeps a few fp32 copies of the tile live at once. 64
+# accumulators per thread fit (128x128 over 8 warps: 234 registers on sm_90, 255 on
+# sm_80, no spill); 128 do not: the usual H100 GEMM tile 128x256 over 8 warps spills
+# 408 B per thread, and over 16 warps (128 registers each) 264 B. A 128-wide square tile
+# reads each x and W slice for 128 outputs, the most reuse without spilling; 4 stages of
+# 64-wide K slices take 128 KiB on sm_90 (96 KiB on sm_80) and hide the load latency at
+# the one block per SM that the registers allow anyway.
+FORWARD_DEFAULT = TileConfig(128, 128, 64, num_warps=8, num_stages=4)
 FORWARD_CANDIDATES = (
     FORWARD_DEFAULT,
-    TileConfig(128, 128, 64, num_warps=8, num_stages=4),
-    TileConfig(64, 256, 64, num_warps=4, num_stages=4),
-    TileConfig(128, 128, 32, num_warps=4, num_stages=4),
+    TileConfig(128, 128, 128, num_warps=8, num_stages=3),  # half the K-loop trips; 192 KiB on sm_90
+    TileConfig(64, 256, 64, num_warps=8, num_stages=4),
+    TileConfig(64, 128, 64, num_warps=4, num_stages=4),  # twice the programs, for small N
 )
-# fp32 operands take twice the shared memory: 32-wide K slices keep 3 stages of a
-# 128x128 tile at 96 KiB, inside the 163 KiB of an A100 as well as an H100's 227 KiB.
-FORWARD_DEFAULT_FP32 = TileConfig(128, 128, 32, num_warps=4, num_stages=3)
-FORWARD_CANDIDATES_FP32 = (FORWARD_DEFAULT_FP32, TileConfig(64, 128, 32, num_warps=4, num_stages=3))
+# fp32 operands take the "ieee" path: no tensor cores, an FMA loop in which each thread
+# holds its rows of x and columns of W over the whole K slice. 32-wide slices and 64
+# outputs per thread (128x128 over 8 warps) fill the registers (255 on sm_90 with an
+# 8-byte spill, none on sm_80); 4 warps on the same tile spill a kilobyte.
+FORWARD_DEFAULT_FP32 = TileConfig(128, 128, 32, num_warps=8, num_stages=3)
+FORWARD_CANDIDATES_FP32 = (FORWARD_DEFAULT_FP32, TileConfig(64, 128, 32, num_warps=8, num_stages=3))
 
-# The backward holds the fp32 logits tile, its gradient and the d_input / d_weight
-# partial products at once: 128x128 keeps that under the register file of 8 warps.
-BACKWARD_DEFAULT = TileConfig(128, 128, 64, num_warps=8, num_stages=3)
+# The backward holds the fp32 logits tile, tanh of the softcap, the gradient tile and
+# its bf16 copy, then per K slice the d_input and d_weight partial products [BLOCK_M,
+# BLOCK_K] and [BLOCK_N, BLOCK_K]: more live values per tile entry than the forward. A
+# 128x128 tile fits sm_90 (wgmma reads its operands from shared memory) but spills
+# 144 B on sm_80, 64 B even with 32-wide K slices; a tall 256x64 tile of the same size
+# with 32-wide K slices spills on neither (254 registers). Tall, because GROUP_M row
+# blocks sweep the vocabulary together: their x rows and d_input stay in L2 while W and
+# the fp32 d_weight accumulator (V x d, the large ones) stream from HBM once per group,
+# N / (GROUP_M * BLOCK_M) times. 4 stages take 80 KiB on sm_90, 64 KiB on sm_80.
+BACKWARD_DEFAULT = TileConfig(256, 64, 32, num_warps=8, num_stages=4)
 BACKWARD_CANDIDATES = (
     BACKWARD_DEFAULT,
-    TileConfig(64, 128, 64, num_warps=4, num_stages=3),
-    TileConfig(128, 64, 64, num_warps=4, num_stages=3),
-    TileConfig(64, 64, 64, num_warps=4, num_stages=4),
+    TileConfig(64, 256, 32, num_warps=8, num_stages=4),  # the mirror image, for a vocabulary that fits L2
+    TileConfig(128, 64, 64, num_warps=8, num_stages=4),  # 64-wide slices: half the lock round trips
+    TileConfig(64, 64, 64, num_warps=4, num_stages=4),  # many programs for small N
 )
+# fp32 ("ieee") dots are FMA loops in which each thread holds the whole contraction
+# dimension of its operand rows; for the d_input and d_weight products that is BLOCK_N
+# and BLOCK_M, not BLOCK_K. 64x64 over 8 warps with 16-wide slices fits (190 registers
+# at most); with 32-wide slices it spills 176 B, and the old 128x128x64 default 12 KB.
+BACKWARD_DEFAULT_FP32 = TileConfig(64, 64, 16, num_warps=8, num_stages=4)
+BACKWARD_CANDIDATES_FP32 = (BACKWARD_DEFAULT_FP32, TileConfig(64, 32, 32, num_warps=8, num_stages=3))
 
 # The indexed dot is a gather-and-reduce: (row, slot) pairs x hidden-dim slices.
 INDEXED_DOT_BLOCK_P = 32
@@ -63,6 +90,8 @@ INDEXED_DOT_BLOCK_D = 128
 # Under TRITON_INTERPRET=1 kernels run on the CPU one program at a time, each numpy op
 # paying a fixed cost: tiles small enough that test shapes span many of them (masked
 # edges, several splits and groups), large enough to keep the interpreter quick.
+# Never launched on a GPU, so left out of the AOT specs: compiled, one warp holding a
+# whole 32x64 fp32 tile spills kilobytes.
 INTERPRETER_CONFIG = TileConfig(32, 64, 32, num_warps=1, num_stages=1, group_m=2)
 
 
@@ -90,7 +119,7 @@ def select_config(kind: str, dtype: torch.dtype, shape: tuple[int, int, int], fl
     if kind == "forward":
         candidates = FORWARD_CANDIDATES_FP32 if dtype == torch.float32 else FORWARD_CANDIDATES
     else:
-        candidates = BACKWARD_CANDIDATES
+        candidates = BACKWARD_CANDIDATES_FP32 if dtype == torch.float32 else BACKWARD_CANDIDATES
     if not autotuning():
         return candidates[0]
     n, v, d = shape
