@@ -38,6 +38,7 @@ pytestmark = [
 from distil_kernels import linear_sample, linear_topk  # noqa: E402
 from distil_kernels.backends import resolve_backend  # noqa: E402
 from distil_kernels.sampling.sample import SamplingOptions, gumbel_noise, kept_prefix, row_keys  # noqa: E402
+from sampling_checks import CHI2_CRITICAL, chi_square, truncated  # noqa: E402
 
 # The device and the backend under test (a CPU dry run of this module's logic may swap
 # them for "cpu" and "chunked").
@@ -251,8 +252,6 @@ def test_sample_draws_the_torch_ids(dtype, options, keys):
 # linear_sample: the distribution
 # --------------------------------------------------------------------------------------
 
-# Chi-square critical values at p = 1e-3 by degrees of freedom.
-CHI2_CRITICAL = {1: 10.828, 2: 13.816, 3: 16.266, 4: 18.467, 5: 20.515}
 PROBS = torch.tensor([0.35, 0.25, 0.15, 0.12, 0.08, 0.05], dtype=torch.float64)
 CHI2_ROWS = 30000
 # The option sets and seeds of tests/sampling/test_sample.py's chi-square tests (the
@@ -264,28 +263,6 @@ CHI2_CASES = [
 ]
 
 
-def truncated(probs: torch.Tensor, temperature=1.0, top_k=None, top_p=None, min_p=None, num_samples=1):
-    """The distribution DESIGN.md describes, written out for one row."""
-    p = probs ** (1.0 / temperature)
-    p = p / p.sum()
-    order = sorted(range(len(p)), key=lambda i: (-float(p[i]), i))
-    keep = len(p) if top_k is None else top_k
-    if top_p is not None:
-        inside = p[order[:keep]] / p[order[:keep]].sum() if top_k is not None else p[order[:keep]]
-        keep = min(keep, int((inside.cumsum(0) < top_p).sum()) + 1)
-    if min_p is not None:
-        keep = min(keep, int((p >= min_p * p.max()).sum()))
-    out = torch.zeros_like(p)
-    out[order[:keep]] = p[order[:keep]]
-    return out / out.sum()
-
-
-def chi_square(ids: torch.Tensor, expected: torch.Tensor) -> tuple[float, int]:
-    counts = torch.bincount(ids.flatten().cpu(), minlength=len(expected)).double()
-    assert (counts[expected == 0] == 0).all(), "an id outside the kept set was drawn"
-    live = expected > 0
-    e = expected[live] * ids.numel()
-    return float(((counts[live] - e) ** 2 / e).sum()), int(live.sum()) - 1
 
 
 @pytest.mark.parametrize("options, seed", CHI2_CASES, ids=[options_id(o) for o, _ in CHI2_CASES])

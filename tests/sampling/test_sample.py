@@ -8,35 +8,12 @@ import pytest
 import torch
 
 from distil_kernels import linear_sample, sample_from_logits
+from sampling_checks import CHI2_CRITICAL, chi_square, truncated
 
-# Chi-square critical values at p = 1e-3 by degrees of freedom.
-CHI2_CRITICAL = {1: 10.828, 2: 13.816, 3: 16.266, 4: 18.467, 5: 20.515, 6: 22.458, 7: 24.322}
 PROBS = torch.tensor([0.35, 0.25, 0.15, 0.12, 0.08, 0.05], dtype=torch.float64)
 DRAWS = 30000
 
 
-def truncated(probs: torch.Tensor, temperature=1.0, top_k=None, top_p=None, min_p=None) -> torch.Tensor:
-    """The distribution DESIGN.md describes, written out for one row."""
-    p = probs ** (1.0 / temperature)
-    p = p / p.sum()
-    order = sorted(range(len(p)), key=lambda i: (-float(p[i]), i))
-    keep = len(p) if top_k is None else top_k
-    if top_p is not None:
-        inside = p[order[:keep]] / p[order[:keep]].sum() if top_k is not None else p[order[:keep]]
-        keep = min(keep, int((inside.cumsum(0) < top_p).sum()) + 1)
-    if min_p is not None:
-        keep = min(keep, int((p >= min_p * p.max()).sum()))
-    out = torch.zeros_like(p)
-    out[order[:keep]] = p[order[:keep]]
-    return out / out.sum()
-
-
-def chi_square(ids: torch.Tensor, expected: torch.Tensor) -> tuple[float, int]:
-    counts = torch.bincount(ids.flatten(), minlength=len(expected)).double()
-    assert (counts[expected == 0] == 0).all(), "an id outside the kept set was drawn"
-    live = expected > 0
-    e = expected[live] * ids.numel()
-    return float(((counts[live] - e) ** 2 / e).sum()), int(live.sum()) - 1
 
 
 OPTIONS = [dict(), dict(temperature=0.6), dict(temperature=1.7), dict(top_k=3), dict(top_p=0.7),
