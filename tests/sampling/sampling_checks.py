@@ -1,9 +1,21 @@
-"""The exact sampling distribution written out for one row, and a chi-square check,
-shared by the sampling tests on every backend and device."""
+"""Ground truths shared by the sampling tests on every backend and device: the float64
+log-softmax of a linear head, the exact sampling distribution of one row, and a
+chi-square check."""
 
 from __future__ import annotations
 
 import torch
+
+def dense_log_softmax(x, w, b, softcap=None, temperature=1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 log-softmax and lse over the vocabulary of the inputs as given, from the formula."""
+    z = x.double() @ w.double().T
+    if b is not None:
+        z = z + b.double()
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    z = z / temperature
+    return torch.log_softmax(z, dim=-1), torch.logsumexp(z, dim=-1)
+
 
 # Chi-square critical values at p = 1e-3 by degrees of freedom.
 CHI2_CRITICAL = {1: 10.828, 2: 13.816, 3: 16.266, 4: 18.467, 5: 20.515, 6: 22.458, 7: 24.322}

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from distil_kernels.sampling import TopK, linear_topk
+from sampling_checks import dense_log_softmax
 
 BACKENDS = ["torch", "chunked"]
 # 4096 bytes: 16-row chunks of 32 (fp32: 64) vocabulary columns, so V=507 spans many tiles.
@@ -27,15 +27,6 @@ def make_problem(n, v, d, dtype, seed, bias=True):
     b = torch.randn(v, generator=g, dtype=torch.float64).to(dtype) if bias else None
     return x, w, b
 
-
-def dense_log_softmax(x, w, b, softcap=None, temperature=1.0):
-    """float64 log-softmax over the vocabulary, straight from the formula."""
-    z = x.double() @ w.double().T
-    if b is not None:
-        z = z + b.double()
-    if softcap is not None:
-        z = softcap * torch.tanh(z / softcap)
-    return F.log_softmax(z / temperature, dim=-1), torch.logsumexp(z / temperature, dim=-1)
 
 
 def assert_topk_close(got, log_q, lse, k, tol):

@@ -18,7 +18,6 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("runs under TRITON_INTERPRET=1 (make test runs it)", allow_module_level=True)
@@ -30,6 +29,7 @@ import triton.language as tl  # noqa: E402
 from distil_kernels import linear_sample, linear_topk  # noqa: E402
 from distil_kernels.sampling.sample import _gumbel_from_words, gumbel_noise_range, row_keys  # noqa: E402
 from distil_kernels.sampling.triton.sample import gumbel_from_words, tile_noise  # noqa: E402
+from sampling_checks import dense_log_softmax  # noqa: E402
 
 pytestmark = pytest.mark.interpreter
 
@@ -41,16 +41,6 @@ def make_problem(n, v, d, dtype, seed, scale=1.0):
     b = torch.randn(v, generator=g, dtype=torch.float64).to(dtype)
     return x, w, b
 
-
-def dense_log_softmax(x, w, b, softcap=None, temperature=1.0):
-    """float64 log-softmax and lse of the inputs as given, straight from the formula."""
-    z = x.double() @ w.double().T
-    if b is not None:
-        z = z + b.double()
-    if softcap is not None:
-        z = softcap * torch.tanh(z / softcap)
-    z = z / temperature
-    return F.log_softmax(z, dim=-1), torch.logsumexp(z, dim=-1)
 
 
 def assert_topk_close(got, log_q, lse, k, tol):
