@@ -237,6 +237,46 @@ TABLE = [
 ]
 
 
+# The issue's targets (H100, bf16): ours against the competitors, the sparse path against
+# our own hard labels, and the worst case (random logits) against the bf16 matmul rate.
+TARGET_VS_CCE = 0.8
+TARGET_VS_LIGER = 0.6
+TARGET_OVERHEAD_MIB = 64.0
+TARGET_SPARSE_VS_HARD = 1.1
+TARGET_OF_MATMUL = 0.6
+
+
+def target_lines(rows: list[dict]) -> list[str]:
+    """One PASS/FAIL line per target and case that was measured."""
+    lines = []
+    cases = sorted({(r["head"], r["N"]) for r in rows})
+    for head, n in cases:
+        ok = {(r["provider"], r["logits"]): r for r in rows
+              if (r["head"], r["N"]) == (head, n) and r.get("status") == "ok"}
+        ours = ok.get(("triton", "random"))
+        if ours is None:
+            lines.append(f"FAIL {head} N={n}: no triton measurement")
+            continue
+
+        def line(passed: bool, text: str, case: str = f"{head} N={n}") -> None:
+            lines.append(f"{'PASS' if passed else 'FAIL'} {case}: {text}")
+
+        for name, bound in (("cce", TARGET_VS_CCE), ("liger", TARGET_VS_LIGER)):
+            if (name, "random") in ok:
+                ratio = ours["time_ms"] / ok[(name, "random")]["time_ms"]
+                line(ratio <= bound, f"triton / {name} time {ratio:.2f} (<= {bound})")
+        line(ours["overhead_mib"] <= TARGET_OVERHEAD_MIB,
+             f"triton memory overhead {ours['overhead_mib']:.1f} MiB (<= {TARGET_OVERHEAD_MIB:.0f} at N=16384)")
+        line(ours["of_matmul_8nvd"] >= TARGET_OF_MATMUL,
+             f"triton random logits at {ours['of_matmul_8nvd']:.2f} of the bf16 matmul rate, 8NVd "
+             f"(>= {TARGET_OF_MATMUL})")
+        if ("triton-sparse", "random") in ok:
+            ratio = ok[("triton-sparse", "random")]["time_ms"] / ours["time_ms"]
+            line(ratio <= TARGET_SPARSE_VS_HARD,
+                 f"sparse k={SPARSE_K} / hard time {ratio:.2f} (<= {TARGET_SPARSE_VS_HARD})")
+    return lines
+
+
 def main(args) -> int:
     if not torch.cuda.is_available():
         progress("bench loss --device cuda: no CUDA device here")
@@ -291,5 +331,6 @@ def main(args) -> int:
     print(f"linear cross-entropy fwd+bwd, bf16, on {gpu}: torch {torch.__version__}, triton {triton.__version__}, "
           f"commit {info['commit']}")
     print(format_table(rows, TABLE, group_by=lambda r: (r["head"], r["N"], r["target"])))
+    print("\n" + "\n".join(target_lines(rows)))
     print(f"\n{len(rows)} rows appended to {csv_path}")
     return 0

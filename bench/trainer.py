@@ -49,6 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grpo-lr", type=float, default=GRPO_LR, help="GRPO's learning rate (see the docstring)")
     parser.add_argument("--reuse", action="store_true",
                         help="keep runs whose metrics.jsonl already reaches the last step (same options)")
+    parser.add_argument("--split-only", action="store_true",
+                        help="only the time split of a step (item 2), e.g. for a short GPU check")
     parser.add_argument("--csv", default=None)
 
 
@@ -184,6 +186,16 @@ def time_split(args: argparse.Namespace) -> dict[str, float]:
             "kernel_share": kernels / total, **{f"{k}_s": v / args.split_steps for k, v in spent.items()}}
 
 
+def print_split(args: argparse.Namespace) -> None:
+    split = time_split(args)
+    print(f"\ntime split of a distil step on {args.device} ({args.split_steps} steps): "
+          f"{split['step_s'] * 1e3:.1f} ms per step, kernels {split['kernel_s'] * 1e3:.1f} ms "
+          f"({split['kernel_share']:.1%}: sample {split['sample_s'] * 1e3:.1f}, topk {split['topk_s'] * 1e3:.1f}, "
+          f"loss forward {split['loss_forward_s'] * 1e3:.1f}, loss backward {split['loss_backward_s'] * 1e3:.1f} ms)"
+          + (f"; target < {KERNEL_SHARE_TARGET:.0%} on CUDA: "
+             f"{'PASS' if split['kernel_share'] < KERNEL_SHARE_TARGET else 'FAIL'}" if args.device == "cuda" else ""))
+
+
 def plot(curves: dict[str, list[tuple[int, float]]], bandit, path: Path) -> None:
     import matplotlib
 
@@ -217,6 +229,9 @@ def main(args: argparse.Namespace) -> int:
     from distil.bandit import bandit_experiment
 
     info = machine_info()
+    if args.split_only:
+        print_split(args)
+        return 0
     runs = compare_objectives(args)
     curves = {name: mean_curve(r) for name, r in runs.items()}
     grpo_final = curves["grpo"][-1][1] if "grpo" in curves else None
@@ -239,13 +254,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"\ntarget: DistIL reaches GRPO's final pass@1 ({grpo_final:.3f}) with {shown} of GRPO's rollouts "
               f"(<= {TARGET_ROLLOUT_FRACTION}) and ends at {curves['distil'][-1][1]:.3f} (>= {grpo_final:.3f}): "
               f"{'PASS' if ok else 'FAIL'}")
-    split = time_split(args)
-    print(f"\ntime split of a distil step on {args.device} ({args.split_steps} steps): "
-          f"{split['step_s'] * 1e3:.1f} ms per step, kernels {split['kernel_s'] * 1e3:.1f} ms "
-          f"({split['kernel_share']:.1%}: sample {split['sample_s'] * 1e3:.1f}, topk {split['topk_s'] * 1e3:.1f}, "
-          f"loss forward {split['loss_forward_s'] * 1e3:.1f}, loss backward {split['loss_backward_s'] * 1e3:.1f} ms)"
-          + (f"; target < {KERNEL_SHARE_TARGET:.0%} on CUDA: "
-             f"{'PASS' if split['kernel_share'] < KERNEL_SHARE_TARGET else 'FAIL'}" if args.device == "cuda" else ""))
+    print_split(args)
     bandit = bandit_experiment()
     odds = {k: t.odds_worse_over_best for k, t in bandit.items()}
     print(f"\nbandit: q(worse)/q(best) starts at {float(odds['ce'][0]):.1f}; max over 200 steps: "
