@@ -9,7 +9,8 @@ Qwen2.5-7B (d=3584, V=152064), Gemma-2-2B (d=2304, V=256000, softcap 30); N from
 4096 to 16384; bf16. Logits either random (nothing for a filter to skip: the worst
 case) or peaked (hidden states aligned with their target's row, as a trained model's).
 
-Per case: `triton.testing.do_bench` median, p20 and p80 of forward + backward; TFLOP/s
+Per case: `triton.testing.do_bench` median, p20 and p80 of forward + backward (and of
+our forward alone, "fwd ms"); TFLOP/s
 counting 6*N*V*d (the GEMMs every method needs); the fraction of the measured bf16
 matmul rate, counting 8*N*V*d for a recomputing backward ("of peak"); the peak memory
 beyond inputs and gradients (`torch.cuda.max_memory_allocated`). Rows go to
@@ -213,6 +214,11 @@ def measure(provider: GpuProvider, inputs: GpuInputs) -> dict:
 
     step()  # compiles, autotunes, warms caches
     median, p20, p80 = triton.testing.do_bench(step, warmup=5, rep=50, quantiles=[0.5, 0.2, 0.8])
+    # Ours alone: the forward by itself (competitors such as Liger compute their
+    # gradients inside the forward, so theirs would not compare).
+    forward_ms = None
+    if provider.name.startswith("triton"):
+        forward_ms = triton.testing.do_bench(lambda: provider.loss(inputs), warmup=5, rep=50)
     inputs.x.grad = inputs.weight.grad = None
     gc.collect()
     torch.cuda.synchronize()
@@ -223,15 +229,17 @@ def measure(provider: GpuProvider, inputs: GpuInputs) -> dict:
     grads = (inputs.x.numel() + inputs.weight.numel()) * inputs.x.element_size()
     overhead = torch.cuda.max_memory_allocated() - before - grads
     inputs.x.grad = inputs.weight.grad = None
-    return {"time_ms": median, "p20_ms": p20, "p80_ms": p80, "overhead_mib": overhead / 2**20}
+    return {"time_ms": median, "p20_ms": p20, "p80_ms": p80, "forward_ms": forward_ms,
+            "overhead_mib": overhead / 2**20}
 
 
 CSV_FIELDS = ["timestamp", "gpu", "torch", "triton", "commit", "head", "logits", "provider", "target", "N", "d",
-              "V", "softcap", "time_ms", "p20_ms", "p80_ms", "tflops_6nvd", "of_matmul_8nvd", "overhead_mib",
-              "matmul_tflops", "status"]
+              "V", "softcap", "time_ms", "p20_ms", "p80_ms", "forward_ms", "tflops_6nvd", "of_matmul_8nvd",
+              "overhead_mib", "matmul_tflops", "status"]
 TABLE = [
     Column("provider", "provider", left=True), Column("logits", "logits", left=True),
     Column("time_ms", "ms", fixed(2)), Column("p20_ms", "p20", fixed(2)), Column("p80_ms", "p80", fixed(2)),
+    Column("forward_ms", "fwd ms", fixed(2)),
     Column("tflops_6nvd", "TFLOP/s(6NVd)", fixed(1)), Column("of_matmul_8nvd", "of_mm(8NVd)", fixed(2)),
     Column("overhead_mib", "overhead_mib", fixed(1)), Column("status", "status", left=True),
 ]

@@ -30,8 +30,10 @@ def philox4x32(c0: Tensor, c1: Tensor, c2: Tensor, c3: Tensor, k0: Tensor | int,
     contiguous buffers: on the CPU each int64 op is a memory pass, and a fresh tensor per
     op (or a broadcast operand) costs several times the arithmetic.
     """
-    c0, c1, c2, c3 = (torch.as_tensor(c, dtype=torch.int64) for c in (c0, c1, c2, c3))
-    device = c0.device
+    # Python ints among the words follow the tensors' device (a CPU scalar tensor would
+    # not broadcast into CUDA ops with out=).
+    device = next((c.device for c in (c0, c1, c2, c3, k0, k1) if isinstance(c, Tensor)), torch.device("cpu"))
+    c0, c1, c2, c3 = (torch.as_tensor(c, dtype=torch.int64, device=device) for c in (c0, c1, c2, c3))
     k0 = torch.as_tensor(k0, dtype=torch.int64, device=device) & _MASK32
     k1 = torch.as_tensor(k1, dtype=torch.int64, device=device) & _MASK32
     shape = torch.broadcast_shapes(c0.shape, c1.shape, c2.shape, c3.shape, k0.shape, k1.shape)

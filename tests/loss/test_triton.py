@@ -65,6 +65,24 @@ def test_odd_shapes(dtype, kind):
     assert_within_dtype_error(got, same_dtype_pytorch(x, w, b, target, LossOptions(**options)), want)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("mode", ["default", "filter", "deterministic"])
+def test_d_weight_in_vocabulary_chunks(dtype, mode):
+    """A 4 KiB d_weight workspace: 64-row chunks of V=300 (the last one partial), sparse
+    ids falling in every chunk; fp16 goes through the fp32 chunk, fp32 straight into
+    d_weight. Same results as one launch would give, and the reference's."""
+    x64, w64, b64, target = make_problem(70, 40, 300, k=5, seed=19, ignore_rows=(2,), scale=2.0)
+    options = dict(softcap=6.0, workspace_bytes=4096, filter_eps=1e-7 if mode == "filter" else None)
+    want = run(x64, w64, b64, target, "torch", softcap=6.0)
+    x, w, b = x64.to(dtype), w64.to(dtype), b64.to(dtype)
+    torch.use_deterministic_algorithms(mode == "deterministic")
+    try:
+        got = run(x, w, b, target, "triton", **options)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert_within_dtype_error(got, same_dtype_pytorch(x, w, b, target, LossOptions(softcap=6.0)), want)
+
+
 def test_no_bias_and_partial_requires_grad():
     x64, w64, _, target = make_problem(20, 16, 40, k=3, seed=13, bias=False)
     x, w = x64.float(), w64.float()
@@ -109,12 +127,13 @@ def _tiles_holding_targets(y):
     return {(r // block_m, int(t) // block_n) for r, t in enumerate(y)}
 
 
-def test_filter_skips_tiles_within_what_filter_eps_implies():
+@pytest.mark.parametrize("workspace_bytes", [None, 4096], ids=["one-launch", "64-row-chunks"])
+def test_filter_skips_tiles_within_what_filter_eps_implies(workspace_bytes):
     x, w, y = _peaked_problem()
     exact, _ = _direct_backward(x, w, y, LossOptions())
     assert int(exact.skipped_tiles) == 0
     eps = 1e-3
-    filtered, coef = _direct_backward(x, w, y, LossOptions(filter_eps=eps))
+    filtered, coef = _direct_backward(x, w, y, LossOptions(filter_eps=eps, workspace_bytes=workspace_bytes))
     # So peaked that every tile without a target is below eps: all of them are skipped.
     assert int(filtered.skipped_tiles) == filtered.total_tiles - len(_tiles_holding_targets(y))
     # Every dropped logit gradient is coef * q with q < eps, so the change in d_input[n]

@@ -64,3 +64,11 @@ def test_same_bits_as_triton_philox():
     kernel[(1,)](seed, counters, out, n, BLOCK=128)
     ours = torch.stack(philox4x32(*counters.long(), *seed_key(seed)))
     assert torch.equal(ours, out)
+
+
+def test_int_words_follow_the_tensors_device():
+    """Counter words given as ints (the sample index) land on the counters' device: the
+    meta device stands in for CUDA, where a CPU word broke every sampling call."""
+    counter = torch.zeros(3, dtype=torch.int64, device="meta")
+    words = philox4x32(counter, 0, 5, counter, 1, 2)
+    assert all(word.device.type == "meta" and word.shape == (3,) for word in words)

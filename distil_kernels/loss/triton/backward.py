@@ -6,13 +6,18 @@ Program (m, n) rebuilds the tile z[m, n] with `tl.dot`, forms
 
 (the coefficients come from the forward's per-row statistics, temperature and upstream
 gradient folded in), and adds `du @ W[n]` to d_input[m] and `du^T @ x[m]` to d_weight[n]
-one hidden-dim slice at a time. Those sums cross programs, so each slice is a
-read-modify-write of an fp32 accumulator under a lock per (block, slice): no float
-atomics. By default a lock is a spin lock; in deterministic mode it is a ticket that
+one hidden-dim slice at a time, into fp32 accumulators. Those sums cross programs. By
+default each slice is one relaxed fp32 `atomic_add` (a reduction in L2: no program waits
+on another). In deterministic mode a slice is a read-modify-write under a ticket that
 admits program (m, n) to d_input[m] only after (m, n - 1) and to d_weight[n] only after
 (m - 1, n), a fixed summation order. Programs are dispatched in pid order and
 `grouped_program` orders (m, n - 1) and (m - 1, n) before (m, n), so a program only
 ever waits on programs that are already running.
+
+The launcher walks the vocabulary in chunks, one launch each: the fp32 d_weight
+accumulator is one chunk [V_chunk, d] (`workspace_bytes`), rounded into the
+weight-dtype gradient when its chunk is done, never a [V, d] fp32 copy of the head;
+d_input stays fp32 [N, d] across chunks.
 
 With `filter_eps`, a tile whose largest softmax value (from the forward's per-block
 maxima) is below it, and that holds no target id, is skipped without recomputing it.
@@ -29,7 +34,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..options import LossOptions
-from .configs import TileConfig, select_config
+from .configs import DW_WORKSPACE_BYTES, TileConfig, select_config
 from .lse_forward import ForwardStats
 from .tiles import grouped_program, logits_tile
 
@@ -44,48 +49,45 @@ class BackwardResult:
 
 
 @triton.jit
-def _acquire(lock_ptr, ticket, DETERMINISTIC: tl.constexpr):
-    if DETERMINISTIC:
-        while tl.atomic_add(lock_ptr, 0) != ticket:
-            pass
-    else:
-        while tl.atomic_cas(lock_ptr, 0, 1) != 0:
-            pass
+def _acquire(lock_ptr, ticket):
+    while tl.atomic_add(lock_ptr, 0) != ticket:
+        pass
 
 
 @triton.jit
-def _release(lock_ptr, ticket, DETERMINISTIC: tl.constexpr):
-    if DETERMINISTIC:
-        tl.atomic_xchg(lock_ptr, ticket + 1)
-    else:
-        tl.atomic_xchg(lock_ptr, 0)
+def _release(lock_ptr, ticket):
+    tl.atomic_xchg(lock_ptr, ticket + 1)
 
 
 @triton.jit
-def _locked_add(ptrs, value, mask, lock_ptr, ticket, DETERMINISTIC: tl.constexpr):
-    _acquire(lock_ptr, ticket, DETERMINISTIC)
-    # .cg reads L2, where the previous holder's stores landed, not a stale L1 line.
-    current = tl.load(ptrs, mask=mask, other=0.0, cache_modifier=".cg")
-    tl.store(ptrs, current + value, mask=mask)
-    _release(lock_ptr, ticket, DETERMINISTIC)
+def _accumulate(ptrs, value, mask, lock_ptr, ticket, DETERMINISTIC: tl.constexpr):
+    if DETERMINISTIC:
+        _acquire(lock_ptr, ticket)
+        # .cg reads L2, where the previous holder's stores landed, not a stale L1 line.
+        current = tl.load(ptrs, mask=mask, other=0.0, cache_modifier=".cg")
+        tl.store(ptrs, current + value, mask=mask)
+        _release(lock_ptr, ticket)
+    else:
+        tl.atomic_add(ptrs, value, mask=mask, sem="relaxed")
 
 
 @triton.jit
 def _pass_ticket(lock_ptr, ticket, DETERMINISTIC: tl.constexpr):
     # A skipped tile still takes its turn, or the programs after it would wait forever.
     if DETERMINISTIC:
-        _acquire(lock_ptr, ticket, DETERMINISTIC)
-        _release(lock_ptr, ticket, DETERMINISTIC)
+        _acquire(lock_ptr, ticket)
+        _release(lock_ptr, ticket)
 
 
 @triton.jit
 def backward_kernel(
     # pointers: inputs
     x_ptr, w_ptr, b_ptr, ids_ptr, slot_coef_ptr, lse_ptr, row_coef_ptr, uniform_ptr, block_max_ptr,
-    # pointers: fp32 accumulators, their locks, and a count of skipped tiles
+    # pointers: fp32 accumulators, their tickets (deterministic mode), a count of skipped tiles
     dx_ptr, dw_ptr, db_ptr, lock_x_ptr, lock_w_ptr, lock_b_ptr, skipped_ptr,
-    # sizes
-    N, V, D, K, num_m_blocks, num_tiles, num_d_slices,
+    # sizes: this launch covers vocabulary ids col_start .. col_start + V - 1, and w_ptr,
+    # b_ptr, dw_ptr and db_ptr point at that chunk's first row
+    N, V, D, K, col_start, num_m_blocks, num_tiles, num_d_slices,
     fwd_block_m, fwd_block_n, fwd_num_tiles,
     # strides (accumulators are contiguous [N, D] and [V, D])
     stride_xn, stride_xd, stride_wv, stride_wd,
@@ -98,7 +100,7 @@ def backward_kernel(
     HAS_UNIFORM: tl.constexpr,  # label smoothing subtracts eps / V from every logit's gradient
     NEED_DX: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
     FILTER: tl.constexpr,  # skip tiles below filter_eps
-    DETERMINISTIC: tl.constexpr,  # ticket locks: a fixed summation order
+    DETERMINISTIC: tl.constexpr,  # ticket-ordered read-modify-writes: a fixed summation order
     DOT_PRECISION: tl.constexpr,
 ):
     pid_m, pid_n = grouped_program(tl.program_id(0), num_m_blocks, num_tiles, GROUP_M)
@@ -115,15 +117,16 @@ def backward_kernel(
         # forward block this tile overlaps (an upper bound, so a skip is always safe).
         fm_first = (pid_m * BLOCK_M) // fwd_block_m
         fm_last = (tl.minimum(pid_m * BLOCK_M + BLOCK_M, N) - 1) // fwd_block_m
-        fn_first = (pid_n * BLOCK_N) // fwd_block_n
-        fn_last = (tl.minimum(pid_n * BLOCK_N + BLOCK_N, V) - 1) // fwd_block_n
+        fn_first = (col_start + pid_n * BLOCK_N) // fwd_block_n
+        fn_last = (col_start + tl.minimum(pid_n * BLOCK_N + BLOCK_N, V) - 1) // fwd_block_n
         tile_max = tl.load(block_max_ptr + fm_first * fwd_num_tiles + fn_first)
         for fm in range(fm_first, fm_last + 1):
             for fn in range(fn_first, fn_last + 1):
                 tile_max = tl.maximum(tile_max, tl.load(block_max_ptr + fm * fwd_num_tiles + fn))
         hits = pid_m * 0
         for j in range(0, K):
-            ids_j = tl.load(ids_ptr + offs_m * K + j, mask=row_ok, other=-1)
+            # Ids outside this chunk (padding -1 too) land outside [0, V) and match no tile.
+            ids_j = tl.load(ids_ptr + offs_m * K + j, mask=row_ok, other=-1) - col_start
             hits += tl.sum(((ids_j >= pid_n * BLOCK_N) & (ids_j < pid_n * BLOCK_N + BLOCK_N)).to(tl.int32), axis=0)
         skip = (tile_max - tl.min(lse, axis=0) < log_filter_eps) & (hits == 0)
 
@@ -147,7 +150,7 @@ def backward_kernel(
         if HAS_UNIFORM:
             dz -= tl.load(uniform_ptr + offs_m, mask=row_ok, other=0.0)[:, None]
         for j in range(0, K):
-            ids_j = tl.load(ids_ptr + offs_m * K + j, mask=row_ok, other=-1)
+            ids_j = tl.load(ids_ptr + offs_m * K + j, mask=row_ok, other=-1) - col_start
             in_tile = (ids_j >= pid_n * BLOCK_N) & (ids_j < pid_n * BLOCK_N + BLOCK_N)
             # Most slots miss most tiles: test the block before touching the whole tile.
             if tl.max(in_tile.to(tl.int32), axis=0) > 0:
@@ -158,7 +161,7 @@ def backward_kernel(
         dz = tl.where(row_ok[:, None] & col_ok[None, :], dz, 0.0)
         du = dz.to(x_ptr.dtype.element_ty)
         if NEED_DB:
-            _locked_add(db_ptr + offs_n, tl.sum(dz, axis=0), col_ok, lock_b_ptr + pid_n, pid_m, DETERMINISTIC)
+            _accumulate(db_ptr + offs_n, tl.sum(dz, axis=0), col_ok, lock_b_ptr + pid_n, pid_m, DETERMINISTIC)
         for s in range(0, num_d_slices):
             offs_d = s * BLOCK_K + offs_k
             d_ok = offs_d < D
@@ -166,14 +169,21 @@ def backward_kernel(
                 w = tl.load(w_ptr + offs_n[:, None] * stride_wv + offs_d[None, :] * stride_wd,
                             mask=col_ok[:, None] & d_ok[None, :], other=0.0)
                 part = tl.dot(du, w, input_precision=DOT_PRECISION)
-                _locked_add(dx_ptr + offs_m[:, None] * D + offs_d[None, :], part, row_ok[:, None] & d_ok[None, :],
+                _accumulate(dx_ptr + offs_m[:, None] * D + offs_d[None, :], part, row_ok[:, None] & d_ok[None, :],
                             lock_x_ptr + pid_m * num_d_slices + s, pid_n, DETERMINISTIC)
             if NEED_DW:
                 xs = tl.load(x_ptr + offs_m[:, None] * stride_xn + offs_d[None, :] * stride_xd,
                              mask=row_ok[:, None] & d_ok[None, :], other=0.0)
                 part = tl.dot(tl.trans(du), xs, input_precision=DOT_PRECISION)
-                _locked_add(dw_ptr + offs_n[:, None] * D + offs_d[None, :], part, col_ok[:, None] & d_ok[None, :],
+                _accumulate(dw_ptr + offs_n[:, None] * D + offs_d[None, :], part, col_ok[:, None] & d_ok[None, :],
                             lock_w_ptr + pid_n * num_d_slices + s, pid_m, DETERMINISTIC)
+
+
+def dw_chunk_rows(v: int, d: int, block_n: int, workspace_bytes: int | None) -> int:
+    """Vocabulary rows per launch: the fp32 d_weight chunk fits `workspace_bytes`."""
+    budget = DW_WORKSPACE_BYTES if workspace_bytes is None else workspace_bytes
+    rows = max(block_n, budget // (4 * max(d, 1)) // block_n * block_n)
+    return min(rows, triton.cdiv(v, block_n) * block_n)
 
 
 def backward(x: Tensor, weight: Tensor, bias: Tensor | None, slot_ids: Tensor, lse: Tensor, row_coef: Tensor,
@@ -195,41 +205,65 @@ def backward(x: Tensor, weight: Tensor, bias: Tensor | None, slot_ids: Tensor, l
     k = slot_ids.shape[1]
     dev = x.device
     need_dx, need_dw, need_db = need[0], need[1], need[2] and bias is not None
+    deterministic = torch.are_deterministic_algorithms_enabled()
     dx = torch.zeros(n, d, dtype=torch.float32, device=dev) if need_dx else None
-    dw = torch.zeros(v, d, dtype=torch.float32, device=dev) if need_dw else None
+    # An fp32 head accumulates straight into its gradient; a bf16/fp16 one through an fp32 chunk.
+    d_weight = None
+    if need_dw:
+        d_weight = torch.zeros_like(weight) if weight.dtype == torch.float32 else torch.empty_like(weight)
     db = torch.zeros(v, dtype=torch.float32, device=dev) if need_db else None
+    chunk = dw_chunk_rows(v, d, config.block_n, options.workspace_bytes)
+    dw_chunk = None
+    if need_dw and weight.dtype != torch.float32:
+        dw_chunk = torch.empty(min(chunk, v), d, dtype=torch.float32, device=dev)
     num_m_blocks = triton.cdiv(n, config.block_m)
-    num_tiles = triton.cdiv(v, config.block_n)
     num_d_slices = triton.cdiv(d, config.block_k)
     filter_eps = options.resolved_filter_eps(x.dtype)
     skipped = torch.zeros(1, dtype=torch.int32, device=dev)
+    total_tiles = 0
     if n > 0 and (need_dx or need_dw or need_db):
         lock_x = torch.zeros(num_m_blocks * num_d_slices, dtype=torch.int32, device=dev)
-        lock_w = torch.zeros(num_tiles * num_d_slices, dtype=torch.int32, device=dev)
-        lock_b = torch.zeros(num_tiles, dtype=torch.int32, device=dev)
+        lock_w = torch.zeros(triton.cdiv(chunk, config.block_n) * num_d_slices, dtype=torch.int32, device=dev)
+        lock_b = torch.zeros(triton.cdiv(chunk, config.block_n), dtype=torch.int32, device=dev)
         dummy = lse
-        grid = (num_m_blocks * num_tiles,)
-        backward_kernel[grid](
-            x, weight, bias if bias is not None else dummy, slot_ids.contiguous(), slot_coef.contiguous(),
-            lse.contiguous(), row_coef.contiguous(), uniform if uniform is not None else dummy, forward.block_max,
-            dx if dx is not None else dummy, dw if dw is not None else dummy, db if db is not None else dummy,
-            lock_x, lock_w, lock_b, skipped,
-            n, v, d, k, num_m_blocks, num_tiles, num_d_slices,
-            forward.config.block_m, forward.config.block_n, forward.block_max.shape[1],
-            x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
-            float(options.softcap or 1.0), 1.0 / options.temperature,
-            math.log(filter_eps) if filter_eps else 0.0,
-            BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
-            HAS_BIAS=bias is not None, HAS_SOFTCAP=options.softcap is not None, HAS_UNIFORM=uniform is not None,
-            NEED_DX=need_dx, NEED_DW=need_dw, NEED_DB=need_db, FILTER=filter_eps is not None,
-            DETERMINISTIC=torch.are_deterministic_algorithms_enabled(),
-            DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-            num_warps=config.num_warps, num_stages=config.num_stages,
-        )
+        ids, slot_coef, lse, row_coef = slot_ids.contiguous(), slot_coef.contiguous(), lse.contiguous(), \
+            row_coef.contiguous()
+        for v0 in range(0, v, chunk):
+            v1 = min(v, v0 + chunk)
+            num_tiles = triton.cdiv(v1 - v0, config.block_n)
+            if deterministic:  # each launch's tickets start at 0
+                for lock in (lock_x, lock_w, lock_b):
+                    lock.zero_()
+            dw_out = None
+            if need_dw:
+                dw_out = d_weight[v0:v1] if dw_chunk is None else dw_chunk[: v1 - v0].zero_()
+            backward_kernel[(num_m_blocks * num_tiles,)](
+                x, weight[v0:v1], bias[v0:v1] if bias is not None else dummy, ids, slot_coef,
+                lse, row_coef, uniform if uniform is not None else dummy, forward.block_max,
+                dx if dx is not None else dummy, dw_out if dw_out is not None else dummy,
+                db[v0:v1] if db is not None else dummy,
+                lock_x, lock_w, lock_b, skipped,
+                n, v1 - v0, d, k, v0, num_m_blocks, num_tiles, num_d_slices,
+                forward.config.block_m, forward.config.block_n, forward.block_max.shape[1],
+                x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
+                float(options.softcap or 1.0), 1.0 / options.temperature,
+                math.log(filter_eps) if filter_eps else 0.0,
+                BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
+                HAS_BIAS=bias is not None, HAS_SOFTCAP=options.softcap is not None, HAS_UNIFORM=uniform is not None,
+                NEED_DX=need_dx, NEED_DW=need_dw, NEED_DB=need_db, FILTER=filter_eps is not None,
+                DETERMINISTIC=deterministic,
+                DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+                num_warps=config.num_warps, num_stages=config.num_stages,
+            )
+            if dw_chunk is not None:
+                d_weight[v0:v1].copy_(dw_out)
+            total_tiles += num_m_blocks * num_tiles
+    elif d_weight is not None:
+        d_weight.zero_()
     return BackwardResult(
         None if dx is None else dx.to(x.dtype),
-        None if dw is None else dw.to(weight.dtype),
+        d_weight,
         db,
         skipped,
-        num_m_blocks * num_tiles,
+        total_tiles,
     )
