@@ -353,22 +353,47 @@ def _settled(cand_logprobs: Tensor, length: Tensor, options: SamplingOptions, nu
     return (length < num_candidates) | (options.top_k is not None and options.top_k <= num_candidates)
 
 
+# Live bytes per logit in `reference_sample`: the fp32 logits and their tempered copy, the
+# sorted values with int64 order, the prefix mass, the kept masks, and per draw the
+# noise (int64 Philox words, the float64 exponential, fp32 Gumbel) and the scores.
+DENSE_BYTES_PER_LOGIT = 96
+DENSE_FALLBACK_BUDGET = 64 << 20
+
+
+def _dense_logits(x: Tensor, weight: Tensor, bias: Tensor | None, softcap: float | None, budget: int) -> Tensor:
+    """softcap(x W^T + b) [rows, V] in the reference's compute dtype (fp32; float64 for
+    float64), W cast to it a slice at a time.
+
+    Casting the whole head (the reference's way) would be a [V, d] fp32 copy: 2 GiB for a
+    152k x 3584 bf16 head, in a path that promises a bounded workspace.
+    """
+    from ..loss.reference import compute_dtype
+
+    dtype = compute_dtype(x.dtype)
+    vocab, dim = weight.shape
+    logits = torch.empty(x.shape[0], vocab, dtype=dtype, device=x.device)
+    xc = x.to(dtype)
+    step = max(1, budget // (dtype.itemsize * max(dim, 1)))
+    for v0 in range(0, vocab, step):
+        torch.mm(xc, weight[v0:v0 + step].to(dtype).T, out=logits[:, v0:v0 + step])
+    if bias is not None:
+        logits += bias.to(dtype)
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    return logits
+
+
 def _dense_fallback(sample: Sample, x: Tensor, weight: Tensor, bias: Tensor | None, softcap: float | None,
                     options: SamplingOptions, seed, positions, rows: Tensor, workspace_bytes: int | None) -> None:
     """Exact sampling for `rows` from their dense logits, a bounded number of rows at a time."""
-    from ..loss.options import LossOptions
-    from ..loss.reference import reference_logits
-
-    # The dense reference holds about four [rows, V] fp32 buffers (logits, sort, scores).
-    budget = workspace_bytes or (64 << 20)
-    step = max(1, budget // (weight.shape[0] * 4 * 4))
-    raw_options = LossOptions(softcap=softcap)
+    budget = workspace_bytes or DENSE_FALLBACK_BUDGET
+    step = max(1, budget // (weight.shape[0] * DENSE_BYTES_PER_LOGIT))
     for i in range(0, len(rows), step):
         block = rows[i : i + step]
         block_positions = block if positions is None else positions[block]
         block_seed = seed[block] if isinstance(seed, Tensor) and seed.dim() == 1 else seed
-        dense = reference_sample(reference_logits(x[block], weight, bias, raw_options), options, block_seed,
-                                 block_positions)
+        logits = _dense_logits(x[block], weight, bias, softcap, budget // 4)
+        dense = reference_sample(logits, options, block_seed, block_positions)
         for out, value in zip(sample, dense):
             out[block] = value
 

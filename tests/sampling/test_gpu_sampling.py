@@ -349,3 +349,33 @@ def test_sample_temporary_memory_is_the_split_partials(options):
     assert sample.ids.shape == (rows, 1)
     assert temporary <= bound, f"{temporary} B > {bound} B"
     assert temporary < rows * vocab * 2 // 8
+
+
+def test_top_p_on_a_flat_head_stays_within_the_workspace():
+    """Random hidden states and head: the nucleus of top_p=0.95 spans most of the
+    vocabulary, so no row settles on its 256 candidates and every row takes the exact
+    dense fallback. Its blocks of rows and slices of W keep the temporary memory near
+    `workspace_bytes` (measured once at 2 GiB when the fallback cast the whole head to fp32)."""
+    rows, dim, vocab = 64, 3584, 152064
+    budget = 64 << 20
+    gen = torch.Generator(device=DEVICE).manual_seed(6)
+    x = torch.randn(rows, dim, generator=gen, device=DEVICE).bfloat16()
+    w = (torch.randn(vocab, dim, generator=gen, device=DEVICE) / dim**0.5).bfloat16()
+    options = dict(temperature=0.8, top_p=0.95, seed=1, workspace_bytes=budget)
+    linear_sample(x[:2], w, backend="triton", **options)  # compiles
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    got = linear_sample(x, w, backend="triton", **options)
+    torch.cuda.synchronize()
+    temporary = torch.cuda.max_memory_allocated() - before
+    print(f"linear_sample top_p=0.95 on a flat head, B={rows} V={vocab}: temporary {temporary / 2**20:.1f} MiB "
+          f"(workspace_bytes {budget / 2**20:.0f} MiB)")
+    # The budget, plus the top-k pass's per-split candidate keys (64 x 119 splits x 256
+    # int64 = 14.9 MiB) should the allocator still hold them.
+    assert temporary <= budget + (16 << 20), f"{temporary / 2**20:.1f} MiB"
+    want = linear_sample(x, w, backend="torch", **options)
+    zeros = torch.zeros(vocab, device=DEVICE, dtype=torch.bfloat16)
+    stats = check_draws(got, want, logits64(x, w, zeros), SamplingOptions(temperature=0.8, top_p=0.95), 1, None,
+                        torch.bfloat16)
+    print(f"top_p=0.95 flat head: {stats}")
