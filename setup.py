@@ -1,9 +1,10 @@
 """Build script: the Python package always; CUDA extensions from csrc/ only where they can be built.
 
-The package imports and works without any compiled extension. Extensions are built
-when csrc/ holds sources, nvcc is found and torch is a CUDA build; set
-DISTIL_KERNELS_SKIP_CUDA_BUILD=1 to skip them, DISTIL_KERNELS_CUDA_ARCHS (default
-"8.0;9.0") to choose target architectures, MAX_JOBS to bound parallel compiles.
+The package imports and works without any compiled extension. The extension is built
+when csrc/ holds its torch binding (csrc/torch_binding.cpp, the module's entry point;
+the kernels' .cu files compile alone, see tests/csrc), nvcc is found and torch is a
+CUDA build; set DISTIL_KERNELS_SKIP_CUDA_BUILD=1 to skip it, DISTIL_KERNELS_CUDA_ARCHS
+(default "8.0;9.0") to choose target architectures, MAX_JOBS to bound parallel compiles.
 """
 
 import os
@@ -14,8 +15,11 @@ from setuptools import setup
 
 
 def cuda_extensions():
-    sources = sorted(str(p) for p in Path("csrc").glob("**/*.cu")) + sorted(str(p) for p in Path("csrc").glob("**/*.cpp"))
-    if not sources or os.environ.get("DISTIL_KERNELS_SKIP_CUDA_BUILD") == "1" or shutil.which("nvcc") is None:
+    csrc = Path("csrc")
+    sources = sorted(str(p) for p in csrc.glob("**/*.cu")) + sorted(str(p) for p in csrc.glob("**/*.cpp"))
+    binding = csrc / "torch_binding.cpp"
+    if (not binding.exists() or os.environ.get("DISTIL_KERNELS_SKIP_CUDA_BUILD") == "1"
+            or shutil.which("nvcc") is None):
         return [], {}
     try:
         import torch

@@ -1,0 +1,156 @@
+// Chunk epilogue kernels of the `cuda` loss backend (see loss_epilogue.h).
+//
+// One block per row: a chunk row is up to a whole vocabulary (152k fp32 = 600 KB), read
+// once coalesced by 256 threads; a row's statistics reduce through warp shuffles and one
+// shared-memory step, with no atomics, so results do not depend on scheduling.
+
+#include "loss_epilogue.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cmath>
+
+namespace distil {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+// Four resident blocks (1024 threads) per SM hide the row loads' latency and leave 64
+// registers a thread; left to itself, ptxas for sm_90a aims at eight blocks, caps the
+// stats kernel at 32 registers and spills 44 bytes.
+constexpr int kMinBlocks = 4;
+
+struct LseState {
+    float max;
+    float sum;   // sum exp(z - max)
+    float zsum;  // sum z, for label smoothing
+};
+
+__device__ __forceinline__ LseState merge(LseState a, LseState b) {
+    const float m = fmaxf(a.max, b.max);
+    if (m == -INFINITY) return {m, 0.f, a.zsum + b.zsum};
+    return {m, a.sum * __expf(a.max - m) + b.sum * __expf(b.max - m), a.zsum + b.zsum};
+}
+
+__device__ __forceinline__ LseState block_reduce(LseState s) {
+    __shared__ LseState warp_states[kWarps];
+    for (int offset = 16; offset > 0; offset >>= 1) {
+        LseState other{__shfl_xor_sync(0xffffffffu, s.max, offset), __shfl_xor_sync(0xffffffffu, s.sum, offset),
+                       __shfl_xor_sync(0xffffffffu, s.zsum, offset)};
+        s = merge(s, other);
+    }
+    const int warp = threadIdx.x / 32;
+    if (threadIdx.x % 32 == 0) warp_states[warp] = s;
+    __syncthreads();
+    s = warp_states[0];
+    for (int w = 1; w < kWarps; ++w) s = merge(s, warp_states[w]);
+    return s;
+}
+
+__device__ __forceinline__ float tanh_fp32(float y) {
+    // 1 - 2 / (exp(2y) + 1) saturates to +-1 without overflow: exp(2y) = inf gives 1.
+    return 1.f - 2.f / (__expf(2.f * y) + 1.f);
+}
+
+__global__ void __launch_bounds__(kThreads, kMinBlocks) chunk_stats_kernel(ChunkStatsArgs a) {
+    const int64_t row = blockIdx.x;
+    float* z = a.logits + row * a.ld;
+    float* t = a.tanh != nullptr ? a.tanh + row * a.ld : nullptr;
+    const bool capped = a.softcap > 0.f;
+    const float inv_cap = capped ? 1.f / a.softcap : 0.f;
+    const float out_scale = capped ? a.softcap * a.inv_temp : a.inv_temp;
+    LseState s{-INFINITY, 0.f, 0.f};
+    for (int c = threadIdx.x; c < a.cols; c += kThreads) {
+        float u = z[c];
+        if (a.bias != nullptr) u += a.bias[c];
+        if (capped) {
+            u = tanh_fp32(u * inv_cap);
+            if (t != nullptr) t[c] = u;
+        }
+        const float v = u * out_scale;
+        z[c] = v;
+        if (v > s.max) {
+            s.sum = s.sum * __expf(s.max - v) + 1.f;
+            s.max = v;
+        } else {
+            s.sum += __expf(v - s.max);
+        }
+        s.zsum += v;
+    }
+    s = block_reduce(s);
+    if (threadIdx.x == 0) {
+        a.partial[row * 3 + 0] = s.max;
+        a.partial[row * 3 + 1] = s.sum;
+        a.partial[row * 3 + 2] = s.zsum;
+    }
+    // The block's writes of z are visible to all its threads after the barrier.
+    __syncthreads();
+    for (int j = threadIdx.x; j < a.num_slots; j += kThreads) {
+        const int64_t local = a.ids[row * a.num_slots + j] - a.vocab_start;
+        if (local >= 0 && local < a.cols) a.slot_logits[row * a.num_slots + j] = z[local];
+    }
+}
+
+template <typename Out>
+__device__ __forceinline__ Out from_float(float v);
+template <>
+__device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+
+template <typename Out>
+__global__ void __launch_bounds__(kThreads, kMinBlocks) logits_grad_kernel(LogitsGradArgs a) {
+    const int64_t row = blockIdx.x;
+    float* g = a.logits + row * a.ld;
+    const float* t = a.tanh != nullptr ? a.tanh + row * a.ld : nullptr;
+    const float coef = a.row_coef[row];
+    const float lse = a.lse[row];
+    const float uniform = a.uniform != nullptr ? a.uniform[row] : 0.f;
+    for (int c = threadIdx.x; c < a.cols; c += kThreads) {
+        float v = coef * __expf(g[c] - lse) - uniform;
+        if (t != nullptr) v *= 1.f - t[c] * t[c];
+        g[c] = v;
+    }
+    __syncthreads();
+    // One thread applies the slot corrections in order: ids may repeat within a row.
+    if (threadIdx.x == 0) {
+        for (int j = 0; j < a.num_slots; ++j) {
+            const int64_t local = a.ids[row * a.num_slots + j] - a.vocab_start;
+            if (local < 0 || local >= a.cols) continue;
+            const float chain = t != nullptr ? 1.f - t[local] * t[local] : 1.f;
+            g[local] -= a.slot_coef[row * a.num_slots + j] * chain;
+        }
+    }
+    if (a.out == nullptr) return;
+    __syncthreads();
+    Out* out = static_cast<Out*>(a.out) + row * a.ld_out;
+    for (int c = threadIdx.x; c < a.cols; c += kThreads) out[c] = from_float<Out>(g[c]);
+}
+
+}  // namespace
+
+cudaError_t chunk_stats(const ChunkStatsArgs& args, cudaStream_t stream) {
+    if (args.rows <= 0) return cudaSuccess;
+    chunk_stats_kernel<<<args.rows, kThreads, 0, stream>>>(args);
+    return cudaGetLastError();
+}
+
+cudaError_t logits_grad(const LogitsGradArgs& args, cudaStream_t stream) {
+    if (args.rows <= 0) return cudaSuccess;
+    switch (args.out_type) {
+        case OutType::kBFloat16:
+            logits_grad_kernel<__nv_bfloat16><<<args.rows, kThreads, 0, stream>>>(args);
+            break;
+        case OutType::kFloat16:
+            logits_grad_kernel<__half><<<args.rows, kThreads, 0, stream>>>(args);
+            break;
+        default:
+            logits_grad_kernel<float><<<args.rows, kThreads, 0, stream>>>(args);
+    }
+    return cudaGetLastError();
+}
+
+}  // namespace distil
