@@ -1,6 +1,7 @@
 """`python -m bench loss --device cuda`: the loss on a GPU against every competitor.
 
-Providers (hard labels): ours (`triton`, `chunked`), the `torch` reference, a
+Providers (hard labels): ours (`triton`, `cuda` where the csrc/ extension was built,
+`chunked`), the `torch` reference, a
 `torch.compile`d chunked cross-entropy, PyTorch's native `F.linear_cross_entropy`,
 Liger-Kernel's fused linear cross-entropy and Apple's Cut Cross-Entropy (the last two
 optional: skipped when not installed). Sparse k=32 expert targets: ours against the
@@ -175,8 +176,15 @@ def _dense_soft(inputs: GpuInputs) -> Tensor:
     return F.cross_entropy(logits, dense)
 
 
+def _extension_requirement(inputs: GpuInputs) -> str | None:
+    from distil_kernels.cuda_ext import extension_available
+
+    return None if extension_available() else "the csrc/ extension was not built"
+
+
 PROVIDERS = (
     GpuProvider("triton", "hard", _ours("triton", "hard")),
+    GpuProvider("cuda", "hard", _ours("cuda", "hard"), _extension_requirement),
     GpuProvider("chunked", "hard", _ours("chunked", "hard")),
     GpuProvider("torch-ref", "hard", _ours("torch", "hard")),
     GpuProvider("compiled-chunked", "hard", _compiled_chunked),
@@ -184,10 +192,12 @@ PROVIDERS = (
     GpuProvider("liger", "hard", _liger, _module_requirement("liger_kernel")),
     GpuProvider("cce", "hard", _cce, _module_requirement("cut_cross_entropy")),
     GpuProvider("triton-sparse", "sparse", _ours("triton", "sparse")),
+    GpuProvider("cuda-sparse", "sparse", _ours("cuda", "sparse"), _extension_requirement),
     GpuProvider("torch-ref-sparse", "sparse", _ours("torch", "sparse")),
     GpuProvider("dense-soft", "sparse", _dense_soft),
 )
-QUICK_PROVIDERS = ("triton", "torch-ref", "native", "liger", "cce", "triton-sparse", "dense-soft")
+QUICK_PROVIDERS = ("triton", "cuda", "chunked", "torch-ref", "native", "liger", "cce", "triton-sparse", "cuda-sparse",
+                   "dense-soft")
 
 
 # --------------------------------------------------------------------------------------
@@ -252,6 +262,9 @@ TARGET_VS_LIGER = 0.6
 TARGET_OVERHEAD_MIB = 64.0
 TARGET_SPARSE_VS_HARD = 1.1
 TARGET_OF_MATMUL = 0.6
+# The cuda backend's (issue 6; set for N=16384, V=152064, d=3584 with a 2 GiB workspace).
+TARGET_CUDA_VS_GEMMS = 1.15
+TARGET_CUDA_SPARSE = 1.05
 
 
 def target_lines(rows: list[dict]) -> list[str]:
@@ -278,6 +291,15 @@ def target_lines(rows: list[dict]) -> list[str]:
         line(ours["of_matmul_8nvd"] >= TARGET_OF_MATMUL,
              f"triton random logits at {ours['of_matmul_8nvd']:.2f} of the bf16 matmul rate, 8NVd "
              f"(>= {TARGET_OF_MATMUL})")
+        if ("cuda", "random") in ok:
+            cuda = ok[("cuda", "random")]
+            rate = cuda["tflops_6nvd"] / cuda["matmul_tflops"]
+            line(rate >= 1 / TARGET_CUDA_VS_GEMMS, f"cuda at {rate:.2f} of the matmul rate counting 6NVd (>= "
+                 f"{1 / TARGET_CUDA_VS_GEMMS:.2f}: within {TARGET_CUDA_VS_GEMMS}x of its three GEMMs)")
+            if ("cuda-sparse", "random") in ok:
+                ratio = ok[("cuda-sparse", "random")]["time_ms"] / cuda["time_ms"]
+                line(ratio <= TARGET_CUDA_SPARSE, f"cuda sparse k={SPARSE_K} / hard time {ratio:.2f} "
+                     f"(<= {TARGET_CUDA_SPARSE})")
         if ("triton-sparse", "random") in ok:
             ratio = ok[("triton-sparse", "random")]["time_ms"] / ours["time_ms"]
             line(ratio <= TARGET_SPARSE_VS_HARD,

@@ -2,7 +2,8 @@
 
 `auto` picks `triton` on CUDA tensors when Triton is installed, and `chunked`
 everywhere else. `triton` also runs on CPU tensors under `TRITON_INTERPRET=1`
-(Triton's interpreter, for tests).
+(Triton's interpreter, for tests). `cuda` (the compiled csrc/ extension) runs on CUDA
+tensors where the install built it; so far it serves the loss core only.
 """
 
 from __future__ import annotations
@@ -12,15 +13,21 @@ import os
 
 import torch
 
-BACKENDS = ("torch", "chunked", "triton")
+BACKENDS = ("torch", "chunked", "triton", "cuda")
+# The sampling core has no `cuda` backend yet (csrc/ holds the loss epilogue only).
+SAMPLING_BACKENDS = ("torch", "chunked", "triton")
 
 
 def triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def resolve_backend(backend: str, device: torch.device | None) -> str:
-    """The concrete backend for `backend` on `device` (None: any); ValueError says why not."""
+def resolve_backend(backend: str, device: torch.device | None, available: tuple[str, ...] = BACKENDS,
+                    op: str = "this function") -> str:
+    """The concrete backend for `backend` on `device` (None: any); ValueError says why not.
+
+    `available`: the backends `op` implements.
+    """
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
     if backend == "auto":
@@ -30,6 +37,9 @@ def resolve_backend(backend: str, device: torch.device | None) -> str:
     if backend not in BACKENDS:
         names = ", ".join(repr(n) for n in ("auto", *BACKENDS))
         raise ValueError(f"backend must be one of {names}; got {backend!r}")
+    if backend not in available:
+        names = ", ".join(repr(n) for n in ("auto", *available))
+        raise ValueError(f"backend={backend!r} is not available for {op} (its backends: {names})")
     if backend == "triton":
         if not triton_installed():
             raise ValueError("backend='triton' needs the triton package (pip install triton); "
@@ -39,10 +49,17 @@ def resolve_backend(backend: str, device: torch.device | None) -> str:
                 f"backend='triton' runs on cuda tensors (or on the CPU under TRITON_INTERPRET=1), "
                 f"but input is on {device}; use backend='auto' or 'chunked'"
             )
+    if backend == "cuda":
+        from .cuda_ext import extension
+
+        if device is not None and device.type != "cuda":
+            raise ValueError(f"backend='cuda' runs on cuda tensors, but input is on {device}; "
+                             f"use backend='auto' or 'chunked'")
+        extension()  # a RuntimeError saying how to build it when the install lacks it
     return backend
 
 
 def check_backend_dtype(backend: str, dtype: torch.dtype) -> None:
-    if backend == "triton" and dtype == torch.float64:
-        raise TypeError("backend='triton' takes float16, bfloat16 or float32 input, got torch.float64; "
+    if backend in ("triton", "cuda") and dtype == torch.float64:
+        raise TypeError(f"backend={backend!r} takes float16, bfloat16 or float32 input, got torch.float64; "
                         "use backend='chunked' or 'torch' for float64")

@@ -133,7 +133,7 @@ def test_renormalize_needs_positive_mass():
         (dict(reduction="avg"), ValueError, r"reduction must be one of \('mean', 'sum', 'none'\), got 'avg'"),
         (dict(tail="drop"), ValueError, "tail must be one of"),
         (dict(backend="cuda-magic"), ValueError,
-         r"backend must be one of 'auto', 'torch', 'chunked', 'triton'; got 'cuda-magic'"),
+         r"backend must be one of 'auto', 'torch', 'chunked', 'triton', 'cuda'; got 'cuda-magic'"),
         (dict(backend=3), TypeError, "backend must be a str"),
         (dict(label_smoothing=1.5), ValueError, r"label_smoothing must be in \[0, 1\], got 1.5"),
         (dict(temperature=0.0), ValueError, "temperature must be > 0"),

@@ -344,6 +344,9 @@ def precomputed_coef_fn(row_coef: Tensor, slot_coef: Tensor, uniform: Tensor | N
 # --------------------------------------------------------------------------------------
 
 
+SweepFn = Callable[..., SweepStats]  # `sweep`'s signature
+
+
 @dataclass(frozen=True)
 class ChunkedParams:
     options: LossOptions
@@ -351,6 +354,9 @@ class ChunkedParams:
     # Produce the gradients in the forward (a scalar loss whose inputs need gradients,
     # decided outside the Function: grad mode is off inside `forward`).
     eager: bool
+    # The pass over the chunks: `sweep`, or the cuda backend's (same contract, fused
+    # CUDA epilogue), so both share this Function.
+    sweep_fn: SweepFn = sweep
 
 
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -375,10 +381,10 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         if params.eager and any(need):
             grads = Grads.allocate(x, weight, bias, need)
             upstream = row_weights(row_valid, options.reduction, cdt)
-            stats = sweep(x, weight, bias, slots.ids, options,
-                          coef_fn=terms_coef_fn(slots, options, vocab_size, upstream, sink=keep), grads=grads)
+            stats = params.sweep_fn(x, weight, bias, slots.ids, options,
+                                    coef_fn=terms_coef_fn(slots, options, vocab_size, upstream, sink=keep), grads=grads)
         else:
-            stats = sweep(x, weight, bias, slots.ids, options)
+            stats = params.sweep_fn(x, weight, bias, slots.ids, options)
             terms = row_terms(stats.lse, stats.slot_logits, stats.logit_sum, slots, options, vocab_size)
             keep(0, x.shape[0], terms)
         loss = reduce_loss(token_loss, row_valid, options.reduction)
@@ -410,8 +416,8 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         upstream = row_upstream(grad_loss, slots.row_valid, options.reduction, cdt)
         need = ctx.needs_input_grad[:3]
         grads = Grads.allocate(x, weight, bias, need)
-        sweep(x, weight, bias, slots.ids, options, stats=SweepStats(lse, slot_logits, logit_sum),
-              coef_fn=terms_coef_fn(slots, options, weight.shape[0], upstream), grads=grads)
+        params.sweep_fn(x, weight, bias, slots.ids, options, stats=SweepStats(lse, slot_logits, logit_sum),
+                        coef_fn=terms_coef_fn(slots, options, weight.shape[0], upstream), grads=grads)
         one = torch.ones((), dtype=cdt, device=x.device)
         d_x, d_w, d_b = grads.take(one, *ctx.grad_dtypes)
         return d_x, d_w, d_b, None, None, None, None
@@ -419,21 +425,23 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
 
 def chunked_gradients(x: Tensor, weight: Tensor, bias: Tensor | None, slot_ids: Tensor, stats: SweepStats,
                       row_coef: Tensor, slot_coef: Tensor, uniform: Tensor | None, options: LossOptions,
-                      need: tuple[bool, bool, bool]) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+                      need: tuple[bool, bool, bool], sweep_fn: SweepFn = sweep
+                      ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """One gradient sweep for per-row coefficients already scaled by the upstream gradient."""
     cdt = compute_dtype(x.dtype)
     grads = Grads.allocate(x, weight, bias, need)
-    sweep(x, weight, bias, slot_ids, options, stats=stats, coef_fn=precomputed_coef_fn(row_coef, slot_coef, uniform),
-          grads=grads)
+    sweep_fn(x, weight, bias, slot_ids, options, stats=stats, coef_fn=precomputed_coef_fn(row_coef, slot_coef, uniform),
+             grads=grads)
     return grads.take(torch.ones((), dtype=cdt, device=x.device), weight.dtype, None if bias is None else bias.dtype)
 
 
 def chunked_linear_cross_entropy(x: Tensor, weight: Tensor, bias: Tensor | None, slots: Slots,
-                                 options: LossOptions) -> tuple[Tensor, LossStats]:
-    """Loss (in the compute dtype) and stats of 2-D `x` [N, d] by the chunked backend."""
+                                 options: LossOptions, sweep_fn: SweepFn = sweep) -> tuple[Tensor, LossStats]:
+    """Loss (in the compute dtype) and stats of 2-D `x` [N, d] by the chunked backend (or,
+    with the cuda backend's `sweep_fn`, by that one)."""
     needs_grad = x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     eager = options.reduction != "none" and needs_grad and torch.is_grad_enabled()
-    params = ChunkedParams(options, slots.num_target, eager)
+    params = ChunkedParams(options, slots.num_target, eager, sweep_fn)
     loss, lse, token_loss, logq = ChunkedLinearCrossEntropy.apply(
         x, weight, bias, slots.ids, slots.weights, slots.valid, params
     )

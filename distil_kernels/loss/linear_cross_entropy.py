@@ -57,11 +57,13 @@ def linear_cross_entropy(
             are all below it, never a tile holding a target id ("auto": 2**-12 for
             bfloat16). `torch` and `chunked` are exact and accept it for portability.
         backend: "auto" (triton on CUDA, else chunked), "torch" (materialises fp32
-            logits: the reference), "chunked" or "triton".
+            logits: the reference), "chunked", "triton" or "cuda" (the compiled csrc/
+            extension, where the install built it).
         return_stats: also return `LossStats` (lse, token_loss, target_logprobs, each
             over the N flattened rows, fp32).
-        workspace_bytes: bound on the `chunked` backend's logits workspace (None: a
-            default sized for the device).
+        workspace_bytes: bound on the logits workspace of `chunked` and `cuda` (None: a
+            default sized for the device; `cuda`: 2 GiB) and on the triton backward's
+            fp32 d_weight chunk (None: 32 MiB).
         validate: check id ranges and probabilities (a host sync on CUDA). With False,
             out-of-range ids are treated as padding.
 
@@ -89,6 +91,10 @@ def linear_cross_entropy(
         from .triton import triton_linear_cross_entropy
 
         loss, stats = triton_linear_cross_entropy(x, weight, bias, slots, options)
+    elif name == "cuda":
+        from .cuda import cuda_linear_cross_entropy
+
+        loss, stats = cuda_linear_cross_entropy(x, weight, bias, slots, options)
     else:
         loss, stats = chunked_linear_cross_entropy(x, weight, bias, slots, options)
     if reduction == "none":

@@ -24,6 +24,10 @@ def stats_pass(backend: str, x: Tensor, weight: Tensor, bias: Tensor | None, slo
         from .triton import triton_stats
 
         return triton_stats(x, weight, bias, slot_ids, options)
+    if backend == "cuda":
+        from .cuda import cuda_sweep
+
+        return cuda_sweep(x, weight, bias, slot_ids, options)
     return sweep(x, weight, bias, slot_ids, options)
 
 
@@ -35,6 +39,10 @@ def gradient_pass(backend: str, x: Tensor, weight: Tensor, bias: Tensor | None, 
         from .triton import triton_gradients
 
         return triton_gradients(x, weight, bias, slot_ids, stats, row_coef, slot_coef, uniform, options, need)
+    if backend == "cuda":
+        from .cuda import cuda_gradients
+
+        return cuda_gradients(x, weight, bias, slot_ids, stats, row_coef, slot_coef, uniform, options, need)
     return chunked_gradients(x, weight, bias, slot_ids, stats, row_coef, slot_coef, uniform, options, need)
 
 

@@ -414,7 +414,7 @@ def linear_sample(input: Tensor, weight: Tensor, *, temperature: float = 1.0, to
     CUDA, else chunked), "torch" (dense logits: the reference), "chunked" or "triton"
     (fp16, bf16 or fp32 input; the same ids as the other backends for the same seed).
     """
-    from ..backends import check_backend_dtype, resolve_backend
+    from ..backends import SAMPLING_BACKENDS, check_backend_dtype, resolve_backend
     from ..loss.options import LossOptions
     from ..loss.reference import reference_logits
     from ..validation import check_linear
@@ -427,7 +427,7 @@ def linear_sample(input: Tensor, weight: Tensor, *, temperature: float = 1.0, to
         raise ValueError(f"top_k must be <= V = {weight.shape[0]}, got {options.top_k}")
     LossOptions(softcap=softcap, workspace_bytes=workspace_bytes)  # validates both
     _check_seed_and_positions(seed, positions, input.shape[0], input.device)
-    name = resolve_backend(backend, input.device)
+    name = resolve_backend(backend, input.device, SAMPLING_BACKENDS, "linear_sample")
     check_backend_dtype(name, input.dtype)
     if bias is not None:
         bias = bias.float() if input.dtype != torch.float64 else bias

@@ -21,7 +21,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ..backends import check_backend_dtype, resolve_backend
+from ..backends import SAMPLING_BACKENDS, check_backend_dtype, resolve_backend
 from ..loss.chunked import logits_tile, Workspace, plan_chunks
 from ..loss.options import LossOptions, _check_real
 from ..loss.reference import compute_dtype, reference_logits
@@ -261,7 +261,7 @@ def linear_topk(
     vocab_size = weight.shape[0]
     k = _check_k(k, vocab_size)
     options = _topk_options(softcap, temperature, workspace_bytes)
-    name = resolve_backend(backend, input.device)
+    name = resolve_backend(backend, input.device, SAMPLING_BACKENDS, "linear_topk")
     check_backend_dtype(name, input.dtype)
     x = input.reshape(-1, input.shape[-1])
     with torch.no_grad():

@@ -55,3 +55,20 @@ def test_compiles_without_spills(source, arch, tmp_path):
     assert report, f"ptxas reported no kernels:\n{result.stderr[-2000:]}"
     spilled = [(kernel, stores, loads) for kernel, stores, loads in report if stores or loads]
     assert not spilled, f"{arch}: register spills {spilled}"
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+def test_torch_binding_type_checks():
+    """csrc/torch_binding.cpp against this torch's headers (a CPU build has them too; the
+    binding takes its CUDA stream from Python, so no c10/cuda header is needed), through
+    nvcc's host compiler with the CUDA runtime headers."""
+    import sysconfig
+
+    torch_ext = pytest.importorskip("torch.utils.cpp_extension")
+    includes = [f"-I{p}" for p in torch_ext.include_paths()] + [f"-I{sysconfig.get_paths()['include']}", f"-I{CSRC}"]
+    result = subprocess.run(
+        ["nvcc", "-std=c++17", "-Xcompiler", "-fsyntax-only", "-c", str(CSRC / "torch_binding.cpp"),
+         "-DTORCH_EXTENSION_NAME=_C", *includes],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, "\n".join(line for line in result.stderr.splitlines() if "error" in line)[-4000:]

@@ -16,6 +16,7 @@ pytestmark = [
 ]
 
 from distil_kernels import SparseTarget, distil_loss, linear_cross_entropy  # noqa: E402
+from distil_kernels.cuda_ext import extension_available  # noqa: E402
 from distil_kernels.loss.options import LossOptions  # noqa: E402
 from loss_problems import assert_within_dtype_error, make_problem, run, same_dtype_pytorch  # noqa: E402
 
@@ -33,7 +34,11 @@ def cpu64(result):
     return loss.double().cpu(), stats, [None if g is None else g.double().cpu() for g in grads]
 
 
-@pytest.mark.parametrize("backend", ["triton", "chunked"])
+CUDA_BACKEND = pytest.param("cuda", marks=pytest.mark.skipif(not extension_available(),
+                                                             reason="the csrc/ extension was not built"))
+
+
+@pytest.mark.parametrize("backend", ["triton", "chunked", CUDA_BACKEND])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("kind", ["hard", "sparse"])
 @pytest.mark.parametrize("options", [

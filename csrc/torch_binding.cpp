@@ -1,0 +1,142 @@
+// Python binding of the csrc/ kernels: `distil_kernels._C`.
+//
+// Only this file knows torch. It checks the tensors a caller hands over (device, dtype,
+// shape, unit inner stride) and calls the torch-agnostic launchers. The CUDA stream
+// comes from Python (`torch.cuda.current_stream().cuda_stream`), so the binding needs
+// no c10/cuda headers and type-checks against any torch's headers (tests/csrc).
+
+#include <torch/extension.h>
+
+#include <cuda_runtime.h>
+
+#include <optional>
+#include <string>
+
+#include "loss_epilogue.h"
+
+namespace {
+
+void check_rows(const torch::Tensor& t, const char* name, int64_t rows, int64_t min_cols, torch::ScalarType dtype,
+                const torch::Device& device) {
+    TORCH_CHECK(t.device() == device, name, " must be on ", device, ", got ", t.device());
+    TORCH_CHECK(t.scalar_type() == dtype, name, " must be ", c10::toString(dtype), ", got ", t.scalar_type());
+    TORCH_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) >= min_cols, name, " must be [", rows, ", >=",
+                min_cols, "], got ", t.sizes());
+    TORCH_CHECK(t.stride(1) == 1, name, " must have unit column stride, got strides ", t.strides());
+}
+
+void check_vector(const torch::Tensor& t, const char* name, int64_t size, const torch::Device& device) {
+    TORCH_CHECK(t.device() == device, name, " must be on ", device, ", got ", t.device());
+    TORCH_CHECK(t.scalar_type() == torch::kFloat32, name, " must be float32, got ", t.scalar_type());
+    TORCH_CHECK(t.dim() == 1 && t.size(0) == size && t.is_contiguous(), name, " must be contiguous [", size,
+                "], got ", t.sizes());
+}
+
+void check_launch(cudaError_t error, const char* what) {
+    TORCH_CHECK(error == cudaSuccess, what, " launch failed: ", cudaGetErrorString(error));
+}
+
+void chunk_stats(torch::Tensor logits, std::optional<torch::Tensor> bias, std::optional<torch::Tensor> tanh,
+                 double softcap, double inv_temp, torch::Tensor ids, int64_t vocab_start, torch::Tensor slot_logits,
+                 torch::Tensor partial, int64_t stream) {
+    TORCH_CHECK(logits.is_cuda(), "logits must be a CUDA tensor, got ", logits.device());
+    const auto device = logits.device();
+    const int64_t rows = logits.size(0);
+    const int64_t cols = logits.dim() == 2 ? logits.size(1) : 0;
+    check_rows(logits, "logits", rows, cols, torch::kFloat32, device);
+    TORCH_CHECK(rows <= INT32_MAX && cols <= INT32_MAX, "logits is too large: ", logits.sizes());
+    if (bias) check_vector(*bias, "bias", cols, device);
+    if (softcap > 0.0) {
+        TORCH_CHECK(tanh.has_value(), "a softcap needs the tanh buffer");
+        check_rows(*tanh, "tanh", rows, cols, torch::kFloat32, device);
+        TORCH_CHECK(tanh->stride(0) == logits.stride(0), "tanh must have the row stride of logits");
+    }
+    const int64_t slots = ids.dim() == 2 ? ids.size(1) : 0;
+    check_rows(ids, "ids", rows, slots, torch::kInt64, device);
+    TORCH_CHECK(ids.is_contiguous(), "ids must be contiguous");
+    check_rows(slot_logits, "slot_logits", rows, slots, torch::kFloat32, device);
+    TORCH_CHECK(slot_logits.size(1) == slots && slot_logits.is_contiguous(), "slot_logits must be contiguous [",
+                rows, ", ", slots, "], got ", slot_logits.sizes());
+    check_rows(partial, "partial", rows, 3, torch::kFloat32, device);
+    TORCH_CHECK(partial.size(1) == 3 && partial.is_contiguous(), "partial must be contiguous [", rows, ", 3]");
+
+    distil::ChunkStatsArgs args{};
+    args.logits = logits.data_ptr<float>();
+    args.ld = logits.stride(0);
+    args.rows = static_cast<int>(rows);
+    args.cols = static_cast<int>(cols);
+    args.vocab_start = vocab_start;
+    args.bias = bias ? bias->data_ptr<float>() : nullptr;
+    args.tanh = softcap > 0.0 ? tanh->data_ptr<float>() : nullptr;
+    args.softcap = static_cast<float>(softcap);
+    args.inv_temp = static_cast<float>(inv_temp);
+    args.ids = ids.data_ptr<int64_t>();
+    args.num_slots = static_cast<int>(slots);
+    args.slot_logits = slot_logits.data_ptr<float>();
+    args.partial = partial.data_ptr<float>();
+    check_launch(distil::chunk_stats(args, reinterpret_cast<cudaStream_t>(stream)), "chunk_stats");
+}
+
+void logits_grad(torch::Tensor logits, std::optional<torch::Tensor> tanh, torch::Tensor row_coef, torch::Tensor lse,
+                 std::optional<torch::Tensor> uniform, torch::Tensor ids, torch::Tensor slot_coef, int64_t vocab_start,
+                 std::optional<torch::Tensor> out, int64_t stream) {
+    TORCH_CHECK(logits.is_cuda(), "logits must be a CUDA tensor, got ", logits.device());
+    const auto device = logits.device();
+    const int64_t rows = logits.size(0);
+    const int64_t cols = logits.dim() == 2 ? logits.size(1) : 0;
+    check_rows(logits, "logits", rows, cols, torch::kFloat32, device);
+    TORCH_CHECK(rows <= INT32_MAX && cols <= INT32_MAX, "logits is too large: ", logits.sizes());
+    if (tanh) {
+        check_rows(*tanh, "tanh", rows, cols, torch::kFloat32, device);
+        TORCH_CHECK(tanh->stride(0) == logits.stride(0), "tanh must have the row stride of logits");
+    }
+    check_vector(row_coef, "row_coef", rows, device);
+    check_vector(lse, "lse", rows, device);
+    if (uniform) check_vector(*uniform, "uniform", rows, device);
+    const int64_t slots = ids.dim() == 2 ? ids.size(1) : 0;
+    check_rows(ids, "ids", rows, slots, torch::kInt64, device);
+    TORCH_CHECK(ids.is_contiguous(), "ids must be contiguous");
+    check_rows(slot_coef, "slot_coef", rows, slots, torch::kFloat32, device);
+    TORCH_CHECK(slot_coef.size(1) == slots && slot_coef.is_contiguous(), "slot_coef must be contiguous [", rows,
+                ", ", slots, "], got ", slot_coef.sizes());
+
+    distil::LogitsGradArgs args{};
+    args.logits = logits.data_ptr<float>();
+    args.ld = logits.stride(0);
+    args.rows = static_cast<int>(rows);
+    args.cols = static_cast<int>(cols);
+    args.vocab_start = vocab_start;
+    args.tanh = tanh ? tanh->data_ptr<float>() : nullptr;
+    args.row_coef = row_coef.data_ptr<float>();
+    args.lse = lse.data_ptr<float>();
+    args.uniform = uniform ? uniform->data_ptr<float>() : nullptr;
+    args.ids = ids.data_ptr<int64_t>();
+    args.slot_coef = slot_coef.data_ptr<float>();
+    args.num_slots = static_cast<int>(slots);
+    args.out = nullptr;
+    args.out_type = distil::OutType::kFloat32;
+    if (out) {
+        const auto type = out->scalar_type();
+        TORCH_CHECK(type == torch::kBFloat16 || type == torch::kFloat16 || type == torch::kFloat32,
+                    "out must be bfloat16, float16 or float32, got ", type);
+        check_rows(*out, "out", rows, cols, type, device);
+        args.out = out->data_ptr();
+        args.ld_out = out->stride(0);
+        args.out_type = type == torch::kBFloat16  ? distil::OutType::kBFloat16
+                        : type == torch::kFloat16 ? distil::OutType::kFloat16
+                                                  : distil::OutType::kFloat32;
+    }
+    check_launch(distil::logits_grad(args, reinterpret_cast<cudaStream_t>(stream)), "logits_grad");
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+    m.doc() = "distil-kernels CUDA kernels (csrc/): the cuda loss backend's chunk epilogue";
+    m.def("chunk_stats", &chunk_stats, "softcap/temperature in place; per-row (max, sum exp, sum z); slot logits",
+          py::arg("logits"), py::arg("bias"), py::arg("tanh"), py::arg("softcap"), py::arg("inv_temp"), py::arg("ids"),
+          py::arg("vocab_start"), py::arg("slot_logits"), py::arg("partial"), py::arg("stream"));
+    m.def("logits_grad", &logits_grad, "dL/du of a chunk in place (fp32) and rounded into `out`",
+          py::arg("logits"), py::arg("tanh"), py::arg("row_coef"), py::arg("lse"), py::arg("uniform"), py::arg("ids"),
+          py::arg("slot_coef"), py::arg("vocab_start"), py::arg("out"), py::arg("stream"));
+}

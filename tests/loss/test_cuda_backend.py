@@ -1,0 +1,122 @@
+"""The `cuda` backend's orchestration on the CPU, with the epilogue's reference ops.
+
+`distil_kernels.loss.cuda` drives four device operations (an fp32-output GEMM, an fp32
+addmm, the `chunk_stats` and `logits_grad` kernels of csrc/). `REFERENCE_OPS` is their
+contract in PyTorch; with it the chunking, the fused forward gradients, the recompute
+path and distil_loss's two passes run here against the float64 reference. The kernels
+themselves are checked against `REFERENCE_OPS` on a GPU (tests/loss/test_gpu.py) and
+compiled by nvcc in tests/csrc.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+from distil_kernels import SparseTarget, distil_loss, linear_cross_entropy, linear_sample, linear_topk
+from distil_kernels.backends import resolve_backend
+from distil_kernels.cuda_ext import extension_available
+from distil_kernels.loss import cuda as cuda_backend
+from distil_kernels.loss.cuda import REFERENCE_OPS, chunk_rows, cuda_linear_cross_entropy
+from distil_kernels.loss.options import LossOptions
+from distil_kernels.loss.reference import compute_dtype
+from distil_kernels.loss.targets import make_slots
+from loss_problems import assert_within_dtype_error, make_problem, max_error, run, same_dtype_pytorch
+
+
+def run_cuda_orchestration(x, w, b, target, **options):
+    """`run` (loss, stats, grads) through cuda_linear_cross_entropy with the reference ops."""
+    opts = LossOptions(**options)
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, w, b)]
+    slots = make_slots(target, w.shape[0], opts.ignore_index, compute_dtype(x.dtype))
+    bias = None if leaves[2] is None else leaves[2].to(compute_dtype(x.dtype))
+    loss, stats = cuda_linear_cross_entropy(leaves[0], leaves[1], bias, slots, opts, ops=REFERENCE_OPS)
+    grad_out = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype, device=loss.device).reshape(loss.shape)
+    (loss * grad_out).sum().backward()
+    return loss.detach(), stats, [t.grad if t is not None else None for t in leaves]
+
+
+OPTIONS = [
+    dict(),
+    dict(label_smoothing=0.1, softcap=5.0, z_loss=1e-3, temperature=0.8),
+    dict(tail="renormalize", reduction="sum"),
+    dict(tail="ignore", reduction="none"),  # no gradients in the forward: the recompute path
+]
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=["plain", "all-options", "renormalize-sum", "ignore-none"])
+@pytest.mark.parametrize("kind", ["hard", "sparse"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_matches_the_reference(dtype, kind, options):
+    """N=61, V=203 in chunks of 7 rows (a 2.4 KiB-a-row workspace of 17 KiB)."""
+    k = None if kind == "hard" else 5
+    x64, w64, b64, target = make_problem(61, 24, 203, k=k, seed=31, ignore_rows=(4,), scale=3.0)
+    options = dict(options, workspace_bytes=17 * 1024)
+    want = run(x64, w64, b64, target, "torch", **options)
+    x, w, b = x64.to(dtype), w64.to(dtype), b64.to(dtype)
+    assert chunk_rows(61, 203, dtype, "softcap" in options, options["workspace_bytes"]) < 61
+    got = run_cuda_orchestration(x, w, b, target, **options)
+    assert_within_dtype_error(got, same_dtype_pytorch(x, w, b, target, LossOptions(**options)), want)
+    # Stats: within 4x the chunked backend's own error in the same dtype.
+    chunked = run(x, w, b, target, "chunked", **options)
+    for name in ("lse", "token_loss", "target_logprobs"):
+        ref = getattr(want[1], name).double()
+        tol = 4 * max_error(getattr(chunked[1], name), ref) + 1e-6 * (ref.abs().max().item() + 1)
+        assert max_error(getattr(got[1], name), ref) <= tol, name
+
+
+def test_chunk_rows_fit_the_workspace():
+    # bf16 with a softcap: fp32 logits, their bf16 copy and tanh, 10 bytes a logit.
+    assert chunk_rows(10_000, 152_064, torch.bfloat16, True, 2 << 30) == (2 << 30) // (10 * 152_064)
+    assert chunk_rows(10_000, 152_064, torch.float32, False, None) == (2 << 30) // (4 * 152_064)
+    assert chunk_rows(5, 1000, torch.bfloat16, False, None) == 5
+    assert chunk_rows(5, 1000, torch.bfloat16, False, 4096) == 1  # at least one row, whatever the budget
+
+
+def test_distil_loss_through_the_cuda_passes(monkeypatch):
+    """distil_loss's statistics and gradient passes on the cuda orchestration."""
+    gen = torch.Generator().manual_seed(32)
+    batch, steps, d, v, k = 3, 6, 11, 41, 4
+    x64 = torch.randn(batch, steps, d, generator=gen, dtype=torch.float64)
+    w64 = torch.randn(v, d, generator=gen, dtype=torch.float64)
+    b64 = torch.randn(v, generator=gen, dtype=torch.float64)
+    ids = torch.stack([torch.randperm(v, generator=gen)[:k] for _ in range(batch * steps)]).reshape(batch, steps, k)
+    probs = torch.rand(batch, steps, k, generator=gen, dtype=torch.float64)
+    expert = SparseTarget(ids, probs / probs.sum(-1, keepdim=True) * 0.8)
+    actions = torch.randint(0, v, (batch, steps), generator=gen)
+    mask = torch.rand(batch, steps, generator=gen) > 0.2
+    kwargs = dict(group=torch.tensor([0, 0, 1]), discount=0.9, future_credit=0.5, softcap=5.0, temperature=0.8,
+                  workspace_bytes=4096)
+    results = {}
+    for backend, dtype in (("torch", torch.float64), ("cuda", torch.float32)):
+        with monkeypatch.context() as patch:
+            if backend == "cuda":
+                # The module, not the function the package exports under the same name.
+                module = importlib.import_module("distil_kernels.loss.distil_loss")
+                patch.setattr(module, "resolve_backend", lambda *a, **kw: "cuda")
+                patch.setattr(cuda_backend, "extension_ops", lambda: REFERENCE_OPS)
+            leaves = [t.to(dtype).clone().requires_grad_() for t in (x64, w64, b64)]
+            loss = distil_loss(leaves[0], leaves[1], expert, actions, mask, bias=leaves[2], backend=backend, **kwargs)
+            loss.backward()
+        results[backend] = [loss.detach()] + [t.grad for t in leaves]
+    for got, want in zip(results["cuda"], results["torch"]):
+        torch.testing.assert_close(got.double(), want, rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.skipif(extension_available(), reason="this install has the compiled extension")
+def test_missing_extension_is_a_clear_error():
+    with pytest.raises(RuntimeError, match="distil_kernels._C.*pip install -e"):
+        resolve_backend("cuda", None)
+    x, w = torch.randn(3, 8), torch.randn(20, 8)
+    with pytest.raises(ValueError, match="runs on cuda tensors"):
+        linear_cross_entropy(x, w, torch.tensor([1, 2, 3]), backend="cuda")
+
+
+def test_sampling_has_no_cuda_backend_yet():
+    x, w = torch.randn(3, 8), torch.randn(20, 8)
+    with pytest.raises(ValueError, match="not available for linear_sample"):
+        linear_sample(x, w, backend="cuda")
+    with pytest.raises(ValueError, match="not available for linear_topk"):
+        linear_topk(x, w, 4, backend="cuda")

@@ -1,0 +1,85 @@
+"""The csrc/ kernels of the `cuda` loss backend on a GPU, against their reference ops.
+
+`distil_kernels.loss.cuda.REFERENCE_OPS` states what `chunk_stats` and `logits_grad`
+compute; here the compiled kernels must agree with it on one chunk (fp32 math on both
+sides: differences are exp/tanh rounding), and the backend must agree with the float64
+loss reference when the rows come in several chunks. Skipped without CUDA or without the
+extension.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from distil_kernels.cuda_ext import extension_available
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+    pytest.mark.skipif(not extension_available(), reason="the csrc/ extension was not built"),
+]
+
+from distil_kernels.loss.cuda import REFERENCE_OPS, extension_ops  # noqa: E402
+from distil_kernels.loss.options import LossOptions  # noqa: E402
+from loss_problems import assert_within_dtype_error, make_problem, run, same_dtype_pytorch  # noqa: E402
+
+CUDA = torch.device("cuda")
+
+
+def chunk(rows=37, cols=1000, slots=9, softcap=20.0, seed=41):
+    gen = torch.Generator(device=CUDA).manual_seed(seed)
+    logits = torch.randn(rows, cols, generator=gen, device=CUDA) * 8.0
+    bias = torch.randn(cols, generator=gen, device=CUDA)
+    ids = torch.randint(-3, cols + 500, (rows, slots), generator=gen, device=CUDA)  # some outside the chunk
+    ids[:, 1] = ids[:, 0]  # a repeated id: two corrections on one logit
+    return logits, bias, ids, softcap
+
+
+@pytest.mark.parametrize("softcap", [None, 20.0], ids=["plain", "softcap"])
+@pytest.mark.parametrize("out_dtype", [None, torch.bfloat16, torch.float16], ids=str)
+def test_kernels_match_the_reference_ops(softcap, out_dtype):
+    logits, bias, ids, _ = chunk()
+    rows, cols = logits.shape
+    vocab_start = 100
+    results = []
+    for ops in (REFERENCE_OPS, extension_ops()):
+        z = logits.clone()
+        tanh = torch.zeros_like(z) if softcap else None
+        slot_logits = torch.full(ids.shape, -7.0, device=CUDA)
+        partial = torch.empty(rows, 3, device=CUDA)
+        ops.chunk_stats(z, bias, tanh, softcap, 1 / 0.9, ids, vocab_start, slot_logits, partial)
+        lse = partial[:, 0] + partial[:, 1].log()
+        row_coef = torch.linspace(0.5, 2.0, rows, device=CUDA)
+        uniform = torch.full((rows,), 1e-3, device=CUDA)
+        slot_coef = torch.rand(ids.shape, device=CUDA)
+        stats = (z.clone(), None if tanh is None else tanh.clone(), slot_logits, partial.clone())
+        out = None if out_dtype is None else torch.empty(rows, cols, dtype=out_dtype, device=CUDA)
+        ops.logits_grad(z, tanh, row_coef, lse, uniform, ids, slot_coef, vocab_start, out)
+        results.append((*stats, z, out))
+    names = ("z", "tanh", "slot_logits", "partial", "grad", "out")
+    for name, want, got in zip(names, *results):
+        if want is None:
+            assert got is None, name
+            continue
+        eps = torch.finfo(want.dtype).eps
+        scale = want.float().abs().max().item()
+        torch.testing.assert_close(got.float(), want.float(), rtol=4 * eps, atol=8 * eps * scale,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("kind", ["hard", "sparse"])
+def test_backend_in_several_chunks(dtype, kind):
+    """1000 rows of a 32007 vocabulary through a 64 MiB workspace: 4 (fp32) or 5 (bf16) chunks."""
+    k = None if kind == "hard" else 32
+    x64, w64, b64, target = make_problem(1000, 520, 32007, k=k, seed=42, ignore_rows=(3,), scale=4.0)
+    x64, w64, b64 = x64.to(CUDA), w64.to(CUDA), b64.to(CUDA)
+    target = target.to(CUDA) if isinstance(target, torch.Tensor) else type(target)(target.ids.to(CUDA),
+                                                                                    target.probs.to(CUDA))
+    options = dict(label_smoothing=0.05, softcap=30.0, workspace_bytes=64 << 20)
+    want = run(x64, w64, b64, target, "torch", **options)
+    x, w, b = x64.to(dtype), w64.to(dtype), b64.to(dtype)
+    got = run(x, w, b, target, "cuda", **options)
+    base = same_dtype_pytorch(x, w, b, target, LossOptions(**options))
+    assert_within_dtype_error(got, base, want)
