@@ -23,6 +23,7 @@ import inspect
 import torch
 
 from distil_kernels import linear_sample
+from distil_kernels.cuda_ext import extension_available
 
 from .sampling_suite import DTYPES, Provider, compiled, find_row, flashinfer_module, print_target, run_suite
 
@@ -79,6 +80,8 @@ def providers(device: str = "cpu", quick: bool = False) -> list[Provider]:
     ]
     if cuda:
         out += [_ours(backend="triton"), _ours(backend="chunked")]
+        if extension_available():
+            out.append(_ours(backend="cuda"))
     out.append(Provider("torch", lambda x, w: (lambda: _torch_sample(x, w))))
     if not (cuda and quick):  # compiling costs ~20 s a function on a fresh GPU machine
         torch_compiled = compiled(_torch_sample)

@@ -20,6 +20,7 @@ import argparse
 import torch
 
 from distil_kernels import linear_topk
+from distil_kernels.cuda_ext import extension_available
 
 from .sampling_suite import DTYPES, Provider, compiled, find_row, flashinfer_module, print_target, run_suite
 
@@ -58,7 +59,7 @@ def providers(device: str = "cpu", quick: bool = False) -> list[Provider]:
     ]
     if cuda:
         out += [Provider(backend, lambda x, w, backend=backend: (lambda: linear_topk(x, w, K, backend=backend)))
-                for backend in ("triton", "chunked")]
+                for backend in ("triton", "chunked") + (("cuda",) if extension_available() else ())]
     out.append(Provider("torch", lambda x, w: (lambda: _torch_topk(x, w))))
     if not (cuda and quick):  # compiling costs ~20 s on a fresh GPU machine
         torch_compiled = compiled(_torch_topk)

@@ -13,6 +13,7 @@
 #include <string>
 
 #include "loss_epilogue.h"
+#include "sampling_epilogue.h"
 
 namespace {
 
@@ -129,14 +130,98 @@ void logits_grad(torch::Tensor logits, std::optional<torch::Tensor> tanh, torch:
     check_launch(distil::logits_grad(args, reinterpret_cast<cudaStream_t>(stream)), "logits_grad");
 }
 
+void row_topk(torch::Tensor logits, int64_t vocab_start, int64_t k, double temperature, torch::Tensor values,
+              torch::Tensor ids, torch::Tensor partial, int64_t stream) {
+    TORCH_CHECK(logits.is_cuda(), "logits must be a CUDA tensor, got ", logits.device());
+    const auto device = logits.device();
+    const int64_t rows = logits.size(0);
+    const int64_t cols = logits.dim() == 2 ? logits.size(1) : 0;
+    check_rows(logits, "logits", rows, cols, torch::kFloat32, device);
+    TORCH_CHECK(rows <= INT32_MAX && cols <= INT32_MAX, "logits is too large: ", logits.sizes());
+    TORCH_CHECK(k >= 1 && k <= distil::kMaxTopK && k <= cols, "k must be in [1, min(cols, ", distil::kMaxTopK,
+                ")], got ", k, " for ", cols, " columns");
+    TORCH_CHECK(temperature > 0.0, "temperature must be > 0, got ", temperature);
+    check_rows(values, "values", rows, k, torch::kFloat32, device);
+    check_rows(ids, "ids", rows, k, torch::kInt64, device);
+    check_rows(partial, "partial", rows, 4, torch::kFloat32, device);
+    TORCH_CHECK(values.size(1) == k && values.is_contiguous() && ids.size(1) == k && ids.is_contiguous() &&
+                    partial.size(1) == 4 && partial.is_contiguous(),
+                "values and ids must be contiguous [rows, k], partial contiguous [rows, 4]");
+    distil::RowTopKArgs args{};
+    args.logits = logits.data_ptr<float>();
+    args.ld = logits.stride(0);
+    args.rows = static_cast<int>(rows);
+    args.cols = static_cast<int>(cols);
+    args.vocab_start = vocab_start;
+    args.k = static_cast<int>(k);
+    args.temperature = static_cast<float>(temperature);
+    args.values = values.data_ptr<float>();
+    args.ids = ids.data_ptr<int64_t>();
+    args.partial = partial.data_ptr<float>();
+    check_launch(distil::row_topk(args, reinterpret_cast<cudaStream_t>(stream)), "row_topk");
+}
+
+void gumbel_argmax(torch::Tensor logits, int64_t vocab_start, double temperature, bool greedy, torch::Tensor k0,
+                   torch::Tensor k1, torch::Tensor pos_lo, torch::Tensor pos_hi, torch::Tensor ids,
+                   torch::Tensor scores, torch::Tensor logits_out, torch::Tensor partial, int64_t stream) {
+    TORCH_CHECK(logits.is_cuda(), "logits must be a CUDA tensor, got ", logits.device());
+    const auto device = logits.device();
+    const int64_t rows = logits.size(0);
+    const int64_t cols = logits.dim() == 2 ? logits.size(1) : 0;
+    check_rows(logits, "logits", rows, cols, torch::kFloat32, device);
+    TORCH_CHECK(rows <= INT32_MAX && cols >= 1 && cols <= INT32_MAX, "logits must be [rows, >= 1], got ",
+                logits.sizes());
+    TORCH_CHECK(greedy || temperature > 0.0, "temperature must be > 0 unless greedy, got ", temperature);
+    for (const auto* word : {&k0, &k1, &pos_lo, &pos_hi}) {
+        TORCH_CHECK(word->device() == device && word->scalar_type() == torch::kInt64 && word->dim() == 1 &&
+                        word->size(0) == rows && word->is_contiguous(),
+                    "Philox key and position words must be contiguous int64 [", rows, "] on ", device);
+    }
+    const int64_t samples = ids.dim() == 2 ? ids.size(1) : 0;
+    TORCH_CHECK(samples >= 1, "ids must be [rows, num_samples >= 1], got ", ids.sizes());
+    check_rows(ids, "ids", rows, samples, torch::kInt64, device);
+    check_rows(scores, "scores", rows, samples, torch::kFloat32, device);
+    check_rows(logits_out, "logits_out", rows, samples, torch::kFloat32, device);
+    check_rows(partial, "partial", rows, 4, torch::kFloat32, device);
+    TORCH_CHECK(ids.is_contiguous() && scores.is_contiguous() && logits_out.is_contiguous() &&
+                    scores.size(1) == samples && logits_out.size(1) == samples && partial.size(1) == 4 &&
+                    partial.is_contiguous(),
+                "ids, scores and logits_out must be contiguous [rows, num_samples], partial [rows, 4]");
+    distil::GumbelArgmaxArgs args{};
+    args.logits = logits.data_ptr<float>();
+    args.ld = logits.stride(0);
+    args.rows = static_cast<int>(rows);
+    args.cols = static_cast<int>(cols);
+    args.vocab_start = vocab_start;
+    args.temperature = static_cast<float>(temperature);
+    args.greedy = greedy;
+    args.k0 = k0.data_ptr<int64_t>();
+    args.k1 = k1.data_ptr<int64_t>();
+    args.pos_lo = pos_lo.data_ptr<int64_t>();
+    args.pos_hi = pos_hi.data_ptr<int64_t>();
+    args.num_samples = static_cast<int>(samples);
+    args.ids = ids.data_ptr<int64_t>();
+    args.scores = scores.data_ptr<float>();
+    args.logits_out = logits_out.data_ptr<float>();
+    args.partial = partial.data_ptr<float>();
+    check_launch(distil::gumbel_argmax(args, reinterpret_cast<cudaStream_t>(stream)), "gumbel_argmax");
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-    m.doc() = "distil-kernels CUDA kernels (csrc/): the cuda loss backend's chunk epilogue";
+    m.doc() = "distil-kernels CUDA kernels (csrc/): the cuda backend's loss and sampling epilogues";
     m.def("chunk_stats", &chunk_stats, "softcap/temperature in place; per-row (max, sum exp, sum z); slot logits",
           py::arg("logits"), py::arg("bias"), py::arg("tanh"), py::arg("softcap"), py::arg("inv_temp"), py::arg("ids"),
           py::arg("vocab_start"), py::arg("slot_logits"), py::arg("partial"), py::arg("stream"));
     m.def("logits_grad", &logits_grad, "dL/du of a chunk in place (fp32) and rounded into `out`",
           py::arg("logits"), py::arg("tanh"), py::arg("row_coef"), py::arg("lse"), py::arg("uniform"), py::arg("ids"),
           py::arg("slot_coef"), py::arg("vocab_start"), py::arg("out"), py::arg("stream"));
+    m.def("row_topk", &row_topk, "the k largest logits of each row, (value desc, id asc); lse terms",
+          py::arg("logits"), py::arg("vocab_start"), py::arg("k"), py::arg("temperature"), py::arg("values"),
+          py::arg("ids"), py::arg("partial"), py::arg("stream"));
+    m.def("gumbel_argmax", &gumbel_argmax, "Gumbel-max draws on the shared Philox stream; lse terms",
+          py::arg("logits"), py::arg("vocab_start"), py::arg("temperature"), py::arg("greedy"), py::arg("k0"),
+          py::arg("k1"), py::arg("pos_lo"), py::arg("pos_hi"), py::arg("ids"), py::arg("scores"),
+          py::arg("logits_out"), py::arg("partial"), py::arg("stream"));
 }

@@ -3,7 +3,7 @@
 `auto` picks `triton` on CUDA tensors when Triton is installed, and `chunked`
 everywhere else. `triton` also runs on CPU tensors under `TRITON_INTERPRET=1`
 (Triton's interpreter, for tests). `cuda` (the compiled csrc/ extension) runs on CUDA
-tensors where the install built it; so far it serves the loss core only.
+tensors where the install built it.
 """
 
 from __future__ import annotations
@@ -14,20 +14,14 @@ import os
 import torch
 
 BACKENDS = ("torch", "chunked", "triton", "cuda")
-# The sampling core has no `cuda` backend yet (csrc/ holds the loss epilogue only).
-SAMPLING_BACKENDS = ("torch", "chunked", "triton")
 
 
 def triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def resolve_backend(backend: str, device: torch.device | None, available: tuple[str, ...] = BACKENDS,
-                    op: str = "this function") -> str:
-    """The concrete backend for `backend` on `device` (None: any); ValueError says why not.
-
-    `available`: the backends `op` implements.
-    """
+def resolve_backend(backend: str, device: torch.device | None) -> str:
+    """The concrete backend for `backend` on `device` (None: any); ValueError says why not."""
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
     if backend == "auto":
@@ -37,9 +31,6 @@ def resolve_backend(backend: str, device: torch.device | None, available: tuple[
     if backend not in BACKENDS:
         names = ", ".join(repr(n) for n in ("auto", *BACKENDS))
         raise ValueError(f"backend must be one of {names}; got {backend!r}")
-    if backend not in available:
-        names = ", ".join(repr(n) for n in ("auto", *available))
-        raise ValueError(f"backend={backend!r} is not available for {op} (its backends: {names})")
     if backend == "triton":
         if not triton_installed():
             raise ValueError("backend='triton' needs the triton package (pip install triton); "

@@ -303,7 +303,8 @@ def _candidate_sample(x: Tensor, weight: Tensor, bias: Tensor | None, softcap: f
     """Truncated sampling from each row's top candidates, with an exact dense fallback.
 
     The candidates and the lse at temperature 1 come from one top-k pass over the
-    vocabulary: the Triton kernel with `backend` "triton", the chunked sweep otherwise.
+    vocabulary: the Triton kernel with `backend` "triton", csrc/'s `row_topk` with "cuda",
+    the chunked sweep otherwise.
     """
     from ..loss.options import LossOptions
     from .topk import chunked_topk
@@ -316,6 +317,10 @@ def _candidate_sample(x: Tensor, weight: Tensor, bias: Tensor | None, softcap: f
         from .triton import triton_topk
 
         top = triton_topk
+    elif backend == "cuda":
+        from .cuda import cuda_topk
+
+        top = cuda_topk
     else:
         top = chunked_topk
     cand_ids, cand_logprobs, lse_z, lse_raw = top(x, weight, bias, num_candidates, z_options,
@@ -411,10 +416,11 @@ def linear_sample(input: Tensor, weight: Tensor, *, temperature: float = 1.0, to
     """Sample from `softcap(input @ weight.T + bias)` [B, V] without building it (module docstring).
 
     `input` [B, d] is the last hidden state of each row. `backend`: "auto" (triton on
-    CUDA, else chunked), "torch" (dense logits: the reference), "chunked" or "triton"
-    (fp16, bf16 or fp32 input; the same ids as the other backends for the same seed).
+    CUDA, else chunked), "torch" (dense logits: the reference), "chunked", "triton" or
+    "cuda" (the csrc/ extension; triton and cuda take fp16, bf16 or fp32 input; every
+    backend draws the same ids for the same seed, but at float ties).
     """
-    from ..backends import SAMPLING_BACKENDS, check_backend_dtype, resolve_backend
+    from ..backends import check_backend_dtype, resolve_backend
     from ..loss.options import LossOptions
     from ..loss.reference import reference_logits
     from ..validation import check_linear
@@ -427,7 +433,7 @@ def linear_sample(input: Tensor, weight: Tensor, *, temperature: float = 1.0, to
         raise ValueError(f"top_k must be <= V = {weight.shape[0]}, got {options.top_k}")
     LossOptions(softcap=softcap, workspace_bytes=workspace_bytes)  # validates both
     _check_seed_and_positions(seed, positions, input.shape[0], input.device)
-    name = resolve_backend(backend, input.device, SAMPLING_BACKENDS, "linear_sample")
+    name = resolve_backend(backend, input.device)
     check_backend_dtype(name, input.dtype)
     if bias is not None:
         bias = bias.float() if input.dtype != torch.float64 else bias
@@ -446,4 +452,8 @@ def linear_sample(input: Tensor, weight: Tensor, *, temperature: float = 1.0, to
             from .triton import triton_sample
 
             return triton_sample(input, weight, bias, softcap, options, keys)
+        if name == "cuda":
+            from .cuda import cuda_sample
+
+            return cuda_sample(input, weight, bias, softcap, options, keys, workspace_bytes)
         return _sweep_sample(input, weight, bias, softcap, options, keys, workspace_bytes)

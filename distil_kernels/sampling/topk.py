@@ -21,7 +21,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ..backends import SAMPLING_BACKENDS, check_backend_dtype, resolve_backend
+from ..backends import check_backend_dtype, resolve_backend
 from ..loss.chunked import logits_tile, Workspace, plan_chunks
 from ..loss.options import LossOptions, _check_real
 from ..loss.reference import compute_dtype, reference_logits
@@ -247,10 +247,11 @@ def linear_topk(
         softcap: None or c > 0, logits become c * tanh(logits / c) before the temperature.
         temperature: > 0, divides the (softcapped) logits.
         backend: "auto" (triton on CUDA, else chunked), "torch" (materialises fp32
-            [N, V] logits: the reference), "chunked" or "triton" (fp16, bf16 or fp32
-            input; k above 256 takes the chunked sweep, see sampling/triton/topk.py).
-        workspace_bytes: chunked only, the budget of the reused logits tile
-            (None: a per-device default; >= 4096).
+            [N, V] logits: the reference), "chunked", "triton" (fp16, bf16 or fp32
+            input; k above 256 takes the chunked sweep, see sampling/triton/topk.py) or
+            "cuda" (the csrc/ extension; k above 1024 takes the chunked sweep).
+        workspace_bytes: chunked and cuda, the budget of the reused logits chunk
+            (None: a per-device default, 2 GiB for cuda; >= 4096).
 
     Returns:
         TopK(ids [N, k] int64 in descending probability with ties to the lower id,
@@ -261,7 +262,7 @@ def linear_topk(
     vocab_size = weight.shape[0]
     k = _check_k(k, vocab_size)
     options = _topk_options(softcap, temperature, workspace_bytes)
-    name = resolve_backend(backend, input.device, SAMPLING_BACKENDS, "linear_topk")
+    name = resolve_backend(backend, input.device)
     check_backend_dtype(name, input.dtype)
     x = input.reshape(-1, input.shape[-1])
     with torch.no_grad():
@@ -273,6 +274,10 @@ def linear_topk(
             from .triton import triton_topk
 
             ids, logprobs, lse, _ = triton_topk(x, weight, bias, k, options)
+        elif name == "cuda":
+            from .cuda import cuda_topk
+
+            ids, logprobs, lse, _ = cuda_topk(x, weight, bias, k, options)
         else:
             ids, logprobs, lse, _ = chunked_topk(x, weight, bias, k, options)
     return TopK(ids.contiguous(), logprobs.float().contiguous(), lse.float().contiguous())

@@ -15,7 +15,7 @@ import importlib
 import pytest
 import torch
 
-from distil_kernels import SparseTarget, distil_loss, linear_cross_entropy, linear_sample, linear_topk
+from distil_kernels import SparseTarget, distil_loss, linear_cross_entropy
 from distil_kernels.backends import resolve_backend
 from distil_kernels.cuda_ext import extension_available
 from distil_kernels.loss import cuda as cuda_backend
@@ -112,11 +112,3 @@ def test_missing_extension_is_a_clear_error():
     x, w = torch.randn(3, 8), torch.randn(20, 8)
     with pytest.raises(ValueError, match="runs on cuda tensors"):
         linear_cross_entropy(x, w, torch.tensor([1, 2, 3]), backend="cuda")
-
-
-def test_sampling_has_no_cuda_backend_yet():
-    x, w = torch.randn(3, 8), torch.randn(20, 8)
-    with pytest.raises(ValueError, match="not available for linear_sample"):
-        linear_sample(x, w, backend="cuda")
-    with pytest.raises(ValueError, match="not available for linear_topk"):
-        linear_topk(x, w, 4, backend="cuda")

@@ -37,13 +37,21 @@ pytestmark = [
 
 from distil_kernels import linear_sample, linear_topk  # noqa: E402
 from distil_kernels.backends import resolve_backend  # noqa: E402
+from distil_kernels.cuda_ext import extension_available  # noqa: E402
 from distil_kernels.sampling.sample import SamplingOptions, gumbel_noise, kept_prefix, row_keys  # noqa: E402
 from sampling_checks import CHI2_CRITICAL, chi_square, truncated  # noqa: E402
 
 # The device and the backend under test (a CPU dry run of this module's logic may swap
 # them for "cpu" and "chunked").
 DEVICE = torch.device("cuda")
-BACKEND = "triton"
+
+
+@pytest.fixture(params=["triton", pytest.param("cuda", marks=pytest.mark.skipif(
+    not extension_available(), reason="the csrc/ extension was not built"))])
+def backend(request) -> str:
+    """The fused backends: triton, and cuda where the install built csrc/."""
+    return request.param
+
 VOCAB, DIM = 50257, 1024
 TOPK_ROWS, SAMPLE_ROWS = 1000, 333
 
@@ -124,9 +132,9 @@ def check_topk(got, want, log_q: torch.Tensor, lse: torch.Tensor, k: int, dtype:
 @pytest.mark.parametrize("k", [1, 64, 256])
 @pytest.mark.parametrize("options", TOPK_OPTIONS, ids=options_id)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_topk_matches_torch(dtype, options, k):
+def test_topk_matches_torch(backend, dtype, options, k):
     x, w, b = problem(TOPK_ROWS, dtype, seed=1)
-    got = linear_topk(x, w, k, bias=b, backend=BACKEND, **options)
+    got = linear_topk(x, w, k, bias=b, backend=backend, **options)
     want = linear_topk(x, w, k, bias=b, backend="torch", **options)
     z = logits64(x, w, b, options.get("softcap")) / options.get("temperature", 1.0)
     lse = torch.logsumexp(z, dim=1)
@@ -236,14 +244,14 @@ def check_draws(got, want, raw: torch.Tensor, options: SamplingOptions, seed, po
 @pytest.mark.parametrize("keys", ["int-seed", "row-seeds-positions"])
 @pytest.mark.parametrize("options", SAMPLE_OPTIONS, ids=options_id)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_sample_draws_the_torch_ids(dtype, options, keys):
+def test_sample_draws_the_torch_ids(backend, dtype, options, keys):
     """The softcap (30) goes with the per-row seeds, so each kernel variant runs without and with it."""
     x, w, b = problem(SAMPLE_ROWS, dtype, seed=2)
     seed, positions = seeds_and_positions(keys, SAMPLE_ROWS)
     softcap = None if keys == "int-seed" else 30.0
     kwargs = dict(bias=b, softcap=softcap, seed=seed, positions=positions, **options)
     want = linear_sample(x, w, backend="torch", **kwargs)
-    got = linear_sample(x, w, backend=BACKEND, **kwargs)
+    got = linear_sample(x, w, backend=backend, **kwargs)
     stats = check_draws(got, want, logits64(x, w, b, softcap), SamplingOptions(**options), seed, positions, dtype)
     print(f"{dtype} {options_id(options)} {keys}: {stats}")
 
@@ -267,14 +275,14 @@ CHI2_CASES = [
 
 @pytest.mark.parametrize("options, seed", CHI2_CASES, ids=[options_id(o) for o, _ in CHI2_CASES])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_sample_chi_square(dtype, options, seed):
+def test_sample_chi_square(backend, dtype, options, seed):
     """30000 rows of a head whose logits for the hidden state e_0 are log(PROBS), as rounded to `dtype`."""
     w = torch.zeros(len(PROBS), 8, dtype=torch.float64)
     w[:, 0] = PROBS.log()
     w = w.to(dtype)
     x = torch.zeros(CHI2_ROWS, 8, dtype=dtype)
     x[:, 0] = 1.0
-    sample = linear_sample(x.to(DEVICE), w.to(DEVICE), seed=seed, backend=BACKEND, **options)
+    sample = linear_sample(x.to(DEVICE), w.to(DEVICE), seed=seed, backend=backend, **options)
     expected = truncated(torch.softmax(w[:, 0].double(), dim=0), **options)
     stat, dof = chi_square(sample.ids, expected)
     if dof:
@@ -379,3 +387,65 @@ def test_top_p_on_a_flat_head_stays_within_the_workspace():
     stats = check_draws(got, want, logits64(x, w, zeros), SamplingOptions(temperature=0.8, top_p=0.95), 1, None,
                         torch.bfloat16)
     print(f"top_p=0.95 flat head: {stats}")
+
+
+# --------------------------------------------------------------------------------------
+# csrc/ sampling kernels against their reference ops
+# --------------------------------------------------------------------------------------
+
+needs_extension = pytest.mark.skipif(not extension_available(), reason="the csrc/ extension was not built")
+
+
+def logits_chunk(rows=64, cols=5003, seed=8):
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    logits = torch.randn(rows, cols, generator=gen, device=DEVICE) * 3.0
+    logits[:, 11] = logits[:, 4000]  # equal values in every row: ties go to the lower id
+    logits[:5, :100] = 0.25  # rows with a run of equal values around any k
+    return logits
+
+
+@needs_extension
+@pytest.mark.parametrize("k", [1, 64, 100, 1000, 1024])
+def test_row_topk_kernel_matches_its_reference(k):
+    from distil_kernels.sampling.cuda import REFERENCE_SAMPLING_OPS, extension_sampling_ops
+
+    logits = logits_chunk()
+    results = []
+    for ops in (REFERENCE_SAMPLING_OPS, extension_sampling_ops()):
+        values = torch.empty(logits.shape[0], k, device=DEVICE)
+        ids = torch.empty(logits.shape[0], k, dtype=torch.int64, device=DEVICE)
+        partial = torch.empty(logits.shape[0], 4, device=DEVICE)
+        ops.row_topk(logits, k, 0.8, values, ids, partial)
+        results.append((values, ids, partial))
+    (want_values, want_ids, want_partial), (values, ids, partial) = results
+    assert torch.equal(ids, want_ids)  # selection is exact: same ids, same order
+    assert torch.equal(values, want_values)
+    torch.testing.assert_close(partial, want_partial, rtol=1e-5, atol=1e-5)
+
+
+@needs_extension
+@pytest.mark.parametrize("options", [dict(temperature=0.7, num_samples=3), dict(temperature=0.0)],
+                         ids=["sample", "greedy"])
+def test_gumbel_argmax_kernel_matches_its_reference(options):
+    """Same Philox words, the same float64/float logs and a correctly rounded division:
+    the kernel's scores equal the reference's bit for bit, so its ids do."""
+    from distil_kernels.sampling.cuda import REFERENCE_SAMPLING_OPS, extension_sampling_ops
+
+    logits = logits_chunk(seed=9)
+    rows = logits.shape[0]
+    opts = SamplingOptions(**options)
+    gen = torch.Generator(device=DEVICE).manual_seed(10)
+    seeds = torch.randint(-(2**62), 2**62, (rows,), generator=gen, device=DEVICE)
+    keys = row_keys(seeds, torch.randint(0, 2**40, (rows,), generator=gen, device=DEVICE), rows, DEVICE)
+    results = []
+    for ops in (REFERENCE_SAMPLING_OPS, extension_sampling_ops()):
+        out = (torch.empty(rows, opts.num_samples, dtype=torch.int64, device=DEVICE),
+               torch.empty(rows, opts.num_samples, device=DEVICE), torch.empty(rows, opts.num_samples, device=DEVICE),
+               torch.empty(rows, 4, device=DEVICE))
+        ops.gumbel_argmax(logits, opts.temperature, opts.greedy, keys, *out)
+        results.append(out)
+    (want_ids, want_scores, want_logits, want_partial), (ids, scores, best_logits, partial) = results
+    assert torch.equal(ids, want_ids)
+    assert torch.equal(scores, want_scores)
+    assert torch.equal(best_logits, want_logits)
+    torch.testing.assert_close(partial, want_partial, rtol=1e-5, atol=1e-5)

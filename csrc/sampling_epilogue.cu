@@ -1,0 +1,310 @@
+// Sampling epilogue kernels of the `cuda` backend (see sampling_epilogue.h).
+//
+// One block per row, as in the loss epilogue: a row of the chunk is read a few times
+// while it sits in L2. Selection is exact and deterministic: radix select on keys that
+// order like the floats, ties resolved by the lower id; argmax reductions break ties by
+// the lower id too. Built without fast math: the Gumbel transform must round as the
+// PyTorch backend's log does, or the same seed would draw other ids.
+
+#include "sampling_epilogue.h"
+
+#include <cmath>
+#include <cstdint>
+
+namespace distil {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+
+// --- log-sum-exp terms at temperature 1 and at `temperature` -----------------------------
+
+struct TwoLse {
+    float raw_max, raw_sum, z_max, z_sum;
+};
+
+__device__ __forceinline__ void fold(float& m, float& s, float v) {
+    if (v > m) {
+        s = s * expf(m - v) + 1.f;
+        m = v;
+    } else {
+        s += expf(v - m);
+    }
+}
+
+__device__ __forceinline__ void merge(float& m, float& s, float m2, float s2) {
+    const float top = fmaxf(m, m2);
+    if (top == -INFINITY) return;
+    s = s * expf(m - top) + s2 * expf(m2 - top);
+    m = top;
+}
+
+__device__ __forceinline__ TwoLse reduce_lse(TwoLse t, TwoLse* shared) {
+    for (int offset = 16; offset > 0; offset >>= 1) {
+        merge(t.raw_max, t.raw_sum, __shfl_xor_sync(0xffffffffu, t.raw_max, offset),
+              __shfl_xor_sync(0xffffffffu, t.raw_sum, offset));
+        merge(t.z_max, t.z_sum, __shfl_xor_sync(0xffffffffu, t.z_max, offset),
+              __shfl_xor_sync(0xffffffffu, t.z_sum, offset));
+    }
+    if (threadIdx.x % 32 == 0) shared[threadIdx.x / 32] = t;
+    __syncthreads();
+    t = shared[0];
+    for (int w = 1; w < kWarps; ++w) {
+        merge(t.raw_max, t.raw_sum, shared[w].raw_max, shared[w].raw_sum);
+        merge(t.z_max, t.z_sum, shared[w].z_max, shared[w].z_sum);
+    }
+    return t;
+}
+
+__device__ __forceinline__ void write_partial(float* partial, int64_t row, const TwoLse& t) {
+    partial[row * 4 + 0] = t.raw_max;
+    partial[row * 4 + 1] = t.raw_sum;
+    partial[row * 4 + 2] = t.z_max;
+    partial[row * 4 + 3] = t.z_sum;
+}
+
+// --- top-k by radix select -------------------------------------------------------------------
+
+// A uint32 that orders like the float: flip every bit of a negative, the sign bit of a positive.
+__device__ __forceinline__ uint32_t order_key(float v) {
+    const uint32_t bits = __float_as_uint(v);
+    return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+}
+
+// Entry a precedes b: larger key first, then the lower index.
+__device__ __forceinline__ bool precedes(uint32_t ka, int ia, uint32_t kb, int ib) {
+    return ka > kb || (ka == kb && ia < ib);
+}
+
+// An exclusive prefix sum over the block; `scratch` holds kWarps ints.
+__device__ __forceinline__ int block_exclusive_scan(int value, int* scratch) {
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    int inclusive = value;
+    for (int offset = 1; offset < 32; offset <<= 1) {
+        const int up = __shfl_up_sync(0xffffffffu, inclusive, offset);
+        if (lane >= offset) inclusive += up;
+    }
+    if (lane == 31) scratch[warp] = inclusive;
+    __syncthreads();
+    int before = 0;
+    for (int w = 0; w < warp; ++w) before += scratch[w];
+    return before + inclusive - value;
+}
+
+__global__ void __launch_bounds__(kThreads) row_topk_kernel(RowTopKArgs a) {
+    __shared__ unsigned histogram[256];
+    __shared__ uint32_t cand_key[kMaxTopK];
+    __shared__ int cand_index[kMaxTopK];
+    __shared__ uint32_t s_prefix;
+    __shared__ int s_remaining, s_count;
+    __shared__ int scan_scratch[kWarps];
+    __shared__ TwoLse lse_scratch[kWarps];
+
+    const int64_t row = blockIdx.x;
+    const float* l = a.logits + row * a.ld;
+    TwoLse t{-INFINITY, 0.f, -INFINITY, 0.f};
+    // The k-th largest key, a byte at a time from the top: after each pass, `prefix`
+    // holds its known high bytes and `remaining` its rank among the keys sharing them.
+    uint32_t prefix = 0, mask = 0;
+    int remaining = a.k;
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        for (int i = threadIdx.x; i < 256; i += kThreads) histogram[i] = 0;
+        __syncthreads();
+        for (int c = threadIdx.x; c < a.cols; c += kThreads) {
+            const float v = l[c];
+            if (shift == 24) {
+                fold(t.raw_max, t.raw_sum, v);
+                fold(t.z_max, t.z_sum, __fdiv_rn(v, a.temperature));
+            }
+            const uint32_t key = order_key(v);
+            if ((key & mask) == prefix) atomicAdd(&histogram[(key >> shift) & 255u], 1u);
+        }
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            int above = 0;
+            for (int digit = 255; digit >= 0; --digit) {
+                const int here = static_cast<int>(histogram[digit]);
+                if (above + here >= remaining) {
+                    s_prefix = prefix | (static_cast<uint32_t>(digit) << shift);
+                    s_remaining = remaining - above;
+                    break;
+                }
+                above += here;
+            }
+        }
+        __syncthreads();
+        prefix = s_prefix;
+        remaining = s_remaining;
+        mask |= 255u << shift;
+    }
+    t = reduce_lse(t, lse_scratch);
+    if (threadIdx.x == 0) {
+        write_partial(a.partial, row, t);
+        s_count = 0;
+    }
+    // Every key above the threshold, and the `remaining` lowest-index keys equal to it:
+    // each thread takes a contiguous range, so a prefix sum orders the equal keys by index.
+    const uint32_t threshold = prefix;
+    const int span = (a.cols + kThreads - 1) / kThreads;
+    const int begin = min(a.cols, static_cast<int>(threadIdx.x) * span);
+    const int end = min(a.cols, begin + span);
+    int equal = 0;
+    for (int c = begin; c < end; ++c) equal += order_key(l[c]) == threshold;
+    int equal_before = block_exclusive_scan(equal, scan_scratch);
+    __syncthreads();
+    for (int c = begin; c < end; ++c) {
+        const uint32_t key = order_key(l[c]);
+        bool take = key > threshold;
+        if (key == threshold) take = equal_before++ < remaining;
+        if (take) {
+            const int slot = atomicAdd(&s_count, 1);
+            cand_key[slot] = key;
+            cand_index[slot] = c;
+        }
+    }
+    __syncthreads();
+    int size = 1;
+    while (size < a.k) size <<= 1;
+    for (int i = a.k + threadIdx.x; i < size; i += kThreads) {
+        cand_key[i] = 0u;  // below every float's key but -NaN's: sorts last
+        cand_index[i] = INT32_MAX;
+    }
+    __syncthreads();
+    // Bitonic sort into (key desc, index asc).
+    for (int width = 2; width <= size; width <<= 1) {
+        for (int stride = width >> 1; stride > 0; stride >>= 1) {
+            for (int i = threadIdx.x; i < size / 2; i += kThreads) {
+                const int lo = 2 * stride * (i / stride) + i % stride;
+                const int hi = lo + stride;
+                const bool forward = (lo & width) == 0;
+                const bool swap = forward ? precedes(cand_key[hi], cand_index[hi], cand_key[lo], cand_index[lo])
+                                          : precedes(cand_key[lo], cand_index[lo], cand_key[hi], cand_index[hi]);
+                if (swap) {
+                    const uint32_t k = cand_key[lo];
+                    cand_key[lo] = cand_key[hi];
+                    cand_key[hi] = k;
+                    const int j = cand_index[lo];
+                    cand_index[lo] = cand_index[hi];
+                    cand_index[hi] = j;
+                }
+            }
+            __syncthreads();
+        }
+    }
+    for (int j = threadIdx.x; j < a.k; j += kThreads) {
+        a.values[row * a.k + j] = l[cand_index[j]];
+        a.ids[row * a.k + j] = a.vocab_start + cand_index[j];
+    }
+}
+
+// --- Gumbel-max ----------------------------------------------------------------------------
+
+// Philox4x32-10 (Random123's round and key schedule, as tl.philox and sampling/philox.py).
+__device__ __forceinline__ void philox4x32(uint32_t c[4], uint32_t k0, uint32_t k1) {
+#pragma unroll
+    for (int round = 0; round < 10; ++round) {
+        const uint32_t hi_b = __umulhi(0xCD9E8D57u, c[2]), lo_b = 0xCD9E8D57u * c[2];
+        const uint32_t hi_a = __umulhi(0xD2511F53u, c[0]), lo_a = 0xD2511F53u * c[0];
+        c[0] = hi_b ^ c[1] ^ k0;
+        c[2] = hi_a ^ c[3] ^ k1;
+        c[1] = lo_b;
+        c[3] = lo_a;
+        k0 += 0x9E3779B9u;
+        k1 += 0xBB67AE85u;
+    }
+}
+
+// u = (2w + 1) / 2^33 is exact in float64 and never 0 or 1; E = -log(u) keeps full
+// relative precision near u = 1 (where an unlikely token wins), then g = -log(E) in float.
+__device__ __forceinline__ float gumbel(uint32_t word) {
+    const double u = static_cast<double>(word) * 0x1p-32 + 0x1p-33;
+    const float exponential = static_cast<float>(-log(u));
+    return -logf(exponential);
+}
+
+struct Best {
+    float score;
+    int index;  // column in the chunk; INT32_MAX: none yet
+};
+
+__device__ __forceinline__ Best better(Best a, Best b) {
+    return (b.score > a.score || (b.score == a.score && b.index < a.index)) ? b : a;
+}
+
+__device__ __forceinline__ Best reduce_best(Best b, Best* shared) {
+    for (int offset = 16; offset > 0; offset >>= 1) {
+        Best other{__shfl_xor_sync(0xffffffffu, b.score, offset), __shfl_xor_sync(0xffffffffu, b.index, offset)};
+        b = better(b, other);
+    }
+    __syncthreads();  // `shared` may still be read from the previous sample's reduction
+    if (threadIdx.x % 32 == 0) shared[threadIdx.x / 32] = b;
+    __syncthreads();
+    b = shared[0];
+    for (int w = 1; w < kWarps; ++w) b = better(b, shared[w]);
+    return b;
+}
+
+__global__ void __launch_bounds__(kThreads) gumbel_argmax_kernel(GumbelArgmaxArgs a) {
+    __shared__ TwoLse lse_scratch[kWarps];
+    __shared__ Best best_scratch[kWarps];
+    const int64_t row = blockIdx.x;
+    const float* l = a.logits + row * a.ld;
+    const float temperature = a.greedy ? 1.f : a.temperature;
+    TwoLse t{-INFINITY, 0.f, -INFINITY, 0.f};
+    for (int c = threadIdx.x; c < a.cols; c += kThreads) {
+        const float v = l[c];
+        fold(t.raw_max, t.raw_sum, v);
+        fold(t.z_max, t.z_sum, __fdiv_rn(v, temperature));
+    }
+    t = reduce_lse(t, lse_scratch);
+    if (threadIdx.x == 0) write_partial(a.partial, row, t);
+    const uint32_t k0 = static_cast<uint32_t>(a.k0[row]), k1 = static_cast<uint32_t>(a.k1[row]);
+    const uint32_t pos_lo = static_cast<uint32_t>(a.pos_lo[row]), pos_hi = static_cast<uint32_t>(a.pos_hi[row]);
+    const int64_t first_group = a.vocab_start >> 2;
+    const int64_t last_group = (a.vocab_start + a.cols - 1) >> 2;
+    for (int sample = 0; sample < a.num_samples; ++sample) {
+        Best best{-INFINITY, INT32_MAX};
+        if (a.greedy) {
+            for (int c = threadIdx.x; c < a.cols; c += kThreads) best = better(best, Best{l[c], c});
+        } else {
+            // One Philox call serves the four ids of a group.
+            for (int64_t group = first_group + threadIdx.x; group <= last_group; group += kThreads) {
+                uint32_t words[4] = {static_cast<uint32_t>(group), pos_lo, static_cast<uint32_t>(sample), pos_hi};
+                philox4x32(words, k0, k1);
+#pragma unroll
+                for (int w = 0; w < 4; ++w) {
+                    const int64_t c = 4 * group + w - a.vocab_start;
+                    if (c < 0 || c >= a.cols) continue;
+                    const float score = __fdiv_rn(l[c], temperature) + gumbel(words[w]);
+                    best = better(best, Best{score, static_cast<int>(c)});
+                }
+            }
+        }
+        best = reduce_best(best, best_scratch);
+        if (threadIdx.x == 0) {
+            // Every score is finite for finite logits, so some column always wins.
+            const int64_t out = row * a.num_samples + sample;
+            a.ids[out] = a.vocab_start + best.index;
+            a.scores[out] = best.score;
+            a.logits_out[out] = l[best.index];
+        }
+    }
+}
+
+}  // namespace
+
+cudaError_t row_topk(const RowTopKArgs& args, cudaStream_t stream) {
+    if (args.rows <= 0) return cudaSuccess;
+    if (args.k < 1 || args.k > kMaxTopK || args.k > args.cols) return cudaErrorInvalidValue;
+    row_topk_kernel<<<args.rows, kThreads, 0, stream>>>(args);
+    return cudaGetLastError();
+}
+
+cudaError_t gumbel_argmax(const GumbelArgmaxArgs& args, cudaStream_t stream) {
+    if (args.rows <= 0) return cudaSuccess;
+    if (args.cols < 1 || args.num_samples < 1) return cudaErrorInvalidValue;
+    gumbel_argmax_kernel<<<args.rows, kThreads, 0, stream>>>(args);
+    return cudaGetLastError();
+}
+
+}  // namespace distil
