@@ -57,18 +57,70 @@ def test_compiles_without_spills(source, arch, tmp_path):
     assert not spilled, f"{arch}: register spills {spilled}"
 
 
-@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
-def test_torch_binding_type_checks():
-    """csrc/torch_binding.cpp against this torch's headers (a CPU build has them too; the
-    binding takes its CUDA stream from Python, so no c10/cuda header is needed), through
-    nvcc's host compiler with the CUDA runtime headers."""
+@pytest.fixture(scope="module")
+def probe_extension(tmp_path_factory):
+    """csrc/ built into a module against this torch, CPU build or not: the kernels by nvcc,
+    the binding against torch's headers, linked with libtorch and the CUDA runtime. A CPU
+    torch has no CUDA device to run the kernels on, but the module imports, parses its
+    arguments and checks them, which is what the binding adds."""
+    import importlib.util
     import sysconfig
 
-    torch_ext = pytest.importorskip("torch.utils.cpp_extension")
-    includes = [f"-I{p}" for p in torch_ext.include_paths()] + [f"-I{sysconfig.get_paths()['include']}", f"-I{CSRC}"]
-    result = subprocess.run(
-        ["nvcc", "-std=c++17", "-Xcompiler", "-fsyntax-only", "-c", str(CSRC / "torch_binding.cpp"),
-         "-DTORCH_EXTENSION_NAME=_C", *includes],
-        capture_output=True, text=True, timeout=600,
-    )
+    if shutil.which("nvcc") is None:
+        pytest.skip("nvcc not installed")
+    import torch
+    from torch.utils.cpp_extension import include_paths, library_paths
+
+    out = tmp_path_factory.mktemp("ext") / "_C.so"
+    lib = library_paths()[0]
+    command = [
+        "nvcc", "-shared", "-Xcompiler", "-fPIC", "-O1", "-std=c++17", "-arch=sm_80", "-DTORCH_EXTENSION_NAME=_C",
+        f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+        *[f"-I{p}" for p in include_paths()], f"-I{sysconfig.get_paths()['include']}", f"-I{CSRC}",
+        *[str(p) for p in SOURCES], str(CSRC / "torch_binding.cpp"),
+        f"-L{lib}", "-ltorch", "-ltorch_cpu", "-lc10", "-ltorch_python", "-lcudart",
+        "-Xlinker", "-rpath", "-Xlinker", lib, "-o", str(out),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, "\n".join(line for line in result.stderr.splitlines() if "error" in line)[-4000:]
+    spec = importlib.util.spec_from_file_location("_C", out)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_binding_builds_imports_and_checks_its_arguments(probe_extension):
+    import torch
+
+    for name in ("chunk_stats", "logits_grad", "row_topk", "gumbel_argmax"):
+        assert callable(getattr(probe_extension, name)), name
+    with pytest.raises(RuntimeError, match="logits must be a CUDA tensor, got cpu"):
+        probe_extension.row_topk(torch.zeros(3, 5), 0, 2, 1.0, torch.zeros(3, 2), torch.zeros(3, 2, dtype=torch.long),
+                                 torch.zeros(3, 4), 0)
+
+
+def test_python_wrappers_match_the_binding(probe_extension, monkeypatch):
+    """The backends' wrappers call every kernel with the binding's arity and argument
+    order: each call gets as far as the binding's device check."""
+    import torch
+
+    import distil_kernels.cuda_ext as cuda_ext
+    from distil_kernels.loss import cuda as loss_cuda
+    from distil_kernels.sampling import cuda as sampling_cuda
+
+    monkeypatch.setattr(cuda_ext, "extension", lambda: probe_extension)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: type("S", (), {"cuda_stream": 0})())
+    monkeypatch.setattr(torch.ops.aten.mm, "overloads", lambda: ["default", "dtype_out"])
+    loss_ops, sampling_ops = loss_cuda.extension_ops(), sampling_cuda.extension_sampling_ops()
+    z, ids = torch.zeros(3, 5), torch.zeros(3, 2, dtype=torch.long)
+    vec, pair = torch.zeros(3), torch.zeros(3, 2)
+    keys = tuple(torch.zeros(3, dtype=torch.long) for _ in range(4))
+    calls = [
+        lambda: loss_ops.chunk_stats(z, None, None, None, 1.0, ids, 0, pair, torch.zeros(3, 3)),
+        lambda: loss_ops.logits_grad(z, None, vec, vec, None, ids, pair, 0, None),
+        lambda: sampling_ops.row_topk(z, 2, 1.0, pair, ids, torch.zeros(3, 4)),
+        lambda: sampling_ops.gumbel_argmax(z, 0.7, False, keys, ids, pair, pair, torch.zeros(3, 4)),
+    ]
+    for call in calls:
+        with pytest.raises(RuntimeError, match="logits must be a CUDA tensor, got cpu"):
+            call()
