@@ -1,0 +1,141 @@
+"""`patch_model`: a transformers causal LM whose training loss never builds [tokens x vocab] logits.
+
+The patch replaces the instance's `forward`. In training (`model.training`) with
+`labels`, it runs the decoder alone and takes the loss from its last hidden states with
+`linear_cross_entropy` on the LM head: the model's own label shift (labels padded with
+`ignore_index` and shifted left, or `shift_labels` as given), `ignore_index` (-100 unless
+passed), `num_items_in_batch` (a sum divided by it, as transformers' loss does) and the
+final-logit softcapping of Gemma 2 and 3. `logits` is None in that output. Anything else
+(evaluation, no labels, `generate`) goes to the original forward unchanged.
+
+Covered: Llama, Mistral, Qwen2, Qwen3, Gemma2, Gemma3, and any `*ForCausalLM` whose
+logits are its `lm_head` (an `nn.Linear`) applied to the decoder's `last_hidden_state`.
+Heads that rescale logits otherwise (a `logit_scale` or `logits_scaling` in the config)
+are refused, not silently mis-trained.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..backends import resolve_backend
+from ..loss.linear_cross_entropy import linear_cross_entropy
+
+# Config attributes that mean the logits are not lm_head(hidden) (up to a final softcap).
+_RESCALING_ATTRIBUTES = ("logit_scale", "logits_scaling", "output_multiplier_scale")
+# Keyword arguments of transformers' causal-LM loss, not of the decoder.
+_LOSS_KWARGS = ("num_items_in_batch", "shift_labels", "ignore_index")
+
+
+@dataclass(frozen=True)
+class PatchOptions:
+    backend: str
+    filter_eps: float | str | None
+    softcap: float | None
+
+
+def _softcap(config) -> float | None:
+    for cfg in (config, getattr(config, "text_config", None)):
+        value = getattr(cfg, "final_logit_softcapping", None) if cfg is not None else None
+        if value:
+            return float(value)
+    return None
+
+
+def _decoder(model: nn.Module) -> nn.Module:
+    decoder = getattr(model, getattr(model, "base_model_prefix", "model"), None)
+    if not isinstance(decoder, nn.Module) or decoder is model:
+        raise TypeError(f"patch_model: {type(model).__name__} has no decoder at "
+                        f"model.{getattr(model, 'base_model_prefix', 'model')}; expected a transformers *ForCausalLM")
+    return decoder
+
+
+def _check_model(model: nn.Module) -> None:
+    if not isinstance(model, nn.Module) or not hasattr(model, "config"):
+        raise TypeError(f"patch_model takes a transformers causal LM (an nn.Module with a config), "
+                        f"got {type(model).__name__}")
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, nn.Linear):
+        raise TypeError(f"patch_model: {type(model).__name__}'s output embeddings are "
+                        f"{type(head).__name__}, not an nn.Linear LM head")
+    for cfg in (model.config, getattr(model.config, "text_config", None)):
+        for name in _RESCALING_ATTRIBUTES:
+            value = getattr(cfg, name, None) if cfg is not None else None
+            if value not in (None, 1, 1.0):
+                raise NotImplementedError(f"patch_model: {type(model).__name__} rescales its logits "
+                                          f"(config.{name}={value}), which the patched loss does not reproduce")
+    _decoder(model)
+
+
+def _shifted_targets(labels: torch.Tensor, shift_labels: torch.Tensor | None, ignore_index: int) -> torch.Tensor:
+    """Token t predicts token t + 1: labels shifted left, the last position ignored."""
+    if shift_labels is not None:
+        return shift_labels
+    return nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+
+
+def _output(model: nn.Module, decoder_output, loss: torch.Tensor):
+    """The model's own output class, with the decoder's cache, hidden states and attentions."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    fields = {name: value for name, value in decoder_output.items() if name != "last_hidden_state"}
+    known = CausalLMOutputWithPast.__dataclass_fields__
+    return CausalLMOutputWithPast(loss=loss, logits=None, **{k: v for k, v in fields.items() if k in known})
+
+
+def patch_model(model: nn.Module, *, backend: str = "auto", filter_eps: float | str | None = None) -> nn.Module:
+    """Patch a transformers causal LM in place (and return it): see the module docstring.
+
+    `backend` and `filter_eps` go to `linear_cross_entropy`. Patching again replaces the
+    options; `model.forward` stays the original's when the patch does not apply.
+    """
+    _check_model(model)
+    resolve_backend(backend, None)  # a bad name fails here, not at the first step
+    state = getattr(model, "_distil_kernels_patch", None)
+    original = state[1] if state is not None else model.forward
+    options = PatchOptions(backend, filter_eps, _softcap(model.config))
+    signature = inspect.signature(original)
+
+    def forward(*args, **kwargs):
+        if not (model.training and _labels(signature, args, kwargs) is not None):
+            return original(*args, **kwargs)
+        bound = signature.bind(*args, **kwargs)
+        arguments = dict(bound.arguments)
+        for name, parameter in signature.parameters.items():
+            if parameter.kind is inspect.Parameter.VAR_KEYWORD:
+                arguments.update(arguments.pop(name, {}))
+        labels = arguments.pop("labels")
+        loss_kwargs = {name: arguments.pop(name) for name in _LOSS_KWARGS if name in arguments}
+        return_dict = arguments.pop("return_dict", None)
+        arguments.pop("logits_to_keep", None)  # the loss needs every position
+        decoder_output = _decoder(model)(**arguments)
+        hidden = decoder_output.last_hidden_state
+        head = model.get_output_embeddings()
+        ignore_index = loss_kwargs.get("ignore_index", -100)
+        targets = _shifted_targets(labels, loss_kwargs.get("shift_labels"), ignore_index).to(hidden.device)
+        num_items = loss_kwargs.get("num_items_in_batch")
+        loss = linear_cross_entropy(
+            hidden.reshape(-1, hidden.shape[-1]), head.weight, targets.reshape(-1), bias=head.bias,
+            ignore_index=ignore_index, reduction="mean" if num_items is None else "sum",
+            softcap=options.softcap, filter_eps=options.filter_eps, backend=options.backend,
+        )
+        if num_items is not None:
+            loss = loss / (num_items.to(loss.device) if torch.is_tensor(num_items) else num_items)
+        output = _output(model, decoder_output, loss)
+        return output.to_tuple() if return_dict is False else output
+
+    model.forward = forward
+    model._distil_kernels_patch = (options, original)
+    return model
+
+
+def _labels(signature: inspect.Signature, args: tuple, kwargs: dict):
+    if "labels" in kwargs:
+        return kwargs["labels"]
+    names = [n for n, p in signature.parameters.items()
+             if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    return args[names.index("labels")] if "labels" in names and names.index("labels") < len(args) else None

@@ -1,0 +1,131 @@
+"""`patch_model` on tiny random transformers models: the same loss and gradients, no logits.
+
+Each family is built from its config with random weights (no download): Llama, Mistral,
+Qwen2, Qwen3 (untied heads), Gemma2 and Gemma3 (tied embeddings and final-logit
+softcapping). A patched copy and the original see the same batch with padded labels;
+fp32 on the CPU, so the two agree to fp32 rounding.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from distil_kernels import patch_model  # noqa: E402
+
+COMMON = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=64)
+FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=8)),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(head_dim=8, final_logit_softcapping=3.0)),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(head_dim=8, final_logit_softcapping=3.0)),
+}
+
+
+def tiny_model(family: str, seed: int = 0):
+    config_name, model_name, extra = FAMILIES[family]
+    config = getattr(transformers, config_name)(**COMMON, **extra)
+    torch.manual_seed(seed)
+    return getattr(transformers, model_name)(config).float()
+
+
+def batch(seed: int = 1):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 97, (3, 11), generator=gen)
+    attention_mask = torch.ones_like(ids)
+    attention_mask[2, :4] = 0  # a left-padded row
+    labels = ids.clone()
+    labels[attention_mask == 0] = -100
+    labels[0, 5:7] = -100
+    return ids, attention_mask, labels
+
+
+def loss_and_grads(model, **inputs):
+    model.zero_grad()
+    out = model(**inputs)
+    out.loss.backward()
+    return out, {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("num_items", [None, 13], ids=["mean", "num_items_in_batch"])
+def test_training_loss_and_every_gradient_match(family, num_items):
+    reference = tiny_model(family).train()
+    patched = patch_model(copy.deepcopy(reference), backend="chunked")
+    ids, attention_mask, labels = batch()
+    extra = {} if num_items is None else dict(num_items_in_batch=torch.tensor(num_items))
+    want, want_grads = loss_and_grads(reference, input_ids=ids, attention_mask=attention_mask, labels=labels, **extra)
+    got, got_grads = loss_and_grads(patched, input_ids=ids, attention_mask=attention_mask, labels=labels, **extra)
+    assert got.logits is None
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=1e-6)
+    assert set(got_grads) == set(want_grads)
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_shift_labels_and_ignore_index_are_honoured():
+    reference = tiny_model("llama").train()
+    patched = patch_model(copy.deepcopy(reference), backend="torch")
+    ids, attention_mask, labels = batch(seed=2)
+    shifted = torch.nn.functional.pad(labels, (0, 1), value=-1)[..., 1:].contiguous()
+    shifted[shifted == -100] = -1
+    inputs = dict(input_ids=ids, attention_mask=attention_mask, labels=labels, shift_labels=shifted, ignore_index=-1)
+    want, _ = loss_and_grads(reference, **inputs)
+    got, _ = loss_and_grads(patched, **inputs)
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_eval_and_generate_are_unchanged(family):
+    reference = tiny_model(family).eval()
+    patched = patch_model(copy.deepcopy(reference))
+    ids, attention_mask, labels = batch(seed=3)
+    with torch.no_grad():
+        want = reference(input_ids=ids, attention_mask=attention_mask, labels=labels)
+        got = patched(input_ids=ids, attention_mask=attention_mask, labels=labels)
+    assert got.logits is not None
+    torch.testing.assert_close(got.logits, want.logits, rtol=0, atol=0)
+    torch.testing.assert_close(got.loss, want.loss, rtol=0, atol=0)
+    kwargs = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert torch.equal(patched.generate(ids[:1], **kwargs), reference.generate(ids[:1], **kwargs))
+
+
+def test_training_without_labels_returns_logits():
+    patched = patch_model(tiny_model("qwen2").train())
+    ids, attention_mask, _ = batch()
+    assert patched(input_ids=ids, attention_mask=attention_mask).logits.shape == (3, 11, 97)
+
+
+def test_return_dict_false_gives_a_tuple_with_the_loss_first():
+    patched = patch_model(tiny_model("llama").train(), backend="chunked")
+    ids, attention_mask, labels = batch()
+    out = patched(input_ids=ids, attention_mask=attention_mask, labels=labels, return_dict=False)
+    assert isinstance(out, tuple) and out[0].dim() == 0
+
+
+def test_patching_twice_replaces_the_options():
+    model = tiny_model("llama").train()
+    patch_model(model, backend="torch")
+    patch_model(model, backend="chunked", filter_eps=1e-3)
+    options, _ = model._distil_kernels_patch
+    assert options.backend == "chunked" and options.filter_eps == 1e-3
+    ids, attention_mask, labels = batch()
+    assert model(input_ids=ids, attention_mask=attention_mask, labels=labels).logits is None
+
+
+def test_refuses_what_it_cannot_reproduce():
+    with pytest.raises(TypeError, match="transformers causal LM"):
+        patch_model(torch.nn.Linear(3, 4))
+    model = tiny_model("llama")
+    model.config.logit_scale = 0.5
+    with pytest.raises(NotImplementedError, match="logit_scale"):
+        patch_model(model)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        patch_model(tiny_model("llama"), backend="fast")
