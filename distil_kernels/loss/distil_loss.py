@@ -22,6 +22,7 @@ from torch import Tensor
 
 from ..backends import check_backend_dtype, resolve_backend
 from ..validation import check_ids, check_linear, check_probs, check_tensor
+from .chunked import SweepStats
 from .passes import PassParams, PrecomputedCoefficientLoss, stats_pass
 from .options import LossOptions, _check_real
 from .reference import compute_dtype, reference_logits, reference_token_loss
@@ -147,7 +148,8 @@ def distil_loss(
         raise ValueError(f"discount must be >= 0, got {discount}")
     if baseline not in BASELINES:
         raise ValueError(f"baseline must be one of {BASELINES}, got {baseline!r}")
-    _check_distil_inputs(input, weight, expert, actions, mask, group, bias, validate, tail)
+    compiling = torch.compiler.is_compiling()
+    _check_distil_inputs(input, weight, expert, actions, mask, group, bias, validate and not compiling, tail)
     name = resolve_backend(backend, input.device)
     check_backend_dtype(name, input.dtype)
 
@@ -170,8 +172,16 @@ def distil_loss(
         ce, lse, _ = reference_token_loss(z, slots, options)
         log_q_action = torch.where(live, torch.log_softmax(z, dim=1).gather(1, slots.ids[:, -1:])[:, 0], 0.0)
     else:
-        with torch.no_grad():
-            stats = stats_pass(name, x, weight, bias, slots.ids, options)
+        if compiling:
+            from ..library import loss_stats, option_args
+
+            # Statistics carry no gradient (the eager path takes them under no_grad).
+            lse_c, slot_logits_c, _ = loss_stats(x.detach(), weight.detach(), None if bias is None else bias.detach(),
+                                                 slots.ids, *option_args(options, x.dtype), name)
+            stats = SweepStats(lse_c, slot_logits_c, None)
+        else:
+            with torch.no_grad():
+                stats = stats_pass(name, x, weight, bias, slots.ids, options)
         terms = row_terms(stats.lse, stats.slot_logits, None, slots, options, vocab_size)
         ce, lse = terms.token_loss, stats.lse
         log_q_action = torch.where(live, stats.slot_logits[:, -1] - lse, 0.0)
@@ -192,10 +202,17 @@ def distil_loss(
         slots = slots.with_extra_weights(credit_weight[:, None])
         terms = row_terms(lse, stats.slot_logits, None, slots, options, vocab_size)
         upstream = live.to(cdt) / count
-        loss = PrecomputedCoefficientLoss.apply(
-            x, weight, bias, value, slots.ids, terms.row_coef * upstream, terms.slot_coef * upstream[:, None],
-            stats, PassParams(name, options),
-        )
+        if compiling:
+            from ..library import coefficient_loss, option_args
+
+            loss = coefficient_loss(x, weight, bias, value, slots.ids, terms.row_coef * upstream,
+                                    terms.slot_coef * upstream[:, None], stats.lse, stats.slot_logits,
+                                    *option_args(options, x.dtype), name)
+        else:
+            loss = PrecomputedCoefficientLoss.apply(
+                x, weight, bias, value, slots.ids, terms.row_coef * upstream, terms.slot_coef * upstream[:, None],
+                stats, PassParams(name, options),
+            )
     if not return_stats:
         return loss
     to_bt = lambda t: t.detach().float().reshape(batch, steps)  # noqa: E731

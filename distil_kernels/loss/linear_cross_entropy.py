@@ -6,6 +6,7 @@ Public function and Module; the work is done by a backend (`reference.py` for
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from ..backends import check_backend_dtype, resolve_backend
@@ -77,7 +78,9 @@ def linear_cross_entropy(
     )
     check_linear(input, weight, bias)
     vocab_size = weight.shape[0]
-    check_target(target, input, vocab_size, ignore_index, tail, values=validate)
+    # Value checks sync with the host; a compiled graph keeps only the static ones.
+    compiling = torch.compiler.is_compiling()
+    check_target(target, input, vocab_size, ignore_index, tail, values=validate and not compiling)
     name = resolve_backend(backend, input.device)
     check_backend_dtype(name, input.dtype)
     slots = make_slots(target, vocab_size, ignore_index, compute_dtype(input.dtype))
@@ -85,7 +88,15 @@ def linear_cross_entropy(
     if bias is not None:
         # Added to the logits in the compute dtype; autograd casts its gradient back.
         bias = bias.to(compute_dtype(input.dtype))
-    if name == "torch":
+    if compiling:
+        from ..library import linear_cross_entropy_op, option_args
+
+        loss, lse, token_loss, logq, _, _ = linear_cross_entropy_op(
+            x, weight, bias, slots.ids, slots.weights, slots.valid, slots.num_target,
+            *option_args(options, input.dtype), name,
+        )
+        stats = LossStats(lse.float(), token_loss.float(), logq.float())
+    elif name == "torch":
         loss, stats = reference_linear_cross_entropy(x, weight, bias, slots, options)
     elif name == "triton":
         from .triton import triton_linear_cross_entropy

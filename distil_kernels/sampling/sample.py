@@ -435,6 +435,13 @@ def linear_sample(input: Tensor, weight: Tensor, *, temperature: float = 1.0, to
     _check_seed_and_positions(seed, positions, input.shape[0], input.device)
     name = resolve_backend(backend, input.device)
     check_backend_dtype(name, input.dtype)
+    if torch.compiler.is_compiling():
+        from ..library import linear_sample_op
+
+        row_seeds = seed if isinstance(seed, Tensor) else None
+        return Sample(*linear_sample_op(input, weight, bias, 0 if row_seeds is not None else seed, row_seeds,
+                                        positions, float(temperature), top_k, top_p, min_p, num_samples, softcap,
+                                        name, workspace_bytes))
     if bias is not None:
         bias = bias.float() if input.dtype != torch.float64 else bias
     with torch.no_grad():

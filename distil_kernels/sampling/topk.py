@@ -264,6 +264,11 @@ def linear_topk(
     options = _topk_options(softcap, temperature, workspace_bytes)
     name = resolve_backend(backend, input.device)
     check_backend_dtype(name, input.dtype)
+    if torch.compiler.is_compiling():
+        from ..library import linear_topk_op
+
+        flat = input.reshape(-1, input.shape[-1])
+        return TopK(*linear_topk_op(flat, weight, bias, k, softcap, float(temperature), name, workspace_bytes))
     x = input.reshape(-1, input.shape[-1])
     with torch.no_grad():
         if bias is not None:

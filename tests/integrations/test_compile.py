@@ -1,0 +1,108 @@
+"""`torch.compile(fullgraph=True)` traces the public ops: no graph break, same results.
+
+`fullgraph=True` turns any graph break (a host sync such as `.item()`, untraceable
+Python) into an error. The `aot_eager` backend runs Dynamo and AOTAutograd, the fake
+implementations and the registered autograd of distil_kernels/library.py, without
+generating code (the ops' own kernels do the work either way).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from distil_kernels import SparseTarget, distil_loss, linear_cross_entropy, linear_sample, linear_topk
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def compiled(fn):
+    torch._dynamo.reset()
+    return torch.compile(fn, fullgraph=True, backend="aot_eager")
+
+
+def grads_of(fn, *leaves):
+    leaves = [t.detach().clone().requires_grad_() for t in leaves]
+    loss = fn(*leaves)
+    loss.sum().backward()
+    return loss.detach(), [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("backend", ["chunked", "torch"])
+@pytest.mark.parametrize("kind", ["hard", "sparse"])
+@pytest.mark.parametrize("options", [dict(), dict(label_smoothing=0.1, softcap=5.0, z_loss=1e-3, reduction="none")],
+                         ids=["plain", "options-none"])
+def test_linear_cross_entropy(backend, kind, options):
+    gen = torch.Generator().manual_seed(61)
+    x, w, b = torch.randn(23, 16, generator=gen), torch.randn(67, 16, generator=gen), torch.randn(67, generator=gen)
+    if kind == "hard":
+        target = torch.randint(0, 67, (23,), generator=gen)
+        target[2] = -100
+    else:
+        probs = torch.rand(23, 4, generator=gen)
+        ids = torch.stack([torch.randperm(67, generator=gen)[:4] for _ in range(23)])
+        target = SparseTarget(ids, probs / probs.sum(1, keepdim=True) * 0.9)
+
+    def loss_fn(x, w, b):
+        return linear_cross_entropy(x, w, target, bias=b, backend=backend, **options)
+
+    want, want_grads = grads_of(loss_fn, x, w, b)
+    got, got_grads = grads_of(compiled(loss_fn), x, w, b)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for g, e in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["chunked", "torch"])
+def test_distil_loss(backend):
+    gen = torch.Generator().manual_seed(62)
+    batch, steps, d, v, k = 3, 5, 12, 41, 4
+    x = torch.randn(batch, steps, d, generator=gen)
+    w = torch.randn(v, d, generator=gen)
+    ids = torch.stack([torch.randperm(v, generator=gen)[:k] for _ in range(batch * steps)]).reshape(batch, steps, k)
+    probs = torch.rand(batch, steps, k, generator=gen)
+    expert = SparseTarget(ids, probs / probs.sum(-1, keepdim=True) * 0.8)
+    actions = torch.randint(0, v, (batch, steps), generator=gen)
+    mask = torch.rand(batch, steps, generator=gen) > 0.2
+    group = torch.tensor([0, 0, 1])
+
+    def loss_fn(x, w):
+        return distil_loss(x, w, expert, actions, mask, group=group, discount=0.9, future_credit=0.5,
+                           backend=backend)
+
+    want, want_grads = grads_of(loss_fn, x, w)
+    got, got_grads = grads_of(compiled(loss_fn), x, w)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for g, e in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("options", [dict(temperature=0.8, num_samples=2), dict(top_p=0.7, seed="rows")],
+                         ids=["plain", "top_p-row-seeds"])
+def test_linear_sample(options):
+    gen = torch.Generator().manual_seed(63)
+    x, w = torch.randn(9, 16, generator=gen), torch.randn(80, 16, generator=gen)
+    options = dict(options)
+    if options.get("seed") == "rows":
+        options["seed"] = torch.arange(9, dtype=torch.int64) * 31
+
+    def sample_fn(x, w):
+        return linear_sample(x, w, backend="chunked", **options)
+
+    want, got = sample_fn(x, w), compiled(sample_fn)(x, w)
+    assert torch.equal(got.ids, want.ids)
+    for a, e in zip(got[1:], want[1:]):
+        torch.testing.assert_close(a, e, rtol=0, atol=0)
+
+
+def test_linear_topk():
+    gen = torch.Generator().manual_seed(64)
+    x, w = torch.randn(2, 5, 16, generator=gen), torch.randn(80, 16, generator=gen)
+
+    def topk_fn(x, w):
+        return linear_topk(x, w, 6, temperature=0.7, softcap=3.0, backend="chunked")
+
+    want, got = topk_fn(x, w), compiled(topk_fn)(x, w)
+    assert torch.equal(got.ids, want.ids)
+    torch.testing.assert_close(got.logprobs, want.logprobs, rtol=0, atol=0)
+    torch.testing.assert_close(got.lse, want.lse, rtol=0, atol=0)
