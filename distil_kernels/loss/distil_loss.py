@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from ..backends import check_backend_dtype, resolve_backend
+from ..parallel import make_shard, sharded_stats
 from ..validation import check_ids, check_linear, check_probs, check_tensor
 from .chunked import SweepStats
 from .passes import PassParams, PrecomputedCoefficientLoss, stats_pass
@@ -63,12 +64,10 @@ def group_baseline(g: Tensor, mask: Tensor, group: Tensor | None) -> Tensor:
     return torch.where(count > 0, total / count.clamp_min(1.0), 0.0)
 
 
-def _check_distil_inputs(input, weight, expert, actions, mask, group, bias, validate, tail):
-    check_linear(input, weight, bias)
+def _check_distil_inputs(input, expert, actions, mask, group, validate, tail, vocab_size):
     if input.dim() != 3:
         raise ValueError(f"input must have shape [B, T, d], got {tuple(input.shape)}")
     batch, steps = input.shape[:2]
-    vocab_size = weight.shape[0]
     if not isinstance(expert, SparseTarget):
         raise TypeError(f"expert must be a SparseTarget [B, T, k], got {type(expert).__name__}")
     if expert.batch_shape != (batch, steps):
@@ -120,6 +119,8 @@ def distil_loss(
     return_stats: bool = False,
     workspace_bytes: int | None = None,
     validate: bool = True,
+    process_group=None,
+    vocab_start: int = 0,
 ) -> Tensor | tuple[Tensor, DistilStats]:
     """The DistIL loss of student hidden states `input` [B, T, d] on its own rollouts.
 
@@ -133,8 +134,8 @@ def distil_loss(
         future_credit: weight of the credit term; discount: of the cost-to-go.
         baseline: "group" (mean cost-to-go of the other rollouts of the group at the
             same step) or "none".
-        temperature, softcap, tail, backend, workspace_bytes, validate: as in
-            `linear_cross_entropy`.
+        temperature, softcap, tail, backend, workspace_bytes, validate, process_group,
+            vocab_start: as in `linear_cross_entropy`.
         return_stats: also return `DistilStats`.
 
     Returns:
@@ -149,12 +150,16 @@ def distil_loss(
     if baseline not in BASELINES:
         raise ValueError(f"baseline must be one of {BASELINES}, got {baseline!r}")
     compiling = torch.compiler.is_compiling()
-    _check_distil_inputs(input, weight, expert, actions, mask, group, bias, validate and not compiling, tail)
+    check_linear(input, weight, bias)
+    shard = make_shard(process_group, vocab_start, weight)
+    if shard is not None and compiling:
+        raise NotImplementedError("vocabulary parallelism (process_group) is not traced by torch.compile")
+    vocab_size = weight.shape[0] if shard is None else shard.vocab_size
+    _check_distil_inputs(input, expert, actions, mask, group, validate and not compiling, tail, vocab_size)
     name = resolve_backend(backend, input.device)
     check_backend_dtype(name, input.dtype)
 
     batch, steps, dim = input.shape
-    vocab_size = weight.shape[0]
     cdt = compute_dtype(input.dtype)
     x = input.reshape(-1, dim)
     if bias is not None:
@@ -167,12 +172,16 @@ def distil_loss(
     )
     count = live.sum().clamp_min(1).to(cdt)
 
-    if name == "torch":
+    dense = name == "torch" and shard is None
+    if dense:
         z = reference_logits(x, weight, bias, options)
         ce, lse, _ = reference_token_loss(z, slots, options)
         log_q_action = torch.where(live, torch.log_softmax(z, dim=1).gather(1, slots.ids[:, -1:])[:, 0], 0.0)
     else:
-        if compiling:
+        if shard is not None:
+            lse_s, slot_logits_s, _ = sharded_stats(name, x, weight, bias, slots.ids, options, shard)
+            stats = SweepStats(lse_s, slot_logits_s, None)
+        elif compiling:
             from ..library import loss_stats, option_args
 
             # Statistics carry no gradient (the eager path takes them under no_grad).
@@ -192,7 +201,7 @@ def distil_loss(
     advantage = (g - base).reshape(-1)
     value = (ce.detach() * live).sum() / count
 
-    if name == "torch":
+    if dense:
         credit = (live * future_credit * advantage * log_q_action).sum() / count
         loss = (ce * live).sum() / count + credit - credit.detach()
     else:
@@ -211,7 +220,7 @@ def distil_loss(
         else:
             loss = PrecomputedCoefficientLoss.apply(
                 x, weight, bias, value, slots.ids, terms.row_coef * upstream, terms.slot_coef * upstream[:, None],
-                stats, PassParams(name, options),
+                stats, PassParams(name, options, shard),
             )
     if not return_stats:
         return loss

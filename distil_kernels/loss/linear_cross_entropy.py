@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from ..backends import check_backend_dtype, resolve_backend
+from ..parallel import ParallelParams, VocabParallelLinearCrossEntropy, make_shard
 from ..validation import check_linear, check_target
 from .chunked import chunked_linear_cross_entropy
 from .options import LossOptions
@@ -35,6 +36,8 @@ def linear_cross_entropy(
     return_stats: bool = False,
     workspace_bytes: int | None = None,
     validate: bool = True,
+    process_group=None,
+    vocab_start: int = 0,
 ) -> Tensor | tuple[Tensor, LossStats]:
     """Cross-entropy of `softcap(input @ weight.T + bias) / temperature` against `target`.
 
@@ -66,7 +69,11 @@ def linear_cross_entropy(
             default sized for the device; `cuda`: 2 GiB) and on the triton backward's
             fp32 d_weight chunk (None: 32 MiB).
         validate: check id ranges and probabilities (a host sync on CUDA). With False,
-            out-of-range ids are treated as padding.
+            out-of-range ids are treated as padding. Skipped under torch.compile.
+        process_group, vocab_start: vocabulary parallelism (`distil_kernels.parallel`):
+            `weight`/`bias` hold rows [vocab_start, vocab_start + V_local) of a vocabulary
+            split over the group's ranks, ids are global; every rank gets the unsharded
+            loss, stats and input gradient, and the gradient of its own shard.
 
     Returns:
         The loss in fp32 (float64 for float64 inputs), and the stats if asked.
@@ -77,7 +84,8 @@ def linear_cross_entropy(
         workspace_bytes=workspace_bytes,
     )
     check_linear(input, weight, bias)
-    vocab_size = weight.shape[0]
+    shard = make_shard(process_group, vocab_start, weight)
+    vocab_size = weight.shape[0] if shard is None else shard.vocab_size
     # Value checks sync with the host; a compiled graph keeps only the static ones.
     compiling = torch.compiler.is_compiling()
     check_target(target, input, vocab_size, ignore_index, tail, values=validate and not compiling)
@@ -88,7 +96,15 @@ def linear_cross_entropy(
     if bias is not None:
         # Added to the logits in the compute dtype; autograd casts its gradient back.
         bias = bias.to(compute_dtype(input.dtype))
-    if compiling:
+    if shard is not None:
+        if compiling:
+            raise NotImplementedError("vocabulary parallelism (process_group) is not traced by torch.compile")
+        params = ParallelParams(options, slots.num_target, name, shard)
+        loss, lse, token_loss, logq = VocabParallelLinearCrossEntropy.apply(
+            x, weight, bias, slots.ids, slots.weights, slots.valid, params
+        )
+        stats = LossStats(lse.float(), token_loss.float(), logq.float())
+    elif compiling:
         from ..library import linear_cross_entropy_op, option_args
 
         loss, lse, token_loss, logq, _, _ = linear_cross_entropy_op(

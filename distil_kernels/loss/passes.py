@@ -50,6 +50,7 @@ def gradient_pass(backend: str, x: Tensor, weight: Tensor, bias: Tensor | None, 
 class PassParams:
     backend: str
     options: LossOptions
+    shard: object = None  # a parallel.VocabShard: the gradient pass of a vocabulary shard
 
 
 class PrecomputedCoefficientLoss(torch.autograd.Function):
@@ -67,8 +68,17 @@ class PrecomputedCoefficientLoss(torch.autograd.Function):
     def backward(ctx, grad_value):
         x, weight, bias, slot_ids, row_coef, slot_coef = ctx.saved_tensors
         g = grad_value.to(row_coef.dtype)
+        params = ctx.params
+        if params.shard is not None:
+            from ..parallel import sharded_gradients
+
+            d_x, d_w, d_b = sharded_gradients(
+                params.backend, x, weight, bias, slot_ids, ctx.stats.lse, ctx.stats.slot_logits, None, row_coef * g,
+                slot_coef * g, None, params.options, ctx.needs_input_grad[:3], params.shard,
+            )
+            return d_x, d_w, d_b, None, None, None, None, None, None
         d_x, d_w, d_b = gradient_pass(
-            ctx.params.backend, x, weight, bias, slot_ids, ctx.stats, row_coef * g, slot_coef * g, None,
-            ctx.params.options, ctx.needs_input_grad[:3],
+            params.backend, x, weight, bias, slot_ids, ctx.stats, row_coef * g, slot_coef * g, None,
+            params.options, ctx.needs_input_grad[:3],
         )
         return d_x, d_w, d_b, None, None, None, None, None, None

@@ -250,8 +250,12 @@ CANDIDATES = 256
 
 
 def _sweep_sample(x: Tensor, weight: Tensor, bias: Tensor | None, softcap: float | None,
-                  options: SamplingOptions, keys, workspace_bytes: int | None) -> Sample:
-    """Untruncated or greedy sampling in one pass: online lse and a running Gumbel argmax."""
+                  options: SamplingOptions, keys, workspace_bytes: int | None, id_offset: int = 0) -> Sample:
+    """Untruncated or greedy sampling in one pass: online lse and a running Gumbel argmax.
+
+    `id_offset`: the vocabulary id of weight's first row (a shard's), which names the
+    noise and the drawn ids.
+    """
     from ..loss.chunked import Workspace, logits_tile, plan_chunks
     from ..loss.options import LossOptions
     from .topk import SWEEP_CPU_ROWS, fold_lse_
@@ -280,11 +284,11 @@ def _sweep_sample(x: Tensor, weight: Tensor, bias: Tensor | None, softcap: float
             raw = raw.float()
             z = raw if options.greedy else raw / options.temperature
             for j in range(n):
-                score = z if options.greedy else z + gumbel_noise_range(v0, v1, chunk_keys, j)
+                score = z if options.greedy else z + gumbel_noise_range(v0 + id_offset, v1 + id_offset, chunk_keys, j)
                 tile_best, local = score.max(dim=1)  # first maximum: the lowest id of the tile
                 better = tile_best > best_score[:, j]  # strictly: earlier tiles hold lower ids
                 best_score[:, j] = torch.where(better, tile_best, best_score[:, j])
-                ids[r0:r1, j] = torch.where(better, local + v0, ids[r0:r1, j])
+                ids[r0:r1, j] = torch.where(better, local + v0 + id_offset, ids[r0:r1, j])
                 best_raw[r0:r1, j] = torch.where(better, raw.gather(1, local[:, None])[:, 0], best_raw[r0:r1, j])
             fold_lse_(raw_max, raw_sum, raw)
             if not options.greedy:
@@ -299,7 +303,8 @@ def _sweep_sample(x: Tensor, weight: Tensor, bias: Tensor | None, softcap: float
 
 def _candidate_sample(x: Tensor, weight: Tensor, bias: Tensor | None, softcap: float | None,
                       options: SamplingOptions, seed, positions, keys, workspace_bytes: int | None,
-                      backend: str = "chunked") -> Sample:
+                      backend: str = "chunked", top=None, dense_logits=None, vocab_size: int | None = None
+                      ) -> Sample:
     """Truncated sampling from each row's top candidates, with an exact dense fallback.
 
     The candidates and the lse at temperature 1 come from one top-k pass over the
@@ -309,19 +314,20 @@ def _candidate_sample(x: Tensor, weight: Tensor, bias: Tensor | None, softcap: f
     from ..loss.options import LossOptions
     from .topk import chunked_topk
 
-    rows, vocab = x.shape[0], weight.shape[0]
+    rows = x.shape[0]
+    vocab = weight.shape[0] if vocab_size is None else vocab_size
     n = options.num_samples
     num_candidates = min(vocab, max(CANDIDATES, options.top_k or 0))
     z_options = LossOptions(softcap=softcap, temperature=options.temperature, workspace_bytes=workspace_bytes)
-    if backend == "triton":
+    if top is None and backend == "triton":
         from .triton import triton_topk
 
         top = triton_topk
-    elif backend == "cuda":
+    elif top is None and backend == "cuda":
         from .cuda import cuda_topk
 
         top = cuda_topk
-    else:
+    elif top is None:
         top = chunked_topk
     cand_ids, cand_logprobs, lse_z, lse_raw = top(x, weight, bias, num_candidates, z_options,
                                                   raw_lse=options.temperature != 1.0)
@@ -344,7 +350,8 @@ def _candidate_sample(x: Tensor, weight: Tensor, bias: Tensor | None, softcap: f
     sample = Sample(ids, z_ids - kept_lse[:, None], z_ids * options.temperature - lse_raw[:, None], lse_raw)
     unsettled = (~settled).nonzero()[:, 0]
     if len(unsettled):
-        _dense_fallback(sample, x, weight, bias, softcap, options, seed, positions, unsettled, workspace_bytes)
+        _dense_fallback(sample, x, weight, bias, softcap, options, seed, positions, unsettled, workspace_bytes,
+                        dense_logits, vocab)
     return sample
 
 
@@ -389,15 +396,23 @@ def _dense_logits(x: Tensor, weight: Tensor, bias: Tensor | None, softcap: float
 
 
 def _dense_fallback(sample: Sample, x: Tensor, weight: Tensor, bias: Tensor | None, softcap: float | None,
-                    options: SamplingOptions, seed, positions, rows: Tensor, workspace_bytes: int | None) -> None:
-    """Exact sampling for `rows` from their dense logits, a bounded number of rows at a time."""
+                    options: SamplingOptions, seed, positions, rows: Tensor, workspace_bytes: int | None,
+                    dense_logits=None, vocab_size: int | None = None) -> None:
+    """Exact sampling for `rows` from their dense logits, a bounded number of rows at a time.
+
+    `dense_logits(x_rows, weight, bias, softcap, budget)` builds them over `vocab_size`
+    columns (`_dense_logits` over weight's rows, or a vocabulary shard's gathered from
+    every rank).
+    """
+    dense_logits = dense_logits or _dense_logits
     budget = workspace_bytes or DENSE_FALLBACK_BUDGET
-    step = max(1, budget // (weight.shape[0] * DENSE_BYTES_PER_LOGIT))
+    vocab = weight.shape[0] if vocab_size is None else vocab_size
+    step = max(1, budget // (vocab * DENSE_BYTES_PER_LOGIT))
     for i in range(0, len(rows), step):
         block = rows[i : i + step]
         block_positions = block if positions is None else positions[block]
         block_seed = seed[block] if isinstance(seed, Tensor) and seed.dim() == 1 else seed
-        logits = _dense_logits(x[block], weight, bias, softcap, budget // 4)
+        logits = dense_logits(x[block], weight, bias, softcap, budget // 4)
         dense = reference_sample(logits, options, block_seed, block_positions)
         for out, value in zip(sample, dense):
             out[block] = value
@@ -411,17 +426,20 @@ def _dense_fallback(sample: Sample, x: Tensor, weight: Tensor, bias: Tensor | No
 def linear_sample(input: Tensor, weight: Tensor, *, temperature: float = 1.0, top_k: int | None = None,
                   top_p: float | None = None, min_p: float | None = None, seed: int | Tensor = 0,
                   positions: Tensor | None = None, num_samples: int = 1, bias: Tensor | None = None,
-                  softcap: float | None = None, backend: str = "auto", workspace_bytes: int | None = None
-                  ) -> Sample:
+                  softcap: float | None = None, backend: str = "auto", workspace_bytes: int | None = None,
+                  process_group=None, vocab_start: int = 0) -> Sample:
     """Sample from `softcap(input @ weight.T + bias)` [B, V] without building it (module docstring).
 
     `input` [B, d] is the last hidden state of each row. `backend`: "auto" (triton on
     CUDA, else chunked), "torch" (dense logits: the reference), "chunked", "triton" or
     "cuda" (the csrc/ extension; triton and cuda take fp16, bf16 or fp32 input; every
-    backend draws the same ids for the same seed, but at float ties).
+    backend draws the same ids for the same seed, but at float ties). `process_group`,
+    `vocab_start`: vocabulary parallelism as in `linear_cross_entropy` (each rank runs the
+    chunked sweep on its shard; every rank gets the same draws).
     """
     from ..backends import check_backend_dtype, resolve_backend
     from ..loss.options import LossOptions
+    from ..parallel import make_shard
     from ..loss.reference import reference_logits
     from ..validation import check_linear
 
@@ -429,12 +447,16 @@ def linear_sample(input: Tensor, weight: Tensor, *, temperature: float = 1.0, to
     if input.dim() != 2:
         raise ValueError(f"input must have shape [B, d], got {tuple(input.shape)}")
     options = SamplingOptions(temperature, top_k, top_p, min_p, num_samples)
-    if options.top_k is not None and options.top_k > weight.shape[0]:
-        raise ValueError(f"top_k must be <= V = {weight.shape[0]}, got {options.top_k}")
+    shard = make_shard(process_group, vocab_start, weight)
+    vocab_size = weight.shape[0] if shard is None else shard.vocab_size
+    if options.top_k is not None and options.top_k > vocab_size:
+        raise ValueError(f"top_k must be <= V = {vocab_size}, got {options.top_k}")
     LossOptions(softcap=softcap, workspace_bytes=workspace_bytes)  # validates both
     _check_seed_and_positions(seed, positions, input.shape[0], input.device)
     name = resolve_backend(backend, input.device)
     check_backend_dtype(name, input.dtype)
+    if shard is not None and torch.compiler.is_compiling():
+        raise NotImplementedError("vocabulary parallelism (process_group) is not traced by torch.compile")
     if torch.compiler.is_compiling():
         from ..library import linear_sample_op
 
@@ -445,13 +467,19 @@ def linear_sample(input: Tensor, weight: Tensor, *, temperature: float = 1.0, to
     if bias is not None:
         bias = bias.float() if input.dtype != torch.float64 else bias
     with torch.no_grad():
+        truncated = not options.greedy and (
+            options.top_k is not None or (options.top_p is not None and options.top_p < 1.0)
+            or (options.min_p is not None and options.min_p > 0.0))
+        if shard is not None:
+            from ..parallel import sharded_sample
+
+            keys = row_keys(seed, positions, input.shape[0], input.device)
+            return sharded_sample(input, weight, bias, softcap, options, seed, positions, keys, workspace_bytes,
+                                  truncated, shard)
         if name == "torch":
             raw = reference_logits(input, weight, bias, LossOptions(softcap=softcap))
             return reference_sample(raw, options, seed, positions)
         keys = row_keys(seed, positions, input.shape[0], input.device)
-        truncated = not options.greedy and (
-            options.top_k is not None or (options.top_p is not None and options.top_p < 1.0)
-            or (options.min_p is not None and options.min_p > 0.0))
         if truncated:
             return _candidate_sample(input, weight, bias, softcap, options, seed, positions, keys, workspace_bytes,
                                      backend=name)

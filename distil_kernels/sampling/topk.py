@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from ..backends import check_backend_dtype, resolve_backend
+from ..parallel import make_shard, sharded_topk
 from ..loss.chunked import logits_tile, Workspace, plan_chunks
 from ..loss.options import LossOptions, _check_real
 from ..loss.reference import compute_dtype, reference_logits
@@ -236,6 +237,8 @@ def linear_topk(
     temperature: float = 1.0,
     backend: str = "auto",
     workspace_bytes: int | None = None,
+    process_group=None,
+    vocab_start: int = 0,
 ) -> TopK:
     """The `k` most probable ids of `softmax(softcap(input @ weight.T + bias) / temperature)`.
 
@@ -252,6 +255,8 @@ def linear_topk(
             "cuda" (the csrc/ extension; k above 1024 takes the chunked sweep).
         workspace_bytes: chunked and cuda, the budget of the reused logits chunk
             (None: a per-device default, 2 GiB for cuda; >= 4096).
+        process_group, vocab_start: vocabulary parallelism as in `linear_cross_entropy`:
+            each shard's top-k, merged over the group; every rank gets the global result.
 
     Returns:
         TopK(ids [N, k] int64 in descending probability with ties to the lower id,
@@ -259,11 +264,19 @@ def linear_topk(
         (float64 for float64 input). No gradients flow through the result.
     """
     check_linear(input, weight, bias)
-    vocab_size = weight.shape[0]
+    shard = make_shard(process_group, vocab_start, weight)
+    vocab_size = weight.shape[0] if shard is None else shard.vocab_size
     k = _check_k(k, vocab_size)
     options = _topk_options(softcap, temperature, workspace_bytes)
     name = resolve_backend(backend, input.device)
     check_backend_dtype(name, input.dtype)
+    if shard is not None:
+        if torch.compiler.is_compiling():
+            raise NotImplementedError("vocabulary parallelism (process_group) is not traced by torch.compile")
+        with torch.no_grad():
+            ids, logprobs, lse = sharded_topk(input.reshape(-1, input.shape[-1]), weight, bias, k, softcap,
+                                              temperature, backend, workspace_bytes, shard)
+        return TopK(ids.contiguous(), logprobs.float().contiguous(), lse.float().contiguous())
     if torch.compiler.is_compiling():
         from ..library import linear_topk_op
 
