@@ -3,6 +3,7 @@
     distil train [--task T] [--objective distil|ce|grpo|sdpo|opsd] [--steps N] [--seed S]
                  [--out DIR] [--model PATH] [--device cpu|cuda] [--config FILE] [...]
     distil eval --checkpoint DIR [--task T] [--samples n]
+    torchrun --nproc-per-node N -m distil train ...    (data parallel: distil/distributed.py)
 
 With no arguments, `distil train` runs the embedded default (the addition task, the
 task's oracle as expert, the built-in tiny student) on the CPU in a few minutes. A TOML
@@ -85,9 +86,15 @@ def train_main(args: argparse.Namespace) -> int:
     except (ValueError, TypeError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if not trainer.dist.main:  # under torchrun, rank 0 reports
+        trainer.run(resume=args.resume)
+        trainer.dist.close()
+        return 0
+    ranks = f" ranks={trainer.dist.world}" if trainer.dist.enabled else ""
     print(f"distil train: task={config.task} objective={config.objective} expert={config.expert} "
-          f"steps={config.steps} seed={config.seed} device={config.device} out={config.out}")
+          f"steps={config.steps} seed={config.seed} device={config.device}{ranks} out={config.out}")
     summary = trainer.run(resume=args.resume)
+    trainer.dist.close()
     final = summary["final_eval"]
     extra = ", ".join(f"{k[5:]} {v:.3f}" for k, v in final.items() if k != "eval_pass@1")
     print(f"held-out after training: {extra}")

@@ -43,11 +43,11 @@ class Rollouts:
         return int(self.mask.sum())
 
 
-def row_seeds(seed: int, step: int, rows: int, device: torch.device) -> Tensor:
-    """Distinct 62-bit Philox seeds per (run seed, step, row)."""
+def row_seeds(seed: int, step: int, rows: int, device: torch.device, row_offset: int = 0) -> Tensor:
+    """Distinct 62-bit Philox seeds per (run seed, step, row); rows from `row_offset` on."""
     digest = hashlib.blake2b(f"distil-rollout:{seed}:{step}".encode(), digest_size=8).digest()
     base = int.from_bytes(digest, "little") >> 3  # room for `rows` above it inside int64
-    return base + torch.arange(rows, dtype=torch.int64, device=device)
+    return base + row_offset + torch.arange(rows, dtype=torch.int64, device=device)
 
 
 def encode_prompts(lm: LanguageModel, prompts: list[str]) -> tuple[Tensor, Tensor]:
@@ -69,15 +69,20 @@ def _positions(mask: Tensor) -> Tensor:
 
 @torch.no_grad()
 def sample_rollouts(lm: LanguageModel, prompts: list[str], *, num_rollouts: int, max_tokens: int,
-                    sampling: SamplingConfig, seed: int, step: int, backend: str = "auto") -> Rollouts:
-    """`num_rollouts` responses per prompt of at most `max_tokens` tokens (end token included)."""
+                    sampling: SamplingConfig, seed: int, step: int, backend: str = "auto",
+                    row_offset: int = 0) -> Rollouts:
+    """`num_rollouts` responses per prompt of at most `max_tokens` tokens (end token included).
+
+    `row_offset`: the first row's index in the step's whole batch (a rank's share under
+    torchrun), which names the rows' seeds.
+    """
     tok = lm.tokenizer
     repeated = [p for p in prompts for _ in range(num_rollouts)]
     group = torch.arange(len(prompts), device=lm.device).repeat_interleave(num_rollouts)
     prompt_ids, prompt_mask = encode_prompts(lm, repeated)
     rows = prompt_ids.shape[0]
     head = lm.head
-    seeds = row_seeds(seed, step, rows, lm.device)
+    seeds = row_seeds(seed, step, rows, lm.device, row_offset)
     was_training = lm.model.training
     lm.model.eval()
     attention = prompt_mask.long()

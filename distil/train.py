@@ -31,11 +31,12 @@ import torch
 
 from distil_kernels import SparseTarget, linear_cross_entropy
 
+from .distributed import DistContext, wrap_states
 from .evaluate import evaluate
 from .experts import Expert, ExpertQuery, ModelExpert, NoisyExpert, make_expert
 from .model import LanguageModel, TinyConfig, load_model, tiny_student
 from .objectives import Batch, Distil, Objective, make_objective
-from .rollout import SamplingConfig, sample_rollouts, teacher_forced, visited_states
+from .rollout import SamplingConfig, sample_rollouts, teacher_forced
 from .tasks import Task, get_task
 
 
@@ -108,10 +109,16 @@ def build_objective(config: TrainConfig) -> Objective:
 class Trainer:
     def __init__(self, config: TrainConfig, *, progress: bool = True, log=print):
         self.config = c = config
-        self.progress = progress
-        self.log = log
+        # Under torchrun: this rank's place (distil/distributed.py); a single process otherwise.
+        self.dist = DistContext.from_env(config.device)
+        for name in ("prompts_per_step", "warmup_batch"):
+            if getattr(config, name) < self.dist.world:
+                raise ValueError(f"{name} ({getattr(config, name)}) must be at least the number of ranks "
+                                 f"({self.dist.world}): every rank takes a share")
+        self.progress = progress and self.dist.main
+        self.log = log if self.dist.main else (lambda *args, **kwargs: None)
         self.out = Path(config.out)
-        self.device = torch.device(config.device)
+        self.device = self.dist.device(config.device)
         self.task: Task = get_task(config.task, **config.task_options)
         torch.manual_seed(config.seed)
         if config.model is None:
@@ -124,6 +131,8 @@ class Trainer:
         self.expert: Expert = make_expert(config.expert, task=self.task, student=self.lm, noise=config.noise,
                                           seed=config.seed, top_k=config.expert_top_k, device=self.device,
                                           backend=config.backend)
+        # The decoder pass of every training step goes through this (DDP across ranks).
+        self.states = wrap_states(self.lm, self.dist)
         self.optimizer = torch.optim.AdamW(self.lm.model.parameters(), lr=config.lr, weight_decay=0.0)
         self.sampling = SamplingConfig(config.temperature, config.top_p)
         self.step = 0
@@ -138,7 +147,11 @@ class Trainer:
         return self.out / "checkpoint"
 
     def save_checkpoint(self) -> None:
-        """Write the checkpoint to a fresh directory, then swap it in: a kill leaves the old one whole."""
+        """Write the checkpoint to a fresh directory, then swap it in: a kill leaves the old one whole.
+
+        Rank 0 alone writes it (the ranks' weights and optimizer states are the same)."""
+        if not self.dist.main:
+            return
         tmp = self.out / "checkpoint.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -169,7 +182,8 @@ class Trainer:
         self._load_expert_state(torch.load(directory / "expert.pt", map_location=self.device, weights_only=False))
         torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
         self.step, self.rollouts, self.warm = state["step"], state["rollouts"], state["warm"]
-        self._truncate_metrics()
+        if self.dist.main:
+            self._truncate_metrics()
 
     def _expert_state(self) -> dict:
         state: dict[str, Any] = {}
@@ -205,9 +219,10 @@ class Trainer:
             group["lr"] = c.warmup_lr
         for i in range(c.warmup_steps):
             problems = self.task.problems(c.warmup_batch, seed=_step_seed(c.seed, i, "warmup"), split="train")
+            problems = problems[slice(*self.dist.share(len(problems)))]
             prompt_ids, prompt_mask, actions, mask = teacher_forced(self.lm, [p.prompt for p in problems],
                                                                     [p.solution for p in problems])
-            states = visited_states(self.lm, prompt_ids, prompt_mask, actions, mask)
+            states = self.states(prompt_ids, prompt_mask, actions, mask)
             head = self.lm.head
             loss = linear_cross_entropy(states[mask], head.weight, actions[mask], bias=head.bias, softcap=head.softcap,
                                         backend=c.backend)
@@ -226,7 +241,8 @@ class Trainer:
         rare signals leave tiny, which wrecks a policy whose rewards are mostly zero.
         """
         self.optimizer.zero_grad(set_to_none=True)
-        if not torch.isfinite(loss):
+        # Every rank skips, or none does: a backward that some ranks skip leaves DDP waiting.
+        if not self.dist.all_ranks(bool(torch.isfinite(loss)), self.device):
             return "loss"
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(self.lm.model.parameters(), self.config.max_grad_norm)
@@ -242,9 +258,12 @@ class Trainer:
         c = self.config
         start = time.perf_counter()
         problems = self.task.problems(c.prompts_per_step, seed=_step_seed(c.seed, self.step, "train"), split="train")
+        first, last = self.dist.share(len(problems))
+        problems = problems[first:last]
         rollouts = sample_rollouts(self.lm, [p.prompt for p in problems], num_rollouts=c.rollouts_per_prompt,
                                    max_tokens=self.task.max_response_chars + 1, sampling=self.sampling,
-                                   seed=c.seed, step=self.step, backend=c.backend)
+                                   seed=c.seed, step=self.step, backend=c.backend,
+                                   row_offset=first * c.rollouts_per_prompt)
         sampled = time.perf_counter()
         repeated = [p for p in problems for _ in range(c.rollouts_per_prompt)]
         feedback = self.task.verify_batch(repeated, rollouts.texts)
@@ -252,7 +271,7 @@ class Trainer:
         expert: SparseTarget | None = None
         if self.objective.needs_expert:
             expert = self.expert.targets(ExpertQuery(repeated, rollouts, feedback))
-        states = visited_states(self.lm, rollouts.prompt_ids, rollouts.prompt_mask, rollouts.actions, rollouts.mask)
+        states = self.states(rollouts.prompt_ids, rollouts.prompt_mask, rollouts.actions, rollouts.mask)
         batch = Batch(states, self.lm.head, rollouts.actions, rollouts.mask, rollouts.group, rewards, expert,
                       c.backend)
         loss, extra = self.objective.loss(batch)
@@ -263,12 +282,13 @@ class Trainer:
             self.log(f"step {self.step + 1}: non-finite {outcome}, update skipped")
         elapsed = time.perf_counter() - start
         self.step += 1
-        self.rollouts += len(repeated)
-        return {"step": self.step, "rollouts": self.rollouts, "loss": float(loss.detach()),
-                "reward": float(rewards.mean()),
-                "correct": sum(f.correct for f in feedback) / len(feedback),
-                "tokens_per_s": rollouts.num_tokens / max(sampled - start, 1e-9), "step_s": elapsed,
-                "skipped": int(outcome in ("loss", "gradient")), "no_signal": int(outcome == "no signal"), **extra}
+        self.rollouts += self.dist.total(len(repeated), self.device)
+        measured = {"loss": float(loss.detach()), "reward": float(rewards.mean()),
+                    "correct": sum(f.correct for f in feedback) / len(feedback),
+                    "tokens_per_s": rollouts.num_tokens / max(sampled - start, 1e-9), "step_s": elapsed,
+                    "skipped": int(outcome in ("loss", "gradient")), "no_signal": int(outcome == "no signal"),
+                    **extra}
+        return {"step": self.step, "rollouts": self.rollouts, **self.dist.average(measured, self.device)}
 
     def evaluate(self) -> dict[str, float]:
         c = self.config
@@ -279,19 +299,22 @@ class Trainer:
     # ----------------------------------------------------------------------------- run
 
     def run(self, resume: bool = False) -> dict[str, Any]:
+        """Train to `steps`; the summary (on ranks other than 0, an empty dict)."""
         c = self.config
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "config.json").write_text(json.dumps(dataclasses.asdict(c), indent=2))
+        main = self.dist.main
+        if main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.json").write_text(json.dumps(dataclasses.asdict(c), indent=2))
         if resume:
             self.load_checkpoint()
             self.log(f"resumed from {self.checkpoint_dir} at step {self.step} ({self.rollouts} rollouts)")
-        else:
+        elif main:
             (self.out / "metrics.jsonl").write_text("")
         if not self.warm:
             if c.warmup_steps:
                 self.log(f"warm start: {c.warmup_steps} supervised steps on reference solutions")
             self.warm_start()
-        if not resume:
+        if not resume and main:
             row = {"step": 0, "rollouts": 0, "loss": math.nan, "reward": math.nan, "tokens_per_s": 0.0,
                    **self.evaluate()}
             self._append(row)
@@ -299,6 +322,8 @@ class Trainer:
         bar = _progress(range(self.step, c.steps), initial=self.step, total=c.steps, enabled=self.progress)
         for _ in bar:
             row = self.train_step()
+            if not main:
+                continue
             if self.step % c.eval_every == 0 or self.step == c.steps:
                 row.update(self.evaluate())
             self._append(row)
@@ -307,7 +332,8 @@ class Trainer:
                                 **({"pass@1": f"{row['eval_pass@1']:.2f}"} if "eval_pass@1" in row else {}))
             if self.step % c.checkpoint_every == 0 or self.step == c.steps:
                 self.save_checkpoint()
-        return self.finish()
+        self.dist.barrier()  # every rank leaves together, after rank 0's last evaluation
+        return self.finish() if main else {}
 
     def _append(self, row: dict[str, Any]) -> None:
         with open(self.out / "metrics.jsonl", "a") as f:
