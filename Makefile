@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml setup.py
 	@test -x $(PY) || $(PYTHON_BOOT) -m venv --system-site-packages $(VENV)
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q setuptools wheel
-	$(PY) -m pip install -q --no-build-isolation -e ".[test,trainer]"
+	$(PY) -m pip install -q --no-build-isolation -e ".[test,trainer,examples]"
 	@touch $(STAMP)
 
 demo: $(STAMP)
