@@ -158,8 +158,12 @@ __global__ void __launch_bounds__(kThreads) row_topk_kernel(RowTopKArgs a) {
         if (key == threshold) take = equal_before++ < remaining;
         if (take) {
             const int slot = atomicAdd(&s_count, 1);
-            cand_key[slot] = key;
-            cand_index[slot] = c;
+            // Exactly k keys qualify; NaN logits (which order above +inf here) could add
+            // more, and must not write past the candidates.
+            if (slot < a.k) {
+                cand_key[slot] = key;
+                cand_index[slot] = c;
+            }
         }
     }
     __syncthreads();
@@ -282,11 +286,13 @@ __global__ void __launch_bounds__(kThreads) gumbel_argmax_kernel(GumbelArgmaxArg
         }
         best = reduce_best(best, best_scratch);
         if (threadIdx.x == 0) {
-            // Every score is finite for finite logits, so some column always wins.
+            // Finite logits always give a winner; a row of NaNs gives none, and column 0
+            // stands in rather than an index past the row.
+            const int index = best.index == INT32_MAX ? 0 : best.index;
             const int64_t out = row * a.num_samples + sample;
-            a.ids[out] = a.vocab_start + best.index;
+            a.ids[out] = a.vocab_start + index;
             a.scores[out] = best.score;
-            a.logits_out[out] = l[best.index];
+            a.logits_out[out] = l[index];
         }
     }
 }
