@@ -50,7 +50,9 @@ if wanted tests; then
     # -rfEP: the summary carries the output of passed tests too (differing-draw counts,
     # temporary memory at B=64), which xdist would otherwise drop.
     workers=$(python -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
-    timeout 330 python -m pytest -q -m gpu tests $workers -rfEP -p no:cacheprovider \
+    # A hung test (a ticket lock that never opens, say) fails alone instead of eating the step.
+    per_test=$(python -c "import pytest_timeout" 2>/dev/null && echo "--timeout 150" || echo "")
+    timeout 330 python -m pytest -q -m gpu tests $workers $per_test -rfEP -p no:cacheprovider \
         >"$out/gpu_tests.log" 2>&1
     rc[tests]=$?
     grep -E "temporary [0-9.]+ MiB|differ" "$out/gpu_tests.log" | sort | uniq | head -n 30

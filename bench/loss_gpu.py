@@ -196,7 +196,7 @@ PROVIDERS = (
     GpuProvider("torch-ref-sparse", "sparse", _ours("torch", "sparse")),
     GpuProvider("dense-soft", "sparse", _dense_soft),
 )
-QUICK_PROVIDERS = ("triton", "cuda", "chunked", "torch-ref", "native", "liger", "cce", "triton-sparse", "cuda-sparse",
+QUICK_PROVIDERS = ("triton", "cuda", "torch-ref", "native", "liger", "cce", "triton-sparse", "cuda-sparse",
                    "dense-soft")
 
 
