@@ -37,15 +37,26 @@ void check_launch(cudaError_t error, const char* what) {
     TORCH_CHECK(error == cudaSuccess, what, " launch failed: ", cudaGetErrorString(error));
 }
 
+// A chunk of fp32 logits [rows, cols] on a CUDA device, rows with unit column stride.
+struct Chunk {
+    torch::Device device;
+    int64_t rows;
+    int64_t cols;
+};
+
+Chunk check_chunk(const torch::Tensor& logits) {
+    TORCH_CHECK(logits.is_cuda(), "logits must be a CUDA tensor, got ", logits.device());
+    TORCH_CHECK(logits.dim() == 2, "logits must be [rows, cols], got ", logits.sizes());
+    const Chunk chunk{logits.device(), logits.size(0), logits.size(1)};
+    check_rows(logits, "logits", chunk.rows, chunk.cols, torch::kFloat32, chunk.device);
+    TORCH_CHECK(chunk.rows <= INT32_MAX && chunk.cols <= INT32_MAX, "logits is too large: ", logits.sizes());
+    return chunk;
+}
+
 void chunk_stats(torch::Tensor logits, std::optional<torch::Tensor> bias, std::optional<torch::Tensor> tanh,
                  double softcap, double inv_temp, torch::Tensor ids, int64_t vocab_start, torch::Tensor slot_logits,
                  torch::Tensor partial, int64_t stream) {
-    TORCH_CHECK(logits.is_cuda(), "logits must be a CUDA tensor, got ", logits.device());
-    const auto device = logits.device();
-    const int64_t rows = logits.size(0);
-    const int64_t cols = logits.dim() == 2 ? logits.size(1) : 0;
-    check_rows(logits, "logits", rows, cols, torch::kFloat32, device);
-    TORCH_CHECK(rows <= INT32_MAX && cols <= INT32_MAX, "logits is too large: ", logits.sizes());
+    const auto [device, rows, cols] = check_chunk(logits);
     if (bias) check_vector(*bias, "bias", cols, device);
     if (softcap > 0.0) {
         TORCH_CHECK(tanh.has_value(), "a softcap needs the tanh buffer");
@@ -81,12 +92,7 @@ void chunk_stats(torch::Tensor logits, std::optional<torch::Tensor> bias, std::o
 void logits_grad(torch::Tensor logits, std::optional<torch::Tensor> tanh, torch::Tensor row_coef, torch::Tensor lse,
                  std::optional<torch::Tensor> uniform, torch::Tensor ids, torch::Tensor slot_coef, int64_t vocab_start,
                  std::optional<torch::Tensor> out, int64_t stream) {
-    TORCH_CHECK(logits.is_cuda(), "logits must be a CUDA tensor, got ", logits.device());
-    const auto device = logits.device();
-    const int64_t rows = logits.size(0);
-    const int64_t cols = logits.dim() == 2 ? logits.size(1) : 0;
-    check_rows(logits, "logits", rows, cols, torch::kFloat32, device);
-    TORCH_CHECK(rows <= INT32_MAX && cols <= INT32_MAX, "logits is too large: ", logits.sizes());
+    const auto [device, rows, cols] = check_chunk(logits);
     if (tanh) {
         check_rows(*tanh, "tanh", rows, cols, torch::kFloat32, device);
         TORCH_CHECK(tanh->stride(0) == logits.stride(0), "tanh must have the row stride of logits");
@@ -132,12 +138,7 @@ void logits_grad(torch::Tensor logits, std::optional<torch::Tensor> tanh, torch:
 
 void row_topk(torch::Tensor logits, int64_t vocab_start, int64_t k, double temperature, torch::Tensor values,
               torch::Tensor ids, torch::Tensor partial, int64_t stream) {
-    TORCH_CHECK(logits.is_cuda(), "logits must be a CUDA tensor, got ", logits.device());
-    const auto device = logits.device();
-    const int64_t rows = logits.size(0);
-    const int64_t cols = logits.dim() == 2 ? logits.size(1) : 0;
-    check_rows(logits, "logits", rows, cols, torch::kFloat32, device);
-    TORCH_CHECK(rows <= INT32_MAX && cols <= INT32_MAX, "logits is too large: ", logits.sizes());
+    const auto [device, rows, cols] = check_chunk(logits);
     TORCH_CHECK(k >= 1 && k <= distil::kMaxTopK && k <= cols, "k must be in [1, min(cols, ", distil::kMaxTopK,
                 ")], got ", k, " for ", cols, " columns");
     TORCH_CHECK(temperature > 0.0, "temperature must be > 0, got ", temperature);
@@ -164,13 +165,8 @@ void row_topk(torch::Tensor logits, int64_t vocab_start, int64_t k, double tempe
 void gumbel_argmax(torch::Tensor logits, int64_t vocab_start, double temperature, bool greedy, torch::Tensor k0,
                    torch::Tensor k1, torch::Tensor pos_lo, torch::Tensor pos_hi, torch::Tensor ids,
                    torch::Tensor scores, torch::Tensor logits_out, torch::Tensor partial, int64_t stream) {
-    TORCH_CHECK(logits.is_cuda(), "logits must be a CUDA tensor, got ", logits.device());
-    const auto device = logits.device();
-    const int64_t rows = logits.size(0);
-    const int64_t cols = logits.dim() == 2 ? logits.size(1) : 0;
-    check_rows(logits, "logits", rows, cols, torch::kFloat32, device);
-    TORCH_CHECK(rows <= INT32_MAX && cols >= 1 && cols <= INT32_MAX, "logits must be [rows, >= 1], got ",
-                logits.sizes());
+    const auto [device, rows, cols] = check_chunk(logits);
+    TORCH_CHECK(cols >= 1, "logits must have at least one column, got ", logits.sizes());
     TORCH_CHECK(greedy || temperature > 0.0, "temperature must be > 0 unless greedy, got ", temperature);
     for (const auto* word : {&k0, &k1, &pos_lo, &pos_hi}) {
         TORCH_CHECK(word->device() == device && word->scalar_type() == torch::kInt64 && word->dim() == 1 &&

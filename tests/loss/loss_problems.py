@@ -34,6 +34,23 @@ def make_problem(n, d, v, *, k=None, dtype=torch.float64, seed=0, scale=1.0, bia
     return x, w, b, target
 
 
+def make_distil_problem(batch, steps, d, v, k, *, seed, pad_slots=()):
+    """float64 (x [B, T, d], w [V, d], b [V]), an expert SparseTarget [B, T, k] holding 0.8 of
+    the mass, actions [B, T] and a response mask [B, T], for distil_loss tests."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, steps, d, generator=gen, dtype=torch.float64)
+    w = torch.randn(v, d, generator=gen, dtype=torch.float64)
+    b = torch.randn(v, generator=gen, dtype=torch.float64)
+    ids = torch.stack([torch.randperm(v, generator=gen)[:k] for _ in range(batch * steps)]).reshape(batch, steps, k)
+    for slot in pad_slots:
+        ids[slot] = -100
+    probs = torch.rand(batch, steps, k, generator=gen, dtype=torch.float64)
+    expert = SparseTarget(ids, probs / probs.sum(-1, keepdim=True) * 0.8)
+    actions = torch.randint(0, v, (batch, steps), generator=gen)
+    mask = torch.rand(batch, steps, generator=gen) > 0.2
+    return x, w, b, expert, actions, mask
+
+
 def run(x, w, b, target, backend, grad_out=None, **options):
     """Loss, stats and the gradients of (loss * grad_out).sum() w.r.t. x, w, b."""
     leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, w, b)]

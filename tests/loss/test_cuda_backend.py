@@ -15,7 +15,7 @@ import importlib
 import pytest
 import torch
 
-from distil_kernels import SparseTarget, distil_loss, linear_cross_entropy
+from distil_kernels import distil_loss, linear_cross_entropy
 from distil_kernels.backends import resolve_backend
 from distil_kernels.cuda_ext import extension_available
 from distil_kernels.loss import cuda as cuda_backend
@@ -23,7 +23,14 @@ from distil_kernels.loss.cuda import REFERENCE_OPS, chunk_rows, cuda_linear_cros
 from distil_kernels.loss.options import LossOptions
 from distil_kernels.loss.reference import compute_dtype
 from distil_kernels.loss.targets import make_slots
-from loss_problems import assert_within_dtype_error, make_problem, max_error, run, same_dtype_pytorch
+from loss_problems import (
+    assert_within_dtype_error,
+    make_distil_problem,
+    make_problem,
+    max_error,
+    run,
+    same_dtype_pytorch,
+)
 
 
 def run_cuda_orchestration(x, w, b, target, **options):
@@ -77,16 +84,7 @@ def test_chunk_rows_fit_the_workspace():
 
 def test_distil_loss_through_the_cuda_passes(monkeypatch):
     """distil_loss's statistics and gradient passes on the cuda orchestration."""
-    gen = torch.Generator().manual_seed(32)
-    batch, steps, d, v, k = 3, 6, 11, 41, 4
-    x64 = torch.randn(batch, steps, d, generator=gen, dtype=torch.float64)
-    w64 = torch.randn(v, d, generator=gen, dtype=torch.float64)
-    b64 = torch.randn(v, generator=gen, dtype=torch.float64)
-    ids = torch.stack([torch.randperm(v, generator=gen)[:k] for _ in range(batch * steps)]).reshape(batch, steps, k)
-    probs = torch.rand(batch, steps, k, generator=gen, dtype=torch.float64)
-    expert = SparseTarget(ids, probs / probs.sum(-1, keepdim=True) * 0.8)
-    actions = torch.randint(0, v, (batch, steps), generator=gen)
-    mask = torch.rand(batch, steps, generator=gen) > 0.2
+    x64, w64, b64, expert, actions, mask = make_distil_problem(3, 6, 11, 41, 4, seed=32)
     kwargs = dict(group=torch.tensor([0, 0, 1]), discount=0.9, future_credit=0.5, softcap=5.0, temperature=0.8,
                   workspace_bytes=4096)
     results = {}

@@ -18,13 +18,19 @@ if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("runs under TRITON_INTERPRET=1 (make test runs it)", allow_module_level=True)
 pytest.importorskip("triton")
 
-from distil_kernels import SparseTarget, distil_loss, linear_cross_entropy  # noqa: E402
+from distil_kernels import distil_loss, linear_cross_entropy  # noqa: E402
 from distil_kernels.loss.options import LossOptions  # noqa: E402
 from distil_kernels.loss.targets import make_slots, row_terms, row_weights  # noqa: E402
 from distil_kernels.loss.triton import triton_stats  # noqa: E402
 from distil_kernels.loss.triton.backward import backward  # noqa: E402
 from distil_kernels.loss.triton.configs import INTERPRETER_CONFIG  # noqa: E402
-from loss_problems import assert_within_dtype_error, make_problem, run, same_dtype_pytorch  # noqa: E402
+from loss_problems import (  # noqa: E402
+    assert_within_dtype_error,
+    make_distil_problem,
+    make_problem,
+    run,
+    same_dtype_pytorch,
+)
 
 pytestmark = pytest.mark.interpreter
 
@@ -186,17 +192,7 @@ def test_deterministic_mode_is_bitwise_reproducible():
 
 
 def test_distil_loss_through_triton():
-    gen = torch.Generator().manual_seed(16)
-    batch, steps, d, v, k = 3, 7, 13, 37, 4
-    x64 = torch.randn(batch, steps, d, generator=gen, dtype=torch.float64)
-    w64 = torch.randn(v, d, generator=gen, dtype=torch.float64)
-    b64 = torch.randn(v, generator=gen, dtype=torch.float64)
-    ids = torch.stack([torch.randperm(v, generator=gen)[:k] for _ in range(batch * steps)]).reshape(batch, steps, k)
-    ids[0, 2, 3] = -100
-    probs = torch.rand(batch, steps, k, generator=gen, dtype=torch.float64)
-    expert = SparseTarget(ids, probs / probs.sum(-1, keepdim=True) * 0.8)
-    actions = torch.randint(0, v, (batch, steps), generator=gen)
-    mask = torch.rand(batch, steps, generator=gen) > 0.2
+    x64, w64, b64, expert, actions, mask = make_distil_problem(3, 7, 13, 37, 4, seed=16, pad_slots=[(0, 2, 3)])
     group = torch.tensor([0, 0, 1])
     kwargs = dict(group=group, discount=0.9, future_credit=0.5, softcap=5.0, temperature=0.8)
     results = {}
