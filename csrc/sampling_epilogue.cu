@@ -65,9 +65,10 @@ __device__ __forceinline__ void write_partial(float* partial, int64_t row, const
 
 // --- top-k by radix select -------------------------------------------------------------------
 
-// A uint32 that orders like the float: flip every bit of a negative, the sign bit of a positive.
+// A uint32 that orders like the float: flip every bit of a negative, the sign bit of a
+// positive. -0 is keyed as +0: the two compare equal, so their tie goes to the lower id.
 __device__ __forceinline__ uint32_t order_key(float v) {
-    const uint32_t bits = __float_as_uint(v);
+    const uint32_t bits = v == 0.f ? 0u : __float_as_uint(v);
     return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
 }
 

@@ -401,6 +401,8 @@ def logits_chunk(rows=64, cols=5003, seed=8):
     logits = torch.randn(rows, cols, generator=gen, device=DEVICE) * 3.0
     logits[:, 11] = logits[:, 4000]  # equal values in every row: ties go to the lower id
     logits[:5, :100] = 0.25  # rows with a run of equal values around any k
+    logits[6] = 0.0
+    logits[6, ::2] = -0.0  # equal to +0: the k lowest ids win, whatever the signs
     return logits
 
 
