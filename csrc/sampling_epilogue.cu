@@ -66,9 +66,11 @@ __device__ __forceinline__ void write_partial(float* partial, int64_t row, const
 // --- top-k by radix select -------------------------------------------------------------------
 
 // A uint32 that orders like the float: flip every bit of a negative, the sign bit of a
-// positive. -0 is keyed as +0: the two compare equal, so their tie goes to the lower id.
+// positive. -0 is keyed as +0 (the two compare equal, so their tie goes to the lower id)
+// and every NaN as one positive NaN, above +inf, as a descending torch.sort ranks it (and
+// as the triton backend's keys do).
 __device__ __forceinline__ uint32_t order_key(float v) {
-    const uint32_t bits = v == 0.f ? 0u : __float_as_uint(v);
+    const uint32_t bits = v == 0.f ? 0u : (v != v ? 0x7FC00000u : __float_as_uint(v));
     return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
 }
 
@@ -159,8 +161,7 @@ __global__ void __launch_bounds__(kThreads) row_topk_kernel(RowTopKArgs a) {
         if (key == threshold) take = equal_before++ < remaining;
         if (take) {
             const int slot = atomicAdd(&s_count, 1);
-            // Exactly k keys qualify; NaN logits (which order above +inf here) could add
-            // more, and must not write past the candidates.
+            // Exactly k keys qualify; the bound keeps even a miscount inside the buffers.
             if (slot < a.k) {
                 cand_key[slot] = key;
                 cand_index[slot] = c;
