@@ -19,6 +19,7 @@ check this orchestration on the CPU and the kernels against it on a GPU.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -111,11 +112,31 @@ def _mm_fp32(a: Tensor, b: Tensor, out: Tensor) -> None:
         torch.ops.aten.mm.dtype_out(a, b, torch.float32, out=out)
 
 
+# Rows of `c` per fp32 product when the fused form is refused (32 MiB slices at d=4096).
+_ADDMM_SLICE_BYTES = 32 << 20
+_fused_addmm = [True]
+
+
 def _addmm_fp32(c: Tensor, a: Tensor, b: Tensor) -> None:
+    """c += a @ b into the fp32 `c` from bf16/fp16 operands, the product never rounded to them.
+
+    The fused form (addmm with an fp32 out_dtype, adding inside the GEMM) is torch's since
+    2.8; where a build refuses it, fp32 products of bounded row slices are added instead.
+    """
     if a.dtype == torch.float32:
         c.addmm_(a, b)
-    else:
-        torch.ops.aten.addmm.dtype_out(c, a, b, torch.float32, out=c)
+        return
+    if _fused_addmm[0]:
+        try:
+            torch.ops.aten.addmm.dtype_out(c, a, b, torch.float32, out=c)
+            return
+        except RuntimeError as error:
+            _fused_addmm[0] = False
+            warnings.warn(f"addmm with an fp32 out_dtype failed ({error}); d_weight accumulates through fp32 "
+                          f"products of row slices instead", stacklevel=2)
+    step = max(1, _ADDMM_SLICE_BYTES // (4 * max(c.shape[1], 1)))
+    for r0 in range(0, c.shape[0], step):
+        c[r0:r0 + step] += torch.ops.aten.mm.dtype(a[r0:r0 + step], b, torch.float32)
 
 
 def extension_ops() -> EpilogueOps:
