@@ -49,7 +49,8 @@ def option_args(options: LossOptions, dtype: torch.dtype) -> tuple:
 
 
 def _or_none(t: Tensor) -> Tensor | None:
-    return None if t.numel() == 0 and t.dim() == 1 and t.shape[0] == 0 else t
+    """The ops pass an optional [N] tensor as an empty one (custom ops return no None)."""
+    return None if t.numel() == 0 else t
 
 
 # --------------------------------------------------------------------------------------

@@ -51,6 +51,10 @@ def make_shard(process_group, vocab_start, weight: Tensor) -> VocabShard | None:
             raise ValueError(f"vocab_start={vocab_start} needs a process_group (the ranks holding the rest of the "
                              f"vocabulary)")
         return None
+    if torch.compiler.is_compiling():
+        # The shard's collectives and the global vocabulary size (a host read) stay eager.
+        raise NotImplementedError("vocabulary parallelism (process_group) is not traced by torch.compile; "
+                                  "call the op outside the compiled region")
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("process_group was given but torch.distributed is not initialised")
     if vocab_start < 0:

@@ -152,8 +152,6 @@ def distil_loss(
     compiling = torch.compiler.is_compiling()
     check_linear(input, weight, bias)
     shard = make_shard(process_group, vocab_start, weight)
-    if shard is not None and compiling:
-        raise NotImplementedError("vocabulary parallelism (process_group) is not traced by torch.compile")
     vocab_size = weight.shape[0] if shard is None else shard.vocab_size
     _check_distil_inputs(input, expert, actions, mask, group, validate and not compiling, tail, vocab_size)
     name = resolve_backend(backend, input.device)

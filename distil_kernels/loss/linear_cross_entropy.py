@@ -97,8 +97,6 @@ def linear_cross_entropy(
         # Added to the logits in the compute dtype; autograd casts its gradient back.
         bias = bias.to(compute_dtype(input.dtype))
     if shard is not None:
-        if compiling:
-            raise NotImplementedError("vocabulary parallelism (process_group) is not traced by torch.compile")
         params = ParallelParams(options, slots.num_target, name, shard)
         loss, lse, token_loss, logq = VocabParallelLinearCrossEntropy.apply(
             x, weight, bias, slots.ids, slots.weights, slots.valid, params

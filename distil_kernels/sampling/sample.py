@@ -455,8 +455,6 @@ def linear_sample(input: Tensor, weight: Tensor, *, temperature: float = 1.0, to
     _check_seed_and_positions(seed, positions, input.shape[0], input.device)
     name = resolve_backend(backend, input.device)
     check_backend_dtype(name, input.dtype)
-    if shard is not None and torch.compiler.is_compiling():
-        raise NotImplementedError("vocabulary parallelism (process_group) is not traced by torch.compile")
     if torch.compiler.is_compiling():
         from ..library import linear_sample_op
 

@@ -271,8 +271,6 @@ def linear_topk(
     name = resolve_backend(backend, input.device)
     check_backend_dtype(name, input.dtype)
     if shard is not None:
-        if torch.compiler.is_compiling():
-            raise NotImplementedError("vocabulary parallelism (process_group) is not traced by torch.compile")
         with torch.no_grad():
             ids, logprobs, lse = sharded_topk(input.reshape(-1, input.shape[-1]), weight, bias, k, softcap,
                                               temperature, backend, workspace_bytes, shard)

@@ -136,3 +136,14 @@ def test_triton_backend_compiled_on_cuda():
         return linear_sample(x, w, temperature=0.8, seed=3, backend="triton")
 
     assert torch.equal(compiled(sample_fn)(x, w).ids, sample_fn(x, w).ids)
+
+
+def test_vocabulary_parallelism_is_refused_inside_a_compiled_region():
+    x, w, y = torch.randn(4, 8), torch.randn(20, 8), torch.tensor([1, 2, 3, 4])
+    group = "a process group"  # any non-None value: the refusal comes before any collective
+
+    def loss_fn(x, w):
+        return linear_cross_entropy(x, w, y, process_group=group, vocab_start=0)
+
+    with pytest.raises(Exception, match="vocabulary parallelism .* not traced by torch.compile"):
+        compiled(loss_fn)(x, w)

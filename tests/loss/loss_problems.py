@@ -51,6 +51,17 @@ def make_distil_problem(batch, steps, d, v, k, *, seed, pad_slots=()):
     return x, w, b, expert, actions, mask
 
 
+def run_distil(problem, backend, dtype, **kwargs):
+    """[loss, d_input, d_weight, d_bias] of distil_loss on `make_distil_problem`'s problem in `dtype`."""
+    from distil_kernels import distil_loss
+
+    x, w, b, expert, actions, mask = problem
+    leaves = [t.to(dtype).clone().requires_grad_() for t in (x, w, b)]
+    loss = distil_loss(leaves[0], leaves[1], expert, actions, mask, bias=leaves[2], backend=backend, **kwargs)
+    loss.backward()
+    return [loss.detach()] + [t.grad for t in leaves]
+
+
 def run(x, w, b, target, backend, grad_out=None, **options):
     """Loss, stats and the gradients of (loss * grad_out).sum() w.r.t. x, w, b."""
     leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, w, b)]

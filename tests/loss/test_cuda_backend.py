@@ -15,7 +15,7 @@ import importlib
 import pytest
 import torch
 
-from distil_kernels import distil_loss, linear_cross_entropy
+from distil_kernels import linear_cross_entropy
 from distil_kernels.backends import resolve_backend
 from distil_kernels.cuda_ext import extension_available
 from distil_kernels.loss import cuda as cuda_backend
@@ -29,6 +29,7 @@ from loss_problems import (
     make_problem,
     max_error,
     run,
+    run_distil,
     same_dtype_pytorch,
 )
 
@@ -84,22 +85,15 @@ def test_chunk_rows_fit_the_workspace():
 
 def test_distil_loss_through_the_cuda_passes(monkeypatch):
     """distil_loss's statistics and gradient passes on the cuda orchestration."""
-    x64, w64, b64, expert, actions, mask = make_distil_problem(3, 6, 11, 41, 4, seed=32)
+    problem = make_distil_problem(3, 6, 11, 41, 4, seed=32)
     kwargs = dict(group=torch.tensor([0, 0, 1]), discount=0.9, future_credit=0.5, softcap=5.0, temperature=0.8,
                   workspace_bytes=4096)
-    results = {}
-    for backend, dtype in (("torch", torch.float64), ("cuda", torch.float32)):
-        with monkeypatch.context() as patch:
-            if backend == "cuda":
-                # The module, not the function the package exports under the same name.
-                module = importlib.import_module("distil_kernels.loss.distil_loss")
-                patch.setattr(module, "resolve_backend", lambda *a, **kw: "cuda")
-                patch.setattr(cuda_backend, "extension_ops", lambda: REFERENCE_OPS)
-            leaves = [t.to(dtype).clone().requires_grad_() for t in (x64, w64, b64)]
-            loss = distil_loss(leaves[0], leaves[1], expert, actions, mask, bias=leaves[2], backend=backend, **kwargs)
-            loss.backward()
-        results[backend] = [loss.detach()] + [t.grad for t in leaves]
-    for got, want in zip(results["cuda"], results["torch"]):
+    reference = run_distil(problem, "torch", torch.float64, **kwargs)
+    # The module, not the function the package exports under the same name.
+    monkeypatch.setattr(importlib.import_module("distil_kernels.loss.distil_loss"), "resolve_backend",
+                        lambda *a, **kw: "cuda")
+    monkeypatch.setattr(cuda_backend, "extension_ops", lambda: REFERENCE_OPS)
+    for got, want in zip(run_distil(problem, "cuda", torch.float32, **kwargs), reference):
         torch.testing.assert_close(got.double(), want, rtol=2e-5, atol=2e-6)
 
 

@@ -18,7 +18,7 @@ if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("runs under TRITON_INTERPRET=1 (make test runs it)", allow_module_level=True)
 pytest.importorskip("triton")
 
-from distil_kernels import distil_loss, linear_cross_entropy  # noqa: E402
+from distil_kernels import linear_cross_entropy  # noqa: E402
 from distil_kernels.loss.options import LossOptions  # noqa: E402
 from distil_kernels.loss.targets import make_slots, row_terms, row_weights  # noqa: E402
 from distil_kernels.loss.triton import triton_stats  # noqa: E402
@@ -29,6 +29,7 @@ from loss_problems import (  # noqa: E402
     make_distil_problem,
     make_problem,
     run,
+    run_distil,
     same_dtype_pytorch,
 )
 
@@ -192,16 +193,10 @@ def test_deterministic_mode_is_bitwise_reproducible():
 
 
 def test_distil_loss_through_triton():
-    x64, w64, b64, expert, actions, mask = make_distil_problem(3, 7, 13, 37, 4, seed=16, pad_slots=[(0, 2, 3)])
-    group = torch.tensor([0, 0, 1])
-    kwargs = dict(group=group, discount=0.9, future_credit=0.5, softcap=5.0, temperature=0.8)
-    results = {}
-    for backend, dtype in (("torch", torch.float64), ("triton", torch.float32)):
-        leaves = [t.to(dtype).clone().requires_grad_() for t in (x64, w64, b64)]
-        loss = distil_loss(leaves[0], leaves[1], expert, actions, mask, bias=leaves[2], backend=backend, **kwargs)
-        loss.backward()
-        results[backend] = [loss.detach()] + [t.grad for t in leaves]
-    for got, want in zip(results["triton"], results["torch"]):
+    problem = make_distil_problem(3, 7, 13, 37, 4, seed=16, pad_slots=[(0, 2, 3)])
+    kwargs = dict(group=torch.tensor([0, 0, 1]), discount=0.9, future_credit=0.5, softcap=5.0, temperature=0.8)
+    reference = run_distil(problem, "torch", torch.float64, **kwargs)
+    for got, want in zip(run_distil(problem, "triton", torch.float32, **kwargs), reference):
         torch.testing.assert_close(got.double(), want, rtol=2e-5, atol=2e-6)
 
 
