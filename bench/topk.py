@@ -32,6 +32,14 @@ def _torch_topk(x: torch.Tensor, weight: torch.Tensor):
     return torch.log_softmax((x @ weight.T).float(), dim=-1).topk(K, dim=-1)
 
 
+def _merge_kernel_topk(x: torch.Tensor, weight: torch.Tensor):
+    """The triton backend's exact fallback on every row: what the threshold pass saves."""
+    from distil_kernels.loss.options import LossOptions
+    from distil_kernels.sampling.triton.topk import merged_topk
+
+    return merged_topk(x, weight, None, K, LossOptions())
+
+
 def flashinfer_providers() -> list[Provider]:
     flashinfer = flashinfer_module("topk")
     if flashinfer is None:
@@ -60,6 +68,7 @@ def providers(device: str = "cpu", quick: bool = False) -> list[Provider]:
     if cuda:
         out += [Provider(backend, lambda x, w, backend=backend: (lambda: linear_topk(x, w, K, backend=backend)))
                 for backend in ("triton", "chunked") + (("cuda",) if extension_available() else ())]
+        out.append(Provider("triton-merge", lambda x, w: (lambda: _merge_kernel_topk(x, w))))
     out.append(Provider("torch", lambda x, w: (lambda: _torch_topk(x, w))))
     if not (cuda and quick):  # compiling costs ~20 s on a fresh GPU machine
         torch_compiled = compiled(_torch_topk)

@@ -141,6 +141,40 @@ def test_topk_matches_torch(backend, dtype, options, k):
     check_topk(got, want, z - lse[:, None], lse, k, dtype)
 
 
+@pytest.mark.parametrize("k", [1, 64, 256])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_topk_merge_kernel_matches_torch(dtype, k):
+    """The threshold pass's exact fallback, on every row."""
+    from distil_kernels.loss.options import LossOptions
+    from distil_kernels.sampling.triton.topk import TritonTopK, merged_topk
+
+    x, w, b = problem(TOPK_ROWS, dtype, seed=1)
+    options = dict(softcap=30.0, temperature=0.7)
+    values, ids, lse, _ = merged_topk(x, w, b.float(), k, LossOptions(**options))
+    want = linear_topk(x, w, k, bias=b, backend="torch", **options)
+    z = logits64(x, w, b, 30.0) / 0.7
+    lse64 = torch.logsumexp(z, dim=1)
+    check_topk(TritonTopK(ids, values - lse[:, None], lse, None), want, z - lse64[:, None], lse64, k, dtype)
+
+
+@pytest.mark.parametrize("k", [1, 64, 256])
+def test_topk_threshold_pass_rarely_needs_the_fallback(monkeypatch, k):
+    """About k * 16 entries per row pass the subset's bound; the capacity is 8 deviations above."""
+    from distil_kernels.sampling.triton import topk as topk_module
+
+    redone = []
+    merged = topk_module.merged_topk
+
+    def record(x, *args, **kwargs):
+        redone.append(x.shape[0])
+        return merged(x, *args, **kwargs)
+
+    monkeypatch.setattr(topk_module, "merged_topk", record)
+    x, w, b = problem(TOPK_ROWS, torch.bfloat16, seed=1)
+    linear_topk(x, w, k, bias=b, backend="triton")
+    assert sum(redone) <= TOPK_ROWS // 100, f"{sum(redone)} of {TOPK_ROWS} rows took the merge kernel"
+
+
 # --------------------------------------------------------------------------------------
 # linear_sample: the torch backend's ids for the same seed
 # --------------------------------------------------------------------------------------

@@ -27,6 +27,9 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from distil_kernels import linear_sample, linear_topk  # noqa: E402
+from distil_kernels.loss.options import LossOptions  # noqa: E402
+from distil_kernels.sampling.triton import topk as topk_module  # noqa: E402
+from distil_kernels.sampling.triton.topk import triton_topk  # noqa: E402
 from distil_kernels.sampling.sample import _gumbel_from_words, gumbel_noise_range, row_keys  # noqa: E402
 from distil_kernels.sampling.triton.sample import gumbel_from_words, tile_noise  # noqa: E402
 from sampling_checks import dense_log_softmax  # noqa: E402
@@ -126,6 +129,76 @@ def test_topk_edge_inputs():
     assert torch.equal(one.ids, linear_topk(x[:1], w[:3], 3, backend="torch").ids)
     with pytest.raises(TypeError, match="float64"):
         linear_topk(x.double(), w.double(), 3, backend="triton")
+
+
+class FallbackRows:
+    """Wraps the merge kernel's launcher and records how many rows each call redid."""
+
+    def __init__(self, monkeypatch):
+        self.calls = []
+        merged = topk_module.merged_topk
+
+        def record(x, *args, **kwargs):
+            self.calls.append(x.shape[0])
+            return merged(x, *args, **kwargs)
+
+        monkeypatch.setattr(topk_module, "merged_topk", record)
+
+
+def test_topk_threshold_pass_settles_rows_without_the_fallback(monkeypatch):
+    """A vocabulary of 40 tiles: the 1-in-16 subset's bound leaves every row's list within capacity."""
+    fallback = FallbackRows(monkeypatch)
+    x, w, b = make_problem(24, 2560, 16, torch.float32, seed=11, scale=3.0)
+    got = linear_topk(x, w, 8, bias=b, backend="triton")
+    log_q, lse = dense_log_softmax(x, w, b)
+    assert_topk_close(got, log_q, lse, 8, tol=2e-5)
+    assert fallback.calls == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_topk_rows_past_the_capacity_take_the_merge_kernel(monkeypatch, dtype):
+    """A list of 80 slots for about 80 entries per row: some rows overflow and are redone, exactly."""
+    fallback = FallbackRows(monkeypatch)
+    x, w, b = make_problem(40, 1500, 16, dtype, seed=12, scale=2.0)
+    options = LossOptions(softcap=4.0, temperature=0.8)
+    got = triton_topk(x, w, b.float(), 5, options, raw_lse=True, capacity=80)
+    want = linear_topk(x, w, 5, bias=b, softcap=4.0, temperature=0.8, backend="torch")
+    assert torch.equal(got.ids, want.ids)
+    torch.testing.assert_close(got.logprobs, want.logprobs, rtol=0, atol=2e-5)
+    raw = linear_topk(x, w, 1, bias=b, softcap=4.0, backend="torch")
+    torch.testing.assert_close(got.lse_raw, raw.lse, rtol=0, atol=2e-5)
+    assert len(fallback.calls) == 1 and 0 < fallback.calls[0] < 40
+
+
+def test_topk_bounds_above_the_kth_value_are_caught(monkeypatch):
+    """A bound the kernel's logits do not reach (+inf, NaN) leaves fewer than k candidates: redone exactly."""
+    fallback = FallbackRows(monkeypatch)
+    bounds = topk_module.subset_bounds
+
+    def too_high(*args):
+        bound = bounds(*args)
+        bound[::3] = torch.inf
+        bound[1::3] = torch.nan
+        return bound
+
+    monkeypatch.setattr(topk_module, "subset_bounds", too_high)
+    x, w, b = make_problem(30, 700, 16, torch.float32, seed=13)
+    got = linear_topk(x, w, 6, bias=b, backend="triton")
+    want = linear_topk(x, w, 6, bias=b, backend="torch")
+    assert torch.equal(got.ids, want.ids)
+    torch.testing.assert_close(got.logprobs, want.logprobs, rtol=0, atol=2e-5)
+    assert fallback.calls == [20]
+
+
+def test_topk_nan_logits_rank_first():
+    """A NaN row of W makes that id NaN in every row: first, as in a descending torch.sort, on both paths."""
+    x, w, b = make_problem(17, 900, 16, torch.float32, seed=14)
+    w[123] = torch.nan
+    for capacity in (None, 8):  # the threshold pass, then every row through the merge kernel
+        got = triton_topk(x, w, b, 4, LossOptions(), capacity=capacity)
+        want = linear_topk(x, w, 4, bias=b, backend="torch")
+        assert torch.equal(got.ids, want.ids)
+        assert (got.ids[:, 0] == 123).all()
 
 
 # --------------------------------------------------------------------------------------

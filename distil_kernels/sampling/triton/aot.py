@@ -20,10 +20,11 @@ from .configs import (
     SAMPLE_SMALL_BATCH_FP32,
     SAMPLES_PER_PROGRAM,
     TileConfig,
+    threshold_candidates,
     topk_candidates,
 )
 from .sample import sample_kernel
-from .topk import topk_kernel
+from .topk import threshold_kernel, topk_kernel
 
 _TORCH_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -35,6 +36,17 @@ def topk_spec(config: TileConfig, dtype: str, K: int) -> CompileSpec:
                   "HAS_BIAS": True, "HAS_SOFTCAP": True, "RAW_LSE": True,
                   "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32"}
     return kernel_spec(f"topk[{dtype},K={K},{config}]", topk_kernel, pointers, constexprs, config,
+                       float_args=("softcap", "inv_temp"))
+
+
+def threshold_spec(config: TileConfig, dtype: str) -> CompileSpec:
+    t = TRITON_DTYPE[dtype]
+    pointers = {"x_ptr": t, "w_ptr": t, "b_ptr": "fp32", "bound_ptr": "fp32", "count_ptr": "i32",
+                "value_ptr": "fp32", "id_ptr": "i32", "part_ptr": "fp32"}
+    constexprs = {"BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "BLOCK_K": config.block_k,
+                  "HAS_BIAS": True, "HAS_SOFTCAP": True, "RAW_LSE": True,
+                  "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32"}
+    return kernel_spec(f"threshold[{dtype},{config}]", threshold_kernel, pointers, constexprs, config,
                        float_args=("softcap", "inv_temp"))
 
 
@@ -58,6 +70,7 @@ def all_specs() -> list[CompileSpec]:
     """
     specs = []
     for dtype in ("bf16", "fp32"):
+        specs += [threshold_spec(c, dtype) for c in threshold_candidates(_TORCH_DTYPE[dtype])]
         for K in (1 << i for i in range(MAX_TOPK.bit_length())):
             specs += [topk_spec(c, dtype, K) for c in topk_candidates(_TORCH_DTYPE[dtype], K)]
     samples = [1 << i for i in range(SAMPLES_PER_PROGRAM.bit_length())]

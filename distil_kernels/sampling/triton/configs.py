@@ -47,6 +47,18 @@ TOPK_CANDIDATES_LARGE_K = (TOPK_LARGE_K, TileConfig(16, 256, 64, num_warps=8, nu
 TOPK_SMALL_K_FP32 = TileConfig(64, 64, 32, num_warps=8, num_stages=3)
 TOPK_LARGE_K_FP32 = TileConfig(16, 256, 32, num_warps=8, num_stages=2)
 
+# Threshold top-k: the loss forward's work (a GEMM with an online log-sum-exp), plus a
+# compare per entry and, for about one entry in a hundred (those at or above the
+# bound), an atomic slot and two stores. The slot, mask and address tiles of that
+# branch are live next to the logits tile: 32 entries per thread fit (64x128 or 128x64
+# over 8 warps: 218-255 registers, at most 8 B spilled on sm_90 and sm_80 under Triton
+# 3.6 and 3.9); the forward's 128x128 spills 290-650 B. fp32 operands hold their K
+# slices in registers too: 32x128 over 8 warps (176-255 registers, no spill).
+THRESHOLD_DEFAULT = TileConfig(64, 128, 64, num_warps=8, num_stages=4)
+THRESHOLD_CANDIDATES = (THRESHOLD_DEFAULT, TileConfig(128, 64, 64, num_warps=8, num_stages=4),
+                        TileConfig(64, 128, 64, num_warps=8, num_stages=3))
+THRESHOLD_DEFAULT_FP32 = TileConfig(32, 128, 32, num_warps=8, num_stages=3)
+
 # Sampling: the noise of a tile (Philox on a quarter of it, then two logs per entry) is
 # live next to the fp32 logits, which leaves room for 8 tile entries per thread: 64x32
 # over 8 warps (64x64 fills all 255 registers and spills). Below 16 rows a 16x128
@@ -64,6 +76,7 @@ SAMPLE_SMALL_BATCH_FP32 = TileConfig(16, 128, 32, num_warps=8, num_stages=3)
 INTERPRETER_TOPK_CONFIG = TileConfig(16, 64, 32, num_warps=1, num_stages=1)
 INTERPRETER_TOPK_LARGE_K_CONFIG = TileConfig(16, 256, 32, num_warps=1, num_stages=1)
 INTERPRETER_SAMPLE_CONFIG = TileConfig(16, 64, 32, num_warps=1, num_stages=1)
+INTERPRETER_THRESHOLD_CONFIG = TileConfig(16, 64, 32, num_warps=1, num_stages=1)
 INTERPRETER_TARGET_PROGRAMS = 6
 
 
@@ -85,6 +98,10 @@ def topk_candidates(dtype: torch.dtype, K: int) -> tuple[TileConfig, ...]:
     if K <= TOPK_SMALL_K.block_n:
         return (TOPK_SMALL_K_FP32,) if dtype == torch.float32 else TOPK_CANDIDATES_SMALL_K
     return (TOPK_LARGE_K_FP32,) if dtype == torch.float32 else TOPK_CANDIDATES_LARGE_K
+
+
+def threshold_candidates(dtype: torch.dtype) -> tuple[TileConfig, ...]:
+    return (THRESHOLD_DEFAULT_FP32,) if dtype == torch.float32 else THRESHOLD_CANDIDATES
 
 
 def sample_candidates(dtype: torch.dtype, rows: int) -> tuple[TileConfig, ...]:
@@ -117,3 +134,10 @@ def select_sample_config(dtype: torch.dtype, rows: int, vocab: int,
     if interpreting():
         return INTERPRETER_SAMPLE_CONFIG
     return _pick(("sample", dtype, shape_bin(rows), vocab), sample_candidates(dtype, rows), run)
+
+
+def select_threshold_config(dtype: torch.dtype, rows: int, vocab: int,
+                             run: Callable[[TileConfig], object] | None = None) -> TileConfig:
+    if interpreting():
+        return INTERPRETER_THRESHOLD_CONFIG
+    return _pick(("threshold", dtype, shape_bin(rows), vocab), threshold_candidates(dtype), run)

@@ -1,26 +1,44 @@
-"""Top-k kernel: the k most probable ids of each row, exactly, and its log-sum-exp.
+"""Top-k kernels: the k most probable ids of each row, exactly, and its log-sum-exp.
 
-Program (m, s) takes row block m through vocabulary split s. Each logits tile (from the
-loss core's `logits_tile`) is folded into a running (max, sum-exp) and turned into int64
-keys that order entries by (value descending, id ascending): the fp32 bits, flipped so
-that integer order is float order, in the high word and 2**32 - 1 - id in the low word.
-Integer comparisons then break ties to the lower id exactly, and one sort orders
-values and ids together (`sort_rows`).
+Two kernels, one pass over the vocabulary each; the first does the work, the second is
+its exact fallback.
 
-Each row keeps its best K keys (k padded to a power of two, K <= BLOCK_N) in registers,
-sorted ascending. A tile that can change them is sorted descending and cut to its first
-K keys; the elementwise maximum of an ascending and a descending sequence of K holds the
-K largest of their union (Batcher's half-cleaner), which one more sort of K puts back in
-order. In random order tile t holds about K / t entries of a row's best K so far, so
-with small K and many tiles most tiles beat no row's K-th key, and those skip both
-sorts.
+Threshold pass (`threshold_kernel`). Logits strictly below a row's k-th largest can
+never be in its top k, so a pass that knows a lower bound of the k-th largest only has
+to emit the entries at or above it. The bound comes from a subset of the vocabulary:
+every `step`-th row of W (a strided view, one GEMM of V / step columns). The k-th
+largest logit of a subset is at most the k-th largest of all, and as the subset is a
+sample of the vocabulary, about k * step logits of a row lie above it, whatever the
+distribution (order statistics). Program (m, s) takes row block m through vocabulary
+split s, folds each tile into a running (max, sum-exp) and appends the tile's entries
+at or above the bound to the row's candidate list, one relaxed atomic slot each: no
+sort, and about one entry per row in a tile of 128 columns. The host then orders each
+row's candidates with one `torch.topk` of int64 keys.
 
-Each split stores its K best keys and (max, sum-exp) per row; the host takes the top k
-of the num_splits * K keys of a row and merges the log-sum-exp.
+Exactness does not rest on the bound's rounding. A row whose list holds at least k
+entries holds every entry at or above its k-th largest (that value is at or above the
+bound, so all of them were emitted); a row with fewer than k (the subset GEMM rounded
+its bound above the pass's k-th value) or more than fit the list is redone by the
+second kernel.
+
+Merge pass (`topk_kernel`). Each logits tile is turned into int64 keys that order
+entries by (value descending, id ascending): the fp32 bits, flipped so that integer
+order is float order, in the high word and 2**32 - 1 - id in the low word. Integer
+comparisons then break ties to the lower id exactly, and one sort orders values and ids
+together (`sort_rows`). Each row keeps its best K keys (k padded to a power of two,
+K <= BLOCK_N) in registers, sorted ascending. A tile that can change them is sorted
+descending and cut to its first K keys; the elementwise maximum of an ascending and a
+descending sequence of K holds the K largest of their union (Batcher's half-cleaner),
+which one more sort of K puts back in order. Each split stores its K best keys and
+(max, sum-exp) per row; the host takes the top k of the num_splits * K keys of a row
+and merges the log-sum-exp. Exact for any row, but the two int64 sorts per tile cost
+several times the tile's matmul: on an H100 (bench/RESULTS.md, 2026-11-26) it took
+7.3x the bare matmul at k=64, which is why it is only the fallback.
 """
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -30,7 +48,7 @@ from torch import Tensor
 
 from ...loss.options import LossOptions
 from ...loss.triton.tiles import logits_tile
-from .configs import MAX_TOPK, TileConfig, select_topk_config
+from .configs import MAX_TOPK, TileConfig, select_threshold_config, select_topk_config
 from .splits import merge_lse, plan_splits
 
 # The key of a masked entry: below the key of every float, -inf and NaN included.
@@ -98,6 +116,14 @@ def sort_rows(x, DESCENDING: tl.constexpr):
 
 
 @triton.jit
+def fold_lse(run_max, run_sum, z):
+    """A tile `z` [M, N] folded into a running (max, sum of exp(z - max)) per row."""
+    new_max = tl.maximum(run_max, tl.max(z, axis=1))
+    run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(z - new_max[:, None]), axis=1)
+    return new_max, run_sum
+
+
+@triton.jit
 def topk_kernel(
     # pointers
     x_ptr, w_ptr, b_ptr,
@@ -138,15 +164,10 @@ def topk_kernel(
             softcap, inv_temp, BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS, HAS_SOFTCAP, DOT_PRECISION,
         )
         z = tl.where(col_ok[None, :], z, float("-inf"))
-        new_max = tl.maximum(run_max, tl.max(z, axis=1))
-        run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(z - new_max[:, None]), axis=1)
-        run_max = new_max
+        run_max, run_sum = fold_lse(run_max, run_sum, z)
         if RAW_LSE:
             raw = tanh * softcap if HAS_SOFTCAP else tanh
-            raw = tl.where(col_ok[None, :], raw, float("-inf"))
-            new_max = tl.maximum(raw_max, tl.max(raw, axis=1))
-            raw_sum = raw_sum * tl.exp(raw_max - new_max) + tl.sum(tl.exp(raw - new_max[:, None]), axis=1)
-            raw_max = new_max
+            raw_max, raw_sum = fold_lse(raw_max, raw_sum, tl.where(col_ok[None, :], raw, float("-inf")))
         keys = ordered_keys(z, offs_n)
         keys = tl.where(row_ok[:, None] & col_ok[None, :], keys, EMPTY_KEY)
         # Two int64 sorts cost far more instructions than the keys: skip them when no
@@ -169,6 +190,73 @@ def topk_kernel(
         tl.store(part_ptr + out * 4 + 3, raw_sum, mask=row_ok)
 
 
+@triton.jit
+def threshold_kernel(
+    # pointers
+    x_ptr, w_ptr, b_ptr,
+    bound_ptr,  # [N] fp32: a lower bound of each row's k-th largest z
+    count_ptr,  # [N] int32, zeroed: entries found per row, including those past `capacity`
+    value_ptr,  # [N, capacity] fp32: each row's candidate values, in arrival order
+    id_ptr,  # [N, capacity] int32: their ids
+    part_ptr,  # [N, num_splits, 4] fp32: (max, sum-exp) of z, then of the raw logits
+    # sizes
+    N, V, D, num_tiles, tiles_per_split, num_splits, capacity,
+    # strides
+    stride_xn, stride_xd, stride_wv, stride_wd,
+    # logits transform
+    softcap, inv_temp,
+    # meta-parameters
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, RAW_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < N
+    # Rows past N get +inf: nothing of theirs is ever emitted.
+    bound = tl.load(bound_ptr + offs_m, mask=row_ok, other=float("inf"))
+    # int32 list offsets: the launcher keeps N * capacity below 2**31, and 64-bit offsets
+    # for every entry of the tile would take registers the matmul needs.
+    rows32 = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    run_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    run_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    raw_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    raw_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    first_tile = pid_s * tiles_per_split
+    last_tile = tl.minimum(first_tile + tiles_per_split, num_tiles)
+    for tile in range(first_tile, last_tile):
+        offs_n = (tile * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+        col_ok = offs_n < V
+        z, tanh = logits_tile(
+            x_ptr, w_ptr, b_ptr, offs_m, offs_n, N, V, D, stride_xn, stride_xd, stride_wv, stride_wd,
+            softcap, inv_temp, BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS, HAS_SOFTCAP, DOT_PRECISION,
+        )
+        z = tl.where(col_ok[None, :], z, float("-inf"))
+        run_max, run_sum = fold_lse(run_max, run_sum, z)
+        if RAW_LSE:
+            raw = tanh * softcap if HAS_SOFTCAP else tanh
+            raw_max, raw_sum = fold_lse(raw_max, raw_sum, tl.where(col_ok[None, :], raw, float("-inf")))
+        # NaN ranks above every number (as in a descending torch.sort): always a candidate.
+        hit = ((z >= bound[:, None]) | (z != z)) & row_ok[:, None] & col_ok[None, :]
+        hits = hit.to(tl.int32)
+        if tl.max(tl.max(hits, axis=1), axis=0) > 0:
+            # One relaxed atomic per entry: the slots only have to be distinct, and the
+            # host reads them after the kernel. The address is written as a product with
+            # `hits` (a masked entry's address is never used): Triton 3.9 crashes on an
+            # atomic whose pointer tile is a broadcast row, which `+ 0 * cols` folds into.
+            slot = tl.atomic_add(count_ptr + rows32[:, None] * hits, hits, mask=hit, sem="relaxed")
+            keep = hit & (slot < capacity)
+            out = rows32[:, None] * capacity + slot
+            tl.store(value_ptr + out, z, mask=keep)
+            tl.store(id_ptr + out, (tile * BLOCK_N + tl.arange(0, BLOCK_N))[None, :] + 0 * slot, mask=keep)
+    out = offs_m * num_splits + pid_s
+    tl.store(part_ptr + out * 4, run_max, mask=row_ok)
+    tl.store(part_ptr + out * 4 + 1, run_sum, mask=row_ok)
+    if RAW_LSE:
+        tl.store(part_ptr + out * 4 + 2, raw_max, mask=row_ok)
+        tl.store(part_ptr + out * 4 + 3, raw_sum, mask=row_ok)
+
+
 def decode_keys(keys: Tensor) -> tuple[Tensor, Tensor]:
     """(fp32 values, int64 ids) of keys made by `ordered_keys`."""
     ids = 0xFFFFFFFF - (keys & 0xFFFFFFFF)
@@ -181,28 +269,15 @@ def padded_k(k: int) -> int:
     return triton.next_power_of_2(k)
 
 
-def triton_topk(x: Tensor, weight: Tensor, bias: Tensor | None, k: int, options: LossOptions,
-                raw_lse: bool = False, config: TileConfig | None = None) -> TritonTopK:
-    """Top-k of 2-D `x` [N, d] (fp16, bf16 or fp32) against `weight` [V, d]; `bias` fp32 or None.
-
-    k above `MAX_TOPK` (256) takes the chunked sweep: the kernel keeps each row's keys in
-    registers, and more than 256 int64 keys per row next to the key tile would spill.
-    """
-    if k > MAX_TOPK:
-        from ..topk import chunked_topk
-
-        ids, logprobs, lse, lse_raw = chunked_topk(x, weight, bias, k, options, raw_lse)
-        return TritonTopK(ids, logprobs.float(), lse.float(), None if lse_raw is None else lse_raw.float())
+def merged_topk(x: Tensor, weight: Tensor, bias: Tensor | None, k: int, options: LossOptions,
+                raw_lse: bool = False, config: TileConfig | None = None
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """(values z [N, k], ids [N, k], lse [N], raw lse [N] or None) by the merge kernel, exact for any row."""
     n, d = x.shape
     v = weight.shape[0]
     K = padded_k(k)
     if config is None:
-        config = select_topk_config(x.dtype, K, n, weight.shape[0],
-                                    lambda c: triton_topk(x, weight, bias, k, options, raw_lse, c))
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    if weight.stride(-1) != 1:
-        weight = weight.contiguous()
+        config = select_topk_config(x.dtype, K, n, v, lambda c: merged_topk(x, weight, bias, k, options, raw_lse, c))
     plan = plan_splits(n, v, config.block_m, config.block_n)
     dev = x.device
     keys = torch.empty(n, plan.num_splits, K, dtype=torch.int64, device=dev)
@@ -224,4 +299,132 @@ def triton_topk(x: Tensor, weight: Tensor, bias: Tensor | None, k: int, options:
     values, ids = decode_keys(top)
     lse = merge_lse(part[..., 0], part[..., 1])
     lse_raw = merge_lse(part[..., 2], part[..., 3]) if raw_lse else None
+    return values, ids, lse, lse_raw
+
+
+# The bound comes from every SUBSET_STEP-th row of W: a GEMM over 1/16 of the head, and
+# about 16 * k candidates per row (1024 at k = 64, under one per row in a 128-wide tile).
+SUBSET_STEP = 16
+# Device memory of one launch's temporaries (the subset's logits, the candidate lists and
+# their keys): rows are taken in groups that fit it.
+CANDIDATE_BUDGET_BYTES = 256 << 20
+
+
+def subset_step(vocab: int, k: int) -> int:
+    """Stride of the vocabulary subset: at most SUBSET_STEP, and a subset of at least 2k ids."""
+    return max(1, min(SUBSET_STEP, vocab // (2 * k)))
+
+
+def candidate_capacity(k: int, step: int, vocab: int) -> int:
+    """List length per row: the expected count plus 8 standard deviations.
+
+    The count of a row's logits at or above the k-th largest of a 1-in-`step` sample is
+    a sum of k gaps of about `step` entries each: mean k * step, standard deviation about
+    sqrt(k) * step. More than the capacity sends the row to the merge kernel.
+    """
+    return min(vocab, k * step + 8 * step * math.isqrt(k) + 64)
+
+
+def subset_bounds(x: Tensor, weight: Tensor, bias: Tensor | None, k: int, options: LossOptions,
+                  step: int) -> Tensor:
+    """A lower bound [n] fp32 of each row's k-th largest z, from the ids 0, step, 2 step, ...
+
+    The GEMM runs in the input dtype (fp32 accumulation) and rounds to it, so the bound
+    is lowered by a few ulps of bf16 before the monotone softcap and temperature; a row
+    whose bound still lands above the kernel's own k-th value is caught by its count.
+    """
+    u = torch.mm(x, weight[::step].t()).float()
+    if bias is not None:
+        u += bias[::step]
+    kth = torch.topk(u, k, dim=1, sorted=False).values.amin(dim=1)
+    kth = kth - (kth.abs() * 2.0**-7 + 2.0**-10)
+    if options.softcap is not None:
+        kth = options.softcap * torch.tanh(kth / options.softcap)
+    return kth * (1.0 / options.temperature)
+
+
+def candidate_keys(values: Tensor, ids: Tensor, count: Tensor) -> Tensor:
+    """int64 keys [n, capacity] of `ordered_keys` for each row's first `count` slots, EMPTY_KEY after."""
+    bits = values.view(torch.int32)
+    bits = torch.where(values == 0, 0, bits)
+    bits = torch.where(values.isnan(), 0x7FC00000, bits)
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    keys = (ordered.to(torch.int64) << 32) | (0xFFFFFFFF - ids.to(torch.int64))
+    filled = torch.arange(values.shape[1], device=values.device)[None, :] < count[:, None]
+    return keys.masked_fill(~filled, EMPTY_KEY.value)
+
+
+def threshold_topk(x: Tensor, weight: Tensor, bias: Tensor | None, k: int, options: LossOptions,
+                   raw_lse: bool, config: TileConfig, step: int, capacity: int
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """(values z [n, k], ids [n, k], lse [n], raw lse [n] or None) of one group of rows."""
+    n, d = x.shape
+    v = weight.shape[0]
+    dev = x.device
+    bound = subset_bounds(x, weight, bias, k, options, step)
+    plan = plan_splits(n, v, config.block_m, config.block_n)
+    count = torch.zeros(n, dtype=torch.int32, device=dev)
+    cand_values = torch.empty(n, capacity, dtype=torch.float32, device=dev)
+    cand_ids = torch.empty(n, capacity, dtype=torch.int32, device=dev)
+    part = torch.empty(n, plan.num_splits, 4, dtype=torch.float32, device=dev)
+    threshold_kernel[(plan.num_m_blocks, plan.num_splits)](
+        x, weight, bias if bias is not None else x,
+        bound, count, cand_values, cand_ids, part,
+        n, v, d, plan.num_tiles, plan.tiles_per_split, plan.num_splits, capacity,
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
+        float(options.softcap or 1.0), 1.0 / options.temperature,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        HAS_BIAS=bias is not None, HAS_SOFTCAP=options.softcap is not None, RAW_LSE=raw_lse,
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    top = torch.topk(candidate_keys(cand_values, cand_ids, count), k, dim=1).values
+    values, ids = decode_keys(top)
+    lse = merge_lse(part[..., 0], part[..., 1])
+    lse_raw = merge_lse(part[..., 2], part[..., 3]) if raw_lse else None
+    redo = ((count < k) | (count > capacity)).nonzero()[:, 0]
+    if redo.numel() > 0:
+        values[redo], ids[redo], _, _ = merged_topk(x[redo], weight, bias, k, options)
+    return values, ids, lse, lse_raw
+
+
+def triton_topk(x: Tensor, weight: Tensor, bias: Tensor | None, k: int, options: LossOptions,
+                raw_lse: bool = False, config: TileConfig | None = None, capacity: int | None = None
+                ) -> TritonTopK:
+    """Top-k of 2-D `x` [N, d] (fp16, bf16 or fp32) against `weight` [V, d]; `bias` fp32 or None.
+
+    The threshold pass with the merge kernel for the rows it cannot settle; `capacity`
+    overrides the candidate list length (tests use it to send rows to the fallback).
+    k above `MAX_TOPK` (256) takes the chunked sweep: the fallback keeps each row's keys
+    in registers, and more than 256 int64 keys per row next to the key tile would spill.
+    """
+    if k > MAX_TOPK:
+        from ..topk import chunked_topk
+
+        ids, logprobs, lse, lse_raw = chunked_topk(x, weight, bias, k, options, raw_lse)
+        return TritonTopK(ids, logprobs.float(), lse.float(), None if lse_raw is None else lse_raw.float())
+    n = x.shape[0]
+    v = weight.shape[0]
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    if weight.stride(-1) != 1:
+        weight = weight.contiguous()
+    step = subset_step(v, k)
+    capacity = min(v, max(k, capacity or candidate_capacity(k, step, v)))
+    if config is None:
+        config = select_threshold_config(
+            x.dtype, n, v, lambda c: triton_topk(x, weight, bias, k, options, raw_lse, c, capacity))
+    dev = x.device
+    values = torch.empty(n, k, dtype=torch.float32, device=dev)
+    ids = torch.empty(n, k, dtype=torch.int64, device=dev)
+    lse = torch.empty(n, dtype=torch.float32, device=dev)
+    lse_raw = torch.empty(n, dtype=torch.float32, device=dev) if raw_lse else None
+    row_bytes = triton.cdiv(v, step) * (x.element_size() + 4) + capacity * 32
+    group = max(1, CANDIDATE_BUDGET_BYTES // row_bytes)
+    for r0 in range(0, n, group):
+        r1 = min(r0 + group, n)
+        got = threshold_topk(x[r0:r1], weight, bias, k, options, raw_lse, config, step, capacity)
+        values[r0:r1], ids[r0:r1], lse[r0:r1] = got[:3]
+        if raw_lse:
+            lse_raw[r0:r1] = got[3]
     return TritonTopK(ids, values - lse[:, None], lse, lse_raw)
