@@ -66,8 +66,9 @@ def linear_cross_entropy(
         return_stats: also return `LossStats` (lse, token_loss, target_logprobs, each
             over the N flattened rows, fp32).
         workspace_bytes: bound on the logits workspace of `chunked` and `cuda` (None: a
-            default sized for the device; `cuda`: 2 GiB) and on the triton backward's
-            fp32 d_weight chunk (None: 32 MiB).
+            default sized for the device; `cuda`: 2 GiB) and on each of the triton
+            backward's fp32 accumulators, the d_weight chunk and d_input (None: 28 MiB;
+            a d_input [N, d] beyond it takes a pass of its own over token chunks).
         validate: check id ranges and probabilities (a host sync on CUDA). With False,
             out-of-range ids are treated as padding. Skipped under torch.compile.
         process_group, vocab_start: vocabulary parallelism (`distil_kernels.parallel`):

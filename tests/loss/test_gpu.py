@@ -58,6 +58,21 @@ def test_matches_reference(backend, dtype, kind, options):
     assert_within_dtype_error(got, base, want)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("kind", ["hard", "sparse"])
+def test_two_pass_backward_matches_reference(dtype, kind):
+    """1 MiB accumulators: d_input over 4 token chunks of 256 rows, d_weight over 448-row chunks."""
+    k = None if kind == "hard" else 32
+    x64, w64, b64, target = on_cuda(*make_problem(1000, 520, 32007, k=k, seed=22, ignore_rows=(5,), scale=4.0))
+    options = dict(softcap=30.0, label_smoothing=0.1)
+    want = cpu64(run(x64, w64, b64, target, "torch", **options))
+    x, w, b = x64.to(dtype), w64.to(dtype), b64.to(dtype)
+    got = cpu64(run(x, w, b, target, "triton", workspace_bytes=2**20, **options))
+    base = same_dtype_pytorch(x, w, b, target, LossOptions(**options))
+    base = (base[0].double().cpu(), [None if g is None else g.double().cpu() for g in base[1]])
+    assert_within_dtype_error(got, base, want)
+
+
 def test_auto_picks_triton_on_cuda():
     x64, w64, b64, target = make_problem(64, 64, 1000, seed=22)
     x, w, b, tgt = on_cuda(x64.bfloat16(), w64.bfloat16(), b64.bfloat16(), target)
@@ -111,9 +126,12 @@ def test_distil_loss_triton_matches_torch():
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
-def test_memory_overhead_is_bounded():
-    """No [N, V] tensor: peak allocation beyond inputs and gradients stays far below N*V*2."""
-    n, d, v = 8192, 1024, 65536
+@pytest.mark.parametrize("n", [4096, 16384], ids=["one-pass", "two-pass"])
+def test_memory_overhead_is_bounded(n):
+    """Beyond inputs and gradients: the two fp32 accumulators (28 MiB each by default) and
+    O(N) statistics. d_input's fp32 [N, d] (d=1024) fits 28 MiB at N=4096 (one pass) and
+    not at N=16384 (its own pass over token chunks)."""
+    d, v = 1024, 65536
     x = (torch.randn(n, d, device=CUDA) / 32).bfloat16().requires_grad_()
     w = torch.randn(v, d, device=CUDA).bfloat16().requires_grad_()
     y = torch.randint(0, v, (n,), device=CUDA)
@@ -125,6 +143,5 @@ def test_memory_overhead_is_bounded():
     linear_cross_entropy(x, w, y, backend="triton").backward()
     torch.cuda.synchronize()
     overhead = torch.cuda.max_memory_allocated() - before - (x.numel() + w.numel()) * 2
-    # The fp32 gradient accumulators (n + v) * d * 4 are the documented cost; logits would be n * v * 2.
-    assert overhead <= (n + v) * d * 4 + 64 * 2**20
-    assert overhead < n * v * 2
+    # 56 MiB of accumulators, a few MiB of statistics; logits would be n * v * 2 (1 GiB and more).
+    assert overhead <= 64 * 2**20, f"{overhead / 2**20:.1f} MiB"

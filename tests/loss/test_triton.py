@@ -22,8 +22,8 @@ from distil_kernels import linear_cross_entropy  # noqa: E402
 from distil_kernels.loss.options import LossOptions  # noqa: E402
 from distil_kernels.loss.targets import make_slots, row_terms, row_weights  # noqa: E402
 from distil_kernels.loss.triton import triton_stats  # noqa: E402
-from distil_kernels.loss.triton.backward import backward  # noqa: E402
-from distil_kernels.loss.triton.configs import INTERPRETER_CONFIG  # noqa: E402
+from distil_kernels.loss.triton.backward import backward, plan_backward  # noqa: E402
+from distil_kernels.loss.triton.configs import BACKWARD_DEFAULT, INTERPRETER_CONFIG  # noqa: E402
 from loss_problems import (  # noqa: E402
     assert_within_dtype_error,
     make_distil_problem,
@@ -75,9 +75,10 @@ def test_odd_shapes(dtype, kind):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("mode", ["default", "filter", "deterministic"])
 def test_d_weight_in_vocabulary_chunks(dtype, mode):
-    """A 4 KiB d_weight workspace: 64-row chunks of V=300 (the last one partial), sparse
-    ids falling in every chunk; fp16 goes through the fp32 chunk, fp32 straight into
-    d_weight. Same results as one launch would give, and the reference's."""
+    """4 KiB fp32 workspaces: d_weight in 64-row chunks of V=300 (the last one partial),
+    sparse ids falling in every chunk; fp16 goes through the fp32 chunk, fp32 straight
+    into d_weight. d_input (70 x 40 fp32 would be 11 KiB) takes its own pass over token
+    chunks of 32 rows. Same results as one launch would give, and the reference's."""
     x64, w64, b64, target = make_problem(70, 40, 300, k=5, seed=19, ignore_rows=(2,), scale=2.0)
     options = dict(softcap=6.0, workspace_bytes=4096, filter_eps=1e-7 if mode == "filter" else None)
     want = run(x64, w64, b64, target, "torch", softcap=6.0)
@@ -90,13 +91,29 @@ def test_d_weight_in_vocabulary_chunks(dtype, mode):
     assert_within_dtype_error(got, same_dtype_pytorch(x, w, b, target, LossOptions(softcap=6.0)), want)
 
 
-def test_no_bias_and_partial_requires_grad():
-    x64, w64, _, target = make_problem(20, 16, 40, k=3, seed=13, bias=False)
+@pytest.mark.parametrize("workspace_bytes", [None, 4096], ids=["one-launch", "64-row-token-chunks"])
+def test_no_bias_and_partial_requires_grad(workspace_bytes):
+    """A frozen head: d_input alone, in one launch or (4 KiB of workspace) over token chunks."""
+    x64, w64, _, target = make_problem(70, 16, 40, k=3, seed=13, bias=False)
     x, w = x64.float(), w64.float()
     xg = x.clone().requires_grad_()
-    linear_cross_entropy(xg, w, target, backend="triton").backward()
+    linear_cross_entropy(xg, w, target, backend="triton", workspace_bytes=workspace_bytes).backward()
     want = run(x64, w64, None, target, "torch", grad_out=torch.tensor(1.0, dtype=torch.float64))
     torch.testing.assert_close(xg.grad.double(), want[2][0], rtol=1e-5, atol=1e-6)
+
+
+def test_backward_plan_bounds_the_fp32_state():
+    """Llama-3-8B's head at N=16384: 56 MiB of fp32 accumulators (issue 3 allows 64 MiB of
+    overhead), d_input in its own pass; N=1792 fits d_input's 28 MiB and keeps one pass."""
+    config = BACKWARD_DEFAULT  # 256-row blocks, 64-wide vocabulary tiles
+    large = plan_backward(16384, 128256, 4096, True, config, None)
+    assert large.separate_dx and large.dx_rows == 1792 and large.dw_rows == 1792
+    assert large.fp32_workspace_bytes(4096, True, True) == 56 * 2**20
+    small = plan_backward(1792, 128256, 4096, True, config, None)
+    assert not small.separate_dx and small.dx_rows == 1792
+    assert not plan_backward(16384, 128256, 4096, True, config, 256 * 2**20).separate_dx
+    frozen_input = plan_backward(16384, 128256, 4096, False, config, None)
+    assert not frozen_input.separate_dx and frozen_input.fp32_workspace_bytes(4096, False, True) == 28 * 2**20
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -141,8 +158,10 @@ def test_filter_skips_tiles_within_what_filter_eps_implies(workspace_bytes):
     assert int(exact.skipped_tiles) == 0
     eps = 1e-3
     filtered, coef = _direct_backward(x, w, y, LossOptions(filter_eps=eps, workspace_bytes=workspace_bytes))
-    # So peaked that every tile without a target is below eps: all of them are skipped.
-    assert int(filtered.skipped_tiles) == filtered.total_tiles - len(_tiles_holding_targets(y))
+    # So peaked that every tile without a target is below eps: all of them are skipped,
+    # in each pass (with 4 KiB of workspace, d_input takes a pass of its own).
+    assert filtered.passes == (1 if workspace_bytes is None else 2)
+    assert int(filtered.skipped_tiles) == filtered.total_tiles - filtered.passes * len(_tiles_holding_targets(y))
     # Every dropped logit gradient is coef * q with q < eps, so the change in d_input[n]
     # is at most eps * |coef_n| * sum_v |W_v| and in d_weight[v] at most eps * sum_n |coef_n x_n|.
     bound_x = eps * coef.abs()[:, None] * w.abs().sum(dim=0)[None, :]

@@ -14,10 +14,16 @@ admits program (m, n) to d_input[m] only after (m, n - 1) and to d_weight[n] onl
 `grouped_program` orders (m, n - 1) and (m - 1, n) before (m, n), so a program only
 ever waits on programs that are already running.
 
-The launcher walks the vocabulary in chunks, one launch each: the fp32 d_weight
-accumulator is one chunk [V_chunk, d] (`workspace_bytes`), rounded into the
-weight-dtype gradient when its chunk is done, never a [V, d] fp32 copy of the head;
-d_input stays fp32 [N, d] across chunks.
+The fp32 accumulators are bounded by `workspace_bytes` each (28 MiB by default, which
+the H100's 50 MB L2 holds while the atomics land in it). The launcher walks the
+vocabulary in chunks, one launch each: the d_weight accumulator is one chunk
+[V_chunk, d], rounded into the weight-dtype gradient when its chunk is done, never a
+[V, d] fp32 copy of the head. d_input sums over the whole vocabulary, so it stays fp32
+[N, d] across those launches when that fits the budget too (one pass, 6 N V d FLOPs).
+When it does not (N = 16384 at d = 4096 would take 256 MiB), d_input gets a pass of
+its own over token chunks [N_chunk, d] and the whole vocabulary, and the vocabulary
+chunks compute d_weight and d_bias only: a second recomputation of the logits
+(8 N V d FLOPs), for 2 x `workspace_bytes` of fp32 state at any N.
 
 With `filter_eps`, a tile whose largest softmax value (from the forward's per-block
 maxima) is below it, and that holds no target id, is skipped without recomputing it.
@@ -34,7 +40,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..options import LossOptions
-from .configs import DW_WORKSPACE_BYTES, TileConfig, select_config
+from .configs import ACCUMULATOR_BYTES, TileConfig, select_config
 from .lse_forward import ForwardStats
 from .tiles import grouped_program, logits_tile
 
@@ -45,7 +51,18 @@ class BackwardResult:
     d_weight: Tensor | None
     d_bias: Tensor | None
     skipped_tiles: Tensor  # [1] int32: tiles the filter skipped
-    total_tiles: int
+    total_tiles: int  # tiles of every launch, over both passes
+    passes: int  # 1, or 2 when d_input took a pass of its own
+
+
+@dataclass(frozen=True)
+class BackwardPlan:
+    dx_rows: int  # token rows per d_input accumulator: N when it rides along with d_weight
+    dw_rows: int  # vocabulary rows per d_weight accumulator
+    separate_dx: bool  # d_input in a pass of its own over token chunks
+
+    def fp32_workspace_bytes(self, d: int, need_dx: bool, need_dw: bool) -> int:
+        return 4 * d * ((self.dx_rows if need_dx else 0) + (self.dw_rows if need_dw else 0))
 
 
 @triton.jit
@@ -85,9 +102,10 @@ def backward_kernel(
     x_ptr, w_ptr, b_ptr, ids_ptr, slot_coef_ptr, lse_ptr, row_coef_ptr, uniform_ptr, block_max_ptr,
     # pointers: fp32 accumulators, their tickets (deterministic mode), a count of skipped tiles
     dx_ptr, dw_ptr, db_ptr, lock_x_ptr, lock_w_ptr, lock_b_ptr, skipped_ptr,
-    # sizes: this launch covers vocabulary ids col_start .. col_start + V - 1, and w_ptr,
-    # b_ptr, dw_ptr and db_ptr point at that chunk's first row
-    N, V, D, K, col_start, num_m_blocks, num_tiles, num_d_slices,
+    # sizes: this launch covers rows row_start .. row_start + N - 1 (x_ptr, ids_ptr,
+    # slot_coef_ptr, lse_ptr, row_coef_ptr, uniform_ptr and dx_ptr point at the first) and
+    # vocabulary ids col_start .. col_start + V - 1 (w_ptr, b_ptr, dw_ptr and db_ptr)
+    N, V, D, K, row_start, col_start, num_m_blocks, num_tiles, num_d_slices,
     fwd_block_m, fwd_block_n, fwd_num_tiles,
     # strides (accumulators are contiguous [N, D] and [V, D])
     stride_xn, stride_xd, stride_wv, stride_wd,
@@ -115,8 +133,8 @@ def backward_kernel(
     if FILTER:
         # The forward's per-block maxima may be coarser than this tile: take every
         # forward block this tile overlaps (an upper bound, so a skip is always safe).
-        fm_first = (pid_m * BLOCK_M) // fwd_block_m
-        fm_last = (tl.minimum(pid_m * BLOCK_M + BLOCK_M, N) - 1) // fwd_block_m
+        fm_first = (row_start + pid_m * BLOCK_M) // fwd_block_m
+        fm_last = (row_start + tl.minimum(pid_m * BLOCK_M + BLOCK_M, N) - 1) // fwd_block_m
         fn_first = (col_start + pid_n * BLOCK_N) // fwd_block_n
         fn_last = (col_start + tl.minimum(pid_n * BLOCK_N + BLOCK_N, V) - 1) // fwd_block_n
         tile_max = tl.load(block_max_ptr + fm_first * fwd_num_tiles + fn_first)
@@ -179,11 +197,23 @@ def backward_kernel(
                             lock_w_ptr + pid_n * num_d_slices + s, pid_m, DETERMINISTIC)
 
 
-def dw_chunk_rows(v: int, d: int, block_n: int, workspace_bytes: int | None) -> int:
-    """Vocabulary rows per launch: the fp32 d_weight chunk fits `workspace_bytes`."""
-    budget = DW_WORKSPACE_BYTES if workspace_bytes is None else workspace_bytes
-    rows = max(block_n, budget // (4 * max(d, 1)) // block_n * block_n)
-    return min(rows, triton.cdiv(v, block_n) * block_n)
+def plan_backward(n: int, v: int, d: int, need_dx: bool, config: TileConfig, workspace_bytes: int | None
+                  ) -> BackwardPlan:
+    """Chunk sizes of the fp32 accumulators: each within `workspace_bytes` (default 28 MiB).
+
+    Chunks are whole tiles (BLOCK_M rows, BLOCK_N vocabulary rows), so the two passes
+    cut the same tiles. d_input takes a pass of its own over token chunks when its fp32
+    [N, d] does not fit.
+    """
+    budget = ACCUMULATOR_BYTES if workspace_bytes is None else workspace_bytes
+    per_row = 4 * max(d, 1)
+    dw_rows = min(max(config.block_n, budget // per_row // config.block_n * config.block_n),
+                  triton.cdiv(v, config.block_n) * config.block_n)
+    separate_dx = need_dx and n * per_row > budget
+    dx_rows = n
+    if separate_dx:
+        dx_rows = min(n, max(config.block_m, budget // per_row // config.block_m * config.block_m))
+    return BackwardPlan(dx_rows, dw_rows, separate_dx)
 
 
 def backward(x: Tensor, weight: Tensor, bias: Tensor | None, slot_ids: Tensor, lse: Tensor, row_coef: Tensor,
@@ -206,64 +236,81 @@ def backward(x: Tensor, weight: Tensor, bias: Tensor | None, slot_ids: Tensor, l
     dev = x.device
     need_dx, need_dw, need_db = need[0], need[1], need[2] and bias is not None
     deterministic = torch.are_deterministic_algorithms_enabled()
-    dx = torch.zeros(n, d, dtype=torch.float32, device=dev) if need_dx else None
+    plan = plan_backward(n, v, d, need_dx, config, options.workspace_bytes)
+    d_input = torch.empty_like(x) if need_dx else None
     # An fp32 head accumulates straight into its gradient; a bf16/fp16 one through an fp32 chunk.
     d_weight = None
     if need_dw:
         d_weight = torch.zeros_like(weight) if weight.dtype == torch.float32 else torch.empty_like(weight)
     db = torch.zeros(v, dtype=torch.float32, device=dev) if need_db else None
-    chunk = dw_chunk_rows(v, d, config.block_n, options.workspace_bytes)
-    dw_chunk = None
+    dx_acc = torch.empty(plan.dx_rows, d, dtype=torch.float32, device=dev) if need_dx else None
+    dw_acc = None
     if need_dw and weight.dtype != torch.float32:
-        dw_chunk = torch.empty(min(chunk, v), d, dtype=torch.float32, device=dev)
-    num_m_blocks = triton.cdiv(n, config.block_m)
+        dw_acc = torch.empty(min(plan.dw_rows, v), d, dtype=torch.float32, device=dev)
     num_d_slices = triton.cdiv(d, config.block_k)
     filter_eps = options.resolved_filter_eps(x.dtype)
     skipped = torch.zeros(1, dtype=torch.int32, device=dev)
+    lock_x = torch.zeros(triton.cdiv(plan.dx_rows, config.block_m) * num_d_slices, dtype=torch.int32, device=dev)
+    lock_w = torch.zeros(triton.cdiv(plan.dw_rows, config.block_n) * num_d_slices, dtype=torch.int32, device=dev)
+    lock_b = torch.zeros(triton.cdiv(plan.dw_rows, config.block_n), dtype=torch.int32, device=dev)
+    ids, slot_coef, lse, row_coef = slot_ids.contiguous(), slot_coef.contiguous(), lse.contiguous(), \
+        row_coef.contiguous()
     total_tiles = 0
-    if n > 0 and (need_dx or need_dw or need_db):
-        lock_x = torch.zeros(num_m_blocks * num_d_slices, dtype=torch.int32, device=dev)
-        lock_w = torch.zeros(triton.cdiv(chunk, config.block_n) * num_d_slices, dtype=torch.int32, device=dev)
-        lock_b = torch.zeros(triton.cdiv(chunk, config.block_n), dtype=torch.int32, device=dev)
-        dummy = lse
-        ids, slot_coef, lse, row_coef = slot_ids.contiguous(), slot_coef.contiguous(), lse.contiguous(), \
-            row_coef.contiguous()
-        for v0 in range(0, v, chunk):
-            v1 = min(v, v0 + chunk)
-            num_tiles = triton.cdiv(v1 - v0, config.block_n)
-            if deterministic:  # each launch's tickets start at 0
-                for lock in (lock_x, lock_w, lock_b):
-                    lock.zero_()
-            dw_out = None
+
+    def launch(r0: int, r1: int, v0: int, v1: int, dx: Tensor | None, dw: Tensor | None, with_db: bool) -> None:
+        """One launch over rows r0..r1 and vocabulary v0..v1 into the given accumulators."""
+        nonlocal total_tiles
+        num_m_blocks = triton.cdiv(r1 - r0, config.block_m)
+        num_tiles = triton.cdiv(v1 - v0, config.block_n)
+        if deterministic:  # each launch's tickets start at 0
+            for lock in (lock_x, lock_w, lock_b):
+                lock.zero_()
+        rows = slice(r0, r1)
+        backward_kernel[(num_m_blocks * num_tiles,)](
+            x[rows], weight[v0:v1], bias[v0:v1] if bias is not None else lse, ids[rows], slot_coef[rows],
+            lse[rows], row_coef[rows], uniform[rows] if uniform is not None else lse, forward.block_max,
+            dx if dx is not None else lse, dw if dw is not None else lse, db[v0:v1] if with_db else lse,
+            lock_x, lock_w, lock_b, skipped,
+            r1 - r0, v1 - v0, d, k, r0, v0, num_m_blocks, num_tiles, num_d_slices,
+            forward.config.block_m, forward.config.block_n, forward.block_max.shape[1],
+            x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
+            float(options.softcap or 1.0), 1.0 / options.temperature,
+            math.log(filter_eps) if filter_eps else 0.0,
+            BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
+            HAS_BIAS=bias is not None, HAS_SOFTCAP=options.softcap is not None, HAS_UNIFORM=uniform is not None,
+            NEED_DX=dx is not None, NEED_DW=dw is not None, NEED_DB=with_db, FILTER=filter_eps is not None,
+            DETERMINISTIC=deterministic,
+            DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+            num_warps=config.num_warps, num_stages=config.num_stages,
+        )
+        total_tiles += num_m_blocks * num_tiles
+
+    passes = 0
+    if n > 0 and plan.separate_dx:
+        passes += 1
+        for r0 in range(0, n, plan.dx_rows):
+            r1 = min(n, r0 + plan.dx_rows)
+            launch(r0, r1, 0, v, dx_acc[: r1 - r0].zero_(), None, False)
+            d_input[r0:r1].copy_(dx_acc[: r1 - r0])
+    head_pass = need_dw or need_db or (need_dx and not plan.separate_dx)
+    if n > 0 and head_pass:
+        passes += 1
+        dx = None
+        if need_dx and not plan.separate_dx:
+            dx = dx_acc.zero_()
+        for v0 in range(0, v, plan.dw_rows):
+            v1 = min(v, v0 + plan.dw_rows)
+            dw = None
             if need_dw:
-                dw_out = d_weight[v0:v1] if dw_chunk is None else dw_chunk[: v1 - v0].zero_()
-            backward_kernel[(num_m_blocks * num_tiles,)](
-                x, weight[v0:v1], bias[v0:v1] if bias is not None else dummy, ids, slot_coef,
-                lse, row_coef, uniform if uniform is not None else dummy, forward.block_max,
-                dx if dx is not None else dummy, dw_out if dw_out is not None else dummy,
-                db[v0:v1] if db is not None else dummy,
-                lock_x, lock_w, lock_b, skipped,
-                n, v1 - v0, d, k, v0, num_m_blocks, num_tiles, num_d_slices,
-                forward.config.block_m, forward.config.block_n, forward.block_max.shape[1],
-                x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
-                float(options.softcap or 1.0), 1.0 / options.temperature,
-                math.log(filter_eps) if filter_eps else 0.0,
-                BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
-                HAS_BIAS=bias is not None, HAS_SOFTCAP=options.softcap is not None, HAS_UNIFORM=uniform is not None,
-                NEED_DX=need_dx, NEED_DW=need_dw, NEED_DB=need_db, FILTER=filter_eps is not None,
-                DETERMINISTIC=deterministic,
-                DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-                num_warps=config.num_warps, num_stages=config.num_stages,
-            )
-            if dw_chunk is not None:
-                d_weight[v0:v1].copy_(dw_out)
-            total_tiles += num_m_blocks * num_tiles
-    elif d_weight is not None:
-        d_weight.zero_()
-    return BackwardResult(
-        None if dx is None else dx.to(x.dtype),
-        d_weight,
-        db,
-        skipped,
-        total_tiles,
-    )
+                dw = d_weight[v0:v1] if dw_acc is None else dw_acc[: v1 - v0].zero_()
+            launch(0, n, v0, v1, dx, dw, need_db)
+            if dw_acc is not None:
+                d_weight[v0:v1].copy_(dw)
+        if dx is not None:
+            d_input.copy_(dx)
+    if n == 0:
+        if d_weight is not None:
+            d_weight.zero_()
+        if d_input is not None:
+            d_input.zero_()
+    return BackwardResult(d_input, d_weight, db, skipped, total_tiles, passes)

@@ -86,11 +86,12 @@ BACKWARD_CANDIDATES = (
 BACKWARD_DEFAULT_FP32 = TileConfig(64, 64, 16, num_warps=8, num_stages=4)
 BACKWARD_CANDIDATES_FP32 = (BACKWARD_DEFAULT_FP32, TileConfig(64, 32, 32, num_warps=8, num_stages=3))
 
-# The backward's fp32 d_weight accumulator covers this much of the vocabulary at a time
-# (2048 rows of a d=4096 head): with bf16 weights, never a [V, d] fp32 copy of the head
-# (2 GiB for Llama-3-8B), and a chunk small enough to stay in the H100's 50 MB L2 while
-# the atomics land in it.
-DW_WORKSPACE_BYTES = 32 * 2**20
+# Each fp32 gradient accumulator of the backward covers at most this much at a time: the
+# d_weight chunk (1792 rows of a d=4096 head; with bf16 weights never a [V, d] fp32 copy
+# of the head, 2 GiB for Llama-3-8B) and d_input, over token chunks when [N, d] fp32
+# does not fit. Both together and the forward's statistics stay within 64 MiB at any N,
+# and each stays in the H100's 50 MB L2 while the atomics land in it.
+ACCUMULATOR_BYTES = 28 * 2**20
 
 # The indexed dot is a gather-and-reduce: (row, slot) pairs x hidden-dim slices.
 INDEXED_DOT_BLOCK_P = 32
