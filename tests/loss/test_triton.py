@@ -23,7 +23,13 @@ from distil_kernels.loss.options import LossOptions  # noqa: E402
 from distil_kernels.loss.targets import make_slots, row_terms, row_weights  # noqa: E402
 from distil_kernels.loss.triton import triton_stats  # noqa: E402
 from distil_kernels.loss.triton.backward import backward, plan_backward  # noqa: E402
-from distil_kernels.loss.triton.configs import BACKWARD_DEFAULT, INTERPRETER_CONFIG  # noqa: E402
+from distil_kernels.loss.triton.configs import (  # noqa: E402
+    BACKWARD_DEFAULT,
+    BACKWARD_DW_DEFAULT,
+    BACKWARD_DX_DEFAULT,
+    INTERPRETER_CONFIG,
+    TileConfig,
+)
 from loss_problems import (  # noqa: E402
     assert_within_dtype_error,
     make_distil_problem,
@@ -105,14 +111,14 @@ def test_no_bias_and_partial_requires_grad(workspace_bytes):
 def test_backward_plan_bounds_the_fp32_state():
     """Llama-3-8B's head at N=16384: 56 MiB of fp32 accumulators (issue 3 allows 64 MiB of
     overhead), d_input in its own pass; N=1792 fits d_input's 28 MiB and keeps one pass."""
-    config = BACKWARD_DEFAULT  # 256-row blocks, 64-wide vocabulary tiles
-    large = plan_backward(16384, 128256, 4096, True, config, None)
+    dx, dw, one = BACKWARD_DX_DEFAULT, BACKWARD_DW_DEFAULT, BACKWARD_DEFAULT
+    large = plan_backward(16384, 128256, 4096, True, dx, dw, None)
     assert large.separate_dx and large.dx_rows == 1792 and large.dw_rows == 1792
     assert large.fp32_workspace_bytes(4096, True, True) == 56 * 2**20
-    small = plan_backward(1792, 128256, 4096, True, config, None)
+    small = plan_backward(1792, 128256, 4096, True, one, one, None)
     assert not small.separate_dx and small.dx_rows == 1792
-    assert not plan_backward(16384, 128256, 4096, True, config, 256 * 2**20).separate_dx
-    frozen_input = plan_backward(16384, 128256, 4096, False, config, None)
+    assert not plan_backward(16384, 128256, 4096, True, one, one, 256 * 2**20).separate_dx
+    frozen_input = plan_backward(16384, 128256, 4096, False, one, dw, None)
     assert not frozen_input.separate_dx and frozen_input.fp32_workspace_bytes(4096, False, True) == 28 * 2**20
 
 
@@ -136,14 +142,35 @@ def _peaked_problem(n=48, d=32, v=2048, seed=14):
     return x, w, y
 
 
-def _direct_backward(x, w, y, options):
+def _direct_backward(x, w, y, options, configs=None):
     """Run the backward kernel itself, to see how many tiles it skipped."""
     slots = make_slots(y, w.shape[0], options.ignore_index, torch.float32)
     stats = triton_stats(x, w, None, slots.ids, options)
     terms = row_terms(stats.lse, stats.slot_logits, None, slots, options, w.shape[0])
     g = row_weights(slots.row_valid, "mean", torch.float32)
     return backward(x, w, None, slots.ids, stats.lse, terms.row_coef * g, terms.slot_coef * g[:, None], None,
-                    stats.forward, options, (True, True, False)), terms.row_coef * g
+                    stats.forward, options, (True, True, False), configs), terms.row_coef * g
+
+
+@pytest.mark.parametrize("mode", ["default", "filter", "deterministic"])
+def test_two_passes_with_their_own_tiles(mode):
+    """d_input's pass on wide 16x128 tiles over 48-row token chunks, d_weight's on tall
+    64x32 tiles over 64-row vocabulary chunks (4 KiB each at d=16): the one-pass result."""
+    x, w, y = _peaked_problem(n=100, d=16, v=300, seed=23)
+    x = x / 8  # a softer softmax: every tile counts
+    options = LossOptions(filter_eps=1e-9 if mode == "filter" else None)
+    one_pass, _ = _direct_backward(x, w, y, options)
+    configs = {"backward_dx": TileConfig(16, 128, 16, num_warps=1, num_stages=1, group_m=2),
+               "backward_dw": TileConfig(64, 32, 16, num_warps=1, num_stages=1, group_m=3)}
+    torch.use_deterministic_algorithms(mode == "deterministic")
+    try:
+        two_pass, _ = _direct_backward(x, w, y, LossOptions(filter_eps=options.filter_eps, workspace_bytes=4096),
+                                       configs)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert two_pass.passes == 2 and one_pass.passes == 1
+    torch.testing.assert_close(two_pass.d_input, one_pass.d_input, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(two_pass.d_weight, one_pass.d_weight, rtol=1e-5, atol=1e-7)
 
 
 def _tiles_holding_targets(y):

@@ -31,6 +31,7 @@ from .backward import backward_kernel
 from .configs import (
     BACKWARD_CANDIDATES,
     BACKWARD_CANDIDATES_FP32,
+    CANDIDATES,
     FORWARD_CANDIDATES,
     FORWARD_CANDIDATES_FP32,
     INDEXED_DOT_BLOCK_D,
@@ -98,7 +99,10 @@ def forward_spec(config: TileConfig, dtype: str) -> CompileSpec:
                        float_args=("softcap", "inv_temp"))
 
 
-def backward_spec(config: TileConfig, dtype: str, deterministic: bool, filtered: bool) -> CompileSpec:
+def backward_spec(config: TileConfig, dtype: str, deterministic: bool, filtered: bool, kind: str = "backward"
+                  ) -> CompileSpec:
+    """`kind`: "backward" (both gradients in one pass), "backward_dx" (d_input's own
+    pass) or "backward_dw" (d_weight and d_bias after it)."""
     t = TRITON_DTYPE[dtype]
     pointers = {"x_ptr": t, "w_ptr": t, "b_ptr": "fp32", "ids_ptr": "i64", "slot_coef_ptr": "fp32",
                 "lse_ptr": "fp32", "row_coef_ptr": "fp32", "uniform_ptr": "fp32", "block_max_ptr": "fp32",
@@ -106,10 +110,11 @@ def backward_spec(config: TileConfig, dtype: str, deterministic: bool, filtered:
                 "lock_b_ptr": "i32", "skipped_ptr": "i32"}
     constexprs = {"BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "BLOCK_K": config.block_k,
                   "GROUP_M": config.group_m, "HAS_BIAS": True, "HAS_SOFTCAP": True, "HAS_UNIFORM": True,
-                  "NEED_DX": True, "NEED_DW": True, "NEED_DB": True, "FILTER": filtered,
+                  "NEED_DX": kind != "backward_dw", "NEED_DW": kind != "backward_dx",
+                  "NEED_DB": kind != "backward_dx", "FILTER": filtered,
                   "DETERMINISTIC": deterministic, "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32"}
     flags = ("det," if deterministic else "") + ("filter," if filtered else "")
-    return kernel_spec(f"backward[{dtype},{flags}{config}]", backward_kernel, pointers, constexprs, config,
+    return kernel_spec(f"{kind}[{dtype},{flags}{config}]", backward_kernel, pointers, constexprs, config,
                        float_args=("softcap", "inv_temp", "log_filter_eps"))
 
 
@@ -136,6 +141,11 @@ def all_specs() -> list[CompileSpec]:
         # The flags change the live values (ticket loads, the filter's block maxima): the default, each way.
         specs.append(backward_spec(backward[0], dtype, deterministic=True, filtered=True))
         specs.append(backward_spec(backward[0], dtype, deterministic=False, filtered=True))
+        # The two-pass backward's kernels: each pass computes one accumulator's products.
+        for kind in ("backward_dx", "backward_dw"):
+            candidates = CANDIDATES[kind][1 if dtype == "fp32" else 0]
+            specs += [backward_spec(c, dtype, deterministic=False, filtered=False, kind=kind) for c in candidates]
+            specs.append(backward_spec(candidates[0], dtype, deterministic=True, filtered=True, kind=kind))
         specs.append(indexed_dot_spec(dtype))
     return specs
 

@@ -197,46 +197,64 @@ def backward_kernel(
                             lock_w_ptr + pid_n * num_d_slices + s, pid_m, DETERMINISTIC)
 
 
-def plan_backward(n: int, v: int, d: int, need_dx: bool, config: TileConfig, workspace_bytes: int | None
-                  ) -> BackwardPlan:
+def separate_dx_pass(n: int, d: int, need_dx: bool, workspace_bytes: int | None) -> bool:
+    """Whether d_input takes a pass of its own: its fp32 [N, d] exceeds the budget."""
+    budget = ACCUMULATOR_BYTES if workspace_bytes is None else workspace_bytes
+    return need_dx and n * 4 * max(d, 1) > budget
+
+
+def _whole_tiles(rows: int, block: int, limit: int) -> int:
+    return min(max(block, rows // block * block), triton.cdiv(limit, block) * block)
+
+
+def plan_backward(n: int, v: int, d: int, need_dx: bool, dx_config: TileConfig, head_config: TileConfig,
+                  workspace_bytes: int | None) -> BackwardPlan:
     """Chunk sizes of the fp32 accumulators: each within `workspace_bytes` (default 28 MiB).
 
-    Chunks are whole tiles (BLOCK_M rows, BLOCK_N vocabulary rows), so the two passes
-    cut the same tiles. d_input takes a pass of its own over token chunks when its fp32
-    [N, d] does not fit.
+    `dx_config` tiles d_input's own pass, `head_config` the vocabulary chunks (the
+    one-pass config when d_input rides along). Chunks are whole tiles of their pass.
     """
     budget = ACCUMULATOR_BYTES if workspace_bytes is None else workspace_bytes
-    per_row = 4 * max(d, 1)
-    dw_rows = min(max(config.block_n, budget // per_row // config.block_n * config.block_n),
-                  triton.cdiv(v, config.block_n) * config.block_n)
-    separate_dx = need_dx and n * per_row > budget
-    dx_rows = n
-    if separate_dx:
-        dx_rows = min(n, max(config.block_m, budget // per_row // config.block_m * config.block_m))
-    return BackwardPlan(dx_rows, dw_rows, separate_dx)
+    rows = budget // (4 * max(d, 1))
+    separate_dx = separate_dx_pass(n, d, need_dx, workspace_bytes)
+    dx_rows = min(n, _whole_tiles(rows, dx_config.block_m, n)) if separate_dx else n
+    return BackwardPlan(dx_rows, _whole_tiles(rows, head_config.block_n, v), separate_dx)
 
 
 def backward(x: Tensor, weight: Tensor, bias: Tensor | None, slot_ids: Tensor, lse: Tensor, row_coef: Tensor,
              slot_coef: Tensor, uniform: Tensor | None, forward: ForwardStats, options: LossOptions,
-             need: tuple[bool, bool, bool], config: TileConfig | None = None) -> BackwardResult:
+             need: tuple[bool, bool, bool], configs: dict[str, TileConfig] | None = None) -> BackwardResult:
     """Gradients of the loss whose per-row coefficients are given (temperature folded in).
 
     d_input (input dtype), d_weight (weight dtype), d_bias (fp32), or None where `need`
-    says so; accumulation is fp32 throughout.
+    says so; accumulation is fp32 throughout. `configs` overrides the launch config of
+    a pass kind ("backward": one pass; "backward_dx" and "backward_dw": two passes).
     """
-    if config is None:
-        config = select_config(
-            "backward", x.dtype, (x.shape[0], weight.shape[0], x.shape[1]), (bias is not None, tuple(need)),
-            lambda c: backward(x, weight, bias, slot_ids, lse, row_coef, slot_coef, uniform, forward, options,
-                               need, c),
-        )
+    configs = dict(configs or {})
     n, d = x.shape
     v = weight.shape[0]
+    need_dx, need_dw, need_db = need[0], need[1], need[2] and bias is not None
+    separate_dx = separate_dx_pass(n, d, need_dx, options.workspace_bytes)
+
+    def config_for(kind: str) -> TileConfig:
+        if kind not in configs:
+            configs[kind] = select_config(
+                kind, x.dtype, (n, v, d), (bias is not None, tuple(need)),
+                lambda c: backward(x, weight, bias, slot_ids, lse, row_coef, slot_coef, uniform, forward, options,
+                                   need, {**configs, kind: c}),
+            )
+        return configs[kind]
+
+    head_pass = need_dw or need_db or (need_dx and not separate_dx)
+    dx_config = config_for("backward_dx") if separate_dx else None
+    head_config = config_for("backward_dw" if separate_dx else "backward") if head_pass else None
+    pass_configs = [c for c in (dx_config, head_config) if c is not None]
+    if not pass_configs:
+        return BackwardResult(None, None, None, torch.zeros(1, dtype=torch.int32, device=x.device), 0, 0)
+    plan = plan_backward(n, v, d, need_dx, pass_configs[0], pass_configs[-1], options.workspace_bytes)
     k = slot_ids.shape[1]
     dev = x.device
-    need_dx, need_dw, need_db = need[0], need[1], need[2] and bias is not None
     deterministic = torch.are_deterministic_algorithms_enabled()
-    plan = plan_backward(n, v, d, need_dx, config, options.workspace_bytes)
     d_input = torch.empty_like(x) if need_dx else None
     # An fp32 head accumulates straight into its gradient; a bf16/fp16 one through an fp32 chunk.
     d_weight = None
@@ -247,21 +265,27 @@ def backward(x: Tensor, weight: Tensor, bias: Tensor | None, slot_ids: Tensor, l
     dw_acc = None
     if need_dw and weight.dtype != torch.float32:
         dw_acc = torch.empty(min(plan.dw_rows, v), d, dtype=torch.float32, device=dev)
-    num_d_slices = triton.cdiv(d, config.block_k)
     filter_eps = options.resolved_filter_eps(x.dtype)
     skipped = torch.zeros(1, dtype=torch.int32, device=dev)
-    lock_x = torch.zeros(triton.cdiv(plan.dx_rows, config.block_m) * num_d_slices, dtype=torch.int32, device=dev)
-    lock_w = torch.zeros(triton.cdiv(plan.dw_rows, config.block_n) * num_d_slices, dtype=torch.int32, device=dev)
-    lock_b = torch.zeros(triton.cdiv(plan.dw_rows, config.block_n), dtype=torch.int32, device=dev)
+    # Tickets of deterministic mode: one per (row block, d slice) and (vocabulary tile, d
+    # slice) of a launch, for the finest tiles either pass uses.
+    slices = max(triton.cdiv(d, c.block_k) for c in pass_configs)
+    lock_x = torch.zeros(max(triton.cdiv(plan.dx_rows, c.block_m) for c in pass_configs) * slices,
+                         dtype=torch.int32, device=dev)
+    head_tiles = triton.cdiv(plan.dw_rows, pass_configs[-1].block_n)
+    lock_w = torch.zeros(head_tiles * slices, dtype=torch.int32, device=dev)
+    lock_b = torch.zeros(head_tiles, dtype=torch.int32, device=dev)
     ids, slot_coef, lse, row_coef = slot_ids.contiguous(), slot_coef.contiguous(), lse.contiguous(), \
         row_coef.contiguous()
     total_tiles = 0
 
-    def launch(r0: int, r1: int, v0: int, v1: int, dx: Tensor | None, dw: Tensor | None, with_db: bool) -> None:
+    def launch(config: TileConfig, r0: int, r1: int, v0: int, v1: int, dx: Tensor | None, dw: Tensor | None,
+               with_db: bool) -> None:
         """One launch over rows r0..r1 and vocabulary v0..v1 into the given accumulators."""
         nonlocal total_tiles
         num_m_blocks = triton.cdiv(r1 - r0, config.block_m)
         num_tiles = triton.cdiv(v1 - v0, config.block_n)
+        num_d_slices = triton.cdiv(d, config.block_k)
         if deterministic:  # each launch's tickets start at 0
             for lock in (lock_x, lock_w, lock_b):
                 lock.zero_()
@@ -290,9 +314,8 @@ def backward(x: Tensor, weight: Tensor, bias: Tensor | None, slot_ids: Tensor, l
         passes += 1
         for r0 in range(0, n, plan.dx_rows):
             r1 = min(n, r0 + plan.dx_rows)
-            launch(r0, r1, 0, v, dx_acc[: r1 - r0].zero_(), None, False)
+            launch(dx_config, r0, r1, 0, v, dx_acc[: r1 - r0].zero_(), None, False)
             d_input[r0:r1].copy_(dx_acc[: r1 - r0])
-    head_pass = need_dw or need_db or (need_dx and not plan.separate_dx)
     if n > 0 and head_pass:
         passes += 1
         dx = None
@@ -303,7 +326,7 @@ def backward(x: Tensor, weight: Tensor, bias: Tensor | None, slot_ids: Tensor, l
             dw = None
             if need_dw:
                 dw = d_weight[v0:v1] if dw_acc is None else dw_acc[: v1 - v0].zero_()
-            launch(0, n, v0, v1, dx, dw, need_db)
+            launch(head_config, 0, n, v0, v1, dx, dw, need_db)
             if dw_acc is not None:
                 d_weight[v0:v1].copy_(dw)
         if dx is not None:

@@ -79,12 +79,35 @@ BACKWARD_CANDIDATES = (
     # spills 104 B per thread on sm_80 under Triton 3.9 (none under 3.6).
     TileConfig(64, 64, 32, num_warps=4, num_stages=4),
 )
+# When d_input takes a pass of its own (its fp32 [N, d] exceeds the workspace, see
+# backward.py), each pass adds into one accumulator only, and its tile can be shaped
+# for that: a program adds BLOCK_M x d to d_input after 2 BLOCK_M BLOCK_N d FLOPs of
+# gradient product, so d_input's pass takes wide tiles (64 x 256: 256 columns of
+# products per atomic add, 4x the one-pass default's 64) and d_weight's pass tall ones
+# (256 x 64, the same 256 per add). Together 2.5x fewer atomic adds than one pass of
+# 256 x 64 tiles, for a third more FLOPs (the extra recomputation of the logits).
+# d_input's pass keeps 16 row blocks on a vocabulary sweep, 1024 rows of x in L2.
+# 254-255 registers, no spill on sm_90 or sm_80 (Triton 3.6 and 3.9).
+BACKWARD_DX_DEFAULT = TileConfig(64, 256, 32, num_warps=8, num_stages=4, group_m=16)
+BACKWARD_DX_CANDIDATES = (BACKWARD_DX_DEFAULT, TileConfig(128, 128, 32, num_warps=8, num_stages=4))
+BACKWARD_DW_DEFAULT = TileConfig(256, 64, 32, num_warps=8, num_stages=4)
+BACKWARD_DW_CANDIDATES = (BACKWARD_DW_DEFAULT, TileConfig(128, 128, 32, num_warps=8, num_stages=4))
+
 # fp32 ("ieee") dots are FMA loops in which each thread holds the whole contraction
 # dimension of its operand rows; for the d_input and d_weight products that is BLOCK_N
 # and BLOCK_M, not BLOCK_K. 64x64 over 8 warps with 16-wide slices fits (190 registers
 # at most); with 32-wide slices it spills 176 B, and the old 128x128x64 default 12 KB.
 BACKWARD_DEFAULT_FP32 = TileConfig(64, 64, 16, num_warps=8, num_stages=4)
 BACKWARD_CANDIDATES_FP32 = (BACKWARD_DEFAULT_FP32, TileConfig(64, 32, 32, num_warps=8, num_stages=3))
+
+# Per kernel kind: (bf16/fp16 candidates, fp32 candidates), the default first. The fp32
+# tiles serve both passes: their contraction is BLOCK_N or BLOCK_M either way.
+CANDIDATES = {
+    "forward": (FORWARD_CANDIDATES, FORWARD_CANDIDATES_FP32),
+    "backward": (BACKWARD_CANDIDATES, BACKWARD_CANDIDATES_FP32),
+    "backward_dx": (BACKWARD_DX_CANDIDATES, BACKWARD_CANDIDATES_FP32),
+    "backward_dw": (BACKWARD_DW_CANDIDATES, BACKWARD_CANDIDATES_FP32),
+}
 
 # Each fp32 gradient accumulator of the backward covers at most this much at a time: the
 # d_weight chunk (1792 rows of a d=4096 head; with bf16 weights never a [V, d] fp32 copy
@@ -126,10 +149,7 @@ def select_config(kind: str, dtype: torch.dtype, shape: tuple[int, int, int], fl
     """The config for a launch: interpreter tiles, the default, or the tuned best."""
     if interpreting():
         return INTERPRETER_CONFIG
-    if kind == "forward":
-        candidates = FORWARD_CANDIDATES_FP32 if dtype == torch.float32 else FORWARD_CANDIDATES
-    else:
-        candidates = BACKWARD_CANDIDATES_FP32 if dtype == torch.float32 else BACKWARD_CANDIDATES
+    candidates = CANDIDATES[kind][1 if dtype == torch.float32 else 0]
     if not autotuning():
         return candidates[0]
     n, v, d = shape
