@@ -157,11 +157,11 @@ def test_topk_threshold_pass_settles_rows_without_the_fallback(monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_topk_rows_past_the_capacity_take_the_merge_kernel(monkeypatch, dtype):
-    """A list of 80 slots for about 80 entries per row: some rows overflow and are redone, exactly."""
+    """Lists of 40 slots per (row, split) for about 40 entries each: some rows overflow and are redone, exactly."""
     fallback = FallbackRows(monkeypatch)
     x, w, b = make_problem(40, 1500, 16, dtype, seed=12, scale=2.0)
     options = LossOptions(softcap=4.0, temperature=0.8)
-    got = triton_topk(x, w, b.float(), 5, options, raw_lse=True, capacity=80)
+    got = triton_topk(x, w, b.float(), 5, options, raw_lse=True, capacity=40)
     want = linear_topk(x, w, 5, bias=b, softcap=4.0, temperature=0.8, backend="torch")
     assert torch.equal(got.ids, want.ids)
     torch.testing.assert_close(got.logprobs, want.logprobs, rtol=0, atol=2e-5)
@@ -191,7 +191,11 @@ def test_topk_bounds_above_the_kth_value_are_caught(monkeypatch):
 
 
 def test_topk_nan_logits_rank_first():
-    """A NaN row of W makes that id NaN in every row: first, as in a descending torch.sort, on both paths."""
+    """A NaN row of W makes that id NaN in every row: first, as in a descending torch.sort.
+
+    The threshold pass hands rows holding NaN to the merge kernel, which keys NaN above
+    every number; so does a list too short for any row (capacity 8).
+    """
     x, w, b = make_problem(17, 900, 16, torch.float32, seed=14)
     w[123] = torch.nan
     for capacity in (None, 8):  # the threshold pass, then every row through the merge kernel

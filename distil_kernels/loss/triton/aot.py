@@ -62,6 +62,7 @@ class CompileSpec:
     num_stages: int
     divisible: tuple[str, ...] = ()  # arguments a typical launch has divisible by 16
     unit_strides: tuple[str, ...] = ()  # integer arguments a typical launch passes as 1
+    archs: tuple[int, ...] = (90, 80)  # the architectures whose launches use this config
 
 
 def kernel_spec(name: str, kernel, pointers: dict, constexprs: dict, config: TileConfig | None = None,

@@ -9,6 +9,8 @@ whose shared memory and registers (`resource_usage`) are the ones a model's laun
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from ...loss.triton.aot import TRITON_DTYPE, CompileSpec, kernel_spec
@@ -39,15 +41,16 @@ def topk_spec(config: TileConfig, dtype: str, K: int) -> CompileSpec:
                        float_args=("softcap", "inv_temp"))
 
 
-def threshold_spec(config: TileConfig, dtype: str) -> CompileSpec:
+def threshold_spec(config: TileConfig, dtype: str, archs: tuple[int, ...] = (90, 80)) -> CompileSpec:
     t = TRITON_DTYPE[dtype]
     pointers = {"x_ptr": t, "w_ptr": t, "b_ptr": "fp32", "bound_ptr": "fp32", "count_ptr": "i32",
                 "value_ptr": "fp32", "id_ptr": "i32", "part_ptr": "fp32"}
     constexprs = {"BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "BLOCK_K": config.block_k,
                   "HAS_BIAS": True, "HAS_SOFTCAP": True, "RAW_LSE": True,
                   "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32"}
-    return kernel_spec(f"threshold[{dtype},{config}]", threshold_kernel, pointers, constexprs, config,
+    spec = kernel_spec(f"threshold[{dtype},{config}]", threshold_kernel, pointers, constexprs, config,
                        float_args=("softcap", "inv_temp"))
+    return dataclasses.replace(spec, archs=archs)
 
 
 def sample_spec(config: TileConfig, dtype: str, samples: int, greedy: bool = False) -> CompileSpec:
@@ -70,7 +73,10 @@ def all_specs() -> list[CompileSpec]:
     """
     specs = []
     for dtype in ("bf16", "fp32"):
-        specs += [threshold_spec(c, dtype) for c in threshold_candidates(_TORCH_DTYPE[dtype])]
+        sm90 = threshold_candidates(_TORCH_DTYPE[dtype], 90)
+        sm80 = threshold_candidates(_TORCH_DTYPE[dtype], 80)
+        specs += [threshold_spec(c, dtype, (90, 80) if c in sm80 else (90,)) for c in sm90]
+        specs += [threshold_spec(c, dtype, (80,)) for c in sm80 if c not in sm90]
         for K in (1 << i for i in range(MAX_TOPK.bit_length())):
             specs += [topk_spec(c, dtype, K) for c in topk_candidates(_TORCH_DTYPE[dtype], K)]
     samples = [1 << i for i in range(SAMPLES_PER_PROGRAM.bit_length())]

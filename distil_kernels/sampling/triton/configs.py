@@ -48,16 +48,22 @@ TOPK_SMALL_K_FP32 = TileConfig(64, 64, 32, num_warps=8, num_stages=3)
 TOPK_LARGE_K_FP32 = TileConfig(16, 256, 32, num_warps=8, num_stages=2)
 
 # Threshold top-k: the loss forward's work (a GEMM with an online log-sum-exp), plus a
-# compare per entry and, for about one entry in a hundred (those at or above the
-# bound), an atomic slot and two stores. The slot, mask and address tiles of that
-# branch are live next to the logits tile: 32 entries per thread fit (64x128 or 128x64
-# over 8 warps: 218-255 registers, at most 8 B spilled on sm_90 and sm_80 under Triton
-# 3.6 and 3.9); the forward's 128x128 spills 290-650 B. fp32 operands hold their K
-# slices in registers too: 32x128 over 8 warps (176-255 registers, no spill).
+# compare per entry and a few rounds of row maxima that take the entries at or above
+# the bound (about one per row in a tile). Its GEMM reads x and W slices from L2 for
+# each tile: 2 BLOCK_M BLOCK_N / (BLOCK_M + BLOCK_N) FLOPs per byte, 64 for 128x128
+# and 43 for 64x128, and on an H100 128x128 tiles already need about as much L2
+# bandwidth as there is. The rounds' masked copy of the tile is live next to the logits:
+# with softcap, bias and the raw lse, 128x128 over 8 warps spills 16-32 B on sm_90
+# (255 registers, Triton 3.6 and 3.9) but 160-320 B on sm_80, where 64x128 fits
+# (229-255 registers, no spill). So sm_90 gets 128x128 and sm_80 64x128. fp32 operands
+# hold their K slices in registers too: 64x64 over 8 warps (180-190 registers, no spill;
+# 32x128 spills up to 40 B where ptxas caps it at 128 registers).
+THRESHOLD_DEFAULT_SM90 = TileConfig(128, 128, 64, num_warps=8, num_stages=3)
+THRESHOLD_CANDIDATES_SM90 = (THRESHOLD_DEFAULT_SM90, TileConfig(64, 256, 64, num_warps=8, num_stages=3),
+                             TileConfig(64, 128, 64, num_warps=8, num_stages=4))
 THRESHOLD_DEFAULT = TileConfig(64, 128, 64, num_warps=8, num_stages=4)
-THRESHOLD_CANDIDATES = (THRESHOLD_DEFAULT, TileConfig(128, 64, 64, num_warps=8, num_stages=4),
-                        TileConfig(64, 128, 64, num_warps=8, num_stages=3))
-THRESHOLD_DEFAULT_FP32 = TileConfig(32, 128, 32, num_warps=8, num_stages=3)
+THRESHOLD_CANDIDATES = (THRESHOLD_DEFAULT,)
+THRESHOLD_DEFAULT_FP32 = TileConfig(64, 64, 32, num_warps=8, num_stages=3)
 
 # Sampling: the noise of a tile (Philox on a quarter of it, then two logs per entry) is
 # live next to the fp32 logits, which leaves room for 8 tile entries per thread: 64x32
@@ -100,8 +106,11 @@ def topk_candidates(dtype: torch.dtype, K: int) -> tuple[TileConfig, ...]:
     return (TOPK_LARGE_K_FP32,) if dtype == torch.float32 else TOPK_CANDIDATES_LARGE_K
 
 
-def threshold_candidates(dtype: torch.dtype) -> tuple[TileConfig, ...]:
-    return (THRESHOLD_DEFAULT_FP32,) if dtype == torch.float32 else THRESHOLD_CANDIDATES
+def threshold_candidates(dtype: torch.dtype, arch: int) -> tuple[TileConfig, ...]:
+    """Configs for compute capability `arch` (90 for sm_90), the default first."""
+    if dtype == torch.float32:
+        return (THRESHOLD_DEFAULT_FP32,)
+    return THRESHOLD_CANDIDATES_SM90 if arch >= 90 else THRESHOLD_CANDIDATES
 
 
 def sample_candidates(dtype: torch.dtype, rows: int) -> tuple[TileConfig, ...]:
@@ -136,8 +145,10 @@ def select_sample_config(dtype: torch.dtype, rows: int, vocab: int,
     return _pick(("sample", dtype, shape_bin(rows), vocab), sample_candidates(dtype, rows), run)
 
 
-def select_threshold_config(dtype: torch.dtype, rows: int, vocab: int,
-                             run: Callable[[TileConfig], object] | None = None) -> TileConfig:
+def select_threshold_config(dtype: torch.dtype, rows: int, vocab: int, device: torch.device,
+                            run: Callable[[TileConfig], object] | None = None) -> TileConfig:
     if interpreting():
         return INTERPRETER_THRESHOLD_CONFIG
-    return _pick(("threshold", dtype, shape_bin(rows), vocab), threshold_candidates(dtype), run)
+    major, minor = torch.cuda.get_device_capability(device)
+    arch = 10 * major + minor
+    return _pick(("threshold", dtype, shape_bin(rows), vocab, arch), threshold_candidates(dtype, arch), run)

@@ -10,16 +10,17 @@ every `step`-th row of W (a strided view, one GEMM of V / step columns). The k-t
 largest logit of a subset is at most the k-th largest of all, and as the subset is a
 sample of the vocabulary, about k * step logits of a row lie above it, whatever the
 distribution (order statistics). Program (m, s) takes row block m through vocabulary
-split s, folds each tile into a running (max, sum-exp) and appends the tile's entries
-at or above the bound to the row's candidate list, one relaxed atomic slot each: no
-sort, and about one entry per row in a tile of 128 columns. The host then orders each
-row's candidates with one `torch.topk` of int64 keys.
+split s, folds each tile into a running (max, sum-exp) and takes the tile's entries at
+or above the bound, largest first, a round of row maxima at a time (about one entry per
+row in a 128-column tile), into the (row, split)'s own list: no atomics, no sort, and
+only [BLOCK_M] vectors stored. The host then orders each row's candidates with one
+`torch.topk` of int64 keys.
 
 Exactness does not rest on the bound's rounding. A row whose list holds at least k
 entries holds every entry at or above its k-th largest (that value is at or above the
 bound, so all of them were emitted); a row with fewer than k (the subset GEMM rounded
-its bound above the pass's k-th value) or more than fit the list is redone by the
-second kernel.
+its bound above the pass's k-th value), more than fit a list, or a NaN or -inf among
+its entries is redone by the second kernel.
 
 Merge pass (`topk_kernel`). Each logits tile is turned into int64 keys that order
 entries by (value descending, id ascending): the fp32 bits, flipped so that integer
@@ -195,9 +196,9 @@ def threshold_kernel(
     # pointers
     x_ptr, w_ptr, b_ptr,
     bound_ptr,  # [N] fp32: a lower bound of each row's k-th largest z
-    count_ptr,  # [N] int32, zeroed: entries found per row, including those past `capacity`
-    value_ptr,  # [N, capacity] fp32: each row's candidate values, in arrival order
-    id_ptr,  # [N, capacity] int32: their ids
+    count_ptr,  # [N, num_splits] int32: entries found per row and split (may pass `capacity`; -1: unsettled)
+    value_ptr,  # [N, num_splits, capacity] fp32: each row and split's candidates
+    id_ptr,  # [N, num_splits, capacity] int32: their ids
     part_ptr,  # [N, num_splits, 4] fp32: (max, sum-exp) of z, then of the raw logits
     # sizes
     N, V, D, num_tiles, tiles_per_split, num_splits, capacity,
@@ -215,9 +216,10 @@ def threshold_kernel(
     row_ok = offs_m < N
     # Rows past N get +inf: nothing of theirs is ever emitted.
     bound = tl.load(bound_ptr + offs_m, mask=row_ok, other=float("inf"))
-    # int32 list offsets: the launcher keeps N * capacity below 2**31, and 64-bit offsets
-    # for every entry of the tile would take registers the matmul needs.
-    rows32 = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    out = offs_m * num_splits + pid_s  # this program's (row, split) slot
+    found = tl.zeros((BLOCK_M,), dtype=tl.int32)
+    unsettled = tl.zeros((BLOCK_M,), dtype=tl.int32)
     run_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     run_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     raw_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
@@ -225,7 +227,7 @@ def threshold_kernel(
     first_tile = pid_s * tiles_per_split
     last_tile = tl.minimum(first_tile + tiles_per_split, num_tiles)
     for tile in range(first_tile, last_tile):
-        offs_n = (tile * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+        offs_n = (tile * BLOCK_N + cols).to(tl.int64)
         col_ok = offs_n < V
         z, tanh = logits_tile(
             x_ptr, w_ptr, b_ptr, offs_m, offs_n, N, V, D, stride_xn, stride_xd, stride_wv, stride_wd,
@@ -236,20 +238,28 @@ def threshold_kernel(
         if RAW_LSE:
             raw = tanh * softcap if HAS_SOFTCAP else tanh
             raw_max, raw_sum = fold_lse(raw_max, raw_sum, tl.where(col_ok[None, :], raw, float("-inf")))
-        # NaN ranks above every number (as in a descending torch.sort): always a candidate.
-        hit = ((z >= bound[:, None]) | (z != z)) & row_ok[:, None] & col_ok[None, :]
-        hits = hit.to(tl.int32)
-        if tl.max(tl.max(hits, axis=1), axis=0) > 0:
-            # One relaxed atomic per entry: the slots only have to be distinct, and the
-            # host reads them after the kernel. The address is written as a product with
-            # `hits` (a masked entry's address is never used): Triton 3.9 crashes on an
-            # atomic whose pointer tile is a broadcast row, which `+ 0 * cols` folds into.
-            slot = tl.atomic_add(count_ptr + rows32[:, None] * hits, hits, mask=hit, sem="relaxed")
-            keep = hit & (slot < capacity)
-            out = rows32[:, None] * capacity + slot
-            tl.store(value_ptr + out, z, mask=keep)
-            tl.store(id_ptr + out, (tile * BLOCK_N + tl.arange(0, BLOCK_N))[None, :] + 0 * slot, mask=keep)
-    out = offs_m * num_splits + pid_s
+        # NaN has no place in a comparison order: the row goes to the merge kernel.
+        unsettled |= tl.max((z != z).to(tl.int32), axis=1)
+        hit = (z >= bound[:, None]) & row_ok[:, None]
+        left = tl.sum(hit.to(tl.int32), axis=1)
+        hits = tl.where(hit, z, float("-inf"))
+        # Take the hits a row at a time, largest first: about one per row in a tile, so
+        # a few rounds of row maxima, and every store is a [BLOCK_M] vector. A tile of
+        # addresses (an atomic slot per entry) would take registers the matmul needs.
+        while tl.max(left, axis=0) > 0:
+            best, at = tl.max(hits, axis=1, return_indices=True, return_indices_tie_break_left=True)
+            emit = left > 0
+            # A -inf hit (a bound of -inf, from -inf biases) cannot be told from a taken
+            # entry: such a row goes to the merge kernel too.
+            unsettled |= (emit & (best == float("-inf"))).to(tl.int32)
+            slot = out * capacity + found
+            keep = emit & (found < capacity)
+            tl.store(value_ptr + slot, best, mask=keep)
+            tl.store(id_ptr + slot, tile * BLOCK_N + at, mask=keep)
+            found += emit.to(tl.int32)
+            left -= emit.to(tl.int32)
+            hits = tl.where(cols[None, :] == at[:, None], float("-inf"), hits)
+    tl.store(count_ptr + out, tl.where(unsettled > 0, -1, found), mask=row_ok)
     tl.store(part_ptr + out * 4, run_max, mask=row_ok)
     tl.store(part_ptr + out * 4 + 1, run_sum, mask=row_ok)
     if RAW_LSE:
@@ -315,14 +325,18 @@ def subset_step(vocab: int, k: int) -> int:
     return max(1, min(SUBSET_STEP, vocab // (2 * k)))
 
 
-def candidate_capacity(k: int, step: int, vocab: int) -> int:
-    """List length per row: the expected count plus 8 standard deviations.
+def split_capacity(k: int, step: int, split_columns: int, vocab: int) -> int:
+    """Candidate list length of one (row, split) of `split_columns` vocabulary ids.
 
-    The count of a row's logits at or above the k-th largest of a 1-in-`step` sample is
-    a sum of k gaps of about `step` entries each: mean k * step, standard deviation about
-    sqrt(k) * step. More than the capacity sends the row to the merge kernel.
+    A row's count at or above the k-th largest of a 1-in-`step` sample has mean k * step
+    over the vocabulary, so k * step * split_columns / V in a split. The bound's own
+    randomness (a k-th order statistic: a relative spread of about 1 / sqrt(k)) moves
+    every split of the row together; given the bound, the split's count is about
+    Poisson. Eight of the first and six of the second spreads, and a row past the
+    capacity in any split goes to the merge kernel.
     """
-    return min(vocab, k * step + 8 * step * math.isqrt(k) + 64)
+    mean = k * step * split_columns / vocab
+    return min(split_columns, math.ceil(mean * (1 + 8 / math.sqrt(k)) + 6 * math.sqrt(mean) + 8))
 
 
 def subset_bounds(x: Tensor, weight: Tensor, bias: Tensor | None, k: int, options: LossOptions,
@@ -344,18 +358,20 @@ def subset_bounds(x: Tensor, weight: Tensor, bias: Tensor | None, k: int, option
 
 
 def candidate_keys(values: Tensor, ids: Tensor, count: Tensor) -> Tensor:
-    """int64 keys [n, capacity] of `ordered_keys` for each row's first `count` slots, EMPTY_KEY after."""
+    """int64 keys [n, splits * capacity] of `ordered_keys` for each (row, split)'s first `count` slots.
+
+    Unfilled slots (and every slot of a negative count) get EMPTY_KEY.
+    """
     bits = values.view(torch.int32)
     bits = torch.where(values == 0, 0, bits)
-    bits = torch.where(values.isnan(), 0x7FC00000, bits)
     ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
     keys = (ordered.to(torch.int64) << 32) | (0xFFFFFFFF - ids.to(torch.int64))
-    filled = torch.arange(values.shape[1], device=values.device)[None, :] < count[:, None]
-    return keys.masked_fill(~filled, EMPTY_KEY.value)
+    filled = torch.arange(values.shape[-1], device=values.device) < count[..., None]
+    return keys.masked_fill(~filled, EMPTY_KEY.value).flatten(1)
 
 
 def threshold_topk(x: Tensor, weight: Tensor, bias: Tensor | None, k: int, options: LossOptions,
-                   raw_lse: bool, config: TileConfig, step: int, capacity: int
+                   raw_lse: bool, config: TileConfig, step: int, capacity: int | None
                    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """(values z [n, k], ids [n, k], lse [n], raw lse [n] or None) of one group of rows."""
     n, d = x.shape
@@ -363,9 +379,12 @@ def threshold_topk(x: Tensor, weight: Tensor, bias: Tensor | None, k: int, optio
     dev = x.device
     bound = subset_bounds(x, weight, bias, k, options, step)
     plan = plan_splits(n, v, config.block_m, config.block_n)
-    count = torch.zeros(n, dtype=torch.int32, device=dev)
-    cand_values = torch.empty(n, capacity, dtype=torch.float32, device=dev)
-    cand_ids = torch.empty(n, capacity, dtype=torch.int32, device=dev)
+    split_columns = plan.tiles_per_split * config.block_n
+    if capacity is None:
+        capacity = split_capacity(k, step, split_columns, v)
+    count = torch.empty(n, plan.num_splits, dtype=torch.int32, device=dev)
+    cand_values = torch.empty(n, plan.num_splits, capacity, dtype=torch.float32, device=dev)
+    cand_ids = torch.empty(n, plan.num_splits, capacity, dtype=torch.int32, device=dev)
     part = torch.empty(n, plan.num_splits, 4, dtype=torch.float32, device=dev)
     threshold_kernel[(plan.num_m_blocks, plan.num_splits)](
         x, weight, bias if bias is not None else x,
@@ -378,11 +397,16 @@ def threshold_topk(x: Tensor, weight: Tensor, bias: Tensor | None, k: int, optio
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
-    top = torch.topk(candidate_keys(cand_values, cand_ids, count), k, dim=1).values
-    values, ids = decode_keys(top)
+    keys = candidate_keys(cand_values, cand_ids, count)
+    top = torch.topk(keys, min(k, keys.shape[1]), dim=1).values
+    values, ids = torch.empty(n, k, dtype=torch.float32, device=dev), torch.empty(n, k, dtype=torch.int64, device=dev)
+    values[:, : top.shape[1]], ids[:, : top.shape[1]] = decode_keys(top)
     lse = merge_lse(part[..., 0], part[..., 1])
     lse_raw = merge_lse(part[..., 2], part[..., 3]) if raw_lse else None
-    redo = ((count < k) | (count > capacity)).nonzero()[:, 0]
+    # Settled: no NaN or -inf hit (count -1), no list past its capacity, and k entries at
+    # or above the bound.
+    settled = (count >= 0).all(dim=1) & (count <= capacity).all(dim=1) & (count.sum(dim=1) >= k)
+    redo = (~settled).nonzero()[:, 0]
     if redo.numel() > 0:
         values[redo], ids[redo], _, _ = merged_topk(x[redo], weight, bias, k, options)
     return values, ids, lse, lse_raw
@@ -394,7 +418,8 @@ def triton_topk(x: Tensor, weight: Tensor, bias: Tensor | None, k: int, options:
     """Top-k of 2-D `x` [N, d] (fp16, bf16 or fp32) against `weight` [V, d]; `bias` fp32 or None.
 
     The threshold pass with the merge kernel for the rows it cannot settle; `capacity`
-    overrides the candidate list length (tests use it to send rows to the fallback).
+    overrides the candidate list length per (row, split) (tests use it to send rows to
+    the fallback).
     k above `MAX_TOPK` (256) takes the chunked sweep: the fallback keeps each row's keys
     in registers, and more than 256 int64 keys per row next to the key tile would spill.
     """
@@ -410,16 +435,17 @@ def triton_topk(x: Tensor, weight: Tensor, bias: Tensor | None, k: int, options:
     if weight.stride(-1) != 1:
         weight = weight.contiguous()
     step = subset_step(v, k)
-    capacity = min(v, max(k, capacity or candidate_capacity(k, step, v)))
     if config is None:
         config = select_threshold_config(
-            x.dtype, n, v, lambda c: triton_topk(x, weight, bias, k, options, raw_lse, c, capacity))
+            x.dtype, n, v, x.device, lambda c: triton_topk(x, weight, bias, k, options, raw_lse, c, capacity))
     dev = x.device
     values = torch.empty(n, k, dtype=torch.float32, device=dev)
     ids = torch.empty(n, k, dtype=torch.int64, device=dev)
     lse = torch.empty(n, dtype=torch.float32, device=dev)
     lse_raw = torch.empty(n, dtype=torch.float32, device=dev) if raw_lse else None
-    row_bytes = triton.cdiv(v, step) * (x.element_size() + 4) + capacity * 32
+    plan = plan_splits(n, v, config.block_m, config.block_n)
+    list_slots = plan.num_splits * (capacity or split_capacity(k, step, plan.tiles_per_split * config.block_n, v))
+    row_bytes = triton.cdiv(v, step) * (x.element_size() + 4) + list_slots * 32
     group = max(1, CANDIDATE_BUDGET_BYTES // row_bytes)
     for r0 in range(0, n, group):
         r1 = min(r0 + group, n)
