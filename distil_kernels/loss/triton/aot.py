@@ -17,6 +17,7 @@ cubin. The sampling kernels' specs (sampling/triton/aot.py) use the same functio
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import subprocess
@@ -34,6 +35,7 @@ from .configs import (
     CANDIDATES,
     FORWARD_CANDIDATES,
     FORWARD_CANDIDATES_FP32,
+    FORWARD_PLAIN_SM90,
     INDEXED_DOT_BLOCK_D,
     INDEXED_DOT_BLOCK_P,
     TileConfig,
@@ -89,15 +91,19 @@ def kernel_spec(name: str, kernel, pointers: dict, constexprs: dict, config: Til
     return CompileSpec(name, kernel, signature, constexprs, num_warps, num_stages, divisible, unit_strides)
 
 
-def forward_spec(config: TileConfig, dtype: str) -> CompileSpec:
+def forward_spec(config: TileConfig, dtype: str, plain: bool = False, archs: tuple[int, ...] = (90, 80)
+                 ) -> CompileSpec:
+    """`plain`: no bias, softcap or label smoothing (the flags a plain head launches with)."""
     t = TRITON_DTYPE[dtype]
     pointers = {"x_ptr": t, "w_ptr": t, "b_ptr": "fp32", "part_max_ptr": "fp32", "part_sum_ptr": "fp32",
                 "part_zsum_ptr": "fp32", "block_max_ptr": "fp32"}
     constexprs = {"BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "BLOCK_K": config.block_k,
-                  "HAS_BIAS": True, "HAS_SOFTCAP": True, "LOGIT_SUM": True,
+                  "HAS_BIAS": not plain, "HAS_SOFTCAP": not plain, "LOGIT_SUM": not plain,
                   "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32"}
-    return kernel_spec(f"lse_forward[{dtype},{config}]", lse_forward_kernel, pointers, constexprs, config,
+    flags = "plain," if plain else ""
+    spec = kernel_spec(f"lse_forward[{dtype},{flags}{config}]", lse_forward_kernel, pointers, constexprs, config,
                        float_args=("softcap", "inv_temp"))
+    return dataclasses.replace(spec, archs=archs)
 
 
 def backward_spec(config: TileConfig, dtype: str, deterministic: bool, filtered: bool, kind: str = "backward"
@@ -138,6 +144,8 @@ def all_specs() -> list[CompileSpec]:
     for dtype, forward, backward in (("bf16", FORWARD_CANDIDATES, BACKWARD_CANDIDATES),
                                      ("fp32", FORWARD_CANDIDATES_FP32, BACKWARD_CANDIDATES_FP32)):
         specs += [forward_spec(c, dtype) for c in forward]
+        if dtype == "bf16":  # a plain head on sm_90: its own wide tile
+            specs.append(forward_spec(FORWARD_PLAIN_SM90, dtype, plain=True, archs=(90,)))
         specs += [backward_spec(c, dtype, deterministic=False, filtered=False) for c in backward]
         # The flags change the live values (ticket loads, the filter's block maxima): the default, each way.
         specs.append(backward_spec(backward[0], dtype, deterministic=True, filtered=True))

@@ -89,7 +89,10 @@ def lse_forward(x: Tensor, weight: Tensor, bias: Tensor | None, options: LossOpt
                 config: TileConfig | None = None) -> ForwardStats:
     """Launch the statistics kernel on 2-D `x` [N, d]; merge the per-split partials."""
     if config is None:
-        config = select_config("forward", x.dtype, (x.shape[0], weight.shape[0], x.shape[1]),
+        plain = bias is None and options.softcap is None and not options.label_smoothing
+        kind = "forward_plain_sm90" if plain and x.is_cuda and torch.cuda.get_device_capability(x.device)[0] == 9 \
+            else "forward"
+        config = select_config(kind, x.dtype, (x.shape[0], weight.shape[0], x.shape[1]),
                                (bias is not None, options.softcap is not None, bool(options.label_smoothing)),
                                lambda c: lse_forward(x, weight, bias, options, c))
     n, d = x.shape
