@@ -353,12 +353,12 @@ def sample_partials_bytes(rows: int, vocab: int, dtype: torch.dtype, drawn: int)
     """
     import triton
 
-    from distil_kernels.sampling.triton.configs import SAMPLES_PER_PROGRAM, sample_candidates
+    from distil_kernels.sampling.triton.configs import SAMPLES_PER_PROGRAM, device_arch, sample_candidates
     from distil_kernels.sampling.triton.splits import plan_splits
 
     programs = triton.cdiv(drawn, min(triton.next_power_of_2(drawn), SAMPLES_PER_PROGRAM))
-    splits = max(plan_splits(rows, vocab, c.block_m, c.block_n, programs, kind="sample").num_splits
-                 for c in sample_candidates(dtype, rows))
+    splits = max(plan_splits(rows, vocab, c.block_m, c.block_n * c.split_n, programs, kind="sample").num_splits
+                 for c in sample_candidates(dtype, rows, device_arch(DEVICE)))
     return rows * splits * (drawn * (4 + 8 + 4) + 4 * 4), splits
 
 

@@ -29,6 +29,7 @@ import triton.language as tl  # noqa: E402
 from distil_kernels import linear_sample, linear_topk  # noqa: E402
 from distil_kernels.loss.options import LossOptions  # noqa: E402
 from distil_kernels.sampling.triton import topk as topk_module  # noqa: E402
+from distil_kernels.sampling.triton.configs import TileConfig  # noqa: E402
 from distil_kernels.sampling.triton.topk import triton_topk  # noqa: E402
 from distil_kernels.sampling.sample import _gumbel_from_words, gumbel_noise_range, row_keys  # noqa: E402
 from distil_kernels.sampling.triton.sample import gumbel_from_words, tile_noise  # noqa: E402
@@ -264,6 +265,22 @@ def test_sample_draws_the_torch_ids(dtype, options):
     for p, q in zip(got[1:], want[1:]):
         assert p.dtype == torch.float32 and p.shape == q.shape
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("split_n", [1, 4])
+@pytest.mark.parametrize("options", [dict(num_samples=3, temperature=0.8), dict(temperature=0)],
+                         ids=["sample", "greedy"])
+def test_sample_tiles_per_pass_over_x(monkeypatch, split_n, options):
+    """One 32-wide tile per pass over x, or four (V=300: 10 tiles, the last pass holds 2 and skips 2)."""
+    from distil_kernels.sampling.triton import configs
+
+    monkeypatch.setattr(configs, "INTERPRETER_SAMPLE_CONFIG",
+                        TileConfig(16, 32, 32, num_warps=1, num_stages=1, split_n=split_n))
+    x, w, b = make_problem(21, 300, 16, torch.float32, seed=4, scale=3.0)
+    want = linear_sample(x, w, bias=b, seed=9, backend="torch", **options)
+    got = linear_sample(x, w, bias=b, seed=9, backend="triton", **options)
+    assert torch.equal(got.ids, want.ids)
+    torch.testing.assert_close(got.raw_logprobs, want.raw_logprobs, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("options", [dict(), dict(top_p=0.8)], ids=["plain", "top_p"])

@@ -27,10 +27,12 @@ class TileConfig:
     num_warps: int
     num_stages: int
     group_m: int = 8  # token blocks sharing a sweep over vocabulary tiles (L2 reuse of W)
+    split_n: int = 1  # the sampler: adjacent tiles computed from one pass over x (1, 2 or 4)
 
     def __str__(self) -> str:
+        split = f"-x{self.split_n}" if self.split_n > 1 else ""
         return (f"{self.block_m}x{self.block_n}x{self.block_k}-w{self.num_warps}-s{self.num_stages}"
-                f"-g{self.group_m}")
+                f"-g{self.group_m}{split}")
 
 
 # Registers bound these tiles before shared memory does. As launched (unit inner strides,

@@ -58,6 +58,12 @@ def logits_tile(
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         x_ptrs += BLOCK_K * stride_xd
         w_ptrs += BLOCK_K * stride_wd
+    return finish_logits(acc, b_ptr, offs_n, col_ok, softcap, inv_temp, HAS_BIAS, HAS_SOFTCAP)
+
+
+@triton.jit
+def finish_logits(acc, b_ptr, offs_n, col_ok, softcap, inv_temp, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+    """(z, tanh(u / c)) of a tile of products `acc` = x W^T: bias, softcap and temperature applied."""
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     tanh = acc

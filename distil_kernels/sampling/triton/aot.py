@@ -16,12 +16,9 @@ import torch
 from ...loss.triton.aot import TRITON_DTYPE, CompileSpec, kernel_spec
 from .configs import (
     MAX_TOPK,
-    SAMPLE_CANDIDATES,
-    SAMPLE_DEFAULT_FP32,
-    SAMPLE_SMALL_BATCH,
-    SAMPLE_SMALL_BATCH_FP32,
     SAMPLES_PER_PROGRAM,
     TileConfig,
+    sample_candidates,
     threshold_candidates,
     topk_candidates,
 )
@@ -53,36 +50,48 @@ def threshold_spec(config: TileConfig, dtype: str, archs: tuple[int, ...] = (90,
     return dataclasses.replace(spec, archs=archs)
 
 
-def sample_spec(config: TileConfig, dtype: str, samples: int, greedy: bool = False) -> CompileSpec:
+def sample_spec(config: TileConfig, dtype: str, samples: int, greedy: bool = False,
+                archs: tuple[int, ...] = (90, 80)) -> CompileSpec:
     t = TRITON_DTYPE[dtype]
     pointers = {"x_ptr": t, "w_ptr": t, "b_ptr": "fp32", "seed_ptr": "i64", "pos_ptr": "i64",
                 "score_ptr": "fp32", "id_ptr": "i64", "raw_ptr": "fp32", "part_ptr": "fp32"}
     constexprs = {"SAMPLES": samples, "BLOCK_M": config.block_m, "BLOCK_N": config.block_n,
-                  "BLOCK_K": config.block_k, "HAS_BIAS": True, "HAS_SOFTCAP": True, "GREEDY": greedy,
+                  "BLOCK_K": config.block_k, "SPLIT_N": config.split_n, "HAS_BIAS": True, "HAS_SOFTCAP": True,
+                  "GREEDY": greedy,
                   "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32"}
     flags = "greedy," if greedy else f"S={samples},"
-    return kernel_spec(f"sample[{dtype},{flags}{config}]", sample_kernel, pointers, constexprs, config,
+    spec = kernel_spec(f"sample[{dtype},{flags}{config}]", sample_kernel, pointers, constexprs, config,
                        float_args=("softcap", "temperature"))
+    return dataclasses.replace(spec, archs=archs)
+
+
+def by_arch(sm90: tuple[TileConfig, ...], sm80: tuple[TileConfig, ...]) -> list[tuple[TileConfig, tuple[int, ...]]]:
+    """Each config of two per-architecture lists with the architectures that launch it."""
+    both = [(c, (90, 80) if c in sm80 else (90,)) for c in dict.fromkeys(sm90)]
+    return both + [(c, (80,)) for c in dict.fromkeys(sm80) if c not in sm90]
 
 
 def all_specs() -> list[CompileSpec]:
     """Every kernel x config x dtype launched on a GPU: each padded K, each samples-per-program.
 
     The interpreter's one-warp configs never run on a GPU, and compiled they would
-    spill kilobytes per thread and take minutes: they are left out.
+    spill kilobytes per thread and take minutes: they are left out. Per-architecture
+    tiles build for their architecture only.
     """
     specs = []
     for dtype in ("bf16", "fp32"):
-        sm90 = threshold_candidates(_TORCH_DTYPE[dtype], 90)
-        sm80 = threshold_candidates(_TORCH_DTYPE[dtype], 80)
-        specs += [threshold_spec(c, dtype, (90, 80) if c in sm80 else (90,)) for c in sm90]
-        specs += [threshold_spec(c, dtype, (80,)) for c in sm80 if c not in sm90]
+        torch_dtype = _TORCH_DTYPE[dtype]
+        for config, archs in by_arch(threshold_candidates(torch_dtype, 90), threshold_candidates(torch_dtype, 80)):
+            specs.append(threshold_spec(config, dtype, archs))
         for K in (1 << i for i in range(MAX_TOPK.bit_length())):
-            specs += [topk_spec(c, dtype, K) for c in topk_candidates(_TORCH_DTYPE[dtype], K)]
+            specs += [topk_spec(c, dtype, K) for c in topk_candidates(torch_dtype, K)]
     samples = [1 << i for i in range(SAMPLES_PER_PROGRAM.bit_length())]
-    for dtype, configs in (("bf16", (*SAMPLE_CANDIDATES, SAMPLE_SMALL_BATCH)),
-                           ("fp32", (SAMPLE_DEFAULT_FP32, SAMPLE_SMALL_BATCH_FP32))):
-        for config in configs:
-            specs += [sample_spec(config, dtype, s) for s in samples]
-            specs.append(sample_spec(config, dtype, 1, greedy=True))
+    for dtype in ("bf16", "fp32"):
+        torch_dtype = _TORCH_DTYPE[dtype]
+        # Batches above 16 rows, then the small-batch tile.
+        configs = by_arch(sample_candidates(torch_dtype, 64, 90) + sample_candidates(torch_dtype, 16, 90),
+                          sample_candidates(torch_dtype, 64, 80) + sample_candidates(torch_dtype, 16, 80))
+        for config, archs in configs:
+            specs += [sample_spec(config, dtype, s, archs=archs) for s in samples]
+            specs.append(sample_spec(config, dtype, 1, greedy=True, archs=archs))
     return specs

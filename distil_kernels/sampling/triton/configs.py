@@ -67,13 +67,22 @@ THRESHOLD_DEFAULT_FP32 = TileConfig(64, 64, 32, num_warps=8, num_stages=3)
 
 # Sampling: the noise of a tile (Philox on a quarter of it, then two logs per entry) is
 # live next to the fp32 logits, which leaves room for 8 tile entries per thread: 64x32
-# over 8 warps (64x64 fills all 255 registers and spills). Below 16 rows a 16x128
-# block reads each W tile once for all rows in a quarter of the tiles' loop trips.
-# Consecutive programs are row blocks of the same split, so at larger batches they read
-# each W tile at about the same time and share it through L2.
-SAMPLE_DEFAULT = TileConfig(64, 32, 64, num_warps=8, num_stages=3)
-SAMPLE_SMALL_BATCH = TileConfig(16, 128, 64, num_warps=8, num_stages=3)
-SAMPLE_CANDIDATES = (SAMPLE_DEFAULT, TileConfig(32, 64, 64, num_warps=8, num_stages=3))
+# over 8 warps (64x64 fills all 255 registers and spills). But a program that holds
+# every row of a small batch re-reads their x from L2 for each tile, and with 32-wide
+# tiles that is twice the bytes of W the tile streams: at B=64 on Qwen2.5-7B's head
+# 2.2 GB of x against 1.1 GB of W, which took 3x the bare matmul's time on an H100
+# (bench/RESULTS.md). So `split_n` adjacent tiles share each pass over x, each its own
+# accumulator whose noise the epilogue takes in turn: 4 on sm_90 (x traffic halved
+# twice; 228-234 registers, no spill under Triton 3.6 and 3.9), 2 on sm_80 (where 4
+# spills 24-32 B). Below 16 rows a 16x128 block, 2 tiles per pass. Consecutive
+# programs are row blocks of the same split, so at larger batches they read each W
+# tile at about the same time and share it through L2. fp32 keeps one tile per pass
+# (its FMA loop holds the K slices in registers).
+SAMPLE_DEFAULT_SM90 = TileConfig(64, 32, 64, num_warps=8, num_stages=3, split_n=4)
+SAMPLE_DEFAULT = TileConfig(64, 32, 64, num_warps=8, num_stages=3, split_n=2)
+SAMPLE_SMALL_BATCH = TileConfig(16, 128, 64, num_warps=8, num_stages=3, split_n=2)
+SAMPLE_CANDIDATES_SM90 = (SAMPLE_DEFAULT_SM90, SAMPLE_DEFAULT, TileConfig(64, 32, 64, num_warps=8, num_stages=3))
+SAMPLE_CANDIDATES = (SAMPLE_DEFAULT, TileConfig(64, 32, 64, num_warps=8, num_stages=3))
 SAMPLE_DEFAULT_FP32 = TileConfig(64, 32, 32, num_warps=8, num_stages=3)
 SAMPLE_SMALL_BATCH_FP32 = TileConfig(16, 128, 32, num_warps=8, num_stages=3)
 
@@ -81,7 +90,8 @@ SAMPLE_SMALL_BATCH_FP32 = TileConfig(16, 128, 32, num_warps=8, num_stages=3)
 # tiles so that test shapes span several tiles per split and several splits.
 INTERPRETER_TOPK_CONFIG = TileConfig(16, 64, 32, num_warps=1, num_stages=1)
 INTERPRETER_TOPK_LARGE_K_CONFIG = TileConfig(16, 256, 32, num_warps=1, num_stages=1)
-INTERPRETER_SAMPLE_CONFIG = TileConfig(16, 64, 32, num_warps=1, num_stages=1)
+# The sampler's takes 2 tiles per pass over x, as the GPU defaults do.
+INTERPRETER_SAMPLE_CONFIG = TileConfig(16, 32, 32, num_warps=1, num_stages=1, split_n=2)
 INTERPRETER_THRESHOLD_CONFIG = TileConfig(16, 64, 32, num_warps=1, num_stages=1)
 INTERPRETER_TARGET_PROGRAMS = 6
 
@@ -113,10 +123,18 @@ def threshold_candidates(dtype: torch.dtype, arch: int) -> tuple[TileConfig, ...
     return THRESHOLD_CANDIDATES_SM90 if arch >= 90 else THRESHOLD_CANDIDATES
 
 
-def sample_candidates(dtype: torch.dtype, rows: int) -> tuple[TileConfig, ...]:
+def sample_candidates(dtype: torch.dtype, rows: int, arch: int) -> tuple[TileConfig, ...]:
+    """Configs for `rows` rows on compute capability `arch` (90 for sm_90), the default first."""
     if dtype == torch.float32:
         return (SAMPLE_SMALL_BATCH_FP32 if rows <= 16 else SAMPLE_DEFAULT_FP32,)
-    return (SAMPLE_SMALL_BATCH,) if rows <= 16 else SAMPLE_CANDIDATES
+    if rows <= 16:
+        return (SAMPLE_SMALL_BATCH,)
+    return SAMPLE_CANDIDATES_SM90 if arch >= 90 else SAMPLE_CANDIDATES
+
+
+def device_arch(device: torch.device) -> int:
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
 
 
 _TUNED: dict[tuple, TileConfig] = {}
@@ -138,17 +156,17 @@ def select_topk_config(dtype: torch.dtype, K: int, rows: int, vocab: int,
     return _pick(("topk", dtype, K, shape_bin(rows), vocab), topk_candidates(dtype, K), run)
 
 
-def select_sample_config(dtype: torch.dtype, rows: int, vocab: int,
+def select_sample_config(dtype: torch.dtype, rows: int, vocab: int, device: torch.device,
                          run: Callable[[TileConfig], object] | None = None) -> TileConfig:
     if interpreting():
         return INTERPRETER_SAMPLE_CONFIG
-    return _pick(("sample", dtype, shape_bin(rows), vocab), sample_candidates(dtype, rows), run)
+    arch = device_arch(device)
+    return _pick(("sample", dtype, shape_bin(rows), vocab, arch), sample_candidates(dtype, rows, arch), run)
 
 
 def select_threshold_config(dtype: torch.dtype, rows: int, vocab: int, device: torch.device,
                             run: Callable[[TileConfig], object] | None = None) -> TileConfig:
     if interpreting():
         return INTERPRETER_THRESHOLD_CONFIG
-    major, minor = torch.cuda.get_device_capability(device)
-    arch = 10 * major + minor
+    arch = device_arch(device)
     return _pick(("threshold", dtype, shape_bin(rows), vocab, arch), threshold_candidates(dtype, arch), run)

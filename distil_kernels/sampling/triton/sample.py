@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ...loss.triton.tiles import logits_tile
+from ...loss.triton.tiles import finish_logits
 from ..sample import Sample, SamplingOptions
 from .configs import SAMPLES_PER_PROGRAM, TileConfig, select_sample_config
 from .splits import merge_lse, plan_splits
@@ -65,6 +65,97 @@ def tile_noise(seed, pos_lo, pos_hi, first_group, sample, BLOCK_M: tl.constexpr,
 
 
 @triton.jit
+def wide_products(
+    x_ptr, w_ptr, offs_m, first_tile, N, V, D, stride_xn, stride_xd, stride_wv, stride_wd,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """x W^T [BLOCK_M, BLOCK_N] of tiles first_tile .. first_tile + SPLIT_N - 1, from one pass over x.
+
+    At small batch sizes a program holds every row, and each pass over the hidden dim
+    re-reads the rows' x from L2 next to the tile's W: a 32-wide tile reads twice as many
+    bytes of x as of W. SPLIT_N adjacent tiles share each x slice, while each tile's
+    products stay a separate accumulator that the epilogue consumes and frees in turn
+    (one [BLOCK_M, SPLIT_N * BLOCK_N] tile of noise would not fit the registers).
+    Unused accumulators are zeros the compiler drops.
+    """
+    offs_k = tl.arange(0, BLOCK_K)
+    row_ok = offs_m < N
+    cols = (first_tile * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xn + offs_k[None, :] * stride_xd
+    w_ptrs = w_ptr + cols[None, :] * stride_wv + offs_k[:, None] * stride_wd
+    tile_rows = BLOCK_N * stride_wv
+    acc0 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc3 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        k_ok = offs_k < D - k0
+        a = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(w_ptrs, mask=k_ok[:, None] & (cols < V)[None, :], other=0.0)
+        acc0 = tl.dot(a, b, acc0, input_precision=DOT_PRECISION)
+        if SPLIT_N >= 2:
+            b = tl.load(w_ptrs + tile_rows, mask=k_ok[:, None] & (cols + BLOCK_N < V)[None, :], other=0.0)
+            acc1 = tl.dot(a, b, acc1, input_precision=DOT_PRECISION)
+        if SPLIT_N >= 4:
+            b = tl.load(w_ptrs + 2 * tile_rows, mask=k_ok[:, None] & (cols + 2 * BLOCK_N < V)[None, :], other=0.0)
+            acc2 = tl.dot(a, b, acc2, input_precision=DOT_PRECISION)
+            b = tl.load(w_ptrs + 3 * tile_rows, mask=k_ok[:, None] & (cols + 3 * BLOCK_N < V)[None, :], other=0.0)
+            acc3 = tl.dot(a, b, acc3, input_precision=DOT_PRECISION)
+        x_ptrs += BLOCK_K * stride_xd
+        w_ptrs += BLOCK_K * stride_wd
+    return acc0, acc1, acc2, acc3
+
+
+@triton.jit
+def sample_tile(
+    acc, tile, b_ptr, V, softcap, temperature, seed, pos_lo, pos_hi, first_sample, end_sample,
+    best_score, best_id, best_raw, raw_max, raw_sum, z_max, z_sum,
+    SAMPLES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, GREEDY: tl.constexpr,
+):
+    """Fold vocabulary tile `tile` (its products `acc`) into the program's running state.
+
+    Its raw logits and z = raw / T go into the running (max, sum-exp) pairs; for each
+    sample the tile's noise is added to z and the tile's argmax (ties to the lower id)
+    competes with the sample's running best. Returns the updated state.
+    """
+    cols = tl.arange(0, BLOCK_N)
+    offs_n = (tile * BLOCK_N + cols).to(tl.int64)
+    col_ok = offs_n < V
+    raw, _ = finish_logits(acc, b_ptr, offs_n, col_ok, softcap, 1.0, HAS_BIAS, HAS_SOFTCAP)
+    raw = tl.where(col_ok[None, :], raw, float("-inf"))
+    new_max = tl.maximum(raw_max, tl.max(raw, axis=1))
+    raw_sum = raw_sum * tl.exp(raw_max - new_max) + tl.sum(tl.exp(raw - new_max[:, None]), axis=1)
+    raw_max = new_max
+    if GREEDY:
+        z = raw
+    else:
+        # Correctly rounded, as the torch backend's division: `/` is approximate on GPUs.
+        z = tl.math.div_rn(raw, temperature)
+        new_max = tl.maximum(z_max, tl.max(z, axis=1))
+        z_sum = z_sum * tl.exp(z_max - new_max) + tl.sum(tl.exp(z - new_max[:, None]), axis=1)
+        z_max = new_max
+    slots = tl.arange(0, SAMPLES)  # sample first_sample + slot
+    for sample in range(first_sample, end_sample):
+        if GREEDY:
+            score = z
+        else:
+            score = z + tile_noise(seed, pos_lo, pos_hi, tile * (BLOCK_N // 4), sample, BLOCK_M, BLOCK_N)
+        tile_best = tl.max(score, axis=1)
+        local = tl.argmax(score, axis=1, tie_break_left=True)
+        tile_raw = tl.max(tl.where(cols[None, :] == local[:, None], raw, float("-inf")), axis=1)
+        slot = (slots == sample - first_sample)[None, :]
+        previous = tl.max(tl.where(slot, best_score, float("-inf")), axis=1)
+        # Strictly greater: earlier tiles hold lower ids.
+        better = slot & (tile_best > previous)[:, None]
+        best_score = tl.where(better, tile_best[:, None], best_score)
+        best_id = tl.where(better, (tile * BLOCK_N + local).to(tl.int64)[:, None], best_id)
+        best_raw = tl.where(better, tile_raw[:, None], best_raw)
+    return best_score, best_id, best_raw, raw_max, raw_sum, z_max, z_sum
+
+
+@triton.jit
 def sample_kernel(
     # pointers
     x_ptr, w_ptr, b_ptr,
@@ -72,8 +163,8 @@ def sample_kernel(
     pos_ptr,  # [N, 2] int64: position words (low, high)
     score_ptr, id_ptr, raw_ptr,  # [N, num_splits, num_samples]: each split's best per sample
     part_ptr,  # [N, num_splits, 4] fp32: (max, sum-exp) of the raw logits, then of z
-    # sizes
-    N, V, D, num_tiles, tiles_per_split, num_splits, num_samples,
+    # sizes: the vocabulary is num_tiles tiles of BLOCK_N, taken SPLIT_N at a time
+    N, V, D, num_tiles, steps_per_split, num_splits, num_samples,
     # strides
     stride_xn, stride_xd, stride_wv, stride_wd,
     # logits transform
@@ -81,6 +172,7 @@ def sample_kernel(
     # meta-parameters
     SAMPLES: tl.constexpr,  # samples per program, a power of two
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT_N: tl.constexpr,  # adjacent tiles per pass over x (1, 2 or 4)
     HAS_BIAS: tl.constexpr,  # bias added in the tile
     HAS_SOFTCAP: tl.constexpr,  # c * tanh(u / c) applied in the tile
     GREEDY: tl.constexpr,  # temperature 0: argmax of the raw logits, no noise, one sample
@@ -96,8 +188,7 @@ def sample_kernel(
     seed = tl.load(seed_ptr + offs_m, mask=row_ok, other=0)
     pos_lo = tl.load(pos_ptr + 2 * offs_m, mask=row_ok, other=0).to(tl.uint32)
     pos_hi = tl.load(pos_ptr + 2 * offs_m + 1, mask=row_ok, other=0).to(tl.uint32)
-    cols = tl.arange(0, BLOCK_N)
-    slots = tl.arange(0, SAMPLES)  # sample first_sample + slot
+    slots = tl.arange(0, SAMPLES)
     best_score = tl.full((BLOCK_M, SAMPLES), float("-inf"), dtype=tl.float32)
     best_id = tl.zeros((BLOCK_M, SAMPLES), dtype=tl.int64)
     best_raw = tl.zeros((BLOCK_M, SAMPLES), dtype=tl.float32)
@@ -105,42 +196,39 @@ def sample_kernel(
     raw_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     z_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     z_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    first_tile = pid_s * tiles_per_split
-    last_tile = tl.minimum(first_tile + tiles_per_split, num_tiles)
-    for tile in range(first_tile, last_tile):
-        offs_n = (tile * BLOCK_N + cols).to(tl.int64)
-        col_ok = offs_n < V
-        raw, tanh = logits_tile(
-            x_ptr, w_ptr, b_ptr, offs_m, offs_n, N, V, D, stride_xn, stride_xd, stride_wv, stride_wd,
-            softcap, 1.0, BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS, HAS_SOFTCAP, DOT_PRECISION,
+    first_step = pid_s * steps_per_split
+    last_step = tl.minimum(first_step + steps_per_split, tl.cdiv(num_tiles, SPLIT_N))
+    for step in range(first_step, last_step):
+        tile = step * SPLIT_N
+        acc0, acc1, acc2, acc3 = wide_products(
+            x_ptr, w_ptr, offs_m, tile, N, V, D, stride_xn, stride_xd, stride_wv, stride_wd,
+            BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_N, DOT_PRECISION,
         )
-        raw = tl.where(col_ok[None, :], raw, float("-inf"))
-        new_max = tl.maximum(raw_max, tl.max(raw, axis=1))
-        raw_sum = raw_sum * tl.exp(raw_max - new_max) + tl.sum(tl.exp(raw - new_max[:, None]), axis=1)
-        raw_max = new_max
-        if GREEDY:
-            z = raw
-        else:
-            # Correctly rounded, as the torch backend's division: `/` is approximate on GPUs.
-            z = tl.math.div_rn(raw, temperature)
-            new_max = tl.maximum(z_max, tl.max(z, axis=1))
-            z_sum = z_sum * tl.exp(z_max - new_max) + tl.sum(tl.exp(z - new_max[:, None]), axis=1)
-            z_max = new_max
-        for sample in range(first_sample, end_sample):
-            if GREEDY:
-                score = z
-            else:
-                score = z + tile_noise(seed, pos_lo, pos_hi, tile * (BLOCK_N // 4), sample, BLOCK_M, BLOCK_N)
-            tile_best = tl.max(score, axis=1)
-            local = tl.argmax(score, axis=1, tie_break_left=True)
-            tile_raw = tl.max(tl.where(cols[None, :] == local[:, None], raw, float("-inf")), axis=1)
-            slot = (slots == sample - first_sample)[None, :]
-            previous = tl.max(tl.where(slot, best_score, float("-inf")), axis=1)
-            # Strictly greater: earlier tiles hold lower ids.
-            better = slot & (tile_best > previous)[:, None]
-            best_score = tl.where(better, tile_best[:, None], best_score)
-            best_id = tl.where(better, (tile * BLOCK_N + local).to(tl.int64)[:, None], best_id)
-            best_raw = tl.where(better, tile_raw[:, None], best_raw)
+        best_score, best_id, best_raw, raw_max, raw_sum, z_max, z_sum = sample_tile(
+            acc0, tile, b_ptr, V, softcap, temperature, seed, pos_lo, pos_hi, first_sample, end_sample,
+            best_score, best_id, best_raw, raw_max, raw_sum, z_max, z_sum,
+            SAMPLES, BLOCK_M, BLOCK_N, HAS_BIAS, HAS_SOFTCAP, GREEDY,
+        )
+        # Tiles past the vocabulary (the last step's) are skipped: a tile of -inf would
+        # fold nothing and win nothing, but costs its noise.
+        if SPLIT_N >= 2 and tile + 1 < num_tiles:
+            best_score, best_id, best_raw, raw_max, raw_sum, z_max, z_sum = sample_tile(
+                acc1, tile + 1, b_ptr, V, softcap, temperature, seed, pos_lo, pos_hi, first_sample, end_sample,
+                best_score, best_id, best_raw, raw_max, raw_sum, z_max, z_sum,
+                SAMPLES, BLOCK_M, BLOCK_N, HAS_BIAS, HAS_SOFTCAP, GREEDY,
+            )
+        if SPLIT_N >= 4 and tile + 2 < num_tiles:
+            best_score, best_id, best_raw, raw_max, raw_sum, z_max, z_sum = sample_tile(
+                acc2, tile + 2, b_ptr, V, softcap, temperature, seed, pos_lo, pos_hi, first_sample, end_sample,
+                best_score, best_id, best_raw, raw_max, raw_sum, z_max, z_sum,
+                SAMPLES, BLOCK_M, BLOCK_N, HAS_BIAS, HAS_SOFTCAP, GREEDY,
+            )
+        if SPLIT_N >= 4 and tile + 3 < num_tiles:
+            best_score, best_id, best_raw, raw_max, raw_sum, z_max, z_sum = sample_tile(
+                acc3, tile + 3, b_ptr, V, softcap, temperature, seed, pos_lo, pos_hi, first_sample, end_sample,
+                best_score, best_id, best_raw, raw_max, raw_sum, z_max, z_sum,
+                SAMPLES, BLOCK_M, BLOCK_N, HAS_BIAS, HAS_SOFTCAP, GREEDY,
+            )
     out = offs_m * num_splits + pid_s
     samples = first_sample + slots
     out_samples = out[:, None] * num_samples + samples[None, :]
@@ -168,7 +256,7 @@ def triton_sample(x: Tensor, weight: Tensor, bias: Tensor | None, softcap: float
     v = weight.shape[0]
     drawn = 1 if options.greedy else options.num_samples
     if config is None:
-        config = select_sample_config(x.dtype, n, weight.shape[0],
+        config = select_sample_config(x.dtype, n, weight.shape[0], x.device,
                                       lambda c: triton_sample(x, weight, bias, softcap, options, keys, c))
     if x.stride(-1) != 1:
         x = x.contiguous()
@@ -176,7 +264,9 @@ def triton_sample(x: Tensor, weight: Tensor, bias: Tensor | None, softcap: float
         weight = weight.contiguous()
     samples_per_program = min(triton.next_power_of_2(drawn), SAMPLES_PER_PROGRAM)
     sample_programs = triton.cdiv(drawn, samples_per_program)
-    plan = plan_splits(n, v, config.block_m, config.block_n, sample_programs, kind="sample")
+    # Splits are cut in steps of split_n tiles: a step never straddles two programs.
+    plan = plan_splits(n, v, config.block_m, config.block_n * config.split_n, sample_programs, kind="sample")
+    num_tiles = triton.cdiv(v, config.block_n)
     k0, k1, pos_lo, pos_hi = keys
     seeds = (k0 | (k1 << 32)).contiguous()  # the 64-bit seed that tl.philox splits back into (k0, k1)
     positions = torch.stack([pos_lo, pos_hi], dim=1).contiguous()
@@ -189,10 +279,11 @@ def triton_sample(x: Tensor, weight: Tensor, bias: Tensor | None, softcap: float
         sample_kernel[(plan.num_m_blocks, plan.num_splits, sample_programs)](
             x, weight, bias if bias is not None else x,
             seeds, positions, score, ids, raw, part,
-            n, v, d, plan.num_tiles, plan.tiles_per_split, plan.num_splits, drawn,
+            n, v, d, num_tiles, plan.tiles_per_split, plan.num_splits, drawn,
             x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
             float(softcap or 1.0), float(options.temperature or 1.0),
             SAMPLES=samples_per_program, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+            SPLIT_N=config.split_n,
             HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, GREEDY=options.greedy,
             DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
             num_warps=config.num_warps, num_stages=config.num_stages,
