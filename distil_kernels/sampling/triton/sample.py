@@ -1,8 +1,9 @@
 """Gumbel-max sample kernel: untruncated or greedy draws without the [B, V] logits.
 
 Program (m, s, j) takes row block m through vocabulary split s for samples
-SAMPLES*j .. SAMPLES*(j+1)-1. Each logits tile is computed once and serves all of the
-program's samples: its raw logits and z = raw / T are folded into running (max,
+SAMPLES*j .. SAMPLES*(j+1)-1, SPLIT_N adjacent tiles per pass over the rows' hidden
+states (`wide_products`). Each logits tile is computed once and serves all of the
+program's samples (`sample_tile`): its raw logits and z = raw / T are folded into running (max,
 sum-exp) pairs, and for each sample the Philox noise of the tile is added to z and the
 tile's argmax (ties to the lower id) competes with the sample's running best.
 
