@@ -34,14 +34,15 @@ TARGET_PROGRAMS = 4 * 132
 # 16-aligned launch, ptxas (CUDA 12.8) fits every config below in 255 registers per
 # thread on sm_90 and sm_80, spilling at most 8 bytes for bf16 and 24 for fp32
 # (tests/sampling/test_triton_sampling_aot.py reports each); one more key or noise
-# value per thread spills hundreds. Top-k: a [BLOCK_M, BLOCK_N] int64 key tile, its sorted copy and the
-# running keys take 8 bytes per entry, so a thread holds 16 tile entries (64x64 or
+# value per thread spills hundreds. The merge top-k (the threshold pass's fallback for
+# the rows it cannot settle): a [BLOCK_M, BLOCK_N] int64 key tile, its sorted copy and
+# the running keys take 8 bytes per entry, so a thread holds 16 tile entries (64x64 or
 # 16x256 over 8 warps). K <= 64 fits a 64-row block (one wgmma M); K up to 256 needs
 # BLOCK_N = 256 and so 16 rows, where 32-wide K slices leave room for a fourth stage.
+# One config each: a fallback that sees few rows is not worth tuning, nor the minutes
+# its alternates took to compile in CI for every K.
 TOPK_SMALL_K = TileConfig(64, 64, 64, num_warps=8, num_stages=3)  # K <= 64
 TOPK_LARGE_K = TileConfig(16, 256, 32, num_warps=8, num_stages=4)  # 64 < K <= 256
-TOPK_CANDIDATES_SMALL_K = (TOPK_SMALL_K, TileConfig(64, 64, 64, num_warps=8, num_stages=4))
-TOPK_CANDIDATES_LARGE_K = (TOPK_LARGE_K, TileConfig(16, 256, 64, num_warps=8, num_stages=3))
 # fp32 operands take twice the registers and shared memory per K slice: 32-wide slices,
 # and two stages for the 256-wide tile.
 TOPK_SMALL_K_FP32 = TileConfig(64, 64, 32, num_warps=8, num_stages=3)
@@ -112,8 +113,8 @@ def target_programs(kind: str = "topk") -> int:
 def topk_candidates(dtype: torch.dtype, K: int) -> tuple[TileConfig, ...]:
     """Configs for `K` kept keys, the default first; every one has BLOCK_N >= K."""
     if K <= TOPK_SMALL_K.block_n:
-        return (TOPK_SMALL_K_FP32,) if dtype == torch.float32 else TOPK_CANDIDATES_SMALL_K
-    return (TOPK_LARGE_K_FP32,) if dtype == torch.float32 else TOPK_CANDIDATES_LARGE_K
+        return (TOPK_SMALL_K_FP32 if dtype == torch.float32 else TOPK_SMALL_K,)
+    return (TOPK_LARGE_K_FP32 if dtype == torch.float32 else TOPK_LARGE_K,)
 
 
 def threshold_candidates(dtype: torch.dtype, arch: int) -> tuple[TileConfig, ...]:
