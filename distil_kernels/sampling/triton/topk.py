@@ -125,6 +125,36 @@ def fold_lse(run_max, run_sum, z):
 
 
 @triton.jit
+def empty_lse(BLOCK_M: tl.constexpr):
+    """Running (max, sum-exp) of z and of the raw logits [BLOCK_M] before any tile."""
+    return (tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32), tl.zeros((BLOCK_M,), dtype=tl.float32),
+            tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32), tl.zeros((BLOCK_M,), dtype=tl.float32))
+
+
+@triton.jit
+def folded_tile(
+    x_ptr, w_ptr, b_ptr, offs_m, tile, N, V, D, stride_xn, stride_xd, stride_wv, stride_wd, softcap, inv_temp,
+    run_max, run_sum, raw_max, raw_sum,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, RAW_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Logits tile `tile` (z, -inf past V), its ids and their mask, with the tile folded
+    into the running (max, sum-exp) of z and, with RAW_LSE, of the raw logits."""
+    offs_n = (tile * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    col_ok = offs_n < V
+    z, tanh = logits_tile(
+        x_ptr, w_ptr, b_ptr, offs_m, offs_n, N, V, D, stride_xn, stride_xd, stride_wv, stride_wd,
+        softcap, inv_temp, BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS, HAS_SOFTCAP, DOT_PRECISION,
+    )
+    z = tl.where(col_ok[None, :], z, float("-inf"))
+    run_max, run_sum = fold_lse(run_max, run_sum, z)
+    if RAW_LSE:
+        raw = tanh * softcap if HAS_SOFTCAP else tanh
+        raw_max, raw_sum = fold_lse(raw_max, raw_sum, tl.where(col_ok[None, :], raw, float("-inf")))
+    return z, offs_n, col_ok, run_max, run_sum, raw_max, raw_sum
+
+
+@triton.jit
 def topk_kernel(
     # pointers
     x_ptr, w_ptr, b_ptr,
@@ -151,24 +181,15 @@ def topk_kernel(
     row_ok = offs_m < N
     best = tl.full((BLOCK_M, K), EMPTY_KEY, dtype=tl.int64)  # ascending
     kth = tl.full((BLOCK_M,), EMPTY_KEY, dtype=tl.int64)  # best[:, 0]
-    run_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
-    run_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    raw_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
-    raw_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    run_max, run_sum, raw_max, raw_sum = empty_lse(BLOCK_M)
     first_tile = pid_s * tiles_per_split
     last_tile = tl.minimum(first_tile + tiles_per_split, num_tiles)
     for tile in range(first_tile, last_tile):
-        offs_n = (tile * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-        col_ok = offs_n < V
-        z, tanh = logits_tile(
-            x_ptr, w_ptr, b_ptr, offs_m, offs_n, N, V, D, stride_xn, stride_xd, stride_wv, stride_wd,
-            softcap, inv_temp, BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS, HAS_SOFTCAP, DOT_PRECISION,
+        z, offs_n, col_ok, run_max, run_sum, raw_max, raw_sum = folded_tile(
+            x_ptr, w_ptr, b_ptr, offs_m, tile, N, V, D, stride_xn, stride_xd, stride_wv, stride_wd, softcap,
+            inv_temp, run_max, run_sum, raw_max, raw_sum,
+            BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS, HAS_SOFTCAP, RAW_LSE, DOT_PRECISION,
         )
-        z = tl.where(col_ok[None, :], z, float("-inf"))
-        run_max, run_sum = fold_lse(run_max, run_sum, z)
-        if RAW_LSE:
-            raw = tanh * softcap if HAS_SOFTCAP else tanh
-            raw_max, raw_sum = fold_lse(raw_max, raw_sum, tl.where(col_ok[None, :], raw, float("-inf")))
         keys = ordered_keys(z, offs_n)
         keys = tl.where(row_ok[:, None] & col_ok[None, :], keys, EMPTY_KEY)
         # Two int64 sorts cost far more instructions than the keys: skip them when no
@@ -220,24 +241,15 @@ def threshold_kernel(
     out = offs_m * num_splits + pid_s  # this program's (row, split) slot
     found = tl.zeros((BLOCK_M,), dtype=tl.int32)
     unsettled = tl.zeros((BLOCK_M,), dtype=tl.int32)
-    run_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
-    run_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    raw_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
-    raw_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    run_max, run_sum, raw_max, raw_sum = empty_lse(BLOCK_M)
     first_tile = pid_s * tiles_per_split
     last_tile = tl.minimum(first_tile + tiles_per_split, num_tiles)
     for tile in range(first_tile, last_tile):
-        offs_n = (tile * BLOCK_N + cols).to(tl.int64)
-        col_ok = offs_n < V
-        z, tanh = logits_tile(
-            x_ptr, w_ptr, b_ptr, offs_m, offs_n, N, V, D, stride_xn, stride_xd, stride_wv, stride_wd,
-            softcap, inv_temp, BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS, HAS_SOFTCAP, DOT_PRECISION,
+        z, _, _, run_max, run_sum, raw_max, raw_sum = folded_tile(
+            x_ptr, w_ptr, b_ptr, offs_m, tile, N, V, D, stride_xn, stride_xd, stride_wv, stride_wd, softcap,
+            inv_temp, run_max, run_sum, raw_max, raw_sum,
+            BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS, HAS_SOFTCAP, RAW_LSE, DOT_PRECISION,
         )
-        z = tl.where(col_ok[None, :], z, float("-inf"))
-        run_max, run_sum = fold_lse(run_max, run_sum, z)
-        if RAW_LSE:
-            raw = tanh * softcap if HAS_SOFTCAP else tanh
-            raw_max, raw_sum = fold_lse(raw_max, raw_sum, tl.where(col_ok[None, :], raw, float("-inf")))
         # NaN has no place in a comparison order: the row goes to the merge kernel.
         unsettled |= tl.max((z != z).to(tl.int32), axis=1)
         hit = (z >= bound[:, None]) & row_ok[:, None]
