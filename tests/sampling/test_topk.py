@@ -236,3 +236,38 @@ def test_validation(kwargs, error, match):
     args.update(kwargs)
     with pytest.raises(error, match=match):
         linear_topk(args.pop("input"), args.pop("weight"), args.pop("k"), **args)
+
+
+# --------------------------------------------------------------------------------------
+# The triton backend's threshold pass: how many candidates its lists must hold
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("k, splits", [(1, 8), (64, 8), (64, 528), (256, 8), (256, 264)])
+@pytest.mark.parametrize("logits", ["gaussian", "peaked"])
+def test_threshold_lists_hold_what_the_subset_bound_lets_through(k, splits, logits):
+    """Qwen2.5-7B's vocabulary (152064), 128-wide tiles cut into `splits` splits as the
+    kernel's launcher does: every (row, split) count of logits at or above the subset's
+    k-th largest fits `split_capacity`, so the merge kernel is the rare exception."""
+    pytest.importorskip("triton")
+    import triton
+
+    from distil_kernels.sampling.triton.topk import split_capacity, subset_step
+
+    vocab, block_n, rows = 152064, 128, 64
+    gen = torch.Generator().manual_seed(k * 1000 + splits)
+    z = torch.randn(rows, vocab, generator=gen)
+    if logits == "peaked":  # a few hundred ids far above the rest, as in a confident LM
+        z[:, torch.randperm(vocab, generator=gen)[:300]] += 8.0
+    step = subset_step(vocab, k)
+    bound = torch.topk(z[:, ::step], k, dim=1).values[:, -1:]
+    num_tiles = triton.cdiv(vocab, block_n)
+    tiles_per_split = triton.cdiv(num_tiles, splits)
+    split_columns = tiles_per_split * block_n
+    counts = torch.stack([(z[:, c : c + split_columns] >= bound).sum(dim=1)
+                          for c in range(0, vocab, split_columns)], dim=1)
+    capacity = split_capacity(k, step, split_columns, vocab)
+    assert (counts.sum(dim=1) >= k).all()
+    assert int(counts.max()) <= capacity, f"{int(counts.max())} > {capacity}"
+    # Not wastefully large either: the mean count is within 4x of the list.
+    assert capacity <= 4 * max(float(counts.float().mean()), 8.0) + 64
