@@ -25,7 +25,15 @@ import torch
 from distil_kernels import linear_sample
 from distil_kernels.cuda_ext import extension_available
 
-from .sampling_suite import DTYPES, Provider, compiled, find_row, flashinfer_module, print_target, run_suite
+from .sampling_suite import (
+    DTYPES,
+    Provider,
+    find_row,
+    flashinfer_module,
+    print_target,
+    run_suite,
+    torch_providers,
+)
 
 CUDA_SHAPES = [(64, 3584, 152064), (256, 3584, 152064)]
 
@@ -82,14 +90,8 @@ def providers(device: str = "cpu", quick: bool = False) -> list[Provider]:
         out += [_ours(backend="triton"), _ours(backend="chunked")]
         if extension_available():
             out.append(_ours(backend="cuda"))
-    out.append(Provider("torch", lambda x, w: (lambda: _torch_sample(x, w))))
-    if not (cuda and quick):  # compiling costs ~20 s a function on a fresh GPU machine
-        torch_compiled = compiled(_torch_sample)
-        out.append(Provider("torch-compile", lambda x, w: (lambda: torch_compiled(x, w))))
-    out.append(Provider("torch-top_p", lambda x, w: (lambda: _torch_sample_top_p(x, w))))
-    if not (cuda and quick):
-        torch_top_p_compiled = compiled(_torch_sample_top_p)
-        out.append(Provider("torch-compile-top_p", lambda x, w: (lambda: torch_top_p_compiled(x, w))))
+    out += torch_providers("torch", "torch-compile", _torch_sample, not (cuda and quick))
+    out += torch_providers("torch-top_p", "torch-compile-top_p", _torch_sample_top_p, not (cuda and quick))
     if cuda:
         out += flashinfer_providers()
     return out

@@ -177,3 +177,13 @@ def flashinfer_module(suite: str):
 def compiled(fn: Callable) -> Callable:
     """torch.compile'd `fn`, compiled on first use."""
     return torch.compile(fn, dynamic=False)
+
+
+def torch_providers(name: str, compiled_name: str, fn: Callable, with_compiled: bool) -> list[Provider]:
+    """The eager torch baseline `fn(x, w)` and, with `with_compiled` (compiling costs ~20 s a
+    function on a fresh GPU machine), its torch.compile'd twin."""
+    out = [Provider(name, lambda x, w: (lambda: fn(x, w)))]
+    if with_compiled:
+        fn_compiled = compiled(fn)
+        out.append(Provider(compiled_name, lambda x, w: (lambda: fn_compiled(x, w))))
+    return out

@@ -22,7 +22,15 @@ import torch
 from distil_kernels import linear_topk
 from distil_kernels.cuda_ext import extension_available
 
-from .sampling_suite import DTYPES, Provider, compiled, find_row, flashinfer_module, print_target, run_suite
+from .sampling_suite import (
+    DTYPES,
+    Provider,
+    find_row,
+    flashinfer_module,
+    print_target,
+    run_suite,
+    torch_providers,
+)
 
 K = 64
 CUDA_SHAPES = [(8192, 3584, 152064)]
@@ -69,10 +77,7 @@ def providers(device: str = "cpu", quick: bool = False) -> list[Provider]:
         out += [Provider(backend, lambda x, w, backend=backend: (lambda: linear_topk(x, w, K, backend=backend)))
                 for backend in ("triton", "chunked") + (("cuda",) if extension_available() else ())]
         out.append(Provider("triton-merge", lambda x, w: (lambda: _merge_kernel_topk(x, w))))
-    out.append(Provider("torch", lambda x, w: (lambda: _torch_topk(x, w))))
-    if not (cuda and quick):  # compiling costs ~20 s on a fresh GPU machine
-        torch_compiled = compiled(_torch_topk)
-        out.append(Provider("torch-compile", lambda x, w: (lambda: torch_compiled(x, w))))
+    out += torch_providers("torch", "torch-compile", _torch_topk, not (cuda and quick))
     if cuda:
         out += flashinfer_providers()
     return out
