@@ -258,12 +258,13 @@ def _sweep_sample(x: Tensor, weight: Tensor, bias: Tensor | None, softcap: float
     """
     from ..loss.chunked import Workspace, logits_tile, plan_chunks
     from ..loss.options import LossOptions
-    from .topk import SWEEP_CPU_ROWS, fold_lse_
+    from .topk import SWEEP_CPU_MIN_TILE, SWEEP_CPU_ROWS, fold_lse_
 
     raw_options = LossOptions(softcap=softcap, workspace_bytes=workspace_bytes)
     rows, vocab = x.shape[0], weight.shape[0]
     n = options.num_samples
-    plan = plan_chunks(rows, vocab, x.dtype, x.device, raw_options, SWEEP_CPU_ROWS)
+    plan = plan_chunks(rows, vocab, x.dtype, x.device, raw_options, SWEEP_CPU_ROWS,
+                       SWEEP_CPU_MIN_TILE)
     ws = Workspace(plan, x.dtype, x.device, softcap is not None)
     dev = x.device
     ids = torch.zeros(rows, n, dtype=torch.int64, device=dev)

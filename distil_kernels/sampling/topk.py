@@ -57,40 +57,47 @@ def reference_topk(x: Tensor, weight: Tensor, bias: Tensor | None, k: int, optio
 
 # Rows per chunk the CPU default workspace aims at in the sampling sweeps (see plan_chunks).
 SWEEP_CPU_ROWS = 256
+# The narrowest vocabulary tile the CPU sweeps take to fit more rows in a chunk: each
+# chunk reads all of W (fp32 GEMMs of 512 rows in 32768-column tiles took 8% longer
+# than 1024 rows in 16384-column tiles), and 8192 columns added per-tile costs.
+SWEEP_CPU_MIN_TILE = 16384
+# Bytes of log_softmax output per block of rows in a tile's lse (see _row_lse).
+LSE_BLOCK_BYTES = 4 << 20
+# Columns per strided group of the CPU top-k prefilter (see _prefiltered_topk).
+PREFILTER_GROUP = 16
 # Extra entries a tile's top-k asks for, so that a run of values equal to the k-th one
 # (a bf16 logit is one of 128 values per octave) usually ends inside them.
 TIE_MARGIN = 16
 
 
 def _tile_candidates(z: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
-    """The exact top-min(k, cols) of each row of `z`: (values, local ids ascending, row lse).
+    """The exact top-min(k, cols) of each row of `z`: (values, local ids, row lse).
 
-    `torch.topk` picks arbitrarily among entries equal to the k-th value, and such ties
-    are the rule for bf16 logits. So it is asked for `TIE_MARGIN` more entries than
-    needed; ordering those by (value desc, id asc) with two small sorts settles the ties
-    exactly whenever the whole run of entries equal to the k-th value fits inside them,
-    which the last of them shows (it is strictly smaller). The few rows where it does
-    not, and rows holding NaN, are redone by `_tied_candidates`.
+    Candidates come ordered by (value desc, id asc). `torch.topk` picks arbitrarily
+    among entries equal to the k-th value, and such ties are the rule for bf16 logits. So
+    it is asked for `TIE_MARGIN` more entries than needed; ordering those with two small
+    sorts (by id, then a stable one by value) settles the ties exactly whenever the whole
+    run of entries equal to the k-th value fits inside them, which the last of them shows
+    (it is strictly smaller). The few rows where it does not, and rows holding NaN, are
+    redone by `_tied_candidates`.
 
-    The row's log-sum-exp is read off `log_softmax` at the row's maximum, where it is
-    exactly -log(sum(exp(z - max))): one fused pass instead of a max, a subtract, an exp
-    and a sum.
+    The row's log-sum-exp comes from `_row_lse` at the row's maximum.
     """
     rows, cols = z.shape
     kk = min(k, cols)
     if kk == cols:
-        return z, torch.arange(cols, device=z.device).expand(rows, cols), torch.logsumexp(z, dim=1)
+        values, local = torch.sort(z, dim=1, descending=True, stable=True)
+        return values, local, torch.logsumexp(z, dim=1)
     wide = min(cols, kk + TIE_MARGIN)
-    values, local = torch.topk(z, wide, dim=1, sorted=False)
+    values, local = _prefiltered_topk(z, wide)
     local, by_id = local.sort(dim=1)
     values, by_value = values.gather(1, by_id).sort(dim=1, descending=True, stable=True)
     local = local.gather(1, by_value)
     kth = values[:, kk - 1 : kk]
     has_nan = values.isnan().any(dim=1)  # topk ranks NaN first: a row holding one shows it here
     redo = has_nan if wide == cols else has_nan | ~(values[:, wide - 1] < kth[:, 0])
-    lse = values[:, 0] - torch.log_softmax(z, dim=1).gather(1, local[:, :1])[:, 0]
-    local, by_id = local[:, :kk].sort(dim=1)
-    values = values[:, :kk].gather(1, by_id)
+    lse = _row_lse(z, values[:, 0], local[:, 0])
+    values, local = values[:, :kk], local[:, :kk]
     if bool(redo.any()):
         rows_to_redo = redo.nonzero()[:, 0]
         values[rows_to_redo], local[rows_to_redo] = _tied_candidates(
@@ -98,8 +105,58 @@ def _tile_candidates(z: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     return values, local, lse
 
 
+def _prefiltered_topk(z: Tensor, wide: int) -> tuple[Tensor, Tensor]:
+    """`torch.topk(z, wide, dim=1, sorted=False)`, reading each row once on the CPU.
+
+    The CPU `topk` copies every row into (value, index) pairs before partially sorting
+    them, which costs as much as the tile's softmax. Here the columns form strided groups
+    {g, g + G, g + 2G, ...}, whose maxima are one vectorised pass. At least `wide` entries
+    reach the `wide`-th largest group maximum M, so the row's top `wide` are entries above
+    M, all inside the top `wide` groups, and entries equal to M: the top `wide` of those
+    groups' columns (and the columns left over past the last whole group) hold the same
+    values. Ties at the `wide`-th value may resolve to other ids, as `torch.topk`'s do. A
+    NaN makes its group's maximum NaN, which `topk` ranks first: it reaches the result.
+    Other devices' `topk` is a radix select that reads the row once already.
+    """
+    rows, cols = z.shape
+    groups = cols // PREFILTER_GROUP
+    if z.device.type != "cpu" or groups < 4 * wide:
+        return torch.topk(z, wide, dim=1, sorted=False)
+    grid = z[:, : PREFILTER_GROUP * groups].view(rows, PREFILTER_GROUP, groups)
+    _, top_groups = torch.topk(grid.amax(dim=1), wide, dim=1, sorted=False)
+    strides = torch.arange(0, PREFILTER_GROUP * groups, groups, device=z.device)
+    columns = (top_groups[:, None, :] + strides[:, None]).view(rows, -1)
+    if PREFILTER_GROUP * groups < cols:
+        rest = torch.arange(PREFILTER_GROUP * groups, cols, device=z.device)
+        columns = torch.cat([columns, rest.expand(rows, -1)], dim=1)
+    values, at = torch.topk(z.gather(1, columns), wide, dim=1, sorted=False)
+    return values, columns.gather(1, at)
+
+
+def _row_lse(z: Tensor, row_max: Tensor, argmax: Tensor) -> Tensor:
+    """log-sum-exp of each row of `z` [rows, cols], given its maximum and where it is.
+
+    `log_softmax` at the maximum is exactly -log(sum(exp(z - max))): one fused pass
+    instead of a max, a subtract, an exp and a sum. It runs on blocks of rows: a whole
+    tile's output (32 MB at 256 x 32000) is an mmap the allocator returns to the kernel
+    when freed, and faulting its pages back in on every tile cost more than the softmax
+    (11.6 ms against 3.5 ms measured on the CPU); a few MiB come back from the heap.
+    Other devices' caching allocators keep the memory: one launch there.
+    """
+    rows, cols = z.shape
+    block = max(1, LSE_BLOCK_BYTES // (cols * z.element_size())) if z.device.type == "cpu" else rows
+    at_max = torch.empty(rows, dtype=z.dtype, device=z.device)
+    for r0 in range(0, rows, block):
+        r1 = min(r0 + block, rows)
+        at_max[r0:r1] = torch.log_softmax(z[r0:r1], dim=1).gather(1, argmax[r0:r1, None])[:, 0]
+    # A +inf logit makes log_softmax NaN there; the row's lse is +inf, as logsumexp says.
+    return torch.where(row_max == math.inf, row_max, row_max - at_max)
+
+
 def _tied_candidates(z: Tensor, kk: int, kth: Tensor, any_nan: bool) -> tuple[Tensor, Tensor]:
-    """Exact top-kk of rows with ties at their k-th value `kth` [rows, 1]: (values, ids ascending).
+    """Exact top-kk of rows with ties at their k-th value `kth` [rows, 1]: (values, ids).
+
+    Ordered by (value desc, id asc) as `_tile_candidates`.
 
     Every entry at or above the k-th value (kk plus the ties, a short list) is gathered
     in id order, and a stable descending sort of that list keeps the lowest ids among the
@@ -127,10 +184,7 @@ def _tied_candidates(z: Tensor, kk: int, kth: Tensor, any_nan: bool) -> tuple[Te
     values[row, slot] = z[row, col]
     local[row, slot] = col
     values, order = torch.sort(values, dim=1, descending=True, stable=True)
-    local = local.gather(1, order[:, :kk])
-    values = values[:, :kk]
-    local, by_id = local.sort(dim=1)
-    return values.gather(1, by_id), local
+    return values[:, :kk], local.gather(1, order[:, :kk])
 
 
 def _merge(best_values: Tensor, best_ids: Tensor, values: Tensor, ids: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -138,8 +192,10 @@ def _merge(best_values: Tensor, best_ids: Tensor, values: Tensor, ids: Tensor, k
 
     Every id in `best_ids` is below every id in `ids` (tiles come in vocabulary order)
     and both sets list equal values in id order, so a stable descending sort of the
-    concatenation orders ties by id.
+    concatenation orders ties by id. The first tile's candidates are the set as they are.
     """
+    if best_values.shape[1] == 0:
+        return values[:, :k], ids[:, :k]
     values = torch.cat([best_values, values], dim=1)
     ids = torch.cat([best_ids, ids], dim=1)
     values, order = torch.sort(values, dim=1, descending=True, stable=True)
@@ -169,7 +225,7 @@ def chunked_topk(x: Tensor, weight: Tensor, bias: Tensor | None, k: int, options
     num_rows = x.shape[0]
     vocab_size = weight.shape[0]
     cdt = compute_dtype(x.dtype)
-    plan = plan_chunks(num_rows, vocab_size, x.dtype, x.device, options, SWEEP_CPU_ROWS)
+    plan = plan_chunks(num_rows, vocab_size, x.dtype, x.device, options, SWEEP_CPU_ROWS, SWEEP_CPU_MIN_TILE)
     ws = Workspace(plan, x.dtype, x.device, options.softcap is not None)
     out_ids = torch.empty(num_rows, k, dtype=torch.int64, device=x.device)
     out_logprobs = torch.empty(num_rows, k, dtype=cdt, device=x.device)

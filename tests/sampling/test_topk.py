@@ -194,6 +194,70 @@ def test_many_ties_chunked_equals_torch(n, v, d, k_frac, seed, softcap, temperat
     torch.testing.assert_close(got.lse, want.lse, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_rows", [1, 64, 1024, 1 << 16])
+def test_sweep_plan_tiles_the_vocabulary_before_shrinking_the_chunk(num_rows, dtype):
+    """The sampling sweeps' CPU plan for a 152k vocabulary: few reads of W, within 64 MiB."""
+    from distil_kernels.loss.chunked import plan_chunks
+    from distil_kernels.loss.options import LossOptions
+    from distil_kernels.sampling.topk import SWEEP_CPU_MIN_TILE, SWEEP_CPU_ROWS
+
+    vocab_size = 151936
+    plan = plan_chunks(num_rows, vocab_size, dtype, torch.device("cpu"), LossOptions(), SWEEP_CPU_ROWS,
+                       SWEEP_CPU_MIN_TILE)
+    whole_rows = plan_chunks(num_rows, vocab_size, dtype, torch.device("cpu"), LossOptions(), SWEEP_CPU_ROWS)
+    per_element = 4 + (dtype.itemsize if dtype != torch.float32 else 0)
+    assert plan.rows * plan.tile * per_element <= 64 << 20
+    assert whole_rows.tile == vocab_size
+    if num_rows <= whole_rows.rows:
+        assert plan == whole_rows  # one chunk either way: whole rows
+    else:
+        assert plan.tile >= SWEEP_CPU_MIN_TILE and plan.rows >= 3 * whole_rows.rows
+
+
+@pytest.mark.parametrize("cols", [4096, 4096 + 13])
+@pytest.mark.parametrize("wide", [1, 17, 64])
+@pytest.mark.parametrize("levels", [None, 3])
+def test_prefiltered_topk_keeps_the_top_values(cols, wide, levels):
+    """The CPU group prefilter returns torch.topk's values and ids that really hold them.
+
+    `levels` rounds the tile to a few values, so runs of ties cross the group boundaries.
+    """
+    from distil_kernels.sampling.topk import PREFILTER_GROUP, _prefiltered_topk
+
+    assert cols // PREFILTER_GROUP >= 4 * wide  # the prefilter path, not the plain topk
+    g = torch.Generator().manual_seed(cols + wide)
+    z = torch.randn(33, cols, generator=g)
+    if levels is not None:
+        z = (z * levels).round()
+    z[3, cols - 1] = 50.0  # the row's maximum in the columns past the last whole group
+    z[4, :] = -torch.inf
+    z[5, 100:] = -torch.inf
+    values, ids = _prefiltered_topk(z, wide)
+    want = torch.topk(z, wide, dim=1).values
+    assert torch.equal(values.sort(dim=1, descending=True).values, want)
+    assert torch.equal(z.gather(1, ids), values)
+    assert all(len(set(row)) == wide for row in ids.tolist())
+
+
+@pytest.mark.parametrize("k", [1, 5, 40])
+@pytest.mark.parametrize("nan", [False, True])
+def test_wide_tiles_with_ties_chunked_equals_torch(k, nan):
+    """A tile of 3605 columns takes the CPU prefilter; ties from integer weights, NaN and inf."""
+    g = torch.Generator().manual_seed(k)
+    x = torch.randint(-2, 3, (9, 4), generator=g).double()
+    w = torch.randint(-1, 2, (3605, 4), generator=g).double()
+    b = torch.randint(-1, 2, (3605,), generator=g).double()
+    b[[7, 3600]] = torch.inf
+    if nan:
+        x[2, 1] = torch.nan
+    want = linear_topk(x, w, k, bias=b, backend="torch")
+    got = linear_topk(x, w, k, bias=b, backend="chunked")
+    assert torch.equal(got.ids, want.ids)
+    torch.testing.assert_close(got.logprobs, want.logprobs, rtol=0, atol=1e-6, equal_nan=True)
+    torch.testing.assert_close(got.lse, want.lse, rtol=0, atol=1e-6, equal_nan=True)
+
+
 @pytest.mark.parametrize("workspace_bytes", WORKSPACES)
 def test_non_finite_logits_propagate_like_torch(workspace_bytes):
     x, w, b = make_problem(6, 200, 8, torch.float64, seed=8)
@@ -203,7 +267,7 @@ def test_non_finite_logits_propagate_like_torch(workspace_bytes):
     got = linear_topk(x, w, 5, bias=b, backend="chunked", workspace_bytes=workspace_bytes)
     assert torch.equal(got.ids, want.ids)
     assert got.ids[1].tolist() == [0, 1, 2, 3, 4]  # NaN ranks first, lower ids first
-    assert got.lse[1].isnan() and not got.lse[0].isfinite()
+    assert got.lse[1].isnan() and got.lse[0] == torch.inf
 
 
 # --------------------------------------------------------------------------------------
