@@ -242,9 +242,9 @@ class ShardedDenseLogits:
         self.widest = max(size for _, size in self.pieces)
 
     def __call__(self, x_rows, weight, bias, softcap, budget):
-        from .sampling.sample import _dense_logits
+        from .sampling.sample import _tile_logits
 
-        local = _dense_logits(x_rows, weight, bias, softcap, budget)
+        local = _tile_logits(x_rows, weight, bias, softcap, budget)
         padded = local.new_zeros(local.shape[0], self.widest)
         padded[:, : local.shape[1]] = local
         gathered = _all_gather(padded, self.shard)

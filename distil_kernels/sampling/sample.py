@@ -151,7 +151,9 @@ def kept_prefix(sorted_z: Tensor, lse: Tensor, options: SamplingOptions) -> Tens
     if options.top_k is not None:
         length = length.clamp_max(options.top_k)
     if options.top_p is not None and options.top_p < 1.0:
-        probs = (sorted_z - lse[:, None]).exp()
+        # float64 mass: sums taken in another order (the dense fallback's buckets) agree
+        # with this prefix sum to ~1e-16, not to fp32's ~1e-7 at a 1e-5 boundary step.
+        probs = (sorted_z.double() - lse.double()[:, None]).exp()
         ranks = torch.arange(cols, device=sorted_z.device)
         probs = torch.where(ranks[None, :] < length[:, None], probs, 0.0)
         mass = probs.cumsum(dim=1)
@@ -166,6 +168,63 @@ def kept_prefix(sorted_z: Tensor, lse: Tensor, options: SamplingOptions) -> Tens
         threshold = sorted_z[:, :1] + math.log(options.min_p)
         length = torch.minimum(length, (sorted_z >= threshold).sum(dim=1))
     return length.clamp_min(1)
+
+
+# Bits of the order key that name a bucket in the nucleus search: 2**14 buckets per row,
+# each spanning 1/32 of an octave, so the boundary's bucket holds ~1% of a flat row.
+NUCLEUS_BUCKET_BITS = 14
+
+
+def _order_keys(z: Tensor) -> Tensor:
+    """int32 keys ordered as the fp32 values `z` (NaN-free); -0 is keyed as +0, its equal."""
+    bits = (z + 0.0).view(torch.int32)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)  # negatives: larger magnitude, smaller key
+
+
+def nucleus_mask(z: Tensor, lse: Tensor, top_p: float) -> Tensor:
+    """bool [rows, V]: the ids `kept_prefix` keeps for `top_p` (no top_k), without a sort.
+
+    The prefix of ids by (z desc, id asc) keeps an id when the mass before it is below
+    top_p. One pass sums the mass per bucket of the ids' order keys; the bucket where the
+    mass from above crosses top_p is the only one whose ids need ordering: every id in
+    a higher bucket is kept, none in a lower one. Sorting those few ids (by key desc, id
+    asc) and adding the mass above their bucket gives each its mass before it, in
+    float64 as `kept_prefix` sums: the two agree but where a prefix's mass is within
+    ~1e-14 of top_p.
+    """
+    rows, vocab = z.shape
+    bits = NUCLEUS_BUCKET_BITS
+    probs = z.double().sub_(lse.double()[:, None]).exp_()
+    keys = _order_keys(z)
+    buckets = (keys >> (32 - bits)) + (1 << (bits - 1))  # the arithmetic shift spans [-2**13, 2**13)
+    flat = (buckets + torch.arange(0, rows << bits, 1 << bits, device=z.device)[:, None].to(torch.int32)).flatten()
+    mass = torch.bincount(flat, weights=probs.flatten(), minlength=rows << bits).view(rows, 1 << bits)
+    at_or_above = mass.flip(1).cumsum(1).flip(1)  # [r, b]: the mass of buckets >= b
+    boundary = ((at_or_above >= top_p).sum(1) - 1).clamp_min(0)
+    above = torch.cat([at_or_above, torch.zeros_like(at_or_above[:, :1])], 1).gather(1, boundary[:, None] + 1)[:, 0]
+    row, col = (buckets == boundary[:, None].to(torch.int32)).nonzero(as_tuple=True)  # row-major: ids ascending
+    order = torch.sort(keys[row, col], descending=True, stable=True).indices
+    order = order[torch.sort(row[order], stable=True).indices]
+    row, col = row[order], col[order]
+    p = probs[row, col]
+    # The mass before each of the bucket's ids: the buckets above plus its row's earlier ids.
+    running = p.cumsum(0)
+    starts = torch.searchsorted(row, torch.arange(rows, device=z.device))
+    before = running - p - torch.cat([running.new_zeros(1), running])[starts][row] + above[row]
+    kept = buckets > boundary[:, None].to(torch.int32)
+    kept[row[before < top_p], col[before < top_p]] = True
+    # A row whose mass sums below top_p (rounding) keeps every id, as the prefix does.
+    return kept | (at_or_above[:, :1] < top_p)
+
+
+def kept_mask(z: Tensor, lse: Tensor, options: SamplingOptions) -> Tensor:
+    """bool [rows, V]: the ids `kept_prefix` keeps for top_p and min_p, for options without top_k."""
+    kept = torch.ones_like(z, dtype=torch.bool)
+    if options.top_p is not None and options.top_p < 1.0:
+        kept = nucleus_mask(z, lse, options.top_p)
+    if options.min_p is not None and options.min_p > 0.0:
+        kept &= z >= z.amax(dim=1, keepdim=True) + math.log(options.min_p)
+    return kept
 
 
 # --------------------------------------------------------------------------------------
@@ -290,7 +349,7 @@ def _sweep_sample(x: Tensor, weight: Tensor, bias: Tensor | None, softcap: float
             # their operands: in blocks of NOISE_BLOCK_CPU ids per row those stay in
             # cache (220 ms against 63 ms for 64 x 151936 ids, measured); elsewhere one
             # block per tile keeps the launches few.
-            block = v1 - v0 if dev.type != "cpu" else max(NOISE_BLOCK_CPU // (r1 - r0), 1024)
+            block = v1 - v0 if dev.type != "cpu" else max(NOISE_BLOCK_CPU // (r1 - r0), 1)
             for c0 in range(0, v1 - v0, block):
                 c1 = min(c0 + block, v1 - v0)
                 first = v0 + c0 + id_offset
@@ -333,6 +392,8 @@ def _candidate_sample(x: Tensor, weight: Tensor, bias: Tensor | None, softcap: f
     n = options.num_samples
     num_candidates = min(vocab, max(CANDIDATES, options.top_k or 0))
     z_options = LossOptions(softcap=softcap, temperature=options.temperature, workspace_bytes=workspace_bytes)
+    if dense_logits is None:
+        dense_logits = _tile_logits if backend == "chunked" else _dense_logits
     if top is None and backend == "triton":
         from .triton import triton_topk
 
@@ -379,16 +440,69 @@ def _settled(cand_logprobs: Tensor, length: Tensor, options: SamplingOptions, nu
     return (length < num_candidates) | (options.top_k is not None and options.top_k <= num_candidates)
 
 
-# Live bytes per logit in `reference_sample`: the fp32 logits and their tempered copy, the
-# sorted values with int64 order, the prefix mass, the kept masks, and per draw the
-# noise (int64 Philox words, the float64 exponential, fp32 Gumbel) and the scores.
-DENSE_BYTES_PER_LOGIT = 96
+# Live bytes per logit in `_dense_truncated_sample` beside the logits themselves: the
+# tempered copy, the float64 probabilities, the order keys with their bucket and flat
+# bucket index, the masks, and a float64 row for logsumexp.
+DENSE_BYTES_PER_LOGIT = 48
+# The same for `reference_sample`: the sorted values with int64 order, the prefix mass and
+# the kept masks besides, and per draw full-row noise and scores.
+REFERENCE_BYTES_PER_LOGIT = 96
 DENSE_FALLBACK_BUDGET = 64 << 20
+
+
+def _dense_truncated_sample(raw_logits: Tensor, options: SamplingOptions, seed: int | Tensor,
+                            positions: Tensor | None) -> Sample:
+    """`reference_sample` for top_p / min_p truncation (no top_k), without sorting rows.
+
+    Same kept sets (`kept_mask`), noise and draws; the noise comes in blocks of ids, and
+    a block's maximum replaces an earlier block's only when strictly greater, which keeps
+    ties at the lower id as the dense argmax does.
+    """
+    raw = raw_logits.float()
+    rows, vocab = raw.shape
+    lse_raw = torch.logsumexp(raw, dim=1)
+    z = raw / options.temperature
+    lse = torch.logsumexp(z, dim=1)
+    kept = kept_mask(z, lse, options)
+    kept_lse = torch.logsumexp(torch.where(kept, z, -math.inf), dim=1)
+    keys = row_keys(seed, positions, rows, raw.device)
+    n = options.num_samples
+    ids = torch.zeros(rows, n, dtype=torch.int64, device=raw.device)
+    best = torch.full((rows, n), -math.inf, device=raw.device)
+    block = max(NOISE_BLOCK_CPU // max(rows, 1), 1) if raw.device.type == "cpu" else vocab
+    for v0 in range(0, vocab, block):
+        v1 = min(v0 + block, vocab)
+        for j in range(n):
+            score = torch.where(kept[:, v0:v1], z[:, v0:v1] + gumbel_noise_range(v0, v1, keys, j), -math.inf)
+            block_best, local = score.max(dim=1)
+            better = block_best > best[:, j]
+            best[:, j] = torch.where(better, block_best, best[:, j])
+            ids[:, j] = torch.where(better, local + v0, ids[:, j])
+    logprobs = z.gather(1, ids) - kept_lse[:, None]
+    raw_logprobs = raw.gather(1, ids) - lse_raw[:, None]
+    return Sample(ids, logprobs, raw_logprobs, lse_raw)
+
+
+def _tile_logits(x: Tensor, weight: Tensor, bias: Tensor | None, softcap: float | None, budget: int) -> Tensor:
+    """softcap(x W^T + b) [rows, V] as the chunked sweep's tiles hold them (fp32; float64
+    for float64): a bf16 or fp16 GEMM's output rounded to its dtype first, as F.linear
+    does, so the fallback rows of the chunked backend sample the logits its candidates
+    came from, with the input dtype's GEMM rate (a bf16 head cast to fp32 took 5x the
+    GEMM on the CPU). `budget` is unused: the rows' logits are the workspace.
+    """
+    from ..loss.chunked import ChunkPlan, Workspace, logits_tile
+    from ..loss.options import LossOptions
+
+    rows, vocab = x.shape[0], weight.shape[0]
+    ws = Workspace(ChunkPlan(rows, vocab), x.dtype, x.device, softcap is not None)
+    logits, _ = logits_tile(ws, x, weight, bias, 0, vocab, LossOptions(softcap=softcap))
+    return logits
 
 
 def _dense_logits(x: Tensor, weight: Tensor, bias: Tensor | None, softcap: float | None, budget: int) -> Tensor:
     """softcap(x W^T + b) [rows, V] in the reference's compute dtype (fp32; float64 for
-    float64), W cast to it a slice at a time.
+    float64), W cast to it a slice at a time: the unrounded fp32 products the triton and
+    cuda backends' candidates come from.
 
     Casting the whole head (the reference's way) would be a [V, d] fp32 copy: 2 GiB for a
     152k x 3584 bf16 head, in a path that promises a bounded workspace.
@@ -411,25 +525,34 @@ def _dense_logits(x: Tensor, weight: Tensor, bias: Tensor | None, softcap: float
 
 def _dense_fallback(sample: Sample, x: Tensor, weight: Tensor, bias: Tensor | None, softcap: float | None,
                     options: SamplingOptions, seed, positions, rows: Tensor, workspace_bytes: int | None,
-                    dense_logits=None, vocab_size: int | None = None) -> None:
+                    dense_logits, vocab_size: int | None = None) -> None:
     """Exact sampling for `rows` from their dense logits, a bounded number of rows at a time.
 
     `dense_logits(x_rows, weight, bias, softcap, budget)` builds them over `vocab_size`
-    columns (`_dense_logits` over weight's rows, or a vocabulary shard's gathered from
-    every rank).
+    columns (`_tile_logits` or `_dense_logits` over weight's rows, or a vocabulary
+    shard's gathered from every rank).
     """
-    dense_logits = dense_logits or _dense_logits
     budget = workspace_bytes or DENSE_FALLBACK_BUDGET
     vocab = weight.shape[0] if vocab_size is None else vocab_size
-    step = max(1, budget // (vocab * DENSE_BYTES_PER_LOGIT))
-    for i in range(0, len(rows), step):
-        block = rows[i : i + step]
-        block_positions = block if positions is None else positions[block]
-        block_seed = seed[block] if isinstance(seed, Tensor) and seed.dim() == 1 else seed
-        logits = dense_logits(x[block], weight, bias, softcap, budget // 4)
-        dense = reference_sample(logits, options, block_seed, block_positions)
-        for out, value in zip(sample, dense):
-            out[block] = value
+    if options.top_k is None:
+        sampler, per_logit = _dense_truncated_sample, DENSE_BYTES_PER_LOGIT
+    else:  # _settled keeps every row a top_k bounds; this path serves callers of other options
+        sampler, per_logit = reference_sample, REFERENCE_BYTES_PER_LOGIT
+    # fp32 logits for many rows per GEMM (each block of rows reads all of W) in half the
+    # budget, the GEMM's low-precision twin freed on return; the sampler takes them a few
+    # rows at a time in the other half.
+    logit_rows = max(1, budget // (2 * 4 * vocab))
+    sample_rows = max(1, budget // (2 * per_logit * vocab))
+    for i in range(0, len(rows), logit_rows):
+        logit_block = rows[i : i + logit_rows]
+        logits = dense_logits(x[logit_block], weight, bias, softcap, budget // 4)
+        for k in range(0, len(logit_block), sample_rows):
+            block = logit_block[k : k + sample_rows]
+            block_positions = block if positions is None else positions[block]
+            block_seed = seed[block] if isinstance(seed, Tensor) and seed.dim() == 1 else seed
+            dense = sampler(logits[k : k + sample_rows], options, block_seed, block_positions)
+            for out, value in zip(sample, dense):
+                out[block] = value
 
 
 # --------------------------------------------------------------------------------------

@@ -63,7 +63,10 @@ def test_rare_token_is_drawn_at_its_rate():
 @pytest.mark.parametrize("options", [dict(), dict(top_k=5), dict(top_p=0.9), dict(min_p=0.05), dict(temperature=0),
                                      dict(num_samples=3, top_p=0.95, temperature=1.3)])
 @pytest.mark.parametrize("workspace", [None, 4096])
-def test_chunked_draws_the_same_ids_as_torch(options, workspace):
+@pytest.mark.parametrize("noise_block", [None, 37 * 64], ids=["one-noise-block", "64-id-noise-blocks"])
+def test_chunked_draws_the_same_ids_as_torch(options, workspace, noise_block, monkeypatch):
+    if noise_block is not None:
+        monkeypatch.setattr("distil_kernels.sampling.sample.NOISE_BLOCK_CPU", noise_block)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(37, 16, generator=gen, dtype=torch.float64) * 2
     w = torch.randn(300, 16, generator=gen, dtype=torch.float64)
@@ -84,6 +87,73 @@ def test_nucleus_larger_than_the_candidates_takes_the_exact_fallback():
     c = linear_sample(x, w, top_p=0.99, seed=2, backend="chunked", num_samples=4)
     assert torch.equal(a.ids, c.ids)
     torch.testing.assert_close(a.logprobs, c.logprobs, rtol=0, atol=0)
+
+
+def _rows_for_the_nucleus_search(seed: int) -> torch.Tensor:
+    """fp32 rows: flat and peaked, runs of equal values, -inf entries and signed zeros."""
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn(12, 3000, generator=gen) * torch.tensor([0.05, 0.5, 1.0, 2.0, 4.0, 8.0] * 2)[:, None]
+    z[6:8] = (z[6:8] * 4).round() / 4  # ties everywhere
+    z[8, 100:2000] = -torch.inf
+    z[9, ::2] = 0.0
+    z[9, 1::2] = -0.0
+    z[10, :] = 0.0  # one value: the nucleus is the lowest ids
+    z[11, 7] = 30.0  # one id holds nearly all the mass
+    return z
+
+
+@pytest.mark.parametrize("top_p", [0.01, 0.3, 0.5, 0.9, 0.95, 0.999])
+@pytest.mark.parametrize("min_p", [None, 0.05])
+@pytest.mark.parametrize("bucket_bits", [14, 4], ids=["14-bit-buckets", "4-bit-buckets"])
+def test_nucleus_mask_keeps_what_the_sorted_prefix_keeps(top_p, min_p, bucket_bits, monkeypatch):
+    """kept_mask (bucketed mass, no sort) against kept_prefix over the stable sort."""
+    from distil_kernels.sampling.sample import SamplingOptions, kept_mask, kept_prefix
+
+    monkeypatch.setattr("distil_kernels.sampling.sample.NUCLEUS_BUCKET_BITS", bucket_bits)
+    z = _rows_for_the_nucleus_search(int(top_p * 1000))
+    lse = torch.logsumexp(z, dim=1)
+    options = SamplingOptions(top_p=top_p, min_p=min_p)
+    sorted_z, order = torch.sort(z, dim=1, descending=True, stable=True)
+    length = kept_prefix(sorted_z, lse, options)
+    want = torch.zeros_like(z, dtype=torch.bool).scatter_(
+        1, order, torch.arange(z.shape[1])[None, :] < length[:, None])
+    got = kept_mask(z, lse, options)
+    assert torch.equal(got, want), (got.sum(1), want.sum(1))
+    assert got[10].nonzero()[:, 0].tolist() == list(range(int(length[10])))
+
+
+@pytest.mark.parametrize("options", [dict(top_p=0.9), dict(top_p=0.5, temperature=0.7, num_samples=3),
+                                     dict(min_p=0.2), dict(top_p=0.99, min_p=0.01, temperature=1.4)])
+@pytest.mark.parametrize("noise_block", [None, 12 * 256], ids=["one-noise-block", "256-id-noise-blocks"])
+def test_dense_truncated_sample_equals_the_reference(options, noise_block, monkeypatch):
+    from distil_kernels.sampling.sample import SamplingOptions, _dense_truncated_sample, reference_sample
+
+    if noise_block is not None:
+        monkeypatch.setattr("distil_kernels.sampling.sample.NOISE_BLOCK_CPU", noise_block)
+    z = _rows_for_the_nucleus_search(3)
+    positions = torch.arange(100, 112)
+    sampling = SamplingOptions(**options)
+    want = reference_sample(z, sampling, 5, positions)
+    got = _dense_truncated_sample(z, sampling, 5, positions)
+    assert torch.equal(got.ids, want.ids)
+    for a, b in zip(got[1:], want[1:]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fallback_rows_sample_the_chunked_tiles_logits(dtype):
+    """Low-precision heads: the chunked fallback draws from the logits its candidates came
+    from (the GEMM's output rounded to the input dtype), as sample_from_logits on them."""
+    from distil_kernels.sampling.sample import _tile_logits
+
+    gen = torch.Generator().manual_seed(4)
+    x = (torch.randn(6, 32, generator=gen) * 0.02).to(dtype)
+    w = torch.randn(3000, 32, generator=gen).to(dtype)
+    got = linear_sample(x, w, top_p=0.95, temperature=0.9, seed=8, num_samples=2, backend="chunked")
+    want = sample_from_logits(_tile_logits(x, w, None, None, 0), top_p=0.95, temperature=0.9, seed=8,
+                              num_samples=2)
+    assert torch.equal(got.ids, want.ids)
+    torch.testing.assert_close(got.logprobs, want.logprobs, rtol=0, atol=1e-6)
 
 
 def test_rows_are_independent_of_the_batch_around_them():

@@ -72,9 +72,14 @@ def test_float64_chunked_equals_torch(shape, options, bias):
             torch.testing.assert_close(got.lse, want.lse, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("backend, workspace_bytes", [("torch", None), ("chunked", None), ("chunked", 4096)])
+@pytest.mark.parametrize("backend, workspace_bytes, gemm_columns",
+                         [("torch", None, None), ("chunked", None, None), ("chunked", 4096, None),
+                          ("chunked", None, 100), ("chunked", 4096, 7)])
 @pytest.mark.parametrize("options", OPTIONS[::3], ids=["plain", "softcap-temperature"])
-def test_float32_against_float64(backend, workspace_bytes, options):
+def test_float32_against_float64(backend, workspace_bytes, gemm_columns, options, monkeypatch):
+    """`gemm_columns`: the CPU fp32 tile GEMM in pieces of that many columns (507 = 5 x 100 + 7)."""
+    if gemm_columns is not None:
+        monkeypatch.setattr("distil_kernels.loss.chunked.CPU_FP32_GEMM_COLUMNS", gemm_columns)
     x, w, b = make_problem(37, 507, 23, torch.float32, seed=3)
     log_q, lse = dense_log_softmax(x, w, b, **options)
     for k in (1, 5, 64, 507):
