@@ -280,7 +280,10 @@ def sample_from_logits(logits: Tensor, *, temperature: float = 1.0, top_k: int |
         raise ValueError(f"top_k must be <= V = {logits.shape[1]}, got {options.top_k}")
     _check_seed_and_positions(seed, positions, logits.shape[0], logits.device)
     with torch.no_grad():
-        return reference_sample(logits, options, seed, positions)
+        if options.greedy or options.top_k is not None:
+            return reference_sample(logits, options, seed, positions)
+        # The same draws without sorting rows or forming a whole row block's noise at once.
+        return _dense_truncated_sample(logits, options, seed, positions)
 
 
 def _check_seed_and_positions(seed, positions, rows: int, device: torch.device) -> None:
@@ -452,7 +455,7 @@ DENSE_FALLBACK_BUDGET = 64 << 20
 
 def _dense_truncated_sample(raw_logits: Tensor, options: SamplingOptions, seed: int | Tensor,
                             positions: Tensor | None) -> Sample:
-    """`reference_sample` for top_p / min_p truncation (no top_k), without sorting rows.
+    """`reference_sample` without top_k or greedy (top_p / min_p or none), without sorting rows.
 
     Same kept sets (`kept_mask`), noise and draws; the noise comes in blocks of ids, and
     a block's maximum replaces an earlier block's only when strictly greater, which keeps

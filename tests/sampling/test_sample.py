@@ -122,7 +122,8 @@ def test_nucleus_mask_keeps_what_the_sorted_prefix_keeps(top_p, min_p, bucket_bi
     assert got[10].nonzero()[:, 0].tolist() == list(range(int(length[10])))
 
 
-@pytest.mark.parametrize("options", [dict(top_p=0.9), dict(top_p=0.5, temperature=0.7, num_samples=3),
+@pytest.mark.parametrize("options", [dict(), dict(temperature=1.6, num_samples=2), dict(top_p=0.9),
+                                     dict(top_p=0.5, temperature=0.7, num_samples=3),
                                      dict(min_p=0.2), dict(top_p=0.99, min_p=0.01, temperature=1.4)])
 @pytest.mark.parametrize("noise_block", [None, 12 * 256], ids=["one-noise-block", "256-id-noise-blocks"])
 def test_dense_truncated_sample_equals_the_reference(options, noise_block, monkeypatch):
