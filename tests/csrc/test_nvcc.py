@@ -73,8 +73,10 @@ def probe_extension(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("ext") / "_C.so"
     lib = library_paths()[0]
+    # C++20 as torch's own extension builds compile (torch 2.13 and 2.14 seen); 2.14's
+    # headers refuse anything older ("C++20 or later compatible compiler is required").
     command = [
-        "nvcc", "-shared", "-Xcompiler", "-fPIC", "-O1", "-std=c++17", "-arch=sm_80", "-DTORCH_EXTENSION_NAME=_C",
+        "nvcc", "-shared", "-Xcompiler", "-fPIC", "-O1", "-std=c++20", "-arch=sm_80", "-DTORCH_EXTENSION_NAME=_C",
         f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
         *[f"-I{p}" for p in include_paths()], f"-I{sysconfig.get_paths()['include']}", f"-I{CSRC}",
         *[str(p) for p in SOURCES], str(CSRC / "torch_binding.cpp"),
