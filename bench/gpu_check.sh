@@ -30,7 +30,17 @@ for whl in wheels/*.whl; do
     [ -e "$whl" ] && python -m pip install -q --no-deps "$whl" 2>&1 | tail -n 1
 done
 # Builds the csrc/ extension here (nvcc and a CUDA torch); should that fail, the rest still
-# runs without it (the cuda backend's tests and providers then skip).
+# runs without it (the cuda backend's tests and providers then skip). torch takes the CUDA
+# toolkit from nvcc's folder; an nvcc wrapper script elsewhere (as on the CPU machines)
+# would hide its headers, so CUDA_HOME is set from a toolkit folder that has them.
+if [ -z "${CUDA_HOME:-}" ] && command -v nvcc >/dev/null; then
+    nvcc_dir=$(dirname "$(readlink -f "$(command -v nvcc)")")
+    if [ ! -e "$nvcc_dir/../include/cuda_runtime.h" ]; then
+        for d in /usr/local/cuda /usr/local/cuda-*; do
+            if [ -e "$d/include/cuda_runtime.h" ]; then export CUDA_HOME=$d; break; fi
+        done
+    fi
+fi
 if ! python -m pip install -q -e . --no-deps --no-build-isolation >"$out/install.log" 2>&1; then
     grep -E "error|Error" "$out/install.log" | head -n 20
     echo "the csrc/ extension failed to build (above; $out/install.log): installing without it"
