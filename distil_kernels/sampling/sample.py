@@ -217,8 +217,23 @@ def nucleus_mask(z: Tensor, lse: Tensor, top_p: float) -> Tensor:
     return kept | (at_or_above[:, :1] < top_p)
 
 
+def sorted_kept_mask(z: Tensor, lse: Tensor, options: SamplingOptions) -> Tensor:
+    """bool [rows, V]: the ids `kept_prefix` keeps, from the stably sorted rows."""
+    sorted_z, order = torch.sort(z, dim=1, descending=True, stable=True)
+    length = kept_prefix(sorted_z, lse, options)
+    ranks = torch.arange(z.shape[1], device=z.device)
+    return torch.zeros_like(z, dtype=torch.bool).scatter_(1, order, ranks[None, :] < length[:, None])
+
+
 def kept_mask(z: Tensor, lse: Tensor, options: SamplingOptions) -> Tensor:
-    """bool [rows, V]: the ids `kept_prefix` keeps for top_p and min_p, for options without top_k."""
+    """bool [rows, V]: the ids `kept_prefix` keeps for top_p and min_p, for options without top_k.
+
+    On the CPU without sorting (`nucleus_mask`). A GPU sorts rows fast, and its bincount
+    adds in no fixed order (an error under `torch.use_deterministic_algorithms`): there
+    the rows are sorted.
+    """
+    if z.device.type != "cpu":
+        return sorted_kept_mask(z, lse, options)
     kept = torch.ones_like(z, dtype=torch.bool)
     if options.top_p is not None and options.top_p < 1.0:
         kept = nucleus_mask(z, lse, options.top_p)
@@ -245,11 +260,7 @@ def reference_sample(raw_logits: Tensor, options: SamplingOptions, seed: int | T
         return Sample(ids.contiguous(), torch.zeros(rows, n, device=raw.device), raw_logprobs, lse_raw)
     z = raw / options.temperature
     lse = torch.logsumexp(z, dim=1)
-    sorted_z, order = torch.sort(z, dim=1, descending=True, stable=True)
-    length = kept_prefix(sorted_z, lse, options)
-    ranks = torch.arange(vocab, device=raw.device)
-    kept_sorted = ranks[None, :] < length[:, None]
-    kept = torch.zeros_like(kept_sorted).scatter_(1, order, kept_sorted)
+    kept = sorted_kept_mask(z, lse, options)
     kept_lse = torch.logsumexp(torch.where(kept, z, -math.inf), dim=1)
     keys = row_keys(seed, positions, rows, raw.device)
     draws = []
