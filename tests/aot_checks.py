@@ -30,6 +30,8 @@ def check_compiles(spec, arch: int, record_property, *, expect_wgmma: bool) -> N
                                      f"{generic_note}, {registers} registers, {spilled} B spilled")
     for compiled in builds:
         assert "cubin" in compiled.asm and compiled.asm["ptx"]
+        # Asked for explicitly (ENABLE_FP_FUSION): Triton 3.10 stops contracting by default.
+        assert compiled.metadata.enable_fp_fusion, f"{spec.name} compiled without FMA contraction"
         shared = compiled.metadata.shared
         assert shared <= SHARED_MEMORY_LIMIT[arch], f"{spec.name} needs {shared} B of shared memory on sm_{arch}"
     assert spilled <= MAX_SPILL_BYTES, f"{spec.name} spills {spilled} B per thread on sm_{arch} ({registers} registers)"

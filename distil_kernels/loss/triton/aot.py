@@ -33,6 +33,7 @@ from .configs import (
     BACKWARD_CANDIDATES,
     BACKWARD_CANDIDATES_FP32,
     CANDIDATES,
+    ENABLE_FP_FUSION,
     FORWARD_CANDIDATES,
     FORWARD_CANDIDATES_FP32,
     FORWARD_PLAIN_SM90,
@@ -162,7 +163,8 @@ def all_specs() -> list[CompileSpec]:
 def _compile(spec: CompileSpec, arch: int, signature: dict, constexprs: dict, attrs: dict):
     source = ASTSource(fn=spec.kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                          options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
+                          options={"num_warps": spec.num_warps, "num_stages": spec.num_stages,
+                                   "enable_fp_fusion": ENABLE_FP_FUSION})
 
 
 def compile_spec(spec: CompileSpec, arch: int):

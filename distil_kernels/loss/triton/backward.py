@@ -40,7 +40,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..options import LossOptions
-from .configs import ACCUMULATOR_BYTES, TileConfig, select_config
+from .configs import ACCUMULATOR_BYTES, ENABLE_FP_FUSION, TileConfig, select_config
 from .lse_forward import ForwardStats
 from .tiles import grouped_program, logits_tile
 
@@ -305,7 +305,7 @@ def backward(x: Tensor, weight: Tensor, bias: Tensor | None, slot_ids: Tensor, l
             NEED_DX=dx is not None, NEED_DW=dw is not None, NEED_DB=with_db, FILTER=filter_eps is not None,
             DETERMINISTIC=deterministic,
             DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-            num_warps=config.num_warps, num_stages=config.num_stages,
+            num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=ENABLE_FP_FUSION,
         )
         total_tiles += num_m_blocks * num_tiles
 

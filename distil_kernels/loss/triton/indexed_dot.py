@@ -13,7 +13,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..options import LossOptions
-from .configs import INDEXED_DOT_BLOCK_D, INDEXED_DOT_BLOCK_P
+from .configs import ENABLE_FP_FUSION, INDEXED_DOT_BLOCK_D, INDEXED_DOT_BLOCK_P
 from .tiles import tanh_fp32
 
 
@@ -67,5 +67,6 @@ def indexed_dot(x: Tensor, weight: Tensor, bias: Tensor | None, slot_ids: Tensor
         float(options.softcap or 1.0), 1.0 / options.temperature,
         BLOCK_P=INDEXED_DOT_BLOCK_P, BLOCK_D=INDEXED_DOT_BLOCK_D,
         HAS_BIAS=bias is not None, HAS_SOFTCAP=options.softcap is not None,
+        enable_fp_fusion=ENABLE_FP_FUSION,
     )
     return out

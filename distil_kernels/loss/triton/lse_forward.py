@@ -19,7 +19,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..options import LossOptions
-from .configs import TileConfig, select_config
+from .configs import ENABLE_FP_FUSION, TileConfig, select_config
 from .tiles import logits_tile
 
 # Enough programs to cover the SMs of an H100 (132) a few times over.
@@ -119,7 +119,7 @@ def lse_forward(x: Tensor, weight: Tensor, bias: Tensor | None, options: LossOpt
             BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
             HAS_BIAS=bias is not None, HAS_SOFTCAP=options.softcap is not None, LOGIT_SUM=smoothing,
             DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-            num_warps=config.num_warps, num_stages=config.num_stages,
+            num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=ENABLE_FP_FUSION,
         )
     row_max = part_max.amax(dim=1, keepdim=True)
     lse = (row_max + (part_sum * (part_max - row_max).exp()).sum(dim=1, keepdim=True).log()).squeeze(1)

@@ -29,6 +29,7 @@ from torch import Tensor
 
 from ...loss.triton.tiles import finish_logits
 from ..sample import Sample, SamplingOptions
+from ...loss.triton.configs import ENABLE_FP_FUSION
 from .configs import SAMPLES_PER_PROGRAM, TileConfig, select_sample_config
 from .splits import merge_lse, plan_splits
 
@@ -287,7 +288,7 @@ def triton_sample(x: Tensor, weight: Tensor, bias: Tensor | None, softcap: float
             SPLIT_N=config.split_n,
             HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, GREEDY=options.greedy,
             DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-            num_warps=config.num_warps, num_stages=config.num_stages,
+            num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=ENABLE_FP_FUSION,
         )
     # First maximum over splits: on equal scores the earlier split, whose ids are lower.
     split = score.argmax(dim=1, keepdim=True)

@@ -49,6 +49,7 @@ from torch import Tensor
 
 from ...loss.options import LossOptions
 from ...loss.triton.tiles import logits_tile
+from ...loss.triton.configs import ENABLE_FP_FUSION
 from .configs import MAX_TOPK, TileConfig, select_threshold_config, select_topk_config
 from .splits import merge_lse, plan_splits
 
@@ -314,7 +315,7 @@ def merged_topk(x: Tensor, weight: Tensor, bias: Tensor | None, k: int, options:
             K=K, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
             HAS_BIAS=bias is not None, HAS_SOFTCAP=options.softcap is not None, RAW_LSE=raw_lse,
             DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-            num_warps=config.num_warps, num_stages=config.num_stages,
+            num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=ENABLE_FP_FUSION,
         )
     # Keys are distinct but for EMPTY_KEY, which ranks last and k <= V keeps it out.
     top = torch.topk(keys.view(n, plan.num_splits * K), k, dim=1).values
@@ -407,7 +408,7 @@ def threshold_topk(x: Tensor, weight: Tensor, bias: Tensor | None, k: int, optio
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         HAS_BIAS=bias is not None, HAS_SOFTCAP=options.softcap is not None, RAW_LSE=raw_lse,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=ENABLE_FP_FUSION,
     )
     keys = candidate_keys(cand_values, cand_ids, count)
     top = torch.topk(keys, min(k, keys.shape[1]), dim=1).values
