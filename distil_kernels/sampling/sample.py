@@ -358,28 +358,30 @@ def _sweep_sample(x: Tensor, weight: Tensor, bias: Tensor | None, softcap: float
             v1 = min(v0 + plan.tile, vocab)
             raw, _ = logits_tile(ws, x[r0:r1], weight, bias, v0, v1, raw_options)
             raw = raw.float()
-            z = raw if options.greedy else raw / options.temperature
             # On the CPU the noise's Philox rounds are ~100 passes of int64 ops over
             # their operands: in blocks of NOISE_BLOCK_CPU ids per row those stay in
-            # cache (220 ms against 63 ms for 64 x 151936 ids, measured); elsewhere one
-            # block per tile keeps the launches few.
+            # cache (220 ms against 63 ms for 64 x 151936 ids, measured), and so do the
+            # block's tempered logits and log-sum-exp terms; elsewhere one block per
+            # tile keeps the launches few.
             block = v1 - v0 if dev.type != "cpu" else max(NOISE_BLOCK_CPU // (r1 - r0), 1)
             for c0 in range(0, v1 - v0, block):
                 c1 = min(c0 + block, v1 - v0)
                 first = v0 + c0 + id_offset
+                raw_block = raw[:, c0:c1]
+                z = raw_block if options.greedy else raw_block / options.temperature
                 for j in range(n):
-                    score = z[:, c0:c1]
+                    score = z
                     if not options.greedy:
                         score = score + gumbel_noise_range(first, first + c1 - c0, chunk_keys, j)
                     block_best, local = score.max(dim=1)  # first maximum: the lowest id of the block
                     better = block_best > best_score[:, j]  # strictly: earlier blocks hold lower ids
                     best_score[:, j] = torch.where(better, block_best, best_score[:, j])
                     ids[r0:r1, j] = torch.where(better, local + first, ids[r0:r1, j])
-                    block_raw = raw[:, c0:c1].gather(1, local[:, None])[:, 0]
+                    block_raw = raw_block.gather(1, local[:, None])[:, 0]
                     best_raw[r0:r1, j] = torch.where(better, block_raw, best_raw[r0:r1, j])
-            fold_lse_(raw_max, raw_sum, raw)
-            if not options.greedy:
-                fold_lse_(z_max, z_sum, z)
+                fold_lse_(raw_max, raw_sum, raw_block)
+                if not options.greedy:
+                    fold_lse_(z_max, z_sum, z)
         lse_raw[r0:r1] = raw_max + raw_sum.log()
         lse_z[r0:r1] = z_max + z_sum.log()
     raw_logprobs = best_raw - lse_raw[:, None]
