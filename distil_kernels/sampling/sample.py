@@ -196,7 +196,7 @@ def nucleus_mask(z: Tensor, lse: Tensor, top_p: float) -> Tensor:
     bits = NUCLEUS_BUCKET_BITS
     probs = z.double().sub_(lse.double()[:, None]).exp_()
     keys = _order_keys(z)
-    buckets = (keys >> (32 - bits)) + (1 << (bits - 1))  # the arithmetic shift spans [-2**13, 2**13)
+    buckets = (keys >> (32 - bits)) + (1 << (bits - 1))  # the arithmetic shift spans +-2**(bits-1)
     flat = (buckets + torch.arange(0, rows << bits, 1 << bits, device=z.device)[:, None].to(torch.int32)).flatten()
     mass = torch.bincount(flat, weights=probs.flatten(), minlength=rows << bits).view(rows, 1 << bits)
     at_or_above = mass.flip(1).cumsum(1).flip(1)  # [r, b]: the mass of buckets >= b
@@ -460,9 +460,6 @@ def _settled(cand_logprobs: Tensor, length: Tensor, options: SamplingOptions, nu
 # tempered copy, the float64 probabilities, the order keys with their bucket and flat
 # bucket index, the masks, and a float64 row for logsumexp.
 DENSE_BYTES_PER_LOGIT = 48
-# The same for `reference_sample`: the sorted values with int64 order, the prefix mass and
-# the kept masks besides, and per draw full-row noise and scores.
-REFERENCE_BYTES_PER_LOGIT = 96
 DENSE_FALLBACK_BUDGET = 64 << 20
 
 
@@ -546,19 +543,16 @@ def _dense_fallback(sample: Sample, x: Tensor, weight: Tensor, bias: Tensor | No
 
     `dense_logits(x_rows, weight, bias, softcap, budget)` builds them over `vocab_size`
     columns (`_tile_logits` or `_dense_logits` over weight's rows, or a vocabulary
-    shard's gathered from every rank).
+    shard's gathered from every rank). No row here has a top_k: `_settled` settles every
+    row that one bounds, since the candidates are at least top_k.
     """
     budget = workspace_bytes or DENSE_FALLBACK_BUDGET
     vocab = weight.shape[0] if vocab_size is None else vocab_size
-    if options.top_k is None:
-        sampler, per_logit = _dense_truncated_sample, DENSE_BYTES_PER_LOGIT
-    else:  # _settled keeps every row a top_k bounds; this path serves callers of other options
-        sampler, per_logit = reference_sample, REFERENCE_BYTES_PER_LOGIT
     # fp32 logits for many rows per GEMM (each block of rows reads all of W) in half the
     # budget, the GEMM's low-precision twin freed on return; the sampler takes them a few
     # rows at a time in the other half.
     logit_rows = max(1, budget // (2 * 4 * vocab))
-    sample_rows = max(1, budget // (2 * per_logit * vocab))
+    sample_rows = max(1, budget // (2 * DENSE_BYTES_PER_LOGIT * vocab))
     for i in range(0, len(rows), logit_rows):
         logit_block = rows[i : i + logit_rows]
         logits = dense_logits(x[logit_block], weight, bias, softcap, budget // 4)
@@ -566,7 +560,7 @@ def _dense_fallback(sample: Sample, x: Tensor, weight: Tensor, bias: Tensor | No
             block = logit_block[k : k + sample_rows]
             block_positions = block if positions is None else positions[block]
             block_seed = seed[block] if isinstance(seed, Tensor) and seed.dim() == 1 else seed
-            dense = sampler(logits[k : k + sample_rows], options, block_seed, block_positions)
+            dense = _dense_truncated_sample(logits[k : k + sample_rows], options, block_seed, block_positions)
             for out, value in zip(sample, dense):
                 out[block] = value
 
