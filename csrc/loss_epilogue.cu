@@ -53,27 +53,48 @@ __device__ __forceinline__ float tanh_fp32(float y) {
     return 1.f - 2.f / (__expf(2.f * y) + 1.f);
 }
 
+struct Transformed {
+    float z;
+    float chain;  // dz/du times T: 1 - tanh^2 with a softcap, else 1
+};
+
+// The rounded operations (_rn) keep nvcc from contracting them into FMAs differently in
+// the two kernels: chunk_stats' lse and slot logits and logits_grad's exp(z - lse) must
+// see the same z, bit for bit.
+struct Transform {
+    const float* bias;
+    bool capped;
+    float inv_cap;
+    float out_scale;
+
+    __device__ __forceinline__ explicit Transform(const LogitsTransform& t)
+        : bias(t.bias),
+          capped(t.softcap > 0.f),
+          inv_cap(t.softcap > 0.f ? 1.f / t.softcap : 0.f),
+          out_scale(t.softcap > 0.f ? t.softcap * t.inv_temp : t.inv_temp) {}
+
+    __device__ __forceinline__ Transformed operator()(float u, int64_t col) const {
+        if (bias != nullptr) u = __fadd_rn(u, bias[col]);
+        if (!capped) return {__fmul_rn(u, out_scale), 1.f};
+        const float t = tanh_fp32(__fmul_rn(u, inv_cap));
+        return {__fmul_rn(t, out_scale), 1.f - t * t};
+    }
+};
+
 __global__ void __launch_bounds__(kThreads, kMinBlocks) chunk_stats_kernel(ChunkStatsArgs a) {
     const int64_t row = blockIdx.x;
-    float* z = a.logits + row * a.ld;
-    float* t = a.tanh != nullptr ? a.tanh + row * a.ld : nullptr;
-    const bool capped = a.softcap > 0.f;
-    const float inv_cap = capped ? 1.f / a.softcap : 0.f;
-    const float out_scale = capped ? a.softcap * a.inv_temp : a.inv_temp;
+    float* u = a.logits + row * a.ld;
+    const Transform transform(a.transform);
     LseState s{-INFINITY, 0.f, 0.f};
     for (int c = threadIdx.x; c < a.cols; c += kThreads) {
-        float u = z[c];
-        if (a.bias != nullptr) u += a.bias[c];
-        if (capped) {
-            u = tanh_fp32(u * inv_cap);
-            if (t != nullptr) t[c] = u;
-        }
-        const float v = u * out_scale;
-        z[c] = v;
+        const float v = transform(u[c], c).z;
+        if (a.write_z) u[c] = v;
         if (v > s.max) {
             s.sum = s.sum * __expf(s.max - v) + 1.f;
             s.max = v;
-        } else {
+        } else if (v != -INFINITY) {
+            // A -inf logit (a bias masking padded ids) adds nothing; exp(-inf - -inf) would
+            // be NaN while the row's max is still -inf. NaN still propagates.
             s.sum += __expf(v - s.max);
         }
         s.zsum += v;
@@ -84,11 +105,12 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) chunk_stats_kernel(Chunk
         a.partial[row * 3 + 1] = s.sum;
         a.partial[row * 3 + 2] = s.zsum;
     }
-    // The block's writes of z are visible to all its threads after the barrier.
-    __syncthreads();
+    // block_reduce's barrier orders the write_z stores before these loads of other
+    // threads' columns; without write_z, z is recomputed from the untouched u.
     for (int j = threadIdx.x; j < a.num_slots; j += kThreads) {
         const int64_t local = a.ids[row * a.num_slots + j] - a.vocab_start;
-        if (local >= 0 && local < a.cols) a.slot_logits[row * a.num_slots + j] = z[local];
+        if (local < 0 || local >= a.cols) continue;
+        a.slot_logits[row * a.num_slots + j] = a.write_z ? u[local] : transform(u[local], local).z;
     }
 }
 
@@ -104,30 +126,36 @@ __device__ __forceinline__ __half from_float<__half>(float v) { return __float2h
 template <typename Out>
 __global__ void __launch_bounds__(kThreads, kMinBlocks) logits_grad_kernel(LogitsGradArgs a) {
     const int64_t row = blockIdx.x;
-    float* g = a.logits + row * a.ld;
-    const float* t = a.tanh != nullptr ? a.tanh + row * a.ld : nullptr;
+    const float* u = a.logits + row * a.ld;
+    Out* out = static_cast<Out*>(a.out) + row * a.ld_out;
+    const Transform transform(a.transform);
     const float coef = a.row_coef[row];
     const float lse = a.lse[row];
     const float uniform = a.uniform != nullptr ? a.uniform[row] : 0.f;
     for (int c = threadIdx.x; c < a.cols; c += kThreads) {
-        float v = coef * __expf(g[c] - lse) - uniform;
-        if (t != nullptr) v *= 1.f - t[c] * t[c];
-        g[c] = v;
+        const Transformed t = transform(u[c], c);
+        out[c] = from_float<Out>((coef * __expf(t.z - lse) - uniform) * t.chain);
     }
+    // The columns at slot ids are written again, whole, after every thread's first write
+    // (the barrier orders them): the correction joins the fp32 value before its one
+    // rounding. The first slot of each distinct id sums the coefficients of its repeats.
     __syncthreads();
-    // One thread applies the slot corrections in order: ids may repeat within a row.
-    if (threadIdx.x == 0) {
-        for (int j = 0; j < a.num_slots; ++j) {
-            const int64_t local = a.ids[row * a.num_slots + j] - a.vocab_start;
-            if (local < 0 || local >= a.cols) continue;
-            const float chain = t != nullptr ? 1.f - t[local] * t[local] : 1.f;
-            g[local] -= a.slot_coef[row * a.num_slots + j] * chain;
+    const int64_t* ids = a.ids + row * a.num_slots;
+    const float* slot_coef = a.slot_coef + row * a.num_slots;
+    for (int j = threadIdx.x; j < a.num_slots; j += kThreads) {
+        const int64_t id = ids[j];
+        const int64_t local = id - a.vocab_start;
+        if (local < 0 || local >= a.cols) continue;
+        bool first = true;
+        for (int i = 0; i < j && first; ++i) first = ids[i] != id;
+        if (!first) continue;
+        float correction = 0.f;
+        for (int i = j; i < a.num_slots; ++i) {
+            if (ids[i] == id) correction += slot_coef[i];
         }
+        const Transformed t = transform(u[local], local);
+        out[local] = from_float<Out>((coef * __expf(t.z - lse) - uniform - correction) * t.chain);
     }
-    if (a.out == nullptr) return;
-    __syncthreads();
-    Out* out = static_cast<Out*>(a.out) + row * a.ld_out;
-    for (int c = threadIdx.x; c < a.cols; c += kThreads) out[c] = from_float<Out>(g[c]);
 }
 
 }  // namespace

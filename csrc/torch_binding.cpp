@@ -53,22 +53,31 @@ Chunk check_chunk(const torch::Tensor& logits) {
     return chunk;
 }
 
-void chunk_stats(torch::Tensor logits, std::optional<torch::Tensor> bias, std::optional<torch::Tensor> tanh,
-                 double softcap, double inv_temp, torch::Tensor ids, int64_t vocab_start, torch::Tensor slot_logits,
-                 torch::Tensor partial, int64_t stream) {
-    const auto [device, rows, cols] = check_chunk(logits);
+distil::LogitsTransform check_transform(const std::optional<torch::Tensor>& bias, double softcap, double inv_temp,
+                                        int64_t cols, const torch::Device& device) {
     if (bias) check_vector(*bias, "bias", cols, device);
-    if (softcap > 0.0) {
-        TORCH_CHECK(tanh.has_value(), "a softcap needs the tanh buffer");
-        check_rows(*tanh, "tanh", rows, cols, torch::kFloat32, device);
-        TORCH_CHECK(tanh->stride(0) == logits.stride(0), "tanh must have the row stride of logits");
-    }
+    TORCH_CHECK(inv_temp > 0.0, "inv_temp must be > 0, got ", inv_temp);
+    return {bias ? bias->data_ptr<float>() : nullptr, static_cast<float>(softcap), static_cast<float>(inv_temp)};
+}
+
+// ids [rows, slots] int64 and a per-slot fp32 companion of the same shape, both contiguous.
+int64_t check_slots(const torch::Tensor& ids, const torch::Tensor& per_slot, const char* name, int64_t rows,
+                    const torch::Device& device) {
     const int64_t slots = ids.dim() == 2 ? ids.size(1) : 0;
     check_rows(ids, "ids", rows, slots, torch::kInt64, device);
     TORCH_CHECK(ids.is_contiguous(), "ids must be contiguous");
-    check_rows(slot_logits, "slot_logits", rows, slots, torch::kFloat32, device);
-    TORCH_CHECK(slot_logits.size(1) == slots && slot_logits.is_contiguous(), "slot_logits must be contiguous [",
-                rows, ", ", slots, "], got ", slot_logits.sizes());
+    check_rows(per_slot, name, rows, slots, torch::kFloat32, device);
+    TORCH_CHECK(per_slot.size(1) == slots && per_slot.is_contiguous(), name, " must be contiguous [", rows, ", ",
+                slots, "], got ", per_slot.sizes());
+    return slots;
+}
+
+void chunk_stats(torch::Tensor logits, std::optional<torch::Tensor> bias, double softcap, double inv_temp,
+                 bool write_z, torch::Tensor ids, int64_t vocab_start, torch::Tensor slot_logits,
+                 torch::Tensor partial, int64_t stream) {
+    const auto [device, rows, cols] = check_chunk(logits);
+    const distil::LogitsTransform transform = check_transform(bias, softcap, inv_temp, cols, device);
+    const int64_t slots = check_slots(ids, slot_logits, "slot_logits", rows, device);
     check_rows(partial, "partial", rows, 3, torch::kFloat32, device);
     TORCH_CHECK(partial.size(1) == 3 && partial.is_contiguous(), "partial must be contiguous [", rows, ", 3]");
 
@@ -78,10 +87,8 @@ void chunk_stats(torch::Tensor logits, std::optional<torch::Tensor> bias, std::o
     args.rows = static_cast<int>(rows);
     args.cols = static_cast<int>(cols);
     args.vocab_start = vocab_start;
-    args.bias = bias ? bias->data_ptr<float>() : nullptr;
-    args.tanh = softcap > 0.0 ? tanh->data_ptr<float>() : nullptr;
-    args.softcap = static_cast<float>(softcap);
-    args.inv_temp = static_cast<float>(inv_temp);
+    args.transform = transform;
+    args.write_z = write_z;
     args.ids = ids.data_ptr<int64_t>();
     args.num_slots = static_cast<int>(slots);
     args.slot_logits = slot_logits.data_ptr<float>();
@@ -89,23 +96,21 @@ void chunk_stats(torch::Tensor logits, std::optional<torch::Tensor> bias, std::o
     check_launch(distil::chunk_stats(args, reinterpret_cast<cudaStream_t>(stream)), "chunk_stats");
 }
 
-void logits_grad(torch::Tensor logits, std::optional<torch::Tensor> tanh, torch::Tensor row_coef, torch::Tensor lse,
-                 std::optional<torch::Tensor> uniform, torch::Tensor ids, torch::Tensor slot_coef, int64_t vocab_start,
-                 std::optional<torch::Tensor> out, int64_t stream) {
+void logits_grad(torch::Tensor logits, std::optional<torch::Tensor> bias, double softcap, double inv_temp,
+                 torch::Tensor row_coef, torch::Tensor lse, std::optional<torch::Tensor> uniform, torch::Tensor ids,
+                 torch::Tensor slot_coef, int64_t vocab_start, torch::Tensor out, int64_t stream) {
     const auto [device, rows, cols] = check_chunk(logits);
-    if (tanh) {
-        check_rows(*tanh, "tanh", rows, cols, torch::kFloat32, device);
-        TORCH_CHECK(tanh->stride(0) == logits.stride(0), "tanh must have the row stride of logits");
-    }
+    const distil::LogitsTransform transform = check_transform(bias, softcap, inv_temp, cols, device);
     check_vector(row_coef, "row_coef", rows, device);
     check_vector(lse, "lse", rows, device);
     if (uniform) check_vector(*uniform, "uniform", rows, device);
-    const int64_t slots = ids.dim() == 2 ? ids.size(1) : 0;
-    check_rows(ids, "ids", rows, slots, torch::kInt64, device);
-    TORCH_CHECK(ids.is_contiguous(), "ids must be contiguous");
-    check_rows(slot_coef, "slot_coef", rows, slots, torch::kFloat32, device);
-    TORCH_CHECK(slot_coef.size(1) == slots && slot_coef.is_contiguous(), "slot_coef must be contiguous [", rows,
-                ", ", slots, "], got ", slot_coef.sizes());
+    const int64_t slots = check_slots(ids, slot_coef, "slot_coef", rows, device);
+    const auto type = out.scalar_type();
+    TORCH_CHECK(type == torch::kBFloat16 || type == torch::kFloat16 || type == torch::kFloat32,
+                "out must be bfloat16, float16 or float32, got ", type);
+    check_rows(out, "out", rows, cols, type, device);
+    TORCH_CHECK(out.data_ptr() != logits.data_ptr(),
+                "out must not alias logits: the slot corrections re-read u after the first pass writes out");
 
     distil::LogitsGradArgs args{};
     args.logits = logits.data_ptr<float>();
@@ -113,26 +118,18 @@ void logits_grad(torch::Tensor logits, std::optional<torch::Tensor> tanh, torch:
     args.rows = static_cast<int>(rows);
     args.cols = static_cast<int>(cols);
     args.vocab_start = vocab_start;
-    args.tanh = tanh ? tanh->data_ptr<float>() : nullptr;
+    args.transform = transform;
     args.row_coef = row_coef.data_ptr<float>();
     args.lse = lse.data_ptr<float>();
     args.uniform = uniform ? uniform->data_ptr<float>() : nullptr;
     args.ids = ids.data_ptr<int64_t>();
     args.slot_coef = slot_coef.data_ptr<float>();
     args.num_slots = static_cast<int>(slots);
-    args.out = nullptr;
-    args.out_type = distil::OutType::kFloat32;
-    if (out) {
-        const auto type = out->scalar_type();
-        TORCH_CHECK(type == torch::kBFloat16 || type == torch::kFloat16 || type == torch::kFloat32,
-                    "out must be bfloat16, float16 or float32, got ", type);
-        check_rows(*out, "out", rows, cols, type, device);
-        args.out = out->data_ptr();
-        args.ld_out = out->stride(0);
-        args.out_type = type == torch::kBFloat16  ? distil::OutType::kBFloat16
-                        : type == torch::kFloat16 ? distil::OutType::kFloat16
-                                                  : distil::OutType::kFloat32;
-    }
+    args.out = out.data_ptr();
+    args.ld_out = out.stride(0);
+    args.out_type = type == torch::kBFloat16  ? distil::OutType::kBFloat16
+                    : type == torch::kFloat16 ? distil::OutType::kFloat16
+                                              : distil::OutType::kFloat32;
     check_launch(distil::logits_grad(args, reinterpret_cast<cudaStream_t>(stream)), "logits_grad");
 }
 
@@ -207,12 +204,13 @@ void gumbel_argmax(torch::Tensor logits, int64_t vocab_start, double temperature
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.doc() = "distil-kernels CUDA kernels (csrc/): the cuda backend's loss and sampling epilogues";
-    m.def("chunk_stats", &chunk_stats, "softcap/temperature in place; per-row (max, sum exp, sum z); slot logits",
-          py::arg("logits"), py::arg("bias"), py::arg("tanh"), py::arg("softcap"), py::arg("inv_temp"), py::arg("ids"),
-          py::arg("vocab_start"), py::arg("slot_logits"), py::arg("partial"), py::arg("stream"));
-    m.def("logits_grad", &logits_grad, "dL/du of a chunk in place (fp32) and rounded into `out`",
-          py::arg("logits"), py::arg("tanh"), py::arg("row_coef"), py::arg("lse"), py::arg("uniform"), py::arg("ids"),
-          py::arg("slot_coef"), py::arg("vocab_start"), py::arg("out"), py::arg("stream"));
+    m.def("chunk_stats", &chunk_stats, "per-row (max, sum exp, sum z) of z = softcap(u + b) / T; slot logits",
+          py::arg("logits"), py::arg("bias"), py::arg("softcap"), py::arg("inv_temp"), py::arg("write_z"),
+          py::arg("ids"), py::arg("vocab_start"), py::arg("slot_logits"), py::arg("partial"), py::arg("stream"));
+    m.def("logits_grad", &logits_grad, "dL/du of a chunk of u into `out` (bf16, fp16 or fp32)", py::arg("logits"),
+          py::arg("bias"), py::arg("softcap"), py::arg("inv_temp"), py::arg("row_coef"), py::arg("lse"),
+          py::arg("uniform"), py::arg("ids"), py::arg("slot_coef"), py::arg("vocab_start"), py::arg("out"),
+          py::arg("stream"));
     m.def("row_topk", &row_topk, "the k largest logits of each row, (value desc, id asc); lse terms",
           py::arg("logits"), py::arg("vocab_start"), py::arg("k"), py::arg("temperature"), py::arg("values"),
           py::arg("ids"), py::arg("partial"), py::arg("stream"));

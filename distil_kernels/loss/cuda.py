@@ -2,15 +2,16 @@
 
 The algorithm of `chunked` with whole-row chunks: rows are taken `rows` at a time, so
 that a chunk's logits [rows, V] fit `workspace_bytes` (2 GiB by default). Each chunk's
-logits come from one GEMM with bf16/fp16 operands and an fp32 output (the tensor cores'
-fp32 accumulator, never rounded to the input dtype), and two CUDA kernels finish it in
-place (csrc/loss_epilogue.cu): `chunk_stats` applies bias, softcap and temperature and
-returns each row's log-sum-exp terms, logit sum and the logits at its slot ids;
-`logits_grad` turns the chunk into dL/du in fp32 and rounds it once into a bf16/fp16
-copy for the two gradient GEMMs. d_input rows come from one GEMM over the whole
+logits u come from one GEMM with bf16/fp16 operands and an fp32 output (the tensor
+cores' fp32 accumulator, never rounded to the input dtype), and two CUDA kernels finish
+it (csrc/loss_epilogue.cu), each reading u once and applying bias, softcap and
+temperature on the fly: `chunk_stats` returns each row's log-sum-exp terms, logit sum
+and the logits at its slot ids; `logits_grad` writes dL/du once, rounded into the input
+dtype for the two gradient GEMMs. d_input rows come from one GEMM over the whole
 vocabulary; d_weight accumulates over chunks in fp32 (an fp32-output GEMM added into an
 fp32 buffer). A scalar loss that needs gradients gets them in the forward (the shared
-autograd Function of `chunked`): 6*N*V*d FLOPs, nothing recomputed.
+autograd Function of `chunked`): 6*N*V*d FLOPs, nothing recomputed, and per logit the
+GEMM's 4-byte write, two 4-byte reads and a 2-byte write of the gradient beside them.
 
 The four device operations are gathered in `EpilogueOps`: the extension's on CUDA, and
 `REFERENCE_OPS`, the same contract in PyTorch ops on any device, which the tests use to
@@ -19,6 +20,7 @@ check this orchestration on the CPU and the kernels against it on a GPU.
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Callable
@@ -31,18 +33,18 @@ from .options import LossOptions
 from .reference import LossStats
 from .targets import Slots
 
-# A chunk of Qwen2.5-7B's vocabulary (152064) at 10 bytes a logit (fp32 logits and their
-# bf16 copy) is 1.5 MB a row: 2 GiB hold ~1400 rows, a GEMM that fills an H100.
+# A chunk of Qwen2.5-7B's vocabulary (152064) at 6 bytes a logit (fp32 logits and their
+# bf16 gradient) is 0.9 MB a row: 2 GiB hold ~2350 rows, a GEMM that fills an H100.
 DEFAULT_WORKSPACE = 2 << 30
 
 
 @dataclass(frozen=True)
 class EpilogueOps:
-    # (logits fp32 [r, c] in/out, bias [c] | None, tanh [r, c] | None, softcap | None,
-    #  inv_temp, ids [r, K], vocab_start, slot_logits [r, K] out, partial [r, 3] out)
+    # (logits u fp32 [r, c], bias [c] | None, softcap | None, inv_temp, write_z,
+    #  ids [r, K], vocab_start, slot_logits [r, K] out, partial [r, 3] out)
     chunk_stats: Callable[..., None]
-    # (logits fp32 [r, c] in/out, tanh | None, row_coef [r], lse [r], uniform [r] | None,
-    #  ids [r, K], slot_coef [r, K], vocab_start, out [r, c] low precision | None)
+    # (logits u fp32 [r, c], bias [c] | None, softcap | None, inv_temp, row_coef [r], lse [r],
+    #  uniform [r] | None, ids [r, K], slot_coef [r, K], vocab_start, out [r, c] dL/du)
     logits_grad: Callable[..., None]
     mm_fp32: Callable[[Tensor, Tensor, Tensor], None]  # out (fp32) = a @ b
     addmm_fp32: Callable[[Tensor, Tensor, Tensor], None]  # c (fp32) += a @ b
@@ -53,40 +55,49 @@ class EpilogueOps:
 # --------------------------------------------------------------------------------------
 
 
-def reference_chunk_stats(logits: Tensor, bias: Tensor | None, tanh: Tensor | None, softcap: float | None,
-                          inv_temp: float, ids: Tensor, vocab_start: int, slot_logits: Tensor,
-                          partial: Tensor) -> None:
+def _transform(u: Tensor, bias: Tensor | None, softcap: float | None, inv_temp: float) -> tuple[Tensor, Tensor | None]:
+    """(z, tanh(u / c) or None) of raw logits u, as the kernels compute them."""
     if bias is not None:
-        logits += bias
-    if softcap is not None:
-        torch.tanh(logits / softcap, out=tanh)
-        logits.copy_(tanh).mul_(softcap * inv_temp)
-    else:
-        logits.mul_(inv_temp)
-    row_max = logits.amax(dim=1)
+        u = u + bias
+    if softcap is None:
+        return u * inv_temp, None
+    tanh = torch.tanh(u / softcap)
+    return tanh * (softcap * inv_temp), tanh
+
+
+def reference_chunk_stats(logits: Tensor, bias: Tensor | None, softcap: float | None, inv_temp: float,
+                          write_z: bool, ids: Tensor, vocab_start: int, slot_logits: Tensor, partial: Tensor) -> None:
+    z, _ = _transform(logits, bias, softcap, inv_temp)
+    row_max = z.amax(dim=1)
     partial[:, 0] = row_max
-    partial[:, 1] = (logits - row_max[:, None]).exp().sum(dim=1)
-    partial[:, 2] = logits.sum(dim=1)
+    # A row whose max is -inf sums to 0 (log: -inf), not NaN.
+    shift = torch.where(row_max == -math.inf, 0.0, row_max)
+    partial[:, 1] = (z - shift[:, None]).exp().sum(dim=1)
+    partial[:, 2] = z.sum(dim=1)
     local = ids - vocab_start
-    inside = (local >= 0) & (local < logits.shape[1])
-    gathered = logits.gather(1, local.clamp(0, logits.shape[1] - 1))
+    inside = (local >= 0) & (local < z.shape[1])
+    gathered = z.gather(1, local.clamp(0, z.shape[1] - 1))
     slot_logits.copy_(torch.where(inside, gathered, slot_logits))
+    if write_z:
+        logits.copy_(z)
 
 
-def reference_logits_grad(logits: Tensor, tanh: Tensor | None, row_coef: Tensor, lse: Tensor,
-                          uniform: Tensor | None, ids: Tensor, slot_coef: Tensor, vocab_start: int,
-                          out: Tensor | None) -> None:
-    grad = row_coef[:, None] * (logits - lse[:, None]).exp()
+def reference_logits_grad(logits: Tensor, bias: Tensor | None, softcap: float | None, inv_temp: float,
+                          row_coef: Tensor, lse: Tensor, uniform: Tensor | None, ids: Tensor, slot_coef: Tensor,
+                          vocab_start: int, out: Tensor) -> None:
+    z, tanh = _transform(logits, bias, softcap, inv_temp)
+    grad = row_coef[:, None] * (z - lse[:, None]).exp()
     if uniform is not None:
         grad -= uniform[:, None]
     local = ids - vocab_start
-    inside = (local >= 0) & (local < logits.shape[1])
-    grad.scatter_add_(1, local.clamp(0, logits.shape[1] - 1), torch.where(inside, -slot_coef, 0.0))
+    inside = (local >= 0) & (local < z.shape[1])
+    # The kernel sums a column's coefficients first, then subtracts them once.
+    correction = torch.zeros_like(grad).scatter_add_(1, local.clamp(0, z.shape[1] - 1),
+                                                     torch.where(inside, slot_coef, 0.0))
+    grad -= correction
     if tanh is not None:
         grad *= 1.0 - tanh * tanh
-    logits.copy_(grad)
-    if out is not None:
-        out.copy_(logits)
+    out.copy_(grad)
 
 
 def _reference_mm(a: Tensor, b: Tensor, out: Tensor) -> None:
@@ -151,13 +162,13 @@ def extension_ops() -> EpilogueOps:
     def stream(t: Tensor) -> int:
         return torch.cuda.current_stream(t.device).cuda_stream
 
-    def chunk_stats(logits, bias, tanh, softcap, inv_temp, ids, vocab_start, slot_logits, partial):
-        ext.chunk_stats(logits, bias, tanh, float(softcap or 0.0), float(inv_temp), ids, int(vocab_start),
+    def chunk_stats(logits, bias, softcap, inv_temp, write_z, ids, vocab_start, slot_logits, partial):
+        ext.chunk_stats(logits, bias, float(softcap or 0.0), float(inv_temp), bool(write_z), ids, int(vocab_start),
                         slot_logits, partial, stream(logits))
 
-    def logits_grad(logits, tanh, row_coef, lse, uniform, ids, slot_coef, vocab_start, out):
-        ext.logits_grad(logits, tanh, row_coef, lse, uniform, ids, slot_coef, int(vocab_start), out,
-                        stream(logits))
+    def logits_grad(logits, bias, softcap, inv_temp, row_coef, lse, uniform, ids, slot_coef, vocab_start, out):
+        ext.logits_grad(logits, bias, float(softcap or 0.0), float(inv_temp), row_coef, lse, uniform, ids, slot_coef,
+                        int(vocab_start), out, stream(logits))
 
     return EpilogueOps(chunk_stats, logits_grad, _mm_fp32, _addmm_fp32)
 
@@ -167,9 +178,9 @@ def extension_ops() -> EpilogueOps:
 # --------------------------------------------------------------------------------------
 
 
-def chunk_rows(num_rows: int, vocab_size: int, dtype: torch.dtype, softcap: bool, workspace_bytes: int | None) -> int:
-    """Rows per chunk: whole rows of fp32 logits, their low-precision copy and tanh; at least one."""
-    per_logit = 4 + (dtype.itemsize if dtype != torch.float32 else 0) + (4 if softcap else 0)
+def chunk_rows(num_rows: int, vocab_size: int, grad_dtype: torch.dtype | None, workspace_bytes: int | None) -> int:
+    """Rows per chunk: whole rows of fp32 logits and, with a `grad_dtype`, their gradient; at least one."""
+    per_logit = 4 + (grad_dtype.itemsize if grad_dtype is not None else 0)
     budget = DEFAULT_WORKSPACE if workspace_bytes is None else workspace_bytes
     return max(1, min(max(num_rows, 1), budget // (per_logit * vocab_size)))
 
@@ -177,19 +188,18 @@ def chunk_rows(num_rows: int, vocab_size: int, dtype: torch.dtype, softcap: bool
 def cuda_sweep(x: Tensor, weight: Tensor, bias: Tensor | None, slot_ids: Tensor, options: LossOptions, *,
                stats: SweepStats | None = None, coef_fn: CoefFn | None = None, grads: Grads | None = None,
                ops: EpilogueOps | None = None) -> SweepStats:
-    """`chunked.sweep`'s contract (statistics, and gradients for `coef_fn`) on whole-row chunks."""
+    """`chunked.sweep`'s contract (statistics, and gradients for `coef_fn`) on whole-row chunks.
+
+    Given `stats` (the gradient pass of a loss whose statistics came first), the chunks go
+    straight from the GEMM to `logits_grad`.
+    """
     ops = ops if ops is not None else extension_ops()
     num_rows, vocab_size = x.shape[0], weight.shape[0]
     num_slots = slot_ids.shape[1]
     dev = x.device
-    capped = options.softcap is not None
-    rows = chunk_rows(num_rows, vocab_size, x.dtype, capped, options.workspace_bytes)
-    low_dtype = x.dtype if x.dtype != torch.float32 else None
+    rows = chunk_rows(num_rows, vocab_size, x.dtype if coef_fn is not None else None, options.workspace_bytes)
     logits_buf = torch.empty(rows * vocab_size, dtype=torch.float32, device=dev)
-    tanh_buf = torch.empty(rows * vocab_size, dtype=torch.float32, device=dev) if capped else None
-    low_buf = None
-    if coef_fn is not None and low_dtype is not None:
-        low_buf = torch.empty(rows * vocab_size, dtype=low_dtype, device=dev)
+    grad_buf = torch.empty(rows * vocab_size, dtype=x.dtype, device=dev) if coef_fn is not None else None
     partial = torch.empty(rows, 3, dtype=torch.float32, device=dev)
     need_stats = stats is None
     if need_stats:
@@ -198,9 +208,6 @@ def cuda_sweep(x: Tensor, weight: Tensor, bias: Tensor | None, slot_ids: Tensor,
             torch.zeros(num_rows, num_slots, dtype=torch.float32, device=dev),
             torch.zeros(num_rows, dtype=torch.float32, device=dev) if options.label_smoothing else None,
         )
-        slot_scratch = None
-    else:
-        slot_scratch = torch.zeros(rows, num_slots, dtype=torch.float32, device=dev)
     bias32 = None if bias is None else bias.float().contiguous()
     ids = slot_ids.contiguous()
     inv_t = 1.0 / options.temperature
@@ -209,11 +216,10 @@ def cuda_sweep(x: Tensor, weight: Tensor, bias: Tensor | None, slot_ids: Tensor,
         r1 = min(r0 + rows, num_rows)
         n = r1 - r0
         logits = logits_buf[: n * vocab_size].view(n, vocab_size)
-        tanh = None if tanh_buf is None else tanh_buf[: n * vocab_size].view(n, vocab_size)
         ops.mm_fp32(x[r0:r1], weight_t, logits)
-        slot_out = stats.slot_logits[r0:r1] if need_stats else slot_scratch[:n]
-        ops.chunk_stats(logits, bias32, tanh, options.softcap, inv_t, ids[r0:r1], 0, slot_out, partial[:n])
         if need_stats:
+            ops.chunk_stats(logits, bias32, options.softcap, inv_t, False, ids[r0:r1], 0, stats.slot_logits[r0:r1],
+                            partial[:n])
             stats.lse[r0:r1] = partial[:n, 0] + partial[:n, 1].log()
             if stats.logit_sum is not None:
                 stats.logit_sum[r0:r1] = partial[:n, 2]
@@ -223,15 +229,16 @@ def cuda_sweep(x: Tensor, weight: Tensor, bias: Tensor | None, slot_ids: Tensor,
         row_coef, slot_coef, uniform = coef_fn(
             r0, r1, lse, stats.slot_logits[r0:r1], None if stats.logit_sum is None else stats.logit_sum[r0:r1]
         )
-        low = None if low_buf is None else low_buf[: n * vocab_size].view(n, vocab_size)
+        grad = grad_buf[: n * vocab_size].view(n, vocab_size)
         ops.logits_grad(
-            logits, tanh, (row_coef * inv_t).float().contiguous(), lse.float().contiguous(),
-            None if uniform is None else (uniform * inv_t).float().contiguous(), ids[r0:r1],
-            (slot_coef * inv_t).float().contiguous(), 0, low,
+            logits, bias32, options.softcap, inv_t, (row_coef * inv_t).float().contiguous(),
+            lse.float().contiguous(), None if uniform is None else (uniform * inv_t).float().contiguous(),
+            ids[r0:r1], (slot_coef * inv_t).float().contiguous(), 0, grad,
         )
-        grad = logits if low is None else low
         if grads.bias is not None:
-            grads.bias += logits.sum(dim=0)
+            # From the same rounded gradient the weight's GEMM reads (a bias is a weight
+            # column against a constant 1 input), summed in fp32.
+            grads.bias += grad.sum(dim=0, dtype=torch.float32)
         if grads.input is not None:
             torch.mm(grad, weight, out=grads.input[r0:r1])
         if grads.weight is not None:

@@ -2,7 +2,7 @@
 
 Rows go a chunk at a time, as in the loss's `cuda` backend (`distil_kernels.loss.cuda`):
 one GEMM with an fp32 output gives the chunk's logits, the loss epilogue's `chunk_stats`
-applies bias and softcap (temperature 1), and one kernel of csrc/sampling_epilogue.cu
+applies bias and softcap in place when there are any (temperature 1), and one kernel of csrc/sampling_epilogue.cu
 finishes each row: `row_topk` (radix select, ordered by value desc and id asc; k <= 1024,
 above that the chunked sweep) or `gumbel_argmax` (the Philox stream and Gumbel transform
 of the other backends, so a seed draws the same ids but at float ties). Both also return
@@ -29,7 +29,7 @@ MAX_TOPK = 1024
 
 @dataclass(frozen=True)
 class SamplingOps:
-    epilogue: EpilogueOps  # the GEMM and `chunk_stats`
+    epilogue: EpilogueOps  # the GEMM and `chunk_stats` (bias and softcap in place)
     # (logits fp32 [r, c], k, temperature, values [r, k] out, ids [r, k] out, partial [r, 4] out)
     row_topk: Callable[..., None]
     # (logits fp32 [r, c], temperature, greedy, keys (k0, k1, pos_lo, pos_hi) [r] each,
@@ -105,22 +105,25 @@ def _raw_chunks(x: Tensor, weight: Tensor, bias: Tensor | None, softcap: float |
                 workspace_bytes: int | None, ops: EpilogueOps):
     """(r0, r1, raw logits fp32 [r1 - r0, V]) per chunk: softcap(x W^T + b) at temperature 1."""
     rows, vocab = x.shape[0], weight.shape[0]
-    step = chunk_rows(rows, vocab, torch.float32, softcap is not None, workspace_bytes)
+    step = chunk_rows(rows, vocab, None, workspace_bytes)
     dev = x.device
     buf = torch.empty(step * vocab, dtype=torch.float32, device=dev)
-    tanh_buf = torch.empty(step * vocab, dtype=torch.float32, device=dev) if softcap is not None else None
+    transformed = bias is not None or softcap is not None
     no_slots = torch.empty(step, 0, dtype=torch.int64, device=dev)
     no_slot_logits = torch.empty(step, 0, dtype=torch.float32, device=dev)
-    stats = torch.empty(step, 3, dtype=torch.float32, device=dev)
+    unused_stats = torch.empty(step, 3, dtype=torch.float32, device=dev)
     bias32 = None if bias is None else bias.float().contiguous()
     weight_t = weight.T
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
         n = r1 - r0
         logits = buf[: n * vocab].view(n, vocab)
-        tanh = None if tanh_buf is None else tanh_buf[: n * vocab].view(n, vocab)
         ops.mm_fp32(x[r0:r1], weight_t, logits)
-        ops.chunk_stats(logits, bias32, tanh, softcap, 1.0, no_slots[:n], 0, no_slot_logits[:n], stats[:n])
+        if transformed:
+            # The selection kernels take the lse terms themselves; this pass only rewrites
+            # the chunk, so a plain head skips it.
+            ops.chunk_stats(logits, bias32, softcap, 1.0, True, no_slots[:n], 0, no_slot_logits[:n],
+                            unused_stats[:n])
         yield r0, r1, logits
 
 

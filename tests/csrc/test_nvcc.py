@@ -118,8 +118,8 @@ def test_python_wrappers_match_the_binding(probe_extension, monkeypatch):
     vec, pair = torch.zeros(3), torch.zeros(3, 2)
     keys = tuple(torch.zeros(3, dtype=torch.long) for _ in range(4))
     calls = [
-        lambda: loss_ops.chunk_stats(z, None, None, None, 1.0, ids, 0, pair, torch.zeros(3, 3)),
-        lambda: loss_ops.logits_grad(z, None, vec, vec, None, ids, pair, 0, None),
+        lambda: loss_ops.chunk_stats(z, None, None, 1.0, False, ids, 0, pair, torch.zeros(3, 3)),
+        lambda: loss_ops.logits_grad(z, None, None, 1.0, vec, vec, None, ids, pair, 0, torch.zeros(3, 5)),
         lambda: sampling_ops.row_topk(z, 2, 1.0, pair, ids, torch.zeros(3, 4)),
         lambda: sampling_ops.gumbel_argmax(z, 0.7, False, keys, ids, pair, pair, torch.zeros(3, 4)),
     ]

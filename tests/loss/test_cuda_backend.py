@@ -58,13 +58,13 @@ OPTIONS = [
 @pytest.mark.parametrize("kind", ["hard", "sparse"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_matches_the_reference(dtype, kind, options):
-    """N=61, V=203 in chunks of 7 rows (a 2.4 KiB-a-row workspace of 17 KiB)."""
+    """N=61, V=203 in chunks of 10 (fp32) or 14 (bf16) rows: a workspace of 17 KiB."""
     k = None if kind == "hard" else 5
     x64, w64, b64, target = make_problem(61, 24, 203, k=k, seed=31, ignore_rows=(4,), scale=3.0)
     options = dict(options, workspace_bytes=17 * 1024)
     want = run(x64, w64, b64, target, "torch", **options)
     x, w, b = x64.to(dtype), w64.to(dtype), b64.to(dtype)
-    assert chunk_rows(61, 203, dtype, "softcap" in options, options["workspace_bytes"]) < 61
+    assert chunk_rows(61, 203, dtype, options["workspace_bytes"]) < 61
     got = run_cuda_orchestration(x, w, b, target, **options)
     assert_within_dtype_error(got, same_dtype_pytorch(x, w, b, target, LossOptions(**options)), want)
     # Stats: within 4x the chunked backend's own error in the same dtype.
@@ -76,11 +76,12 @@ def test_matches_the_reference(dtype, kind, options):
 
 
 def test_chunk_rows_fit_the_workspace():
-    # bf16 with a softcap: fp32 logits, their bf16 copy and tanh, 10 bytes a logit.
-    assert chunk_rows(10_000, 152_064, torch.bfloat16, True, 2 << 30) == (2 << 30) // (10 * 152_064)
-    assert chunk_rows(10_000, 152_064, torch.float32, False, None) == (2 << 30) // (4 * 152_064)
-    assert chunk_rows(5, 1000, torch.bfloat16, False, None) == 5
-    assert chunk_rows(5, 1000, torch.bfloat16, False, 4096) == 1  # at least one row, whatever the budget
+    # fp32 logits and their bf16 gradient: 6 bytes a logit; statistics alone: 4.
+    assert chunk_rows(10_000, 152_064, torch.bfloat16, 2 << 30) == (2 << 30) // (6 * 152_064)
+    assert chunk_rows(10_000, 152_064, torch.float32, 2 << 30) == (2 << 30) // (8 * 152_064)
+    assert chunk_rows(10_000, 152_064, None, None) == (2 << 30) // (4 * 152_064)
+    assert chunk_rows(5, 1000, torch.bfloat16, None) == 5
+    assert chunk_rows(5, 1000, torch.bfloat16, 4096) == 1  # at least one row, whatever the budget
 
 
 def test_distil_loss_through_the_cuda_passes(monkeypatch):

@@ -44,9 +44,12 @@ def problem(rows=40, dim=16, vocab=301, seed=51, dtype=torch.float32):
 
 @pytest.mark.parametrize("options", [dict(), dict(temperature=0.7, softcap=4.0)], ids=["plain", "T-softcap"])
 @pytest.mark.parametrize("k", [1, 7, 64])
-def test_topk_matches_the_torch_backend(cuda_on_cpu, k, options):
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no-bias"])
+def test_topk_matches_the_torch_backend(cuda_on_cpu, k, options, with_bias):
+    """Without bias or softcap the chunks go from the GEMM to the selection kernel."""
     x, w, b = problem()
-    # A 60 KiB workspace: 50 rows of 301 fp32 logits (and tanh): several chunks of rows.
+    b = b if with_bias else None
+    # A 60 KiB workspace: 50 rows of 301 fp32 logits: several chunks of rows.
     got = linear_topk(x, w, k, bias=b, backend="cuda", workspace_bytes=60 * 1024, **options)
     want = linear_topk(x, w, k, bias=b, backend="torch", **options)
     assert torch.equal(got.ids, want.ids)
