@@ -27,7 +27,9 @@ __device__ __forceinline__ void fold(float& m, float& s, float v) {
     if (v > m) {
         s = s * expf(m - v) + 1.f;
         m = v;
-    } else {
+    } else if (v != -INFINITY) {
+        // A -inf logit (a bias masking an id) adds nothing; exp(-inf - -inf) would be NaN
+        // while the thread has seen only -inf. NaN still propagates.
         s += expf(v - m);
     }
 }

@@ -296,11 +296,13 @@ def sweep(x: Tensor, weight: Tensor, bias: Tensor | None, slot_ids: Tensor, opti
                     stats.logit_sum[r0:r1] += z.sum(dim=1)
                 tile_max = z.amax(dim=1)
                 new_max = torch.maximum(row_max, tile_max)
-                row_sum = row_sum * (row_max - new_max).exp() + z.sub_(new_max[:, None]).exp_().sum(dim=1)
+                # Rows that have seen only -inf (ids masked by the bias) shift by 0, not -inf.
+                shift = torch.where(new_max == -math.inf, 0.0, new_max)
+                row_sum = row_sum * (row_max - shift).exp() + z.sub_(shift[:, None]).exp_().sum(dim=1)
                 row_max = new_max
-            stats.lse[r0:r1] = row_max + row_sum.log()
+            stats.lse[r0:r1] = shift + row_sum.log()
             if whole_rows:
-                exp_ref = row_max
+                exp_ref = shift
         if coef_fn is None:
             continue
         lse_rows = stats.lse[r0:r1]

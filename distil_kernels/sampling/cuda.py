@@ -14,6 +14,7 @@ with it on the CPU, and compare the kernels with it on a GPU.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -47,7 +48,8 @@ def _two_lse_terms(logits: Tensor, temperature: float, partial: Tensor) -> None:
     for column, values in ((0, logits), (2, logits / temperature)):
         top = values.amax(dim=1)
         partial[:, column] = top
-        partial[:, column + 1] = (values - top[:, None]).exp().sum(dim=1)
+        shift = torch.where(top == -math.inf, 0.0, top)  # a row of -inf sums to 0, not NaN
+        partial[:, column + 1] = (values - shift[:, None]).exp().sum(dim=1)
 
 
 def reference_row_topk(logits: Tensor, k: int, temperature: float, values: Tensor, ids: Tensor,

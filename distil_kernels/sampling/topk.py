@@ -149,8 +149,9 @@ def _row_lse(z: Tensor, row_max: Tensor, argmax: Tensor) -> Tensor:
     for r0 in range(0, rows, block):
         r1 = min(r0 + block, rows)
         at_max[r0:r1] = torch.log_softmax(z[r0:r1], dim=1).gather(1, argmax[r0:r1, None])[:, 0]
-    # A +inf logit makes log_softmax NaN there; the row's lse is +inf, as logsumexp says.
-    return torch.where(row_max == math.inf, row_max, row_max - at_max)
+    # A +inf logit makes log_softmax NaN there, and so does a row of -inf (a bias masking
+    # every id of the tile); the row's lse is +inf or -inf, as logsumexp says.
+    return torch.where(row_max.isinf(), row_max, row_max - at_max)
 
 
 def _tied_candidates(z: Tensor, kk: int, kth: Tensor, any_nan: bool) -> tuple[Tensor, Tensor]:
@@ -208,9 +209,13 @@ def _merge(best_values: Tensor, best_ids: Tensor, values: Tensor, ids: Tensor, k
 
 
 def fold_lse_(run_max: Tensor, run_sum: Tensor, values: Tensor) -> None:
-    """Fold a tile into a running (max, sum of exp(v - max)) per row, in place."""
+    """Fold a tile into a running (max, sum of exp(v - max)) per row, in place.
+
+    Rows that have seen only -inf keep sum 0 (their exponents shift by 0, not by -inf).
+    """
     new_max = torch.maximum(run_max, values.amax(dim=1))
-    run_sum.mul_((run_max - new_max).exp()).add_((values - new_max[:, None]).exp().sum(dim=1))
+    shift = torch.where(new_max == -math.inf, 0.0, new_max)
+    run_sum.mul_((run_max - shift).exp()).add_((values - shift[:, None]).exp().sum(dim=1))
     run_max.copy_(new_max)
 
 

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from distil_kernels import SparseTarget, linear_cross_entropy
+from distil_kernels.loss.options import LossOptions
 from distil_kernels.loss.reference import reduce_loss, reference_token_loss
 from distil_kernels.loss.targets import make_slots
 
@@ -32,6 +33,38 @@ def make_problem(n, d, v, *, k=None, dtype=torch.float64, seed=0, scale=1.0, bia
             ids[r] = -100
         target = SparseTarget(ids, probs)
     return x, w, b, target
+
+
+def masked_problem(n, d, v, *, k=None, seed=0):
+    """`make_problem`'s float64 problem with a bias of -inf on the first 3/5 of the
+    vocabulary and on every 7th id: targets only on the ids left.
+
+    A bias masking ids (a padded vocabulary, banned tokens) makes whole tiles, splits or
+    chunks of a row -inf; they must add nothing to its log-sum-exp, not turn it NaN.
+    """
+    x, w, b, _ = make_problem(n, d, v, seed=seed)
+    masked = torch.zeros(v, dtype=torch.bool)
+    masked[: 3 * v // 5] = True
+    masked[::7] = True
+    b = b.masked_fill(masked, -math.inf)
+    allowed = (~masked).nonzero()[:, 0]
+    gen = torch.Generator().manual_seed(seed + 1)
+    if k is None:
+        return x, w, b, allowed[torch.randint(0, len(allowed), (n,), generator=gen)]
+    ids = torch.stack([allowed[torch.randperm(len(allowed), generator=gen)[:k]] for _ in range(n)])
+    probs = torch.rand(n, k, generator=gen, dtype=torch.float64)
+    return x, w, b, SparseTarget(ids, probs / probs.sum(dim=1, keepdim=True) * 0.9)
+
+
+def assert_masked_problem_matches(backend, kind, dtype, **options):
+    """`backend` on `masked_problem` in `dtype`: finite everywhere, within dtype error of float64."""
+    k = None if kind == "hard" else 5
+    x64, w64, b64, target = masked_problem(45, 24, 301, k=k, seed=51)
+    want = run(x64, w64, b64, target, "torch", **options)
+    x, w, b = x64.to(dtype), w64.to(dtype), b64.to(dtype)
+    got = run(x, w, b, target, backend, **options)
+    assert torch.isfinite(got[1].lse).all() and all(torch.isfinite(g).all() for g in got[2])
+    assert_within_dtype_error(got, same_dtype_pytorch(x, w, b, target, LossOptions(**options)), want)
 
 
 def make_distil_problem(batch, steps, d, v, k, *, seed, pad_slots=()):

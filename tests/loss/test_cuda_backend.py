@@ -24,6 +24,7 @@ from distil_kernels.loss.options import LossOptions
 from distil_kernels.loss.reference import compute_dtype
 from distil_kernels.loss.targets import make_slots
 from loss_problems import (
+    assert_masked_problem_matches,
     assert_within_dtype_error,
     make_distil_problem,
     make_problem,
@@ -73,6 +74,16 @@ def test_matches_the_reference(dtype, kind, options):
         ref = getattr(want[1], name).double()
         tol = 4 * max_error(getattr(chunked[1], name), ref) + 1e-6 * (ref.abs().max().item() + 1)
         assert max_error(getattr(got[1], name), ref) <= tol, name
+
+
+@pytest.mark.parametrize("kind", ["hard", "sparse"])
+def test_ids_masked_by_the_bias(monkeypatch, kind):
+    """-inf logits add nothing to the chunk statistics (the kernels' reference ops say so)."""
+    monkeypatch.setattr(cuda_backend, "extension_ops", lambda: REFERENCE_OPS)
+    # The named backend on the CPU tensors, the float64 reference's "torch" included.
+    monkeypatch.setattr(importlib.import_module("distil_kernels.loss.linear_cross_entropy"), "resolve_backend",
+                        lambda backend, device: backend)
+    assert_masked_problem_matches("cuda", kind, torch.float32, workspace_bytes=17 * 1024)
 
 
 def test_chunk_rows_fit_the_workspace():

@@ -14,7 +14,14 @@ import torch
 
 from distil_kernels import LinearCrossEntropy, SparseTarget, linear_cross_entropy
 from distil_kernels.loss.options import LossOptions
-from loss_problems import assert_close_all, assert_within_dtype_error, make_problem, run, same_dtype_pytorch
+from loss_problems import (
+    assert_close_all,
+    assert_masked_problem_matches,
+    assert_within_dtype_error,
+    make_problem,
+    run,
+    same_dtype_pytorch,
+)
 
 BACKENDS = ["torch", "chunked"]
 
@@ -162,6 +169,15 @@ def test_extreme_logits_stay_finite(backend):
     want = run(x.double(), w.double(), b.double(), target, "torch")
     assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads)
     torch.testing.assert_close(stats.lse.double(), want[1].lse.double(), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("options", [dict(), dict(softcap=4.0, z_loss=1e-3, temperature=0.7)], ids=["plain", "softcap"])
+@pytest.mark.parametrize("kind", ["hard", "sparse"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_ids_masked_by_the_bias(dtype, kind, options):
+    """The chunked backend in vocabulary tiles of 25-64 columns (a 4 KiB workspace): the
+    first tiles of every row are all -inf (a softcap maps -inf to -c)."""
+    assert_masked_problem_matches("chunked", kind, dtype, workspace_bytes=4096, **options)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -31,6 +31,7 @@ from distil_kernels.loss.triton.configs import (  # noqa: E402
     TileConfig,
 )
 from loss_problems import (  # noqa: E402
+    assert_masked_problem_matches,
     assert_within_dtype_error,
     make_distil_problem,
     make_problem,
@@ -95,6 +96,14 @@ def test_d_weight_in_vocabulary_chunks(dtype, mode):
     finally:
         torch.use_deterministic_algorithms(False)
     assert_within_dtype_error(got, same_dtype_pytorch(x, w, b, target, LossOptions(softcap=6.0)), want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("kind", ["hard", "sparse"])
+def test_ids_masked_by_the_bias(dtype, kind):
+    """V=301 in 64-column tiles: the first two tiles of every row, and the splits made of
+    them, are all -inf; they add nothing to the log-sum-exp."""
+    assert_masked_problem_matches("triton", kind, dtype)
 
 
 @pytest.mark.parametrize("workspace_bytes", [None, 4096], ids=["one-launch", "64-row-token-chunks"])

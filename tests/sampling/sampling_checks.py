@@ -17,6 +17,15 @@ def dense_log_softmax(x, w, b, softcap=None, temperature=1.0) -> tuple[torch.Ten
     return torch.log_softmax(z, dim=-1), torch.logsumexp(z, dim=-1)
 
 
+def mask_ids(bias: torch.Tensor) -> torch.Tensor:
+    """`bias` with -inf on its first 3/5 ids and every 7th (a padded vocabulary, banned
+    tokens): tiles, splits and chunks of only -inf logits, which must add nothing."""
+    masked = torch.zeros(len(bias), dtype=torch.bool)
+    masked[: 3 * len(bias) // 5] = True
+    masked[::7] = True
+    return bias.masked_fill(masked, -torch.inf)
+
+
 # Chi-square critical values at p = 1e-3 by degrees of freedom.
 CHI2_CRITICAL = {1: 10.828, 2: 13.816, 3: 16.266, 4: 18.467, 5: 20.515, 6: 22.458, 7: 24.322}
 

@@ -16,6 +16,7 @@ import torch
 from distil_kernels import linear_sample, linear_topk
 from distil_kernels.sampling import cuda as cuda_sampling
 from distil_kernels.sampling.cuda import REFERENCE_SAMPLING_OPS
+from sampling_checks import mask_ids
 
 
 @pytest.fixture
@@ -73,6 +74,20 @@ def test_sample_draws_the_torch_ids(cuda_on_cpu, options):
     assert torch.equal(got.ids, want.ids)
     for name, a, e in zip(got._fields[1:], got[1:], want[1:]):
         torch.testing.assert_close(a, e, rtol=0, atol=2e-6, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_ids_masked_by_the_bias(cuda_on_cpu):
+    x, w, b = problem(seed=53)
+    b = mask_ids(b)
+    for k in (1, 9):
+        got, want = (linear_topk(x, w, k, bias=b, backend=name, workspace_bytes=40 * 1024)
+                     for name in ("cuda", "torch"))
+        assert torch.equal(got.ids, want.ids)
+        torch.testing.assert_close(got.lse, want.lse, rtol=0, atol=2e-6)
+    got, want = (linear_sample(x, w, bias=b, seed=3, num_samples=2, backend=name, workspace_bytes=40 * 1024)
+                 for name in ("cuda", "torch"))
+    assert torch.equal(got.ids, want.ids) and b[got.ids].isfinite().all()
+    torch.testing.assert_close(got.lse, want.lse, rtol=0, atol=2e-6)
 
 
 def test_topk_above_the_kernel_limit_takes_the_chunked_sweep(cuda_on_cpu):

@@ -437,6 +437,8 @@ def logits_chunk(rows=64, cols=5003, seed=8):
     logits[:5, :100] = 0.25  # rows with a run of equal values around any k
     logits[6] = 0.0
     logits[6, ::2] = -0.0  # equal to +0: the k lowest ids win, whatever the signs
+    logits[7, ::3] = -torch.inf  # ids masked by a bias: they add nothing to the lse terms
+    logits[8, :2500] = -torch.inf
     return logits
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from distil_kernels import linear_sample, sample_from_logits
-from sampling_checks import CHI2_CRITICAL, chi_square, truncated
+from sampling_checks import CHI2_CRITICAL, chi_square, mask_ids, truncated
 
 PROBS = torch.tensor([0.35, 0.25, 0.15, 0.12, 0.08, 0.05], dtype=torch.float64)
 DRAWS = 30000
@@ -74,6 +74,24 @@ def test_chunked_draws_the_same_ids_as_torch(options, workspace, noise_block, mo
     a = linear_sample(x, w, bias=b, softcap=5.0, seed=7, backend="torch", **options)
     c = linear_sample(x, w, bias=b, softcap=5.0, seed=7, backend="chunked", workspace_bytes=workspace, **options)
     assert torch.equal(a.ids, c.ids)
+    for p, q in zip(a[1:], c[1:]):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("options", [dict(), dict(top_k=5), dict(top_p=0.9), dict(num_samples=2, temperature=1.3)],
+                         ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "plain")
+@pytest.mark.parametrize("workspace", [None, 4096])
+def test_ids_masked_by_the_bias(options, workspace):
+    """No masked id is drawn, and the tiles of only -inf leave the log-sum-exp finite."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(37, 16, generator=gen) * 2
+    w = torch.randn(300, 16, generator=gen)
+    b = mask_ids(torch.randn(300, generator=gen))
+    a = linear_sample(x, w, bias=b, seed=7, backend="torch", **options)
+    c = linear_sample(x, w, bias=b, seed=7, backend="chunked", workspace_bytes=workspace, **options)
+    assert torch.equal(a.ids, c.ids) and b[c.ids].isfinite().all()
+    torch.testing.assert_close(c.lse.double(), torch.logsumexp(x.double() @ w.double().T + b.double(), dim=1),
+                               rtol=0, atol=1e-5)
     for p, q in zip(a[1:], c[1:]):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-5)
 

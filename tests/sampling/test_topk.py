@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from distil_kernels.sampling import TopK, linear_topk
-from sampling_checks import dense_log_softmax
+from sampling_checks import dense_log_softmax, mask_ids
 
 BACKENDS = ["torch", "chunked"]
 # 4096 bytes: 16-row chunks of 32 (fp32: 64) vocabulary columns, so V=507 spans many tiles.
@@ -261,6 +261,16 @@ def test_wide_tiles_with_ties_chunked_equals_torch(k, nan):
     assert torch.equal(got.ids, want.ids)
     torch.testing.assert_close(got.logprobs, want.logprobs, rtol=0, atol=1e-6, equal_nan=True)
     torch.testing.assert_close(got.lse, want.lse, rtol=0, atol=1e-6, equal_nan=True)
+
+
+@pytest.mark.parametrize("workspace_bytes", WORKSPACES)
+@pytest.mark.parametrize("options", [{}, {"softcap": 3.0, "temperature": 0.7}], ids=["plain", "softcap"])
+def test_ids_masked_by_the_bias(workspace_bytes, options):
+    x, w, b = make_problem(37, 507, 23, torch.float32, seed=9)
+    b = mask_ids(b)
+    log_q, lse = dense_log_softmax(x, w, b, **options)
+    got = linear_topk(x, w, 8, bias=b, backend="chunked", workspace_bytes=workspace_bytes, **options)
+    assert_topk_close(got, log_q, lse, 8, tol=2e-5)
 
 
 @pytest.mark.parametrize("workspace_bytes", WORKSPACES)

@@ -33,7 +33,7 @@ from distil_kernels.sampling.triton.configs import TileConfig  # noqa: E402
 from distil_kernels.sampling.triton.topk import triton_topk  # noqa: E402
 from distil_kernels.sampling.sample import _gumbel_from_words, gumbel_noise_range, row_keys  # noqa: E402
 from distil_kernels.sampling.triton.sample import gumbel_from_words, tile_noise  # noqa: E402
-from sampling_checks import dense_log_softmax  # noqa: E402
+from sampling_checks import dense_log_softmax, mask_ids  # noqa: E402
 
 pytestmark = pytest.mark.interpreter
 
@@ -80,6 +80,17 @@ def test_topk_odd_shapes(dtype, options, k):
     assert_topk_close(got, log_q, lse, k, tol=2e-5)
     want = linear_topk(x, w, k, bias=b, backend="torch", **options)
     torch.testing.assert_close(got.logprobs, want.logprobs, rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("options", TOPK_OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()) or "plain")
+@pytest.mark.parametrize("k", [5, 100])
+def test_topk_ids_masked_by_the_bias(options, k):
+    """The first 4 of 8 tiles (a whole split) of every row are -inf: they add nothing."""
+    x, w, b = make_problem(37, 507, 23, torch.float32, seed=k, scale=2.0)
+    b = mask_ids(b)
+    got = linear_topk(x, w, k, bias=b, backend="triton", **options)
+    log_q, lse = dense_log_softmax(x, w, b, **options)
+    assert_topk_close(got, log_q, lse, k, tol=2e-5)
 
 
 @pytest.mark.parametrize("k", [100, 256])
@@ -264,6 +275,19 @@ def test_sample_draws_the_torch_ids(dtype, options):
     assert torch.equal(got.ids, want.ids)
     for p, q in zip(got[1:], want[1:]):
         assert p.dtype == torch.float32 and p.shape == q.shape
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("options", [dict(), dict(top_p=0.9), dict(num_samples=3, temperature=1.3)],
+                         ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "plain")
+def test_sample_ids_masked_by_the_bias(options):
+    """The first split of every row sees only -inf: no masked id drawn, the torch ids and lse."""
+    x, w, b = make_problem(21, 300, 16, torch.float32, seed=2, scale=3.0)
+    b = mask_ids(b)
+    want = linear_sample(x, w, bias=b, seed=7, backend="torch", **options)
+    got = linear_sample(x, w, bias=b, seed=7, backend="triton", **options)
+    assert torch.equal(got.ids, want.ids) and b[got.ids].isfinite().all()
+    for p, q in zip(got[1:], want[1:]):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-5)
 
 

@@ -11,6 +11,7 @@ map that the backward uses to skip tiles under `filter_eps`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +21,7 @@ from torch import Tensor
 
 from ..options import LossOptions
 from .configs import ENABLE_FP_FUSION, TileConfig, select_config
-from .tiles import logits_tile
+from .tiles import fold_lse, logits_tile
 
 # Enough programs to cover the SMs of an H100 (132) a few times over.
 _TARGET_PROGRAMS = 4 * 132
@@ -65,9 +66,7 @@ def lse_forward_kernel(
         tile_max = tl.max(z, axis=1)
         block_max = tl.max(tl.where(row_ok, tile_max, float("-inf")), axis=0)
         tl.store(block_max_ptr + pid_m * num_tiles + tile, block_max)
-        new_max = tl.maximum(run_max, tile_max)
-        run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(z - new_max[:, None]), axis=1)
-        run_max = new_max
+        run_max, run_sum = fold_lse(run_max, run_sum, z)
         if LOGIT_SUM:
             run_zsum += tl.sum(tl.where(col_ok[None, :], z, 0.0), axis=1)
     out = offs_m * num_splits + pid_s
@@ -83,6 +82,16 @@ class ForwardStats:
     logit_sum: Tensor | None  # [N] fp32, with label smoothing
     block_max: Tensor  # [num_m_blocks, num_tiles] fp32: max of z over the block's rows
     config: TileConfig
+
+
+def merge_lse(part_max: Tensor, part_sum: Tensor) -> Tensor:
+    """log-sum-exp [N] from per-split (max, sum of exp(z - max)) [N, num_splits].
+
+    A split that saw only -inf contributes 0; a row that saw only -inf gets lse -inf.
+    """
+    row_max = part_max.amax(dim=1, keepdim=True)
+    shift = torch.where(row_max == -math.inf, 0.0, row_max)
+    return (shift + (part_sum * (part_max - shift).exp()).sum(dim=1, keepdim=True).log()).squeeze(1)
 
 
 def lse_forward(x: Tensor, weight: Tensor, bias: Tensor | None, options: LossOptions,
@@ -121,7 +130,6 @@ def lse_forward(x: Tensor, weight: Tensor, bias: Tensor | None, options: LossOpt
             DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
             num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=ENABLE_FP_FUSION,
         )
-    row_max = part_max.amax(dim=1, keepdim=True)
-    lse = (row_max + (part_sum * (part_max - row_max).exp()).sum(dim=1, keepdim=True).log()).squeeze(1)
+    lse = merge_lse(part_max, part_sum)
     logit_sum = part_zsum.sum(dim=1) if smoothing else None
     return ForwardStats(lse, logit_sum, block_max, config)

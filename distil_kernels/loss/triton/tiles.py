@@ -1,4 +1,4 @@
-"""Device functions shared by the Triton loss kernels: the logits tile and program order."""
+"""Device functions shared by the Triton kernels: the logits tile, its log-sum-exp fold, program order."""
 
 from __future__ import annotations
 
@@ -29,6 +29,20 @@ def grouped_program(pid, num_m_blocks, num_n_tiles, GROUP_M: tl.constexpr):
 def tanh_fp32(y):
     # 1 - 2 / (exp(2y) + 1) saturates to +-1 without overflow: exp(2y) = inf gives 1.
     return 1.0 - 2.0 / (tl.exp(2.0 * y) + 1.0)
+
+
+@triton.jit
+def fold_lse(run_max, run_sum, z):
+    """A tile `z` [M, N] folded into a running (max, sum of exp(z - max)) per row.
+
+    While a row has seen only -inf (a bias masking ids, a split of nothing but padded
+    columns) its max stays -inf and its sum 0: the exponents shift by 0, not by the max,
+    where -inf - -inf would make them NaN.
+    """
+    new_max = tl.maximum(run_max, tl.max(z, axis=1))
+    shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+    run_sum = run_sum * tl.exp(run_max - shift) + tl.sum(tl.exp(z - shift[:, None]), axis=1)
+    return new_max, run_sum
 
 
 @triton.jit

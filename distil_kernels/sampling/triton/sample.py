@@ -27,11 +27,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ...loss.triton.tiles import finish_logits
+from ...loss.triton.lse_forward import merge_lse
+from ...loss.triton.tiles import finish_logits, fold_lse
 from ..sample import Sample, SamplingOptions
 from ...loss.triton.configs import ENABLE_FP_FUSION
 from .configs import SAMPLES_PER_PROGRAM, TileConfig, select_sample_config
-from .splits import merge_lse, plan_splits
+from .splits import plan_splits
 
 TWO_POW_MINUS_32 = tl.constexpr(2.0**-32)
 TWO_POW_MINUS_33 = tl.constexpr(2.0**-33)
@@ -127,17 +128,13 @@ def sample_tile(
     col_ok = offs_n < V
     raw, _ = finish_logits(acc, b_ptr, offs_n, col_ok, softcap, 1.0, HAS_BIAS, HAS_SOFTCAP)
     raw = tl.where(col_ok[None, :], raw, float("-inf"))
-    new_max = tl.maximum(raw_max, tl.max(raw, axis=1))
-    raw_sum = raw_sum * tl.exp(raw_max - new_max) + tl.sum(tl.exp(raw - new_max[:, None]), axis=1)
-    raw_max = new_max
+    raw_max, raw_sum = fold_lse(raw_max, raw_sum, raw)
     if GREEDY:
         z = raw
     else:
         # Correctly rounded, as the torch backend's division: `/` is approximate on GPUs.
         z = tl.math.div_rn(raw, temperature)
-        new_max = tl.maximum(z_max, tl.max(z, axis=1))
-        z_sum = z_sum * tl.exp(z_max - new_max) + tl.sum(tl.exp(z - new_max[:, None]), axis=1)
-        z_max = new_max
+        z_max, z_sum = fold_lse(z_max, z_sum, z)
     slots = tl.arange(0, SAMPLES)  # sample first_sample + slot
     for sample in range(first_sample, end_sample):
         if GREEDY:

@@ -1,9 +1,9 @@
-"""How the sampling kernels split the vocabulary across programs, and how the splits merge.
+"""How the sampling kernels split the vocabulary across programs.
 
 A program takes one block of rows through one contiguous run of vocabulary tiles (a
 split). Several splits per row block fill the GPU when there are few rows, without
-atomics: each split writes its own partials and the host merges them in a fixed order,
-so results do not depend on scheduling.
+atomics: each split writes its own partials and the host merges them in a fixed order
+(`loss.triton.lse_forward.merge_lse`), so results do not depend on scheduling.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import triton
-from torch import Tensor
 
 from .configs import target_programs
 
@@ -33,9 +32,3 @@ def plan_splits(rows: int, vocab: int, block_m: int, block_n: int, other_program
     tiles_per_split = triton.cdiv(num_tiles, wanted)
     num_splits = triton.cdiv(num_tiles, tiles_per_split)  # no empty split
     return SplitPlan(num_m_blocks, num_tiles, tiles_per_split, num_splits)
-
-
-def merge_lse(part_max: Tensor, part_sum: Tensor) -> Tensor:
-    """log-sum-exp [N] from per-split (max, sum of exp(z - max)) [N, num_splits]."""
-    row_max = part_max.amax(dim=1, keepdim=True)
-    return (row_max + (part_sum * (part_max - row_max).exp()).sum(dim=1, keepdim=True).log()).squeeze(1)

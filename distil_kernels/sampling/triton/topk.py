@@ -48,10 +48,11 @@ import triton.language as tl
 from torch import Tensor
 
 from ...loss.options import LossOptions
-from ...loss.triton.tiles import logits_tile
+from ...loss.triton.lse_forward import merge_lse
+from ...loss.triton.tiles import fold_lse, logits_tile
 from ...loss.triton.configs import ENABLE_FP_FUSION
 from .configs import MAX_TOPK, TileConfig, select_threshold_config, select_topk_config
-from .splits import merge_lse, plan_splits
+from .splits import plan_splits
 
 # The key of a masked entry: below the key of every float, -inf and NaN included.
 EMPTY_KEY = tl.constexpr(-(2**63))
@@ -115,14 +116,6 @@ def sort_rows(x, DESCENDING: tl.constexpr):
         for i in tl.static_range(stage):
             h = _compare_exchange(h, descending, LOG_N, LOG_N - stage + 1 + i)
     return tl.reshape(h, [M, N])
-
-
-@triton.jit
-def fold_lse(run_max, run_sum, z):
-    """A tile `z` [M, N] folded into a running (max, sum of exp(z - max)) per row."""
-    new_max = tl.maximum(run_max, tl.max(z, axis=1))
-    run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(z - new_max[:, None]), axis=1)
-    return new_max, run_sum
 
 
 @triton.jit
