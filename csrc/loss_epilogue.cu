@@ -1,8 +1,9 @@
 // Chunk epilogue kernels of the `cuda` loss backend (see loss_epilogue.h).
 //
 // One block per row: a chunk row is up to a whole vocabulary (152k fp32 = 600 KB), read
-// once coalesced by 256 threads; a row's statistics reduce through warp shuffles and one
-// shared-memory step, with no atomics, so results do not depend on scheduling.
+// once by 256 threads in 16-byte loads, several in flight (row_walk.h); a row's
+// statistics reduce through warp shuffles and one shared-memory step, with no atomics, so
+// results do not depend on scheduling.
 
 #include "loss_epilogue.h"
 
@@ -10,6 +11,9 @@
 #include <cuda_fp16.h>
 
 #include <cmath>
+#include <cstdint>
+
+#include "row_walk.h"
 
 namespace distil {
 namespace {
@@ -26,6 +30,18 @@ struct LseState {
     float sum;   // sum exp(z - max)
     float zsum;  // sum z, for label smoothing
 };
+
+__device__ __forceinline__ void fold(LseState& s, float v) {
+    if (v > s.max) {
+        s.sum = s.sum * __expf(s.max - v) + 1.f;
+        s.max = v;
+    } else if (v != -INFINITY) {
+        // A -inf logit (a bias masking an id) adds nothing; exp(-inf - -inf) would be NaN
+        // while the thread has seen only -inf. NaN still propagates.
+        s.sum += __expf(v - s.max);
+    }
+    s.zsum += v;
+}
 
 __device__ __forceinline__ LseState merge(LseState a, LseState b) {
     const float m = fmaxf(a.max, b.max);
@@ -62,43 +78,70 @@ struct Transformed {
 // the two kernels: chunk_stats' lse and slot logits and logits_grad's exp(z - lse) must
 // see the same z, bit for bit.
 struct Transform {
-    const float* bias;
+    bool has_bias;
     bool capped;
     float inv_cap;
     float out_scale;
 
     __device__ __forceinline__ explicit Transform(const LogitsTransform& t)
-        : bias(t.bias),
+        : has_bias(t.bias != nullptr),
           capped(t.softcap > 0.f),
           inv_cap(t.softcap > 0.f ? 1.f / t.softcap : 0.f),
           out_scale(t.softcap > 0.f ? t.softcap * t.inv_temp : t.inv_temp) {}
 
-    __device__ __forceinline__ Transformed operator()(float u, int64_t col) const {
-        if (bias != nullptr) u = __fadd_rn(u, bias[col]);
+    // u: the GEMM's product; b: the bias at its column (ignored without a bias).
+    __device__ __forceinline__ Transformed operator()(float u, float b) const {
+        if (has_bias) u = __fadd_rn(u, b);
         if (!capped) return {__fmul_rn(u, out_scale), 1.f};
         const float t = tanh_fp32(__fmul_rn(u, inv_cap));
         return {__fmul_rn(t, out_scale), 1.f - t * t};
     }
 };
 
+__device__ __forceinline__ bool aligned_to(const void* p, unsigned bytes) {
+    return reinterpret_cast<uintptr_t>(p) % bytes == 0;
+}
+
+__device__ __forceinline__ float4 load4(const float* p) { return *reinterpret_cast<const float4*>(p); }
+
+// The bias at 4 columns: one 16-byte load where the bias is aligned like the row, else
+// four (it stays in L2: one [V] vector for the whole chunk).
+__device__ __forceinline__ float4 bias4(const float* bias, int col, bool vector) {
+    if (bias == nullptr) return make_float4(0.f, 0.f, 0.f, 0.f);
+    if (vector) return load4(bias + col);
+    return make_float4(bias[col], bias[col + 1], bias[col + 2], bias[col + 3]);
+}
+
 __global__ void __launch_bounds__(kThreads, kMinBlocks) chunk_stats_kernel(ChunkStatsArgs a) {
     const int64_t row = blockIdx.x;
     float* u = a.logits + row * a.ld;
+    const float* bias = a.transform.bias;
     const Transform transform(a.transform);
+    const RowSpan span = row_span(u, a.cols);
+    const bool bias_vector = bias != nullptr && aligned_to(bias + span.head, 16);
     LseState s{-INFINITY, 0.f, 0.f};
-    for (int c = threadIdx.x; c < a.cols; c += kThreads) {
-        const float v = transform(u[c], c).z;
+    auto visit = [&](float x, float b, int c) {
+        const float v = transform(x, b).z;
         if (a.write_z) u[c] = v;
-        if (v > s.max) {
-            s.sum = s.sum * __expf(s.max - v) + 1.f;
-            s.max = v;
-        } else if (v != -INFINITY) {
-            // A -inf logit (a bias masking padded ids) adds nothing; exp(-inf - -inf) would
-            // be NaN while the row's max is still -inf. NaN still propagates.
-            s.sum += __expf(v - s.max);
-        }
-        s.zsum += v;
-    }
+        fold(s, v);
+    };
+    walk_row(
+        span, threadIdx.x, kThreads, [&](int c) { visit(u[c], bias != nullptr ? bias[c] : 0.f, c); },
+        [&](const int (&cols)[kUnroll], const bool (&ok)[kUnroll]) {
+            float4 x[kUnroll], b[kUnroll];
+#pragma unroll
+            for (int i = 0; i < kUnroll; ++i) x[i] = load4(u + cols[i]);
+#pragma unroll
+            for (int i = 0; i < kUnroll; ++i) b[i] = bias4(bias, cols[i], bias_vector);
+#pragma unroll
+            for (int i = 0; i < kUnroll; ++i) {
+                if (!ok[i]) continue;
+                visit(x[i].x, b[i].x, cols[i]);
+                visit(x[i].y, b[i].y, cols[i] + 1);
+                visit(x[i].z, b[i].z, cols[i] + 2);
+                visit(x[i].w, b[i].w, cols[i] + 3);
+            }
+        });
     s = block_reduce(s);
     if (threadIdx.x == 0) {
         a.partial[row * 3 + 0] = s.max;
@@ -110,7 +153,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) chunk_stats_kernel(Chunk
     for (int j = threadIdx.x; j < a.num_slots; j += kThreads) {
         const int64_t local = a.ids[row * a.num_slots + j] - a.vocab_start;
         if (local < 0 || local >= a.cols) continue;
-        a.slot_logits[row * a.num_slots + j] = a.write_z ? u[local] : transform(u[local], local).z;
+        a.slot_logits[row * a.num_slots + j] =
+            a.write_z ? u[local] : transform(u[local], bias != nullptr ? bias[local] : 0.f).z;
     }
 }
 
@@ -123,19 +167,58 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { re
 template <>
 __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
 
+// Four consecutive values, each rounded once: one vector store where `p` is aligned to
+// their size, else four.
+template <typename Out>
+__device__ __forceinline__ void store4(Out* p, bool vector, float a, float b, float c, float d) {
+    if (!vector) {
+        p[0] = from_float<Out>(a);
+        p[1] = from_float<Out>(b);
+        p[2] = from_float<Out>(c);
+        p[3] = from_float<Out>(d);
+        return;
+    }
+    if constexpr (sizeof(Out) == 4) {
+        *reinterpret_cast<float4*>(p) = make_float4(a, b, c, d);
+    } else {
+        Out packed[4] = {from_float<Out>(a), from_float<Out>(b), from_float<Out>(c), from_float<Out>(d)};
+        *reinterpret_cast<uint2*>(p) = *reinterpret_cast<const uint2*>(packed);
+    }
+}
+
 template <typename Out>
 __global__ void __launch_bounds__(kThreads, kMinBlocks) logits_grad_kernel(LogitsGradArgs a) {
     const int64_t row = blockIdx.x;
     const float* u = a.logits + row * a.ld;
     Out* out = static_cast<Out*>(a.out) + row * a.ld_out;
+    const float* bias = a.transform.bias;
     const Transform transform(a.transform);
+    const RowSpan span = row_span(u, a.cols);
+    const bool bias_vector = bias != nullptr && aligned_to(bias + span.head, 16);
+    const bool out_vector = aligned_to(out + span.head, 4 * sizeof(Out));
     const float coef = a.row_coef[row];
     const float lse = a.lse[row];
     const float uniform = a.uniform != nullptr ? a.uniform[row] : 0.f;
-    for (int c = threadIdx.x; c < a.cols; c += kThreads) {
-        const Transformed t = transform(u[c], c);
-        out[c] = from_float<Out>((coef * __expf(t.z - lse) - uniform) * t.chain);
-    }
+    auto grad = [&](float x, float b) {
+        const Transformed t = transform(x, b);
+        return (coef * __expf(t.z - lse) - uniform) * t.chain;
+    };
+    walk_row(
+        span, threadIdx.x, kThreads,
+        [&](int c) { out[c] = from_float<Out>(grad(u[c], bias != nullptr ? bias[c] : 0.f)); },
+        [&](const int (&cols)[kUnroll], const bool (&ok)[kUnroll]) {
+            float4 x[kUnroll], b[kUnroll];
+#pragma unroll
+            for (int i = 0; i < kUnroll; ++i) x[i] = load4(u + cols[i]);
+#pragma unroll
+            for (int i = 0; i < kUnroll; ++i) b[i] = bias4(bias, cols[i], bias_vector);
+#pragma unroll
+            for (int i = 0; i < kUnroll; ++i) {
+                if (!ok[i]) continue;
+                store4(out + cols[i], out_vector, grad(x[i].x, b[i].x), grad(x[i].y, b[i].y), grad(x[i].z, b[i].z),
+                       grad(x[i].w, b[i].w));
+            }
+        });
     // The columns at slot ids are written again, whole, after every thread's first write
     // (the barrier orders them): the correction joins the fp32 value before its one
     // rounding. The first slot of each distinct id sums the coefficients of its repeats.
@@ -153,7 +236,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) logits_grad_kernel(Logit
         for (int i = j; i < a.num_slots; ++i) {
             if (ids[i] == id) correction += slot_coef[i];
         }
-        const Transformed t = transform(u[local], local);
+        const Transformed t = transform(u[local], bias != nullptr ? bias[local] : 0.f);
         out[local] = from_float<Out>((coef * __expf(t.z - lse) - uniform - correction) * t.chain);
     }
 }
