@@ -1,21 +1,30 @@
 // Sampling epilogue kernels of the `cuda` backend (see sampling_epilogue.h).
 //
-// One block per row, as in the loss epilogue: a row of the chunk is read a few times
-// while it sits in L2. Selection is exact and deterministic: radix select on keys that
-// order like the floats, ties resolved by the lower id; argmax reductions break ties by
-// the lower id too. Built without fast math: the Gumbel transform must round as the
-// PyTorch backend's log does, or the same seed would draw other ids.
+// row_topk takes one block per row: a row of the chunk is read a few times while it sits
+// in L2. gumbel_argmax splits rows into column ranges (one block each, 16-byte loads)
+// and merges the ranges' partials in a second, per-row kernel. Selection is exact and
+// deterministic: radix select on keys that order like the floats, ties resolved by the
+// lower id; argmax reductions and the merge of ranges break ties by the lower id too.
+// Built without fast math: the Gumbel transform must round as the PyTorch backend's log
+// does, or the same seed would draw other ids.
 
 #include "sampling_epilogue.h"
 
 #include <cmath>
 #include <cstdint>
 
+#include "row_walk.h"
+
 namespace distil {
 namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
+// Gumbel-max: samples drawn per pass over a row (their bests stay in registers), blocks
+// the split plan aims at, and the fewest Philox groups a split takes.
+constexpr int kSampleBatch = 4;
+constexpr int kTargetBlocks = 1024;
+constexpr int kMinGroupsPerSplit = 512;
 
 // --- log-sum-exp terms at temperature 1 and at `temperature` -----------------------------
 
@@ -252,52 +261,146 @@ __device__ __forceinline__ Best reduce_best(Best b, Best* shared) {
     return b;
 }
 
-__global__ void __launch_bounds__(kThreads) gumbel_argmax_kernel(GumbelArgmaxArgs a) {
+// What one block leaves for the merge: its columns' lse terms and, per sample of the
+// pass, its best (score, column).
+struct SplitPart {
+    TwoLse lse;
+    float score[kSampleBatch];
+    int index[kSampleBatch];
+};
+
+struct SplitPlan {
+    int splits;
+    int64_t groups_per_split;  // Philox groups of 4 ids
+};
+
+// Rows split into column ranges until about kTargetBlocks blocks run (a batch of 64 rows
+// in one block each would leave half an H100 idle and each SM streaming a 600 KB row
+// alone), each range at least kMinGroupsPerSplit groups. A function of the shape only,
+// so a draw does not depend on the device.
+SplitPlan plan_splits(int rows, int64_t vocab_start, int cols) {
+    const int64_t groups = ((vocab_start + cols - 1) >> 2) - (vocab_start >> 2) + 1;
+    const int64_t wanted = (kTargetBlocks + rows - 1) / rows;
+    const int64_t most = groups / kMinGroupsPerSplit > 1 ? groups / kMinGroupsPerSplit : 1;
+    const int64_t splits = wanted < most ? wanted : most;
+    const int64_t per_split = (groups + splits - 1) / splits;
+    return {static_cast<int>((groups + per_split - 1) / per_split), per_split};
+}
+
+// The 4 logits of Philox group `group` (columns c0 .. c0 + 3 of the chunk): one 16-byte
+// load where the row allows it, else one load per column inside the chunk.
+__device__ __forceinline__ float4 load_group(const float* l, int64_t c0, int cols, bool vector) {
+    if (vector && c0 + 3 < cols) return *reinterpret_cast<const float4*>(l + c0);
+    float v[4];
+#pragma unroll
+    for (int w = 0; w < 4; ++w) v[w] = c0 + w >= 0 && c0 + w < cols ? l[c0 + w] : 0.f;
+    return make_float4(v[0], v[1], v[2], v[3]);
+}
+
+// Block (row, split) folds its columns' lse terms (with_lse) and keeps, for samples
+// first_sample .. first_sample + count - 1, the best z + g of its columns (greedy: z).
+__global__ void __launch_bounds__(kThreads) gumbel_split_kernel(GumbelArgmaxArgs a, int64_t groups_per_split,
+                                                               int first_sample, int count, bool with_lse,
+                                                               SplitPart* parts) {
     __shared__ TwoLse lse_scratch[kWarps];
     __shared__ Best best_scratch[kWarps];
     const int64_t row = blockIdx.x;
     const float* l = a.logits + row * a.ld;
     const float temperature = a.greedy ? 1.f : a.temperature;
-    TwoLse t{-INFINITY, 0.f, -INFINITY, 0.f};
-    for (int c = threadIdx.x; c < a.cols; c += kThreads) {
-        const float v = l[c];
-        fold(t.raw_max, t.raw_sum, v);
-        fold(t.z_max, t.z_sum, __fdiv_rn(v, temperature));
-    }
-    t = reduce_lse(t, lse_scratch);
-    if (threadIdx.x == 0) write_partial(a.partial, row, t);
+    const int64_t group_begin = (a.vocab_start >> 2) + blockIdx.y * groups_per_split;
+    const int64_t last_group = (a.vocab_start + a.cols - 1) >> 2;
+    const int64_t group_end = group_begin + groups_per_split < last_group + 1 ? group_begin + groups_per_split
+                                                                               : last_group + 1;
+    // Ids v = 4 group + w sit at column v - vocab_start: 16-byte aligned groups need a
+    // vocab_start of a multiple of 4 and an aligned row.
+    const bool vector = a.vocab_start % 4 == 0 && reinterpret_cast<uintptr_t>(l) % 16 == 0;
     const uint32_t k0 = static_cast<uint32_t>(a.k0[row]), k1 = static_cast<uint32_t>(a.k1[row]);
     const uint32_t pos_lo = static_cast<uint32_t>(a.pos_lo[row]), pos_hi = static_cast<uint32_t>(a.pos_hi[row]);
-    const int64_t first_group = a.vocab_start >> 2;
-    const int64_t last_group = (a.vocab_start + a.cols - 1) >> 2;
-    for (int sample = 0; sample < a.num_samples; ++sample) {
-        Best best{-INFINITY, INT32_MAX};
-        if (a.greedy) {
-            for (int c = threadIdx.x; c < a.cols; c += kThreads) best = better(best, Best{l[c], c});
-        } else {
-            // One Philox call serves the four ids of a group.
-            for (int64_t group = first_group + threadIdx.x; group <= last_group; group += kThreads) {
-                uint32_t words[4] = {static_cast<uint32_t>(group), pos_lo, static_cast<uint32_t>(sample), pos_hi};
-                philox4x32(words, k0, k1);
+    TwoLse t{-INFINITY, 0.f, -INFINITY, 0.f};
+    Best best[kSampleBatch];
+#pragma unroll
+    for (int j = 0; j < kSampleBatch; ++j) best[j] = {-INFINITY, INT32_MAX};
+    // kUnroll groups' loads are in flight before any is used (row_walk.h says why).
+    for (int64_t g0 = group_begin + threadIdx.x; g0 < group_end; g0 += kUnroll * kThreads) {
+        float4 values[kUnroll];
+        int64_t groups[kUnroll];
+#pragma unroll
+        for (int i = 0; i < kUnroll; ++i) {
+            groups[i] = g0 + i * kThreads < group_end ? g0 + i * kThreads : g0;
+            values[i] = load_group(l, 4 * groups[i] - a.vocab_start, a.cols, vector);
+        }
+#pragma unroll
+        for (int i = 0; i < kUnroll; ++i) {
+            if (g0 + i * kThreads >= group_end) continue;
+            const int64_t c0 = 4 * groups[i] - a.vocab_start;
+            const float v[4] = {values[i].x, values[i].y, values[i].z, values[i].w};
+            float z[4];
+#pragma unroll
+            for (int w = 0; w < 4; ++w) {
+                z[w] = a.greedy ? v[w] : __fdiv_rn(v[w], temperature);
+                if (with_lse && c0 + w >= 0 && c0 + w < a.cols) {
+                    fold(t.raw_max, t.raw_sum, v[w]);
+                    fold(t.z_max, t.z_sum, z[w]);
+                }
+            }
+#pragma unroll
+            for (int j = 0; j < kSampleBatch; ++j) {
+                if (j >= count) break;
+                uint32_t words[4] = {static_cast<uint32_t>(groups[i]), pos_lo, static_cast<uint32_t>(first_sample + j),
+                                     pos_hi};
+                if (!a.greedy) philox4x32(words, k0, k1);
 #pragma unroll
                 for (int w = 0; w < 4; ++w) {
-                    const int64_t c = 4 * group + w - a.vocab_start;
-                    if (c < 0 || c >= a.cols) continue;
-                    const float score = __fdiv_rn(l[c], temperature) + gumbel(words[w]);
-                    best = better(best, Best{score, static_cast<int>(c)});
+                    if (c0 + w < 0 || c0 + w >= a.cols) continue;
+                    const float score = a.greedy ? z[w] : z[w] + gumbel(words[w]);
+                    best[j] = better(best[j], Best{score, static_cast<int>(c0 + w)});
                 }
             }
         }
-        best = reduce_best(best, best_scratch);
+    }
+    SplitPart* part = parts + row * gridDim.y + blockIdx.y;
+    if (with_lse) {
+        t = reduce_lse(t, lse_scratch);
+        if (threadIdx.x == 0) part->lse = t;
+    }
+#pragma unroll
+    for (int j = 0; j < kSampleBatch; ++j) {
+        if (j >= count) break;
+        const Best b = reduce_best(best[j], best_scratch);
         if (threadIdx.x == 0) {
-            // Finite logits always give a winner; a row of NaNs gives none, and column 0
-            // stands in rather than an index past the row.
-            const int index = best.index == INT32_MAX ? 0 : best.index;
-            const int64_t out = row * a.num_samples + sample;
-            a.ids[out] = a.vocab_start + index;
-            a.scores[out] = best.score;
-            a.logits_out[out] = l[index];
+            part->score[j] = b.score;
+            part->index[j] = b.index;
         }
+    }
+}
+
+// One thread per row merges its splits in column order (ties keep the lower column) and
+// writes samples first_sample .. first_sample + count - 1; greedy rows repeat sample 0.
+__global__ void __launch_bounds__(kThreads) gumbel_merge_kernel(GumbelArgmaxArgs a, int splits, int first_sample,
+                                                               int count, bool with_lse, const SplitPart* parts) {
+    const int64_t row = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+    if (row >= a.rows) return;
+    const SplitPart* part = parts + row * splits;
+    if (with_lse) {
+        TwoLse t = part[0].lse;
+        for (int s = 1; s < splits; ++s) {
+            merge(t.raw_max, t.raw_sum, part[s].lse.raw_max, part[s].lse.raw_sum);
+            merge(t.z_max, t.z_sum, part[s].lse.z_max, part[s].lse.z_sum);
+        }
+        write_partial(a.partial, row, t);
+    }
+    const float* l = a.logits + row * a.ld;
+    for (int j = 0; j < count; ++j) {
+        const int source = a.greedy ? 0 : j;
+        Best b{part[0].score[source], part[0].index[source]};
+        for (int s = 1; s < splits; ++s) b = better(b, Best{part[s].score[source], part[s].index[source]});
+        // Finite logits always give a winner; a row of NaNs gives none, and column 0
+        // stands in rather than an index past the row.
+        const int index = b.index == INT32_MAX ? 0 : b.index;
+        const int64_t out = row * a.num_samples + first_sample + j;
+        a.ids[out] = a.vocab_start + index;
+        a.scores[out] = b.score;
+        a.logits_out[out] = l[index];
     }
 }
 
@@ -310,10 +413,32 @@ cudaError_t row_topk(const RowTopKArgs& args, cudaStream_t stream) {
     return cudaGetLastError();
 }
 
+size_t gumbel_argmax_workspace_bytes(int rows, int64_t vocab_start, int cols) {
+    if (rows <= 0 || cols <= 0) return 0;
+    return static_cast<size_t>(rows) * plan_splits(rows, vocab_start, cols).splits * sizeof(SplitPart);
+}
+
 cudaError_t gumbel_argmax(const GumbelArgmaxArgs& args, cudaStream_t stream) {
     if (args.rows <= 0) return cudaSuccess;
-    if (args.cols < 1 || args.num_samples < 1) return cudaErrorInvalidValue;
-    gumbel_argmax_kernel<<<args.rows, kThreads, 0, stream>>>(args);
+    if (args.cols < 1 || args.num_samples < 1 || args.workspace == nullptr) return cudaErrorInvalidValue;
+    const SplitPlan plan = plan_splits(args.rows, args.vocab_start, args.cols);
+    auto* parts = static_cast<SplitPart*>(args.workspace);
+    const dim3 split_grid(args.rows, plan.splits);
+    const int merge_blocks = (args.rows + kThreads - 1) / kThreads;
+    if (args.greedy) {
+        // No noise: one argmax per row serves every sample.
+        gumbel_split_kernel<<<split_grid, kThreads, 0, stream>>>(args, plan.groups_per_split, 0, 1, true, parts);
+        gumbel_merge_kernel<<<merge_blocks, kThreads, 0, stream>>>(args, plan.splits, 0, args.num_samples, true,
+                                                                   parts);
+        return cudaGetLastError();
+    }
+    for (int first = 0; first < args.num_samples; first += kSampleBatch) {
+        const int count = args.num_samples - first < kSampleBatch ? args.num_samples - first : kSampleBatch;
+        gumbel_split_kernel<<<split_grid, kThreads, 0, stream>>>(args, plan.groups_per_split, first, count,
+                                                                 first == 0, parts);
+        gumbel_merge_kernel<<<merge_blocks, kThreads, 0, stream>>>(args, plan.splits, first, count, first == 0,
+                                                                   parts);
+    }
     return cudaGetLastError();
 }
 

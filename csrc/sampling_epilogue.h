@@ -4,7 +4,7 @@
 // bias and softcap already applied: temperature 1) comes from a cuBLAS GEMM and the loss
 // epilogue's `chunk_stats`. Both kernels also return each row's log-sum-exp terms at
 // temperature 1 and at `temperature` (z = logit / temperature, rounded as a division, as
-// the other backends form it), so a sampling call reads the chunk once per kernel.
+// the other backends form it): no other pass over the chunk is needed for them.
 //
 //   row_topk       the k largest logits of each row, ordered by (value desc, id asc),
 //                  by a radix select on order-preserving keys (k <= kMaxTopK);
@@ -15,6 +15,7 @@
 //                  2^33, E = -log(u) in float64, g = -log(E) in float. Greedy: argmax z.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
 #include <cuda_runtime.h>
@@ -53,9 +54,12 @@ struct GumbelArgmaxArgs {
     float* scores;         // [rows, num_samples] out: the winning z + g (z for greedy)
     float* logits_out;     // [rows, num_samples] out: the winner's logit (temperature 1)
     float* partial;        // [rows, 4] out, as RowTopKArgs::partial
+    void* workspace;       // gumbel_argmax_workspace_bytes(rows, vocab_start, cols) bytes on the device
 };
 
 cudaError_t row_topk(const RowTopKArgs& args, cudaStream_t stream);
+// Device scratch gumbel_argmax needs for the per-range partials it merges.
+size_t gumbel_argmax_workspace_bytes(int rows, int64_t vocab_start, int cols);
 cudaError_t gumbel_argmax(const GumbelArgmaxArgs& args, cudaStream_t stream);
 
 }  // namespace distil

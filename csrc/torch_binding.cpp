@@ -34,8 +34,28 @@ void check_vector(const torch::Tensor& t, const char* name, int64_t size, const 
 }
 
 void check_launch(cudaError_t error, const char* what) {
-    TORCH_CHECK(error == cudaSuccess, what, " launch failed: ", cudaGetErrorString(error));
+    TORCH_CHECK(error == cudaSuccess, what, " failed: ", cudaGetErrorString(error));
 }
+
+// The kernels launch on the tensors' device, whatever the caller's current device (the
+// stream handed over belongs to it; a launch on another device's stream fails).
+class DeviceGuard {
+  public:
+    explicit DeviceGuard(const torch::Device& device) {
+        check_launch(cudaGetDevice(&previous_), "cudaGetDevice");
+        if (previous_ != device.index()) check_launch(cudaSetDevice(device.index()), "cudaSetDevice");
+        target_ = device.index();
+    }
+    ~DeviceGuard() {
+        if (previous_ != target_) cudaSetDevice(previous_);
+    }
+    DeviceGuard(const DeviceGuard&) = delete;
+    DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+  private:
+    int previous_ = 0;
+    int target_ = 0;
+};
 
 // A chunk of fp32 logits [rows, cols] on a CUDA device, rows with unit column stride.
 struct Chunk {
@@ -76,6 +96,7 @@ void chunk_stats(torch::Tensor logits, std::optional<torch::Tensor> bias, double
                  bool write_z, torch::Tensor ids, int64_t vocab_start, torch::Tensor slot_logits,
                  torch::Tensor partial, int64_t stream) {
     const auto [device, rows, cols] = check_chunk(logits);
+    const DeviceGuard guard(device);
     const distil::LogitsTransform transform = check_transform(bias, softcap, inv_temp, cols, device);
     const int64_t slots = check_slots(ids, slot_logits, "slot_logits", rows, device);
     check_rows(partial, "partial", rows, 3, torch::kFloat32, device);
@@ -100,6 +121,7 @@ void logits_grad(torch::Tensor logits, std::optional<torch::Tensor> bias, double
                  torch::Tensor row_coef, torch::Tensor lse, std::optional<torch::Tensor> uniform, torch::Tensor ids,
                  torch::Tensor slot_coef, int64_t vocab_start, torch::Tensor out, int64_t stream) {
     const auto [device, rows, cols] = check_chunk(logits);
+    const DeviceGuard guard(device);
     const distil::LogitsTransform transform = check_transform(bias, softcap, inv_temp, cols, device);
     check_vector(row_coef, "row_coef", rows, device);
     check_vector(lse, "lse", rows, device);
@@ -136,6 +158,7 @@ void logits_grad(torch::Tensor logits, std::optional<torch::Tensor> bias, double
 void row_topk(torch::Tensor logits, int64_t vocab_start, int64_t k, double temperature, torch::Tensor values,
               torch::Tensor ids, torch::Tensor partial, int64_t stream) {
     const auto [device, rows, cols] = check_chunk(logits);
+    const DeviceGuard guard(device);
     TORCH_CHECK(k >= 1 && k <= distil::kMaxTopK && k <= cols, "k must be in [1, min(cols, ", distil::kMaxTopK,
                 ")], got ", k, " for ", cols, " columns");
     TORCH_CHECK(temperature > 0.0, "temperature must be > 0, got ", temperature);
@@ -163,6 +186,7 @@ void gumbel_argmax(torch::Tensor logits, int64_t vocab_start, double temperature
                    torch::Tensor k1, torch::Tensor pos_lo, torch::Tensor pos_hi, torch::Tensor ids,
                    torch::Tensor scores, torch::Tensor logits_out, torch::Tensor partial, int64_t stream) {
     const auto [device, rows, cols] = check_chunk(logits);
+    const DeviceGuard guard(device);
     TORCH_CHECK(cols >= 1, "logits must have at least one column, got ", logits.sizes());
     TORCH_CHECK(greedy || temperature > 0.0, "temperature must be > 0 unless greedy, got ", temperature);
     for (const auto* word : {&k0, &k1, &pos_lo, &pos_hi}) {
@@ -197,6 +221,10 @@ void gumbel_argmax(torch::Tensor logits, int64_t vocab_start, double temperature
     args.scores = scores.data_ptr<float>();
     args.logits_out = logits_out.data_ptr<float>();
     args.partial = partial.data_ptr<float>();
+    const size_t scratch = distil::gumbel_argmax_workspace_bytes(args.rows, vocab_start, args.cols);
+    const torch::Tensor workspace =
+        torch::empty({static_cast<int64_t>(scratch)}, torch::dtype(torch::kUInt8).device(device));
+    args.workspace = workspace.data_ptr();
     check_launch(distil::gumbel_argmax(args, reinterpret_cast<cudaStream_t>(stream)), "gumbel_argmax");
 }
 

@@ -2,11 +2,12 @@
 
 Rows go a chunk at a time, as in the loss's `cuda` backend (`distil_kernels.loss.cuda`):
 one GEMM with an fp32 output gives the chunk's logits, the loss epilogue's `chunk_stats`
-applies bias and softcap in place when there are any (temperature 1), and one kernel of csrc/sampling_epilogue.cu
-finishes each row: `row_topk` (radix select, ordered by value desc and id asc; k <= 1024,
-above that the chunked sweep) or `gumbel_argmax` (the Philox stream and Gumbel transform
-of the other backends, so a seed draws the same ids but at float ties). Both also return
-the row's log-sum-exp terms at temperature 1 and at the temperature.
+applies bias and softcap in place when there are any (temperature 1), and
+csrc/sampling_epilogue.cu finishes each row: `row_topk` (radix select, ordered by value
+desc and id asc; k <= 1024, above that the chunked sweep) or `gumbel_argmax` (the Philox
+stream and Gumbel transform of the other backends, so a seed draws the same ids but at
+float ties; rows split into column ranges so that a small batch fills the GPU). Both also
+return the row's log-sum-exp terms at temperature 1 and at the temperature.
 
 `REFERENCE_SAMPLING_OPS` is the kernels' contract in PyTorch: the tests run this module
 with it on the CPU, and compare the kernels with it on a GPU.
