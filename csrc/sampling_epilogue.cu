@@ -105,34 +105,57 @@ __device__ __forceinline__ int block_exclusive_scan(int value, int* scratch) {
     return before + inclusive - value;
 }
 
+// Calls visit(value, column) for every column of row `l`, 16-byte loads where aligned.
+template <typename Visit>
+__device__ __forceinline__ void for_each_logit(const float* l, const RowSpan& span, Visit&& visit) {
+    walk_row(
+        span, threadIdx.x, kThreads, [&](int c) { visit(l[c], c); },
+        [&](const int (&cols)[kUnroll], const bool (&ok)[kUnroll]) {
+            float4 x[kUnroll];
+#pragma unroll
+            for (int i = 0; i < kUnroll; ++i) x[i] = *reinterpret_cast<const float4*>(l + cols[i]);
+#pragma unroll
+            for (int i = 0; i < kUnroll; ++i) {
+                if (!ok[i]) continue;
+                visit(x[i].x, cols[i]);
+                visit(x[i].y, cols[i] + 1);
+                visit(x[i].z, cols[i] + 2);
+                visit(x[i].w, cols[i] + 3);
+            }
+        });
+}
+
 __global__ void __launch_bounds__(kThreads) row_topk_kernel(RowTopKArgs a) {
     __shared__ unsigned histogram[256];
     __shared__ uint32_t cand_key[kMaxTopK];
     __shared__ int cand_index[kMaxTopK];
     __shared__ uint32_t s_prefix;
-    __shared__ int s_remaining, s_count;
+    __shared__ int s_remaining, s_count, s_equal;
     __shared__ int scan_scratch[kWarps];
     __shared__ TwoLse lse_scratch[kWarps];
 
     const int64_t row = blockIdx.x;
     const float* l = a.logits + row * a.ld;
+    const RowSpan span = row_span(l, a.cols);
     TwoLse t{-INFINITY, 0.f, -INFINITY, 0.f};
     // The k-th largest key, a byte at a time from the top: after each pass, `prefix`
     // holds its known high bytes and `remaining` its rank among the keys sharing them.
     uint32_t prefix = 0, mask = 0;
     int remaining = a.k;
+    // Reset before the passes' barriers: the selection below may start adding to it
+    // while thread 0 still writes the lse terms.
+    if (threadIdx.x == 0) s_count = 0;
     for (int shift = 24; shift >= 0; shift -= 8) {
         for (int i = threadIdx.x; i < 256; i += kThreads) histogram[i] = 0;
         __syncthreads();
-        for (int c = threadIdx.x; c < a.cols; c += kThreads) {
-            const float v = l[c];
+        for_each_logit(l, span, [&](float v, int) {
             if (shift == 24) {
                 fold(t.raw_max, t.raw_sum, v);
                 fold(t.z_max, t.z_sum, __fdiv_rn(v, a.temperature));
             }
             const uint32_t key = order_key(v);
             if ((key & mask) == prefix) atomicAdd(&histogram[(key >> shift) & 255u], 1u);
-        }
+        });
         __syncthreads();
         if (threadIdx.x == 0) {
             int above = 0;
@@ -141,6 +164,7 @@ __global__ void __launch_bounds__(kThreads) row_topk_kernel(RowTopKArgs a) {
                 if (above + here >= remaining) {
                     s_prefix = prefix | (static_cast<uint32_t>(digit) << shift);
                     s_remaining = remaining - above;
+                    s_equal = here;  // after the last byte: how many keys equal the k-th
                     break;
                 }
                 above += here;
@@ -152,30 +176,42 @@ __global__ void __launch_bounds__(kThreads) row_topk_kernel(RowTopKArgs a) {
         mask |= 255u << shift;
     }
     t = reduce_lse(t, lse_scratch);
-    if (threadIdx.x == 0) {
-        write_partial(a.partial, row, t);
-        s_count = 0;
-    }
-    // Every key above the threshold, and the `remaining` lowest-index keys equal to it:
-    // each thread takes a contiguous range, so a prefix sum orders the equal keys by index.
+    if (threadIdx.x == 0) write_partial(a.partial, row, t);
     const uint32_t threshold = prefix;
-    const int span = (a.cols + kThreads - 1) / kThreads;
-    const int begin = min(a.cols, static_cast<int>(threadIdx.x) * span);
-    const int end = min(a.cols, begin + span);
-    int equal = 0;
-    for (int c = begin; c < end; ++c) equal += order_key(l[c]) == threshold;
-    int equal_before = block_exclusive_scan(equal, scan_scratch);
-    __syncthreads();
-    for (int c = begin; c < end; ++c) {
-        const uint32_t key = order_key(l[c]);
-        bool take = key > threshold;
-        if (key == threshold) take = equal_before++ < remaining;
-        if (take) {
+    if (s_equal == remaining) {
+        // No tie at the k-th key to break (the common case): every key at or above it is
+        // in, in any order, read in 16-byte loads.
+        for_each_logit(l, span, [&](float v, int c) {
+            const uint32_t key = order_key(v);
+            if (key < threshold) return;
             const int slot = atomicAdd(&s_count, 1);
             // Exactly k keys qualify; the bound keeps even a miscount inside the buffers.
             if (slot < a.k) {
                 cand_key[slot] = key;
                 cand_index[slot] = c;
+            }
+        });
+    } else {
+        // Every key above the threshold, and the `remaining` lowest-index keys equal to
+        // it: each thread takes a contiguous range, so a prefix sum orders the equal keys
+        // by index.
+        const int range = (a.cols + kThreads - 1) / kThreads;
+        const int begin = min(a.cols, static_cast<int>(threadIdx.x) * range);
+        const int end = min(a.cols, begin + range);
+        int equal = 0;
+        for (int c = begin; c < end; ++c) equal += order_key(l[c]) == threshold;
+        int equal_before = block_exclusive_scan(equal, scan_scratch);
+        __syncthreads();
+        for (int c = begin; c < end; ++c) {
+            const uint32_t key = order_key(l[c]);
+            bool take = key > threshold;
+            if (key == threshold) take = equal_before++ < remaining;
+            if (take) {
+                const int slot = atomicAdd(&s_count, 1);
+                if (slot < a.k) {
+                    cand_key[slot] = key;
+                    cand_index[slot] = c;
+                }
             }
         }
     }
