@@ -112,6 +112,27 @@ __device__ __forceinline__ float4 bias4(const float* bias, int col, bool vector)
     return make_float4(bias[col], bias[col + 1], bias[col + 2], bias[col + 3]);
 }
 
+// Calls one(c, u, b) for each column of row `u` before its first 16-byte boundary and
+// after its last whole float4, and four(c, u4, b4) for each float4 from column c: the
+// loads of row_walk.h, each with the bias at its columns (0 without a bias).
+template <typename One, typename Four>
+__device__ __forceinline__ void for_each_column(const float* u, const float* bias, const RowSpan& span,
+                                                bool bias_vector, One&& one, Four&& four) {
+    walk_row(
+        span, threadIdx.x, kThreads, [&](int c) { one(c, u[c], bias != nullptr ? bias[c] : 0.f); },
+        [&](const int (&cols)[kUnroll], const bool (&ok)[kUnroll]) {
+            float4 x[kUnroll], b[kUnroll];
+#pragma unroll
+            for (int i = 0; i < kUnroll; ++i) x[i] = load4(u + cols[i]);
+#pragma unroll
+            for (int i = 0; i < kUnroll; ++i) b[i] = bias4(bias, cols[i], bias_vector);
+#pragma unroll
+            for (int i = 0; i < kUnroll; ++i) {
+                if (ok[i]) four(cols[i], x[i], b[i]);
+            }
+        });
+}
+
 __global__ void __launch_bounds__(kThreads, kMinBlocks) chunk_stats_kernel(ChunkStatsArgs a) {
     const int64_t row = blockIdx.x;
     float* u = a.logits + row * a.ld;
@@ -125,23 +146,13 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) chunk_stats_kernel(Chunk
         if (a.write_z) u[c] = v;
         fold(s, v);
     };
-    walk_row(
-        span, threadIdx.x, kThreads, [&](int c) { visit(u[c], bias != nullptr ? bias[c] : 0.f, c); },
-        [&](const int (&cols)[kUnroll], const bool (&ok)[kUnroll]) {
-            float4 x[kUnroll], b[kUnroll];
-#pragma unroll
-            for (int i = 0; i < kUnroll; ++i) x[i] = load4(u + cols[i]);
-#pragma unroll
-            for (int i = 0; i < kUnroll; ++i) b[i] = bias4(bias, cols[i], bias_vector);
-#pragma unroll
-            for (int i = 0; i < kUnroll; ++i) {
-                if (!ok[i]) continue;
-                visit(x[i].x, b[i].x, cols[i]);
-                visit(x[i].y, b[i].y, cols[i] + 1);
-                visit(x[i].z, b[i].z, cols[i] + 2);
-                visit(x[i].w, b[i].w, cols[i] + 3);
-            }
-        });
+    for_each_column(u, bias, span, bias_vector, [&](int c, float x, float b) { visit(x, b, c); },
+                    [&](int c, float4 x, float4 b) {
+                        visit(x.x, b.x, c);
+                        visit(x.y, b.y, c + 1);
+                        visit(x.z, b.z, c + 2);
+                        visit(x.w, b.w, c + 3);
+                    });
     s = block_reduce(s);
     if (threadIdx.x == 0) {
         a.partial[row * 3 + 0] = s.max;
@@ -203,21 +214,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) logits_grad_kernel(Logit
         const Transformed t = transform(x, b);
         return (coef * __expf(t.z - lse) - uniform) * t.chain;
     };
-    walk_row(
-        span, threadIdx.x, kThreads,
-        [&](int c) { out[c] = from_float<Out>(grad(u[c], bias != nullptr ? bias[c] : 0.f)); },
-        [&](const int (&cols)[kUnroll], const bool (&ok)[kUnroll]) {
-            float4 x[kUnroll], b[kUnroll];
-#pragma unroll
-            for (int i = 0; i < kUnroll; ++i) x[i] = load4(u + cols[i]);
-#pragma unroll
-            for (int i = 0; i < kUnroll; ++i) b[i] = bias4(bias, cols[i], bias_vector);
-#pragma unroll
-            for (int i = 0; i < kUnroll; ++i) {
-                if (!ok[i]) continue;
-                store4(out + cols[i], out_vector, grad(x[i].x, b[i].x), grad(x[i].y, b[i].y), grad(x[i].z, b[i].z),
-                       grad(x[i].w, b[i].w));
-            }
+    for_each_column(
+        u, bias, span, bias_vector, [&](int c, float x, float b) { out[c] = from_float<Out>(grad(x, b)); },
+        [&](int c, float4 x, float4 b) {
+            store4(out + c, out_vector, grad(x.x, b.x), grad(x.y, b.y), grad(x.z, b.z), grad(x.w, b.w));
         });
     // The columns at slot ids are written again, whole, after every thread's first write
     // (the barrier orders them): the correction joins the fp32 value before its one
