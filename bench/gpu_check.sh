@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# One script for a lent GPU machine (no network there): install this checkout, run every
-# GPU test (loss and sampling cores), the quick GPU benchmarks (loss, sample, topk), the
-# trainer's CLI for 20 steps on CUDA and the trainer bench's kernel/step time split; print
-# a summary line last. Budget: under 8 minutes on one H100. Every step has its own time
-# limit so that a hung step still leaves the summary, and everything printed also goes to
+# One script for a lent GPU machine (no network there): install this checkout (building
+# the csrc/ extension for this GPU alone), run every GPU test (loss and sampling cores;
+# the cuda backend's in a process of its own), the quick GPU benchmarks (loss, sample,
+# topk), the cuda loss at issue 6's shape with a kernel profile, the trainer's CLI for 20
+# steps on CUDA and the trainer bench's kernel/step time split; print a summary line last.
+# Budget: under 9 minutes on one H100 with every step. Every step has its own time limit
+# so that a hung step still leaves the summary, and everything printed also goes to
 # $OUT/gpu_check.log (what the device tool brings back even when the call is cut off).
 #
-#   GPU_CHECK_STEPS="tests loss sample topk trainer"   the steps to run (default: all)
+#   GPU_CHECK_STEPS="tests loss cuda-loss sample topk trainer"   the steps (default: all)
 #
 # Optional comparison providers (Liger-Kernel, Cut Cross-Entropy) are installed from
 # ./wheels/*.whl with --no-deps: copy ../shared/wheels there and name `wheels` in the
@@ -17,7 +19,7 @@ t0=$(date +%s)
 out=${OUT:-bench/out}
 mkdir -p "$out"
 exec > >(tee -a "$out/gpu_check.log") 2>&1
-steps=${GPU_CHECK_STEPS:-tests loss sample topk trainer}
+steps=${GPU_CHECK_STEPS:-tests loss cuda-loss sample topk trainer}
 export PYTHONUNBUFFERED=1
 
 step() { printf '\n=== %s (%ss)\n' "$1" "$(( $(date +%s) - t0 ))"; }
@@ -41,12 +43,17 @@ if [ -z "${CUDA_HOME:-}" ] && command -v nvcc >/dev/null; then
         done
     fi
 fi
+# This GPU's architecture alone: half the nvcc work of the default 8.0 and 9.0.
+arch=$(python -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())" 2>/dev/null)
+export DISTIL_KERNELS_CUDA_ARCHS=${DISTIL_KERNELS_CUDA_ARCHS:-${arch:-9.0}} MAX_JOBS=${MAX_JOBS:-$(nproc)}
+build_t0=$(date +%s)
 if ! python -m pip install -q -e . --no-deps --no-build-isolation >"$out/install.log" 2>&1; then
     grep -E "error|Error" "$out/install.log" | head -n 20
     echo "the csrc/ extension failed to build (above; $out/install.log): installing without it"
     DISTIL_KERNELS_SKIP_CUDA_BUILD=1 python -m pip install -q -e . --no-deps --no-build-isolation 2>&1 | tail -n 2
 fi
 python -c "from distil_kernels.cuda_ext import extension_available as a; print('csrc extension:', 'built' if a() else 'not built')"
+echo "install took $(( $(date +%s) - build_t0 )) s (archs $DISTIL_KERNELS_CUDA_ARCHS, MAX_JOBS $MAX_JOBS)"
 python - <<'PY'
 import torch, triton
 print(f"torch {torch.__version__}  triton {triton.__version__}  cuda {torch.version.cuda}  "
@@ -55,25 +62,42 @@ PY
 git rev-parse --short HEAD 2>/dev/null || echo "(no git checkout here: record the commit by hand)"
 
 if wanted tests; then
-    step "GPU tests (marker gpu): loss and sampling cores"
     # Compiling the kernels' specialisations dominates; xdist spreads it over the CPUs.
     # -rfEP: the summary carries the output of passed tests too (differing-draw counts,
-    # temporary memory at B=64), which xdist would otherwise drop.
+    # temporary memory at B=64), which xdist would otherwise drop. A hung test (a ticket
+    # lock that never opens, say) fails alone instead of eating the step. The cuda
+    # backend's tests run in processes of their own: a fault in a kernel is sticky for the
+    # process that met it, and would fail every later test there.
     workers=$(python -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
-    # A hung test (a ticket lock that never opens, say) fails alone instead of eating the step.
-    per_test=$(python -c "import pytest_timeout" 2>/dev/null && echo "--timeout 150" || echo "")
-    timeout 330 python -m pytest -q -m gpu tests $workers $per_test -rfEP -p no:cacheprovider \
+    per_test=$(python -c "import pytest_timeout" 2>/dev/null && echo "--timeout 120" || echo "")
+    step "GPU tests (marker gpu): loss and sampling cores, triton and chunked"
+    timeout 200 python -m pytest -q -m gpu tests -k "not cuda" $workers $per_test -rfEP -p no:cacheprovider \
         >"$out/gpu_tests.log" 2>&1
     rc[tests]=$?
     grep -E "temporary [0-9.]+ MiB|differ" "$out/gpu_tests.log" | sort | uniq | head -n 30
     grep -E "^(FAILED|ERROR)" "$out/gpu_tests.log" | head -n 30
     tail -n 3 "$out/gpu_tests.log"
+    step "GPU tests (marker gpu): the cuda backend"
+    timeout 120 python -m pytest -q -m gpu tests -k cuda $workers $per_test -rfEP -p no:cacheprovider \
+        >"$out/gpu_tests_cuda.log" 2>&1
+    rc[tests-cuda]=$?
+    grep -E "differ" "$out/gpu_tests_cuda.log" | sort | uniq | head -n 20
+    grep -E "^(FAILED|ERROR)" "$out/gpu_tests_cuda.log" | head -n 30
+    grep -m 3 -E "illegal|misaligned|CUDA error|Error:" "$out/gpu_tests_cuda.log"
+    tail -n 3 "$out/gpu_tests_cuda.log"
 fi
 
 if wanted loss; then
     step "quick GPU benchmark: loss"
-    timeout 240 python -m bench loss --device cuda --quick --csv "$out/loss_cuda.csv" 2>&1
+    timeout 200 python -m bench loss --device cuda --quick --csv "$out/loss_cuda.csv" 2>&1
     rc[loss]=${PIPESTATUS[0]}
+fi
+
+if wanted cuda-loss; then
+    step "the cuda loss at issue 6's shape (Qwen2.5-7B head, N=16384), with a kernel profile"
+    timeout 120 python -m bench loss --device cuda --case qwen2.5-7b:16384 --providers cuda,cuda-sparse,triton \
+        --profile --csv "$out/loss_cuda.csv" 2>&1
+    rc[cuda-loss]=${PIPESTATUS[0]}
 fi
 
 if wanted sample; then

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from .loss_gpu import HEADS, PROVIDERS as GPU_PROVIDERS
 from .loss_providers import DTYPES, PROVIDERS, WORKLOAD_FACTORY, LossCase, Provider, workload_spec
 from .measure import Measurement, cpu_memory_unsupported, measure_in_subprocess
 from .report import OUT_DIR, Column, append_csv, fixed, format_table, machine_info, progress, ratio
@@ -223,15 +224,31 @@ def _shape(text: str) -> Shape:
     return n, d, v
 
 
+def _gpu_case(text: str) -> tuple[str, int]:
+    heads = [h.name for h in HEADS]
+    head, _, rows = text.partition(":")
+    if head not in heads or not rows.isdigit() or int(rows) < 1:
+        raise argparse.ArgumentTypeError(f"a GPU case is HEAD:N with HEAD one of {', '.join(heads)} and N >= 1, "
+                                         f"got {text!r}")
+    return head, int(rows)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                         help="where the tensors live; cuda runs the GPU suite of bench/loss_gpu.py")
     parser.add_argument("--quick", action="store_true",
                         help=f"N,d,V = {','.join(map(str, QUICK_SHAPES[0]))} and {QUICK_REPEATS} repeats: a smoke run")
-    parser.add_argument("--providers", type=lambda s: _names(s, list(PROVIDERS), "provider"), default=None,
-                        help=f"comma-separated subset of: {', '.join(p.name for p in ordered_providers())}")
+    gpu_names = [p.name for p in GPU_PROVIDERS]
+    parser.add_argument("--providers", default=None,
+                        type=lambda s: _names(s, list(dict.fromkeys([*PROVIDERS, *gpu_names])), "provider"),
+                        help=f"comma-separated subset of: {', '.join(p.name for p in ordered_providers())} "
+                             f"(cpu); {', '.join(gpu_names)} (cuda)")
     parser.add_argument("--dtypes", type=lambda s: _names(s, list(DTYPES), "dtype"), default=list(DTYPES),
                         help="comma-separated: fp32,bf16 (default both)")
+    parser.add_argument("--case", type=_gpu_case, action="append", dest="cases", metavar="HEAD:N",
+                        help="cuda only: run this head at N rows instead of the defaults (repeatable)")
+    parser.add_argument("--profile", action="store_true",
+                        help="cuda only: after each measurement, print the step's GPU kernels by their own time")
     parser.add_argument("--shape", type=_shape, action="append", dest="shapes", metavar="N,d,V",
                         help="run this shape instead of the defaults (repeatable)")
     parser.add_argument("--repeats", type=int, default=None,
@@ -249,6 +266,13 @@ def main(args: argparse.Namespace) -> int:
         from . import loss_gpu
 
         return loss_gpu.main(args)
+    if args.cases:
+        progress("bench loss: --case names a GPU head; on the cpu use --shape N,d,V")
+        return 2
+    if args.providers and set(args.providers) - set(PROVIDERS):
+        progress(f"bench loss: {', '.join(sorted(set(args.providers) - set(PROVIDERS)))} run on cuda only; "
+                 f"the cpu providers are {', '.join(PROVIDERS)}")
+        return 2
     reason = cpu_memory_unsupported()
     if reason is not None:
         progress(f"bench loss: {reason}")

@@ -188,7 +188,6 @@ PROVIDERS = (
     # 1 GiB of workspace: d_input's fp32 [N, d] fits, so the backward takes one pass (6 N V d,
     # more atomics) where the default takes two (8 N V d, 56 MiB of fp32 state).
     GpuProvider("triton-one-pass", "hard", _ours("triton", "hard", 2**30)),
-    GpuProvider("cuda", "hard", _ours("cuda", "hard"), _extension_requirement),
     GpuProvider("chunked", "hard", _ours("chunked", "hard")),
     GpuProvider("torch-ref", "hard", _ours("torch", "hard")),
     GpuProvider("compiled-chunked", "hard", _compiled_chunked),
@@ -196,12 +195,14 @@ PROVIDERS = (
     GpuProvider("liger", "hard", _liger, _module_requirement("liger_kernel")),
     GpuProvider("cce", "hard", _cce, _module_requirement("cut_cross_entropy")),
     GpuProvider("triton-sparse", "sparse", _ours("triton", "sparse")),
-    GpuProvider("cuda-sparse", "sparse", _ours("cuda", "sparse"), _extension_requirement),
     GpuProvider("torch-ref-sparse", "sparse", _ours("torch", "sparse")),
     GpuProvider("dense-soft", "sparse", _dense_soft),
+    # Last: a fault in a kernel is sticky for the whole process (every later CUDA call
+    # fails), and the csrc/ kernels are the ones with the least time on a GPU.
+    GpuProvider("cuda", "hard", _ours("cuda", "hard"), _extension_requirement),
+    GpuProvider("cuda-sparse", "sparse", _ours("cuda", "sparse"), _extension_requirement),
 )
-QUICK_PROVIDERS = ("triton", "triton-one-pass", "cuda", "torch-ref", "native", "liger", "cce", "triton-sparse",
-                   "cuda-sparse", "dense-soft")
+QUICK_PROVIDERS = ("triton", "triton-one-pass", "native", "liger", "cce", "triton-sparse", "cuda", "cuda-sparse")
 
 
 # --------------------------------------------------------------------------------------
@@ -245,6 +246,31 @@ def measure(provider: GpuProvider, inputs: GpuInputs) -> dict:
     inputs.x.grad = inputs.weight.grad = None
     return {"time_ms": median, "p20_ms": p20, "p80_ms": p80, "forward_ms": forward_ms,
             "overhead_mib": overhead / 2**20}
+
+
+def print_kernel_profile(provider: GpuProvider, inputs: GpuInputs, top: int = 10) -> None:
+    """The GPU kernels of one forward + backward by their own time: where the time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def step():
+        inputs.x.grad = inputs.weight.grad = None
+        provider.loss(inputs).backward()
+
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    inputs.x.grad = inputs.weight.grad = None
+
+    def own_us(event) -> float:  # renamed from cuda to device in torch 2.4's profiler
+        return float(getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0.0))
+
+    events = sorted((e for e in prof.key_averages() if own_us(e) > 0), key=own_us, reverse=True)
+    total = sum(own_us(e) for e in events)
+    progress(f"  {provider.name}: {total / 1e3:.2f} ms of GPU kernels in one step; the top {top}:")
+    for event in events[:top]:
+        progress(f"    {own_us(event) / 1e3:8.2f} ms  x{event.count:<4d} {event.key[:90]}")
 
 
 CSV_FIELDS = ["timestamp", "gpu", "torch", "triton", "commit", "head", "logits", "provider", "target", "N", "d",
@@ -318,7 +344,15 @@ def main(args) -> int:
     import triton
 
     heads = {h.name: h for h in HEADS}
-    cases = list(QUICK_CASES) if args.quick else [(h.name, n) for h in HEADS for n in FULL_ROWS]
+    if args.shapes:
+        progress("bench loss --device cuda: --shape is for the cpu suite; name a head with --case HEAD:N")
+        return 2
+    cpu_only = set(args.providers or ()) - {p.name for p in PROVIDERS}
+    if cpu_only:
+        progress(f"bench loss --device cuda: {', '.join(sorted(cpu_only))} run on the cpu only; the cuda providers "
+                 f"are {', '.join(p.name for p in PROVIDERS)}")
+        return 2
+    cases = args.cases or (list(QUICK_CASES) if args.quick else [(h.name, n) for h in HEADS for n in FULL_ROWS])
     names = args.providers or (QUICK_PROVIDERS if args.quick else [p.name for p in PROVIDERS])
     providers = [p for p in PROVIDERS if p.name in names]
     info = machine_info()
@@ -348,6 +382,8 @@ def main(args) -> int:
                         row["tflops_6nvd"] = 6 * n * head.vocab * head.dim / (row["time_ms"] * 1e9)
                         row["of_matmul_8nvd"] = 8 * n * head.vocab * head.dim / (row["time_ms"] * 1e9) / rate
                         row["status"] = "ok"
+                        if args.profile:
+                            print_kernel_profile(provider, inputs)
                     except torch.cuda.OutOfMemoryError:
                         row["status"] = "OOM"
                     except Exception as error:  # a competitor's failure must not end the suite

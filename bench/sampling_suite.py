@@ -96,8 +96,9 @@ def make_inputs(batch: int, dim: int, vocab: int, dtype: str, device: str) -> tu
 
 
 def run_suite(suite: str, providers: list[Provider], shapes: list[tuple[int, int, int]], dtypes: list[str],
-              device: str, repeats: int, csv: str | None, rep_ms: int = 100) -> list[dict]:
-    """Time every provider on every shape and dtype; print a table; append CSV rows; return the rows."""
+              device: str, repeats: int, csv: str | None, rep_ms: int = 100) -> tuple[list[dict], list[str]]:
+    """Time every provider on every shape and dtype; print a table; append CSV rows; return the rows
+    and one line per failure of our own providers (each failure ends only its own row)."""
     info = machine_info()
     cuda = device == "cuda"
     if cuda:
@@ -106,7 +107,7 @@ def run_suite(suite: str, providers: list[Provider], shapes: list[tuple[int, int
         info = {**info, "gpu": torch.cuda.get_device_name(), "triton": triton.__version__}
     csv_path = Path(csv) if csv else OUT_DIR / f"{suite}_{device}.csv"
     fields = CUDA_CSV_FIELDS if cuda else CSV_FIELDS
-    rows = []
+    rows, failures = [], []
     for batch, dim, vocab in shapes:
         for dtype in dtypes:
             x, weight = make_inputs(batch, dim, vocab, dtype, device)
@@ -118,9 +119,10 @@ def run_suite(suite: str, providers: list[Provider], shapes: list[tuple[int, int
                     median, p20, p80 = time_ms(call, device, repeats, rep_ms)
                     temp = temporary_mib(call) if cuda else None
                 except Exception as error:
+                    why = f"{type(error).__name__}: {str(error)[:160]}"
                     if not provider.optional:
-                        raise
-                    print(f"{suite}: {provider.name} skipped ({type(error).__name__}: {str(error)[:160]})")
+                        failures.append(f"{provider.name} {dtype} B={batch}: {why}")
+                    print(f"{suite}: {provider.name} {'FAILED' if not provider.optional else 'skipped'} ({why})")
                     continue
                 if provider.name == "matmul":
                     matmul = median
@@ -145,7 +147,9 @@ def run_suite(suite: str, providers: list[Provider], shapes: list[tuple[int, int
     print(format_table(rows, CUDA_COLUMNS if cuda else COLUMNS,
                        group_by=lambda r: (r["B"], r["d"], r["V"], r["dtype"])))
     print(f"\n{len(rows)} rows appended to {csv_path}")
-    return rows
+    for failure in failures:
+        print(f"FAILED {failure}")
+    return rows, failures
 
 
 def find_row(rows: list[dict], provider: str, dtype: str, shape: tuple[int, int, int]) -> dict | None:
