@@ -9,6 +9,10 @@
 # $OUT/gpu_check.log (what the device tool brings back even when the call is cut off).
 #
 #   GPU_CHECK_STEPS="tests loss cuda-loss sample topk trainer"   the steps (default: all)
+#   GPU_CHECK_PROFILE=1     sample and topk also print where each call's time goes
+#   GPU_CHECK_PREBUILT=1    distil_kernels/_C*.so was built elsewhere against this machine's
+#                           torch and CUDA (name it in carry): use it, build only if it fails
+#                           to import (a build takes ~70 s of the lease)
 #
 # Optional comparison providers (Liger-Kernel, Cut Cross-Entropy) are installed from
 # ./wheels/*.whl with --no-deps: copy ../shared/wheels there and name `wheels` in the
@@ -47,13 +51,22 @@ fi
 arch=$(python -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())" 2>/dev/null)
 export DISTIL_KERNELS_CUDA_ARCHS=${DISTIL_KERNELS_CUDA_ARCHS:-${arch:-9.0}} MAX_JOBS=${MAX_JOBS:-$(nproc)}
 build_t0=$(date +%s)
-if ! python -m pip install -q -e . --no-deps --no-build-isolation >"$out/install.log" 2>&1; then
-    grep -E "error|Error" "$out/install.log" | head -n 20
-    echo "the csrc/ extension failed to build (above; $out/install.log): installing without it"
-    DISTIL_KERNELS_SKIP_CUDA_BUILD=1 python -m pip install -q -e . --no-deps --no-build-isolation 2>&1 | tail -n 2
+prebuilt=""
+if [ -n "${GPU_CHECK_PREBUILT:-}" ] && ls distil_kernels/_C*.so >/dev/null 2>&1 \
+        && DISTIL_KERNELS_SKIP_CUDA_BUILD=1 python -m pip install -q -e . --no-deps --no-build-isolation \
+            >"$out/install.log" 2>&1 \
+        && python -c "import torch, distil_kernels._C" 2>>"$out/install.log"; then
+    prebuilt=" (the carried prebuilt extension)"
+else
+    rm -f distil_kernels/_C*.so
+    if ! python -m pip install -q -e . --no-deps --no-build-isolation >"$out/install.log" 2>&1; then
+        grep -E "error|Error" "$out/install.log" | head -n 20
+        echo "the csrc/ extension failed to build (above; $out/install.log): installing without it"
+        DISTIL_KERNELS_SKIP_CUDA_BUILD=1 python -m pip install -q -e . --no-deps --no-build-isolation 2>&1 | tail -n 2
+    fi
 fi
 python -c "from distil_kernels.cuda_ext import extension_available as a; print('csrc extension:', 'built' if a() else 'not built')"
-echo "install took $(( $(date +%s) - build_t0 )) s (archs $DISTIL_KERNELS_CUDA_ARCHS, MAX_JOBS $MAX_JOBS)"
+echo "install took $(( $(date +%s) - build_t0 )) s (archs $DISTIL_KERNELS_CUDA_ARCHS, MAX_JOBS $MAX_JOBS)$prebuilt"
 python - <<'PY'
 import torch, triton
 print(f"torch {torch.__version__}  triton {triton.__version__}  cuda {torch.version.cuda}  "
@@ -68,23 +81,23 @@ if wanted tests; then
     # lock that never opens, say) fails alone instead of eating the step. The cuda
     # backend's tests run in processes of their own: a fault in a kernel is sticky for the
     # process that met it, and would fail every later test there.
-    workers=$(python -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
+    # The two processes run side by side (8 + 6 workers on 16 CPUs): each spends most of
+    # its time compiling kernels, not on the GPU.
+    xdist=$(python -c "import xdist" 2>/dev/null && echo 1 || echo "")
     per_test=$(python -c "import pytest_timeout" 2>/dev/null && echo "--timeout 120" || echo "")
-    step "GPU tests (marker gpu): loss and sampling cores, triton and chunked"
-    timeout 200 python -m pytest -q -m gpu tests -k "not cuda" $workers $per_test -rfEP -p no:cacheprovider \
-        >"$out/gpu_tests.log" 2>&1
-    rc[tests]=$?
-    grep -E "temporary [0-9.]+ MiB|differ" "$out/gpu_tests.log" | sort | uniq | head -n 30
-    grep -E "^(FAILED|ERROR)" "$out/gpu_tests.log" | head -n 30
-    tail -n 3 "$out/gpu_tests.log"
-    step "GPU tests (marker gpu): the cuda backend"
-    timeout 120 python -m pytest -q -m gpu tests -k cuda $workers $per_test -rfEP -p no:cacheprovider \
+    step "GPU tests (marker gpu): loss and sampling cores; the cuda backend's alongside"
+    timeout 200 python -m pytest -q -m gpu tests -k "not cuda" ${xdist:+-n 8} $per_test -rfEP -p no:cacheprovider \
+        >"$out/gpu_tests.log" 2>&1 &
+    tests_pid=$!
+    timeout 200 python -m pytest -q -m gpu tests -k cuda ${xdist:+-n 6} $per_test -rfEP -p no:cacheprovider \
         >"$out/gpu_tests_cuda.log" 2>&1
     rc[tests-cuda]=$?
-    grep -E "differ" "$out/gpu_tests_cuda.log" | sort | uniq | head -n 20
-    grep -E "^(FAILED|ERROR)" "$out/gpu_tests_cuda.log" | head -n 30
-    grep -m 3 -E "illegal|misaligned|CUDA error|Error:" "$out/gpu_tests_cuda.log"
-    tail -n 3 "$out/gpu_tests_cuda.log"
+    wait $tests_pid
+    rc[tests]=$?
+    grep -hE "temporary [0-9.]+ MiB|differ" "$out/gpu_tests.log" "$out/gpu_tests_cuda.log" | sort | uniq | head -n 40
+    grep -hE "^(FAILED|ERROR)" "$out/gpu_tests.log" "$out/gpu_tests_cuda.log" | sort -u | head -n 30
+    grep -m 3 -E "illegal|misaligned|CUDA error" "$out/gpu_tests_cuda.log"
+    tail -n 1 "$out/gpu_tests.log" "$out/gpu_tests_cuda.log"
 fi
 
 if wanted loss; then
@@ -95,21 +108,23 @@ fi
 
 if wanted cuda-loss; then
     step "the cuda loss at issue 6's shape (Qwen2.5-7B head, N=16384), with a kernel profile"
-    timeout 120 python -m bench loss --device cuda --case qwen2.5-7b:16384 --providers cuda,cuda-sparse,triton \
+    timeout 120 python -m bench loss --device cuda --case qwen2.5-7b:16384 --providers cuda,cuda-sparse \
         --profile --csv "$out/loss_cuda.csv" 2>&1
     rc[cuda-loss]=${PIPESTATUS[0]}
 fi
 
 if wanted sample; then
     step "quick GPU benchmark: sample"
-    timeout 150 python -m bench sample --device cuda --quick --csv "$out/sample_cuda.csv" 2>&1 \
+    timeout 150 python -m bench sample --device cuda --quick ${GPU_CHECK_PROFILE:+--profile} \
+        --csv "$out/sample_cuda.csv" 2>&1 \
         | grep -vE '^sample: .* \.\.\.$'
     rc[sample]=${PIPESTATUS[0]}
 fi
 
 if wanted topk; then
     step "quick GPU benchmark: topk"
-    timeout 150 python -m bench topk --device cuda --quick --csv "$out/topk_cuda.csv" 2>&1 \
+    timeout 150 python -m bench topk --device cuda --quick ${GPU_CHECK_PROFILE:+--profile} \
+        --csv "$out/topk_cuda.csv" 2>&1 \
         | grep -vE '^topk: .* \.\.\.$'
     rc[topk]=${PIPESTATUS[0]}
 fi

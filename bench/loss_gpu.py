@@ -23,6 +23,7 @@ from __future__ import annotations
 import gc
 import math
 from dataclasses import dataclass
+from functools import partial
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
@@ -33,6 +34,7 @@ from torch import Tensor
 
 from distil_kernels import SparseTarget, linear_cross_entropy
 
+from .gpu_profile import print_profile
 from .report import OUT_DIR, Column, append_csv, fixed, format_table, machine_info, progress
 
 
@@ -220,12 +222,16 @@ def matmul_tflops(rows: int, dim: int, vocab: int) -> float:
     return 2 * rows * dim * vocab / (ms * 1e9)
 
 
+def _step(provider: GpuProvider, inputs: GpuInputs) -> None:
+    inputs.x.grad = inputs.weight.grad = None
+    provider.loss(inputs).backward()
+
+
 def measure(provider: GpuProvider, inputs: GpuInputs) -> dict:
     import triton.testing
 
     def step():
-        inputs.x.grad = inputs.weight.grad = None
-        provider.loss(inputs).backward()
+        _step(provider, inputs)
 
     step()  # compiles, autotunes, warms caches
     median, p20, p80 = triton.testing.do_bench(step, warmup=5, rep=50, quantiles=[0.5, 0.2, 0.8])
@@ -246,31 +252,6 @@ def measure(provider: GpuProvider, inputs: GpuInputs) -> dict:
     inputs.x.grad = inputs.weight.grad = None
     return {"time_ms": median, "p20_ms": p20, "p80_ms": p80, "forward_ms": forward_ms,
             "overhead_mib": overhead / 2**20}
-
-
-def print_kernel_profile(provider: GpuProvider, inputs: GpuInputs, top: int = 10) -> None:
-    """The GPU kernels of one forward + backward by their own time: where the time goes."""
-    from torch.profiler import ProfilerActivity, profile
-
-    def step():
-        inputs.x.grad = inputs.weight.grad = None
-        provider.loss(inputs).backward()
-
-    step()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        step()
-        torch.cuda.synchronize()
-    inputs.x.grad = inputs.weight.grad = None
-
-    def own_us(event) -> float:  # renamed from cuda to device in torch 2.4's profiler
-        return float(getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0.0))
-
-    events = sorted((e for e in prof.key_averages() if own_us(e) > 0), key=own_us, reverse=True)
-    total = sum(own_us(e) for e in events)
-    progress(f"  {provider.name}: {total / 1e3:.2f} ms of GPU kernels in one step; the top {top}:")
-    for event in events[:top]:
-        progress(f"    {own_us(event) / 1e3:8.2f} ms  x{event.count:<4d} {event.key[:90]}")
 
 
 CSV_FIELDS = ["timestamp", "gpu", "torch", "triton", "commit", "head", "logits", "provider", "target", "N", "d",
@@ -383,7 +364,7 @@ def main(args) -> int:
                         row["of_matmul_8nvd"] = 8 * n * head.vocab * head.dim / (row["time_ms"] * 1e9) / rate
                         row["status"] = "ok"
                         if args.profile:
-                            print_kernel_profile(provider, inputs)
+                            print_profile(partial(_step, provider, inputs), f"{provider.name} {head.name} N={n}")
                     except torch.cuda.OutOfMemoryError:
                         row["status"] = "OOM"
                     except Exception as error:  # a competitor's failure must not end the suite

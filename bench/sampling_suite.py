@@ -96,7 +96,8 @@ def make_inputs(batch: int, dim: int, vocab: int, dtype: str, device: str) -> tu
 
 
 def run_suite(suite: str, providers: list[Provider], shapes: list[tuple[int, int, int]], dtypes: list[str],
-              device: str, repeats: int, csv: str | None, rep_ms: int = 100) -> tuple[list[dict], list[str]]:
+              device: str, repeats: int, csv: str | None, rep_ms: int = 100, profile: bool = False
+              ) -> tuple[list[dict], list[str]]:
     """Time every provider on every shape and dtype; print a table; append CSV rows; return the rows
     and one line per failure of our own providers (each failure ends only its own row)."""
     info = machine_info()
@@ -118,6 +119,10 @@ def run_suite(suite: str, providers: list[Provider], shapes: list[tuple[int, int
                     call = provider.build(x, weight)
                     median, p20, p80 = time_ms(call, device, repeats, rep_ms)
                     temp = temporary_mib(call) if cuda else None
+                    if cuda and profile:
+                        from .gpu_profile import print_profile
+
+                        print_profile(call, f"{suite} {provider.name} {dtype} B={batch}")
                 except Exception as error:
                     why = f"{type(error).__name__}: {str(error)[:160]}"
                     if not provider.optional:

@@ -102,6 +102,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                        "--quick on CUDA)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--csv", default=None)
+    parser.add_argument("--profile", action="store_true",
+                        help="cuda only: print where each call's time goes (bench/gpu_profile.py)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -116,7 +118,8 @@ def main(args: argparse.Namespace) -> int:
     names = args.dtypes or ("bf16" if cuda and args.quick else "fp32,bf16")
     dtypes = [d for d in names.split(",") if d in DTYPES]
     rows, failures = run_suite("topk", providers(args.device, args.quick), shapes, dtypes, args.device,
-                     3 if args.quick else args.repeats, args.csv, rep_ms=25 if args.quick else 100)
+                     3 if args.quick else args.repeats, args.csv, rep_ms=25 if args.quick else 100,
+                                     profile=args.profile)
     if cuda:
         report_targets(rows)
     return 1 if failures else 0

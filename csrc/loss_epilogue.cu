@@ -33,12 +33,12 @@ struct LseState {
 
 __device__ __forceinline__ void fold(LseState& s, float v) {
     if (v > s.max) {
-        s.sum = s.sum * __expf(s.max - v) + 1.f;
+        s.sum = s.sum * expf(s.max - v) + 1.f;
         s.max = v;
     } else if (v != -INFINITY) {
         // A -inf logit (a bias masking an id) adds nothing; exp(-inf - -inf) would be NaN
         // while the thread has seen only -inf. NaN still propagates.
-        s.sum += __expf(v - s.max);
+        s.sum += expf(v - s.max);
     }
     s.zsum += v;
 }
@@ -46,7 +46,7 @@ __device__ __forceinline__ void fold(LseState& s, float v) {
 __device__ __forceinline__ LseState merge(LseState a, LseState b) {
     const float m = fmaxf(a.max, b.max);
     if (m == -INFINITY) return {m, 0.f, a.zsum + b.zsum};
-    return {m, a.sum * __expf(a.max - m) + b.sum * __expf(b.max - m), a.zsum + b.zsum};
+    return {m, a.sum * expf(a.max - m) + b.sum * expf(b.max - m), a.zsum + b.zsum};
 }
 
 __device__ __forceinline__ LseState block_reduce(LseState s) {
@@ -62,11 +62,6 @@ __device__ __forceinline__ LseState block_reduce(LseState s) {
     s = warp_states[0];
     for (int w = 1; w < kWarps; ++w) s = merge(s, warp_states[w]);
     return s;
-}
-
-__device__ __forceinline__ float tanh_fp32(float y) {
-    // 1 - 2 / (exp(2y) + 1) saturates to +-1 without overflow: exp(2y) = inf gives 1.
-    return 1.f - 2.f / (__expf(2.f * y) + 1.f);
 }
 
 struct Transformed {
@@ -93,7 +88,7 @@ struct Transform {
     __device__ __forceinline__ Transformed operator()(float u, float b) const {
         if (has_bias) u = __fadd_rn(u, b);
         if (!capped) return {__fmul_rn(u, out_scale), 1.f};
-        const float t = tanh_fp32(__fmul_rn(u, inv_cap));
+        const float t = tanhf(__fmul_rn(u, inv_cap));
         return {__fmul_rn(t, out_scale), 1.f - t * t};
     }
 };
@@ -212,7 +207,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) logits_grad_kernel(Logit
     const float uniform = a.uniform != nullptr ? a.uniform[row] : 0.f;
     auto grad = [&](float x, float b) {
         const Transformed t = transform(x, b);
-        return (coef * __expf(t.z - lse) - uniform) * t.chain;
+        return (coef * expf(t.z - lse) - uniform) * t.chain;
     };
     for_each_column(
         u, bias, span, bias_vector, [&](int c, float x, float b) { out[c] = from_float<Out>(grad(x, b)); },
@@ -237,7 +232,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) logits_grad_kernel(Logit
             if (ids[i] == id) correction += slot_coef[i];
         }
         const Transformed t = transform(u[local], bias != nullptr ? bias[local] : 0.f);
-        out[local] = from_float<Out>((coef * __expf(t.z - lse) - uniform - correction) * t.chain);
+        out[local] = from_float<Out>((coef * expf(t.z - lse) - uniform - correction) * t.chain);
     }
 }
 

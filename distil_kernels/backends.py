@@ -16,8 +16,13 @@ import torch
 BACKENDS = ("torch", "chunked", "triton", "cuda")
 
 
+# Looked up once: torch.compile (2.11) refuses to trace importlib's find_spec, and
+# `resolve_backend` runs inside compiled regions.
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_INSTALLED
 
 
 def resolve_backend(backend: str, device: torch.device | None) -> str:

@@ -16,8 +16,13 @@ _HOW_TO_BUILD = (
 )
 
 
+# Looked up once: `backend="cuda"` asks on every call, and torch.compile (2.11) refuses to
+# trace importlib's find_spec.
+_EXTENSION_AVAILABLE = importlib.util.find_spec("distil_kernels._C") is not None
+
+
 def extension_available() -> bool:
-    return importlib.util.find_spec("distil_kernels._C") is not None
+    return _EXTENSION_AVAILABLE
 
 
 def extension() -> ModuleType:

@@ -257,7 +257,7 @@ class ShardedDenseLogits:
 def sharded_sample(x: Tensor, weight: Tensor, bias: Tensor | None, softcap, options, seed, positions, keys,
                    workspace_bytes, truncated: bool, shard: VocabShard):
     """`linear_sample` over the whole vocabulary from this rank's shard (the chunked sweep)."""
-    from .sampling.sample import Sample, _candidate_sample, _sweep_sample, gumbel_noise
+    from .sampling.sample import Sample, _candidate_sample, _sweep_sample, at_temperature, gumbel_noise
 
     if truncated:
         return _candidate_sample(x, weight, bias, softcap, options, seed, positions, keys, workspace_bytes,
@@ -268,7 +268,7 @@ def sharded_sample(x: Tensor, weight: Tensor, bias: Tensor | None, softcap, opti
     if options.greedy:
         score = raw
     else:
-        z = raw / options.temperature
+        z = at_temperature(raw, options.temperature)
         noise = torch.stack([gumbel_noise(local.ids[:, j : j + 1], keys, j)[:, 0] for j in range(raw.shape[1])], 1)
         score = z + noise
     # Every rank's winners; the best score wins, equal scores go to the lower id.
@@ -280,5 +280,5 @@ def sharded_sample(x: Tensor, weight: Tensor, bias: Tensor | None, softcap, opti
     raw_logprobs = raw_best - lse_raw[:, None]
     if options.greedy:
         return Sample(winner, torch.zeros_like(raw_logprobs), raw_logprobs, lse_raw)
-    lse_z = merge_lse((raw / options.temperature - local.logprobs)[:, 0], shard)
-    return Sample(winner, raw_best / options.temperature - lse_z[:, None], raw_logprobs, lse_raw)
+    lse_z = merge_lse((at_temperature(raw, options.temperature) - local.logprobs)[:, 0], shard)
+    return Sample(winner, at_temperature(raw_best, options.temperature) - lse_z[:, None], raw_logprobs, lse_raw)

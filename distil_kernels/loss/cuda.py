@@ -47,7 +47,7 @@ class EpilogueOps:
     #  uniform [r] | None, ids [r, K], slot_coef [r, K], vocab_start, out [r, c] dL/du)
     logits_grad: Callable[..., None]
     mm_fp32: Callable[[Tensor, Tensor, Tensor], None]  # out (fp32) = a @ b
-    addmm_fp32: Callable[[Tensor, Tensor, Tensor], None]  # c (fp32) += a @ b
+    addmm_fp32: Callable[[Tensor, Tensor, Tensor, float], None]  # c (fp32) += alpha * (a @ b)
 
 
 # --------------------------------------------------------------------------------------
@@ -61,7 +61,7 @@ def _transform(u: Tensor, bias: Tensor | None, softcap: float | None, inv_temp: 
         u = u + bias
     if softcap is None:
         return u * inv_temp, None
-    tanh = torch.tanh(u / softcap)
+    tanh = torch.tanh(u * (1.0 / softcap))  # as the kernels: a product with the reciprocal
     return tanh * (softcap * inv_temp), tanh
 
 
@@ -104,8 +104,8 @@ def _reference_mm(a: Tensor, b: Tensor, out: Tensor) -> None:
     torch.mm(a.float(), b.float(), out=out)
 
 
-def _reference_addmm(c: Tensor, a: Tensor, b: Tensor) -> None:
-    c.addmm_(a.float(), b.float())
+def _reference_addmm(c: Tensor, a: Tensor, b: Tensor, alpha: float) -> None:
+    c.addmm_(a.float(), b.float(), alpha=alpha)
 
 
 REFERENCE_OPS = EpilogueOps(reference_chunk_stats, reference_logits_grad, _reference_mm, _reference_addmm)
@@ -128,18 +128,18 @@ _ADDMM_SLICE_BYTES = 32 << 20
 _fused_addmm = [True]
 
 
-def _addmm_fp32(c: Tensor, a: Tensor, b: Tensor) -> None:
-    """c += a @ b into the fp32 `c` from bf16/fp16 operands, the product never rounded to them.
+def _addmm_fp32(c: Tensor, a: Tensor, b: Tensor, alpha: float) -> None:
+    """c += alpha * (a @ b) into the fp32 `c` from bf16/fp16 operands, the product never rounded to them.
 
     The fused form (addmm with an fp32 out_dtype, adding inside the GEMM) is torch's since
     2.8; where a build refuses it, fp32 products of bounded row slices are added instead.
     """
     if a.dtype == torch.float32:
-        c.addmm_(a, b)
+        c.addmm_(a, b, alpha=alpha)
         return
     if _fused_addmm[0]:
         try:
-            torch.ops.aten.addmm.dtype_out(c, a, b, torch.float32, out=c)
+            torch.ops.aten.addmm.dtype_out(c, a, b, torch.float32, alpha=alpha, out=c)
             return
         except RuntimeError as error:
             _fused_addmm[0] = False
@@ -147,7 +147,7 @@ def _addmm_fp32(c: Tensor, a: Tensor, b: Tensor) -> None:
                           f"products of row slices instead", stacklevel=2)
     step = max(1, _ADDMM_SLICE_BYTES // (4 * max(c.shape[1], 1)))
     for r0 in range(0, c.shape[0], step):
-        c[r0:r0 + step] += torch.ops.aten.mm.dtype(a[r0:r0 + step], b, torch.float32)
+        c[r0:r0 + step].add_(torch.ops.aten.mm.dtype(a[r0:r0 + step], b, torch.float32), alpha=alpha)
 
 
 def extension_ops() -> EpilogueOps:
@@ -176,6 +176,31 @@ def extension_ops() -> EpilogueOps:
 # --------------------------------------------------------------------------------------
 # Sweep
 # --------------------------------------------------------------------------------------
+
+
+# fp16's smallest normal number is 6.1e-5: the gradient of a mean over N rows holds
+# softmax values over N, far below it on a large vocabulary (1/V/N), where fp16 keeps a
+# few bits or none. Its fp16 copy is written times a power of two that lifts the largest
+# value it can take to 2**14 (65504 is fp16's largest), and the GEMMs and the bias sum
+# take the inverse power as their scale: exact, so only fp16's relative rounding is left.
+FP16_GRADIENT_CEILING = 2.0**14
+
+
+def gradient_scale(dtype: torch.dtype, row_coef: Tensor, slot_coef: Tensor, uniform: Tensor | None) -> float:
+    """The power of two the gradient of a chunk is written times (1 but for fp16).
+
+    |dL/du| <= |row_coef| + |uniform| + sum |slot_coef| (a softmax value is at most 1 and
+    the softcap's chain factor too), so the scaled gradient stays within the ceiling.
+    """
+    if dtype != torch.float16 or row_coef.numel() == 0:
+        return 1.0
+    bound = row_coef.abs() + slot_coef.abs().sum(dim=1)
+    if uniform is not None:
+        bound = bound + uniform.abs()
+    top = float(bound.max())  # one host sync a chunk, fp16 only
+    if not (math.isfinite(top) and top > 0.0):
+        return 1.0
+    return 2.0 ** min(64, max(0, math.floor(math.log2(FP16_GRADIENT_CEILING / top))))
 
 
 def chunk_rows(num_rows: int, vocab_size: int, grad_dtype: torch.dtype | None, workspace_bytes: int | None) -> int:
@@ -230,19 +255,28 @@ def cuda_sweep(x: Tensor, weight: Tensor, bias: Tensor | None, slot_ids: Tensor,
             r0, r1, lse, stats.slot_logits[r0:r1], None if stats.logit_sum is None else stats.logit_sum[r0:r1]
         )
         grad = grad_buf[: n * vocab_size].view(n, vocab_size)
+        row_coef = (row_coef * inv_t).float()
+        slot_coef = (slot_coef * inv_t).float()
+        uniform = None if uniform is None else (uniform * inv_t).float()
+        scale = gradient_scale(grad.dtype, row_coef, slot_coef, uniform)
+        if scale != 1.0:
+            row_coef, slot_coef = row_coef * scale, slot_coef * scale
+            uniform = None if uniform is None else uniform * scale
         ops.logits_grad(
-            logits, bias32, options.softcap, inv_t, (row_coef * inv_t).float().contiguous(),
-            lse.float().contiguous(), None if uniform is None else (uniform * inv_t).float().contiguous(),
-            ids[r0:r1], (slot_coef * inv_t).float().contiguous(), 0, grad,
+            logits, bias32, options.softcap, inv_t, row_coef.contiguous(), lse.float().contiguous(),
+            None if uniform is None else uniform.contiguous(), ids[r0:r1], slot_coef.contiguous(), 0, grad,
         )
         if grads.bias is not None:
             # From the same rounded gradient the weight's GEMM reads (a bias is a weight
             # column against a constant 1 input), summed in fp32.
-            grads.bias += grad.sum(dim=0, dtype=torch.float32)
+            grads.bias.add_(grad.sum(dim=0, dtype=torch.float32), alpha=1.0 / scale)
         if grads.input is not None:
-            torch.mm(grad, weight, out=grads.input[r0:r1])
+            if scale == 1.0:
+                torch.mm(grad, weight, out=grads.input[r0:r1])
+            else:
+                grads.input[r0:r1].addmm_(grad, weight, beta=0.0, alpha=1.0 / scale)
         if grads.weight is not None:
-            ops.addmm_fp32(grads.weight, grad.T, x[r0:r1])
+            ops.addmm_fp32(grads.weight, grad.T, x[r0:r1], 1.0 / scale)
     return stats
 
 

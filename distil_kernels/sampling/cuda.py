@@ -24,6 +24,7 @@ from torch import Tensor
 
 from ..loss.cuda import REFERENCE_OPS, EpilogueOps, chunk_rows, extension_ops
 from ..loss.options import LossOptions
+from .sample import at_temperature
 
 # csrc/sampling_epilogue.h: kMaxTopK (the candidates of a row sort in shared memory).
 MAX_TOPK = 1024
@@ -46,7 +47,7 @@ class SamplingOps:
 
 def _two_lse_terms(logits: Tensor, temperature: float, partial: Tensor) -> None:
     """partial [r, 4]: (max, sum exp(l - max)) of the logits, then of z = logits / temperature."""
-    for column, values in ((0, logits), (2, logits / temperature)):
+    for column, values in ((0, logits), (2, at_temperature(logits, temperature))):
         top = values.amax(dim=1)
         partial[:, column] = top
         shift = torch.where(top == -math.inf, 0.0, top)  # a row of -inf sums to 0, not NaN
@@ -67,7 +68,7 @@ def reference_gumbel_argmax(logits: Tensor, temperature: float, greedy: bool, ke
     from .sample import gumbel_noise_range
 
     _two_lse_terms(logits, 1.0 if greedy else temperature, partial)
-    z = logits if greedy else logits / temperature
+    z = logits if greedy else at_temperature(logits, temperature)
     for j in range(ids.shape[1]):
         score = z if greedy else z + gumbel_noise_range(0, logits.shape[1], keys, j)
         best, index = score.max(dim=1)  # the first maximum: the lower id
@@ -153,7 +154,7 @@ def cuda_topk(x: Tensor, weight: Tensor, bias: Tensor | None, k: int, options: L
     for r0, r1, logits in _raw_chunks(x, weight, bias, options.softcap, options.workspace_bytes, ops.epilogue):
         ops.row_topk(logits, k, options.temperature, values[r0:r1], ids[r0:r1], partial[r0:r1])
     lse.copy_(_lse(partial, 2))
-    torch.sub(values / options.temperature, lse[:, None], out=logprobs)
+    torch.sub(at_temperature(values, options.temperature), lse[:, None], out=logprobs)
     if lse_raw is not None:
         lse_raw.copy_(_lse(partial, 0))
     return ids, logprobs, lse, lse_raw
@@ -180,5 +181,5 @@ def cuda_sample(x: Tensor, weight: Tensor, bias: Tensor | None, softcap: float |
     if options.greedy:
         return Sample(ids, torch.zeros_like(raw_logprobs), raw_logprobs, lse_raw)
     lse_z = _lse(partial, 2)
-    return Sample(ids, best_raw / options.temperature - lse_z[:, None], raw_logprobs, lse_raw)
+    return Sample(ids, at_temperature(best_raw, options.temperature) - lse_z[:, None], raw_logprobs, lse_raw)
 

@@ -47,6 +47,16 @@ class Sample(NamedTuple):
     lse: Tensor  # [B] fp32, log-sum-exp of the logits at temperature 1
 
 
+def at_temperature(raw: Tensor, temperature: float) -> Tensor:
+    """raw / temperature, correctly rounded on every device, as the kernels divide.
+
+    PyTorch's CUDA division by a Python number multiplies by the number's rounded
+    reciprocal (a bit off the quotient now and then); a divisor on the tensor's device
+    takes the true division.
+    """
+    return raw / torch.full((), temperature, dtype=raw.dtype, device=raw.device)
+
+
 @dataclass(frozen=True)
 class SamplingOptions:
     temperature: float = 1.0
@@ -258,7 +268,7 @@ def reference_sample(raw_logits: Tensor, options: SamplingOptions, seed: int | T
         ids = torch.argmax(raw, dim=1, keepdim=True).expand(rows, n)
         raw_logprobs = raw.gather(1, ids) - lse_raw[:, None]
         return Sample(ids.contiguous(), torch.zeros(rows, n, device=raw.device), raw_logprobs, lse_raw)
-    z = raw / options.temperature
+    z = at_temperature(raw, options.temperature)
     lse = torch.logsumexp(z, dim=1)
     kept = sorted_kept_mask(z, lse, options)
     kept_lse = torch.logsumexp(torch.where(kept, z, -math.inf), dim=1)
@@ -368,7 +378,7 @@ def _sweep_sample(x: Tensor, weight: Tensor, bias: Tensor | None, softcap: float
                 c1 = min(c0 + block, v1 - v0)
                 first = v0 + c0 + id_offset
                 raw_block = raw[:, c0:c1]
-                z = raw_block if options.greedy else raw_block / options.temperature
+                z = raw_block if options.greedy else at_temperature(raw_block, options.temperature)
                 for j in range(n):
                     score = z
                     if not options.greedy:
@@ -387,7 +397,7 @@ def _sweep_sample(x: Tensor, weight: Tensor, bias: Tensor | None, softcap: float
     raw_logprobs = best_raw - lse_raw[:, None]
     if options.greedy:
         return Sample(ids, torch.zeros_like(raw_logprobs), raw_logprobs, lse_raw)
-    return Sample(ids, best_raw / options.temperature - lse_z[:, None], raw_logprobs, lse_raw)
+    return Sample(ids, at_temperature(best_raw, options.temperature) - lse_z[:, None], raw_logprobs, lse_raw)
 
 
 def _candidate_sample(x: Tensor, weight: Tensor, bias: Tensor | None, softcap: float | None,
@@ -474,7 +484,7 @@ def _dense_truncated_sample(raw_logits: Tensor, options: SamplingOptions, seed: 
     raw = raw_logits.float()
     rows, vocab = raw.shape
     lse_raw = torch.logsumexp(raw, dim=1)
-    z = raw / options.temperature
+    z = at_temperature(raw, options.temperature)
     lse = torch.logsumexp(z, dim=1)
     kept = kept_mask(z, lse, options)
     kept_lse = torch.logsumexp(torch.where(kept, z, -math.inf), dim=1)

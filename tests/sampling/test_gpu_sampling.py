@@ -38,7 +38,13 @@ pytestmark = [
 from distil_kernels import linear_sample, linear_topk  # noqa: E402
 from distil_kernels.backends import resolve_backend  # noqa: E402
 from distil_kernels.cuda_ext import extension_available  # noqa: E402
-from distil_kernels.sampling.sample import SamplingOptions, gumbel_noise, kept_prefix, row_keys  # noqa: E402
+from distil_kernels.sampling.sample import (  # noqa: E402
+    SamplingOptions,
+    at_temperature,
+    gumbel_noise,
+    kept_prefix,
+    row_keys,
+)
 from sampling_checks import CHI2_CRITICAL, chi_square, truncated  # noqa: E402
 
 # The device and the backend under test (a CPU dry run of this module's logic may swap
@@ -460,6 +466,16 @@ def test_row_topk_kernel_matches_its_reference(k):
     assert torch.equal(ids, want_ids)  # selection is exact: same ids, same order
     assert torch.equal(values, want_values)
     torch.testing.assert_close(partial, want_partial, rtol=1e-5, atol=1e-5)
+
+
+def test_at_temperature_is_the_correctly_rounded_quotient():
+    """PyTorch's CUDA division by a Python number multiplies by its rounded reciprocal; the
+    kernels divide (div_rn), and so must the torch-op paths that share their stream."""
+    x = torch.randn(1 << 16, device=DEVICE) * 30.0
+    for temperature in (0.7, 0.9, 1.3, 3.0):
+        divisor = torch.tensor(temperature, dtype=torch.float32).double()
+        # A quotient of fp32 numbers taken in float64 rounds once more, correctly, to fp32.
+        assert torch.equal(at_temperature(x, temperature), (x.double() / divisor).float())
 
 
 @needs_extension

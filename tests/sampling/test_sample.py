@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from distil_kernels import linear_sample, sample_from_logits
+from distil_kernels.sampling.sample import at_temperature
 from sampling_checks import CHI2_CRITICAL, chi_square, mask_ids, truncated
 
 PROBS = torch.tensor([0.35, 0.25, 0.15, 0.12, 0.08, 0.05], dtype=torch.float64)
@@ -235,3 +236,13 @@ def test_nan_logits_and_bad_shapes(monkeypatch):
     pytest.importorskip("triton")
     with pytest.raises(ValueError, match="runs on cuda tensors"):
         linear_sample(torch.zeros(2, 4), torch.zeros(5, 4), backend="triton")
+
+
+def test_at_temperature_is_the_correctly_rounded_quotient():
+    """The tempered logits of every torch-op path: raw / temperature rounded once, as the
+    kernels' div_rn (on CUDA, a plain division by a Python number is not: tests/sampling
+    /test_gpu_sampling.py checks it there)."""
+    x = torch.randn(1 << 14, generator=torch.Generator().manual_seed(4)) * 30.0
+    for temperature in (0.7, 0.9, 1.3, 3.0):
+        divisor = torch.tensor(temperature, dtype=torch.float32).double()
+        assert torch.equal(at_temperature(x, temperature), (x.double() / divisor).float())

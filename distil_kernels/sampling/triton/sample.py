@@ -29,7 +29,7 @@ from torch import Tensor
 
 from ...loss.triton.lse_forward import merge_lse
 from ...loss.triton.tiles import finish_logits, fold_lse
-from ..sample import Sample, SamplingOptions
+from ..sample import Sample, SamplingOptions, at_temperature
 from ...loss.triton.configs import ENABLE_FP_FUSION
 from .configs import SAMPLES_PER_PROGRAM, TileConfig, select_sample_config
 from .splits import plan_splits
@@ -298,4 +298,4 @@ def triton_sample(x: Tensor, weight: Tensor, bias: Tensor | None, softcap: float
         return Sample(best_ids.expand(shape).contiguous(), torch.zeros(shape, device=dev),
                       raw_logprobs.expand(shape).contiguous(), lse_raw)
     lse_z = merge_lse(part[..., 2], part[..., 3])
-    return Sample(best_ids, best_raw / options.temperature - lse_z[:, None], raw_logprobs, lse_raw)
+    return Sample(best_ids, at_temperature(best_raw, options.temperature) - lse_z[:, None], raw_logprobs, lse_raw)
