@@ -234,7 +234,9 @@ def measure(provider: GpuProvider, inputs: GpuInputs) -> dict:
         _step(provider, inputs)
 
     step()  # compiles, autotunes, warms caches
-    median, p20, p80 = triton.testing.do_bench(step, warmup=5, rep=50, quantiles=[0.5, 0.2, 0.8])
+    # do_bench times as many steps as fit in `rep` ms: 600 ms gives a 100 ms step six
+    # samples (at 50 ms it had one, whose median was the step the GPU clocks happened on).
+    median, p20, p80 = triton.testing.do_bench(step, warmup=5, rep=600, quantiles=[0.5, 0.2, 0.8])
     # Ours alone: the forward by itself (competitors such as Liger compute their
     # gradients inside the forward, so theirs would not compare).
     forward_ms = None

@@ -205,8 +205,11 @@ class Grads:
             if buf is None:
                 grads.append(None)
                 continue
-            buf.mul_(scale.to(buf.dtype))
-            grads.append(buf if dtype is None or buf.dtype == dtype else buf.to(dtype))
+            if dtype is None or buf.dtype == dtype:
+                grads.append(buf.mul_(scale.to(buf.dtype)))
+            else:
+                # Scaled and rounded in one pass over the fp32 buffer (d_weight's is [V, d]).
+                grads.append(torch.mul(buf, scale.to(buf.dtype), out=torch.empty_like(buf, dtype=dtype)))
         self.input = self.weight = self.bias = None
         return tuple(grads)
 

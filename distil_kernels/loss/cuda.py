@@ -226,6 +226,10 @@ def cuda_sweep(x: Tensor, weight: Tensor, bias: Tensor | None, slot_ids: Tensor,
     logits_buf = torch.empty(rows * vocab_size, dtype=torch.float32, device=dev)
     grad_buf = torch.empty(rows * vocab_size, dtype=x.dtype, device=dev) if coef_fn is not None else None
     partial = torch.empty(rows, 3, dtype=torch.float32, device=dev)
+    # fp16's scaled gradients take d_input's product in fp32 (see below).
+    input_buf = None
+    if coef_fn is not None and grads.input is not None and x.dtype == torch.float16:
+        input_buf = torch.empty(rows * x.shape[1], dtype=torch.float32, device=dev)
     need_stats = stats is None
     if need_stats:
         stats = SweepStats(
@@ -274,7 +278,11 @@ def cuda_sweep(x: Tensor, weight: Tensor, bias: Tensor | None, slot_ids: Tensor,
             if scale == 1.0:
                 torch.mm(grad, weight, out=grads.input[r0:r1])
             else:
-                grads.input[r0:r1].addmm_(grad, weight, beta=0.0, alpha=1.0 / scale)
+                # An fp32 product: an fp16 one may sum in fp16 (PyTorch allows reduced-
+                # precision reductions by default), which the scaled gradient overflows.
+                product = input_buf[: n * x.shape[1]].view(n, x.shape[1])
+                ops.mm_fp32(grad, weight, product)
+                torch.mul(product, 1.0 / scale, out=grads.input[r0:r1])
         if grads.weight is not None:
             ops.addmm_fp32(grads.weight, grad.T, x[r0:r1], 1.0 / scale)
     return stats

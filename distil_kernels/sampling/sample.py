@@ -95,6 +95,17 @@ class SamplingOptions:
 def row_keys(seed: int | Tensor, positions: Tensor | None, rows: int, device: torch.device
              ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Per-row Philox key words (k0, k1) and position words (low, high), each [rows] int64."""
+    if not isinstance(seed, Tensor):
+        # An int seed's words are known on the host: filled on the device, without a copy
+        # from host memory (which waits on the host) or the ops that split a seed tensor.
+        # At a small batch these launches are a good part of a draw's time.
+        k0 = torch.full((rows,), seed & 0xFFFFFFFF, dtype=torch.int64, device=device)
+        k1 = torch.full((rows,), (seed >> 32) & 0xFFFFFFFF, dtype=torch.int64, device=device)
+        if positions is None:  # the row index, below 2**32
+            return (k0, k1, torch.arange(rows, device=device, dtype=torch.int64),
+                    torch.zeros(rows, device=device, dtype=torch.int64))
+        pos = positions.to(device=device, dtype=torch.int64)
+        return k0, k1, pos & 0xFFFFFFFF, (pos >> 32) & 0xFFFFFFFF
     seed_t = torch.as_tensor(seed, dtype=torch.int64, device=device)
     per_row_seeds = seed_t.dim() == 1
     seed_t = seed_t if per_row_seeds else seed_t.expand(rows)
@@ -316,6 +327,8 @@ def _check_seed_and_positions(seed, positions, rows: int, device: torch.device) 
             raise ValueError(f"seed must be on the logits' device {device}, got {seed.device}")
     elif isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int or an int64 tensor, got {type(seed).__name__}")
+    elif not -(1 << 63) <= seed < (1 << 63):
+        raise ValueError(f"seed must fit in 64 bits (-2**63 <= seed < 2**63), got {seed}")
     if positions is not None:
         if not isinstance(positions, Tensor) or positions.shape != (rows,) or positions.dtype.is_floating_point:
             raise ValueError(f"positions must be an integer tensor [B] = [{rows}], got {positions!r:.80}")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from distil_kernels import linear_sample, sample_from_logits
-from distil_kernels.sampling.sample import at_temperature
+from distil_kernels.sampling.sample import at_temperature, row_keys
 from sampling_checks import CHI2_CRITICAL, chi_square, mask_ids, truncated
 
 PROBS = torch.tensor([0.35, 0.25, 0.15, 0.12, 0.08, 0.05], dtype=torch.float64)
@@ -216,6 +216,7 @@ def test_greedy_ties_to_lower_id():
     (dict(min_p=-0.1), ValueError, r"min_p must be in \[0, 1\]"),
     (dict(num_samples=0), ValueError, "num_samples must be an int >= 1"),
     (dict(seed=1.5), TypeError, "seed must be an int or an int64 tensor"),
+    (dict(seed=1 << 63), ValueError, r"seed must fit in 64 bits"),
     (dict(seed=torch.zeros(3, dtype=torch.int64)), ValueError, r"seed must be an int or an int64 tensor \[B\] = \[4\]"),
     (dict(positions=torch.zeros(3, dtype=torch.int64)), ValueError, r"positions must be an integer tensor \[B\]"),
 ])
@@ -246,3 +247,15 @@ def test_at_temperature_is_the_correctly_rounded_quotient():
     for temperature in (0.7, 0.9, 1.3, 3.0):
         divisor = torch.tensor(temperature, dtype=torch.float32).double()
         assert torch.equal(at_temperature(x, temperature), (x.double() / divisor).float())
+
+
+@pytest.mark.parametrize("seed", [0, 1, -1, (1 << 63) - 1, -(1 << 63), 123_456_789_012_345, -987_654_321])
+def test_int_seed_keys_are_the_seed_tensors_keys(seed):
+    """An int seed's words are filled in directly (no host copy): the same words as the
+    int64 tensor holding it, with and without positions."""
+    positions = torch.tensor([0, 5, (1 << 40) + 3, (1 << 62) + 7])
+    for pos in (None, positions):
+        got = row_keys(seed, pos, 4, torch.device("cpu"))
+        want = row_keys(torch.tensor(seed, dtype=torch.int64), pos, 4, torch.device("cpu"))
+        for g, w in zip(got, want):
+            assert g.dtype == torch.int64 and torch.equal(g, w)
