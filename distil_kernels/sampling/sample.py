@@ -537,8 +537,8 @@ def _tile_logits(x: Tensor, weight: Tensor, bias: Tensor | None, softcap: float 
 
 def _dense_logits(x: Tensor, weight: Tensor, bias: Tensor | None, softcap: float | None, budget: int) -> Tensor:
     """softcap(x W^T + b) [rows, V] in the reference's compute dtype (fp32; float64 for
-    float64), W cast to it a slice at a time: the unrounded fp32 products the triton and
-    cuda backends' candidates come from.
+    float64): the unrounded fp32 products the triton and cuda backends' candidates come
+    from (on CUDA one GEMM with an fp32 output; elsewhere W cast a slice at a time).
 
     Casting the whole head (the reference's way) would be a [V, d] fp32 copy: 2 GiB for a
     152k x 3584 bf16 head, in a path that promises a bounded workspace.
@@ -548,10 +548,16 @@ def _dense_logits(x: Tensor, weight: Tensor, bias: Tensor | None, softcap: float
     dtype = compute_dtype(x.dtype)
     vocab, dim = weight.shape
     logits = torch.empty(x.shape[0], vocab, dtype=dtype, device=x.device)
-    xc = x.to(dtype)
-    step = max(1, budget // (dtype.itemsize * max(dim, 1)))
-    for v0 in range(0, vocab, step):
-        torch.mm(xc, weight[v0:v0 + step].to(dtype).T, out=logits[:, v0:v0 + step])
+    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and "dtype_out" in torch.ops.aten.mm.overloads():
+        # The tensor cores sum the exact bf16/fp16 products in fp32: the numbers of the
+        # cast GEMM below in one launch, without casting W (an H100 took 130 fp32 GEMMs
+        # and as many casts for 64 rows of a 152k x 3584 head).
+        torch.ops.aten.mm.dtype_out(x, weight.T, torch.float32, out=logits)
+    else:
+        xc = x.to(dtype)
+        step = max(1, budget // (dtype.itemsize * max(dim, 1)))
+        for v0 in range(0, vocab, step):
+            torch.mm(xc, weight[v0:v0 + step].to(dtype).T, out=logits[:, v0:v0 + step])
     if bias is not None:
         logits += bias.to(dtype)
     if softcap is not None:
