@@ -11,6 +11,7 @@ compiled by nvcc in tests/csrc.
 from __future__ import annotations
 
 import importlib
+import math
 
 import pytest
 import torch
@@ -142,6 +143,24 @@ def test_fp16_gradient_keeps_its_small_values():
                                  ("bias", got[2][2], want_b, bound_b)):
         excess = ((g.double() - want).abs() - bound).max().item()
         assert excess <= 0, f"d_{name}: exceeds its bound by {excess:.3e}"
+
+
+def test_gradient_scale_is_a_power_of_two_within_fp16():
+    """1 but for fp16; there the power of two that keeps the largest possible |dL/du| at or
+    below 2**14, never below 1 (a bound already near fp16's top is left alone) and 1 when the
+    bound is 0 or not finite (nothing to lift, or a NaN that must show)."""
+    scale = cuda_backend.gradient_scale
+    rows = torch.full((4,), 1e-3)
+    slots = torch.tensor([[0.25, -0.25]] * 4)
+    assert scale(torch.bfloat16, rows, slots, None) == 1.0
+    assert scale(torch.float32, rows, slots, None) == 1.0
+    got = scale(torch.float16, rows, slots, torch.full((4,), 1e-4))
+    bound = 1e-3 + 0.5 + 1e-4
+    assert got == 2.0 ** math.floor(math.log2(2.0**14 / bound)) and got * bound <= 2.0**14 < 2 * got * bound
+    assert scale(torch.float16, torch.full((4,), 6e4), slots, None) == 1.0
+    assert scale(torch.float16, torch.zeros(4), torch.zeros(4, 2), None) == 1.0
+    assert scale(torch.float16, torch.tensor([1.0, math.nan, 1.0, 1.0]), slots, None) == 1.0
+    assert scale(torch.float16, torch.empty(0), torch.empty(0, 2), None) == 1.0
 
 
 @pytest.mark.skipif(extension_available(), reason="this install has the compiled extension")
