@@ -47,7 +47,8 @@ class EpilogueOps:
     #  uniform [r] | None, ids [r, K], slot_coef [r, K], vocab_start, out [r, c] dL/du)
     logits_grad: Callable[..., None]
     mm_fp32: Callable[[Tensor, Tensor, Tensor], None]  # out (fp32) = a @ b
-    addmm_fp32: Callable[[Tensor, Tensor, Tensor, float], None]  # c (fp32) += alpha * (a @ b)
+    # c (fp32) = beta * c + alpha * (a @ b), beta 0 or 1 (0: c's old values are never read)
+    addmm_fp32: Callable[[Tensor, Tensor, Tensor, float, float], None]
 
 
 # --------------------------------------------------------------------------------------
@@ -104,8 +105,8 @@ def _reference_mm(a: Tensor, b: Tensor, out: Tensor) -> None:
     torch.mm(a.float(), b.float(), out=out)
 
 
-def _reference_addmm(c: Tensor, a: Tensor, b: Tensor, alpha: float) -> None:
-    c.addmm_(a.float(), b.float(), alpha=alpha)
+def _reference_addmm(c: Tensor, a: Tensor, b: Tensor, alpha: float, beta: float) -> None:
+    c.addmm_(a.float(), b.float(), beta=beta, alpha=alpha)
 
 
 REFERENCE_OPS = EpilogueOps(reference_chunk_stats, reference_logits_grad, _reference_mm, _reference_addmm)
@@ -128,18 +129,19 @@ _ADDMM_SLICE_BYTES = 32 << 20
 _fused_addmm = [True]
 
 
-def _addmm_fp32(c: Tensor, a: Tensor, b: Tensor, alpha: float) -> None:
-    """c += alpha * (a @ b) into the fp32 `c` from bf16/fp16 operands, the product never rounded to them.
+def _addmm_fp32(c: Tensor, a: Tensor, b: Tensor, alpha: float, beta: float) -> None:
+    """c = beta * c + alpha * (a @ b) into the fp32 `c` from bf16/fp16 operands, the product
+    never rounded to them; beta is 1, or 0 for a `c` that holds nothing yet (never read).
 
     The fused form (addmm with an fp32 out_dtype, adding inside the GEMM) is torch's since
     2.8; where a build refuses it, fp32 products of bounded row slices are added instead.
     """
     if a.dtype == torch.float32:
-        c.addmm_(a, b, alpha=alpha)
+        c.addmm_(a, b, beta=beta, alpha=alpha)
         return
     if _fused_addmm[0]:
         try:
-            torch.ops.aten.addmm.dtype_out(c, a, b, torch.float32, alpha=alpha, out=c)
+            torch.ops.aten.addmm.dtype_out(c, a, b, torch.float32, beta=beta, alpha=alpha, out=c)
             return
         except RuntimeError as error:
             _fused_addmm[0] = False
@@ -147,7 +149,11 @@ def _addmm_fp32(c: Tensor, a: Tensor, b: Tensor, alpha: float) -> None:
                           f"products of row slices instead", stacklevel=2)
     step = max(1, _ADDMM_SLICE_BYTES // (4 * max(c.shape[1], 1)))
     for r0 in range(0, c.shape[0], step):
-        c[r0:r0 + step].add_(torch.ops.aten.mm.dtype(a[r0:r0 + step], b, torch.float32), alpha=alpha)
+        product = torch.ops.aten.mm.dtype(a[r0:r0 + step], b, torch.float32)
+        if beta == 0.0:
+            torch.mul(product, alpha, out=c[r0:r0 + step])
+        else:
+            c[r0:r0 + step].add_(product, alpha=alpha)
 
 
 def extension_ops() -> EpilogueOps:
@@ -284,7 +290,11 @@ def cuda_sweep(x: Tensor, weight: Tensor, bias: Tensor | None, slot_ids: Tensor,
                 ops.mm_fp32(grad, weight, product)
                 torch.mul(product, 1.0 / scale, out=grads.input[r0:r1])
         if grads.weight is not None:
-            ops.addmm_fp32(grads.weight, grad.T, x[r0:r1], 1.0 / scale)
+            ops.addmm_fp32(grads.weight, grad.T, x[r0:r1], 1.0 / scale, 0.0 if grads.weight_unwritten else 1.0)
+            grads.weight_unwritten = False
+    if grads is not None and grads.weight_unwritten:  # no rows: nothing was written
+        grads.weight.zero_()
+        grads.weight_unwritten = False
     return stats
 
 

@@ -145,6 +145,29 @@ def test_fp16_gradient_keeps_its_small_values():
         assert excess <= 0, f"d_{name}: exceeds its bound by {excess:.3e}"
 
 
+def test_weight_accumulator_is_never_read_before_its_first_write(monkeypatch):
+    """d_weight's fp32 accumulator comes unfilled: the cuda sweep's first GEMM overwrites it
+    (beta = 0), the chunked sweep zeroes it. Poisoned with NaN, both still match the float64
+    reference; a chunk order that read it first would spread the NaN."""
+    from distil_kernels.loss import chunked
+
+    allocate = chunked.Grads.allocate
+
+    def poisoned(*args):
+        grads = allocate(*args)
+        if grads.weight is not None:
+            grads.weight.fill_(math.nan)
+        return grads
+
+    monkeypatch.setattr(chunked.Grads, "allocate", staticmethod(poisoned))
+    x64, w64, b64, target = make_problem(61, 24, 203, k=None, seed=35, ignore_rows=(4,), scale=3.0)
+    options = dict(label_smoothing=0.1, workspace_bytes=17 * 1024)
+    want = run(x64, w64, b64, target, "torch", **options)
+    for got in (run_cuda_orchestration(x64.float(), w64.float(), b64.float(), target, **options),
+                run(x64.float(), w64.float(), b64.float(), target, "chunked", **options)):
+        torch.testing.assert_close(got[2][1].double(), want[2][1], rtol=1e-4, atol=1e-6)
+
+
 def test_gradient_scale_is_a_power_of_two_within_fp16():
     """1 but for fp16; there the power of two that keeps the largest possible |dL/du| at or
     below 2**14, never below 1 (a bound already near fp16's top is left alone) and 1 when the
