@@ -160,6 +160,19 @@ def cuda_topk(x: Tensor, weight: Tensor, bias: Tensor | None, k: int, options: L
     return ids, logprobs, lse, lse_raw
 
 
+def cuda_dense_draws(z: Tensor, keys, num_samples: int, ops: SamplingOps | None = None) -> Tensor:
+    """ids [N, num_samples]: `gumbel_argmax` over `z` [N, V] fp32 (-inf where not kept) at
+    temperature 1, the truncated sampler's dense fallback draws in one kernel pass."""
+    ops = ops if ops is not None else extension_sampling_ops()
+    rows, dev = z.shape[0], z.device
+    ids = torch.empty(rows, num_samples, dtype=torch.int64, device=dev)
+    scores = torch.empty(rows, num_samples, dtype=torch.float32, device=dev)
+    best = torch.empty(rows, num_samples, dtype=torch.float32, device=dev)
+    unused_lse = torch.empty(rows, 4, dtype=torch.float32, device=dev)
+    ops.gumbel_argmax(z.contiguous(), 1.0, False, keys, ids, scores, best, unused_lse)
+    return ids
+
+
 def cuda_sample(x: Tensor, weight: Tensor, bias: Tensor | None, softcap: float | None, options, keys,
                 workspace_bytes: int | None, ops: SamplingOps | None = None):
     """Untruncated or greedy sampling: one Gumbel-max pass per chunk of rows."""

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor
@@ -433,6 +433,15 @@ def _candidate_sample(x: Tensor, weight: Tensor, bias: Tensor | None, softcap: f
     z_options = LossOptions(softcap=softcap, temperature=options.temperature, workspace_bytes=workspace_bytes)
     if dense_logits is None:
         dense_logits = _tile_logits if backend == "chunked" else _dense_logits
+    draws = torch_draws  # the dense fallback's: a kernel of the backend's own where it has one
+    if backend == "triton":
+        from .triton.sample import triton_dense_draws
+
+        draws = triton_dense_draws
+    elif backend == "cuda":
+        from .cuda import cuda_dense_draws
+
+        draws = cuda_dense_draws
     if top is None and backend == "triton":
         from .triton import triton_topk
 
@@ -465,7 +474,7 @@ def _candidate_sample(x: Tensor, weight: Tensor, bias: Tensor | None, softcap: f
     unsettled = (~settled).nonzero()[:, 0]
     if len(unsettled):
         _dense_fallback(sample, x, weight, bias, softcap, options, seed, positions, unsettled, workspace_bytes,
-                        dense_logits, vocab)
+                        dense_logits, vocab, draws)
     return sample
 
 
@@ -486,34 +495,45 @@ DENSE_BYTES_PER_LOGIT = 48
 DENSE_FALLBACK_BUDGET = 64 << 20
 
 
+def torch_draws(z: Tensor, keys: tuple[Tensor, Tensor, Tensor, Tensor], num_samples: int) -> Tensor:
+    """ids [N, num_samples]: Gumbel-max draws over `z` [N, V] (-inf where not kept), in torch ops.
+
+    The noise comes in blocks of ids, and a block's maximum replaces an earlier block's
+    only when strictly greater, which keeps ties at the lower id as the dense argmax does.
+    """
+    rows, vocab = z.shape
+    ids = torch.zeros(rows, num_samples, dtype=torch.int64, device=z.device)
+    best = torch.full((rows, num_samples), -math.inf, device=z.device)
+    block = max(NOISE_BLOCK_CPU // max(rows, 1), 1) if z.device.type == "cpu" else vocab
+    for v0 in range(0, vocab, block):
+        v1 = min(v0 + block, vocab)
+        for j in range(num_samples):
+            block_best, local = (z[:, v0:v1] + gumbel_noise_range(v0, v1, keys, j)).max(dim=1)
+            better = block_best > best[:, j]
+            best[:, j] = torch.where(better, block_best, best[:, j])
+            ids[:, j] = torch.where(better, local + v0, ids[:, j])
+    return ids
+
+
+# (z [N, V] with -inf outside the kept set, row_keys' words, num_samples) -> ids [N, num_samples]
+DrawFn = Callable[[Tensor, tuple[Tensor, Tensor, Tensor, Tensor], int], Tensor]
+
+
 def _dense_truncated_sample(raw_logits: Tensor, options: SamplingOptions, seed: int | Tensor,
-                            positions: Tensor | None) -> Sample:
+                            positions: Tensor | None, draws: DrawFn = torch_draws) -> Sample:
     """`reference_sample` without top_k or greedy (top_p / min_p or none), without sorting rows.
 
-    Same kept sets (`kept_mask`), noise and draws; the noise comes in blocks of ids, and
-    a block's maximum replaces an earlier block's only when strictly greater, which keeps
-    ties at the lower id as the dense argmax does.
+    Same kept sets (`kept_mask`), noise and draws (`draws`: these torch ops, or a
+    backend's kernel over the same stream).
     """
     raw = raw_logits.float()
     rows, vocab = raw.shape
     lse_raw = torch.logsumexp(raw, dim=1)
     z = at_temperature(raw, options.temperature)
     lse = torch.logsumexp(z, dim=1)
-    kept = kept_mask(z, lse, options)
-    kept_lse = torch.logsumexp(torch.where(kept, z, -math.inf), dim=1)
-    keys = row_keys(seed, positions, rows, raw.device)
-    n = options.num_samples
-    ids = torch.zeros(rows, n, dtype=torch.int64, device=raw.device)
-    best = torch.full((rows, n), -math.inf, device=raw.device)
-    block = max(NOISE_BLOCK_CPU // max(rows, 1), 1) if raw.device.type == "cpu" else vocab
-    for v0 in range(0, vocab, block):
-        v1 = min(v0 + block, vocab)
-        for j in range(n):
-            score = torch.where(kept[:, v0:v1], z[:, v0:v1] + gumbel_noise_range(v0, v1, keys, j), -math.inf)
-            block_best, local = score.max(dim=1)
-            better = block_best > best[:, j]
-            best[:, j] = torch.where(better, block_best, best[:, j])
-            ids[:, j] = torch.where(better, local + v0, ids[:, j])
+    z.masked_fill_(~kept_mask(z, lse, options), -math.inf)  # in place: the fallback's memory is budgeted
+    kept_lse = torch.logsumexp(z, dim=1)
+    ids = draws(z, row_keys(seed, positions, rows, raw.device), options.num_samples)
     logprobs = z.gather(1, ids) - kept_lse[:, None]
     raw_logprobs = raw.gather(1, ids) - lse_raw[:, None]
     return Sample(ids, logprobs, raw_logprobs, lse_raw)
@@ -567,7 +587,7 @@ def _dense_logits(x: Tensor, weight: Tensor, bias: Tensor | None, softcap: float
 
 def _dense_fallback(sample: Sample, x: Tensor, weight: Tensor, bias: Tensor | None, softcap: float | None,
                     options: SamplingOptions, seed, positions, rows: Tensor, workspace_bytes: int | None,
-                    dense_logits, vocab_size: int | None = None) -> None:
+                    dense_logits, vocab_size: int | None = None, draws: DrawFn = torch_draws) -> None:
     """Exact sampling for `rows` from their dense logits, a bounded number of rows at a time.
 
     `dense_logits(x_rows, weight, bias, softcap, budget)` builds them over `vocab_size`
@@ -589,7 +609,8 @@ def _dense_fallback(sample: Sample, x: Tensor, weight: Tensor, bias: Tensor | No
             block = logit_block[k : k + sample_rows]
             block_positions = block if positions is None else positions[block]
             block_seed = seed[block] if isinstance(seed, Tensor) and seed.dim() == 1 else seed
-            dense = _dense_truncated_sample(logits[k : k + sample_rows], options, block_seed, block_positions)
+            dense = _dense_truncated_sample(logits[k : k + sample_rows], options, block_seed, block_positions,
+                                            draws)
             for out, value in zip(sample, dense):
                 out[block] = value
 

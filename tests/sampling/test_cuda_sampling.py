@@ -76,6 +76,23 @@ def test_sample_draws_the_torch_ids(cuda_on_cpu, options):
         torch.testing.assert_close(a, e, rtol=0, atol=2e-6, msg=lambda m, name=name: f"{name}: {m}")
 
 
+def test_flat_head_fallback_draws_the_torch_ids(cuda_on_cpu, monkeypatch):
+    """A flat head: top_p=0.95 keeps ~280 of 301 ids, more than the 256 candidates, so
+    every row takes the dense fallback, whose draws come from `gumbel_argmax` over the
+    masked logits; the torch backend's ids all the same."""
+    calls = []
+    draws = cuda_sampling.cuda_dense_draws
+    monkeypatch.setattr(cuda_sampling, "cuda_dense_draws", lambda *a, **kw: calls.append(1) or draws(*a, **kw))
+    x, w, b = problem(seed=54)
+    kwargs = dict(bias=b * 0.01, seed=3, top_p=0.95, temperature=1.2, num_samples=3)
+    got = linear_sample(x * 0.01, w, backend="cuda", **kwargs)
+    want = linear_sample(x * 0.01, w, backend="torch", **kwargs)
+    assert calls, "the dense fallback was not taken"
+    assert torch.equal(got.ids, want.ids)
+    for name, a, e in zip(got._fields[1:], got[1:], want[1:]):
+        torch.testing.assert_close(a, e, rtol=0, atol=2e-6, msg=lambda m, name=name: f"{name}: {m}")
+
+
 def test_ids_masked_by_the_bias(cuda_on_cpu):
     x, w, b = problem(seed=53)
     b = mask_ids(b)

@@ -351,6 +351,43 @@ def test_sample_chi_square(options, expected):
     assert float(((counts[live] - e) ** 2 / e).sum()) < CHI2_CRITICAL[int(live.sum()) - 1]
 
 
+@pytest.mark.parametrize("num_samples", [1, 6], ids=["3-splits", "2-sample-programs"])
+def test_dense_draws_are_the_torch_draws(num_samples):
+    """The dense fallback's kernel over masked logits: 7 rows (4-row blocks), V=301 (32-wide
+    tiles, the last 13 wide), per-row seeds and positions past 2**32; a quarter of the ids
+    masked (never drawn)."""
+    from distil_kernels.sampling.sample import torch_draws
+    from distil_kernels.sampling.triton.sample import triton_dense_draws
+
+    g = torch.Generator().manual_seed(12)
+    z = torch.randn(7, 301, generator=g) * 3.0
+    z[torch.rand(7, 301, generator=g) < 0.25] = float("-inf")
+    keys = row_keys(torch.randint(-(2**62), 2**62, (7,), generator=g), torch.arange(7) + 2**33 - 3, 7,
+                    torch.device("cpu"))
+    got = triton_dense_draws(z, keys, num_samples)
+    assert torch.equal(got, torch_draws(z, keys, num_samples))
+    assert z.gather(1, got).isfinite().all()
+
+
+def test_flat_head_fallback_draws_the_torch_ids(monkeypatch):
+    """A flat head: top_p=0.95 keeps more of V=300 than the 256 candidates in every row, so
+    every row takes the dense fallback and its kernel; the torch backend's ids."""
+    from distil_kernels.sampling.triton import sample as triton_sample_module
+
+    calls = []
+    draws = triton_sample_module.triton_dense_draws
+    monkeypatch.setattr(triton_sample_module, "triton_dense_draws",
+                        lambda *a, **kw: calls.append(1) or draws(*a, **kw))
+    x, w, b = make_problem(9, 300, 16, torch.float32, seed=3, scale=0.01)
+    kwargs = dict(bias=b * 0.01, seed=11, top_p=0.95, temperature=1.2, num_samples=2)
+    got = linear_sample(x, w, backend="triton", **kwargs)
+    want = linear_sample(x, w, backend="torch", **kwargs)
+    assert calls, "the dense fallback was not taken"
+    assert torch.equal(got.ids, want.ids)
+    for p, q in zip(got[1:], want[1:]):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-5)
+
+
 def test_sample_rejects_float64():
     x, w, _ = make_problem(3, 20, 4, torch.float64, seed=0)
     with pytest.raises(TypeError, match="float64"):

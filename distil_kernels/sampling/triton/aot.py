@@ -15,6 +15,7 @@ import torch
 
 from ...loss.triton.aot import TRITON_DTYPE, CompileSpec, kernel_spec
 from .configs import (
+    DENSE_SAMPLE_CONFIG,
     MAX_TOPK,
     SAMPLES_PER_PROGRAM,
     TileConfig,
@@ -22,7 +23,7 @@ from .configs import (
     threshold_candidates,
     topk_candidates,
 )
-from .sample import sample_kernel
+from .sample import dense_sample_kernel, sample_kernel
 from .topk import threshold_kernel, topk_kernel
 
 _TORCH_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -65,6 +66,13 @@ def sample_spec(config: TileConfig, dtype: str, samples: int, greedy: bool = Fal
     return dataclasses.replace(spec, archs=archs)
 
 
+def dense_sample_spec(samples: int) -> CompileSpec:
+    pointers = {"z_ptr": "fp32", "seed_ptr": "i64", "pos_ptr": "i64", "score_ptr": "fp32", "id_ptr": "i64"}
+    config = DENSE_SAMPLE_CONFIG
+    constexprs = {"SAMPLES": samples, "BLOCK_M": config.block_m, "BLOCK_N": config.block_n}
+    return kernel_spec(f"dense_sample[fp32,S={samples},{config}]", dense_sample_kernel, pointers, constexprs, config)
+
+
 def by_arch(sm90: tuple[TileConfig, ...], sm80: tuple[TileConfig, ...]) -> list[tuple[TileConfig, tuple[int, ...]]]:
     """Each config of two per-architecture lists with the architectures that launch it."""
     both = [(c, (90, 80) if c in sm80 else (90,)) for c in dict.fromkeys(sm90)]
@@ -94,4 +102,5 @@ def all_specs() -> list[CompileSpec]:
         for config, archs in configs:
             specs += [sample_spec(config, dtype, s, archs=archs) for s in samples]
             specs.append(sample_spec(config, dtype, 1, greedy=True, archs=archs))
+    specs += [dense_sample_spec(s) for s in samples]
     return specs

@@ -87,6 +87,11 @@ SAMPLE_CANDIDATES = (SAMPLE_DEFAULT, TileConfig(64, 32, 64, num_warps=8, num_sta
 SAMPLE_DEFAULT_FP32 = TileConfig(64, 32, 32, num_warps=8, num_stages=3)
 SAMPLE_SMALL_BATCH_FP32 = TileConfig(16, 128, 32, num_warps=8, num_stages=3)
 
+# The truncated sampler's dense fallback draws over logits loaded from memory: no
+# matmul, so the registers hold the tile and its noise (Philox words, the float64 and
+# fp32 logs): 16 rows x 128 ids over 4 warps, 16 entries a thread.
+DENSE_SAMPLE_CONFIG = TileConfig(16, 128, 1, num_warps=4, num_stages=2)
+
 # Under TRITON_INTERPRET=1 each program runs on the CPU, one numpy op at a time: small
 # tiles so that test shapes span several tiles per split and several splits.
 INTERPRETER_TOPK_CONFIG = TileConfig(16, 64, 32, num_warps=1, num_stages=1)
@@ -94,6 +99,7 @@ INTERPRETER_TOPK_LARGE_K_CONFIG = TileConfig(16, 256, 32, num_warps=1, num_stage
 # The sampler's takes 2 tiles per pass over x, as the GPU defaults do.
 INTERPRETER_SAMPLE_CONFIG = TileConfig(16, 32, 32, num_warps=1, num_stages=1, split_n=2)
 INTERPRETER_THRESHOLD_CONFIG = TileConfig(16, 64, 32, num_warps=1, num_stages=1)
+INTERPRETER_DENSE_SAMPLE_CONFIG = TileConfig(4, 32, 1, num_warps=1, num_stages=1)
 INTERPRETER_TARGET_PROGRAMS = 6
 
 
@@ -163,6 +169,10 @@ def select_sample_config(dtype: torch.dtype, rows: int, vocab: int, device: torc
         return INTERPRETER_SAMPLE_CONFIG
     arch = device_arch(device)
     return _pick(("sample", dtype, shape_bin(rows), vocab, arch), sample_candidates(dtype, rows, arch), run)
+
+
+def select_dense_sample_config() -> TileConfig:
+    return INTERPRETER_DENSE_SAMPLE_CONFIG if interpreting() else DENSE_SAMPLE_CONFIG
 
 
 def select_threshold_config(dtype: torch.dtype, rows: int, vocab: int, device: torch.device,

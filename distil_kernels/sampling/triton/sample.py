@@ -31,7 +31,7 @@ from ...loss.triton.lse_forward import merge_lse
 from ...loss.triton.tiles import finish_logits, fold_lse
 from ..sample import Sample, SamplingOptions, at_temperature
 from ...loss.triton.configs import ENABLE_FP_FUSION
-from .configs import SAMPLES_PER_PROGRAM, TileConfig, select_sample_config
+from .configs import SAMPLES_PER_PROGRAM, TileConfig, select_dense_sample_config, select_sample_config
 from .splits import plan_splits
 
 TWO_POW_MINUS_32 = tl.constexpr(2.0**-32)
@@ -141,17 +141,29 @@ def sample_tile(
             score = z
         else:
             score = z + tile_noise(seed, pos_lo, pos_hi, tile * (BLOCK_N // 4), sample, BLOCK_M, BLOCK_N)
-        tile_best = tl.max(score, axis=1)
-        local = tl.argmax(score, axis=1, tie_break_left=True)
+        best_score, best_id, better, local = fold_draw(score, tile, sample - first_sample, slots, best_score,
+                                                      best_id, BLOCK_N)
         tile_raw = tl.max(tl.where(cols[None, :] == local[:, None], raw, float("-inf")), axis=1)
-        slot = (slots == sample - first_sample)[None, :]
-        previous = tl.max(tl.where(slot, best_score, float("-inf")), axis=1)
-        # Strictly greater: earlier tiles hold lower ids.
-        better = slot & (tile_best > previous)[:, None]
-        best_score = tl.where(better, tile_best[:, None], best_score)
-        best_id = tl.where(better, (tile * BLOCK_N + local).to(tl.int64)[:, None], best_id)
         best_raw = tl.where(better, tile_raw[:, None], best_raw)
     return best_score, best_id, best_raw, raw_max, raw_sum, z_max, z_sum
+
+
+@triton.jit
+def fold_draw(score, tile, slot_index, slots, best_score, best_id, BLOCK_N: tl.constexpr):
+    """One sample's draw over tile `tile` of scores (z plus noise) against its running best.
+
+    The tile's first maximum (ties to the lower id) replaces the sample's best only when
+    strictly greater: earlier tiles hold lower ids. Returns the updated (best_score,
+    best_id), the [BLOCK_M, SAMPLES] mask of replaced entries and the tile's argmax.
+    """
+    tile_best = tl.max(score, axis=1)
+    local = tl.argmax(score, axis=1, tie_break_left=True)
+    slot = (slots == slot_index)[None, :]
+    previous = tl.max(tl.where(slot, best_score, float("-inf")), axis=1)
+    better = slot & (tile_best > previous)[:, None]
+    best_score = tl.where(better, tile_best[:, None], best_score)
+    best_id = tl.where(better, (tile * BLOCK_N + local).to(tl.int64)[:, None], best_id)
+    return best_score, best_id, better, local
 
 
 @triton.jit
@@ -243,6 +255,82 @@ def sample_kernel(
             tl.store(part_ptr + out * 4 + 3, z_sum, mask=row_ok)
 
 
+@triton.jit
+def dense_sample_kernel(
+    z_ptr,  # [N, V] fp32: tempered logits, -inf outside each row's kept set
+    seed_ptr, pos_ptr,  # as sample_kernel's
+    score_ptr, id_ptr,  # [N, num_splits, num_samples]: each split's best per sample
+    N, V, tiles_per_split, num_splits, num_samples, stride_zn,
+    SAMPLES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Gumbel-max draws over logits that exist (the truncated sampler's dense fallback).
+
+    The stream and tie rules of sample_kernel on a tile loaded instead of computed: a
+    masked id's -inf stays -inf under any noise, so it is never drawn.
+    """
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    first_sample = tl.program_id(2) * SAMPLES
+    end_sample = tl.minimum(first_sample + SAMPLES, num_samples)
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < N
+    seed = tl.load(seed_ptr + offs_m, mask=row_ok, other=0)
+    pos_lo = tl.load(pos_ptr + 2 * offs_m, mask=row_ok, other=0).to(tl.uint32)
+    pos_hi = tl.load(pos_ptr + 2 * offs_m + 1, mask=row_ok, other=0).to(tl.uint32)
+    slots = tl.arange(0, SAMPLES)
+    best_score = tl.full((BLOCK_M, SAMPLES), float("-inf"), dtype=tl.float32)
+    best_id = tl.zeros((BLOCK_M, SAMPLES), dtype=tl.int64)
+    first_tile = pid_s * tiles_per_split
+    last_tile = tl.minimum(first_tile + tiles_per_split, tl.cdiv(V, BLOCK_N))
+    for tile in range(first_tile, last_tile):
+        cols = (tile * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+        z = tl.load(z_ptr + offs_m[:, None] * stride_zn + cols[None, :],
+                    mask=row_ok[:, None] & (cols < V)[None, :], other=float("-inf"))
+        for sample in range(first_sample, end_sample):
+            score = z + tile_noise(seed, pos_lo, pos_hi, tile * (BLOCK_N // 4), sample, BLOCK_M, BLOCK_N)
+            best_score, best_id, _, _ = fold_draw(score, tile, sample - first_sample, slots, best_score, best_id,
+                                                  BLOCK_N)
+    out = offs_m * num_splits + pid_s
+    samples = first_sample + slots
+    out_samples = out[:, None] * num_samples + samples[None, :]
+    sample_ok = row_ok[:, None] & (samples < num_samples)[None, :]
+    tl.store(score_ptr + out_samples, best_score, mask=sample_ok)
+    tl.store(id_ptr + out_samples, best_id, mask=sample_ok)
+
+
+def _philox_args(keys: tuple[Tensor, Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    """(seeds [N], positions [N, 2]) int64 of `row_keys`' words, as the kernels load them."""
+    k0, k1, pos_lo, pos_hi = keys
+    seeds = (k0 | (k1 << 32)).contiguous()  # the 64-bit seed that tl.philox splits back into (k0, k1)
+    return seeds, torch.stack([pos_lo, pos_hi], dim=1).contiguous()
+
+
+def triton_dense_draws(z: Tensor, keys: tuple[Tensor, Tensor, Tensor, Tensor], num_samples: int) -> Tensor:
+    """ids [N, num_samples]: Gumbel-max draws over `z` [N, V] fp32 (-inf where not kept).
+
+    The draws of the torch fallback's noise loop (`gumbel_noise_range` at every id, the
+    first maximum) in one launch instead of a Philox pass of int64 ops per block of ids.
+    """
+    rows, vocab = z.shape
+    if z.stride(-1) != 1:
+        z = z.contiguous()
+    config = select_dense_sample_config()
+    samples_per_program = min(triton.next_power_of_2(num_samples), SAMPLES_PER_PROGRAM)
+    sample_programs = triton.cdiv(num_samples, samples_per_program)
+    plan = plan_splits(rows, vocab, config.block_m, config.block_n, sample_programs, kind="sample")
+    seeds, positions = _philox_args(keys)
+    score = torch.empty(rows, plan.num_splits, num_samples, dtype=torch.float32, device=z.device)
+    ids = torch.empty(rows, plan.num_splits, num_samples, dtype=torch.int64, device=z.device)
+    if rows > 0:
+        dense_sample_kernel[(plan.num_m_blocks, plan.num_splits, sample_programs)](
+            z, seeds, positions, score, ids, rows, vocab, plan.tiles_per_split, plan.num_splits, num_samples,
+            z.stride(0), SAMPLES=samples_per_program, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+            num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=ENABLE_FP_FUSION,
+        )
+    # First maximum over splits: on equal scores the earlier split, whose ids are lower.
+    return ids.gather(1, score.argmax(dim=1, keepdim=True)).squeeze(1)
+
+
 def triton_sample(x: Tensor, weight: Tensor, bias: Tensor | None, softcap: float | None,
                   options: SamplingOptions, keys: tuple[Tensor, Tensor, Tensor, Tensor],
                   config: TileConfig | None = None) -> Sample:
@@ -266,9 +354,7 @@ def triton_sample(x: Tensor, weight: Tensor, bias: Tensor | None, softcap: float
     # Splits are cut in steps of split_n tiles: a step never straddles two programs.
     plan = plan_splits(n, v, config.block_m, config.block_n * config.split_n, sample_programs, kind="sample")
     num_tiles = triton.cdiv(v, config.block_n)
-    k0, k1, pos_lo, pos_hi = keys
-    seeds = (k0 | (k1 << 32)).contiguous()  # the 64-bit seed that tl.philox splits back into (k0, k1)
-    positions = torch.stack([pos_lo, pos_hi], dim=1).contiguous()
+    seeds, positions = _philox_args(keys)
     dev = x.device
     score = torch.empty(n, plan.num_splits, drawn, dtype=torch.float32, device=dev)
     ids = torch.empty(n, plan.num_splits, drawn, dtype=torch.int64, device=dev)
