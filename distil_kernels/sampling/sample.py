@@ -298,6 +298,8 @@ def sample_from_logits(logits: Tensor, *, temperature: float = 1.0, top_k: int |
                        top_p: float | None = None, min_p: float | None = None, seed: int | Tensor = 0,
                        positions: Tensor | None = None, num_samples: int = 1) -> Sample:
     """Sample `num_samples` ids per row of existing `logits` [B, V] (see the module docstring)."""
+    from ..backends import triton_installed
+
     if not isinstance(logits, Tensor):
         raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
     if logits.dim() != 2 or not logits.dtype.is_floating_point:
@@ -314,8 +316,15 @@ def sample_from_logits(logits: Tensor, *, temperature: float = 1.0, top_k: int |
     with torch.no_grad():
         if options.greedy or options.top_k is not None:
             return reference_sample(logits, options, seed, positions)
-        # The same draws without sorting rows or forming a whole row block's noise at once.
-        return _dense_truncated_sample(logits, options, seed, positions)
+        # The same draws without sorting rows or forming a whole row block's noise at once;
+        # on a GPU in one kernel launch (the torch ops' Philox passes are ~100 launches of
+        # [B, V] int64 work a sample).
+        draws = torch_draws
+        if logits.is_cuda and triton_installed():
+            from .triton.sample import triton_dense_draws
+
+            draws = triton_dense_draws
+        return _dense_truncated_sample(logits, options, seed, positions, draws)
 
 
 def _check_seed_and_positions(seed, positions, rows: int, device: torch.device) -> None:

@@ -35,7 +35,7 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]
 
-from distil_kernels import linear_sample, linear_topk  # noqa: E402
+from distil_kernels import linear_sample, linear_topk, sample_from_logits  # noqa: E402
 from distil_kernels.backends import resolve_backend  # noqa: E402
 from distil_kernels.cuda_ext import extension_available  # noqa: E402
 from distil_kernels.sampling.sample import (  # noqa: E402
@@ -466,6 +466,24 @@ def test_row_topk_kernel_matches_its_reference(k):
     assert torch.equal(ids, want_ids)  # selection is exact: same ids, same order
     assert torch.equal(values, want_values)
     torch.testing.assert_close(partial, want_partial, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("options", [dict(top_p=0.9), dict(min_p=0.05, temperature=1.3, num_samples=3), dict()],
+                         ids=["top_p", "min_p-samples", "plain"])
+def test_sample_from_logits_draws_the_torch_ops_ids(options):
+    """On a GPU the draws over existing logits take one Triton launch (dense_sample_kernel)
+    where the torch ops take a Philox pass of int64 ops: the same stream, the same ids
+    (the same kept sets: both on this device)."""
+    from distil_kernels.sampling.sample import _dense_truncated_sample, torch_draws
+
+    gen = torch.Generator(device=DEVICE).manual_seed(14)
+    logits = torch.randn(33, 50_000, generator=gen, device=DEVICE) * 2.0
+    seeds = torch.randint(-(2**62), 2**62, (33,), generator=gen, device=DEVICE)
+    got = sample_from_logits(logits, seed=seeds, **options)
+    want = _dense_truncated_sample(logits, SamplingOptions(**options), seeds, None, torch_draws)
+    assert torch.equal(got.ids, want.ids)
+    for a, e in zip(got[1:], want[1:]):
+        torch.testing.assert_close(a, e, rtol=0, atol=0)
 
 
 def test_at_temperature_is_the_correctly_rounded_quotient():
