@@ -149,6 +149,41 @@ def sample_tile(
 
 
 @triton.jit
+def program_draws(seed_ptr, pos_ptr, N, num_samples, SAMPLES: tl.constexpr, BLOCK_M: tl.constexpr):
+    """A drawing program's rows, their Philox words and the sample slots it fills.
+
+    Returns (rows (int64: a row times a row stride passes 2**31 for N * d beyond 2G
+    elements), their mask, seed, position words, first and end sample, slot indices, and
+    the running best score and id per (row, slot)).
+    """
+    first_sample = tl.program_id(2) * SAMPLES
+    end_sample = tl.minimum(first_sample + SAMPLES, num_samples)
+    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < N
+    seed = tl.load(seed_ptr + offs_m, mask=row_ok, other=0)
+    pos_lo = tl.load(pos_ptr + 2 * offs_m, mask=row_ok, other=0).to(tl.uint32)
+    pos_hi = tl.load(pos_ptr + 2 * offs_m + 1, mask=row_ok, other=0).to(tl.uint32)
+    best_score = tl.full((BLOCK_M, SAMPLES), float("-inf"), dtype=tl.float32)
+    best_id = tl.zeros((BLOCK_M, SAMPLES), dtype=tl.int64)
+    return (offs_m, row_ok, seed, pos_lo, pos_hi, first_sample, end_sample, tl.arange(0, SAMPLES), best_score,
+            best_id)
+
+
+@triton.jit
+def store_draws(score_ptr, id_ptr, best_score, best_id, offs_m, row_ok, first_sample, slots, num_splits,
+                num_samples):
+    """Each (row, sample)'s best of this split into [N, num_splits, num_samples]; returns the
+    flat (row, split) index and the (index, mask) of the program's entries."""
+    out = offs_m * num_splits + tl.program_id(1)
+    samples = first_sample + slots
+    out_samples = out[:, None] * num_samples + samples[None, :]
+    sample_ok = row_ok[:, None] & (samples < num_samples)[None, :]
+    tl.store(score_ptr + out_samples, best_score, mask=sample_ok)
+    tl.store(id_ptr + out_samples, best_id, mask=sample_ok)
+    return out, out_samples, sample_ok
+
+
+@triton.jit
 def fold_draw(score, tile, slot_index, slots, best_score, best_id, BLOCK_N: tl.constexpr):
     """One sample's draw over tile `tile` of scores (z plus noise) against its running best.
 
@@ -189,25 +224,14 @@ def sample_kernel(
     GREEDY: tl.constexpr,  # temperature 0: argmax of the raw logits, no noise, one sample
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs: no silent TF32
 ):
-    pid_m = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    first_sample = tl.program_id(2) * SAMPLES
-    end_sample = tl.minimum(first_sample + SAMPLES, num_samples)
-    # int64: offs_m * stride_xn passes 2**31 for N * d beyond 2G elements.
-    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = offs_m < N
-    seed = tl.load(seed_ptr + offs_m, mask=row_ok, other=0)
-    pos_lo = tl.load(pos_ptr + 2 * offs_m, mask=row_ok, other=0).to(tl.uint32)
-    pos_hi = tl.load(pos_ptr + 2 * offs_m + 1, mask=row_ok, other=0).to(tl.uint32)
-    slots = tl.arange(0, SAMPLES)
-    best_score = tl.full((BLOCK_M, SAMPLES), float("-inf"), dtype=tl.float32)
-    best_id = tl.zeros((BLOCK_M, SAMPLES), dtype=tl.int64)
+    offs_m, row_ok, seed, pos_lo, pos_hi, first_sample, end_sample, slots, best_score, best_id = program_draws(
+        seed_ptr, pos_ptr, N, num_samples, SAMPLES, BLOCK_M)
     best_raw = tl.zeros((BLOCK_M, SAMPLES), dtype=tl.float32)
     raw_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     raw_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     z_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     z_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    first_step = pid_s * steps_per_split
+    first_step = tl.program_id(1) * steps_per_split
     last_step = tl.minimum(first_step + steps_per_split, tl.cdiv(num_tiles, SPLIT_N))
     for step in range(first_step, last_step):
         tile = step * SPLIT_N
@@ -240,12 +264,8 @@ def sample_kernel(
                 best_score, best_id, best_raw, raw_max, raw_sum, z_max, z_sum,
                 SAMPLES, BLOCK_M, BLOCK_N, HAS_BIAS, HAS_SOFTCAP, GREEDY,
             )
-    out = offs_m * num_splits + pid_s
-    samples = first_sample + slots
-    out_samples = out[:, None] * num_samples + samples[None, :]
-    sample_ok = row_ok[:, None] & (samples < num_samples)[None, :]
-    tl.store(score_ptr + out_samples, best_score, mask=sample_ok)
-    tl.store(id_ptr + out_samples, best_id, mask=sample_ok)
+    out, out_samples, sample_ok = store_draws(score_ptr, id_ptr, best_score, best_id, offs_m, row_ok, first_sample,
+                                              slots, num_splits, num_samples)
     tl.store(raw_ptr + out_samples, best_raw, mask=sample_ok)
     if first_sample == 0:  # one program per (row block, split) stores the partials
         tl.store(part_ptr + out * 4, raw_max, mask=row_ok)
@@ -268,19 +288,9 @@ def dense_sample_kernel(
     The stream and tie rules of sample_kernel on a tile loaded instead of computed: a
     masked id's -inf stays -inf under any noise, so it is never drawn.
     """
-    pid_m = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    first_sample = tl.program_id(2) * SAMPLES
-    end_sample = tl.minimum(first_sample + SAMPLES, num_samples)
-    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = offs_m < N
-    seed = tl.load(seed_ptr + offs_m, mask=row_ok, other=0)
-    pos_lo = tl.load(pos_ptr + 2 * offs_m, mask=row_ok, other=0).to(tl.uint32)
-    pos_hi = tl.load(pos_ptr + 2 * offs_m + 1, mask=row_ok, other=0).to(tl.uint32)
-    slots = tl.arange(0, SAMPLES)
-    best_score = tl.full((BLOCK_M, SAMPLES), float("-inf"), dtype=tl.float32)
-    best_id = tl.zeros((BLOCK_M, SAMPLES), dtype=tl.int64)
-    first_tile = pid_s * tiles_per_split
+    offs_m, row_ok, seed, pos_lo, pos_hi, first_sample, end_sample, slots, best_score, best_id = program_draws(
+        seed_ptr, pos_ptr, N, num_samples, SAMPLES, BLOCK_M)
+    first_tile = tl.program_id(1) * tiles_per_split
     last_tile = tl.minimum(first_tile + tiles_per_split, tl.cdiv(V, BLOCK_N))
     for tile in range(first_tile, last_tile):
         cols = (tile * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
@@ -290,12 +300,7 @@ def dense_sample_kernel(
             score = z + tile_noise(seed, pos_lo, pos_hi, tile * (BLOCK_N // 4), sample, BLOCK_M, BLOCK_N)
             best_score, best_id, _, _ = fold_draw(score, tile, sample - first_sample, slots, best_score, best_id,
                                                   BLOCK_N)
-    out = offs_m * num_splits + pid_s
-    samples = first_sample + slots
-    out_samples = out[:, None] * num_samples + samples[None, :]
-    sample_ok = row_ok[:, None] & (samples < num_samples)[None, :]
-    tl.store(score_ptr + out_samples, best_score, mask=sample_ok)
-    tl.store(id_ptr + out_samples, best_id, mask=sample_ok)
+    store_draws(score_ptr, id_ptr, best_score, best_id, offs_m, row_ok, first_sample, slots, num_splits, num_samples)
 
 
 def _philox_args(keys: tuple[Tensor, Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor]:
