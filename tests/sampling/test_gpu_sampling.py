@@ -486,6 +486,27 @@ def test_sample_from_logits_draws_the_torch_ops_ids(options):
         torch.testing.assert_close(a, e, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("backend", ["triton", pytest.param("cuda", marks=pytest.mark.skipif(
+    not extension_available(), reason="the csrc/ extension was not built"))])
+@pytest.mark.parametrize("num_samples", [1, 6])
+def test_dense_fallback_draws_are_the_torch_draws(backend, num_samples):
+    """The truncated sampler's dense fallback: its backend's kernel over masked logits (a
+    third of the ids -inf) draws the torch ops' ids, on 37 rows of a 40001-id vocabulary."""
+    from distil_kernels.sampling.cuda import cuda_dense_draws
+    from distil_kernels.sampling.sample import torch_draws
+    from distil_kernels.sampling.triton.sample import triton_dense_draws
+
+    gen = torch.Generator(device=DEVICE).manual_seed(15)
+    z = torch.randn(37, 40_001, generator=gen, device=DEVICE) * 3.0
+    z[torch.rand(z.shape, generator=gen, device=DEVICE) < 1 / 3] = float("-inf")
+    seeds = torch.randint(-(2**62), 2**62, (37,), generator=gen, device=DEVICE)
+    keys = row_keys(seeds, torch.arange(37, device=DEVICE) + 2**32 - 5, 37, DEVICE)
+    draws = triton_dense_draws if backend == "triton" else cuda_dense_draws
+    got = draws(z, keys, num_samples)
+    assert torch.equal(got, torch_draws(z, keys, num_samples))
+    assert z.gather(1, got).isfinite().all()
+
+
 def test_at_temperature_is_the_correctly_rounded_quotient():
     """PyTorch's CUDA division by a Python number multiplies by its rounded reciprocal; the
     kernels divide (div_rn), and so must the torch-op paths that share their stream."""
