@@ -4,15 +4,18 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # A local CPU wheel on the project's machines; a torch already importable is kept.
 TORCH_SPEC ?= torch==2.13.0
+# The venv holds about 2 GB (torch, triton); a wheel cache beside it would double that
+# on machines whose disks run nearly full.
+PIP_INSTALL := $(PY) -m pip install -q --no-cache-dir
 STAMP := $(VENV)/.installed
 
 .PHONY: demo test bench clean
 
 $(STAMP): pyproject.toml setup.py
 	@test -x $(PY) || $(PYTHON_BOOT) -m venv --system-site-packages $(VENV)
-	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q setuptools wheel
-	$(PY) -m pip install -q --no-build-isolation -e ".[test,trainer,examples]"
+	@$(PY) -c "import torch" 2>/dev/null || $(PIP_INSTALL) "$(TORCH_SPEC)"
+	$(PIP_INSTALL) setuptools wheel
+	$(PIP_INSTALL) --no-build-isolation -e ".[test,trainer,examples]"
 	@touch $(STAMP)
 
 demo: $(STAMP)
