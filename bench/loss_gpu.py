@@ -187,8 +187,8 @@ def _extension_requirement(inputs: GpuInputs) -> str | None:
 
 PROVIDERS = (
     GpuProvider("triton", "hard", _ours("triton", "hard")),
-    # 1 GiB of workspace: d_input's fp32 [N, d] fits, so the backward takes one pass (6 N V d,
-    # more atomics) where the default takes two (8 N V d, 56 MiB of fp32 state).
+    # 1 GiB of workspace: d_input's fp32 [N, d] fits, so the backward takes one pass (6 N V d)
+    # where the default takes two (8 N V d, 56 MiB of workspace).
     GpuProvider("triton-one-pass", "hard", _ours("triton", "hard", 2**30)),
     GpuProvider("chunked", "hard", _ours("chunked", "hard")),
     GpuProvider("torch-ref", "hard", _ours("torch", "hard")),

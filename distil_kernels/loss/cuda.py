@@ -21,7 +21,6 @@ check this orchestration on the CPU and the kernels against it on a GPU.
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -29,6 +28,7 @@ import torch
 from torch import Tensor
 
 from .chunked import CoefFn, Grads, SweepStats, chunked_gradients, chunked_linear_cross_entropy
+from .gemm import addmm_fp32, gradient_scale, mm_fp32
 from .options import LossOptions
 from .reference import LossStats
 from .targets import Slots
@@ -117,45 +117,6 @@ REFERENCE_OPS = EpilogueOps(reference_chunk_stats, reference_logits_grad, _refer
 # --------------------------------------------------------------------------------------
 
 
-def _mm_fp32(a: Tensor, b: Tensor, out: Tensor) -> None:
-    if a.dtype == torch.float32:
-        torch.mm(a, b, out=out)
-    else:
-        torch.ops.aten.mm.dtype_out(a, b, torch.float32, out=out)
-
-
-# Rows of `c` per fp32 product when the fused form is refused (32 MiB slices at d=4096).
-_ADDMM_SLICE_BYTES = 32 << 20
-_fused_addmm = [True]
-
-
-def _addmm_fp32(c: Tensor, a: Tensor, b: Tensor, alpha: float, beta: float) -> None:
-    """c = beta * c + alpha * (a @ b) into the fp32 `c` from bf16/fp16 operands, the product
-    never rounded to them; beta is 1, or 0 for a `c` that holds nothing yet (never read).
-
-    The fused form (addmm with an fp32 out_dtype, adding inside the GEMM) is torch's since
-    2.8; where a build refuses it, fp32 products of bounded row slices are added instead.
-    """
-    if a.dtype == torch.float32:
-        c.addmm_(a, b, beta=beta, alpha=alpha)
-        return
-    if _fused_addmm[0]:
-        try:
-            torch.ops.aten.addmm.dtype_out(c, a, b, torch.float32, beta=beta, alpha=alpha, out=c)
-            return
-        except RuntimeError as error:
-            _fused_addmm[0] = False
-            warnings.warn(f"addmm with an fp32 out_dtype failed ({error}); d_weight accumulates through fp32 "
-                          f"products of row slices instead", stacklevel=2)
-    step = max(1, _ADDMM_SLICE_BYTES // (4 * max(c.shape[1], 1)))
-    for r0 in range(0, c.shape[0], step):
-        product = torch.ops.aten.mm.dtype(a[r0:r0 + step], b, torch.float32)
-        if beta == 0.0:
-            torch.mul(product, alpha, out=c[r0:r0 + step])
-        else:
-            c[r0:r0 + step].add_(product, alpha=alpha)
-
-
 def extension_ops() -> EpilogueOps:
     """The compiled kernels (a RuntimeError saying how to build them when missing)."""
     from ..cuda_ext import extension
@@ -176,37 +137,12 @@ def extension_ops() -> EpilogueOps:
         ext.logits_grad(logits, bias, float(softcap or 0.0), float(inv_temp), row_coef, lse, uniform, ids, slot_coef,
                         int(vocab_start), out, stream(logits))
 
-    return EpilogueOps(chunk_stats, logits_grad, _mm_fp32, _addmm_fp32)
+    return EpilogueOps(chunk_stats, logits_grad, mm_fp32, addmm_fp32)
 
 
 # --------------------------------------------------------------------------------------
 # Sweep
 # --------------------------------------------------------------------------------------
-
-
-# fp16's smallest normal number is 6.1e-5: the gradient of a mean over N rows holds
-# softmax values over N, far below it on a large vocabulary (1/V/N), where fp16 keeps a
-# few bits or none. Its fp16 copy is written times a power of two that lifts the largest
-# value it can take to 2**14 (65504 is fp16's largest), and the GEMMs and the bias sum
-# take the inverse power as their scale: exact, so only fp16's relative rounding is left.
-FP16_GRADIENT_CEILING = 2.0**14
-
-
-def gradient_scale(dtype: torch.dtype, row_coef: Tensor, slot_coef: Tensor, uniform: Tensor | None) -> float:
-    """The power of two the gradient of a chunk is written times (1 but for fp16).
-
-    |dL/du| <= |row_coef| + |uniform| + sum |slot_coef| (a softmax value is at most 1 and
-    the softcap's chain factor too), so the scaled gradient stays within the ceiling.
-    """
-    if dtype != torch.float16 or row_coef.numel() == 0:
-        return 1.0
-    bound = row_coef.abs() + slot_coef.abs().sum(dim=1)
-    if uniform is not None:
-        bound = bound + uniform.abs()
-    top = float(bound.max())  # one host sync a chunk, fp16 only
-    if not (math.isfinite(top) and top > 0.0):
-        return 1.0
-    return 2.0 ** min(64, max(0, math.floor(math.log2(FP16_GRADIENT_CEILING / top))))
 
 
 def chunk_rows(num_rows: int, vocab_size: int, grad_dtype: torch.dtype | None, workspace_bytes: int | None) -> int:

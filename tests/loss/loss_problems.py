@@ -171,3 +171,38 @@ def assert_within_dtype_error(got, same_dtype, want, factor=4.0, rounded_inputs=
             continue
         tol = factor * baseline(g_base, g_rounded, g_want) + 1e-6 * g_want.abs().max().item()
         assert max_error(g, g_want) <= tol, f"d_{name}: error {max_error(g, g_want):.3e} > {tol:.3e}"
+
+
+def fp16_small_gradient_problem(rows=512, dim=16, vocab=4096, seed=33):
+    """fp16 (x, w, b, y) whose mean loss has a mostly subnormal logits gradient in fp16:
+    dL/du ~ 1/V/N = 5e-7 for 512 rows of a 4096-id softmax (smallest normal 6.1e-5)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, dim, generator=gen).half()
+    w = (torch.randn(vocab, dim, generator=gen) / 4).half()
+    b = torch.randn(vocab, generator=gen).half()
+    y = torch.randint(0, vocab, (rows,), generator=gen)
+    return x, w, b, y
+
+
+def assert_fp16_gradient_keeps_its_small_values(grads, x, w, b, y, upstream):
+    """Gradients (d_input, d_weight, d_bias) of `upstream` times the mean cross-entropy of
+    `fp16_small_gradient_problem`: where the fp16 logits gradient keeps its 11 bits (written
+    times a power of two and scaled back in the GEMMs), each stays within 2**-11 of the
+    sums of |terms| it adds, plus its own final rounding into fp16."""
+    x64, w64, b64 = (t.double().requires_grad_() for t in (x, w, b))
+    u64 = (x64 @ w64.T + b64).detach().requires_grad_()
+    (g64,) = torch.autograd.grad(F.cross_entropy(u64, y), u64)
+    assert g64.abs().median() < 6.1e-5  # most of the gradient is subnormal in fp16
+    unit = 2.0**-11 * 1.05  # fp16's relative rounding, and the fp32 sums' slack
+    w64, x64 = w64.detach(), x64.detach()
+    want_x, want_w, want_b = (upstream * t for t in (g64 @ w64, g64.T @ x64, g64.sum(dim=0)))
+    # Each gradient's own rounding into fp16 at the end: relative, or half the spacing of
+    # fp16's subnormals (2**-25) for a value below its normal range.
+    out_x, out_w, out_b = (torch.clamp_min(unit * t.abs(), 2.0**-25) for t in (want_x, want_w, want_b))
+    bound_x = upstream * unit * (g64.abs() @ w64.abs()) + out_x
+    bound_w = upstream * unit * (g64.abs().T @ x64.abs()) + out_w
+    bound_b = upstream * unit * g64.abs().sum(dim=0) + out_b
+    for name, g, want, bound in (("input", grads[0], want_x, bound_x), ("weight", grads[1], want_w, bound_w),
+                                 ("bias", grads[2], want_b, bound_b)):
+        excess = ((g.double() - want).abs() - bound).max().item()
+        assert excess <= 0, f"d_{name}: exceeds its bound by {excess:.3e}"

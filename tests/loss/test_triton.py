@@ -23,16 +23,12 @@ from distil_kernels.loss.options import LossOptions  # noqa: E402
 from distil_kernels.loss.targets import make_slots, row_terms, row_weights  # noqa: E402
 from distil_kernels.loss.triton import triton_stats  # noqa: E402
 from distil_kernels.loss.triton.backward import backward, plan_backward  # noqa: E402
-from distil_kernels.loss.triton.configs import (  # noqa: E402
-    BACKWARD_DEFAULT,
-    BACKWARD_DW_DEFAULT,
-    BACKWARD_DX_DEFAULT,
-    INTERPRETER_CONFIG,
-    TileConfig,
-)
+from distil_kernels.loss.triton.configs import GRADIENT_DEFAULT, INTERPRETER_CONFIG, TileConfig  # noqa: E402
 from loss_problems import (  # noqa: E402
+    assert_fp16_gradient_keeps_its_small_values,
     assert_masked_problem_matches,
     assert_within_dtype_error,
+    fp16_small_gradient_problem,
     make_distil_problem,
     make_problem,
     run,
@@ -82,10 +78,10 @@ def test_odd_shapes(dtype, kind):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("mode", ["default", "filter", "deterministic"])
 def test_d_weight_in_vocabulary_chunks(dtype, mode):
-    """4 KiB fp32 workspaces: d_weight in 64-row chunks of V=300 (the last one partial),
-    sparse ids falling in every chunk; fp16 goes through the fp32 chunk, fp32 straight
-    into d_weight. d_input (70 x 40 fp32 would be 11 KiB) takes its own pass over token
-    chunks of 32 rows. Same results as one launch would give, and the reference's."""
+    """A 4 KiB workspace: the vocabulary pass in chunks of one 64-column tile of V=300 (the
+    last one partial) over 32-row token chunks, d_weight summing them in fp32, sparse ids
+    falling in every chunk; d_input (70 x 40 fp32 would be 11 KiB) in a pass of its own
+    over token chunks of 32 rows. The reference's results within the dtype's error."""
     x64, w64, b64, target = make_problem(70, 40, 300, k=5, seed=19, ignore_rows=(2,), scale=2.0)
     options = dict(softcap=6.0, workspace_bytes=4096, filter_eps=1e-7 if mode == "filter" else None)
     want = run(x64, w64, b64, target, "torch", softcap=6.0)
@@ -96,6 +92,15 @@ def test_d_weight_in_vocabulary_chunks(dtype, mode):
     finally:
         torch.use_deterministic_algorithms(False)
     assert_within_dtype_error(got, same_dtype_pytorch(x, w, b, target, LossOptions(softcap=6.0)), want)
+
+
+@pytest.mark.parametrize("workspace_bytes", [None, 16 * 1024], ids=["one-pass", "two-passes"])
+def test_fp16_gradient_keeps_its_small_values(workspace_bytes):
+    """The fp16 logits gradient is written times a power of two, which its GEMMs take back:
+    see `assert_fp16_gradient_keeps_its_small_values`."""
+    x, w, b, y = fp16_small_gradient_problem(rows=256, vocab=2048)  # dL/du ~ 2e-6
+    got = run(x, w, b, y, "triton", workspace_bytes=workspace_bytes)
+    assert_fp16_gradient_keeps_its_small_values(got[2], x, w, b, y, upstream=0.5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
@@ -117,18 +122,25 @@ def test_no_bias_and_partial_requires_grad(workspace_bytes):
     torch.testing.assert_close(xg.grad.double(), want[2][0], rtol=1e-5, atol=1e-6)
 
 
-def test_backward_plan_bounds_the_fp32_state():
-    """Llama-3-8B's head at N=16384: 56 MiB of fp32 accumulators (issue 3 allows 64 MiB of
-    overhead), d_input in its own pass; N=1792 fits d_input's 28 MiB and keeps one pass."""
-    dx, dw, one = BACKWARD_DX_DEFAULT, BACKWARD_DW_DEFAULT, BACKWARD_DEFAULT
-    large = plan_backward(16384, 128256, 4096, True, dx, dw, None)
-    assert large.separate_dx and large.dx_rows == 1792 and large.dw_rows == 1792
-    assert large.fp32_workspace_bytes(4096, True, True) == 56 * 2**20
-    small = plan_backward(1792, 128256, 4096, True, one, one, None)
-    assert not small.separate_dx and small.dx_rows == 1792
-    assert not plan_backward(16384, 128256, 4096, True, one, one, 256 * 2**20).separate_dx
-    frozen_input = plan_backward(16384, 128256, 4096, False, one, dw, None)
-    assert not frozen_input.separate_dx and frozen_input.fp32_workspace_bytes(4096, False, True) == 28 * 2**20
+def test_backward_plan_bounds_its_memory():
+    """Qwen2.5-7B's head at N=16384, bf16: d_input's fp32 [N, d] (224 MiB) takes a pass of
+    its own over 2048-row chunks with 7168-column gradient blocks, the vocabulary pass
+    holds 1792 columns of every row; each within 56 MiB (issue 3 allows 64 MiB of
+    overhead). At N=1024, or with a larger workspace, d_input rides along. fp16 sums
+    d_weight in fp32; so does a token count whose rows of one tile exceed the budget."""
+    need, cfg, v, d = (True, True, False), GRADIENT_DEFAULT, 152064, 3584
+    budget = 56 * 2**20
+    large = plan_backward(16384, v, d, torch.bfloat16, need, cfg, None)
+    assert not large.dx_rides_along and not large.dw_accumulator
+    assert (large.head_rows, large.head_cols, large.dx_rows, large.dx_cols) == (16384, 1792, 2048, 7168)
+    assert large.workspace_bytes(16384, d, 2) <= budget
+    small = plan_backward(1024, v, d, torch.bfloat16, need, cfg, None)
+    assert small.dx_rides_along and small.dx_rows == 0 and small.workspace_bytes(1024, d, 2) <= budget
+    assert plan_backward(16384, v, d, torch.bfloat16, need, cfg, 2**30).dx_rides_along
+    fp16 = plan_backward(16384, v, d, torch.float16, need, cfg, None)
+    assert fp16.dw_accumulator and fp16.head_rows == 16384 and fp16.workspace_bytes(16384, d, 2) <= budget
+    huge = plan_backward(2**20, v, d, torch.bfloat16, (False, True, False), cfg, None)
+    assert huge.dw_accumulator and huge.head_rows < 2**20 and huge.workspace_bytes(2**20, d, 2) <= budget
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -151,30 +163,29 @@ def _peaked_problem(n=48, d=32, v=2048, seed=14):
     return x, w, y
 
 
-def _direct_backward(x, w, y, options, configs=None):
-    """Run the backward kernel itself, to see how many tiles it skipped."""
+def _direct_backward(x, w, y, options, config=None):
+    """Run the backward itself, to see how many tiles it skipped."""
     slots = make_slots(y, w.shape[0], options.ignore_index, torch.float32)
     stats = triton_stats(x, w, None, slots.ids, options)
     terms = row_terms(stats.lse, stats.slot_logits, None, slots, options, w.shape[0])
     g = row_weights(slots.row_valid, "mean", torch.float32)
     return backward(x, w, None, slots.ids, stats.lse, terms.row_coef * g, terms.slot_coef * g[:, None], None,
-                    stats.forward, options, (True, True, False), configs), terms.row_coef * g
+                    stats.forward, options, (True, True, False), config), terms.row_coef * g
 
 
 @pytest.mark.parametrize("mode", ["default", "filter", "deterministic"])
-def test_two_passes_with_their_own_tiles(mode):
-    """d_input's pass on wide 16x128 tiles over 48-row token chunks, d_weight's on tall
-    64x32 tiles over 64-row vocabulary chunks (4 KiB each at d=16): the one-pass result."""
+def test_two_passes_match_one(mode):
+    """With 4 KiB of workspace d_input takes a pass of its own over 16-row token chunks,
+    and both passes take chunks of 16x128 tiles: the one-pass result (d_input riding
+    along the vocabulary pass on the default tiles), summed in another order."""
     x, w, y = _peaked_problem(n=100, d=16, v=300, seed=23)
     x = x / 8  # a softer softmax: every tile counts
     options = LossOptions(filter_eps=1e-9 if mode == "filter" else None)
     one_pass, _ = _direct_backward(x, w, y, options)
-    configs = {"backward_dx": TileConfig(16, 128, 16, num_warps=1, num_stages=1, group_m=2),
-               "backward_dw": TileConfig(64, 32, 16, num_warps=1, num_stages=1, group_m=3)}
     torch.use_deterministic_algorithms(mode == "deterministic")
     try:
         two_pass, _ = _direct_backward(x, w, y, LossOptions(filter_eps=options.filter_eps, workspace_bytes=4096),
-                                       configs)
+                                       TileConfig(16, 128, 16, num_warps=1, num_stages=1, group_m=2))
     finally:
         torch.use_deterministic_algorithms(False)
     assert two_pass.passes == 2 and one_pass.passes == 1

@@ -28,15 +28,14 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from .backward import backward_kernel
+from .backward import logits_grad_kernel
 from .configs import (
-    BACKWARD_CANDIDATES,
-    BACKWARD_CANDIDATES_FP32,
-    CANDIDATES,
     ENABLE_FP_FUSION,
     FORWARD_CANDIDATES,
     FORWARD_CANDIDATES_FP32,
     FORWARD_PLAIN_SM90,
+    GRADIENT_CANDIDATES,
+    GRADIENT_CANDIDATES_FP32,
     INDEXED_DOT_BLOCK_D,
     INDEXED_DOT_BLOCK_P,
     TileConfig,
@@ -107,23 +106,19 @@ def forward_spec(config: TileConfig, dtype: str, plain: bool = False, archs: tup
     return dataclasses.replace(spec, archs=archs)
 
 
-def backward_spec(config: TileConfig, dtype: str, deterministic: bool, filtered: bool, kind: str = "backward"
-                  ) -> CompileSpec:
-    """`kind`: "backward" (both gradients in one pass), "backward_dx" (d_input's own
-    pass) or "backward_dw" (d_weight and d_bias after it)."""
+def gradient_spec(config: TileConfig, dtype: str, filtered: bool) -> CompileSpec:
+    """The backward's gradient kernel with every option on (bias, softcap, label smoothing)."""
     t = TRITON_DTYPE[dtype]
     pointers = {"x_ptr": t, "w_ptr": t, "b_ptr": "fp32", "ids_ptr": "i64", "slot_coef_ptr": "fp32",
                 "lse_ptr": "fp32", "row_coef_ptr": "fp32", "uniform_ptr": "fp32", "block_max_ptr": "fp32",
-                "dx_ptr": "fp32", "dw_ptr": "fp32", "db_ptr": "fp32", "lock_x_ptr": "i32", "lock_w_ptr": "i32",
-                "lock_b_ptr": "i32", "skipped_ptr": "i32"}
+                "grad_ptr": t, "skipped_ptr": "i32"}
     constexprs = {"BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "BLOCK_K": config.block_k,
                   "GROUP_M": config.group_m, "HAS_BIAS": True, "HAS_SOFTCAP": True, "HAS_UNIFORM": True,
-                  "NEED_DX": kind != "backward_dw", "NEED_DW": kind != "backward_dx",
-                  "NEED_DB": kind != "backward_dx", "FILTER": filtered,
-                  "DETERMINISTIC": deterministic, "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32"}
-    flags = ("det," if deterministic else "") + ("filter," if filtered else "")
-    return kernel_spec(f"{kind}[{dtype},{flags}{config}]", backward_kernel, pointers, constexprs, config,
-                       float_args=("softcap", "inv_temp", "log_filter_eps"))
+                  "FILTER": filtered, "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32"}
+    spec = kernel_spec(f"logits_grad[{dtype},{'filter,' if filtered else ''}{config}]", logits_grad_kernel,
+                       pointers, constexprs, config, float_args=("softcap", "inv_temp", "log_filter_eps"))
+    # The gradient buffer's row stride is its chunk's width: whole tiles, a multiple of 16.
+    return dataclasses.replace(spec, divisible=spec.divisible + ("stride_gn",))
 
 
 def indexed_dot_spec(dtype: str) -> CompileSpec:
@@ -135,27 +130,21 @@ def indexed_dot_spec(dtype: str) -> CompileSpec:
 
 
 def all_specs() -> list[CompileSpec]:
-    """Every kernel x config x dtype launched on a GPU, filter and deterministic variants included.
+    """Every kernel x config x dtype launched on a GPU, the filter variant included.
 
     INTERPRETER_CONFIG is left out: its one-warp tiles run only under TRITON_INTERPRET=1,
     never on a GPU, and compiled as launched one warp holds the whole 32x64 fp32 tile
     and its gradient, which spills.
     """
     specs = []
-    for dtype, forward, backward in (("bf16", FORWARD_CANDIDATES, BACKWARD_CANDIDATES),
-                                     ("fp32", FORWARD_CANDIDATES_FP32, BACKWARD_CANDIDATES_FP32)):
+    for dtype, forward, gradient in (("bf16", FORWARD_CANDIDATES, GRADIENT_CANDIDATES),
+                                     ("fp32", FORWARD_CANDIDATES_FP32, GRADIENT_CANDIDATES_FP32)):
         specs += [forward_spec(c, dtype) for c in forward]
         if dtype == "bf16":  # a plain head on sm_90: its own wide tile
             specs.append(forward_spec(FORWARD_PLAIN_SM90, dtype, plain=True, archs=(90,)))
-        specs += [backward_spec(c, dtype, deterministic=False, filtered=False) for c in backward]
-        # The flags change the live values (ticket loads, the filter's block maxima): the default, each way.
-        specs.append(backward_spec(backward[0], dtype, deterministic=True, filtered=True))
-        specs.append(backward_spec(backward[0], dtype, deterministic=False, filtered=True))
-        # The two-pass backward's kernels: each pass computes one accumulator's products.
-        for kind in ("backward_dx", "backward_dw"):
-            candidates = CANDIDATES[kind][1 if dtype == "fp32" else 0]
-            specs += [backward_spec(c, dtype, deterministic=False, filtered=False, kind=kind) for c in candidates]
-            specs.append(backward_spec(candidates[0], dtype, deterministic=True, filtered=True, kind=kind))
+        specs += [gradient_spec(c, dtype, filtered=False) for c in gradient]
+        # The filter adds live values (the block maxima, the target hits): the default with it.
+        specs.append(gradient_spec(gradient[0], dtype, filtered=True))
         specs.append(indexed_dot_spec(dtype))
     return specs
 

@@ -3,8 +3,8 @@
 Each kernel has one fixed default per operand width, chosen for H100 (sm_90) bf16 and
 sized to fit an A100's shared memory too, and a list of candidates. With
 `DISTIL_KERNELS_AUTOTUNE=1` the first launch for a shape bin times every candidate on
-the real inputs and keeps the fastest; the launchers allocate fresh accumulators and
-locks per launch, so trial runs leave nothing behind. The ahead-of-time compile tests
+the real inputs and keeps the fastest; the launchers allocate fresh buffers per call,
+so trial runs leave nothing behind. The ahead-of-time compile tests
 build every config listed here for sm_90 and sm_80 as a launch specialises it and check
 its shared memory and register spills.
 """
@@ -74,61 +74,31 @@ FORWARD_PLAIN_SM90_CANDIDATES = (FORWARD_PLAIN_SM90, *FORWARD_CANDIDATES)
 FORWARD_DEFAULT_FP32 = TileConfig(64, 128, 32, num_warps=8, num_stages=3)
 FORWARD_CANDIDATES_FP32 = (FORWARD_DEFAULT_FP32,)
 
-# The backward holds the fp32 logits tile, tanh of the softcap, the gradient tile and
-# its bf16 copy, then per K slice the d_input and d_weight partial products [BLOCK_M,
-# BLOCK_K] and [BLOCK_N, BLOCK_K]: more live values per tile entry than the forward. A
-# 128x128 tile fits sm_90 (wgmma reads its operands from shared memory) but spills
-# 144 B on sm_80, 64 B even with 32-wide K slices; a tall 256x64 tile of the same size
-# with 32-wide K slices spills on neither (254 registers). Tall, because GROUP_M row
-# blocks sweep the vocabulary together: their x rows and d_input stay in L2 while W and
-# the fp32 d_weight accumulator (V x d, the large ones) stream from HBM once per group,
-# N / (GROUP_M * BLOCK_M) times. 4 stages take 80 KiB on sm_90, 64 KiB on sm_80.
-BACKWARD_DEFAULT = TileConfig(256, 64, 32, num_warps=8, num_stages=4)
-BACKWARD_CANDIDATES = (
-    BACKWARD_DEFAULT,
-    TileConfig(64, 256, 32, num_warps=8, num_stages=4),  # the mirror image, for a vocabulary that fits L2
-    TileConfig(128, 64, 64, num_warps=8, num_stages=4),  # 64-wide slices: half the lock round trips
-    # Many programs for small N. 32-wide K slices: with 64-wide ones the atomic-add backward
-    # spills 104 B per thread on sm_80 under Triton 3.9 (none under 3.6).
-    TileConfig(64, 64, 32, num_warps=4, num_stages=4),
+# The gradient kernel (backward.py) is the forward's GEMM with another epilogue: the
+# tile's gradient (exp, the softcap's chain factor, the slot corrections) rounded to
+# the input dtype and stored instead of reduced, so the forward's tiles fit it too:
+# 128x128 over 8 warps takes 252-255 registers, no spill on sm_90 (Triton 3.6 and 3.9),
+# 24-32 B on sm_80 under 3.9. 64x256 over 8 warps and 64x128 over 4 spill 48-56 B on sm_80.
+GRADIENT_DEFAULT = TileConfig(128, 128, 64, num_warps=8, num_stages=4)
+GRADIENT_CANDIDATES = (
+    GRADIENT_DEFAULT,
+    TileConfig(128, 128, 64, num_warps=8, num_stages=3),  # a stage less smem (96 KiB) for a second block
+    TileConfig(64, 128, 64, num_warps=8, num_stages=4),  # twice the programs, for small chunks
 )
-# When d_input takes a pass of its own (its fp32 [N, d] exceeds the workspace, see
-# backward.py), each pass adds into one accumulator only, and its tile can be shaped
-# for that: a program adds BLOCK_M x d to d_input after 2 BLOCK_M BLOCK_N d FLOPs of
-# gradient product, so d_input's pass takes wide tiles (64 x 256: 256 columns of
-# products per atomic add, 4x the one-pass default's 64) and d_weight's pass tall ones
-# (256 x 64, the same 256 per add). Together 2.5x fewer atomic adds than one pass of
-# 256 x 64 tiles, for a third more FLOPs (the extra recomputation of the logits).
-# d_input's pass keeps 16 row blocks on a vocabulary sweep, 1024 rows of x in L2.
-# 254-255 registers, no spill on sm_90 or sm_80 (Triton 3.6 and 3.9).
-BACKWARD_DX_DEFAULT = TileConfig(64, 256, 32, num_warps=8, num_stages=4, group_m=16)
-BACKWARD_DX_CANDIDATES = (BACKWARD_DX_DEFAULT, TileConfig(128, 128, 32, num_warps=8, num_stages=4))
-BACKWARD_DW_DEFAULT = TileConfig(256, 64, 32, num_warps=8, num_stages=4)
-BACKWARD_DW_CANDIDATES = (BACKWARD_DW_DEFAULT, TileConfig(128, 128, 32, num_warps=8, num_stages=4))
+# fp32: the forward's FMA-loop tile, 202-255 registers, no spill.
+GRADIENT_DEFAULT_FP32 = TileConfig(64, 128, 32, num_warps=8, num_stages=3)
+GRADIENT_CANDIDATES_FP32 = (GRADIENT_DEFAULT_FP32,)
 
-# fp32 ("ieee") dots are FMA loops in which each thread holds the whole contraction
-# dimension of its operand rows; for the d_input and d_weight products that is BLOCK_N
-# and BLOCK_M, not BLOCK_K. 64x64 over 8 warps with 16-wide slices fits (190 registers
-# at most); with 32-wide slices it spills 176 B, and the old 128x128x64 default 12 KB.
-BACKWARD_DEFAULT_FP32 = TileConfig(64, 64, 16, num_warps=8, num_stages=4)
-BACKWARD_CANDIDATES_FP32 = (BACKWARD_DEFAULT_FP32, TileConfig(64, 32, 32, num_warps=8, num_stages=3))
-
-# Per kernel kind: (bf16/fp16 candidates, fp32 candidates), the default first. The fp32
-# tiles serve both passes: their contraction is BLOCK_N or BLOCK_M either way.
+# Per kernel kind: (bf16/fp16 candidates, fp32 candidates), the default first.
 CANDIDATES = {
     "forward": (FORWARD_CANDIDATES, FORWARD_CANDIDATES_FP32),
     "forward_plain_sm90": (FORWARD_PLAIN_SM90_CANDIDATES, FORWARD_CANDIDATES_FP32),
-    "backward": (BACKWARD_CANDIDATES, BACKWARD_CANDIDATES_FP32),
-    "backward_dx": (BACKWARD_DX_CANDIDATES, BACKWARD_CANDIDATES_FP32),
-    "backward_dw": (BACKWARD_DW_CANDIDATES, BACKWARD_CANDIDATES_FP32),
+    "gradient": (GRADIENT_CANDIDATES, GRADIENT_CANDIDATES_FP32),
 }
 
-# Each fp32 gradient accumulator of the backward covers at most this much at a time: the
-# d_weight chunk (1792 rows of a d=4096 head; with bf16 weights never a [V, d] fp32 copy
-# of the head, 2 GiB for Llama-3-8B) and d_input, over token chunks when [N, d] fp32
-# does not fit. Both together and the forward's statistics stay within 64 MiB at any N,
-# and each stays in the H100's 50 MB L2 while the atomics land in it.
-ACCUMULATOR_BYTES = 28 * 2**20
+# What the backward holds at once, gradient buffers and fp32 accumulators (backward.py):
+# with the forward's statistics, within issue 3's 64 MiB of overhead at N = 16384.
+BACKWARD_WORKSPACE_BYTES = 56 * 2**20
 
 # The indexed dot is a gather-and-reduce: (row, slot) pairs x hidden-dim slices.
 INDEXED_DOT_BLOCK_P = 32

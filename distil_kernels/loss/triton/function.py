@@ -2,9 +2,10 @@
 
 Forward: the lse kernel and the indexed dot give every row's statistics; the per-row
 algebra (`row_terms`) turns them into the loss. Backward: the same algebra gives each
-row's gradient coefficients, scaled by the upstream gradient, and one fused kernel
-recomputes the tiles and accumulates d_input, d_weight and d_bias. 2*N*V*d FLOPs
-forward, 6*N*V*d backward; O(N*k) saved statistics.
+row's gradient coefficients, scaled by the upstream gradient; a fused kernel recomputes
+the tiles into bounded buffers of their gradient, which GEMMs push into d_input and
+d_weight (backward.py). 2*N*V*d FLOPs forward, 6*N*V*d backward (8 when d_input takes a
+pass of its own); O(N*k) saved statistics.
 """
 
 from __future__ import annotations
