@@ -192,6 +192,16 @@ __device__ __forceinline__ void store4(Out* p, bool vector, float a, float b, fl
     }
 }
 
+// What a step of the gradient's walk loads for four columns: the logits and the bias.
+struct Loaded4 {
+    float4 u;
+    float4 b;
+};
+
+// Steps of the gradient's in-place walk end at a barrier, so each step keeps more loads
+// in flight than the statistics' walk: 4 float4s of logits (and of bias) a thread.
+constexpr int kGradUnroll = 4;
+
 template <typename Out>
 __global__ void __launch_bounds__(kThreads, kMinBlocks) logits_grad_kernel(LogitsGradArgs a) {
     const int64_t row = blockIdx.x;
@@ -205,21 +215,33 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) logits_grad_kernel(Logit
     const float coef = a.row_coef[row];
     const float lse = a.lse[row];
     const float uniform = a.uniform != nullptr ? a.uniform[row] : 0.f;
+    const int64_t* ids = a.ids + row * a.num_slots;
+    const float* slot_coef = a.slot_coef + row * a.num_slots;
+    float* slot_u = a.slot_scratch + row * a.num_slots;
+    // u at the slot ids, kept for their corrections: `out` may overwrite the row, and the
+    // walk's first barrier orders these loads before any store. Slot j is the same
+    // thread's here and in the corrections below.
+    for (int j = threadIdx.x; j < a.num_slots; j += kThreads) {
+        const int64_t local = ids[j] - a.vocab_start;
+        if (local >= 0 && local < a.cols) slot_u[j] = u[local];
+    }
     auto grad = [&](float x, float b) {
         const Transformed t = transform(x, b);
         return (coef * expf(t.z - lse) - uniform) * t.chain;
     };
-    for_each_column(
-        u, bias, span, bias_vector, [&](int c, float x, float b) { out[c] = from_float<Out>(grad(x, b)); },
-        [&](int c, float4 x, float4 b) {
-            store4(out + c, out_vector, grad(x.x, b.x), grad(x.y, b.y), grad(x.z, b.z), grad(x.w, b.w));
-        });
+    walk_row_in_place<kGradUnroll>(
+        span, threadIdx.x, kThreads, [&](int c) { return make_float2(u[c], bias != nullptr ? bias[c] : 0.f); },
+        [&](int c, float2 v) { out[c] = from_float<Out>(grad(v.x, v.y)); },
+        [&](int c) { return Loaded4{load4(u + c), bias4(bias, c, bias_vector)}; },
+        [&](int c, const Loaded4& v) {
+            store4(out + c, out_vector, grad(v.u.x, v.b.x), grad(v.u.y, v.b.y), grad(v.u.z, v.b.z),
+                   grad(v.u.w, v.b.w));
+        },
+        [] { __syncthreads(); });
     // The columns at slot ids are written again, whole, after every thread's first write
     // (the barrier orders them): the correction joins the fp32 value before its one
     // rounding. The first slot of each distinct id sums the coefficients of its repeats.
     __syncthreads();
-    const int64_t* ids = a.ids + row * a.num_slots;
-    const float* slot_coef = a.slot_coef + row * a.num_slots;
     for (int j = threadIdx.x; j < a.num_slots; j += kThreads) {
         const int64_t id = ids[j];
         const int64_t local = id - a.vocab_start;
@@ -231,7 +253,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) logits_grad_kernel(Logit
         for (int i = j; i < a.num_slots; ++i) {
             if (ids[i] == id) correction += slot_coef[i];
         }
-        const Transformed t = transform(u[local], bias != nullptr ? bias[local] : 0.f);
+        const Transformed t = transform(slot_u[j], bias != nullptr ? bias[local] : 0.f);
         out[local] = from_float<Out>((coef * expf(t.z - lse) - uniform - correction) * t.chain);
     }
 }

@@ -10,11 +10,12 @@
 //                 (the sampling backend reads the transformed logits afterwards);
 //   logits_grad   dL/du = (row_coef exp(z - lse) - uniform - sum_j slot_coef_j [v = id_j])
 //                 * (1 - tanh^2), written once, in the output's dtype (bf16/fp16 for the
-//                 gradient GEMMs, or fp32), u left intact.
+//                 gradient GEMMs, or fp32), over u's own row (in place) or elsewhere.
 //
 // Neither keeps a tanh buffer nor writes z for the loss: per logit the chunk costs the
 // GEMM's 4-byte write, two 4-byte reads and the gradient's write, against six passes
-// when z and tanh(u / c) were stored. The per-row algebra between the two kernels (tails,
+// when z and tanh(u / c) were stored. In place, a chunk's workspace is the 4 bytes of
+// its fp32 logits alone, so a fixed workspace holds 1.5x the rows of bf16 chunks. The per-row algebra between the two kernels (tails,
 // label smoothing, z-loss, reductions) stays in Python, shared with the other backends.
 // Everything here is plain CUDA C++, so nvcc compiles it without torch's CUDA build
 // (tests/csrc).
@@ -50,7 +51,7 @@ struct ChunkStatsArgs {
 enum class OutType { kFloat32, kBFloat16, kFloat16 };
 
 struct LogitsGradArgs {
-    const float* logits;       // [rows, ld] fp32 u, read only
+    const float* logits;       // [rows, ld] fp32 u; `out` may overwrite it (below)
     int64_t ld;
     int rows;
     int cols;
@@ -62,7 +63,10 @@ struct LogitsGradArgs {
     const int64_t* ids;        // [rows, num_slots]
     const float* slot_coef;    // [rows, num_slots]
     int num_slots;
-    void* out;                 // [rows, ld_out] of out_type: dL/du
+    float* slot_scratch;       // [rows, num_slots] fp32 workspace: u at the slot ids, kept
+    // [rows, ld_out] of out_type: dL/du. Either in place, row r of out starting where row
+    // r of logits does (ld_out * sizeof(out) == ld * 4), or not overlapping logits at all.
+    void* out;
     int64_t ld_out;
     OutType out_type;
 };

@@ -11,6 +11,7 @@
 
 #include <optional>
 #include <string>
+#include <utility>
 
 #include "loss_epilogue.h"
 #include "sampling_epilogue.h"
@@ -117,9 +118,17 @@ void chunk_stats(torch::Tensor logits, std::optional<torch::Tensor> bias, double
     check_launch(distil::chunk_stats(args, reinterpret_cast<cudaStream_t>(stream)), "chunk_stats");
 }
 
+// The bytes a [rows, cols] tensor with unit column stride spans: [first, last).
+std::pair<uintptr_t, uintptr_t> byte_range(const torch::Tensor& t) {
+    const auto first = reinterpret_cast<uintptr_t>(t.data_ptr());
+    if (t.size(0) == 0 || t.size(1) == 0) return {first, first};
+    return {first, first + ((t.size(0) - 1) * t.stride(0) + t.size(1)) * t.element_size()};
+}
+
 void logits_grad(torch::Tensor logits, std::optional<torch::Tensor> bias, double softcap, double inv_temp,
                  torch::Tensor row_coef, torch::Tensor lse, std::optional<torch::Tensor> uniform, torch::Tensor ids,
-                 torch::Tensor slot_coef, int64_t vocab_start, torch::Tensor out, int64_t stream) {
+                 torch::Tensor slot_coef, torch::Tensor slot_scratch, int64_t vocab_start, torch::Tensor out,
+                 int64_t stream) {
     const auto [device, rows, cols] = check_chunk(logits);
     const DeviceGuard guard(device);
     const distil::LogitsTransform transform = check_transform(bias, softcap, inv_temp, cols, device);
@@ -127,12 +136,20 @@ void logits_grad(torch::Tensor logits, std::optional<torch::Tensor> bias, double
     check_vector(lse, "lse", rows, device);
     if (uniform) check_vector(*uniform, "uniform", rows, device);
     const int64_t slots = check_slots(ids, slot_coef, "slot_coef", rows, device);
+    check_rows(slot_scratch, "slot_scratch", rows, slots, torch::kFloat32, device);
+    TORCH_CHECK(slot_scratch.size(1) == slots && slot_scratch.is_contiguous(), "slot_scratch must be contiguous [",
+                rows, ", ", slots, "], got ", slot_scratch.sizes());
     const auto type = out.scalar_type();
     TORCH_CHECK(type == torch::kBFloat16 || type == torch::kFloat16 || type == torch::kFloat32,
                 "out must be bfloat16, float16 or float32, got ", type);
     check_rows(out, "out", rows, cols, type, device);
-    TORCH_CHECK(out.data_ptr() != logits.data_ptr(),
-                "out must not alias logits: the slot corrections re-read u after the first pass writes out");
+    const auto [logits_first, logits_last] = byte_range(logits);
+    const auto [out_first, out_last] = byte_range(out.narrow(1, 0, cols));
+    const bool in_place = out.data_ptr() == logits.data_ptr() &&
+                          out.stride(0) * out.element_size() == logits.stride(0) * logits.element_size();
+    TORCH_CHECK(in_place || out_last <= logits_first || logits_last <= out_first,
+                "out must either overwrite logits row by row (the same first byte and row stride in bytes) or not "
+                "overlap it");
 
     distil::LogitsGradArgs args{};
     args.logits = logits.data_ptr<float>();
@@ -147,6 +164,7 @@ void logits_grad(torch::Tensor logits, std::optional<torch::Tensor> bias, double
     args.ids = ids.data_ptr<int64_t>();
     args.slot_coef = slot_coef.data_ptr<float>();
     args.num_slots = static_cast<int>(slots);
+    args.slot_scratch = slot_scratch.data_ptr<float>();
     args.out = out.data_ptr();
     args.ld_out = out.stride(0);
     args.out_type = type == torch::kBFloat16  ? distil::OutType::kBFloat16
@@ -235,10 +253,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("chunk_stats", &chunk_stats, "per-row (max, sum exp, sum z) of z = softcap(u + b) / T; slot logits",
           py::arg("logits"), py::arg("bias"), py::arg("softcap"), py::arg("inv_temp"), py::arg("write_z"),
           py::arg("ids"), py::arg("vocab_start"), py::arg("slot_logits"), py::arg("partial"), py::arg("stream"));
-    m.def("logits_grad", &logits_grad, "dL/du of a chunk of u into `out` (bf16, fp16 or fp32)", py::arg("logits"),
-          py::arg("bias"), py::arg("softcap"), py::arg("inv_temp"), py::arg("row_coef"), py::arg("lse"),
-          py::arg("uniform"), py::arg("ids"), py::arg("slot_coef"), py::arg("vocab_start"), py::arg("out"),
-          py::arg("stream"));
+    m.def("logits_grad", &logits_grad, "dL/du of a chunk of u into `out` (bf16, fp16 or fp32), in place or not",
+          py::arg("logits"), py::arg("bias"), py::arg("softcap"), py::arg("inv_temp"), py::arg("row_coef"),
+          py::arg("lse"), py::arg("uniform"), py::arg("ids"), py::arg("slot_coef"), py::arg("slot_scratch"),
+          py::arg("vocab_start"), py::arg("out"), py::arg("stream"));
     m.def("row_topk", &row_topk, "the k largest logits of each row, (value desc, id asc); lse terms",
           py::arg("logits"), py::arg("vocab_start"), py::arg("k"), py::arg("temperature"), py::arg("values"),
           py::arg("ids"), py::arg("partial"), py::arg("stream"));

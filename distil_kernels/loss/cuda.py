@@ -7,11 +7,12 @@ cores' fp32 accumulator, never rounded to the input dtype), and two CUDA kernels
 it (csrc/loss_epilogue.cu), each reading u once and applying bias, softcap and
 temperature on the fly: `chunk_stats` returns each row's log-sum-exp terms, logit sum
 and the logits at its slot ids; `logits_grad` writes dL/du once, rounded into the input
-dtype for the two gradient GEMMs. d_input rows come from one GEMM over the whole
-vocabulary; d_weight accumulates over chunks in fp32 (an fp32-output GEMM added into an
-fp32 buffer). A scalar loss that needs gradients gets them in the forward (the shared
-autograd Function of `chunked`): 6*N*V*d FLOPs, nothing recomputed, and per logit the
-GEMM's 4-byte write, two 4-byte reads and a 2-byte write of the gradient beside them.
+dtype for the two gradient GEMMs, in place: over the first bytes of each row of u (row
+stride 2V in bf16), so the workspace holds fp32 logits alone. d_input rows come from one
+GEMM over the whole vocabulary; d_weight accumulates over chunks in fp32 (an
+fp32-output GEMM added into an fp32 buffer). A scalar loss that needs gradients gets
+them in the forward (the shared autograd Function of `chunked`): 6*N*V*d FLOPs, nothing
+recomputed, and per logit the GEMM's 4-byte write, two 4-byte reads and a 2-byte write.
 
 The four device operations are gathered in `EpilogueOps`: the extension's on CUDA, and
 `REFERENCE_OPS`, the same contract in PyTorch ops on any device, which the tests use to
@@ -33,8 +34,10 @@ from .options import LossOptions
 from .reference import LossStats
 from .targets import Slots
 
-# A chunk of Qwen2.5-7B's vocabulary (152064) at 6 bytes a logit (fp32 logits and their
-# bf16 gradient) is 0.9 MB a row: 2 GiB hold ~2350 rows, a GEMM that fills an H100.
+# A chunk of Qwen2.5-7B's vocabulary (152064) at 4 bytes a logit (fp32 logits, their
+# gradient written over them) is 0.6 MB a row: 2 GiB hold ~3530 rows, a GEMM that fills
+# an H100, and N = 16384 takes 5 chunks (7 when the gradient had a buffer of its own:
+# each chunk reads and writes d_weight's 2.2 GB fp32 accumulator once).
 DEFAULT_WORKSPACE = 2 << 30
 
 
@@ -44,7 +47,8 @@ class EpilogueOps:
     #  ids [r, K], vocab_start, slot_logits [r, K] out, partial [r, 3] out)
     chunk_stats: Callable[..., None]
     # (logits u fp32 [r, c], bias [c] | None, softcap | None, inv_temp, row_coef [r], lse [r],
-    #  uniform [r] | None, ids [r, K], slot_coef [r, K], vocab_start, out [r, c] dL/du)
+    #  uniform [r] | None, ids [r, K], slot_coef [r, K], slot_scratch [r, K] fp32 workspace,
+    #  vocab_start, out [r, c] dL/du: over u row by row (`in_place_gradient`) or apart from it)
     logits_grad: Callable[..., None]
     mm_fp32: Callable[[Tensor, Tensor, Tensor], None]  # out (fp32) = a @ b
     # c (fp32) = beta * c + alpha * (a @ b), beta 0 or 1 (0: c's old values are never read)
@@ -85,7 +89,9 @@ def reference_chunk_stats(logits: Tensor, bias: Tensor | None, softcap: float | 
 
 def reference_logits_grad(logits: Tensor, bias: Tensor | None, softcap: float | None, inv_temp: float,
                           row_coef: Tensor, lse: Tensor, uniform: Tensor | None, ids: Tensor, slot_coef: Tensor,
-                          vocab_start: int, out: Tensor) -> None:
+                          slot_scratch: Tensor, vocab_start: int, out: Tensor) -> None:
+    # The whole gradient is formed before `out`, which may be `logits` itself, is written:
+    # the kernel's slot_scratch (u at the slot ids, kept from its stores) has no role here.
     z, tanh = _transform(logits, bias, softcap, inv_temp)
     grad = row_coef[:, None] * (z - lse[:, None]).exp()
     if uniform is not None:
@@ -133,9 +139,10 @@ def extension_ops() -> EpilogueOps:
         ext.chunk_stats(logits, bias, float(softcap or 0.0), float(inv_temp), bool(write_z), ids, int(vocab_start),
                         slot_logits, partial, stream(logits))
 
-    def logits_grad(logits, bias, softcap, inv_temp, row_coef, lse, uniform, ids, slot_coef, vocab_start, out):
+    def logits_grad(logits, bias, softcap, inv_temp, row_coef, lse, uniform, ids, slot_coef, slot_scratch,
+                    vocab_start, out):
         ext.logits_grad(logits, bias, float(softcap or 0.0), float(inv_temp), row_coef, lse, uniform, ids, slot_coef,
-                        int(vocab_start), out, stream(logits))
+                        slot_scratch, int(vocab_start), out, stream(logits))
 
     return EpilogueOps(chunk_stats, logits_grad, mm_fp32, addmm_fp32)
 
@@ -145,11 +152,19 @@ def extension_ops() -> EpilogueOps:
 # --------------------------------------------------------------------------------------
 
 
-def chunk_rows(num_rows: int, vocab_size: int, grad_dtype: torch.dtype | None, workspace_bytes: int | None) -> int:
-    """Rows per chunk: whole rows of fp32 logits and, with a `grad_dtype`, their gradient; at least one."""
-    per_logit = 4 + (grad_dtype.itemsize if grad_dtype is not None else 0)
+def chunk_rows(num_rows: int, vocab_size: int, workspace_bytes: int | None) -> int:
+    """Rows per chunk: whole rows of fp32 logits (their gradient overwrites them); at least one."""
     budget = DEFAULT_WORKSPACE if workspace_bytes is None else workspace_bytes
-    return max(1, min(max(num_rows, 1), budget // (per_logit * vocab_size)))
+    return max(1, min(max(num_rows, 1), budget // (4 * vocab_size)))
+
+
+def in_place_gradient(logits: Tensor, dtype: torch.dtype) -> Tensor:
+    """The [r, c] `dtype` view whose row i starts at row i of the fp32 `logits` [r, c]:
+    where `logits_grad` writes dL/du over the logits it reads (bf16/fp16 in the first
+    half of each row's bytes), and the gradient GEMMs read it (row stride 2c)."""
+    if dtype == torch.float32:
+        return logits
+    return logits.view(dtype)[:, : logits.shape[1]]
 
 
 def cuda_sweep(x: Tensor, weight: Tensor, bias: Tensor | None, slot_ids: Tensor, options: LossOptions, *,
@@ -164,9 +179,9 @@ def cuda_sweep(x: Tensor, weight: Tensor, bias: Tensor | None, slot_ids: Tensor,
     num_rows, vocab_size = x.shape[0], weight.shape[0]
     num_slots = slot_ids.shape[1]
     dev = x.device
-    rows = chunk_rows(num_rows, vocab_size, x.dtype if coef_fn is not None else None, options.workspace_bytes)
+    rows = chunk_rows(num_rows, vocab_size, options.workspace_bytes)
     logits_buf = torch.empty(rows * vocab_size, dtype=torch.float32, device=dev)
-    grad_buf = torch.empty(rows * vocab_size, dtype=x.dtype, device=dev) if coef_fn is not None else None
+    slot_scratch = torch.empty(rows, num_slots, dtype=torch.float32, device=dev) if coef_fn is not None else None
     partial = torch.empty(rows, 3, dtype=torch.float32, device=dev)
     # fp16's scaled gradients take d_input's product in fp32 (see below).
     input_buf = None
@@ -200,7 +215,7 @@ def cuda_sweep(x: Tensor, weight: Tensor, bias: Tensor | None, slot_ids: Tensor,
         row_coef, slot_coef, uniform = coef_fn(
             r0, r1, lse, stats.slot_logits[r0:r1], None if stats.logit_sum is None else stats.logit_sum[r0:r1]
         )
-        grad = grad_buf[: n * vocab_size].view(n, vocab_size)
+        grad = in_place_gradient(logits, x.dtype)
         row_coef = (row_coef * inv_t).float()
         slot_coef = (slot_coef * inv_t).float()
         uniform = None if uniform is None else (uniform * inv_t).float()
@@ -210,7 +225,8 @@ def cuda_sweep(x: Tensor, weight: Tensor, bias: Tensor | None, slot_ids: Tensor,
             uniform = None if uniform is None else uniform * scale
         ops.logits_grad(
             logits, bias32, options.softcap, inv_t, row_coef.contiguous(), lse.float().contiguous(),
-            None if uniform is None else uniform.contiguous(), ids[r0:r1], slot_coef.contiguous(), 0, grad,
+            None if uniform is None else uniform.contiguous(), ids[r0:r1], slot_coef.contiguous(), slot_scratch[:n],
+            0, grad,
         )
         if grads.bias is not None:
             # From the same rounded gradient the weight's GEMM reads (a bias is a weight

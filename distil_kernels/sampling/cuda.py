@@ -109,7 +109,7 @@ def _raw_chunks(x: Tensor, weight: Tensor, bias: Tensor | None, softcap: float |
                 workspace_bytes: int | None, ops: EpilogueOps):
     """(r0, r1, raw logits fp32 [r1 - r0, V]) per chunk: softcap(x W^T + b) at temperature 1."""
     rows, vocab = x.shape[0], weight.shape[0]
-    step = chunk_rows(rows, vocab, None, workspace_bytes)
+    step = chunk_rows(rows, vocab, workspace_bytes)
     dev = x.device
     buf = torch.empty(step * vocab, dtype=torch.float32, device=dev)
     transformed = bias is not None or softcap is not None

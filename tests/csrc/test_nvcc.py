@@ -120,6 +120,86 @@ def test_row_walk_visits_every_column_once_aligned(tmp_path):
     assert result.returncode == 0 and result.stdout.strip().endswith("0 failures"), result.stdout[-2000:]
 
 
+ROW_WALK_IN_PLACE_CHECK = r"""
+#include <cstdio>
+#include <vector>
+
+#include "row_walk.h"
+
+// walk_row_in_place, one thread after another with its barriers counted: every thread
+// reaches the same number of them, every column is loaded once and stored once, float4s
+// in bounds and 16-byte aligned, and no store (an output element of 2 or 4 bytes at byte
+// size * c of the row) lands on a column that some thread loads after the last barrier
+// before that store.
+int main() {
+    alignas(16) static float buffer[4096 + 8];
+    int failures = 0;
+    for (int out_size : {2, 4}) {
+        for (int offset = 0; offset < 4; ++offset) {
+            for (int cols : {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 15, 16, 17, 255, 1023, 1024, 1025, 2047, 2051, 4093}) {
+                for (int threads : {6, 7, 33, 256}) {
+                    const float* row = buffer + offset;
+                    const distil::RowSpan span = distil::row_span(row, cols);
+                    std::vector<int> loaded_at(cols, -1), loads(cols, 0), stores(cols, 0);
+                    std::vector<std::pair<int, int>> store_events;  // (column, barriers passed)
+                    bool bad = false;
+                    int barriers_of_first = -1;
+                    for (int tid = 0; tid < threads; ++tid) {
+                        int barriers = 0;
+                        auto load = [&](int c) {
+                            if (c < 0 || c >= cols) { bad = true; return; }
+                            loaded_at[c] = barriers;
+                            ++loads[c];
+                        };
+                        auto store = [&](int c) {
+                            if (c < 0 || c >= cols) { bad = true; return; }
+                            ++stores[c];
+                            store_events.emplace_back(c, barriers);
+                        };
+                        distil::walk_row_in_place<2>(
+                            span, tid, threads, [&](int c) { load(c); return 0.f; }, [&](int c, float) { store(c); },
+                            [&](int c) {
+                                if (c < 0 || c + 4 > cols || reinterpret_cast<uintptr_t>(row + c) % 16 != 0) bad = true;
+                                else for (int j = 0; j < 4; ++j) load(c + j);
+                                return float4{};
+                            },
+                            [&](int c, float4) { for (int j = 0; j < 4; ++j) store(c + j); }, [&] { ++barriers; });
+                        if (barriers_of_first < 0) barriers_of_first = barriers;
+                        bad = bad || barriers != barriers_of_first;
+                    }
+                    for (int c = 0; c < cols; ++c) bad = bad || loads[c] != 1 || stores[c] != 1;
+                    for (const auto& [c, barriers] : store_events) {
+                        for (int k = out_size * c / 4; k <= (out_size * c + out_size - 1) / 4; ++k) {
+                            bad = bad || loaded_at[k] >= barriers;
+                        }
+                    }
+                    if (bad) {
+                        std::printf("FAIL size=%d offset=%d cols=%d threads=%d\n", out_size, offset, cols, threads);
+                        ++failures;
+                    }
+                }
+            }
+        }
+    }
+    std::printf("%d failures\n", failures);
+    return failures != 0;
+}
+"""
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+def test_in_place_row_walk_stores_only_over_loaded_columns(tmp_path):
+    """logits_grad's in-place walk (csrc/row_walk.h), run on the CPU as host code."""
+    source = tmp_path / "row_walk_in_place_check.cu"
+    source.write_text(ROW_WALK_IN_PLACE_CHECK)
+    binary = tmp_path / "row_walk_in_place_check"
+    build = subprocess.run(["nvcc", "-std=c++17", "-O1", f"-I{CSRC}", str(source), "-o", str(binary)],
+                           capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr[-4000:]
+    result = subprocess.run([str(binary)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout.strip().endswith("0 failures"), result.stdout[-2000:]
+
+
 @pytest.fixture(scope="module")
 def probe_extension(tmp_path_factory):
     """csrc/ built into a module against this torch, CPU build or not: the kernels by nvcc,
@@ -182,7 +262,7 @@ def test_python_wrappers_match_the_binding(probe_extension, monkeypatch):
     keys = tuple(torch.zeros(3, dtype=torch.long) for _ in range(4))
     calls = [
         lambda: loss_ops.chunk_stats(z, None, None, 1.0, False, ids, 0, pair, torch.zeros(3, 3)),
-        lambda: loss_ops.logits_grad(z, None, None, 1.0, vec, vec, None, ids, pair, 0, torch.zeros(3, 5)),
+        lambda: loss_ops.logits_grad(z, None, None, 1.0, vec, vec, None, ids, pair, pair.clone(), 0, z),
         lambda: sampling_ops.row_topk(z, 2, 1.0, pair, ids, torch.zeros(3, 4)),
         lambda: sampling_ops.gumbel_argmax(z, 0.7, False, keys, ids, pair, pair, torch.zeros(3, 4)),
     ]

@@ -20,7 +20,7 @@ from distil_kernels import linear_cross_entropy
 from distil_kernels.backends import resolve_backend
 from distil_kernels.cuda_ext import extension_available
 from distil_kernels.loss import cuda as cuda_backend
-from distil_kernels.loss.cuda import REFERENCE_OPS, chunk_rows, cuda_linear_cross_entropy
+from distil_kernels.loss.cuda import REFERENCE_OPS, chunk_rows, cuda_linear_cross_entropy, in_place_gradient
 from distil_kernels.loss.options import LossOptions
 from distil_kernels.loss.reference import compute_dtype
 from distil_kernels.loss.targets import make_slots
@@ -62,13 +62,14 @@ OPTIONS = [
 @pytest.mark.parametrize("kind", ["hard", "sparse"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_matches_the_reference(dtype, kind, options):
-    """N=61, V=203 in chunks of 10 (fp32) or 14 (bf16) rows: a workspace of 17 KiB."""
+    """N=61, V=203 in chunks of 21 rows: a workspace of 17 KiB, the gradient written over
+    the fp32 logits it comes from."""
     k = None if kind == "hard" else 5
     x64, w64, b64, target = make_problem(61, 24, 203, k=k, seed=31, ignore_rows=(4,), scale=3.0)
     options = dict(options, workspace_bytes=17 * 1024)
     want = run(x64, w64, b64, target, "torch", **options)
     x, w, b = x64.to(dtype), w64.to(dtype), b64.to(dtype)
-    assert chunk_rows(61, 203, dtype, options["workspace_bytes"]) < 61
+    assert chunk_rows(61, 203, options["workspace_bytes"]) < 61
     got = run_cuda_orchestration(x, w, b, target, **options)
     assert_within_dtype_error(got, same_dtype_pytorch(x, w, b, target, LossOptions(**options)), want)
     # Stats: within 4x the chunked backend's own error in the same dtype.
@@ -90,12 +91,19 @@ def test_ids_masked_by_the_bias(monkeypatch, kind):
 
 
 def test_chunk_rows_fit_the_workspace():
-    # fp32 logits and their bf16 gradient: 6 bytes a logit; statistics alone: 4.
-    assert chunk_rows(10_000, 152_064, torch.bfloat16, 2 << 30) == (2 << 30) // (6 * 152_064)
-    assert chunk_rows(10_000, 152_064, torch.float32, 2 << 30) == (2 << 30) // (8 * 152_064)
-    assert chunk_rows(10_000, 152_064, None, None) == (2 << 30) // (4 * 152_064)
-    assert chunk_rows(5, 1000, torch.bfloat16, None) == 5
-    assert chunk_rows(5, 1000, torch.bfloat16, 4096) == 1  # at least one row, whatever the budget
+    # fp32 logits, their gradient written over them: 4 bytes a logit.
+    assert chunk_rows(10_000, 152_064, 2 << 30) == (2 << 30) // (4 * 152_064) == 3530
+    assert chunk_rows(10_000, 152_064, None) == 3530
+    assert chunk_rows(5, 1000, None) == 5
+    assert chunk_rows(5, 1000, 4096) == 1  # at least one row, whatever the budget
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_in_place_gradient_starts_each_row_at_its_logits_row(dtype):
+    logits = torch.arange(3 * 5, dtype=torch.float32).view(3, 5)
+    grad = in_place_gradient(logits, dtype)
+    assert grad.shape == (3, 5) and grad.dtype == dtype
+    assert grad.stride(0) * grad.element_size() == logits.stride(0) * 4 and grad.data_ptr() == logits.data_ptr()
 
 
 def test_distil_loss_through_the_cuda_passes(monkeypatch):

@@ -20,7 +20,7 @@ pytestmark = [
     pytest.mark.skipif(not extension_available(), reason="the csrc/ extension was not built"),
 ]
 
-from distil_kernels.loss.cuda import REFERENCE_OPS, extension_ops  # noqa: E402
+from distil_kernels.loss.cuda import REFERENCE_OPS, extension_ops, in_place_gradient  # noqa: E402
 from distil_kernels.loss.options import LossOptions  # noqa: E402
 from loss_problems import assert_within_dtype_error, make_problem, run, same_dtype_pytorch  # noqa: E402
 
@@ -46,9 +46,11 @@ def assert_close_in_dtype(got, want, name):
                                msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("in_place", [True, False], ids=["in-place", "apart"])
 @pytest.mark.parametrize("softcap", [None, 20.0], ids=["plain", "softcap"])
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-def test_kernels_match_the_reference_ops(softcap, out_dtype):
+def test_kernels_match_the_reference_ops(softcap, out_dtype, in_place):
+    """The gradient written over the logits (as the sweep does) or into a buffer of its own."""
     logits, bias, ids = chunk()
     rows, cols = logits.shape
     vocab_start, inv_temp = 100, 1 / 0.9
@@ -64,9 +66,11 @@ def test_kernels_match_the_reference_ops(softcap, out_dtype):
         ops.chunk_stats(u, bias, softcap, inv_temp, False, ids, vocab_start, slot_logits, partial)
         assert torch.equal(u, logits), "chunk_stats without write_z leaves u as it was"
         lse = partial[:, 0] + partial[:, 1].log() if lse is None else lse
-        out = torch.empty(rows, cols, dtype=out_dtype, device=CUDA)
-        ops.logits_grad(u, bias, softcap, inv_temp, row_coef, lse, uniform, ids, slot_coef, vocab_start, out)
-        assert torch.equal(u, logits), "logits_grad leaves u as it was"
+        over_u = in_place and ops is not REFERENCE_OPS
+        out = in_place_gradient(u, out_dtype) if over_u else torch.empty(rows, cols, dtype=out_dtype, device=CUDA)
+        ops.logits_grad(u, bias, softcap, inv_temp, row_coef, lse, uniform, ids, slot_coef,
+                        torch.empty(ids.shape, device=CUDA), vocab_start, out)
+        assert over_u or torch.equal(u, logits), "logits_grad apart from u leaves u as it was"
         z = logits.clone()
         z_slot_logits = slot_logits.clone()
         ops.chunk_stats(z, bias, softcap, inv_temp, True, ids, vocab_start, z_slot_logits, partial.clone())

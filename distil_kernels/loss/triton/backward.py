@@ -240,7 +240,8 @@ def backward(x: Tensor, weight: Tensor, bias: Tensor | None, slot_ids: Tensor, l
     k = ids.shape[1]
     filter_eps = options.resolved_filter_eps(x.dtype)
     d_input = torch.empty_like(x) if need_dx else None
-    d_weight = torch.empty_like(weight) if need_dw else None
+    # Contiguous whatever the head's strides: each vocabulary chunk is one GEMM's output.
+    d_weight = torch.empty(weight.shape, dtype=weight.dtype, device=dev) if need_dw else None
     d_bias = torch.zeros(v, dtype=torch.float32, device=dev) if need_db else None
     total_tiles = 0
 
