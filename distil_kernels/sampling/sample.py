@@ -119,6 +119,22 @@ def row_keys(seed: int | Tensor, positions: Tensor | None, rows: int, device: to
     return k0, k1, pos & 0xFFFFFFFF, (pos >> 32) & 0xFFFFFFFF
 
 
+def philox_rows(seed: int | Tensor, positions: Tensor | None, rows: int, device: torch.device
+                ) -> tuple[Tensor, Tensor]:
+    """Each row's 64-bit Philox key and position, [rows] int64 each: `row_keys`' words
+    before their split, which the Triton samplers take (two launches at most, where the
+    four words take four and their recombination four more)."""
+    if isinstance(seed, Tensor):
+        seeds = seed.to(device=device, dtype=torch.int64).expand(rows).contiguous()
+    else:
+        seeds = torch.full((rows,), seed, dtype=torch.int64, device=device)
+    if positions is not None:
+        return seeds, positions.to(device=device, dtype=torch.int64).contiguous()
+    if isinstance(seed, Tensor) and seed.dim() == 1:  # the row's seed alone names it
+        return seeds, torch.zeros(rows, dtype=torch.int64, device=device)
+    return seeds, torch.arange(rows, dtype=torch.int64, device=device)
+
+
 def _gumbel_from_words(word: Tensor) -> Tensor:
     """g = -log(E) in fp32 for the exponential variate E = -log(u) of u = (2w + 1) / 2**33.
 
@@ -683,14 +699,15 @@ def linear_sample(input: Tensor, weight: Tensor, *, temperature: float = 1.0, to
         if name == "torch":
             raw = reference_logits(input, weight, bias, LossOptions(softcap=softcap))
             return reference_sample(raw, options, seed, positions)
+        if name == "triton" and not truncated:
+            from .triton import triton_sample
+
+            return triton_sample(input, weight, bias, softcap, options,
+                                 *philox_rows(seed, positions, input.shape[0], input.device))
         keys = row_keys(seed, positions, input.shape[0], input.device)
         if truncated:
             return _candidate_sample(input, weight, bias, softcap, options, seed, positions, keys, workspace_bytes,
                                      backend=name)
-        if name == "triton":
-            from .triton import triton_sample
-
-            return triton_sample(input, weight, bias, softcap, options, keys)
         if name == "cuda":
             from .cuda import cuda_sample
 

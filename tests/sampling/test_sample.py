@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from distil_kernels import linear_sample, sample_from_logits
-from distil_kernels.sampling.sample import at_temperature, row_keys
+from distil_kernels.sampling.sample import at_temperature, philox_rows, row_keys
 from sampling_checks import CHI2_CRITICAL, chi_square, mask_ids, truncated
 
 PROBS = torch.tensor([0.35, 0.25, 0.15, 0.12, 0.08, 0.05], dtype=torch.float64)
@@ -259,3 +259,22 @@ def test_int_seed_keys_are_the_seed_tensors_keys(seed):
         want = row_keys(torch.tensor(seed, dtype=torch.int64), pos, 4, torch.device("cpu"))
         for g, w in zip(got, want):
             assert g.dtype == torch.int64 and torch.equal(g, w)
+
+
+@pytest.mark.parametrize("seed", [0, -1, (1 << 63) - 1, -(1 << 63), 123_456_789_012_345], ids=str)
+@pytest.mark.parametrize("kind", ["int", "scalar-tensor", "per-row"])
+def test_philox_rows_are_the_row_keys_words_joined(seed, kind):
+    """The Triton samplers' (seed, position) per row, whose 32-bit halves are `row_keys`'
+    (k0, k1) and (position low, high): also for negative values and positions past 2**32,
+    with and without positions, and for per-row seeds (position 0 without positions)."""
+    rows = 4
+    seed_arg = {"int": seed, "scalar-tensor": torch.tensor(seed, dtype=torch.int64),
+                "per-row": torch.tensor([seed, 7, -3, 1 << 40], dtype=torch.int64)}[kind]
+    for pos in (None, torch.tensor([0, -5, (1 << 40) + 3, -(1 << 62) - 7])):
+        seeds, positions = philox_rows(seed_arg, pos, rows, torch.device("cpu"))
+        k0, k1, pos_lo, pos_hi = row_keys(seed_arg, pos, rows, torch.device("cpu"))
+        assert seeds.shape == positions.shape == (rows,) and seeds.is_contiguous() and positions.is_contiguous()
+        mask = 0xFFFFFFFF
+        for joined, low, high in ((seeds, k0, k1), (positions, pos_lo, pos_hi)):
+            assert joined.dtype == torch.int64
+            assert torch.equal(joined & mask, low) and torch.equal((joined >> 32) & mask, high)

@@ -23,7 +23,8 @@ from .configs import (
     threshold_candidates,
     topk_candidates,
 )
-from .sample import dense_sample_kernel, sample_kernel
+from .configs import target_programs
+from .sample import dense_sample_kernel, finish_draws_kernel, sample_kernel
 from .topk import threshold_kernel, topk_kernel
 
 _TORCH_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -73,6 +74,15 @@ def dense_sample_spec(samples: int) -> CompileSpec:
     return kernel_spec(f"dense_sample[fp32,S={samples},{config}]", dense_sample_kernel, pointers, constexprs, config)
 
 
+def finish_draws_spec(block_s: int, greedy: bool) -> CompileSpec:
+    pointers = {"score_ptr": "fp32", "id_ptr": "i64", "raw_ptr": "fp32", "part_ptr": "fp32", "ids_out_ptr": "i64",
+                "logprob_ptr": "fp32", "raw_logprob_ptr": "fp32", "lse_ptr": "fp32"}
+    flags = "greedy," if greedy else ""
+    return kernel_spec(f"finish_draws[{flags}S={block_s}]", finish_draws_kernel, pointers,
+                       {"BLOCK_S": block_s, "GREEDY": greedy}, float_args=("temperature",), num_warps=1,
+                       num_stages=1)
+
+
 def by_arch(sm90: tuple[TileConfig, ...], sm80: tuple[TileConfig, ...]) -> list[tuple[TileConfig, tuple[int, ...]]]:
     """Each config of two per-architecture lists with the architectures that launch it."""
     both = [(c, (90, 80) if c in sm80 else (90,)) for c in dict.fromkeys(sm90)]
@@ -103,4 +113,7 @@ def all_specs() -> list[CompileSpec]:
             specs += [sample_spec(config, dtype, s, archs=archs) for s in samples]
             specs.append(sample_spec(config, dtype, 1, greedy=True, archs=archs))
     specs += [dense_sample_spec(s) for s in samples]
+    # The sampler's merge, from one split to the most a launch plans (next power of two).
+    widest = 1 << (target_programs("sample") - 1).bit_length()
+    specs += [finish_draws_spec(block_s, greedy) for block_s in (1, widest) for greedy in (False, True)]
     return specs

@@ -16,8 +16,8 @@ fp32), so both backends draw the same ids unless two scores tie to within the la
 bits of different math libraries or matmul orders.
 
 Each split stores its best (score, id, raw logit) per row and sample and its partials;
-the host keeps the best split per sample (the earlier split on equal scores, as its ids
-are lower) and merges the log-sum-exps.
+`finish_draws_kernel` keeps the best split per sample (the earlier split on equal
+scores, as its ids are lower), merges the log-sum-exps and writes the Sample.
 """
 
 from __future__ import annotations
@@ -27,9 +27,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ...loss.triton.lse_forward import merge_lse
 from ...loss.triton.tiles import finish_logits, fold_lse
-from ..sample import Sample, SamplingOptions, at_temperature
+from ..sample import Sample, SamplingOptions
 from ...loss.triton.configs import ENABLE_FP_FUSION
 from .configs import SAMPLES_PER_PROGRAM, TileConfig, select_dense_sample_config, select_sample_config
 from .splits import plan_splits
@@ -161,8 +160,9 @@ def program_draws(seed_ptr, pos_ptr, N, num_samples, SAMPLES: tl.constexpr, BLOC
     offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = offs_m < N
     seed = tl.load(seed_ptr + offs_m, mask=row_ok, other=0)
-    pos_lo = tl.load(pos_ptr + 2 * offs_m, mask=row_ok, other=0).to(tl.uint32)
-    pos_hi = tl.load(pos_ptr + 2 * offs_m + 1, mask=row_ok, other=0).to(tl.uint32)
+    position = tl.load(pos_ptr + offs_m, mask=row_ok, other=0)
+    pos_lo = position.to(tl.uint32)  # the low 32 bits
+    pos_hi = (position >> 32).to(tl.uint32)
     best_score = tl.full((BLOCK_M, SAMPLES), float("-inf"), dtype=tl.float32)
     best_id = tl.zeros((BLOCK_M, SAMPLES), dtype=tl.int64)
     return (offs_m, row_ok, seed, pos_lo, pos_hi, first_sample, end_sample, tl.arange(0, SAMPLES), best_score,
@@ -205,8 +205,8 @@ def fold_draw(score, tile, slot_index, slots, best_score, best_id, BLOCK_N: tl.c
 def sample_kernel(
     # pointers
     x_ptr, w_ptr, b_ptr,
-    seed_ptr,  # [N] int64: each row's Philox key
-    pos_ptr,  # [N, 2] int64: position words (low, high)
+    seed_ptr,  # [N] int64: each row's 64-bit Philox key (`philox_rows`)
+    pos_ptr,  # [N] int64: each row's 64-bit position, the counter's words 1 (low) and 3 (high)
     score_ptr, id_ptr, raw_ptr,  # [N, num_splits, num_samples]: each split's best per sample
     part_ptr,  # [N, num_splits, 4] fp32: (max, sum-exp) of the raw logits, then of z
     # sizes: the vocabulary is num_tiles tiles of BLOCK_N, taken SPLIT_N at a time
@@ -303,11 +303,60 @@ def dense_sample_kernel(
     store_draws(score_ptr, id_ptr, best_score, best_id, offs_m, row_ok, first_sample, slots, num_splits, num_samples)
 
 
+@triton.jit
+def merged_lse(part_max, part_sum):
+    """`merge_lse` of one row's split partials [BLOCK_S] (absent splits: -inf and 0)."""
+    top = tl.max(part_max, axis=0)
+    shift = tl.where(top == float("-inf"), 0.0, top)
+    return shift + tl.log(tl.sum(part_sum * tl.exp(part_max - shift), axis=0))
+
+
+@triton.jit
+def finish_draws_kernel(
+    score_ptr, id_ptr, raw_ptr,  # [N, num_splits, drawn]: each split's best per sample
+    part_ptr,  # [N, num_splits, 4]: (max, sum-exp) of the raw logits, then of z
+    ids_out_ptr, logprob_ptr, raw_logprob_ptr,  # [N, num_samples]
+    lse_ptr,  # [N]: log-sum-exp of the raw logits
+    num_splits, drawn, num_samples, temperature,
+    BLOCK_S: tl.constexpr, GREEDY: tl.constexpr,
+):
+    """Program `row` keeps each sample's best split (the first on equal scores: its ids are
+    lower), merges the log-sum-exps and writes the row's Sample: in one launch what took
+    about twenty small torch ops, which at a batch of 64 cost more host time than the
+    sample kernel's GPU time."""
+    row = tl.program_id(0).to(tl.int64)
+    splits = tl.arange(0, BLOCK_S)
+    split_ok = splits < num_splits
+    entries = row * num_splits + splits
+    part = part_ptr + entries * 4
+    lse_raw = merged_lse(tl.load(part, mask=split_ok, other=float("-inf")), tl.load(part + 1, mask=split_ok, other=0.0))
+    tl.store(lse_ptr + row, lse_raw)
+    lse_z = lse_raw
+    if not GREEDY:
+        lse_z = merged_lse(tl.load(part + 2, mask=split_ok, other=float("-inf")),
+                           tl.load(part + 3, mask=split_ok, other=0.0))
+    for j in range(0, drawn):
+        score = tl.load(score_ptr + entries * drawn + j, mask=split_ok, other=float("-inf"))
+        best = (row * num_splits + tl.argmax(score, axis=0, tie_break_left=True)) * drawn + j
+        best_id = tl.load(id_ptr + best)
+        best_raw = tl.load(raw_ptr + best)
+        if GREEDY:  # one draw serves every sample
+            for n in range(0, num_samples):
+                tl.store(ids_out_ptr + row * num_samples + n, best_id)
+                tl.store(logprob_ptr + row * num_samples + n, 0.0)
+                tl.store(raw_logprob_ptr + row * num_samples + n, best_raw - lse_raw)
+        else:
+            tl.store(ids_out_ptr + row * num_samples + j, best_id)
+            # Correctly rounded, as `at_temperature` divides.
+            tl.store(logprob_ptr + row * num_samples + j, tl.math.div_rn(best_raw, temperature) - lse_z)
+            tl.store(raw_logprob_ptr + row * num_samples + j, best_raw - lse_raw)
+
+
 def _philox_args(keys: tuple[Tensor, Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-    """(seeds [N], positions [N, 2]) int64 of `row_keys`' words, as the kernels load them."""
+    """`philox_rows`' (seeds, positions) [N] int64 from `row_keys`' 32-bit words."""
     k0, k1, pos_lo, pos_hi = keys
-    seeds = (k0 | (k1 << 32)).contiguous()  # the 64-bit seed that tl.philox splits back into (k0, k1)
-    return seeds, torch.stack([pos_lo, pos_hi], dim=1).contiguous()
+    # The 64-bit seed that tl.philox splits back into (k0, k1); the position likewise.
+    return (k0 | (k1 << 32)).contiguous(), (pos_lo | (pos_hi << 32)).contiguous()
 
 
 def triton_dense_draws(z: Tensor, keys: tuple[Tensor, Tensor, Tensor, Tensor], num_samples: int) -> Tensor:
@@ -337,19 +386,19 @@ def triton_dense_draws(z: Tensor, keys: tuple[Tensor, Tensor, Tensor, Tensor], n
 
 
 def triton_sample(x: Tensor, weight: Tensor, bias: Tensor | None, softcap: float | None,
-                  options: SamplingOptions, keys: tuple[Tensor, Tensor, Tensor, Tensor],
+                  options: SamplingOptions, seeds: Tensor, positions: Tensor,
                   config: TileConfig | None = None) -> Sample:
     """Untruncated or greedy draws for 2-D `x` [B, d] (fp16, bf16 or fp32); `bias` fp32 or None.
 
-    `keys`: the rows' Philox key and position words (k0, k1, pos_lo, pos_hi), each [B]
-    int64 (`row_keys` in sampling/sample.py). Greedy draws one id per row and repeats it.
+    `seeds`, `positions`: each row's 64-bit Philox key and position, [B] int64 each
+    (`philox_rows` in sampling/sample.py). Greedy draws one id per row and repeats it.
     """
     n, d = x.shape
     v = weight.shape[0]
     drawn = 1 if options.greedy else options.num_samples
     if config is None:
         config = select_sample_config(x.dtype, n, weight.shape[0], x.device,
-                                      lambda c: triton_sample(x, weight, bias, softcap, options, keys, c))
+                                      lambda c: triton_sample(x, weight, bias, softcap, options, seeds, positions, c))
     if x.stride(-1) != 1:
         x = x.contiguous()
     if weight.stride(-1) != 1:
@@ -359,7 +408,6 @@ def triton_sample(x: Tensor, weight: Tensor, bias: Tensor | None, softcap: float
     # Splits are cut in steps of split_n tiles: a step never straddles two programs.
     plan = plan_splits(n, v, config.block_m, config.block_n * config.split_n, sample_programs, kind="sample")
     num_tiles = triton.cdiv(v, config.block_n)
-    seeds, positions = _philox_args(keys)
     dev = x.device
     score = torch.empty(n, plan.num_splits, drawn, dtype=torch.float32, device=dev)
     ids = torch.empty(n, plan.num_splits, drawn, dtype=torch.int64, device=dev)
@@ -378,15 +426,14 @@ def triton_sample(x: Tensor, weight: Tensor, bias: Tensor | None, softcap: float
             DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
             num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=ENABLE_FP_FUSION,
         )
-    # First maximum over splits: on equal scores the earlier split, whose ids are lower.
-    split = score.argmax(dim=1, keepdim=True)
-    best_ids = ids.gather(1, split).squeeze(1)
-    best_raw = raw.gather(1, split).squeeze(1)
-    lse_raw = merge_lse(part[..., 0], part[..., 1])
-    raw_logprobs = best_raw - lse_raw[:, None]
-    if options.greedy:
-        shape = (n, options.num_samples)
-        return Sample(best_ids.expand(shape).contiguous(), torch.zeros(shape, device=dev),
-                      raw_logprobs.expand(shape).contiguous(), lse_raw)
-    lse_z = merge_lse(part[..., 2], part[..., 3])
-    return Sample(best_ids, at_temperature(best_raw, options.temperature) - lse_z[:, None], raw_logprobs, lse_raw)
+    sample = Sample(torch.empty(n, options.num_samples, dtype=torch.int64, device=dev),
+                    torch.empty(n, options.num_samples, dtype=torch.float32, device=dev),
+                    torch.empty(n, options.num_samples, dtype=torch.float32, device=dev),
+                    torch.empty(n, dtype=torch.float32, device=dev))
+    if n > 0:
+        finish_draws_kernel[(n,)](
+            score, ids, raw, part, *sample, plan.num_splits, drawn, options.num_samples,
+            float(options.temperature or 1.0), BLOCK_S=triton.next_power_of_2(plan.num_splits),
+            GREEDY=options.greedy, num_warps=1, enable_fp_fusion=ENABLE_FP_FUSION,
+        )
+    return sample
