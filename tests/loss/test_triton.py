@@ -18,11 +18,11 @@ if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("runs under TRITON_INTERPRET=1 (make test runs it)", allow_module_level=True)
 pytest.importorskip("triton")
 
-from distil_kernels import linear_cross_entropy  # noqa: E402
+from distil_kernels import SparseTarget, linear_cross_entropy  # noqa: E402
 from distil_kernels.loss.options import LossOptions  # noqa: E402
 from distil_kernels.loss.targets import make_slots, row_terms, row_weights  # noqa: E402
 from distil_kernels.loss.triton import triton_stats  # noqa: E402
-from distil_kernels.loss.triton.backward import backward, plan_backward  # noqa: E402
+from distil_kernels.loss.triton.backward import backward, plan_backward, slot_corrections  # noqa: E402
 from distil_kernels.loss.triton.configs import GRADIENT_DEFAULT, INTERPRETER_CONFIG, TileConfig  # noqa: E402
 from loss_problems import (  # noqa: E402
     assert_fp16_gradient_keeps_its_small_values,
@@ -141,6 +141,44 @@ def test_backward_plan_bounds_its_memory():
     assert fp16.dw_accumulator and fp16.head_rows == 16384 and fp16.workspace_bytes(16384, d, 2) <= budget
     huge = plan_backward(2**20, v, d, torch.bfloat16, (False, True, False), cfg, None)
     assert huge.dw_accumulator and huge.head_rows < 2**20 and huge.workspace_bytes(2**20, d, 2) <= budget
+
+
+def test_slot_corrections_list_each_tile_in_row_and_slot_order():
+    """The entries of tile t are those of its row block and vocabulary tile, rows ascending
+    and, within a row, slots in order (a repeated id subtracts in a fixed order)."""
+    config = TileConfig(4, 8, 16, num_warps=1, num_stages=1)
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 30, (10, 3), generator=gen)
+    ids[2, 1] = ids[2, 0]  # a repeated id
+    coefs = torch.rand(10, 3, generator=gen)
+    got = slot_corrections(ids, coefs, 30, config)
+    assert got.tiles == 4 and got.offsets.shape == (3 * 4 + 1,) and got.offsets[-1] == 30
+    for tile in range(12):
+        start, end = int(got.offsets[tile]), int(got.offsets[tile + 1])
+        want = [(r, j) for r in range(10) for j in range(3)
+                if r // 4 == tile // 4 and int(ids[r, j]) // 8 == tile % 4]
+        assert got.rows[start:end].tolist() == [r for r, _ in want]
+        assert got.ids[start:end].tolist() == [int(ids[r, j]) for r, j in want]
+        assert got.coefs[start:end].tolist() == [float(coefs[r, j]) for r, j in want]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_sparse_slots_sharing_ids_and_tiles(dtype):
+    """Sparse targets whose slots repeat an id in a row and crowd one tile: every entry of a
+    tile is subtracted at its (row, id), over 4 KiB chunks (two passes) and in one."""
+    x64, w64, b64, _ = make_problem(40, 16, 200, seed=29, scale=2.0)
+    gen = torch.Generator().manual_seed(29)
+    ids = torch.randint(0, 200, (40, 6), generator=gen)
+    ids[:, 1] = ids[:, 0]  # a repeated id in every row
+    ids[:5, 2:] = torch.arange(60, 64)  # rows 0-4: four ids in one 64-column tile
+    probs = torch.rand(40, 6, generator=gen, dtype=torch.float64)
+    target = SparseTarget(ids, probs / probs.sum(dim=1, keepdim=True))
+    options = dict(softcap=5.0, tail="renormalize")  # the bucket tail needs distinct ids
+    want = run(x64, w64, b64, target, "torch", **options)
+    x, w, b = x64.to(dtype), w64.to(dtype), b64.to(dtype)
+    for workspace_bytes in (None, 4096):
+        got = run(x, w, b, target, "triton", workspace_bytes=workspace_bytes, **options)
+        assert_within_dtype_error(got, same_dtype_pytorch(x, w, b, target, LossOptions(**options)), want)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])

@@ -36,6 +36,7 @@ from .configs import (
     FORWARD_PLAIN_SM90,
     GRADIENT_CANDIDATES,
     GRADIENT_CANDIDATES_FP32,
+    GRADIENT_CANDIDATES_SM90,
     INDEXED_DOT_BLOCK_D,
     INDEXED_DOT_BLOCK_P,
     TileConfig,
@@ -106,19 +107,20 @@ def forward_spec(config: TileConfig, dtype: str, plain: bool = False, archs: tup
     return dataclasses.replace(spec, archs=archs)
 
 
-def gradient_spec(config: TileConfig, dtype: str, filtered: bool) -> CompileSpec:
+def gradient_spec(config: TileConfig, dtype: str, filtered: bool, archs: tuple[int, ...] = (90, 80)
+                  ) -> CompileSpec:
     """The backward's gradient kernel with every option on (bias, softcap, label smoothing)."""
     t = TRITON_DTYPE[dtype]
-    pointers = {"x_ptr": t, "w_ptr": t, "b_ptr": "fp32", "ids_ptr": "i64", "slot_coef_ptr": "fp32",
-                "lse_ptr": "fp32", "row_coef_ptr": "fp32", "uniform_ptr": "fp32", "block_max_ptr": "fp32",
-                "grad_ptr": t, "skipped_ptr": "i32"}
+    pointers = {"x_ptr": t, "w_ptr": t, "b_ptr": "fp32", "lse_ptr": "fp32", "row_coef_ptr": "fp32",
+                "uniform_ptr": "fp32", "block_max_ptr": "fp32", "entry_offset_ptr": "i32", "entry_row_ptr": "i32",
+                "entry_id_ptr": "i32", "entry_coef_ptr": "fp32", "grad_ptr": t, "skipped_ptr": "i32"}
     constexprs = {"BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "BLOCK_K": config.block_k,
                   "GROUP_M": config.group_m, "HAS_BIAS": True, "HAS_SOFTCAP": True, "HAS_UNIFORM": True,
                   "FILTER": filtered, "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32"}
     spec = kernel_spec(f"logits_grad[{dtype},{'filter,' if filtered else ''}{config}]", logits_grad_kernel,
                        pointers, constexprs, config, float_args=("softcap", "inv_temp", "log_filter_eps"))
     # The gradient buffer's row stride is its chunk's width: whole tiles, a multiple of 16.
-    return dataclasses.replace(spec, divisible=spec.divisible + ("stride_gn",))
+    return dataclasses.replace(spec, divisible=spec.divisible + ("stride_gn",), archs=archs)
 
 
 def indexed_dot_spec(dtype: str) -> CompileSpec:
@@ -137,14 +139,21 @@ def all_specs() -> list[CompileSpec]:
     and its gradient, which spills.
     """
     specs = []
-    for dtype, forward, gradient in (("bf16", FORWARD_CANDIDATES, GRADIENT_CANDIDATES),
-                                     ("fp32", FORWARD_CANDIDATES_FP32, GRADIENT_CANDIDATES_FP32)):
+    for dtype, forward in (("bf16", FORWARD_CANDIDATES), ("fp32", FORWARD_CANDIDATES_FP32)):
         specs += [forward_spec(c, dtype) for c in forward]
         if dtype == "bf16":  # a plain head on sm_90: its own wide tile
             specs.append(forward_spec(FORWARD_PLAIN_SM90, dtype, plain=True, archs=(90,)))
-        specs += [gradient_spec(c, dtype, filtered=False) for c in gradient]
-        # The filter adds live values (the block maxima, the target hits): the default with it.
-        specs.append(gradient_spec(gradient[0], dtype, filtered=True))
+        # The gradient kernel's tiles per architecture (sm_80's fp32 list is sm_90's too).
+        if dtype == "bf16":
+            gradient = [(c, (90,)) for c in GRADIENT_CANDIDATES_SM90 if c not in GRADIENT_CANDIDATES]
+            gradient += [(c, (90, 80) if c in GRADIENT_CANDIDATES_SM90 else (80,)) for c in GRADIENT_CANDIDATES]
+        else:
+            gradient = [(c, (90, 80)) for c in GRADIENT_CANDIDATES_FP32]
+        specs += [gradient_spec(c, dtype, filtered=False, archs=archs) for c, archs in gradient]
+        # The filter adds live values (the block maxima, the entry bounds): each default with it.
+        defaults = {c: archs for c, archs in gradient if c in (GRADIENT_CANDIDATES_SM90[0], GRADIENT_CANDIDATES[0],
+                                                                GRADIENT_CANDIDATES_FP32[0])}
+        specs += [gradient_spec(c, dtype, filtered=True, archs=archs) for c, archs in defaults.items()]
         specs.append(indexed_dot_spec(dtype))
     return specs
 

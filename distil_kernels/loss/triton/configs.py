@@ -76,16 +76,19 @@ FORWARD_CANDIDATES_FP32 = (FORWARD_DEFAULT_FP32,)
 
 # The gradient kernel (backward.py) is the forward's GEMM with another epilogue: the
 # tile's gradient (exp, the softcap's chain factor, the slot corrections) rounded to
-# the input dtype and stored instead of reduced, so the forward's tiles fit it too:
-# 128x128 over 8 warps takes 252-255 registers, no spill on sm_90 (Triton 3.6 and 3.9),
-# 24-32 B on sm_80 under 3.9. 64x256 over 8 warps and 64x128 over 4 spill 48-56 B on sm_80.
-GRADIENT_DEFAULT = TileConfig(128, 128, 64, num_warps=8, num_stages=4)
-GRADIENT_CANDIDATES = (
-    GRADIENT_DEFAULT,
+# the input dtype and stored instead of reduced. On sm_90 the forward's 128x128 tile over
+# 8 warps fits (254-255 registers, no spill; wgmma reads its operands from shared
+# memory); on sm_80, whose mma keeps more of the operands in registers, it spills
+# 88-104 B, and 64x128 fits (165-167 registers, no spill).
+GRADIENT_DEFAULT_SM90 = TileConfig(128, 128, 64, num_warps=8, num_stages=4)
+GRADIENT_CANDIDATES_SM90 = (
+    GRADIENT_DEFAULT_SM90,
     TileConfig(128, 128, 64, num_warps=8, num_stages=3),  # a stage less smem (96 KiB) for a second block
     TileConfig(64, 128, 64, num_warps=8, num_stages=4),  # twice the programs, for small chunks
 )
-# fp32: the forward's FMA-loop tile, 202-255 registers, no spill.
+GRADIENT_DEFAULT = TileConfig(64, 128, 64, num_warps=8, num_stages=4)
+GRADIENT_CANDIDATES = (GRADIENT_DEFAULT,)
+# fp32: the forward's FMA-loop tile, 128-182 registers, at most 8 B spilled.
 GRADIENT_DEFAULT_FP32 = TileConfig(64, 128, 32, num_warps=8, num_stages=3)
 GRADIENT_CANDIDATES_FP32 = (GRADIENT_DEFAULT_FP32,)
 
@@ -94,6 +97,7 @@ CANDIDATES = {
     "forward": (FORWARD_CANDIDATES, FORWARD_CANDIDATES_FP32),
     "forward_plain_sm90": (FORWARD_PLAIN_SM90_CANDIDATES, FORWARD_CANDIDATES_FP32),
     "gradient": (GRADIENT_CANDIDATES, GRADIENT_CANDIDATES_FP32),
+    "gradient_sm90": (GRADIENT_CANDIDATES_SM90, GRADIENT_CANDIDATES_FP32),
 }
 
 # What the backward holds at once, gradient buffers and fp32 accumulators (backward.py):
