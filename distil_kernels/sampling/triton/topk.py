@@ -378,8 +378,9 @@ def candidate_keys(values: Tensor, ids: Tensor, count: Tensor) -> Tensor:
 
 def threshold_topk(x: Tensor, weight: Tensor, bias: Tensor | None, k: int, options: LossOptions,
                    raw_lse: bool, config: TileConfig, step: int, capacity: int | None
-                   ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """(values z [n, k], ids [n, k], lse [n], raw lse [n] or None) of one group of rows."""
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor]:
+    """(values z [n, k], ids [n, k], lse [n], raw lse [n] or None, settled [n] bool) of one
+    group of rows; the values and ids of a row that is not settled are meaningless."""
     n, d = x.shape
     v = weight.shape[0]
     dev = x.device
@@ -412,10 +413,7 @@ def threshold_topk(x: Tensor, weight: Tensor, bias: Tensor | None, k: int, optio
     # Settled: no NaN or -inf hit (count -1), no list past its capacity, and k entries at
     # or above the bound.
     settled = (count >= 0).all(dim=1) & (count <= capacity).all(dim=1) & (count.sum(dim=1) >= k)
-    redo = (~settled).nonzero()[:, 0]
-    if redo.numel() > 0:
-        values[redo], ids[redo], _, _ = merged_topk(x[redo], weight, bias, k, options)
-    return values, ids, lse, lse_raw
+    return values, ids, lse, lse_raw, settled
 
 
 def triton_topk(x: Tensor, weight: Tensor, bias: Tensor | None, k: int, options: LossOptions,
@@ -449,6 +447,7 @@ def triton_topk(x: Tensor, weight: Tensor, bias: Tensor | None, k: int, options:
     ids = torch.empty(n, k, dtype=torch.int64, device=dev)
     lse = torch.empty(n, dtype=torch.float32, device=dev)
     lse_raw = torch.empty(n, dtype=torch.float32, device=dev) if raw_lse else None
+    settled = torch.empty(n, dtype=torch.bool, device=dev)
     plan = plan_splits(n, v, config.block_m, config.block_n)
     list_slots = plan.num_splits * (capacity or split_capacity(k, step, plan.tiles_per_split * config.block_n, v))
     row_bytes = triton.cdiv(v, step) * (x.element_size() + 4) + list_slots * 32
@@ -456,7 +455,12 @@ def triton_topk(x: Tensor, weight: Tensor, bias: Tensor | None, k: int, options:
     for r0 in range(0, n, group):
         r1 = min(r0 + group, n)
         got = threshold_topk(x[r0:r1], weight, bias, k, options, raw_lse, config, step, capacity)
-        values[r0:r1], ids[r0:r1], lse[r0:r1] = got[:3]
+        values[r0:r1], ids[r0:r1], lse[r0:r1], settled[r0:r1] = got[0], got[1], got[2], got[4]
         if raw_lse:
             lse_raw[r0:r1] = got[3]
+    # The rows the threshold pass could not settle, found once for all groups: a host sync
+    # per group would leave the GPU idle while the next group's launches are issued.
+    redo = (~settled).nonzero()[:, 0]
+    if redo.numel() > 0:
+        values[redo], ids[redo], _, _ = merged_topk(x[redo], weight, bias, k, options)
     return TritonTopK(ids, values - lse[:, None], lse, lse_raw)
