@@ -107,17 +107,23 @@ int main() {
 """
 
 
-@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
-def test_row_walk_visits_every_column_once_aligned(tmp_path):
-    """The epilogues' row partition (csrc/row_walk.h), run on the CPU as host code."""
-    source = tmp_path / "row_walk_check.cu"
-    source.write_text(ROW_WALK_CHECK)
-    binary = tmp_path / "row_walk_check"
+def run_host_check(tmp_path, name: str, program: str) -> None:
+    """Build `program` (C++ including csrc/ headers) with nvcc as host code, run it, and
+    expect its last line to say "0 failures"."""
+    source = tmp_path / f"{name}.cu"
+    source.write_text(program)
+    binary = tmp_path / name
     build = subprocess.run(["nvcc", "-std=c++17", "-O1", f"-I{CSRC}", str(source), "-o", str(binary)],
                            capture_output=True, text=True, timeout=300)
     assert build.returncode == 0, build.stderr[-4000:]
     result = subprocess.run([str(binary)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and result.stdout.strip().endswith("0 failures"), result.stdout[-2000:]
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+def test_row_walk_visits_every_column_once_aligned(tmp_path):
+    """The epilogues' row partition (csrc/row_walk.h), run on the CPU as host code."""
+    run_host_check(tmp_path, "row_walk_check", ROW_WALK_CHECK)
 
 
 ROW_WALK_IN_PLACE_CHECK = r"""
@@ -190,14 +196,7 @@ int main() {
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
 def test_in_place_row_walk_stores_only_over_loaded_columns(tmp_path):
     """logits_grad's in-place walk (csrc/row_walk.h), run on the CPU as host code."""
-    source = tmp_path / "row_walk_in_place_check.cu"
-    source.write_text(ROW_WALK_IN_PLACE_CHECK)
-    binary = tmp_path / "row_walk_in_place_check"
-    build = subprocess.run(["nvcc", "-std=c++17", "-O1", f"-I{CSRC}", str(source), "-o", str(binary)],
-                           capture_output=True, text=True, timeout=300)
-    assert build.returncode == 0, build.stderr[-4000:]
-    result = subprocess.run([str(binary)], capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0 and result.stdout.strip().endswith("0 failures"), result.stdout[-2000:]
+    run_host_check(tmp_path, "row_walk_in_place_check", ROW_WALK_IN_PLACE_CHECK)
 
 
 @pytest.fixture(scope="module")
