@@ -23,7 +23,7 @@ from distil_kernels.loss.options import LossOptions  # noqa: E402
 from distil_kernels.loss.targets import make_slots, row_terms, row_weights  # noqa: E402
 from distil_kernels.loss.triton import triton_stats  # noqa: E402
 from distil_kernels.loss.triton.backward import backward, plan_backward, slot_corrections  # noqa: E402
-from distil_kernels.loss.triton.configs import GRADIENT_DEFAULT, INTERPRETER_CONFIG, TileConfig  # noqa: E402
+from distil_kernels.loss.triton.configs import GRADIENT_DEFAULT_SM90, INTERPRETER_CONFIG, TileConfig  # noqa: E402
 from loss_problems import (  # noqa: E402
     assert_fp16_gradient_keeps_its_small_values,
     assert_masked_problem_matches,
@@ -35,6 +35,7 @@ from loss_problems import (  # noqa: E402
     run_distil,
     same_dtype_pytorch,
 )
+from test_memory import gradient_bytes, track  # noqa: E402
 
 pytestmark = pytest.mark.interpreter
 
@@ -128,7 +129,7 @@ def test_backward_plan_bounds_its_memory():
     holds 1792 columns of every row; each within 56 MiB (issue 3 allows 64 MiB of
     overhead). At N=1024, or with a larger workspace, d_input rides along. fp16 sums
     d_weight in fp32; so does a token count whose rows of one tile exceed the budget."""
-    need, cfg, v, d = (True, True, False), GRADIENT_DEFAULT, 152064, 3584
+    need, cfg, v, d = (True, True, False), GRADIENT_DEFAULT_SM90, 152064, 3584
     budget = 56 * 2**20
     large = plan_backward(16384, v, d, torch.bfloat16, need, cfg, None)
     assert not large.dx_rides_along and not large.dw_accumulator
@@ -179,6 +180,24 @@ def test_sparse_slots_sharing_ids_and_tiles(dtype):
     for workspace_bytes in (None, 4096):
         got = run(x, w, b, target, "triton", workspace_bytes=workspace_bytes, **options)
         assert_within_dtype_error(got, same_dtype_pytorch(x, w, b, target, LossOptions(**options)), want)
+
+
+@pytest.mark.parametrize("workspace_bytes", [48 * 1024, 256 * 1024], ids=["two-passes", "one-pass"])
+def test_memory_stays_within_the_backward_workspace(workspace_bytes):
+    """Every allocation of forward and backward watched (test_memory.py's tracker): besides
+    the gradients, the peak is the backward plan's buffers and accumulators plus O(N k)
+    statistics and slot lists, far below one [N, V] fp32 logits tensor (1.2 MB)."""
+    n, d, v, k = 200, 48, 1500, 4
+    x64, w64, b64, target = make_problem(n, d, v, k=k, seed=31)
+    x, w, b = (t.float().requires_grad_() for t in (x64, w64, b64))
+    tracker = track(lambda: linear_cross_entropy(x, w, target, bias=b, backend="triton",
+                                                 workspace_bytes=workspace_bytes))
+    assert tracker.ops.get("backward") and x.grad is not None and w.grad is not None and b.grad is not None
+    plan = plan_backward(n, v, d, torch.float32, (True, True, True), INTERPRETER_CONFIG, workspace_bytes)
+    assert plan.dx_rides_along == (workspace_bytes == 256 * 1024)
+    extra = tracker.peak_bytes - gradient_bytes(x, w, b)
+    assert extra <= plan.workspace_bytes(n, d, 4) + n * k * 128, extra
+    assert extra < n * v * 4 // 2, extra
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
