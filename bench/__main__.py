@@ -16,6 +16,7 @@ SUITES: dict[str, str] = {
     "sample": "sampling a token per row from hidden states: ours vs matmul + softmax + multinomial",
     "topk": "an expert's top-k with exact log-probs from hidden states: ours vs matmul + log_softmax + topk",
     "trainer": "distil vs grpo, ce, sdpo, opsd at equal rollout budgets; step time split; the bandit counterexample",
+    "tune": "each main Triton kernel's launch-config candidates timed at the issues' shapes (GPU)",
 }
 
 

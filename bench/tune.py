@@ -1,0 +1,127 @@
+"""Every launch-config candidate of the main Triton kernels, timed at the issues' shapes (GPU).
+
+A GPU session is short, and a default chosen on compile reports alone (registers,
+spills, barriers) is a guess: this times each candidate of a kernel kind on one call
+at the shape its target is measured on, so one run says which default to keep.
+
+    sample     `triton_sample` at B=64, Qwen2.5-7B's head (d=3584, V=152064), T=0.8,
+               against the bare bf16 matmul
+    gradient   the loss backward (its gradient kernel and GEMMs) at N=4096 on that head
+    threshold  `triton_topk` k=64 at N=2048 on that head
+
+Each row is the median ms of `triton.testing.do_bench` after a warm-up call (which
+compiles); the default is marked. bf16 throughout.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from .report import progress
+
+QWEN_D, QWEN_V = 3584, 152064
+KINDS = ("sample", "gradient", "threshold")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated, of {','.join(KINDS)}")
+    parser.add_argument("--rep-ms", type=int, default=50, help="do_bench's rep (ms of timed calls a candidate)")
+
+
+def _bench(fn, rep_ms: int) -> float:
+    import triton
+
+    fn()  # compiles
+    torch.cuda.synchronize()
+    return triton.testing.do_bench(fn, warmup=5, rep=rep_ms, return_mode="median")
+
+
+def _report(kind: str, candidates, default, time_fn, baseline_ms: float | None = None) -> None:
+    for config in candidates:
+        try:
+            ms = time_fn(config)
+        except Exception as error:  # a candidate that fails to compile or run ends only its row
+            print(f"{kind:10s} {str(config):28s} failed: {type(error).__name__}: {str(error)[:120]}")
+            continue
+        ratio = f"  {ms / baseline_ms:5.2f}x matmul" if baseline_ms else ""
+        print(f"{kind:10s} {str(config):28s} {ms:9.3f} ms{ratio}{'  (default)' if config == default else ''}",
+              flush=True)
+
+
+def tune_sample(rep_ms: int) -> None:
+    from distil_kernels.sampling.sample import SamplingOptions, philox_rows
+    from distil_kernels.sampling.triton.configs import device_arch, sample_candidates
+    from distil_kernels.sampling.triton.sample import triton_sample
+
+    from .sampling_suite import make_inputs
+
+    x, w = make_inputs(64, QWEN_D, QWEN_V, "bf16", "cuda")
+    seeds, positions = philox_rows(0, None, x.shape[0], x.device)
+    options = SamplingOptions(temperature=0.8)
+    candidates = sample_candidates(x.dtype, x.shape[0], device_arch(x.device))
+    matmul_ms = _bench(lambda: x @ w.T, rep_ms)
+    print(f"{'sample':10s} {'bare matmul':28s} {matmul_ms:9.3f} ms", flush=True)
+    _report("sample", candidates, candidates[0],
+            lambda c: _bench(lambda: triton_sample(x, w, None, None, options, seeds, positions, c), rep_ms),
+            matmul_ms)
+
+
+def tune_gradient(rep_ms: int) -> None:
+    from distil_kernels.loss.options import LossOptions
+    from distil_kernels.loss.targets import make_slots, row_terms, row_weights
+    from distil_kernels.loss.triton import triton_stats
+    from distil_kernels.loss.triton.backward import backward
+    from distil_kernels.loss.triton.configs import CANDIDATES
+
+    n = 4096
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(n, QWEN_D, generator=gen, device="cuda").bfloat16()
+    w = (torch.randn(QWEN_V, QWEN_D, generator=gen, device="cuda") * QWEN_D**-0.5).bfloat16()
+    y = torch.randint(0, QWEN_V, (n,), generator=gen, device="cuda")
+    options = LossOptions()
+    slots = make_slots(y, QWEN_V, options.ignore_index, torch.float32)
+    stats = triton_stats(x, w, None, slots.ids, options)
+    terms = row_terms(stats.lse, stats.slot_logits, None, slots, options, QWEN_V)
+    g = row_weights(slots.row_valid, "mean", torch.float32)
+    kind = "gradient_sm90" if torch.cuda.get_device_capability()[0] == 9 else "gradient"
+    candidates = CANDIDATES[kind][0]
+
+    def run(config):
+        return backward(x, w, None, slots.ids, stats.lse, terms.row_coef * g, terms.slot_coef * g[:, None], None,
+                        stats.forward, options, (True, True, False), config)
+
+    _report("gradient", candidates, candidates[0], lambda c: _bench(lambda: run(c), rep_ms))
+
+
+def tune_threshold(rep_ms: int) -> None:
+    from distil_kernels.loss.options import LossOptions
+    from distil_kernels.sampling.triton.configs import device_arch, threshold_candidates
+    from distil_kernels.sampling.triton.topk import triton_topk
+
+    from .sampling_suite import make_inputs
+
+    x, w = make_inputs(2048, QWEN_D, QWEN_V, "bf16", "cuda")
+    options = LossOptions()
+    candidates = threshold_candidates(x.dtype, device_arch(x.device))
+    matmul_ms = _bench(lambda: x @ w.T, rep_ms)
+    print(f"{'threshold':10s} {'bare matmul':28s} {matmul_ms:9.3f} ms", flush=True)
+    _report("threshold", candidates, candidates[0],
+            lambda c: _bench(lambda: triton_topk(x, w, None, 64, options, config=c), rep_ms), matmul_ms)
+
+
+def main(args: argparse.Namespace) -> int:
+    if not torch.cuda.is_available():
+        print("bench tune: no CUDA device here")
+        return 2
+    kinds = [k for k in args.kinds.split(",") if k]
+    unknown = sorted(set(kinds) - set(KINDS))
+    if unknown:
+        print(f"bench tune: unknown kinds {unknown}; choose from {','.join(KINDS)}")
+        return 2
+    runners = {"sample": tune_sample, "gradient": tune_gradient, "threshold": tune_threshold}
+    progress(f"bench tune on {torch.cuda.get_device_name()}: {', '.join(kinds)}")
+    for kind in kinds:
+        runners[kind](args.rep_ms)
+    return 0
