@@ -82,7 +82,11 @@ THRESHOLD_DEFAULT_FP32 = TileConfig(64, 64, 32, num_warps=8, num_stages=3)
 SAMPLE_DEFAULT_SM90 = TileConfig(64, 32, 64, num_warps=8, num_stages=3, split_n=4)
 SAMPLE_DEFAULT = TileConfig(64, 32, 64, num_warps=8, num_stages=3, split_n=2)
 SAMPLE_SMALL_BATCH = TileConfig(16, 128, 64, num_warps=8, num_stages=3, split_n=2)
-SAMPLE_CANDIDATES_SM90 = (SAMPLE_DEFAULT_SM90, SAMPLE_DEFAULT, TileConfig(64, 32, 64, num_warps=8, num_stages=3))
+# At B=64 the sampler streams the head from HBM like a GEMV: 128-wide K slices read 256
+# contiguous bytes of each W row per stage instead of 128, in half the loop steps (239-255
+# registers, no spill; 144 KiB of shared memory). `python -m bench tune` times it.
+SAMPLE_CANDIDATES_SM90 = (SAMPLE_DEFAULT_SM90, SAMPLE_DEFAULT, TileConfig(64, 32, 64, num_warps=8, num_stages=3),
+                          TileConfig(64, 32, 128, num_warps=8, num_stages=3, split_n=4))
 SAMPLE_CANDIDATES = (SAMPLE_DEFAULT, TileConfig(64, 32, 64, num_warps=8, num_stages=3))
 SAMPLE_DEFAULT_FP32 = TileConfig(64, 32, 32, num_warps=8, num_stages=3)
 SAMPLE_SMALL_BATCH_FP32 = TileConfig(16, 128, 32, num_warps=8, num_stages=3)
