@@ -12,8 +12,7 @@ def grouped_program(pid, num_m_blocks, num_n_tiles, GROUP_M: tl.constexpr):
 
     GROUP_M token blocks walk the vocabulary together, so each W tile is read from HBM
     once per group and from L2 by the rest. Within a group consecutive programs differ
-    in their token block: program (m, n) always follows (m, n - 1) and (m - 1, n), which
-    the deterministic backward relies on.
+    in their token block.
     """
     per_group = GROUP_M * num_n_tiles
     group = pid // per_group
