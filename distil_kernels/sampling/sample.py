@@ -517,7 +517,11 @@ def _settled(cand_logprobs: Tensor, length: Tensor, options: SamplingOptions, nu
 # tempered copy, the float64 probabilities, the order keys with their bucket and flat
 # bucket index, the masks, and a float64 row for logsumexp.
 DENSE_BYTES_PER_LOGIT = 48
+# The fallback's default workspace: on the CPU what stays near the caches; on a GPU, as
+# the chunked sweep's, room for blocks of ~18 rows of a 152k vocabulary (64 MiB held 4,
+# so a flat head's 64 rows took 16 blocks of ~30 launches each).
 DENSE_FALLBACK_BUDGET = 64 << 20
+DENSE_FALLBACK_BUDGET_GPU = 256 << 20
 
 
 def torch_draws(z: Tensor, keys: tuple[Tensor, Tensor, Tensor, Tensor], num_samples: int) -> Tensor:
@@ -620,7 +624,7 @@ def _dense_fallback(sample: Sample, x: Tensor, weight: Tensor, bias: Tensor | No
     shard's gathered from every rank). No row here has a top_k: `_settled` settles every
     row that one bounds, since the candidates are at least top_k.
     """
-    budget = workspace_bytes or DENSE_FALLBACK_BUDGET
+    budget = workspace_bytes or (DENSE_FALLBACK_BUDGET if x.device.type == "cpu" else DENSE_FALLBACK_BUDGET_GPU)
     vocab = weight.shape[0] if vocab_size is None else vocab_size
     # fp32 logits for many rows per GEMM (each block of rows reads all of W) in half the
     # budget, the GEMM's low-precision twin freed on return; the sampler takes them a few
