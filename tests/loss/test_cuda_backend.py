@@ -21,6 +21,7 @@ from distil_kernels.backends import resolve_backend
 from distil_kernels.cuda_ext import extension_available
 from distil_kernels.loss import cuda as cuda_backend
 from distil_kernels.loss.cuda import REFERENCE_OPS, chunk_rows, cuda_linear_cross_entropy, in_place_gradient
+from distil_kernels.loss.gemm import gradient_scale
 from distil_kernels.loss.options import LossOptions
 from distil_kernels.loss.reference import compute_dtype
 from distil_kernels.loss.targets import make_slots
@@ -124,8 +125,8 @@ def test_fp16_gradient_keeps_its_small_values():
     """See `assert_fp16_gradient_keeps_its_small_values`; the unscaled fp16 gradient misses
     its bounds by orders of magnitude."""
     x, w, b, y = fp16_small_gradient_problem()
-    assert cuda_backend.gradient_scale(torch.float16, torch.full((x.shape[0],), 1 / x.shape[0]),
-                                       torch.zeros(x.shape[0], 1), None) > 1
+    assert gradient_scale(torch.float16, torch.full((x.shape[0],), 1 / x.shape[0]), torch.zeros(x.shape[0], 1),
+                          None) > 1
     got = run_cuda_orchestration(x, w, b, y, workspace_bytes=64 * 1024)
     assert_fp16_gradient_keeps_its_small_values(got[2], x, w, b, y, upstream=0.5)
 
@@ -157,7 +158,7 @@ def test_gradient_scale_is_a_power_of_two_within_fp16():
     """1 but for fp16; there the power of two that keeps the largest possible |dL/du| at or
     below 2**14, never below 1 (a bound already near fp16's top is left alone) and 1 when the
     bound is 0 or not finite (nothing to lift, or a NaN that must show)."""
-    scale = cuda_backend.gradient_scale
+    scale = gradient_scale
     rows = torch.full((4,), 1e-3)
     slots = torch.tensor([[0.25, -0.25]] * 4)
     assert scale(torch.bfloat16, rows, slots, None) == 1.0

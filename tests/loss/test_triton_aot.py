@@ -11,11 +11,11 @@ must fit the shared memory too.
 The generic build is compiled for sm_90 only, to keep this file and the sampling one
 near 9 minutes cold on a 2-core CI machine: both builds on both architectures took
 11.7 minutes on a busy one, this 6.2 minutes once and 9.2 on 2026-11-27 under Triton
-3.9 (43 s of it here); sm_80's generic build is about a quarter of the compiler's work. It adds no finding: measured once for every
-loss and sampling spec, its shared memory never exceeds the sm_90 generic build's and
-stays at or under 100 KiB, against sm_80's 163 KiB, and sm_80's lowering is still
-compiled, as launched, where registers and shared memory bind. Shared memory,
-registers and spills of each are reported at the end.
+3.9 (43 s of it here); sm_80's generic build is about a quarter of the compiler's work.
+It adds no finding: measured once for every loss and sampling spec, its shared memory
+never exceeds the sm_90 generic build's and stays at or under 100 KiB, against sm_80's
+163 KiB, and sm_80's lowering is still compiled, as launched, where registers and
+shared memory bind. Shared memory, registers and spills of each are reported at the end.
 """
 
 from __future__ import annotations
