@@ -1,0 +1,93 @@
+"""The triton loss backend on the tiles a GPU launches, under Triton's CPU interpreter.
+
+Every other interpreter test runs the kernels on 32x64 tiles, which keep odd test shapes
+spread over many tiles. A GPU runs the defaults of `loss/triton/configs.py` instead: the
+128x128 (sm_90) and 64x128 (sm_80) gradient tiles, 128x256 for a plain head's forward on
+sm_90, and the fp32 tiles. What only those tiles exercise (the row-block counts, the
+slot-correction lists built per tile, the workspace plan's chunks of whole tiles, the
+masks of a tile wider than V's remainder) is checked here on the CPU, against the float64
+reference, before a GPU ever runs it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+if os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("runs under TRITON_INTERPRET=1 (make test runs it)", allow_module_level=True)
+pytest.importorskip("triton")
+
+from distil_kernels.loss.options import LossOptions  # noqa: E402
+from distil_kernels.loss.triton import configs  # noqa: E402
+from distil_kernels.loss.triton.backward import plan_backward  # noqa: E402
+from loss_problems import assert_within_dtype_error, make_problem, run, same_dtype_pytorch  # noqa: E402
+
+pytestmark = pytest.mark.interpreter
+
+ARCHS = {"sm90": ("gradient_sm90", "forward_plain_sm90"), "sm80": ("gradient", "forward")}
+
+
+@pytest.fixture(params=sorted(ARCHS))
+def device_tiles(request, monkeypatch):
+    """Config selection as on a GPU of the given architecture (CPU tensors pick the
+    sm_80 kinds; sm_90's are put in their place)."""
+    gradient_kind, plain_forward_kind = ARCHS[request.param]
+    tiles = DeviceTiles(plain_forward_kind)
+    monkeypatch.setattr(configs, "interpreting", lambda: tiles.selections.append(1) and False)
+    monkeypatch.setitem(configs.CANDIDATES, "gradient", configs.CANDIDATES[gradient_kind])
+    return tiles
+
+
+@dataclass
+class DeviceTiles:
+    plain_forward_kind: str
+    selections: list = field(default_factory=list)  # one entry a launch config chosen as on a GPU
+
+    def assert_forward_and_backward_took_them(self):
+        assert len(self.selections) == 2, f"{len(self.selections)} of 2 launches chose a GPU config"
+
+
+# N=150 and V=601 are no multiple of any tile; d=72 leaves a partial 64-wide K slice.
+N, D, V = 150, 72, 601
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("workspace_bytes", [None, 64 * 1024], ids=["one-pass", "two-passes"])
+def test_plain_head_hard_labels(device_tiles, monkeypatch, dtype, workspace_bytes):
+    monkeypatch.setitem(configs.CANDIDATES, "forward", configs.CANDIDATES[device_tiles.plain_forward_kind])
+    x64, w64, _, target = make_problem(N, D, V, seed=41, ignore_rows=(7,), scale=2.0, bias=False)
+    want = run(x64, w64, None, target, "torch")
+    x, w = x64.to(dtype), w64.to(dtype)
+    got = run(x, w, None, target, "triton", workspace_bytes=workspace_bytes)
+    device_tiles.assert_forward_and_backward_took_them()
+    assert_within_dtype_error(got, same_dtype_pytorch(x, w, None, target, LossOptions()), want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("workspace_bytes", [None, 64 * 1024], ids=["one-pass", "two-passes"])
+def test_sparse_targets_with_every_option(device_tiles, dtype, workspace_bytes):
+    """k=6 ids a row (repeats and padding included), bias, softcap, temperature, label
+    smoothing and z-loss: the forward's default tile, the gradient kernel's slot lists."""
+    x64, w64, b64, target = make_problem(N, D, V, k=6, seed=42, ignore_rows=(0, 149), scale=2.0,
+                                         pad_slots=((3, 2), (3, 5)))
+    options = dict(tail="renormalize", label_smoothing=0.05, softcap=8.0, temperature=0.9, z_loss=1e-4)
+    want = run(x64, w64, b64, target, "torch", **options)
+    x, w, b = x64.to(dtype), w64.to(dtype), b64.to(dtype)
+    got = run(x, w, b, target, "triton", workspace_bytes=workspace_bytes, **options)
+    device_tiles.assert_forward_and_backward_took_them()
+    assert_within_dtype_error(got, same_dtype_pytorch(x, w, b, target, LossOptions(**options)), want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_two_pass_workspace_splits_these_shapes(device_tiles, dtype):
+    """The 64 KiB workspace of the tests above really takes two passes of several chunks
+    on every default tile (else they would test the one-pass path twice)."""
+    need = (True, True, True)
+    candidates = configs.CANDIDATES["gradient"][1 if dtype == torch.float32 else 0]
+    plan = plan_backward(N, V, D, dtype, need, candidates[0], 64 * 1024)
+    assert not plan.dx_rides_along
+    assert plan.head_rows < N and plan.head_cols < V and plan.dx_rows < N and plan.dx_cols < V

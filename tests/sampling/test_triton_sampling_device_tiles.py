@@ -1,0 +1,120 @@
+"""linear_topk and linear_sample's triton kernels on the tiles a GPU launches, under the interpreter.
+
+The other interpreter tests run 16-row tiles of 32 or 64 columns. A GPU launches the
+defaults of `sampling/triton/configs.py`: the sampler's 64x32 tiles four (sm_90) or two
+(sm_80) to a pass over x and its 16x128 tiles below 17 rows, the threshold pass's 128x128
+(sm_90) and 64x128 (sm_80) tiles, the merge kernel's 64x64 and 16x256 tiles, and the
+dense fallback's 4x512 blocks, with as many programs as an H100 would get. Each is checked
+here against the torch backend's ids and the float64 formula before a GPU runs it.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("runs under TRITON_INTERPRET=1 (make test runs it)", allow_module_level=True)
+pytest.importorskip("triton")
+
+from distil_kernels import linear_sample, linear_topk  # noqa: E402
+from distil_kernels.loss.options import LossOptions  # noqa: E402
+from distil_kernels.sampling.triton import configs  # noqa: E402
+from distil_kernels.sampling.triton import sample as sample_module  # noqa: E402
+from distil_kernels.sampling.triton import topk as topk_module  # noqa: E402
+from distil_kernels.sampling.triton.topk import triton_topk  # noqa: E402
+from sampling_checks import dense_log_softmax  # noqa: E402
+from test_triton_sampling import assert_topk_close, make_problem  # noqa: E402
+
+pytestmark = pytest.mark.interpreter
+
+INTERPRETER_TILES = {configs.INTERPRETER_SAMPLE_CONFIG, configs.INTERPRETER_THRESHOLD_CONFIG,
+                     configs.INTERPRETER_TOPK_CONFIG, configs.INTERPRETER_TOPK_LARGE_K_CONFIG,
+                     configs.INTERPRETER_DENSE_SAMPLE_CONFIG}
+
+
+class DeviceTiles:
+    """Config selection as on a GPU of compute capability `arch`; records what each launcher chose."""
+
+    def __init__(self, monkeypatch, arch: int):
+        self.arch = arch
+        self.chosen: dict[str, list] = {}
+        monkeypatch.setattr(configs, "interpreting", lambda: False)
+        monkeypatch.setattr(configs, "device_arch", lambda device: arch)
+        for module, name in ((sample_module, "select_sample_config"), (sample_module, "select_dense_sample_config"),
+                             (topk_module, "select_threshold_config"), (topk_module, "select_topk_config")):
+            monkeypatch.setattr(module, name, self._recording(name, getattr(module, name)))
+
+    def _recording(self, name, select):
+        def chosen(*args, **kwargs):
+            config = select(*args, **kwargs)
+            assert config not in INTERPRETER_TILES
+            self.chosen.setdefault(name, []).append(config)
+            return config
+        return chosen
+
+
+@pytest.fixture(params=[90, 80], ids=["sm90", "sm80"])
+def device_tiles(request, monkeypatch):
+    return DeviceTiles(monkeypatch, request.param)
+
+
+# V=601 and d=72 are no multiple of any tile (a partial 64-wide K slice); B=40 fills part
+# of one 64-row block, B=9 part of one 16-row block.
+V, D = 601, 72
+SAMPLE_OPTIONS = [dict(), dict(temperature=0.8, num_samples=3), dict(temperature=0, num_samples=2),
+                  dict(top_k=5, top_p=0.9, temperature=1.2)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("rows", [40, 9])
+@pytest.mark.parametrize("options", SAMPLE_OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "plain")
+def test_sample_draws_the_torch_ids(device_tiles, dtype, rows, options):
+    x, w, b = make_problem(rows, V, D, dtype, seed=31, scale=3.0)
+    want = linear_sample(x, w, bias=b, softcap=5.0, seed=17, backend="torch", **options)
+    got = linear_sample(x, w, bias=b, softcap=5.0, seed=17, backend="triton", **options)
+    assert torch.equal(got.ids, want.ids)
+    for p, q in zip(got[1:], want[1:]):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-5)
+    if "top_k" not in options:
+        [config] = device_tiles.chosen["select_sample_config"]
+        expected = configs.sample_candidates(dtype, rows, device_tiles.arch)[0]
+        assert config == expected
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("k", [5, 64])
+def test_topk_threshold_pass(device_tiles, dtype, k):
+    x, w, b = make_problem(40, V, D, dtype, seed=32, scale=2.0)
+    got = linear_topk(x, w, k, bias=b, softcap=4.0, temperature=0.8, backend="triton")
+    log_q, lse = dense_log_softmax(x, w, b, softcap=4.0, temperature=0.8)
+    assert_topk_close(got, log_q, lse, k, tol=2e-5)
+    assert device_tiles.chosen["select_threshold_config"] == [configs.threshold_candidates(dtype,
+                                                                                          device_tiles.arch)[0]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("k", [5, 100])
+def test_topk_merge_kernel(device_tiles, dtype, k):
+    """Lists of one slot a (row, split) send every row to the merge kernel (k <= 64: 64x64
+    tiles; k = 100: 16x256)."""
+    x, w, b = make_problem(40, V, D, dtype, seed=33, scale=2.0)
+    got = triton_topk(x, w, b.float(), k, LossOptions(), capacity=1)
+    log_q, lse = dense_log_softmax(x, w, b)
+    assert_topk_close(got, log_q, lse, k, tol=2e-5)
+    assert device_tiles.chosen["select_topk_config"] == [configs.topk_candidates(dtype, k)[0]]
+
+
+def test_flat_head_dense_fallback(device_tiles):
+    """top_p=0.95 of a flat head keeps more ids than the candidates: the dense fallback's
+    4x512 blocks draw the torch backend's ids."""
+    x, w, b = make_problem(9, V, D, torch.float32, seed=34, scale=0.01)
+    kwargs = dict(bias=b * 0.01, seed=21, top_p=0.95, temperature=1.2, num_samples=2)
+    got = linear_sample(x, w, backend="triton", **kwargs)
+    want = linear_sample(x, w, backend="torch", **kwargs)
+    assert torch.equal(got.ids, want.ids)
+    for p, q in zip(got[1:], want[1:]):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-5)
+    assert device_tiles.chosen["select_dense_sample_config"]
