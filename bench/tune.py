@@ -5,8 +5,11 @@ spills, barriers) is a guess: this times each candidate of a kernel kind on one 
 at the shape its target is measured on, so one run says which default to keep.
 
     sample     `triton_sample` at B=64, Qwen2.5-7B's head (d=3584, V=152064), T=0.8,
-               against the bare bf16 matmul
-    gradient   the loss backward (its gradient kernel and GEMMs) at N=4096 on that head
+               against the bare bf16 matmul; then the default drawing greedily (no
+               noise), which says what the noise costs
+    gradient   the loss backward (its gradient kernel and GEMMs) at N=4096 on that head;
+               then the default for d_weight alone (the vocabulary pass), which says
+               what d_input's own pass costs
     threshold  `triton_topk` k=64 at N=2048 on that head
 
 Each row is the median ms of `triton.testing.do_bench` after a warm-up call (which
@@ -66,6 +69,11 @@ def tune_sample(rep_ms: int) -> None:
     _report("sample", candidates, candidates[0],
             lambda c: _bench(lambda: triton_sample(x, w, None, None, options, seeds, positions, c), rep_ms),
             matmul_ms)
+    # Greedy draws skip the noise (Philox and two logs an id): the difference is its cost.
+    greedy = SamplingOptions(temperature=0.0)
+    greedy_ms = _bench(lambda: triton_sample(x, w, None, None, greedy, seeds, positions, candidates[0]), rep_ms)
+    print(f"{'sample':10s} {'default, greedy (no noise)':28s} {greedy_ms:9.3f} ms"
+          f"  {greedy_ms / matmul_ms:5.2f}x matmul", flush=True)
 
 
 def tune_gradient(rep_ms: int) -> None:
@@ -88,11 +96,14 @@ def tune_gradient(rep_ms: int) -> None:
     kind = "gradient_sm90" if torch.cuda.get_device_capability()[0] == 9 else "gradient"
     candidates = CANDIDATES[kind][0]
 
-    def run(config):
+    def run(config, need=(True, True, False)):
         return backward(x, w, None, slots.ids, stats.lse, terms.row_coef * g, terms.slot_coef * g[:, None], None,
-                        stats.forward, options, (True, True, False), config)
+                        stats.forward, options, need, config)
 
     _report("gradient", candidates, candidates[0], lambda c: _bench(lambda: run(c), rep_ms))
+    # d_weight alone is the vocabulary pass: the rest of the time above is d_input's.
+    vocabulary_pass_ms = _bench(lambda: run(candidates[0], (False, True, False)), rep_ms)
+    print(f"{'gradient':10s} {'default, d_weight only':28s} {vocabulary_pass_ms:9.3f} ms", flush=True)
 
 
 def tune_threshold(rep_ms: int) -> None:
