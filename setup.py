@@ -32,9 +32,9 @@ def cuda_extensions():
     ext = CUDAExtension(
         "distil_kernels._C",
         sources,
-        # No --use_fast_math: the Gumbel transform's logs must round as PyTorch's do, or a
-        # seed would draw other ids than on the other backends; kernels call __expf where
-        # the fast form is meant.
+        # No --use_fast_math: the Gumbel transform's logs (csrc/gumbel.h) must be accurate to
+        # an ulp, or a seed could draw other ids than on the other backends; kernels call
+        # __expf and __fdividef where the fast form is meant.
         extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]},
     )
     return [ext], {"build_ext": BuildExtension}

@@ -5,14 +5,15 @@
 // and merges the ranges' partials in a second, per-row kernel. Selection is exact and
 // deterministic: radix select on keys that order like the floats, ties resolved by the
 // lower id; argmax reductions and the merge of ranges break ties by the lower id too.
-// Built without fast math: the Gumbel transform must round as the PyTorch backend's log
-// does, or the same seed would draw other ids.
+// Built without fast math: the Gumbel transform (gumbel.h) needs logf accurate to an ulp,
+// or the same seed could draw other ids than the other backends.
 
 #include "sampling_epilogue.h"
 
 #include <cmath>
 #include <cstdint>
 
+#include "gumbel.h"
 #include "row_walk.h"
 
 namespace distil {
@@ -251,29 +252,6 @@ __global__ void __launch_bounds__(kThreads) row_topk_kernel(RowTopKArgs a) {
 }
 
 // --- Gumbel-max ----------------------------------------------------------------------------
-
-// Philox4x32-10 (Random123's round and key schedule, as tl.philox and sampling/philox.py).
-__device__ __forceinline__ void philox4x32(uint32_t c[4], uint32_t k0, uint32_t k1) {
-#pragma unroll
-    for (int round = 0; round < 10; ++round) {
-        const uint32_t hi_b = __umulhi(0xCD9E8D57u, c[2]), lo_b = 0xCD9E8D57u * c[2];
-        const uint32_t hi_a = __umulhi(0xD2511F53u, c[0]), lo_a = 0xD2511F53u * c[0];
-        c[0] = hi_b ^ c[1] ^ k0;
-        c[2] = hi_a ^ c[3] ^ k1;
-        c[1] = lo_b;
-        c[3] = lo_a;
-        k0 += 0x9E3779B9u;
-        k1 += 0xBB67AE85u;
-    }
-}
-
-// u = (2w + 1) / 2^33 is exact in float64 and never 0 or 1; E = -log(u) keeps full
-// relative precision near u = 1 (where an unlikely token wins), then g = -log(E) in float.
-__device__ __forceinline__ float gumbel(uint32_t word) {
-    const double u = static_cast<double>(word) * 0x1p-32 + 0x1p-33;
-    const float exponential = static_cast<float>(-log(u));
-    return -logf(exponential);
-}
 
 struct Best {
     float score;

@@ -12,7 +12,8 @@ A draw is Gumbel-max: the kept id maximising z_v + g_v. The noise g_v of id v in
 sample j of a row comes from word w = word v % 4 of Philox4x32-10 keyed by the seed
 (the row's own seed when `seed` is a tensor [B]) at counter (v // 4, position low
 word, j, position high word): u = (2w + 1) / 2**33, E = -log(u) in float64 (exact u,
-so E is accurate where it is tiny) rounded to fp32, g = -log(E) in fp32. The position
+so E is accurate where it is tiny) rounded to fp32, g = -log(E) in fp32 (the triton and
+cuda kernels take the same E in fp32, to a few ulps: `gumbel_from_words`). The position
 is `positions[row]` when given, else 0 with per-row seeds, else the row's index. The
 noise of an id depends on nothing else, so a row's sample does not depend on the batch
 around it, the row order (given positions or per-row seeds) or the tiling, and backends

@@ -250,6 +250,28 @@ def _noise_kernel(seed_ptr, pos_ptr, words_ptr, gumbel_ptr, noise_ptr, first_gro
     tl.store(noise_ptr + rows[:, None] * BLOCK_N + cols[None, :], noise)
 
 
+@triton.jit
+def _gumbel_kernel(words_ptr, gumbel_ptr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(gumbel_ptr + offs, gumbel_from_words(tl.load(words_ptr + offs).to(tl.uint32)))
+
+
+def test_gumbel_transform_keeps_fp32_precision_at_both_ends():
+    """g = -log(-log(u)) in fp32 against float64 at every word near 0, 2**31 and 2**32 and
+    2**18 random words: within a few fp32 ulps everywhere, including u within 2**-33 of 1,
+    where a rare token wins (E ~ 1e-10: an fp32 u would round to 1 and give g = inf)."""
+    edges = [torch.arange(0, 4096), torch.arange(2**31 - 2048, 2**31 + 2048), torch.arange(2**32 - 4096, 2**32)]
+    words = torch.cat([*edges, torch.randint(0, 2**32, (2**18,), generator=torch.Generator().manual_seed(1))])
+    gumbel = torch.empty(len(words))
+    _gumbel_kernel[(len(words) // 4096,)](words, gumbel, BLOCK=4096)
+    u = (words.double() * 2 + 1) / 2**33
+    truth = -torch.log(-torch.log(u))
+    assert truth.max() > 22.8  # the rarest variates are in the test
+    # Two fp32 logs and the roundings of u, v and y: a few ulps of E (numpy's fp32 log, which
+    # the interpreter runs, is itself within 4 ulps) and of g.
+    torch.testing.assert_close(gumbel.double(), truth, rtol=2**-21, atol=2**-21)
+
+
 def test_noise_is_the_torch_stream():
     """Gumbel transform at the edge words, and a tile's noise at large ids, seeds and positions."""
     edges = torch.tensor([0, 1, 2, 2**31 - 2, 2**31 - 1, 2**31, 2**31 + 1, 2**32 - 2, 2**32 - 1])

@@ -21,7 +21,7 @@ from ...loss.triton.configs import TileConfig, autotuning, interpreting, shape_b
 MAX_TOPK = 256
 
 # Samples drawn per program from one logits tile. A sample's noise is about a hundred
-# instructions per id (a quarter of a Philox call, a float64 and an fp32 log), by
+# instructions per id (a quarter of a Philox call and two fp32 logs), by
 # instruction counts half the time of the tile's matmul at d = 4096 on an H100, so more
 # samples per program would save little matmul; a grid axis over groups of samples
 # keeps the GPU full at small batch sizes.

@@ -11,9 +11,9 @@ The noise is the torch backend's stream (sampling/sample.py): id v of sample n t
 word v % 4 of Philox4x32-10 keyed by the row's seed at counter (v // 4, position low
 word, n, position high word), so one `tl.philox` call on [BLOCK_M, BLOCK_N / 4] groups
 gives the whole tile; its four words are interleaved back into id order. The transform
-to g = -log(-log(u)) is the torch backend's (the inner log in float64, the outer in
-fp32), so both backends draw the same ids unless two scores tie to within the last
-bits of different math libraries or matmul orders.
+to g = -log(-log(u)) is the torch backend's, taken in fp32 where that backend takes the
+inner log in float64 (`gumbel_from_words`: the same E to a few ulps), so both backends
+draw the same ids unless two scores tie to within the last bits of their math.
 
 Each split stores its best (score, id, raw logit) per row and sample and its partials;
 `finish_draws_kernel` keeps the best split per sample (the earlier split on equal
@@ -39,15 +39,25 @@ TWO_POW_MINUS_33 = tl.constexpr(2.0**-33)
 
 @triton.jit
 def gumbel_from_words(words):
-    """The torch backend's g = -log(E) in fp32, E = -log(u) in float64 rounded to fp32, u = (2w + 1) / 2**33.
+    """g = -log(E) of the exponential variate E = -log(u), u = (2w + 1) / 2**33, all in fp32.
 
-    u has 33 significant bits, exact in float64, so E keeps full relative precision
-    where it is tiny (u near 1), and rounding it to fp32 gives the torch backend's E
-    whenever both float64 logs are within an ulp of the truth, all but always.
+    The torch backend takes E in float64 from the exact u. This is the same E to a few
+    fp32 ulps with one fp32 log instead of a float64 one (~30 double-precision
+    instructions an id, at half the fp32 rate on an H100; with the outer log, half the
+    noise's time). For u <= 1/2, E = -log(u) >= 0.69 of u rounded to fp32: the rounding
+    moves E by about an ulp. For u > 1/2, where E is tiny and an unlikely token wins,
+    E = -log1p(-v) of v = 1 - u = (2 (~w) + 1) / 2**33 (exact before its rounding), taken
+    as log(y) of y = 1 - v rounded, plus that rounding's residual (1 - y - v) / y, which
+    is exact: no cancellation anywhere, so E keeps its relative precision down to 2**-33.
     """
-    u = words.to(tl.float64) * TWO_POW_MINUS_32 + TWO_POW_MINUS_33
-    exponential = (-tl.log(u)).to(tl.float32)
-    return -tl.log(exponential)
+    upper = (words >> 31) != 0  # u > 1/2
+    u = words.to(tl.float32) * TWO_POW_MINUS_32 + TWO_POW_MINUS_33
+    v = (words ^ 0xFFFFFFFF).to(tl.float32) * TWO_POW_MINUS_32 + TWO_POW_MINUS_33
+    y = 1.0 - v
+    # y >= 1/2 where it is used; the clamp keeps the unused lanes' quotient finite.
+    residual = ((1.0 - y) - v) / tl.maximum(y, 0.5)
+    log_u = tl.log(tl.where(upper, y, u)) + tl.where(upper, residual, 0.0)
+    return -tl.log(-log_u)
 
 
 @triton.jit
