@@ -522,9 +522,10 @@ def test_at_temperature_is_the_correctly_rounded_quotient():
                                      dict(temperature=0.0, num_samples=2)], ids=["sample", "two-passes", "greedy"])
 @pytest.mark.parametrize("shape", [(64, 5003), (3, 40001)], ids=["64-rows-2-splits", "3-rows-19-splits"])
 def test_gumbel_argmax_kernel_matches_its_reference(options, shape):
-    """Same Philox words, the same float64/float logs and a correctly rounded division:
-    the kernel's scores equal the reference's bit for bit, so its ids do, whatever the
-    column ranges a row is split into and however many samples a pass draws (4)."""
+    """Same Philox words and a correctly rounded division; the kernel's fp32 Gumbel
+    transform (csrc/gumbel.h) is the reference's float64 one to a few fp32 ulps: the same
+    ids, whatever the column ranges a row is split into and however many samples a pass
+    draws (4), and scores within those ulps."""
     from distil_kernels.sampling.cuda import REFERENCE_SAMPLING_OPS, extension_sampling_ops
 
     logits = logits_chunk(*shape, seed=9)
@@ -542,6 +543,10 @@ def test_gumbel_argmax_kernel_matches_its_reference(options, shape):
         results.append(out)
     (want_ids, want_scores, want_logits, want_partial), (ids, scores, best_logits, partial) = results
     assert torch.equal(ids, want_ids)
-    assert torch.equal(scores, want_scores)
     assert torch.equal(best_logits, want_logits)
+    # Scores z + g: g within 2**-21 (1 + |g|) of the reference's (as tests/csrc's host check
+    # of the transform), and the sum's rounding, an ulp of the score on each side.
+    g = want_scores.double() - at_temperature(want_logits, opts.temperature or 1.0).double()
+    bound = 2**-21 * (1 + g.abs()) + 2 * torch.finfo(torch.float32).eps * want_scores.double().abs()
+    assert ((scores.double() - want_scores.double()).abs() <= bound).all()
     torch.testing.assert_close(partial, want_partial, rtol=1e-5, atol=1e-5)
