@@ -4,7 +4,7 @@ A GPU session is short, and a default chosen on compile reports alone (registers
 spills, barriers) is a guess: this times each candidate of a kernel kind on one call
 at the shape its target is measured on, so one run says which default to keep.
 
-    sample     `triton_sample` at B=64, Qwen2.5-7B's head (d=3584, V=152064), T=0.8,
+    sample     `triton_sample` at B=64 and 256, Qwen2.5-7B's head (d=3584, V=152064), T=0.8,
                against the bare bf16 matmul; then the default drawing greedily (no
                noise), which says what the noise costs
     gradient   the loss backward (its gradient kernel and GEMMs) at N=4096 on that head;
@@ -26,6 +26,7 @@ from .report import progress
 
 QWEN_D, QWEN_V = 3584, 152064
 KINDS = ("sample", "gradient", "threshold")
+SAMPLE_BATCHES = (64, 256)  # issue 4's two batch sizes
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,33 +47,39 @@ def _report(kind: str, candidates, default, time_fn, baseline_ms: float | None =
         try:
             ms = time_fn(config)
         except Exception as error:  # a candidate that fails to compile or run ends only its row
-            print(f"{kind:10s} {str(config):28s} failed: {type(error).__name__}: {str(error)[:120]}")
+            print(f"{kind:14s} {str(config):28s} failed: {type(error).__name__}: {str(error)[:120]}")
             continue
         ratio = f"  {ms / baseline_ms:5.2f}x matmul" if baseline_ms else ""
-        print(f"{kind:10s} {str(config):28s} {ms:9.3f} ms{ratio}{'  (default)' if config == default else ''}",
+        print(f"{kind:14s} {str(config):28s} {ms:9.3f} ms{ratio}{'  (default)' if config == default else ''}",
               flush=True)
 
 
 def tune_sample(rep_ms: int) -> None:
+    for rows in SAMPLE_BATCHES:
+        _tune_sample_batch(rows, rep_ms)
+
+
+def _tune_sample_batch(rows: int, rep_ms: int) -> None:
     from distil_kernels.sampling.sample import SamplingOptions, philox_rows
     from distil_kernels.sampling.triton.configs import device_arch, sample_candidates
     from distil_kernels.sampling.triton.sample import triton_sample
 
     from .sampling_suite import make_inputs
 
-    x, w = make_inputs(64, QWEN_D, QWEN_V, "bf16", "cuda")
-    seeds, positions = philox_rows(0, None, x.shape[0], x.device)
+    kind = f"sample B={rows}"
+    x, w = make_inputs(rows, QWEN_D, QWEN_V, "bf16", "cuda")
+    seeds, positions = philox_rows(0, None, rows, x.device)
     options = SamplingOptions(temperature=0.8)
-    candidates = sample_candidates(x.dtype, x.shape[0], device_arch(x.device))
+    candidates = sample_candidates(x.dtype, rows, device_arch(x.device))
     matmul_ms = _bench(lambda: x @ w.T, rep_ms)
-    print(f"{'sample':10s} {'bare matmul':28s} {matmul_ms:9.3f} ms", flush=True)
-    _report("sample", candidates, candidates[0],
+    print(f"{kind:14s} {'bare matmul':28s} {matmul_ms:9.3f} ms", flush=True)
+    _report(kind, candidates, candidates[0],
             lambda c: _bench(lambda: triton_sample(x, w, None, None, options, seeds, positions, c), rep_ms),
             matmul_ms)
     # Greedy draws skip the noise (Philox and two logs an id): the difference is its cost.
     greedy = SamplingOptions(temperature=0.0)
     greedy_ms = _bench(lambda: triton_sample(x, w, None, None, greedy, seeds, positions, candidates[0]), rep_ms)
-    print(f"{'sample':10s} {'default, greedy (no noise)':28s} {greedy_ms:9.3f} ms"
+    print(f"{kind:14s} {'default, greedy (no noise)':28s} {greedy_ms:9.3f} ms"
           f"  {greedy_ms / matmul_ms:5.2f}x matmul", flush=True)
 
 
@@ -103,7 +110,7 @@ def tune_gradient(rep_ms: int) -> None:
     _report("gradient", candidates, candidates[0], lambda c: _bench(lambda: run(c), rep_ms))
     # d_weight alone is the vocabulary pass: the rest of the time above is d_input's.
     vocabulary_pass_ms = _bench(lambda: run(candidates[0], (False, True, False)), rep_ms)
-    print(f"{'gradient':10s} {'default, d_weight only':28s} {vocabulary_pass_ms:9.3f} ms", flush=True)
+    print(f"{'gradient':14s} {'default, d_weight only':28s} {vocabulary_pass_ms:9.3f} ms", flush=True)
 
 
 def tune_threshold(rep_ms: int) -> None:
@@ -117,7 +124,7 @@ def tune_threshold(rep_ms: int) -> None:
     options = LossOptions()
     candidates = threshold_candidates(x.dtype, device_arch(x.device))
     matmul_ms = _bench(lambda: x @ w.T, rep_ms)
-    print(f"{'threshold':10s} {'bare matmul':28s} {matmul_ms:9.3f} ms", flush=True)
+    print(f"{'threshold':14s} {'bare matmul':28s} {matmul_ms:9.3f} ms", flush=True)
     _report("threshold", candidates, candidates[0],
             lambda c: _bench(lambda: triton_topk(x, w, None, 64, options, config=c), rep_ms), matmul_ms)
 
