@@ -6,12 +6,13 @@
 # steps on CUDA and the trainer bench's kernel/step time split; print a summary line last.
 # Budget: under 9 minutes on one H100 with the default steps. The `tune` step (each Triton
 # kernel's launch-config candidates timed, bench/tune.py, then a kernel profile of the
-# triton loss, hard and sparse; up to 6 minutes) is asked for by name, in a call of its
-# own: GPU_CHECK_STEPS=tune. Every step has its own time limit
+# triton loss, hard and sparse; up to 7.5 minutes) is asked for by name, in a call of its
+# own: GPU_CHECK_STEPS=tune (GPU_CHECK_TUNE_KINDS=forward,gradient, say, for fewer). Every step has its own time limit
 # so that a hung step still leaves the summary, and everything printed also goes to
 # $OUT/gpu_check.log (what the device tool brings back even when the call is cut off).
 #
 #   GPU_CHECK_STEPS="tests loss cuda-loss sample topk trainer"   the steps (default: these; also: tune)
+#   GPU_CHECK_TUNE_KINDS=forward,gradient   the tune step's kernels (default: bench/tune.py's all)
 #   GPU_CHECK_PROFILE=1     sample and topk also print where each call's time goes
 #   GPU_CHECK_PREBUILT=1    distil_kernels/_C*.so was built elsewhere against this machine's
 #                           torch and CUDA (name it in carry): use it, build only if it fails
@@ -134,7 +135,7 @@ fi
 
 if wanted tune; then
     step "launch-config candidates at the issues' shapes (bench/tune.py)"
-    timeout 210 python -m bench tune 2>&1
+    timeout 300 python -m bench tune ${GPU_CHECK_TUNE_KINDS:+--kinds "$GPU_CHECK_TUNE_KINDS"} 2>&1
     rc[tune]=${PIPESTATUS[0]}
     # Where the sparse loss's extra time goes (issue 3: <= 1.1x the hard labels): the
     # indexed dot, the slot lists, the gradient kernel's corrections.

@@ -7,6 +7,8 @@ at the shape its target is measured on, so one run says which default to keep.
     sample     `triton_sample` at B=64 and 256, Qwen2.5-7B's head (d=3584, V=152064), T=0.8,
                against the bare bf16 matmul; then the default drawing greedily (no
                noise), which says what the noise costs
+    forward    the loss forward's statistics kernel, a plain head (no bias), N=4096 on
+               that head, against the bare bf16 matmul
     gradient   the loss backward (its gradient kernel and GEMMs) at N=4096 on that head;
                then the default for d_weight alone (the vocabulary pass), which says
                what d_input's own pass costs
@@ -25,7 +27,7 @@ import torch
 from .report import progress
 
 QWEN_D, QWEN_V = 3584, 152064
-KINDS = ("sample", "gradient", "threshold")
+KINDS = ("sample", "forward", "gradient", "threshold")
 SAMPLE_BATCHES = (64, 256)  # issue 4's two batch sizes
 
 
@@ -83,6 +85,23 @@ def _tune_sample_batch(rows: int, rep_ms: int) -> None:
           f"  {greedy_ms / matmul_ms:5.2f}x matmul", flush=True)
 
 
+def tune_forward(rep_ms: int) -> None:
+    from distil_kernels.loss.options import LossOptions
+    from distil_kernels.loss.triton.configs import CANDIDATES
+    from distil_kernels.loss.triton.lse_forward import lse_forward
+
+    n = 4096
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(n, QWEN_D, generator=gen, device="cuda").bfloat16()
+    w = (torch.randn(QWEN_V, QWEN_D, generator=gen, device="cuda") * QWEN_D**-0.5).bfloat16()
+    kind = "forward_plain_sm90" if torch.cuda.get_device_capability()[0] == 9 else "forward"
+    candidates = CANDIDATES[kind][0]
+    matmul_ms = _bench(lambda: x @ w.T, rep_ms)
+    print(f"{'forward':14s} {'bare matmul':28s} {matmul_ms:9.3f} ms", flush=True)
+    _report("forward", candidates, candidates[0], lambda c: _bench(lambda: lse_forward(x, w, None, LossOptions(), c),
+                                                                   rep_ms), matmul_ms)
+
+
 def tune_gradient(rep_ms: int) -> None:
     from distil_kernels.loss.options import LossOptions
     from distil_kernels.loss.targets import make_slots, row_terms, row_weights
@@ -138,7 +157,8 @@ def main(args: argparse.Namespace) -> int:
     if unknown:
         print(f"bench tune: unknown kinds {unknown}; choose from {','.join(KINDS)}")
         return 2
-    runners = {"sample": tune_sample, "gradient": tune_gradient, "threshold": tune_threshold}
+    runners = {"sample": tune_sample, "forward": tune_forward, "gradient": tune_gradient,
+               "threshold": tune_threshold}
     progress(f"bench tune on {torch.cuda.get_device_name()}: {', '.join(kinds)}")
     for kind in kinds:
         runners[kind](args.rep_ms)

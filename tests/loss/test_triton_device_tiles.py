@@ -91,3 +91,85 @@ def test_two_pass_workspace_splits_these_shapes(device_tiles, dtype):
     plan = plan_backward(N, V, D, dtype, need, candidates[0], 64 * 1024)
     assert not plan.dx_rides_along
     assert plan.head_rows < N and plan.head_cols < V and plan.dx_rows < N and plan.dx_cols < V
+
+
+@pytest.mark.skipif(configs.tensor_descriptors() is None, reason="this Triton has no TMA descriptors")
+@pytest.mark.parametrize("config", configs.GRADIENT_TMA_SM90, ids=str)
+@pytest.mark.parametrize("workspace_bytes", [None, 64 * 1024], ids=["one-pass", "two-passes"])
+def test_gradient_by_tma_descriptors(monkeypatch, config, workspace_bytes):
+    """The sm_90 candidates whose x and W slices come by TMA descriptors and whose gradient
+    tile leaves by one: zero fill past N, V and d on the loads, clipping on the stores
+    (a partial last row block, vocabulary tile and K slice here), fp16 sparse targets
+    with every option."""
+    from distil_kernels.loss.triton import backward as backward_module
+
+    launched = []
+
+    kernel = backward_module.logits_grad_kernel
+    monkeypatch.setattr(backward_module, "logits_grad_kernel", _RecordingKernel(kernel, launched))
+    monkeypatch.setattr(backward_module, "select_config", lambda kind, *args: config)
+    x64, w64, b64, target = make_problem(N, D, V, k=6, seed=43, ignore_rows=(5,), scale=2.0)
+    options = dict(label_smoothing=0.05, softcap=8.0, temperature=0.9, z_loss=1e-4)
+    want = run(x64, w64, b64, target, "torch", **options)
+    x, w, b = x64.half(), w64.half(), b64.half()
+    got = run(x, w, b, target, "triton", workspace_bytes=workspace_bytes, **options)
+    assert launched and all(launched), "the gradient kernel ran without its descriptors"
+    assert_within_dtype_error(got, same_dtype_pytorch(x, w, b, target, LossOptions(**options)), want)
+
+
+@pytest.mark.skipif(configs.tensor_descriptors() is None, reason="this Triton has no TMA descriptors")
+def test_tma_configs_fall_back_to_pointers_where_rows_are_unaligned(monkeypatch):
+    """d=13 in fp16: 26-byte rows, which TMA cannot address (16-byte multiples): the TMA
+    configs launch with pointers instead, and the loss and gradients stay right."""
+    from distil_kernels.loss.triton import backward as backward_module
+    from distil_kernels.loss.triton import lse_forward as forward_module
+
+    launched = []
+    for module, name, config in ((forward_module, "lse_forward_kernel", configs.FORWARD_TMA_SM90[0]),
+                                 (backward_module, "logits_grad_kernel", configs.GRADIENT_TMA_SM90[0])):
+        monkeypatch.setattr(module, name, _RecordingKernel(getattr(module, name), launched))
+        monkeypatch.setattr(module, "select_config", lambda kind, *args, config=config: config)
+    x64, w64, b64, target = make_problem(N, 13, V, seed=45, scale=2.0)
+    want = run(x64, w64, b64, target, "torch")
+    x, w, b = x64.half(), w64.half(), b64.half()
+    got = run(x, w, b, target, "triton")
+    assert launched == [False, False]
+    assert_within_dtype_error(got, same_dtype_pytorch(x, w, b, target, LossOptions()), want)
+
+
+TMA_FORWARDS = [(c, False) for c in configs.FORWARD_TMA_SM90] + [(c, True) for c in configs.FORWARD_PLAIN_TMA_SM90]
+
+
+@pytest.mark.skipif(configs.tensor_descriptors() is None, reason="this Triton has no TMA descriptors")
+@pytest.mark.parametrize("config, plain", TMA_FORWARDS, ids=lambda a: str(a) if isinstance(a, configs.TileConfig)
+                         else ("plain" if a else "every-option"))
+def test_forward_by_tma_descriptors(monkeypatch, config, plain):
+    """The sm_90 forward candidates with TMA loads: a plain head's, and one with bias, softcap
+    and label smoothing; the forward's statistics feed the backward, so the whole loss
+    and its gradients are checked (fp16, hard labels)."""
+    from distil_kernels.loss.triton import lse_forward as forward_module
+
+    launched = []
+    monkeypatch.setattr(forward_module, "lse_forward_kernel",
+                        _RecordingKernel(forward_module.lse_forward_kernel, launched))
+    monkeypatch.setattr(forward_module, "select_config", lambda kind, *args: config)
+    x64, w64, b64, target = make_problem(N, D, V, seed=44, ignore_rows=(9,), scale=2.0, bias=not plain)
+    options = {} if plain else dict(label_smoothing=0.05, softcap=8.0, temperature=0.9)
+    want = run(x64, w64, b64, target, "torch", **options)
+    x, w, b = x64.half(), w64.half(), None if plain else b64.half()
+    got = run(x, w, b, target, "triton", **options)
+    assert launched and all(launched), "the forward kernel ran without its descriptors"
+    assert_within_dtype_error(got, same_dtype_pytorch(x, w, b, target, LossOptions(**options)), want)
+
+
+class _RecordingKernel:
+    """A kernel that records, for each launch, whether it took TMA descriptors."""
+
+    def __init__(self, kernel, launched):
+        self.kernel, self.launched = kernel, launched
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launched.append(kwargs["USE_TMA"])
+            return self.kernel[grid](*args, **kwargs)
+        return launch

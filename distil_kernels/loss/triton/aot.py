@@ -34,6 +34,8 @@ from .configs import (
     FORWARD_CANDIDATES,
     FORWARD_CANDIDATES_FP32,
     FORWARD_PLAIN_SM90,
+    FORWARD_PLAIN_SM90_CANDIDATES,
+    FORWARD_SM90_CANDIDATES,
     GRADIENT_CANDIDATES,
     GRADIENT_CANDIDATES_FP32,
     GRADIENT_CANDIDATES_SM90,
@@ -100,10 +102,13 @@ def forward_spec(config: TileConfig, dtype: str, plain: bool = False, archs: tup
                 "part_zsum_ptr": "fp32", "block_max_ptr": "fp32"}
     constexprs = {"BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "BLOCK_K": config.block_k,
                   "HAS_BIAS": not plain, "HAS_SOFTCAP": not plain, "LOGIT_SUM": not plain,
-                  "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32"}
+                  "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32", "USE_TMA": config.tma}
     flags = "plain," if plain else ""
     spec = kernel_spec(f"lse_forward[{dtype},{flags}{config}]", lse_forward_kernel, pointers, constexprs, config,
                        float_args=("softcap", "inv_temp"))
+    if config.tma:
+        spec = with_descriptors(spec, x_ptr=(t, config.block_m, config.block_k),
+                                w_ptr=(t, config.block_n, config.block_k))
     return dataclasses.replace(spec, archs=archs)
 
 
@@ -116,11 +121,23 @@ def gradient_spec(config: TileConfig, dtype: str, filtered: bool, archs: tuple[i
                 "entry_id_ptr": "i32", "entry_coef_ptr": "fp32", "grad_ptr": t, "skipped_ptr": "i32"}
     constexprs = {"BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "BLOCK_K": config.block_k,
                   "GROUP_M": config.group_m, "HAS_BIAS": True, "HAS_SOFTCAP": True, "HAS_UNIFORM": True,
-                  "FILTER": filtered, "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32"}
+                  "FILTER": filtered, "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32", "USE_TMA": config.tma}
     spec = kernel_spec(f"logits_grad[{dtype},{'filter,' if filtered else ''}{config}]", logits_grad_kernel,
                        pointers, constexprs, config, float_args=("softcap", "inv_temp", "log_filter_eps"))
+    if config.tma:
+        spec = with_descriptors(spec, x_ptr=(t, config.block_m, config.block_k),
+                                w_ptr=(t, config.block_n, config.block_k),
+                                grad_ptr=(t, config.block_m, config.block_n))
     # The gradient buffer's row stride is its chunk's width: whole tiles, a multiple of 16.
     return dataclasses.replace(spec, divisible=spec.divisible + ("stride_gn",), archs=archs)
+
+
+def with_descriptors(spec: CompileSpec, **blocks: tuple[str, int, int]) -> CompileSpec:
+    """`spec` with the named pointer arguments passed as TMA descriptors of (dtype, rows, cols) blocks."""
+    signature = dict(spec.signature)
+    for name, (dtype, rows, cols) in blocks.items():
+        signature[name] = f"tensordesc<{dtype}[{rows}, {cols}]>"
+    return dataclasses.replace(spec, signature=signature, divisible=tuple(a for a in spec.divisible if a not in blocks))
 
 
 def indexed_dot_spec(dtype: str) -> CompileSpec:
@@ -141,8 +158,10 @@ def all_specs() -> list[CompileSpec]:
     specs = []
     for dtype, forward in (("bf16", FORWARD_CANDIDATES), ("fp32", FORWARD_CANDIDATES_FP32)):
         specs += [forward_spec(c, dtype) for c in forward]
-        if dtype == "bf16":  # a plain head on sm_90: its own wide tile
+        if dtype == "bf16":  # sm_90: a plain head's own wide tile, and the TMA candidates
             specs.append(forward_spec(FORWARD_PLAIN_SM90, dtype, plain=True, archs=(90,)))
+            specs += [forward_spec(c, dtype, archs=(90,)) for c in FORWARD_SM90_CANDIDATES if c.tma]
+            specs += [forward_spec(c, dtype, plain=True, archs=(90,)) for c in FORWARD_PLAIN_SM90_CANDIDATES if c.tma]
         # The gradient kernel's tiles per architecture (sm_80's fp32 list is sm_90's too).
         if dtype == "bf16":
             gradient = [(c, (90,)) for c in GRADIENT_CANDIDATES_SM90 if c not in GRADIENT_CANDIDATES]

@@ -49,9 +49,10 @@ from torch import Tensor
 
 from ..gemm import addmm_fp32, gradient_scale
 from ..options import LossOptions
-from .configs import BACKWARD_WORKSPACE_BYTES, ENABLE_FP_FUSION, TileConfig, select_config
+from .configs import (BACKWARD_WORKSPACE_BYTES, ENABLE_FP_FUSION, TileConfig, descriptors_apply, select_config,
+                      tensor_descriptors)
 from .lse_forward import ForwardStats
-from .tiles import grouped_program, logits_tile
+from .tiles import grouped_program, logits_tile, logits_tile_tma
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,7 @@ def logits_grad_kernel(
     HAS_UNIFORM: tl.constexpr,  # label smoothing subtracts eps / V from every logit's gradient
     FILTER: tl.constexpr,  # skip tiles below filter_eps
     DOT_PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr,  # x_ptr, w_ptr and grad_ptr are tensor descriptors (sm_90)
 ):
     pid_m, pid_n = grouped_program(tl.program_id(0), num_m_blocks, num_tiles, GROUP_M)
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -119,14 +121,19 @@ def logits_grad_kernel(
     # the dot loop they would take 128 registers a thread (64-bit addresses of 64 entries).
     if skip:
         tl.atomic_add(skipped_ptr, 1)
-        tl.store(grad_ptr + offs_m[:, None] * stride_gn + offs_n[None, :],
-                 tl.zeros((BLOCK_M, BLOCK_N), dtype=grad_ptr.dtype.element_ty),
-                 mask=row_ok[:, None] & col_ok[None, :])
+        store_gradient(grad_ptr, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), pid_m, pid_n, offs_m, offs_n,
+                       row_ok, col_ok, stride_gn, BLOCK_M, BLOCK_N, USE_TMA)
     else:
-        z, tanh = logits_tile(
-            x_ptr, w_ptr, b_ptr, offs_m, offs_n, N, V, D, stride_xn, stride_xd, stride_wv, stride_wd,
-            softcap, inv_temp, BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS, HAS_SOFTCAP, DOT_PRECISION,
-        )
+        if USE_TMA:
+            z, tanh = logits_tile_tma(
+                x_ptr, w_ptr, b_ptr, pid_m * BLOCK_M, pid_n * BLOCK_N, offs_n, V, D, softcap, inv_temp,
+                BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS, HAS_SOFTCAP, DOT_PRECISION,
+            )
+        else:
+            z, tanh = logits_tile(
+                x_ptr, w_ptr, b_ptr, offs_m, offs_n, N, V, D, stride_xn, stride_xd, stride_wv, stride_wd,
+                softcap, inv_temp, BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS, HAS_SOFTCAP, DOT_PRECISION,
+            )
         row_coef = tl.load(row_coef_ptr + offs_m, mask=row_ok, other=0.0)
         dz = tl.exp(z - lse[:, None]) * row_coef[:, None]
         if HAS_UNIFORM:
@@ -142,6 +149,17 @@ def logits_grad_kernel(
             dz -= tl.where(offs_n[None, :] == entry_col, coef[:, None], 0.0)
         if HAS_SOFTCAP:
             dz *= 1.0 - tanh * tanh
+        store_gradient(grad_ptr, dz, pid_m, pid_n, offs_m, offs_n, row_ok, col_ok, stride_gn, BLOCK_M, BLOCK_N,
+                       USE_TMA)
+
+
+@triton.jit
+def store_gradient(grad_ptr, dz, pid_m, pid_n, offs_m, offs_n, row_ok, col_ok, stride_gn,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr):
+    """The tile's dL/du, rounded to the buffer's dtype; a descriptor's store clips at its edges."""
+    if USE_TMA:
+        grad_ptr.store([pid_m * BLOCK_M, pid_n * BLOCK_N], dz.to(grad_ptr.dtype))
+    else:
         tl.store(grad_ptr + offs_m[:, None] * stride_gn + offs_n[None, :], dz.to(grad_ptr.dtype.element_ty),
                  mask=row_ok[:, None] & col_ok[None, :])
 
@@ -278,6 +296,8 @@ def backward(x: Tensor, weight: Tensor, bias: Tensor | None, slot_ids: Tensor, l
     d_bias = torch.zeros(v, dtype=torch.float32, device=dev) if need_db else None
     total_tiles = 0
 
+    use_tma = config.tma and descriptors_apply(x, weight)
+
     def gradient_block(buffer: Tensor, r0: int, r1: int, v0: int, v1: int) -> Tensor:
         """dL/du of rows r0..r1 and vocabulary ids v0..v1: the top-left corner of `buffer`.
 
@@ -289,11 +309,17 @@ def backward(x: Tensor, weight: Tensor, bias: Tensor | None, slot_ids: Tensor, l
         num_m_blocks = triton.cdiv(r1 - r0, config.block_m)
         num_tiles = triton.cdiv(v1 - v0, config.block_n)
         rows = slice(r0, r1)
+        x_arg, w_arg, grad_arg = x[rows], weight[v0:v1], grad
+        if use_tma:
+            descriptor = tensor_descriptors()
+            x_arg = descriptor.from_tensor(x_arg, [config.block_m, config.block_k])
+            w_arg = descriptor.from_tensor(w_arg, [config.block_n, config.block_k])
+            grad_arg = descriptor.from_tensor(grad_arg, [config.block_m, config.block_n])
         logits_grad_kernel[(num_m_blocks * num_tiles,)](
-            x[rows], weight[v0:v1], bias[v0:v1] if bias is not None else lse, lse[rows], row_coef[rows],
+            x_arg, w_arg, bias[v0:v1] if bias is not None else lse, lse[rows], row_coef[rows],
             uniform[rows] if uniform is not None else lse, forward.block_max,
             corrections.offsets, corrections.rows, corrections.ids, corrections.coefs,
-            grad, skipped,
+            grad_arg, skipped,
             r1 - r0, v1 - v0, d, r0, v0, num_m_blocks, num_tiles, corrections.tiles,
             forward.config.block_m, forward.config.block_n, forward.block_max.shape[1],
             x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), grad.stride(0),
@@ -302,7 +328,7 @@ def backward(x: Tensor, weight: Tensor, bias: Tensor | None, slot_ids: Tensor, l
             BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
             HAS_BIAS=bias is not None, HAS_SOFTCAP=options.softcap is not None, HAS_UNIFORM=uniform is not None,
             FILTER=filter_eps is not None,
-            DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+            DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", USE_TMA=use_tma,
             num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=ENABLE_FP_FUSION,
         )
         total_tiles += num_m_blocks * num_tiles

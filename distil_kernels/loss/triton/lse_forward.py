@@ -20,8 +20,8 @@ import triton.language as tl
 from torch import Tensor
 
 from ..options import LossOptions
-from .configs import ENABLE_FP_FUSION, TileConfig, select_config
-from .tiles import fold_lse, logits_tile
+from .configs import ENABLE_FP_FUSION, TileConfig, descriptors_apply, select_config, tensor_descriptors
+from .tiles import fold_lse, logits_tile, logits_tile_tma
 
 # Enough programs to cover the SMs of an H100 (132) a few times over.
 _TARGET_PROGRAMS = 4 * 132
@@ -44,6 +44,7 @@ def lse_forward_kernel(
     HAS_SOFTCAP: tl.constexpr,  # c * tanh(u / c) applied in the tile
     LOGIT_SUM: tl.constexpr,  # label smoothing needs sum_v z
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs: no silent TF32
+    USE_TMA: tl.constexpr,  # x_ptr and w_ptr are tensor descriptors (sm_90)
 ):
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -58,10 +59,16 @@ def lse_forward_kernel(
     for tile in range(first_tile, last_tile):
         offs_n = (tile * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
         col_ok = offs_n < V
-        z, _ = logits_tile(
-            x_ptr, w_ptr, b_ptr, offs_m, offs_n, N, V, D, stride_xn, stride_xd, stride_wv, stride_wd,
-            softcap, inv_temp, BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS, HAS_SOFTCAP, DOT_PRECISION,
-        )
+        if USE_TMA:
+            z, _ = logits_tile_tma(
+                x_ptr, w_ptr, b_ptr, pid_m * BLOCK_M, tile * BLOCK_N, offs_n, V, D, softcap, inv_temp,
+                BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS, HAS_SOFTCAP, DOT_PRECISION,
+            )
+        else:
+            z, _ = logits_tile(
+                x_ptr, w_ptr, b_ptr, offs_m, offs_n, N, V, D, stride_xn, stride_xd, stride_wv, stride_wd,
+                softcap, inv_temp, BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS, HAS_SOFTCAP, DOT_PRECISION,
+            )
         z = tl.where(col_ok[None, :], z, float("-inf"))
         tile_max = tl.max(z, axis=1)
         block_max = tl.max(tl.where(row_ok, tile_max, float("-inf")), axis=0)
@@ -99,8 +106,8 @@ def lse_forward(x: Tensor, weight: Tensor, bias: Tensor | None, options: LossOpt
     """Launch the statistics kernel on 2-D `x` [N, d]; merge the per-split partials."""
     if config is None:
         plain = bias is None and options.softcap is None and not options.label_smoothing
-        kind = "forward_plain_sm90" if plain and x.is_cuda and torch.cuda.get_device_capability(x.device)[0] == 9 \
-            else "forward"
+        sm90 = x.is_cuda and torch.cuda.get_device_capability(x.device)[0] == 9
+        kind = ("forward_plain_sm90" if plain else "forward_sm90") if sm90 else "forward"
         config = select_config(kind, x.dtype, (x.shape[0], weight.shape[0], x.shape[1]),
                                (bias is not None, options.softcap is not None, bool(options.label_smoothing)),
                                lambda c: lse_forward(x, weight, bias, options, c))
@@ -119,15 +126,21 @@ def lse_forward(x: Tensor, weight: Tensor, bias: Tensor | None, options: LossOpt
     block_max = torch.empty(num_m_blocks, num_tiles, dtype=torch.float32, device=dev)
     if n > 0:
         grid = (num_m_blocks, num_splits)
+        use_tma = config.tma and descriptors_apply(x, weight)
+        x_arg, w_arg = x, weight
+        if use_tma:
+            descriptor = tensor_descriptors()
+            x_arg = descriptor.from_tensor(x, [config.block_m, config.block_k])
+            w_arg = descriptor.from_tensor(weight, [config.block_n, config.block_k])
         lse_forward_kernel[grid](
-            x, weight, bias if bias is not None else x,
+            x_arg, w_arg, bias if bias is not None else x,
             part_max, part_sum, part_zsum, block_max,
             n, v, d, num_tiles, tiles_per_split, num_splits,
             x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
             float(options.softcap or 1.0), 1.0 / options.temperature,
             BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
             HAS_BIAS=bias is not None, HAS_SOFTCAP=options.softcap is not None, LOGIT_SUM=smoothing,
-            DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+            DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", USE_TMA=use_tma,
             num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=ENABLE_FP_FUSION,
         )
     lse = merge_lse(part_max, part_sum)

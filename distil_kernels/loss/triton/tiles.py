@@ -75,6 +75,29 @@ def logits_tile(
 
 
 @triton.jit
+def logits_tile_tma(
+    x_desc, w_desc, b_ptr,
+    first_row, first_col,  # the tile's first row of x and column of W (in the descriptors' views)
+    offs_n, V, D,
+    softcap, inv_temp,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """`logits_tile` with x and W slices loaded by the tensor-memory accelerator (sm_90).
+
+    The descriptors' blocks are [BLOCK_M, BLOCK_K] of x and [BLOCK_N, BLOCK_K] of W; TMA
+    fills what lies past N, V or D with zeros, so there are no masks and no per-thread
+    addresses: the registers they held are left to the tile.
+    """
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        a = x_desc.load([first_row, k0])
+        b = w_desc.load([first_col, k0])
+        acc = tl.dot(a, b.T, acc, input_precision=DOT_PRECISION)
+    return finish_logits(acc, b_ptr, offs_n, offs_n < V, softcap, inv_temp, HAS_BIAS, HAS_SOFTCAP)
+
+
+@triton.jit
 def finish_logits(acc, b_ptr, offs_n, col_ok, softcap, inv_temp, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
     """(z, tanh(u / c)) of a tile of products `acc` = x W^T: bias, softcap and temperature applied."""
     if HAS_BIAS:
