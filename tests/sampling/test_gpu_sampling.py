@@ -147,6 +147,28 @@ def test_topk_matches_torch(backend, dtype, options, k):
     check_topk(got, want, z - lse[:, None], lse, k, dtype)
 
 
+def _threshold_candidates():
+    from distil_kernels.sampling.triton.configs import threshold_candidates
+
+    return list(dict.fromkeys(threshold_candidates(torch.bfloat16, 90) + threshold_candidates(torch.bfloat16, 80)))
+
+
+@pytest.mark.parametrize("config", _threshold_candidates(), ids=str)
+def test_topk_every_threshold_config_matches_torch(config):
+    """Every threshold-pass candidate `bench tune` or the autotuner may pick, the TMA one
+    included (below sm_90 it launches with pointers), bf16 with softcap and temperature."""
+    from distil_kernels.loss.options import LossOptions
+    from distil_kernels.sampling.triton.topk import triton_topk
+
+    x, w, b = problem(TOPK_ROWS, torch.bfloat16, seed=1)
+    options = dict(softcap=30.0, temperature=0.7)
+    got = triton_topk(x, w, b.float(), 64, LossOptions(**options), config=config)
+    want = linear_topk(x, w, 64, bias=b, backend="torch", **options)
+    z = logits64(x, w, b, 30.0) / 0.7
+    lse64 = torch.logsumexp(z, dim=1)
+    check_topk(got, want, z - lse64[:, None], lse64, 64, torch.bfloat16)
+
+
 @pytest.mark.parametrize("k", [1, 64, 256])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_topk_merge_kernel_matches_torch(dtype, k):

@@ -118,3 +118,32 @@ def test_flat_head_dense_fallback(device_tiles):
     for p, q in zip(got[1:], want[1:]):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-5)
     assert device_tiles.chosen["select_dense_sample_config"]
+
+
+@pytest.mark.skipif(configs.tensor_descriptors() is None, reason="this Triton has no TMA descriptors")
+@pytest.mark.parametrize("d", [72, 13], ids=["tma", "unaligned-rows-fall-back"])
+def test_topk_threshold_pass_by_tma_descriptors(monkeypatch, d):
+    """The sm_90 threshold candidate whose x and W slices come by TMA descriptors (zero
+    fill past N, V and d); fp16 rows of d=13 (26 bytes) cannot be addressed so and take
+    pointers instead."""
+    launched = []
+    monkeypatch.setattr(topk_module, "threshold_kernel", RecordingKernel(topk_module.threshold_kernel, launched))
+    monkeypatch.setattr(topk_module, "select_threshold_config", lambda *args: configs.THRESHOLD_TMA_SM90)
+    x, w, b = make_problem(40, V, d, torch.float16, seed=35, scale=2.0)
+    got = linear_topk(x, w, 5, bias=b, softcap=4.0, temperature=0.8, backend="triton")
+    log_q, lse = dense_log_softmax(x, w, b, softcap=4.0, temperature=0.8)
+    assert_topk_close(got, log_q, lse, 5, tol=2e-5)
+    assert launched and all(use_tma == (d == 72) for use_tma in launched)
+
+
+class RecordingKernel:
+    """A kernel that records, for each launch, whether it took TMA descriptors."""
+
+    def __init__(self, kernel, launched):
+        self.kernel, self.launched = kernel, launched
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launched.append(kwargs["USE_TMA"])
+            return self.kernel[grid](*args, **kwargs)
+        return launch

@@ -13,7 +13,7 @@ import dataclasses
 
 import torch
 
-from ...loss.triton.aot import TRITON_DTYPE, CompileSpec, kernel_spec
+from ...loss.triton.aot import TRITON_DTYPE, CompileSpec, kernel_spec, with_descriptors
 from .configs import (
     DENSE_SAMPLE_CONFIG,
     MAX_TOPK,
@@ -46,9 +46,12 @@ def threshold_spec(config: TileConfig, dtype: str, archs: tuple[int, ...] = (90,
                 "value_ptr": "fp32", "id_ptr": "i32", "part_ptr": "fp32"}
     constexprs = {"BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "BLOCK_K": config.block_k,
                   "HAS_BIAS": True, "HAS_SOFTCAP": True, "RAW_LSE": True,
-                  "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32"}
+                  "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32", "USE_TMA": config.tma}
     spec = kernel_spec(f"threshold[{dtype},{config}]", threshold_kernel, pointers, constexprs, config,
                        float_args=("softcap", "inv_temp"))
+    if config.tma:
+        spec = with_descriptors(spec, x_ptr=(t, config.block_m, config.block_k),
+                                w_ptr=(t, config.block_n, config.block_k))
     return dataclasses.replace(spec, archs=archs)
 
 

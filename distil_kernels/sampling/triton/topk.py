@@ -49,8 +49,8 @@ from torch import Tensor
 
 from ...loss.options import LossOptions
 from ...loss.triton.lse_forward import merge_lse
-from ...loss.triton.tiles import fold_lse, logits_tile
-from ...loss.triton.configs import ENABLE_FP_FUSION
+from ...loss.triton.tiles import fold_lse, logits_tile, logits_tile_tma
+from ...loss.triton.configs import ENABLE_FP_FUSION, descriptors_apply, tensor_descriptors
 from .configs import MAX_TOPK, TileConfig, select_threshold_config, select_topk_config
 from .splits import plan_splits
 
@@ -131,15 +131,22 @@ def folded_tile(
     run_max, run_sum, raw_max, raw_sum,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, RAW_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr = False,  # x_ptr and w_ptr are tensor descriptors (sm_90)
 ):
     """Logits tile `tile` (z, -inf past V), its ids and their mask, with the tile folded
     into the running (max, sum-exp) of z and, with RAW_LSE, of the raw logits."""
     offs_n = (tile * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     col_ok = offs_n < V
-    z, tanh = logits_tile(
-        x_ptr, w_ptr, b_ptr, offs_m, offs_n, N, V, D, stride_xn, stride_xd, stride_wv, stride_wd,
-        softcap, inv_temp, BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS, HAS_SOFTCAP, DOT_PRECISION,
-    )
+    if USE_TMA:
+        z, tanh = logits_tile_tma(
+            x_ptr, w_ptr, b_ptr, tl.program_id(0) * BLOCK_M, tile * BLOCK_N, offs_n, V, D, softcap, inv_temp,
+            BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS, HAS_SOFTCAP, DOT_PRECISION,
+        )
+    else:
+        z, tanh = logits_tile(
+            x_ptr, w_ptr, b_ptr, offs_m, offs_n, N, V, D, stride_xn, stride_xd, stride_wv, stride_wd,
+            softcap, inv_temp, BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS, HAS_SOFTCAP, DOT_PRECISION,
+        )
     z = tl.where(col_ok[None, :], z, float("-inf"))
     run_max, run_sum = fold_lse(run_max, run_sum, z)
     if RAW_LSE:
@@ -224,6 +231,7 @@ def threshold_kernel(
     # meta-parameters
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, RAW_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr,  # x_ptr and w_ptr are tensor descriptors (sm_90)
 ):
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -242,7 +250,7 @@ def threshold_kernel(
         z, _, _, run_max, run_sum, raw_max, raw_sum = folded_tile(
             x_ptr, w_ptr, b_ptr, offs_m, tile, N, V, D, stride_xn, stride_xd, stride_wv, stride_wd, softcap,
             inv_temp, run_max, run_sum, raw_max, raw_sum,
-            BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS, HAS_SOFTCAP, RAW_LSE, DOT_PRECISION,
+            BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS, HAS_SOFTCAP, RAW_LSE, DOT_PRECISION, USE_TMA,
         )
         # NaN has no place in a comparison order: the row goes to the merge kernel.
         unsettled |= tl.max((z != z).to(tl.int32), axis=1)
@@ -393,15 +401,21 @@ def threshold_topk(x: Tensor, weight: Tensor, bias: Tensor | None, k: int, optio
     cand_values = torch.empty(n, plan.num_splits, capacity, dtype=torch.float32, device=dev)
     cand_ids = torch.empty(n, plan.num_splits, capacity, dtype=torch.int32, device=dev)
     part = torch.empty(n, plan.num_splits, 4, dtype=torch.float32, device=dev)
+    use_tma = config.tma and descriptors_apply(x, weight)
+    x_arg, w_arg = x, weight
+    if use_tma:
+        descriptor = tensor_descriptors()
+        x_arg = descriptor.from_tensor(x, [config.block_m, config.block_k])
+        w_arg = descriptor.from_tensor(weight, [config.block_n, config.block_k])
     threshold_kernel[(plan.num_m_blocks, plan.num_splits)](
-        x, weight, bias if bias is not None else x,
+        x_arg, w_arg, bias if bias is not None else x,
         bound, count, cand_values, cand_ids, part,
         n, v, d, plan.num_tiles, plan.tiles_per_split, plan.num_splits, capacity,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
         float(options.softcap or 1.0), 1.0 / options.temperature,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         HAS_BIAS=bias is not None, HAS_SOFTCAP=options.softcap is not None, RAW_LSE=raw_lse,
-        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", USE_TMA=use_tma,
         num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=ENABLE_FP_FUSION,
     )
     keys = candidate_keys(cand_values, cand_ids, count)
