@@ -318,6 +318,29 @@ def test_sample_draws_the_torch_ids(backend, dtype, options, keys):
     print(f"{dtype} {options_id(options)} {keys}: {stats}")
 
 
+def _sample_candidates():
+    from distil_kernels.sampling.triton.configs import sample_candidates
+
+    return list(dict.fromkeys(sample_candidates(torch.bfloat16, SAMPLE_ROWS, 90)
+                              + sample_candidates(torch.bfloat16, SAMPLE_ROWS, 80)))
+
+
+@pytest.mark.parametrize("config", _sample_candidates(), ids=str)
+def test_sample_every_config_draws_the_torch_ids(monkeypatch, config):
+    """Every sampler candidate `bench tune` or the autotuner may pick, the TMA ones included
+    (below sm_90 they launch with pointers): bf16, softcap, per-row seeds, 3 samples."""
+    from distil_kernels.sampling.triton import sample as sample_module
+
+    monkeypatch.setattr(sample_module, "select_sample_config", lambda *args: config)
+    x, w, b = problem(SAMPLE_ROWS, torch.bfloat16, seed=3)
+    seed, positions = seeds_and_positions("row-seeds-positions", SAMPLE_ROWS)
+    options = dict(temperature=0.8, num_samples=3)
+    kwargs = dict(bias=b, softcap=30.0, seed=seed, positions=positions, **options)
+    want = linear_sample(x, w, backend="torch", **kwargs)
+    got = linear_sample(x, w, backend="triton", **kwargs)
+    check_draws(got, want, logits64(x, w, b, 30.0), SamplingOptions(**options), seed, positions, torch.bfloat16)
+
+
 # --------------------------------------------------------------------------------------
 # linear_sample: the distribution
 # --------------------------------------------------------------------------------------

@@ -147,3 +147,22 @@ class RecordingKernel:
             self.launched.append(kwargs["USE_TMA"])
             return self.kernel[grid](*args, **kwargs)
         return launch
+
+
+@pytest.mark.skipif(configs.tensor_descriptors() is None, reason="this Triton has no TMA descriptors")
+@pytest.mark.parametrize("config", configs.SAMPLE_TMA_SM90, ids=str)
+@pytest.mark.parametrize("options", [dict(temperature=0.8, num_samples=3), dict(temperature=0)],
+                         ids=["sample", "greedy"])
+def test_sample_by_tma_descriptors(monkeypatch, config, options):
+    """The sm_90 sampler candidates whose x and W slices come by TMA descriptors (four
+    32-wide W boxes a pass, zero-filled past V and d): the torch backend's ids."""
+    launched = []
+    monkeypatch.setattr(sample_module, "sample_kernel", RecordingKernel(sample_module.sample_kernel, launched))
+    monkeypatch.setattr(sample_module, "select_sample_config", lambda *args: config)
+    x, w, b = make_problem(40, V, D, torch.float16, seed=36, scale=3.0)
+    want = linear_sample(x, w, bias=b, softcap=5.0, seed=19, backend="torch", **options)
+    got = linear_sample(x, w, bias=b, softcap=5.0, seed=19, backend="triton", **options)
+    assert launched and all(launched)
+    assert torch.equal(got.ids, want.ids)
+    for p, q in zip(got[1:], want[1:]):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-5)

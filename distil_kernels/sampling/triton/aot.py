@@ -63,10 +63,13 @@ def sample_spec(config: TileConfig, dtype: str, samples: int, greedy: bool = Fal
     constexprs = {"SAMPLES": samples, "BLOCK_M": config.block_m, "BLOCK_N": config.block_n,
                   "BLOCK_K": config.block_k, "SPLIT_N": config.split_n, "HAS_BIAS": True, "HAS_SOFTCAP": True,
                   "GREEDY": greedy,
-                  "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32"}
+                  "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32", "USE_TMA": config.tma}
     flags = "greedy," if greedy else f"S={samples},"
     spec = kernel_spec(f"sample[{dtype},{flags}{config}]", sample_kernel, pointers, constexprs, config,
                        float_args=("softcap", "temperature"))
+    if config.tma:
+        spec = with_descriptors(spec, x_ptr=(t, config.block_m, config.block_k),
+                                w_ptr=(t, config.block_n, config.block_k))
     return dataclasses.replace(spec, archs=archs)
 
 

@@ -90,8 +90,14 @@ SAMPLE_SMALL_BATCH = TileConfig(16, 128, 64, num_warps=8, num_stages=3, split_n=
 # At B=64 the sampler streams the head from HBM like a GEMV: 128-wide K slices read 256
 # contiguous bytes of each W row per stage instead of 128, in half the loop steps (239-255
 # registers, no spill; 144 KiB of shared memory). `python -m bench tune` times it.
+# With TMA descriptors W streams in [32, BLOCK_K] boxes, one instruction each instead of
+# per-thread masked loads (177-221 registers instead of 204-224, Triton 3.6); the
+# 4-stage 128-wide one keeps 192 KiB of W in flight an SM. Candidates until timed.
+SAMPLE_TMA_SM90 = (TileConfig(64, 32, 64, num_warps=8, num_stages=3, split_n=4, tma=True),
+                   TileConfig(64, 32, 128, num_warps=8, num_stages=4, split_n=4, tma=True))
 SAMPLE_CANDIDATES_SM90 = (SAMPLE_DEFAULT_SM90, SAMPLE_DEFAULT, TileConfig(64, 32, 64, num_warps=8, num_stages=3),
-                          TileConfig(64, 32, 128, num_warps=8, num_stages=3, split_n=4))
+                          TileConfig(64, 32, 128, num_warps=8, num_stages=3, split_n=4),
+                          *(SAMPLE_TMA_SM90 if tensor_descriptors() is not None else ()))
 SAMPLE_CANDIDATES = (SAMPLE_DEFAULT, TileConfig(64, 32, 64, num_warps=8, num_stages=3))
 SAMPLE_DEFAULT_FP32 = TileConfig(64, 32, 32, num_warps=8, num_stages=3)
 SAMPLE_SMALL_BATCH_FP32 = TileConfig(16, 128, 32, num_warps=8, num_stages=3)

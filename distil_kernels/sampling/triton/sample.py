@@ -29,7 +29,7 @@ from torch import Tensor
 
 from ...loss.triton.tiles import finish_logits, fold_lse
 from ..sample import Sample, SamplingOptions
-from ...loss.triton.configs import ENABLE_FP_FUSION
+from ...loss.triton.configs import ENABLE_FP_FUSION, descriptors_apply, tensor_descriptors
 from .configs import SAMPLES_PER_PROGRAM, TileConfig, select_dense_sample_config, select_sample_config
 from .splits import plan_splits
 
@@ -81,6 +81,7 @@ def wide_products(
     x_ptr, w_ptr, offs_m, first_tile, N, V, D, stride_xn, stride_xd, stride_wv, stride_wd,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr = False,  # x_ptr and w_ptr are tensor descriptors (`wide_products_tma`)
 ):
     """x W^T [BLOCK_M, BLOCK_N] of tiles first_tile .. first_tile + SPLIT_N - 1, from one pass over x.
 
@@ -91,6 +92,23 @@ def wide_products(
     (one [BLOCK_M, SPLIT_N * BLOCK_N] tile of noise would not fit the registers).
     Unused accumulators are zeros the compiler drops.
     """
+    if USE_TMA:
+        acc0, acc1, acc2, acc3 = wide_products_tma(x_ptr, w_ptr, first_tile, D, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_N,
+                                                   DOT_PRECISION)
+    else:
+        acc0, acc1, acc2, acc3 = wide_products_pointers(x_ptr, w_ptr, offs_m, first_tile, N, V, D, stride_xn,
+                                                        stride_xd, stride_wv, stride_wd, BLOCK_M, BLOCK_N, BLOCK_K,
+                                                        SPLIT_N, DOT_PRECISION)
+    return acc0, acc1, acc2, acc3
+
+
+@triton.jit
+def wide_products_pointers(
+    x_ptr, w_ptr, offs_m, first_tile, N, V, D, stride_xn, stride_xd, stride_wv, stride_wd,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """`wide_products` by masked pointer loads."""
     offs_k = tl.arange(0, BLOCK_K)
     row_ok = offs_m < N
     cols = (first_tile * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
@@ -116,6 +134,32 @@ def wide_products(
             acc3 = tl.dot(a, b, acc3, input_precision=DOT_PRECISION)
         x_ptrs += BLOCK_K * stride_xd
         w_ptrs += BLOCK_K * stride_wd
+    return acc0, acc1, acc2, acc3
+
+
+@triton.jit
+def wide_products_tma(
+    x_desc, w_desc, first_tile, D,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """`wide_products` with the x and W slices loaded by TMA (sm_90): W streams from HBM in
+    [BLOCK_N, BLOCK_K] boxes, one instruction each instead of per-thread masked loads,
+    zero-filled past V and d."""
+    first_row = tl.program_id(0) * BLOCK_M
+    first_col = first_tile * BLOCK_N
+    acc0 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc3 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        a = x_desc.load([first_row, k0])
+        acc0 = tl.dot(a, w_desc.load([first_col, k0]).T, acc0, input_precision=DOT_PRECISION)
+        if SPLIT_N >= 2:
+            acc1 = tl.dot(a, w_desc.load([first_col + BLOCK_N, k0]).T, acc1, input_precision=DOT_PRECISION)
+        if SPLIT_N >= 4:
+            acc2 = tl.dot(a, w_desc.load([first_col + 2 * BLOCK_N, k0]).T, acc2, input_precision=DOT_PRECISION)
+            acc3 = tl.dot(a, w_desc.load([first_col + 3 * BLOCK_N, k0]).T, acc3, input_precision=DOT_PRECISION)
     return acc0, acc1, acc2, acc3
 
 
@@ -233,6 +277,7 @@ def sample_kernel(
     HAS_SOFTCAP: tl.constexpr,  # c * tanh(u / c) applied in the tile
     GREEDY: tl.constexpr,  # temperature 0: argmax of the raw logits, no noise, one sample
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs: no silent TF32
+    USE_TMA: tl.constexpr,  # x_ptr and w_ptr are tensor descriptors (sm_90)
 ):
     offs_m, row_ok, seed, pos_lo, pos_hi, first_sample, end_sample, slots, best_score, best_id = program_draws(
         seed_ptr, pos_ptr, N, num_samples, SAMPLES, BLOCK_M)
@@ -247,7 +292,7 @@ def sample_kernel(
         tile = step * SPLIT_N
         acc0, acc1, acc2, acc3 = wide_products(
             x_ptr, w_ptr, offs_m, tile, N, V, D, stride_xn, stride_xd, stride_wv, stride_wd,
-            BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_N, DOT_PRECISION,
+            BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_N, DOT_PRECISION, USE_TMA,
         )
         best_score, best_id, best_raw, raw_max, raw_sum, z_max, z_sum = sample_tile(
             acc0, tile, b_ptr, V, softcap, temperature, seed, pos_lo, pos_hi, first_sample, end_sample,
@@ -423,9 +468,15 @@ def triton_sample(x: Tensor, weight: Tensor, bias: Tensor | None, softcap: float
     ids = torch.empty(n, plan.num_splits, drawn, dtype=torch.int64, device=dev)
     raw = torch.empty(n, plan.num_splits, drawn, dtype=torch.float32, device=dev)
     part = torch.empty(n, plan.num_splits, 4, dtype=torch.float32, device=dev)
+    use_tma = config.tma and descriptors_apply(x, weight)
+    x_arg, w_arg = x, weight
+    if use_tma:
+        descriptor = tensor_descriptors()
+        x_arg = descriptor.from_tensor(x, [config.block_m, config.block_k])
+        w_arg = descriptor.from_tensor(weight, [config.block_n, config.block_k])
     if n > 0:
         sample_kernel[(plan.num_m_blocks, plan.num_splits, sample_programs)](
-            x, weight, bias if bias is not None else x,
+            x_arg, w_arg, bias if bias is not None else x,
             seeds, positions, score, ids, raw, part,
             n, v, d, num_tiles, plan.tiles_per_split, plan.num_splits, drawn,
             x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
@@ -433,7 +484,7 @@ def triton_sample(x: Tensor, weight: Tensor, bias: Tensor | None, softcap: float
             SAMPLES=samples_per_program, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
             SPLIT_N=config.split_n,
             HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, GREEDY=options.greedy,
-            DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+            DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", USE_TMA=use_tma,
             num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=ENABLE_FP_FUSION,
         )
     sample = Sample(torch.empty(n, options.num_samples, dtype=torch.int64, device=dev),
