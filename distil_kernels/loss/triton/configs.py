@@ -103,10 +103,13 @@ GRADIENT_DEFAULT_SM90 = TileConfig(128, 128, 64, num_warps=8, num_stages=4)
 # TMA descriptors load the x and W slices and store the gradient tile: no per-thread
 # addresses or masks, so the kernel is 31% fewer instructions (2696 against 3888 SASS,
 # Triton 3.6), at the same 254 registers and no spill; 128x256 still spills (256 B over
-# 16 warps). Candidates until a GPU run times them (`python -m bench tune`).
+# 16 warps). A 64x128 tile by TMA takes 128 registers, no spill: two blocks an SM, one's
+# epilogue beside the other's matmul, for 43 FLOPs per byte of slices instead of 64.
+# Candidates until a GPU run times them (`python -m bench tune`).
 GRADIENT_TMA_SM90 = (
     TileConfig(128, 128, 64, num_warps=8, num_stages=4, tma=True),
     TileConfig(128, 128, 128, num_warps=8, num_stages=3, tma=True),  # half the loop steps, 192 KiB
+    TileConfig(64, 128, 64, num_warps=8, num_stages=3, tma=True),  # two blocks an SM
 )
 GRADIENT_CANDIDATES_SM90 = (
     GRADIENT_DEFAULT_SM90,
