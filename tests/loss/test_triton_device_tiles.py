@@ -24,6 +24,7 @@ pytest.importorskip("triton")
 from distil_kernels.loss.options import LossOptions  # noqa: E402
 from distil_kernels.loss.triton import configs  # noqa: E402
 from distil_kernels.loss.triton.backward import plan_backward  # noqa: E402
+from kernel_launches import RecordingKernel  # noqa: E402
 from loss_problems import assert_within_dtype_error, make_problem, run, same_dtype_pytorch  # noqa: E402
 
 pytestmark = pytest.mark.interpreter
@@ -106,7 +107,7 @@ def test_gradient_by_tma_descriptors(monkeypatch, config, workspace_bytes):
     launched = []
 
     kernel = backward_module.logits_grad_kernel
-    monkeypatch.setattr(backward_module, "logits_grad_kernel", _RecordingKernel(kernel, launched))
+    monkeypatch.setattr(backward_module, "logits_grad_kernel", RecordingKernel(kernel, launched))
     monkeypatch.setattr(backward_module, "select_config", lambda kind, *args: config)
     x64, w64, b64, target = make_problem(N, D, V, k=6, seed=43, ignore_rows=(5,), scale=2.0)
     options = dict(label_smoothing=0.05, softcap=8.0, temperature=0.9, z_loss=1e-4)
@@ -127,7 +128,7 @@ def test_tma_configs_fall_back_to_pointers_where_rows_are_unaligned(monkeypatch)
     launched = []
     for module, name, config in ((forward_module, "lse_forward_kernel", configs.FORWARD_TMA_SM90[0]),
                                  (backward_module, "logits_grad_kernel", configs.GRADIENT_TMA_SM90[0])):
-        monkeypatch.setattr(module, name, _RecordingKernel(getattr(module, name), launched))
+        monkeypatch.setattr(module, name, RecordingKernel(getattr(module, name), launched))
         monkeypatch.setattr(module, "select_config", lambda kind, *args, config=config: config)
     x64, w64, b64, target = make_problem(N, 13, V, seed=45, scale=2.0)
     want = run(x64, w64, b64, target, "torch")
@@ -151,7 +152,7 @@ def test_forward_by_tma_descriptors(monkeypatch, config, plain):
 
     launched = []
     monkeypatch.setattr(forward_module, "lse_forward_kernel",
-                        _RecordingKernel(forward_module.lse_forward_kernel, launched))
+                        RecordingKernel(forward_module.lse_forward_kernel, launched))
     monkeypatch.setattr(forward_module, "select_config", lambda kind, *args: config)
     x64, w64, b64, target = make_problem(N, D, V, seed=44, ignore_rows=(9,), scale=2.0, bias=not plain)
     options = {} if plain else dict(label_smoothing=0.05, softcap=8.0, temperature=0.9)
@@ -160,16 +161,3 @@ def test_forward_by_tma_descriptors(monkeypatch, config, plain):
     got = run(x, w, b, target, "triton", **options)
     assert launched and all(launched), "the forward kernel ran without its descriptors"
     assert_within_dtype_error(got, same_dtype_pytorch(x, w, b, target, LossOptions(**options)), want)
-
-
-class _RecordingKernel:
-    """A kernel that records, for each launch, whether it took TMA descriptors."""
-
-    def __init__(self, kernel, launched):
-        self.kernel, self.launched = kernel, launched
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            self.launched.append(kwargs["USE_TMA"])
-            return self.kernel[grid](*args, **kwargs)
-        return launch

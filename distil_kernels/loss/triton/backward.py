@@ -49,10 +49,10 @@ from torch import Tensor
 
 from ..gemm import addmm_fp32, gradient_scale
 from ..options import LossOptions
-from .configs import (BACKWARD_WORKSPACE_BYTES, ENABLE_FP_FUSION, TileConfig, descriptors_apply, select_config,
+from .configs import (BACKWARD_WORKSPACE_BYTES, ENABLE_FP_FUSION, TileConfig, kernel_operands, select_config,
                       tensor_descriptors)
 from .lse_forward import ForwardStats
-from .tiles import grouped_program, logits_tile, logits_tile_tma
+from .tiles import grouped_program, logits_tile
 
 
 @dataclass(frozen=True)
@@ -124,16 +124,11 @@ def logits_grad_kernel(
         store_gradient(grad_ptr, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), pid_m, pid_n, offs_m, offs_n,
                        row_ok, col_ok, stride_gn, BLOCK_M, BLOCK_N, USE_TMA)
     else:
-        if USE_TMA:
-            z, tanh = logits_tile_tma(
-                x_ptr, w_ptr, b_ptr, pid_m * BLOCK_M, pid_n * BLOCK_N, offs_n, V, D, softcap, inv_temp,
-                BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS, HAS_SOFTCAP, DOT_PRECISION,
-            )
-        else:
-            z, tanh = logits_tile(
-                x_ptr, w_ptr, b_ptr, offs_m, offs_n, N, V, D, stride_xn, stride_xd, stride_wv, stride_wd,
-                softcap, inv_temp, BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS, HAS_SOFTCAP, DOT_PRECISION,
-            )
+        z, tanh = logits_tile(
+            x_ptr, w_ptr, b_ptr, offs_m, offs_n, pid_m * BLOCK_M, pid_n * BLOCK_N, N, V, D,
+            stride_xn, stride_xd, stride_wv, stride_wd, softcap, inv_temp,
+            BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS, HAS_SOFTCAP, DOT_PRECISION, USE_TMA,
+        )
         row_coef = tl.load(row_coef_ptr + offs_m, mask=row_ok, other=0.0)
         dz = tl.exp(z - lse[:, None]) * row_coef[:, None]
         if HAS_UNIFORM:
@@ -296,8 +291,6 @@ def backward(x: Tensor, weight: Tensor, bias: Tensor | None, slot_ids: Tensor, l
     d_bias = torch.zeros(v, dtype=torch.float32, device=dev) if need_db else None
     total_tiles = 0
 
-    use_tma = config.tma and descriptors_apply(x, weight)
-
     def gradient_block(buffer: Tensor, r0: int, r1: int, v0: int, v1: int) -> Tensor:
         """dL/du of rows r0..r1 and vocabulary ids v0..v1: the top-left corner of `buffer`.
 
@@ -309,12 +302,9 @@ def backward(x: Tensor, weight: Tensor, bias: Tensor | None, slot_ids: Tensor, l
         num_m_blocks = triton.cdiv(r1 - r0, config.block_m)
         num_tiles = triton.cdiv(v1 - v0, config.block_n)
         rows = slice(r0, r1)
-        x_arg, w_arg, grad_arg = x[rows], weight[v0:v1], grad
-        if use_tma:
-            descriptor = tensor_descriptors()
-            x_arg = descriptor.from_tensor(x_arg, [config.block_m, config.block_k])
-            w_arg = descriptor.from_tensor(w_arg, [config.block_n, config.block_k])
-            grad_arg = descriptor.from_tensor(grad_arg, [config.block_m, config.block_n])
+        x_arg, w_arg, use_tma = kernel_operands(x[rows], weight[v0:v1], config)
+        # The buffer's rows are whole tiles of columns: TMA can address it whenever x and W.
+        grad_arg = tensor_descriptors().from_tensor(grad, [config.block_m, config.block_n]) if use_tma else grad
         logits_grad_kernel[(num_m_blocks * num_tiles,)](
             x_arg, w_arg, bias[v0:v1] if bias is not None else lse, lse[rows], row_coef[rows],
             uniform[rows] if uniform is not None else lse, forward.block_max,

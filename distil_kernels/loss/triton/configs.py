@@ -192,3 +192,14 @@ def descriptors_apply(x: torch.Tensor, weight: torch.Tensor) -> bool:
         return False
     return all(t.stride(1) == 1 and t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0
                for t in (x, weight))
+
+
+def kernel_operands(x: torch.Tensor, weight: torch.Tensor, config: TileConfig) -> tuple[object, object, bool]:
+    """(x, W, by TMA) as a kernel of `config` takes them: TMA descriptors of its
+    [block_m, block_k] and [block_n, block_k] slices where the config asks for TMA and
+    `descriptors_apply`, else the tensors themselves."""
+    if not (config.tma and descriptors_apply(x, weight)):
+        return x, weight, False
+    descriptor = tensor_descriptors()
+    return (descriptor.from_tensor(x, [config.block_m, config.block_k]),
+            descriptor.from_tensor(weight, [config.block_n, config.block_k]), True)

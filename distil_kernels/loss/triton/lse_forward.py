@@ -20,8 +20,8 @@ import triton.language as tl
 from torch import Tensor
 
 from ..options import LossOptions
-from .configs import ENABLE_FP_FUSION, TileConfig, descriptors_apply, select_config, tensor_descriptors
-from .tiles import fold_lse, logits_tile, logits_tile_tma
+from .configs import ENABLE_FP_FUSION, TileConfig, kernel_operands, select_config
+from .tiles import fold_lse, logits_tile
 
 # Enough programs to cover the SMs of an H100 (132) a few times over.
 _TARGET_PROGRAMS = 4 * 132
@@ -59,16 +59,11 @@ def lse_forward_kernel(
     for tile in range(first_tile, last_tile):
         offs_n = (tile * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
         col_ok = offs_n < V
-        if USE_TMA:
-            z, _ = logits_tile_tma(
-                x_ptr, w_ptr, b_ptr, pid_m * BLOCK_M, tile * BLOCK_N, offs_n, V, D, softcap, inv_temp,
-                BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS, HAS_SOFTCAP, DOT_PRECISION,
-            )
-        else:
-            z, _ = logits_tile(
-                x_ptr, w_ptr, b_ptr, offs_m, offs_n, N, V, D, stride_xn, stride_xd, stride_wv, stride_wd,
-                softcap, inv_temp, BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS, HAS_SOFTCAP, DOT_PRECISION,
-            )
+        z, _ = logits_tile(
+            x_ptr, w_ptr, b_ptr, offs_m, offs_n, pid_m * BLOCK_M, tile * BLOCK_N, N, V, D,
+            stride_xn, stride_xd, stride_wv, stride_wd, softcap, inv_temp,
+            BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS, HAS_SOFTCAP, DOT_PRECISION, USE_TMA,
+        )
         z = tl.where(col_ok[None, :], z, float("-inf"))
         tile_max = tl.max(z, axis=1)
         block_max = tl.max(tl.where(row_ok, tile_max, float("-inf")), axis=0)
@@ -126,12 +121,7 @@ def lse_forward(x: Tensor, weight: Tensor, bias: Tensor | None, options: LossOpt
     block_max = torch.empty(num_m_blocks, num_tiles, dtype=torch.float32, device=dev)
     if n > 0:
         grid = (num_m_blocks, num_splits)
-        use_tma = config.tma and descriptors_apply(x, weight)
-        x_arg, w_arg = x, weight
-        if use_tma:
-            descriptor = tensor_descriptors()
-            x_arg = descriptor.from_tensor(x, [config.block_m, config.block_k])
-            w_arg = descriptor.from_tensor(weight, [config.block_n, config.block_k])
+        x_arg, w_arg, use_tma = kernel_operands(x, weight, config)
         lse_forward_kernel[grid](
             x_arg, w_arg, bias if bias is not None else x,
             part_max, part_sum, part_zsum, block_max,

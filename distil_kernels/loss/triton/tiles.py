@@ -48,16 +48,32 @@ def fold_lse(run_max, run_sum, z):
 def logits_tile(
     x_ptr, w_ptr, b_ptr,
     offs_m, offs_n,  # int64 row and vocabulary indices of the tile
+    first_row, first_col,  # the same tile's first row and column, for TMA descriptors
     N, V, D,
     stride_xn, stride_xd, stride_wv, stride_wd,
     softcap, inv_temp,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr = False,  # x_ptr and w_ptr are tensor descriptors (sm_90)
 ):
     """z = softcap(x W^T + b) / T for one [BLOCK_M, BLOCK_N] tile, fp32, and tanh(u / c).
 
     Rows past N and columns past V load zeros (no out-of-bounds read); callers mask them.
     """
+    if USE_TMA:
+        acc = descriptor_products(x_ptr, w_ptr, first_row, first_col, D, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION)
+    else:
+        acc = pointer_products(x_ptr, w_ptr, offs_m, offs_n, N, V, D, stride_xn, stride_xd, stride_wv, stride_wd,
+                               BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION)
+    return finish_logits(acc, b_ptr, offs_n, offs_n < V, softcap, inv_temp, HAS_BIAS, HAS_SOFTCAP)
+
+
+@triton.jit
+def pointer_products(
+    x_ptr, w_ptr, offs_m, offs_n, N, V, D, stride_xn, stride_xd, stride_wv, stride_wd,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """x W^T of the tile by masked loads of its x and W slices."""
     offs_k = tl.arange(0, BLOCK_K)
     row_ok = offs_m < N
     col_ok = offs_n < V
@@ -71,19 +87,15 @@ def logits_tile(
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         x_ptrs += BLOCK_K * stride_xd
         w_ptrs += BLOCK_K * stride_wd
-    return finish_logits(acc, b_ptr, offs_n, col_ok, softcap, inv_temp, HAS_BIAS, HAS_SOFTCAP)
+    return acc
 
 
 @triton.jit
-def logits_tile_tma(
-    x_desc, w_desc, b_ptr,
-    first_row, first_col,  # the tile's first row of x and column of W (in the descriptors' views)
-    offs_n, V, D,
-    softcap, inv_temp,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+def descriptor_products(
+    x_desc, w_desc, first_row, first_col, D,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """`logits_tile` with x and W slices loaded by the tensor-memory accelerator (sm_90).
+    """x W^T of the tile with its x and W slices loaded by the tensor-memory accelerator.
 
     The descriptors' blocks are [BLOCK_M, BLOCK_K] of x and [BLOCK_N, BLOCK_K] of W; TMA
     fills what lies past N, V or D with zeros, so there are no masks and no per-thread
@@ -94,7 +106,7 @@ def logits_tile_tma(
         a = x_desc.load([first_row, k0])
         b = w_desc.load([first_col, k0])
         acc = tl.dot(a, b.T, acc, input_precision=DOT_PRECISION)
-    return finish_logits(acc, b_ptr, offs_n, offs_n < V, softcap, inv_temp, HAS_BIAS, HAS_SOFTCAP)
+    return acc
 
 
 @triton.jit

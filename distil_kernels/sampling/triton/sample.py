@@ -29,7 +29,7 @@ from torch import Tensor
 
 from ...loss.triton.tiles import finish_logits, fold_lse
 from ..sample import Sample, SamplingOptions
-from ...loss.triton.configs import ENABLE_FP_FUSION, descriptors_apply, tensor_descriptors
+from ...loss.triton.configs import ENABLE_FP_FUSION, kernel_operands
 from .configs import SAMPLES_PER_PROGRAM, TileConfig, select_dense_sample_config, select_sample_config
 from .splits import plan_splits
 
@@ -468,12 +468,7 @@ def triton_sample(x: Tensor, weight: Tensor, bias: Tensor | None, softcap: float
     ids = torch.empty(n, plan.num_splits, drawn, dtype=torch.int64, device=dev)
     raw = torch.empty(n, plan.num_splits, drawn, dtype=torch.float32, device=dev)
     part = torch.empty(n, plan.num_splits, 4, dtype=torch.float32, device=dev)
-    use_tma = config.tma and descriptors_apply(x, weight)
-    x_arg, w_arg = x, weight
-    if use_tma:
-        descriptor = tensor_descriptors()
-        x_arg = descriptor.from_tensor(x, [config.block_m, config.block_k])
-        w_arg = descriptor.from_tensor(weight, [config.block_n, config.block_k])
+    x_arg, w_arg, use_tma = kernel_operands(x, weight, config)
     if n > 0:
         sample_kernel[(plan.num_m_blocks, plan.num_splits, sample_programs)](
             x_arg, w_arg, bias if bias is not None else x,

@@ -49,8 +49,8 @@ from torch import Tensor
 
 from ...loss.options import LossOptions
 from ...loss.triton.lse_forward import merge_lse
-from ...loss.triton.tiles import fold_lse, logits_tile, logits_tile_tma
-from ...loss.triton.configs import ENABLE_FP_FUSION, descriptors_apply, tensor_descriptors
+from ...loss.triton.tiles import fold_lse, logits_tile
+from ...loss.triton.configs import ENABLE_FP_FUSION, kernel_operands
 from .configs import MAX_TOPK, TileConfig, select_threshold_config, select_topk_config
 from .splits import plan_splits
 
@@ -137,16 +137,11 @@ def folded_tile(
     into the running (max, sum-exp) of z and, with RAW_LSE, of the raw logits."""
     offs_n = (tile * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     col_ok = offs_n < V
-    if USE_TMA:
-        z, tanh = logits_tile_tma(
-            x_ptr, w_ptr, b_ptr, tl.program_id(0) * BLOCK_M, tile * BLOCK_N, offs_n, V, D, softcap, inv_temp,
-            BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS, HAS_SOFTCAP, DOT_PRECISION,
-        )
-    else:
-        z, tanh = logits_tile(
-            x_ptr, w_ptr, b_ptr, offs_m, offs_n, N, V, D, stride_xn, stride_xd, stride_wv, stride_wd,
-            softcap, inv_temp, BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS, HAS_SOFTCAP, DOT_PRECISION,
-        )
+    z, tanh = logits_tile(
+        x_ptr, w_ptr, b_ptr, offs_m, offs_n, tl.program_id(0) * BLOCK_M, tile * BLOCK_N, N, V, D,
+        stride_xn, stride_xd, stride_wv, stride_wd, softcap, inv_temp,
+        BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS, HAS_SOFTCAP, DOT_PRECISION, USE_TMA,
+    )
     z = tl.where(col_ok[None, :], z, float("-inf"))
     run_max, run_sum = fold_lse(run_max, run_sum, z)
     if RAW_LSE:
@@ -401,12 +396,7 @@ def threshold_topk(x: Tensor, weight: Tensor, bias: Tensor | None, k: int, optio
     cand_values = torch.empty(n, plan.num_splits, capacity, dtype=torch.float32, device=dev)
     cand_ids = torch.empty(n, plan.num_splits, capacity, dtype=torch.int32, device=dev)
     part = torch.empty(n, plan.num_splits, 4, dtype=torch.float32, device=dev)
-    use_tma = config.tma and descriptors_apply(x, weight)
-    x_arg, w_arg = x, weight
-    if use_tma:
-        descriptor = tensor_descriptors()
-        x_arg = descriptor.from_tensor(x, [config.block_m, config.block_k])
-        w_arg = descriptor.from_tensor(weight, [config.block_n, config.block_k])
+    x_arg, w_arg, use_tma = kernel_operands(x, weight, config)
     threshold_kernel[(plan.num_m_blocks, plan.num_splits)](
         x_arg, w_arg, bias if bias is not None else x,
         bound, count, cand_values, cand_ids, part,
