@@ -103,6 +103,13 @@ def wide_products(
 
 
 @triton.jit
+def zero_accumulators(BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Four fp32 [BLOCK_M, BLOCK_N] accumulators, one per tile of a pass (unused ones are dropped)."""
+    zeros = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    return zeros, zeros, zeros, zeros
+
+
+@triton.jit
 def wide_products_pointers(
     x_ptr, w_ptr, offs_m, first_tile, N, V, D, stride_xn, stride_xd, stride_wv, stride_wd,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_N: tl.constexpr,
@@ -115,10 +122,7 @@ def wide_products_pointers(
     x_ptrs = x_ptr + offs_m[:, None] * stride_xn + offs_k[None, :] * stride_xd
     w_ptrs = w_ptr + cols[None, :] * stride_wv + offs_k[:, None] * stride_wd
     tile_rows = BLOCK_N * stride_wv
-    acc0 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc3 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc0, acc1, acc2, acc3 = zero_accumulators(BLOCK_M, BLOCK_N)
     for k0 in range(0, D, BLOCK_K):
         k_ok = offs_k < D - k0
         a = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
@@ -148,10 +152,7 @@ def wide_products_tma(
     zero-filled past V and d."""
     first_row = tl.program_id(0) * BLOCK_M
     first_col = first_tile * BLOCK_N
-    acc0 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc3 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc0, acc1, acc2, acc3 = zero_accumulators(BLOCK_M, BLOCK_N)
     for k0 in range(0, D, BLOCK_K):
         a = x_desc.load([first_row, k0])
         acc0 = tl.dot(a, w_desc.load([first_col, k0]).T, acc0, input_precision=DOT_PRECISION)
