@@ -41,11 +41,13 @@ class TileConfig:
 
 
 def tensor_descriptors():
-    """Triton's host-side TMA descriptor class, or None where this Triton has none (< 3.4)."""
-    try:
-        from triton.tools.tensor_descriptor import TensorDescriptor
-    except ImportError:
+    """Triton's host-side TMA descriptor class, or None before Triton 3.4 (the kernels'
+    descriptor loads and stores were checked with 3.6 and 3.9)."""
+    major, minor = (int(part) for part in triton.__version__.split(".")[:2])
+    if (major, minor) < (3, 4):
         return None
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
     return TensorDescriptor
 
 
