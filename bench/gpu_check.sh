@@ -90,7 +90,7 @@ if wanted tests; then
     xdist=$(python -c "import xdist" 2>/dev/null && echo 1 || echo "")
     per_test=$(python -c "import pytest_timeout" 2>/dev/null && echo "--timeout 120" || echo "")
     step "GPU tests (marker gpu): loss and sampling cores; the cuda backend's alongside"
-    timeout 200 python -m pytest -q -m gpu tests -k "not cuda" ${xdist:+-n 8} $per_test -rfEP -p no:cacheprovider \
+    timeout 240 python -m pytest -q -m gpu tests -k "not cuda" ${xdist:+-n 8} $per_test -rfEP -p no:cacheprovider \
         >"$out/gpu_tests.log" 2>&1 &
     tests_pid=$!
     timeout 200 python -m pytest -q -m gpu tests -k cuda ${xdist:+-n 6} $per_test -rfEP -p no:cacheprovider \
