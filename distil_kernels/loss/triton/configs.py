@@ -12,6 +12,7 @@ its shared memory and register spills.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -177,9 +178,28 @@ def select_config(kind: str, dtype: torch.dtype, shape: tuple[int, int, int], fl
     n, v, d = shape
     key = (kind, dtype, shape_bin(n), v, d, flags)
     if key not in _TUNED:
-        timings = [(triton.testing.do_bench(lambda c=c: run(c), warmup=5, rep=25), i) for i, c in enumerate(candidates)]
-        _TUNED[key] = candidates[min(timings)[1]]
+        _TUNED[key] = fastest(candidates, run)
     return _TUNED[key]
+
+
+def fastest(candidates: tuple[TileConfig, ...], run: Callable[[TileConfig], object]) -> TileConfig:
+    """The candidate whose launch `run(config)` takes least time (`triton.testing.do_bench`).
+
+    A candidate that fails to compile or launch here (a TMA tile on a Triton or driver
+    without what it needs, say) is skipped with a warning rather than ending the
+    training step that tunes; if every candidate fails, the last error is raised.
+    """
+    timings, error = [], None
+    for index, config in enumerate(candidates):
+        try:
+            timings.append((triton.testing.do_bench(lambda c=config: run(c), warmup=5, rep=25), index))
+        except Exception as failure:  # whatever the cause, one candidate less
+            error = failure
+            warnings.warn(f"distil_kernels autotuning: launch config {config} failed and is skipped "
+                          f"({type(failure).__name__}: {str(failure)[:200]})", RuntimeWarning, stacklevel=2)
+    if not timings:
+        raise error
+    return candidates[min(timings)[1]]
 
 
 def descriptors_apply(x: torch.Tensor, weight: torch.Tensor) -> bool:

@@ -12,9 +12,8 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-import triton
 
-from ...loss.triton.configs import TileConfig, autotuning, interpreting, shape_bin, tensor_descriptors
+from ...loss.triton.configs import TileConfig, autotuning, fastest, interpreting, shape_bin, tensor_descriptors
 
 # Largest k of the top-k kernel: each row keeps K int64 keys in registers next to a
 # sorted [BLOCK_M, BLOCK_N >= K] key tile; beyond 256 they would spill (see below).
@@ -168,8 +167,7 @@ def _pick(key: tuple, candidates: tuple[TileConfig, ...], run: Callable[[TileCon
     if not autotuning() or run is None or len(candidates) == 1:
         return candidates[0]
     if key not in _TUNED:
-        timings = [(triton.testing.do_bench(lambda c=c: run(c), warmup=5, rep=25), i) for i, c in enumerate(candidates)]
-        _TUNED[key] = candidates[min(timings)[1]]
+        _TUNED[key] = fastest(candidates, run)
     return _TUNED[key]
 
 
