@@ -135,3 +135,32 @@ def test_topk_threshold_pass_by_tma_descriptors(monkeypatch, d):
     log_q, lse = dense_log_softmax(x, w, b, softcap=4.0, temperature=0.8)
     assert_topk_close(got, log_q, lse, 5, tol=2e-5)
     assert launched and all(use_tma == (d == 72) for use_tma in launched)
+
+
+@pytest.mark.skipif(configs.tensor_descriptors() is None, reason="this Triton has no TMA descriptors")
+@pytest.mark.parametrize("config", configs.SAMPLE_TMA_SM90, ids=str)
+@pytest.mark.parametrize("options", [dict(temperature=0.8, num_samples=3), dict(temperature=0)],
+                         ids=["sample", "greedy"])
+def test_sample_by_tma_descriptors(monkeypatch, config, options):
+    """The sm_90 sampler candidates whose x and W slices come by TMA descriptors (four
+    32-wide W boxes a pass, zero-filled past V and d): the torch backend's ids."""
+    launched = []
+    monkeypatch.setattr(sample_module, "sample_kernel", RecordingKernel(sample_module.sample_kernel, launched))
+    monkeypatch.setattr(sample_module, "select_sample_config", lambda *args: config)
+    x, w, b = make_problem(40, V, D, torch.float16, seed=36, scale=3.0)
+    want = linear_sample(x, w, bias=b, softcap=5.0, seed=19, backend="torch", **options)
+    got = linear_sample(x, w, bias=b, softcap=5.0, seed=19, backend="triton", **options)
+    assert launched and all(launched)
+    assert torch.equal(got.ids, want.ids)
+    for p, q in zip(got[1:], want[1:]):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(configs.tensor_descriptors() is None, reason="this Triton has no TMA descriptors")
+def test_tma_configs_take_an_empty_batch(monkeypatch):
+    """No rows: a TMA descriptor cannot have a zero dimension, so nothing is described and
+    nothing launched; the Sample is empty."""
+    monkeypatch.setattr(sample_module, "select_sample_config", lambda *args: configs.SAMPLE_TMA_SM90[0])
+    x, w, b = make_problem(0, V, D, torch.float16, seed=37)
+    got = linear_sample(x, w, bias=b, seed=1, num_samples=2, backend="triton")
+    assert got.ids.shape == (0, 2) and got.lse.shape == (0,)

@@ -210,7 +210,8 @@ def descriptors_apply(x: torch.Tensor, weight: torch.Tensor) -> bool:
     backward's gradient buffers always qualify: whole tiles of columns.)
     """
     on_sm90 = x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9
-    if tensor_descriptors() is None or not (interpreting() or on_sm90):
+    # A descriptor needs every dimension positive: no rows (or d = 0) launches nothing anyway.
+    if tensor_descriptors() is None or not (interpreting() or on_sm90) or x.numel() == 0 or weight.numel() == 0:
         return False
     return all(t.stride(1) == 1 and t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0
                for t in (x, weight))
