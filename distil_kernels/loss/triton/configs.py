@@ -11,6 +11,7 @@ its shared memory and register spills.
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ class TileConfig:
                 f"-g{self.group_m}{split}{'-tma' if self.tma else ''}")
 
 
+@functools.cache
 def tensor_descriptors():
     """Triton's host-side TMA descriptor class, or None before Triton 3.4 (the kernels'
     descriptor loads and stores were checked with 3.6 and 3.9)."""
