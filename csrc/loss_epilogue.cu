@@ -7,105 +7,20 @@
 
 #include "loss_epilogue.h"
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
 #include <cmath>
 #include <cstdint>
 
+#include "epilogue_math.h"
 #include "row_walk.h"
 
 namespace distil {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / 32;
 // Four resident blocks (1024 threads) per SM hide the row loads' latency and leave 64
 // registers a thread; left to itself, ptxas for sm_90a aims at eight blocks, caps the
 // stats kernel at 32 registers and spills 44 bytes.
 constexpr int kMinBlocks = 4;
-
-struct LseState {
-    float max;
-    float sum;   // sum exp(z - max)
-    float zsum;  // sum z, for label smoothing
-};
-
-__device__ __forceinline__ void fold(LseState& s, float v) {
-    if (v > s.max) {
-        s.sum = s.sum * expf(s.max - v) + 1.f;
-        s.max = v;
-    } else if (v != -INFINITY) {
-        // A -inf logit (a bias masking an id) adds nothing; exp(-inf - -inf) would be NaN
-        // while the thread has seen only -inf. NaN still propagates.
-        s.sum += expf(v - s.max);
-    }
-    s.zsum += v;
-}
-
-__device__ __forceinline__ LseState merge(LseState a, LseState b) {
-    const float m = fmaxf(a.max, b.max);
-    if (m == -INFINITY) return {m, 0.f, a.zsum + b.zsum};
-    return {m, a.sum * expf(a.max - m) + b.sum * expf(b.max - m), a.zsum + b.zsum};
-}
-
-__device__ __forceinline__ LseState block_reduce(LseState s) {
-    __shared__ LseState warp_states[kWarps];
-    for (int offset = 16; offset > 0; offset >>= 1) {
-        LseState other{__shfl_xor_sync(0xffffffffu, s.max, offset), __shfl_xor_sync(0xffffffffu, s.sum, offset),
-                       __shfl_xor_sync(0xffffffffu, s.zsum, offset)};
-        s = merge(s, other);
-    }
-    const int warp = threadIdx.x / 32;
-    if (threadIdx.x % 32 == 0) warp_states[warp] = s;
-    __syncthreads();
-    s = warp_states[0];
-    for (int w = 1; w < kWarps; ++w) s = merge(s, warp_states[w]);
-    return s;
-}
-
-struct Transformed {
-    float z;
-    float chain;  // dz/du times T: 1 - tanh^2 with a softcap, else 1
-};
-
-// The rounded operations (_rn) keep nvcc from contracting them into FMAs differently in
-// the two kernels: chunk_stats' lse and slot logits and logits_grad's exp(z - lse) must
-// see the same z, bit for bit.
-struct Transform {
-    bool has_bias;
-    bool capped;
-    float inv_cap;
-    float out_scale;
-
-    __device__ __forceinline__ explicit Transform(const LogitsTransform& t)
-        : has_bias(t.bias != nullptr),
-          capped(t.softcap > 0.f),
-          inv_cap(t.softcap > 0.f ? 1.f / t.softcap : 0.f),
-          out_scale(t.softcap > 0.f ? t.softcap * t.inv_temp : t.inv_temp) {}
-
-    // u: the GEMM's product; b: the bias at its column (ignored without a bias).
-    __device__ __forceinline__ Transformed operator()(float u, float b) const {
-        if (has_bias) u = __fadd_rn(u, b);
-        if (!capped) return {__fmul_rn(u, out_scale), 1.f};
-        const float t = tanhf(__fmul_rn(u, inv_cap));
-        return {__fmul_rn(t, out_scale), 1.f - t * t};
-    }
-};
-
-__device__ __forceinline__ bool aligned_to(const void* p, unsigned bytes) {
-    return reinterpret_cast<uintptr_t>(p) % bytes == 0;
-}
-
-__device__ __forceinline__ float4 load4(const float* p) { return *reinterpret_cast<const float4*>(p); }
-
-// The bias at 4 columns: one 16-byte load where the bias is aligned like the row, else
-// four (it stays in L2: one [V] vector for the whole chunk).
-__device__ __forceinline__ float4 bias4(const float* bias, int col, bool vector) {
-    if (bias == nullptr) return make_float4(0.f, 0.f, 0.f, 0.f);
-    if (vector) return load4(bias + col);
-    return make_float4(bias[col], bias[col + 1], bias[col + 2], bias[col + 3]);
-}
 
 // Calls one(c, u, b) for each column of row `u` before its first 16-byte boundary and
 // after its last whole float4, and four(c, u4, b4) for each float4 from column c: the
@@ -148,7 +63,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) chunk_stats_kernel(Chunk
                         visit(x.z, b.z, c + 2);
                         visit(x.w, b.w, c + 3);
                     });
-    s = block_reduce(s);
+    s = block_reduce<kThreads>(s);
     if (threadIdx.x == 0) {
         a.partial[row * 3 + 0] = s.max;
         a.partial[row * 3 + 1] = s.sum;
@@ -161,34 +76,6 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) chunk_stats_kernel(Chunk
         if (local < 0 || local >= a.cols) continue;
         a.slot_logits[row * a.num_slots + j] =
             a.write_z ? u[local] : transform(u[local], bias != nullptr ? bias[local] : 0.f).z;
-    }
-}
-
-template <typename Out>
-__device__ __forceinline__ Out from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-
-// Four consecutive values, each rounded once: one vector store where `p` is aligned to
-// their size, else four.
-template <typename Out>
-__device__ __forceinline__ void store4(Out* p, bool vector, float a, float b, float c, float d) {
-    if (!vector) {
-        p[0] = from_float<Out>(a);
-        p[1] = from_float<Out>(b);
-        p[2] = from_float<Out>(c);
-        p[3] = from_float<Out>(d);
-        return;
-    }
-    if constexpr (sizeof(Out) == 4) {
-        *reinterpret_cast<float4*>(p) = make_float4(a, b, c, d);
-    } else {
-        Out packed[4] = {from_float<Out>(a), from_float<Out>(b), from_float<Out>(c), from_float<Out>(d)};
-        *reinterpret_cast<uint2*>(p) = *reinterpret_cast<const uint2*>(packed);
     }
 }
 

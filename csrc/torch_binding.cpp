@@ -14,6 +14,7 @@
 #include <utility>
 
 #include "loss_epilogue.h"
+#include "row_epilogue.h"
 #include "sampling_epilogue.h"
 
 namespace {
@@ -173,6 +174,64 @@ void logits_grad(torch::Tensor logits, std::optional<torch::Tensor> bias, double
     check_launch(distil::logits_grad(args, reinterpret_cast<cudaStream_t>(stream)), "logits_grad");
 }
 
+int64_t row_epilogue_cluster(int64_t cols, int64_t num_slots) {
+    if (cols <= 0 || cols > INT32_MAX || num_slots < 0 || num_slots > INT32_MAX) return 0;
+    return distil::row_epilogue_plan(static_cast<int>(cols), static_cast<int>(num_slots)).cluster;
+}
+
+void row_epilogue(torch::Tensor logits, std::optional<torch::Tensor> bias, double softcap, double inv_temp,
+                  torch::Tensor ids, torch::Tensor slot_weight, torch::Tensor slot_valid, torch::Tensor rest,
+                  torch::Tensor upstream, int64_t num_target, double smoothing, double z_loss, double bucket_clamp,
+                  torch::Tensor lse, torch::Tensor slot_logits, std::optional<torch::Tensor> logit_sum,
+                  torch::Tensor out, int64_t stream) {
+    const auto [device, rows, cols] = check_chunk(logits);
+    const DeviceGuard guard(device);
+    TORCH_CHECK(logits.stride(0) == cols, "logits must be contiguous whole rows [rows, V], got strides ",
+                logits.strides());
+    const distil::LogitsTransform transform = check_transform(bias, softcap, inv_temp, cols, device);
+    const int64_t slots = check_slots(ids, slot_weight, "slot_weight", rows, device);
+    check_rows(slot_valid, "slot_valid", rows, slots, torch::kBool, device);
+    TORCH_CHECK(slot_valid.size(1) == slots && slot_valid.is_contiguous(), "slot_valid must be contiguous [", rows,
+                ", ", slots, "], got ", slot_valid.sizes());
+    check_slots(ids, slot_logits, "slot_logits", rows, device);
+    check_vector(rest, "rest", rows, device);
+    check_vector(upstream, "upstream", rows, device);
+    check_vector(lse, "lse", rows, device);
+    if (logit_sum) check_vector(*logit_sum, "logit_sum", rows, device);
+    TORCH_CHECK(num_target >= 0 && num_target <= slots, "num_target must be in [0, ", slots, "], got ", num_target);
+    const auto type = out.scalar_type();
+    TORCH_CHECK(type == torch::kBFloat16 || type == torch::kFloat16 || type == torch::kFloat32,
+                "out must be bfloat16, float16 or float32, got ", type);
+    check_rows(out, "out", rows, cols, type, device);
+    TORCH_CHECK(out.data_ptr() == logits.data_ptr() &&
+                    out.stride(0) * out.element_size() == logits.stride(0) * logits.element_size(),
+                "out must overwrite logits row by row (the same first byte and row stride in bytes)");
+    TORCH_CHECK(row_epilogue_cluster(cols, slots) > 0, "a row of ", cols, " logits with ", slots,
+                " slots does not fit a cluster's shared memory; use chunk_stats and logits_grad");
+
+    distil::RowEpilogueArgs args{};
+    args.logits = logits.data_ptr<float>();
+    args.ld = logits.stride(0);
+    args.rows = static_cast<int>(rows);
+    args.cols = static_cast<int>(cols);
+    args.transform = transform;
+    args.ids = ids.data_ptr<int64_t>();
+    args.slot_weight = slot_weight.data_ptr<float>();
+    args.slot_valid = reinterpret_cast<const uint8_t*>(slot_valid.data_ptr<bool>());
+    args.num_slots = static_cast<int>(slots);
+    args.rest = rest.data_ptr<float>();
+    args.upstream = upstream.data_ptr<float>();
+    args.terms = {static_cast<int>(num_target), static_cast<float>(smoothing), static_cast<float>(z_loss),
+                  static_cast<float>(1.0 / static_cast<double>(cols)), static_cast<float>(bucket_clamp)};
+    args.lse = lse.data_ptr<float>();
+    args.slot_logits = slot_logits.data_ptr<float>();
+    args.logit_sum = logit_sum ? logit_sum->data_ptr<float>() : nullptr;
+    args.out_type = type == torch::kBFloat16  ? distil::OutType::kBFloat16
+                    : type == torch::kFloat16 ? distil::OutType::kFloat16
+                                              : distil::OutType::kFloat32;
+    check_launch(distil::row_epilogue(args, reinterpret_cast<cudaStream_t>(stream)), "row_epilogue");
+}
+
 void row_topk(torch::Tensor logits, int64_t vocab_start, int64_t k, double temperature, torch::Tensor values,
               torch::Tensor ids, torch::Tensor partial, int64_t stream) {
     const auto [device, rows, cols] = check_chunk(logits);
@@ -257,6 +316,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           py::arg("logits"), py::arg("bias"), py::arg("softcap"), py::arg("inv_temp"), py::arg("row_coef"),
           py::arg("lse"), py::arg("uniform"), py::arg("ids"), py::arg("slot_coef"), py::arg("slot_scratch"),
           py::arg("vocab_start"), py::arg("out"), py::arg("stream"));
+    m.def("row_epilogue_cluster", &row_epilogue_cluster,
+          "blocks of row_epilogue's cluster for whole rows of `cols` logits and `num_slots` slots (0: no fit)",
+          py::arg("cols"), py::arg("num_slots"));
+    m.def("row_epilogue", &row_epilogue,
+          "one pass over whole rows (sm_90 clusters): lse, slot logits, logit sums and dL/du over the logits",
+          py::arg("logits"), py::arg("bias"), py::arg("softcap"), py::arg("inv_temp"), py::arg("ids"),
+          py::arg("slot_weight"), py::arg("slot_valid"), py::arg("rest"), py::arg("upstream"), py::arg("num_target"),
+          py::arg("smoothing"), py::arg("z_loss"), py::arg("bucket_clamp"), py::arg("lse"), py::arg("slot_logits"),
+          py::arg("logit_sum"), py::arg("out"), py::arg("stream"));
     m.def("row_topk", &row_topk, "the k largest logits of each row, (value desc, id asc); lse terms",
           py::arg("logits"), py::arg("vocab_start"), py::arg("k"), py::arg("temperature"), py::arg("values"),
           py::arg("ids"), py::arg("partial"), py::arg("stream"));

@@ -347,19 +347,27 @@ def sweep(x: Tensor, weight: Tensor, bias: Tensor | None, slot_ids: Tensor, opti
     return stats
 
 
-def terms_coef_fn(slots: Slots, options: LossOptions, vocab_size: int, upstream: Tensor,
-                  sink: Callable[[int, int, RowTerms], None] | None = None) -> CoefFn:
-    """Coefficients of the linear_cross_entropy loss, scaled per row by `upstream` [N]."""
+@dataclass(frozen=True)
+class TermsCoefFn:
+    """Coefficients of the linear_cross_entropy loss, scaled per row by `upstream` [N];
+    `sink` receives each chunk's `RowTerms` (the loss). A `CoefFn`; a backend that
+    computes the coefficients on the device (the cuda backend's one-pass epilogue) reads
+    its fields instead, and still calls it for the sink."""
 
-    def coef_fn(r0, r1, lse, slot_logits, logit_sum):
-        terms = row_terms(lse, slot_logits, logit_sum, slots.rows(r0, r1), options, vocab_size)
-        if sink is not None:
-            sink(r0, r1, terms)
-        g = upstream[r0:r1]
+    slots: Slots
+    options: LossOptions
+    vocab_size: int
+    upstream: Tensor
+    sink: Callable[[int, int, RowTerms], None] | None = None
+
+    def __call__(self, r0: int, r1: int, lse: Tensor, slot_logits: Tensor, logit_sum: Tensor | None
+                 ) -> tuple[Tensor, Tensor, Tensor | None]:
+        terms = row_terms(lse, slot_logits, logit_sum, self.slots.rows(r0, r1), self.options, self.vocab_size)
+        if self.sink is not None:
+            self.sink(r0, r1, terms)
+        g = self.upstream[r0:r1]
         uniform = None if terms.uniform is None else terms.uniform * g
         return terms.row_coef * g, terms.slot_coef * g[:, None], uniform
-
-    return coef_fn
 
 
 def precomputed_coef_fn(row_coef: Tensor, slot_coef: Tensor, uniform: Tensor | None) -> CoefFn:
@@ -414,7 +422,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             grads = Grads.allocate(x, weight, bias, need)
             upstream = row_weights(row_valid, options.reduction, cdt)
             stats = params.sweep_fn(x, weight, bias, slots.ids, options,
-                                    coef_fn=terms_coef_fn(slots, options, vocab_size, upstream, sink=keep), grads=grads)
+                                    coef_fn=TermsCoefFn(slots, options, vocab_size, upstream, sink=keep), grads=grads)
         else:
             stats = params.sweep_fn(x, weight, bias, slots.ids, options)
             terms = row_terms(stats.lse, stats.slot_logits, stats.logit_sum, slots, options, vocab_size)
@@ -449,7 +457,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         need = ctx.needs_input_grad[:3]
         grads = Grads.allocate(x, weight, bias, need)
         params.sweep_fn(x, weight, bias, slots.ids, options, stats=SweepStats(lse, slot_logits, logit_sum),
-                        coef_fn=terms_coef_fn(slots, options, weight.shape[0], upstream), grads=grads)
+                        coef_fn=TermsCoefFn(slots, options, weight.shape[0], upstream), grads=grads)
         one = torch.ones((), dtype=cdt, device=x.device)
         d_x, d_w, d_b = grads.take(one, *ctx.grad_dtypes)
         return d_x, d_w, d_b, None, None, None, None

@@ -14,7 +14,14 @@ fp32-output GEMM added into an fp32 buffer). A scalar loss that needs gradients 
 them in the forward (the shared autograd Function of `chunked`): 6*N*V*d FLOPs, nothing
 recomputed, and per logit the GEMM's 4-byte write, two 4-byte reads and a 2-byte write.
 
-The four device operations are gathered in `EpilogueOps`: the extension's on CUDA, and
+On sm_90, with `DISTIL_KERNELS_CUDA_EPILOGUE=one-pass`, the forward of a scalar loss
+that needs gradients finishes each chunk in one kernel instead (csrc/row_epilogue.cu):
+a thread-block cluster holds each row in shared memory, so the logits are read once and
+the per-row algebra runs on the device: per logit 4 + 2 bytes after the GEMM's write
+instead of 4 + 4 + 2. Not the default until a GPU run measures it (bench provider
+`cuda-one-pass`).
+
+The device operations are gathered in `EpilogueOps`: the extension's on CUDA, and
 `REFERENCE_OPS`, the same contract in PyTorch ops on any device, which the tests use to
 check this orchestration on the CPU and the kernels against it on a GPU.
 """
@@ -22,23 +29,27 @@ check this orchestration on the CPU and the kernels against it on a GPU.
 from __future__ import annotations
 
 import math
+import os
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import Tensor
 
-from .chunked import CoefFn, Grads, SweepStats, chunked_gradients, chunked_linear_cross_entropy
+from .chunked import CoefFn, Grads, SweepStats, TermsCoefFn, chunked_gradients, chunked_linear_cross_entropy
 from .gemm import addmm_fp32, gradient_scale, mm_fp32
-from .options import LossOptions
+from .options import BUCKET_CLAMP, LossOptions
 from .reference import LossStats
-from .targets import Slots
+from .targets import Slots, TargetWeights, target_weights, weighted_row_terms
 
 # A chunk of Qwen2.5-7B's vocabulary (152064) at 4 bytes a logit (fp32 logits, their
 # gradient written over them) is 0.6 MB a row: 2 GiB hold ~3530 rows, a GEMM that fills
 # an H100, and N = 16384 takes 5 chunks (7 when the gradient had a buffer of its own:
 # each chunk reads and writes d_weight's 2.2 GB fp32 accumulator once).
 DEFAULT_WORKSPACE = 2 << 30
+# "one-pass" or "two-pass": which epilogue finishes a forward's chunks where both can.
+EPILOGUE_ENV = "DISTIL_KERNELS_CUDA_EPILOGUE"
 
 
 @dataclass(frozen=True)
@@ -53,6 +64,15 @@ class EpilogueOps:
     mm_fp32: Callable[[Tensor, Tensor, Tensor], None]  # out (fp32) = a @ b
     # c (fp32) = beta * c + alpha * (a @ b), beta 0 or 1 (0: c's old values are never read)
     addmm_fp32: Callable[[Tensor, Tensor, Tensor, float, float], None]
+    # Statistics and gradient in one pass over whole rows, the coefficients from the
+    # targets' weights: (logits u fp32 [r, V], bias | None, softcap | None, inv_temp,
+    #  ids [r, K], slot_weight [r, K], slot_valid [r, K] bool, rest [r], upstream [r] (1/T
+    #  folded in), num_target, smoothing, z_loss, bucket_clamp, lse [r] out,
+    #  slot_logits [r, K] out, logit_sum [r] out | None, out: dL/du over u row by row).
+    # None where the ops have no such pass.
+    row_epilogue: Callable[..., None] | None = None
+    # (vocab_size, num_slots, dtype, device) -> whether `row_epilogue` takes these rows.
+    row_epilogue_fits: Callable[[int, int, torch.dtype, torch.device], bool] | None = None
 
 
 # --------------------------------------------------------------------------------------
@@ -107,6 +127,31 @@ def reference_logits_grad(logits: Tensor, bias: Tensor | None, softcap: float | 
     out.copy_(grad)
 
 
+def reference_row_epilogue(logits: Tensor, bias: Tensor | None, softcap: float | None, inv_temp: float, ids: Tensor,
+                           slot_weight: Tensor, slot_valid: Tensor, rest: Tensor, upstream: Tensor, num_target: int,
+                           smoothing: float, z_loss: float, bucket_clamp: float, lse: Tensor, slot_logits: Tensor,
+                           logit_sum: Tensor | None, out: Tensor) -> None:
+    """The one-pass contract: `reference_chunk_stats`, the shared algebra
+    (`weighted_row_terms`, a bucket's rest given for every tail: 0 makes it the others'),
+    then `reference_logits_grad`."""
+    assert bucket_clamp == BUCKET_CLAMP
+    rows = logits.shape[0]
+    partial = logits.new_empty(rows, 3)
+    reference_chunk_stats(logits, bias, softcap, inv_temp, False, ids, 0, slot_logits, partial)
+    lse.copy_(partial[:, 0] + partial[:, 1].log())
+    if logit_sum is not None:
+        logit_sum.copy_(partial[:, 2])
+    terms = weighted_row_terms(TargetWeights(slot_weight, rest, slot_valid, num_target), lse, slot_logits, logit_sum,
+                               LossOptions(label_smoothing=smoothing, z_loss=z_loss), logits.shape[1])
+    uniform = None if terms.uniform is None else terms.uniform * upstream
+    reference_logits_grad(logits, bias, softcap, inv_temp, terms.row_coef * upstream,
+                          lse, uniform, ids, terms.slot_coef * upstream[:, None], torch.empty_like(slot_logits), 0, out)
+
+
+def _reference_row_epilogue_fits(vocab_size: int, num_slots: int, dtype: torch.dtype, device: torch.device) -> bool:
+    return dtype != torch.float16  # fp16 gradients need a scale known before the pass
+
+
 def _reference_mm(a: Tensor, b: Tensor, out: Tensor) -> None:
     torch.mm(a.float(), b.float(), out=out)
 
@@ -116,6 +161,8 @@ def _reference_addmm(c: Tensor, a: Tensor, b: Tensor, alpha: float, beta: float)
 
 
 REFERENCE_OPS = EpilogueOps(reference_chunk_stats, reference_logits_grad, _reference_mm, _reference_addmm)
+REFERENCE_ONE_PASS_OPS = EpilogueOps(reference_chunk_stats, reference_logits_grad, _reference_mm, _reference_addmm,
+                                     reference_row_epilogue, _reference_row_epilogue_fits)
 
 
 # --------------------------------------------------------------------------------------
@@ -144,7 +191,27 @@ def extension_ops() -> EpilogueOps:
         ext.logits_grad(logits, bias, float(softcap or 0.0), float(inv_temp), row_coef, lse, uniform, ids, slot_coef,
                         slot_scratch, int(vocab_start), out, stream(logits))
 
-    return EpilogueOps(chunk_stats, logits_grad, mm_fp32, addmm_fp32)
+    def row_epilogue(logits, bias, softcap, inv_temp, ids, slot_weight, slot_valid, rest, upstream, num_target,
+                     smoothing, z_loss, bucket_clamp, lse, slot_logits, logit_sum, out):
+        ext.row_epilogue(logits, bias, float(softcap or 0.0), float(inv_temp), ids, slot_weight, slot_valid, rest,
+                         upstream, int(num_target), float(smoothing), float(z_loss), float(bucket_clamp), lse,
+                         slot_logits, logit_sum, out, stream(logits))
+
+    def row_epilogue_fits(vocab_size, num_slots, dtype, device):
+        # Thread-block clusters and distributed shared memory: sm_90 and later.
+        return (one_pass_requested() and dtype != torch.float16 and device.type == "cuda"
+                and torch.cuda.get_device_capability(device)[0] >= 9
+                and ext.row_epilogue_cluster(vocab_size, num_slots) > 0)
+
+    return EpilogueOps(chunk_stats, logits_grad, mm_fp32, addmm_fp32, row_epilogue, row_epilogue_fits)
+
+
+def one_pass_requested() -> bool:
+    """Whether `DISTIL_KERNELS_CUDA_EPILOGUE` asks for the one-pass epilogue (default: two passes)."""
+    value = os.environ.get(EPILOGUE_ENV, "two-pass")
+    if value not in ("one-pass", "two-pass"):
+        raise ValueError(f"{EPILOGUE_ENV} must be 'one-pass' or 'two-pass', got {value!r}")
+    return value == "one-pass"
 
 
 # --------------------------------------------------------------------------------------
@@ -173,7 +240,8 @@ def cuda_sweep(x: Tensor, weight: Tensor, bias: Tensor | None, slot_ids: Tensor,
     """`chunked.sweep`'s contract (statistics, and gradients for `coef_fn`) on whole-row chunks.
 
     Given `stats` (the gradient pass of a loss whose statistics came first), the chunks go
-    straight from the GEMM to `logits_grad`.
+    straight from the GEMM to `logits_grad`. A loss's own coefficients (`TermsCoefFn`)
+    with no statistics yet take the one-pass epilogue where the ops have one that fits.
     """
     ops = ops if ops is not None else extension_ops()
     num_rows, vocab_size = x.shape[0], weight.shape[0]
@@ -198,11 +266,29 @@ def cuda_sweep(x: Tensor, weight: Tensor, bias: Tensor | None, slot_ids: Tensor,
     ids = slot_ids.contiguous()
     inv_t = 1.0 / options.temperature
     weight_t = weight.T
+    one_pass = None
+    if (need_stats and isinstance(coef_fn, TermsCoefFn) and ops.row_epilogue is not None
+            and ops.row_epilogue_fits(vocab_size, num_slots, x.dtype, dev)):
+        one_pass = _OnePassInputs.of(coef_fn, inv_t)
     for r0 in range(0, num_rows, rows):
         r1 = min(r0 + rows, num_rows)
         n = r1 - r0
         logits = logits_buf[: n * vocab_size].view(n, vocab_size)
         ops.mm_fp32(x[r0:r1], weight_t, logits)
+        if one_pass is not None:
+            grad = in_place_gradient(logits, x.dtype)
+            try:
+                one_pass.run(ops, logits, bias32, options, ids, r0, r1, stats, grad)
+            except RuntimeError as error:
+                # A cluster launch the device refuses (the kernel never ran, the logits are
+                # intact): the two passes finish this chunk and the rest.
+                warnings.warn(f"the one-pass loss epilogue failed ({error}); using two passes", stacklevel=2)
+                one_pass = None
+            else:
+                coef_fn(r0, r1, stats.lse[r0:r1], stats.slot_logits[r0:r1],
+                        None if stats.logit_sum is None else stats.logit_sum[r0:r1])  # the loss's terms, for its sink
+                _backpropagate(grad, 1.0, x, weight, r0, r1, grads, ops, input_buf)
+                continue
         if need_stats:
             ops.chunk_stats(logits, bias32, options.softcap, inv_t, False, ids[r0:r1], 0, stats.slot_logits[r0:r1],
                             partial[:n])
@@ -228,26 +314,62 @@ def cuda_sweep(x: Tensor, weight: Tensor, bias: Tensor | None, slot_ids: Tensor,
             None if uniform is None else uniform.contiguous(), ids[r0:r1], slot_coef.contiguous(), slot_scratch[:n],
             0, grad,
         )
-        if grads.bias is not None:
-            # From the same rounded gradient the weight's GEMM reads (a bias is a weight
-            # column against a constant 1 input), summed in fp32.
-            grads.bias.add_(grad.sum(dim=0, dtype=torch.float32), alpha=1.0 / scale)
-        if grads.input is not None:
-            if scale == 1.0:
-                torch.mm(grad, weight, out=grads.input[r0:r1])
-            else:
-                # An fp32 product: an fp16 one may sum in fp16 (PyTorch allows reduced-
-                # precision reductions by default), which the scaled gradient overflows.
-                product = input_buf[: n * x.shape[1]].view(n, x.shape[1])
-                ops.mm_fp32(grad, weight, product)
-                torch.mul(product, 1.0 / scale, out=grads.input[r0:r1])
-        if grads.weight is not None:
-            ops.addmm_fp32(grads.weight, grad.T, x[r0:r1], 1.0 / scale, 0.0 if grads.weight_unwritten else 1.0)
-            grads.weight_unwritten = False
+        _backpropagate(grad, scale, x, weight, r0, r1, grads, ops, input_buf)
     if grads is not None and grads.weight_unwritten:  # no rows: nothing was written
         grads.weight.zero_()
         grads.weight_unwritten = False
     return stats
+
+
+@dataclass(frozen=True)
+class _OnePassInputs:
+    """What `row_epilogue` reads of a loss's targets, for every row, made once a sweep."""
+
+    slot_weight: Tensor  # [N, K] fp32
+    slot_valid: Tensor  # [N, K] bool
+    rest: Tensor  # [N] fp32, zeros but for a bucket tail
+    upstream: Tensor  # [N] fp32, 1/T folded in
+    num_target: int
+    options: LossOptions
+
+    @staticmethod
+    def of(coef_fn: TermsCoefFn, inv_t: float) -> "_OnePassInputs":
+        targets = target_weights(coef_fn.slots, coef_fn.options)
+        rest = targets.rest if targets.rest is not None else torch.zeros_like(coef_fn.upstream)
+        return _OnePassInputs(targets.weights.float().contiguous(), targets.valid.contiguous(),
+                              rest.float().contiguous(), (coef_fn.upstream * inv_t).float().contiguous(),
+                              targets.num_target, coef_fn.options)
+
+    def run(self, ops: EpilogueOps, logits: Tensor, bias32: Tensor | None, options: LossOptions, ids: Tensor,
+            r0: int, r1: int, stats: SweepStats, grad: Tensor) -> None:
+        ops.row_epilogue(
+            logits, bias32, options.softcap, 1.0 / options.temperature, ids[r0:r1], self.slot_weight[r0:r1],
+            self.slot_valid[r0:r1], self.rest[r0:r1], self.upstream[r0:r1], self.num_target,
+            self.options.label_smoothing, self.options.z_loss, BUCKET_CLAMP, stats.lse[r0:r1],
+            stats.slot_logits[r0:r1], None if stats.logit_sum is None else stats.logit_sum[r0:r1], grad,
+        )
+
+
+def _backpropagate(grad: Tensor, scale: float, x: Tensor, weight: Tensor, r0: int, r1: int, grads: Grads,
+                   ops: EpilogueOps, input_buf: Tensor | None) -> None:
+    """Push a chunk's dL/du (written times `scale`) through the linear layer into `grads`."""
+    n = r1 - r0
+    if grads.bias is not None:
+        # From the same rounded gradient the weight's GEMM reads (a bias is a weight
+        # column against a constant 1 input), summed in fp32.
+        grads.bias.add_(grad.sum(dim=0, dtype=torch.float32), alpha=1.0 / scale)
+    if grads.input is not None:
+        if scale == 1.0:
+            torch.mm(grad, weight, out=grads.input[r0:r1])
+        else:
+            # An fp32 product: an fp16 one may sum in fp16 (PyTorch allows reduced-
+            # precision reductions by default), which the scaled gradient overflows.
+            product = input_buf[: n * x.shape[1]].view(n, x.shape[1])
+            ops.mm_fp32(grad, weight, product)
+            torch.mul(product, 1.0 / scale, out=grads.input[r0:r1])
+    if grads.weight is not None:
+        ops.addmm_fp32(grads.weight, grad.T, x[r0:r1], 1.0 / scale, 0.0 if grads.weight_unwritten else 1.0)
+        grads.weight_unwritten = False
 
 
 def cuda_gradients(x: Tensor, weight: Tensor, bias: Tensor | None, slot_ids: Tensor, stats: SweepStats,

@@ -134,18 +134,28 @@ class RowTerms:
     uniform: Tensor | None  # [N], label_smoothing / V on valid rows, subtracted from every logit's gradient
 
 
-def row_terms(lse: Tensor, slot_logits: Tensor, logit_sum: Tensor | None, slots: Slots,
-              options: LossOptions, vocab_size: int) -> RowTerms:
-    """Loss and gradient coefficients of each row from its sweep statistics.
+@dataclass(frozen=True)
+class TargetWeights:
+    """What the per-row algebra needs of the targets alone, before any statistics.
 
-    `lse` [N], `slot_logits` [N, K] (z at the slot ids) and `logit_sum` [N] (sum of z,
-    needed only with label smoothing) are in the compute dtype.
+    A device kernel that holds a row's statistics computes the rest of the algebra itself
+    (csrc/row_terms.h) from these.
     """
+
+    weights: Tensor  # [N, K]: a target slot's weight (renormalised where the tail asks), a plain slot's own
+    rest: Tensor | None  # [N] a bucket tail's missing mass clamp(1 - sum w, 0); None for the other tails
+    valid: Tensor  # [N, K] bool
+    num_target: int
+
+    def rows(self, start: int, stop: int) -> "TargetWeights":
+        rest = None if self.rest is None else self.rest[start:stop]
+        return TargetWeights(self.weights[start:stop], rest, self.valid[start:stop], self.num_target)
+
+
+def target_weights(slots: Slots, options: LossOptions) -> TargetWeights:
     kt = slots.num_target
-    valid_t = slots.valid[:, :kt]
-    logq = torch.where(slots.valid, slot_logits - lse[:, None], 0.0)
-    logq_t = logq[:, :kt]
     w_t = slots.weights[:, :kt]
+    rest = None
     if options.tail == "renormalize":
         mass = w_t.sum(dim=1, keepdim=True)
         # A row with no mass has nothing to renormalise; validation rejects it and
@@ -153,18 +163,41 @@ def row_terms(lse: Tensor, slot_logits: Tensor, logit_sum: Tensor | None, slots:
         a = torch.where(mass > 0, w_t / torch.where(mass > 0, mass, 1.0), 0.0)
     else:
         a = w_t
+        if options.tail == "bucket":
+            rest = (1.0 - w_t.sum(dim=1)).clamp_min(0.0)
+    weights = a if slots.weights.shape[1] == kt else torch.cat([a, slots.weights[:, kt:]], dim=1)
+    return TargetWeights(weights, rest, slots.valid, kt)
+
+
+def row_terms(lse: Tensor, slot_logits: Tensor, logit_sum: Tensor | None, slots: Slots,
+              options: LossOptions, vocab_size: int) -> RowTerms:
+    """Loss and gradient coefficients of each row from its sweep statistics.
+
+    `lse` [N], `slot_logits` [N, K] (z at the slot ids) and `logit_sum` [N] (sum of z,
+    needed only with label smoothing) are in the compute dtype.
+    """
+    return weighted_row_terms(target_weights(slots, options), lse, slot_logits, logit_sum, options, vocab_size)
+
+
+def weighted_row_terms(targets: TargetWeights, lse: Tensor, slot_logits: Tensor, logit_sum: Tensor | None,
+                       options: LossOptions, vocab_size: int) -> RowTerms:
+    """`row_terms` from the targets' `TargetWeights`."""
+    kt = targets.num_target
+    valid_t = targets.valid[:, :kt]
+    logq = torch.where(targets.valid, slot_logits - lse[:, None], 0.0)
+    logq_t = logq[:, :kt]
+    a = targets.weights[:, :kt]
     token_loss = -(a * logq_t).sum(dim=1)
     row_coef = a.sum(dim=1)
     slot_coef = a
-    if options.tail == "bucket":
+    if targets.rest is not None:
         q = torch.where(valid_t, logq_t.exp(), 0.0)
         q_sum = q.sum(dim=1)
-        rest = (1.0 - w_t.sum(dim=1)).clamp_min(0.0)
         outside = 1.0 - q_sum
         clamped = outside < BUCKET_CLAMP
-        token_loss = token_loss - rest * outside.clamp_min(BUCKET_CLAMP).log()
+        token_loss = token_loss - targets.rest * outside.clamp_min(BUCKET_CLAMP).log()
         # Where the clamp binds its gradient is zero; elsewhere outside >= 1e-6.
-        beta = torch.where(clamped, 0.0, rest / torch.where(clamped, 1.0, outside))
+        beta = torch.where(clamped, 0.0, targets.rest / torch.where(clamped, 1.0, outside))
         row_coef = row_coef - beta * q_sum
         slot_coef = a - beta[:, None] * q
     eps = options.label_smoothing
@@ -176,12 +209,12 @@ def row_terms(lse: Tensor, slot_logits: Tensor, logit_sum: Tensor | None, slots:
         token_loss = token_loss + options.z_loss * lse.square()
         row_coef = row_coef + 2.0 * options.z_loss * lse
     # An ignored row has no loss, so no smoothing or z-loss gradient either.
-    row_valid = slots.row_valid
+    row_valid = valid_t.any(dim=1)
     token_loss = torch.where(row_valid, token_loss, 0.0)
     row_coef = torch.where(row_valid, row_coef, 0.0)
     uniform = row_valid.to(lse.dtype) * (eps / vocab_size) if eps else None
-    if slots.weights.shape[1] > kt:
-        w_extra = slots.weights[:, kt:]
+    if targets.weights.shape[1] > kt:
+        w_extra = targets.weights[:, kt:]
         row_coef = row_coef + w_extra.sum(dim=1)
         slot_coef = torch.cat([slot_coef, w_extra], dim=1)
     return RowTerms(token_loss, logq_t, row_coef, slot_coef, uniform)

@@ -308,7 +308,7 @@ def probe_extension(tmp_path_factory):
 def test_binding_builds_imports_and_checks_its_arguments(probe_extension):
     import torch
 
-    for name in ("chunk_stats", "logits_grad", "row_topk", "gumbel_argmax"):
+    for name in ("chunk_stats", "logits_grad", "row_epilogue", "row_topk", "gumbel_argmax"):
         assert callable(getattr(probe_extension, name)), name
     with pytest.raises(RuntimeError, match="logits must be a CUDA tensor, got cpu"):
         probe_extension.row_topk(torch.zeros(3, 5), 0, 2, 1.0, torch.zeros(3, 2), torch.zeros(3, 2, dtype=torch.long),
@@ -334,9 +334,118 @@ def test_python_wrappers_match_the_binding(probe_extension, monkeypatch):
     calls = [
         lambda: loss_ops.chunk_stats(z, None, None, 1.0, False, ids, 0, pair, torch.zeros(3, 3)),
         lambda: loss_ops.logits_grad(z, None, None, 1.0, vec, vec, None, ids, pair, pair.clone(), 0, z),
+        lambda: loss_ops.row_epilogue(z, None, None, 1.0, ids, pair, pair.bool(), vec, vec, 1, 0.0, 0.0, 1e-6, vec,
+                                      pair, None, z),
         lambda: sampling_ops.row_topk(z, 2, 1.0, pair, ids, torch.zeros(3, 4)),
         lambda: sampling_ops.gumbel_argmax(z, 0.7, False, keys, ids, pair, pair, torch.zeros(3, 4)),
     ]
     for call in calls:
         with pytest.raises(RuntimeError, match="logits must be a CUDA tensor, got cpu"):
             call()
+
+
+ROW_TERMS_PROGRAM = r"""
+#include <cstdio>
+#include <vector>
+
+#include "row_terms.h"
+
+// Reads "rows slots num_target smoothing z_loss inv_vocab clamp", then per row
+// "rest upstream lse" and one "weight valid slot_logit" line a slot. Prints per row
+// "row_coef uniform" and then each slot's coefficient, summing as the kernel's lanes
+// would if there were one.
+int main() {
+    int rows, slots;
+    distil::RowTermsOptions o{};
+    if (std::scanf("%d %d %d %f %f %f %f", &rows, &slots, &o.num_target, &o.smoothing, &o.z_loss, &o.inv_vocab,
+                   &o.bucket_clamp) != 7) return 1;
+    for (int r = 0; r < rows; ++r) {
+        float rest, upstream, lse;
+        if (std::scanf("%f %f %f", &rest, &upstream, &lse) != 3) return 1;
+        std::vector<float> weight(slots), q(slots, 0.f);
+        distil::SlotSums sums{0.f, 0.f, 0.f, false};
+        for (int j = 0; j < slots; ++j) {
+            int valid;
+            float logit;
+            if (std::scanf("%f %d %f", &weight[j], &valid, &logit) != 3) return 1;
+            if (j >= o.num_target) {
+                sums.extra += weight[j];
+                continue;
+            }
+            q[j] = distil::slot_q(valid != 0, logit, lse);
+            sums.weight += weight[j];
+            sums.q += q[j];
+            sums.valid = sums.valid || valid != 0;
+        }
+        const distil::RowScalars s = distil::row_scalars(o, sums, rest, upstream, lse);
+        std::printf("%.9g %.9g", s.row_coef, s.uniform);
+        for (int j = 0; j < slots; ++j) std::printf(" %.9g", distil::slot_coefficient(o, s, j, weight[j], q[j]));
+        std::printf("\n");
+    }
+    return 0;
+}
+"""
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+@pytest.mark.parametrize("tail", ["bucket", "renormalize", "ignore"])
+@pytest.mark.parametrize("smoothing,z_loss", [(0.0, 0.0), (0.1, 1e-3)])
+def test_device_row_terms_match_the_python_algebra(tmp_path, tail, smoothing, z_loss):
+    """csrc/row_terms.h as host code (the one-pass epilogue's coefficients) against
+    targets.row_terms times each row's upstream factor: sparse rows, padded slots, ignored
+    rows, plain credit slots, bucket rows whose ids hold all the mass (the clamp)."""
+    import torch
+
+    from distil_kernels.loss.options import BUCKET_CLAMP, LossOptions
+    from distil_kernels.loss.targets import Slots, row_terms, target_weights
+
+    gen = torch.Generator().manual_seed(11)
+    rows, num_target, plain, vocab = 64, 6, 2, 1000
+    slots_k = num_target + plain
+    valid = torch.rand(rows, slots_k, generator=gen) < 0.8
+    valid[:4, :num_target] = False  # ignored rows (their plain slots still count)
+    probs = torch.rand(rows, num_target, generator=gen)
+    probs = probs / probs.sum(dim=1, keepdim=True) * torch.rand(rows, 1, generator=gen)
+    weights = torch.cat([probs, torch.randn(rows, plain, generator=gen)], dim=1)
+    weights = torch.where(valid, weights, 0.0)
+    slot_logits = torch.randn(rows, slots_k, generator=gen) * 3
+    lse = slot_logits.logsumexp(dim=1) + torch.rand(rows, generator=gen) * 4
+    lse[4:8] = torch.where(valid[4:8, :num_target], slot_logits[4:8, :num_target], -torch.inf).logsumexp(dim=1)
+    upstream = torch.rand(rows, generator=gen)
+    upstream[8] = 0.0
+    slots = Slots(torch.zeros(rows, slots_k, dtype=torch.long), weights, valid, num_target)
+    options = LossOptions(tail=tail, label_smoothing=smoothing, z_loss=z_loss)
+    targets = target_weights(slots, options)
+    rest = targets.rest if targets.rest is not None else torch.zeros(rows)
+
+    lines = [f"{rows} {slots_k} {num_target} {smoothing!r} {z_loss!r} {1.0 / vocab!r} {BUCKET_CLAMP!r}"]
+    for r in range(rows):
+        lines.append(f"{rest[r].item()!r} {upstream[r].item()!r} {lse[r].item()!r}")
+        lines += [f"{targets.weights[r, j].item()!r} {int(valid[r, j])} {slot_logits[r, j].item()!r}"
+                  for j in range(slots_k)]
+    output = host_program_output(tmp_path, "row_terms_check", ROW_TERMS_PROGRAM, "\n".join(lines) + "\n")
+    got = torch.tensor([[float(t) for t in line.split()] for line in output.strip().splitlines()])
+
+    terms = row_terms(lse, slot_logits, None if not smoothing else slot_logits.sum(dim=1), slots, options, vocab)
+    uniform = torch.zeros(rows) if terms.uniform is None else terms.uniform
+    expected = torch.cat([(terms.row_coef * upstream)[:, None], (uniform * upstream)[:, None],
+                          terms.slot_coef * upstream[:, None]], dim=1)
+    q_sum = torch.where(valid[:, :num_target], (slot_logits[:, :num_target] - lse[:, None]).exp(), 0.0).sum(dim=1)
+    assert (1.0 - q_sum[4:8] < BUCKET_CLAMP).all() and (1.0 - q_sum[8:] > 0.01).all()  # both sides of the clamp
+    # fp32 sums of at most 8 terms in another order, and (1 - eps) * g applied as one factor.
+    torch.testing.assert_close(got, expected, rtol=2e-6, atol=2e-7)
+
+
+def test_one_pass_epilogue_plans_a_cluster_a_row(probe_extension):
+    """row_epilogue's cluster for a row: the fewest blocks (1, 2, 4, 8) whose slices fit
+    ~100 KB of shared memory each (two rows' blocks an SM), else 8 blocks of up to ~200 KB
+    (one an SM), else none (the two passes): a host function, run here."""
+    plan = probe_extension.row_epilogue_cluster
+    assert plan(1000, 1) == 1
+    assert plan(32_007, 32) == 2
+    assert plan(128_256, 32) == 8  # Llama-3: 64 KB a block
+    assert plan(152_064, 32) == 8  # Qwen2.5: 76 KB a block
+    assert plan(256_000, 32) == 8  # Gemma-2: 125 KB a block, one an SM
+    assert plan(420_000, 1) == 0  # over 200 KB a block
+    assert plan(1000, 1025) == 0  # the slot arrays are bounded
+    assert plan(0, 1) == 0

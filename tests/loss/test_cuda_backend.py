@@ -1,15 +1,17 @@
 """The `cuda` backend's orchestration on the CPU, with the epilogue's reference ops.
 
 `distil_kernels.loss.cuda` drives four device operations (an fp32-output GEMM, an fp32
-addmm, the `chunk_stats` and `logits_grad` kernels of csrc/). `REFERENCE_OPS` is their
-contract in PyTorch; with it the chunking, the fused forward gradients, the recompute
-path and distil_loss's two passes run here against the float64 reference. The kernels
+addmm, the `chunk_stats` and `logits_grad` kernels of csrc/), and on sm_90 optionally a
+fifth (`row_epilogue`, both passes in one). `REFERENCE_OPS` and `REFERENCE_ONE_PASS_OPS`
+are their contract in PyTorch; with them the chunking, the fused forward gradients, the
+recompute path and distil_loss's two passes run here against the float64 reference. The kernels
 themselves are checked against `REFERENCE_OPS` on a GPU (tests/loss/test_gpu.py) and
 compiled by nvcc in tests/csrc.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import math
 
@@ -20,7 +22,14 @@ from distil_kernels import linear_cross_entropy
 from distil_kernels.backends import resolve_backend
 from distil_kernels.cuda_ext import extension_available
 from distil_kernels.loss import cuda as cuda_backend
-from distil_kernels.loss.cuda import REFERENCE_OPS, chunk_rows, cuda_linear_cross_entropy, in_place_gradient
+from distil_kernels.loss.cuda import (
+    REFERENCE_ONE_PASS_OPS,
+    REFERENCE_OPS,
+    EpilogueOps,
+    chunk_rows,
+    cuda_linear_cross_entropy,
+    in_place_gradient,
+)
 from distil_kernels.loss.gemm import gradient_scale
 from distil_kernels.loss.options import LossOptions
 from distil_kernels.loss.reference import compute_dtype
@@ -39,13 +48,29 @@ from loss_problems import (
 )
 
 
-def run_cuda_orchestration(x, w, b, target, **options):
-    """`run` (loss, stats, grads) through cuda_linear_cross_entropy with the reference ops."""
+class CountingOps:
+    """`ops` with each call of the one-pass epilogue and of chunk_stats counted."""
+
+    def __init__(self, ops: EpilogueOps):
+        self.calls = {"row_epilogue": 0, "chunk_stats": 0}
+
+        def counted(name):
+            def call(*args):
+                self.calls[name] += 1
+                return getattr(ops, name)(*args)
+            return call
+
+        self.ops = dataclasses.replace(ops, chunk_stats=counted("chunk_stats"),
+                                       row_epilogue=None if ops.row_epilogue is None else counted("row_epilogue"))
+
+
+def run_cuda_orchestration(x, w, b, target, ops=REFERENCE_OPS, **options):
+    """`run` (loss, stats, grads) through cuda_linear_cross_entropy with reference ops."""
     opts = LossOptions(**options)
     leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, w, b)]
     slots = make_slots(target, w.shape[0], opts.ignore_index, compute_dtype(x.dtype))
     bias = None if leaves[2] is None else leaves[2].to(compute_dtype(x.dtype))
-    loss, stats = cuda_linear_cross_entropy(leaves[0], leaves[1], bias, slots, opts, ops=REFERENCE_OPS)
+    loss, stats = cuda_linear_cross_entropy(leaves[0], leaves[1], bias, slots, opts, ops=ops)
     grad_out = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype, device=loss.device).reshape(loss.shape)
     (loss * grad_out).sum().backward()
     return loss.detach(), stats, [t.grad if t is not None else None for t in leaves]
@@ -59,19 +84,25 @@ OPTIONS = [
 ]
 
 
+@pytest.mark.parametrize("epilogue", ["two-pass", "one-pass"])
 @pytest.mark.parametrize("options", OPTIONS, ids=["plain", "all-options", "renormalize-sum", "ignore-none"])
 @pytest.mark.parametrize("kind", ["hard", "sparse"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_matches_the_reference(dtype, kind, options):
+def test_matches_the_reference(dtype, kind, options, epilogue):
     """N=61, V=203 in chunks of 21 rows: a workspace of 17 KiB, the gradient written over
-    the fp32 logits it comes from."""
+    the fp32 logits it comes from. One pass: the forward's chunks take `row_epilogue`, the
+    recompute path (reduction "none") the two kernels."""
     k = None if kind == "hard" else 5
     x64, w64, b64, target = make_problem(61, 24, 203, k=k, seed=31, ignore_rows=(4,), scale=3.0)
     options = dict(options, workspace_bytes=17 * 1024)
     want = run(x64, w64, b64, target, "torch", **options)
     x, w, b = x64.to(dtype), w64.to(dtype), b64.to(dtype)
     assert chunk_rows(61, 203, options["workspace_bytes"]) < 61
-    got = run_cuda_orchestration(x, w, b, target, **options)
+    counting = CountingOps(REFERENCE_ONE_PASS_OPS if epilogue == "one-pass" else REFERENCE_OPS)
+    got = run_cuda_orchestration(x, w, b, target, ops=counting.ops, **options)
+    one_pass = epilogue == "one-pass" and options.get("reduction") != "none"
+    assert counting.calls == ({"row_epilogue": 3, "chunk_stats": 0} if one_pass else
+                              {"row_epilogue": 0, "chunk_stats": 3})
     assert_within_dtype_error(got, same_dtype_pytorch(x, w, b, target, LossOptions(**options)), want)
     # Stats: within 4x the chunked backend's own error in the same dtype.
     chunked = run(x, w, b, target, "chunked", **options)
@@ -179,3 +210,57 @@ def test_missing_extension_is_a_clear_error():
     x, w = torch.randn(3, 8), torch.randn(20, 8)
     with pytest.raises(ValueError, match="runs on cuda tensors"):
         linear_cross_entropy(x, w, torch.tensor([1, 2, 3]), backend="cuda")
+
+
+@pytest.mark.parametrize("tail", ["bucket", "renormalize"])
+def test_one_pass_matches_two_passes(tail):
+    """The one-pass epilogue (the per-row algebra from the targets' weights, on the rows'
+    statistics) against the two kernels with Python's algebra between them, on sparse rows
+    whose bucket keeps mass outside the ids: fp32, the same numbers to a few ulps."""
+    x64, w64, b64, target = make_problem(61, 24, 203, k=7, seed=33, ignore_rows=(4, 9), scale=3.0)
+    target = type(target)(target.ids, target.probs * 0.8)
+    x, w, b = x64.float(), w64.float(), b64.float()
+    options = dict(tail=tail, label_smoothing=0.05, z_loss=1e-3, softcap=5.0, temperature=0.9,
+                   workspace_bytes=17 * 1024)
+    two = run_cuda_orchestration(x, w, b, target, ops=REFERENCE_OPS, **options)
+    one = run_cuda_orchestration(x, w, b, target, ops=REFERENCE_ONE_PASS_OPS, **options)
+    torch.testing.assert_close(one[0], two[0], rtol=1e-6, atol=1e-6)
+    for got, want in zip(one[2], two[2]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_fp16_keeps_two_passes():
+    """fp16 gradients are written times a scale found from the coefficients, before the
+    pass that writes them: the one-pass epilogue is not taken."""
+    x, w, b, y = fp16_small_gradient_problem()
+    counting = CountingOps(REFERENCE_ONE_PASS_OPS)
+    got = run_cuda_orchestration(x, w, b, y, ops=counting.ops, workspace_bytes=64 * 1024)
+    assert counting.calls["row_epilogue"] == 0 and counting.calls["chunk_stats"] > 0
+    assert_fp16_gradient_keeps_its_small_values(got[2], x, w, b, y, upstream=0.5)
+
+
+def test_one_pass_refused_falls_back_to_two_passes():
+    """A launch the device refuses (a RuntimeError before the kernel runs) warns once and
+    finishes every chunk with the two kernels."""
+    def refused(*args):
+        raise RuntimeError("row_epilogue failed: cluster misconfiguration")
+
+    ops = dataclasses.replace(REFERENCE_ONE_PASS_OPS, row_epilogue=refused)
+    x64, w64, b64, target = make_problem(61, 24, 203, k=None, seed=34, scale=3.0)
+    x, w, b = x64.float(), w64.float(), b64.float()
+    with pytest.warns(UserWarning, match="one-pass loss epilogue failed .*cluster misconfiguration"):
+        got = run_cuda_orchestration(x, w, b, target, ops=ops, workspace_bytes=17 * 1024)
+    want = run_cuda_orchestration(x, w, b, target, ops=REFERENCE_OPS, workspace_bytes=17 * 1024)
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
+    for g, h in zip(got[2], want[2]):
+        torch.testing.assert_close(g, h, rtol=0, atol=0)
+
+
+def test_epilogue_choice_is_checked(monkeypatch):
+    monkeypatch.setenv(cuda_backend.EPILOGUE_ENV, "one-pass")
+    assert cuda_backend.one_pass_requested()
+    monkeypatch.delenv(cuda_backend.EPILOGUE_ENV)
+    assert not cuda_backend.one_pass_requested()
+    monkeypatch.setenv(cuda_backend.EPILOGUE_ENV, "fused")
+    with pytest.raises(ValueError, match="DISTIL_KERNELS_CUDA_EPILOGUE must be 'one-pass' or 'two-pass', got 'fused'"):
+        cuda_backend.one_pass_requested()

@@ -20,8 +20,18 @@ pytestmark = [
     pytest.mark.skipif(not extension_available(), reason="the csrc/ extension was not built"),
 ]
 
-from distil_kernels.loss.cuda import REFERENCE_OPS, extension_ops, in_place_gradient  # noqa: E402
-from distil_kernels.loss.options import LossOptions  # noqa: E402
+import dataclasses  # noqa: E402
+
+from distil_kernels.loss import cuda as cuda_backend  # noqa: E402
+from distil_kernels.loss.cuda import (  # noqa: E402
+    REFERENCE_OPS,
+    extension_ops,
+    in_place_gradient,
+    reference_logits_grad,
+    reference_row_epilogue,
+)
+from distil_kernels.loss.options import BUCKET_CLAMP, LossOptions  # noqa: E402
+from distil_kernels.loss.targets import TargetWeights, weighted_row_terms  # noqa: E402
 from loss_problems import assert_within_dtype_error, make_problem, run, same_dtype_pytorch  # noqa: E402
 
 CUDA = torch.device("cuda")
@@ -102,10 +112,86 @@ def test_kernels_match_the_reference_ops(softcap, out_dtype, in_place):
     assert ((partial[finite, 2] - want_partial[finite, 2]).abs() <= bound[finite]).all(), "partial z sum"
 
 
+SM90 = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
+
+
+@pytest.mark.skipif(not SM90, reason="thread-block clusters need sm_90")
+@pytest.mark.parametrize("vocab", [1000, 32007, 152064])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("options", [dict(softcap=20.0, smoothing=0.05, z_loss=1e-3), dict()],
+                         ids=["softcap-smoothing-zloss", "plain"])
+def test_row_epilogue_matches_its_reference_op(vocab, out_dtype, options):
+    """One pass over whole rows (clusters of 1, 2 and 8 blocks; 32007 puts odd rows off
+    16-byte boundaries) against `reference_row_epilogue`: the statistics within the
+    bounds of the two-pass test above, and the gradient against the reference's
+    gradient formed from the kernel's own statistics (so one lse's rounding does not move
+    the other's every softmax value)."""
+    rows, num_target, plain = 13, 6, 2
+    gen = torch.Generator(device=CUDA).manual_seed(43)
+    logits = torch.randn(rows, vocab, generator=gen, device=CUDA) * 8.0
+    bias = torch.randn(vocab, generator=gen, device=CUDA)
+    if not options:
+        bias[::97] = -torch.inf  # masked ids (with smoothing they would make every logit sum -inf)
+    ids = torch.randint(0, vocab, (rows, num_target + plain), generator=gen, device=CUDA)
+    ids[:, 1] = ids[:, 0]  # a repeated id: two corrections on one logit
+    valid = torch.rand(ids.shape, generator=gen, device=CUDA) < 0.85
+    valid[2, :num_target] = False  # an ignored row
+    ids = torch.where(valid, ids, 0)
+    probs = torch.rand(rows, num_target, generator=gen, device=CUDA)
+    probs = probs / probs.sum(dim=1, keepdim=True) * 0.8  # a bucket's missing mass
+    weight = torch.where(valid, torch.cat([probs, torch.randn(rows, plain, generator=gen, device=CUDA)], dim=1), 0.0)
+    rest = (1.0 - weight[:, :num_target].sum(dim=1)).clamp_min(0.0)
+    upstream = torch.rand(rows, generator=gen, device=CUDA) / rows
+    softcap, smoothing, z_loss = options.get("softcap"), options.get("smoothing", 0.0), options.get("z_loss", 0.0)
+    inv_temp = 1 / 0.9
+    results = []
+    for op in (reference_row_epilogue, extension_ops().row_epilogue):
+        u = logits.clone()
+        lse = torch.empty(rows, device=CUDA)
+        slot_logits = torch.zeros(ids.shape, device=CUDA)
+        logit_sum = torch.empty(rows, device=CUDA) if smoothing else None
+        grad = in_place_gradient(u, out_dtype)
+        op(u, bias, softcap, inv_temp, ids, weight, valid, rest, upstream, num_target, smoothing, z_loss,
+           BUCKET_CLAMP, lse, slot_logits, logit_sum, grad)
+        results.append((lse, slot_logits, logit_sum, grad.clone()))
+    (want_lse, want_slots, want_sum, _), (lse, slots, logit_sum, grad) = results
+    # Bounds of the two-pass test above, from the reference's z.
+    eps = torch.finfo(torch.float32).eps
+    want_z = cuda_backend._transform(logits, bias, softcap, inv_temp)[0]
+    finite_z = want_z.isfinite()
+    scale = want_z[finite_z].abs().max().item()
+    assert_close_in_dtype(slots, want_slots, "slot_logits")
+    assert ((lse - want_lse).abs() <= 12 * eps * scale + 16 * eps).all(), "log-sum-exp"
+    if smoothing:
+        finite = want_sum.isfinite()
+        assert torch.equal(logit_sum[~finite], want_sum[~finite]), "logit sum"
+        z_error = torch.where(finite_z, 4 * eps * want_z.abs() + 8 * eps * scale, 0.0)
+        bound = z_error.sum(dim=1) + 16 * eps * torch.where(finite_z, want_z.abs(), 0.0).sum(dim=1)
+        assert ((logit_sum - want_sum)[finite].abs() <= bound[finite]).all(), "logit sum"
+    terms = weighted_row_terms(TargetWeights(weight, rest, valid, num_target), lse, slots, logit_sum,
+                               LossOptions(label_smoothing=smoothing, z_loss=z_loss), vocab)
+    expected = torch.empty(rows, vocab, dtype=out_dtype, device=CUDA)
+    uniform = None if terms.uniform is None else terms.uniform * upstream
+    reference_logits_grad(logits.clone(), bias, softcap, inv_temp, terms.row_coef * upstream, lse, uniform, ids,
+                          terms.slot_coef * upstream[:, None], torch.empty_like(slots), 0, expected)
+    assert_close_in_dtype(grad, expected, "grad")
+
+
+@pytest.mark.parametrize("epilogue", ["two-pass", "one-pass"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("kind", ["hard", "sparse"])
-def test_backend_in_several_chunks(dtype, kind):
-    """1000 rows of a 32007 vocabulary through a 64 MiB workspace: 4 (fp32) or 3 (bf16) chunks."""
+def test_backend_in_several_chunks(dtype, kind, epilogue, monkeypatch):
+    """1000 rows of a 32007 vocabulary through a 64 MiB workspace: 4 (fp32) or 3 (bf16)
+    chunks, finished by the two kernels or (sm_90) the one-pass epilogue."""
+    monkeypatch.setenv(cuda_backend.EPILOGUE_ENV, epilogue)
+    calls = []
+    real = extension_ops()
+
+    def counted(*args):
+        calls.append(1)
+        return real.row_epilogue(*args)
+
+    monkeypatch.setattr(cuda_backend, "extension_ops", lambda: dataclasses.replace(real, row_epilogue=counted))
     k = None if kind == "hard" else 32
     x64, w64, b64, target = make_problem(1000, 520, 32007, k=k, seed=42, ignore_rows=(3,), scale=4.0)
     x64, w64, b64 = x64.to(CUDA), w64.to(CUDA), b64.to(CUDA)
@@ -115,6 +201,7 @@ def test_backend_in_several_chunks(dtype, kind):
     want = run(x64, w64, b64, target, "torch", **options)
     x, w, b = x64.to(dtype), w64.to(dtype), b64.to(dtype)
     got = run(x, w, b, target, "cuda", **options)
+    assert bool(calls) == (epilogue == "one-pass" and SM90)
     base = same_dtype_pytorch(x, w, b, target, LossOptions(**options))
     rounded = run(x.double(), w.double(), b.double(), target, "torch", **options)
     assert_within_dtype_error(got, base, want, rounded_inputs=rounded)
