@@ -106,6 +106,21 @@ __device__ __forceinline__ float4 bias4(const float* bias, int col, bool vector)
     return make_float4(bias[col], bias[col + 1], bias[col + 2], bias[col + 3]);
 }
 
+// Slot j's id takes every correction of the slots sharing it, summed once, by the first
+// of them: false for a later repeat (nothing to write), else true with their sum.
+__device__ __forceinline__ bool first_slot_correction(const int64_t* ids, const float* slot_coef, int num_slots,
+                                                      int j, float& correction) {
+    const int64_t id = ids[j];
+    for (int i = 0; i < j; ++i) {
+        if (ids[i] == id) return false;
+    }
+    correction = 0.f;
+    for (int i = j; i < num_slots; ++i) {
+        if (ids[i] == id) correction += slot_coef[i];
+    }
+    return true;
+}
+
 template <typename Out>
 __device__ __forceinline__ Out from_float(float v);
 template <>

@@ -130,16 +130,10 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) logits_grad_kernel(Logit
     // rounding. The first slot of each distinct id sums the coefficients of its repeats.
     __syncthreads();
     for (int j = threadIdx.x; j < a.num_slots; j += kThreads) {
-        const int64_t id = ids[j];
-        const int64_t local = id - a.vocab_start;
+        const int64_t local = ids[j] - a.vocab_start;
+        float correction;
         if (local < 0 || local >= a.cols) continue;
-        bool first = true;
-        for (int i = 0; i < j && first; ++i) first = ids[i] != id;
-        if (!first) continue;
-        float correction = 0.f;
-        for (int i = j; i < a.num_slots; ++i) {
-            if (ids[i] == id) correction += slot_coef[i];
-        }
+        if (!first_slot_correction(ids, slot_coef, a.num_slots, j, correction)) continue;
         const Transformed t = transform(slot_u[j], bias != nullptr ? bias[local] : 0.f);
         out[local] = from_float<Out>((coef * expf(t.z - lse) - uniform - correction) * t.chain);
     }

@@ -15,8 +15,10 @@
 // Neither keeps a tanh buffer nor writes z for the loss: per logit the chunk costs the
 // GEMM's 4-byte write, two 4-byte reads and the gradient's write, against six passes
 // when z and tanh(u / c) were stored. In place, a chunk's workspace is the 4 bytes of
-// its fp32 logits alone, so a fixed workspace holds 1.5x the rows of bf16 chunks. The per-row algebra between the two kernels (tails,
-// label smoothing, z-loss, reductions) stays in Python, shared with the other backends.
+// its fp32 logits alone, so a fixed workspace holds 1.5x the rows of bf16 chunks. The
+// per-row algebra between the two kernels (tails, label smoothing, z-loss, reductions)
+// stays in Python, shared with the other backends (row_epilogue.h does both passes in
+// one where a row fits a cluster's shared memory).
 // Everything here is plain CUDA C++, so nvcc compiles it without torch's CUDA build
 // (tests/csrc).
 #pragma once

@@ -192,16 +192,9 @@ __global__ void __launch_bounds__(kThreads, 2) row_epilogue_kernel(RowEpilogueAr
     // rounding. The first slot of each distinct id sums the coefficients of its repeats.
     __syncthreads();
     for (int j = threadIdx.x; j < a.num_slots; j += kThreads) {
-        const int64_t id = ids[j];
-        const int64_t c = id - c0;
-        if (c < 0 || c >= width) continue;
-        bool first = true;
-        for (int i = 0; i < j && first; ++i) first = ids[i] != id;
-        if (!first) continue;
-        float correction = 0.f;
-        for (int i = j; i < a.num_slots; ++i) {
-            if (ids[i] == id) correction += slot_coef[i];
-        }
+        const int64_t c = ids[j] - c0;
+        float correction;
+        if (c < 0 || c >= width || !first_slot_correction(ids, slot_coef, a.num_slots, j, correction)) continue;
         const Transformed t = transform.apply(local[c]);
         out[c] = from_float<Out>((coef * expf(t.z - lse) - uniform - correction) * t.chain);
     }
@@ -214,8 +207,14 @@ __global__ void __launch_bounds__(kThreads, 2) row_epilogue_kernel(RowEpilogueAr
 template <typename Out>
 cudaError_t launch(const RowEpilogueArgs& args, const RowEpiloguePlan& plan, cudaStream_t stream) {
     const auto kernel = row_epilogue_kernel<Out>;
-    cudaError_t error =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(plan.smem_bytes));
+    // An sm_90 device may run code compiled for an older target (PTX of compute_80 JIT-ed):
+    // that kernel has no cluster code, only a trap.
+    cudaFuncAttributes attributes{};
+    cudaError_t error = cudaFuncGetAttributes(&attributes, kernel);
+    if (error != cudaSuccess) return error;
+    if (attributes.ptxVersion < 90) return cudaErrorNotSupported;
+    const int smem_bytes = static_cast<int>(plan.smem_bytes);
+    error = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
     if (error != cudaSuccess) return error;
     cudaLaunchConfig_t config{};
     config.gridDim = dim3(static_cast<unsigned>(args.rows) * plan.cluster);
