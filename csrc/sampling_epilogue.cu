@@ -1,8 +1,9 @@
 // Sampling epilogue kernels of the `cuda` backend (see sampling_epilogue.h).
 //
-// row_topk takes one block per row: a row of the chunk is read a few times while it sits
-// in L2. gumbel_argmax splits rows into column ranges (one block each, 16-byte loads)
-// and merges the ranges' partials in a second, per-row kernel. Selection is exact and
+// row_topk takes one block per row and reads it twice: a histogram of the keys' top bits,
+// then the keys in the k-th one's bin and above, sorted in shared memory. gumbel_argmax
+// splits rows into column ranges (one block each, 16-byte loads) and merges the ranges'
+// partials in a second, per-row kernel. Selection is exact and
 // deterministic: radix select on keys that order like the floats, ties resolved by the
 // lower id; argmax reductions and the merge of ranges break ties by the lower id too.
 // Built without fast math: the Gumbel transform (gumbel.h) needs logf accurate to an ulp,
@@ -126,34 +127,68 @@ __device__ __forceinline__ void for_each_logit(const float* l, const RowSpan& sp
         });
 }
 
-__global__ void __launch_bounds__(kThreads) row_topk_kernel(RowTopKArgs a) {
-    __shared__ unsigned histogram[256];
-    __shared__ uint32_t cand_key[kMaxTopK];
-    __shared__ int cand_index[kMaxTopK];
+// The top-k pass keeps a 4096-bin histogram of the keys' top 12 bits (sign, exponent and
+// 3 mantissa bits: bins an eighth of an octave wide) and up to kCandidates (key, column)
+// candidates in dynamic shared memory: 48 KB a block.
+constexpr int kTopBits = 12;
+constexpr int kBins = 1 << kTopBits;
+constexpr int kCandidates = 4096;
+constexpr size_t kTopKSharedBytes = sizeof(unsigned) * kBins + (sizeof(uint32_t) + sizeof(int)) * kCandidates;
+
+// Sorts the first `count` candidates into (key desc, index asc) and writes the first k:
+// a bitonic sort over the next power of two, padded with keys that sort last.
+__device__ __forceinline__ void sort_and_write(uint32_t* cand_key, int* cand_index, int count, const RowTopKArgs& a,
+                                               int64_t row, const float* l) {
+    int size = 1;
+    while (size < count) size <<= 1;
+    for (int i = count + threadIdx.x; i < size; i += kThreads) {
+        cand_key[i] = 0u;  // below every float's key but -NaN's: sorts last
+        cand_index[i] = INT32_MAX;
+    }
+    __syncthreads();
+    for (int width = 2; width <= size; width <<= 1) {
+        for (int stride = width >> 1; stride > 0; stride >>= 1) {
+            for (int i = threadIdx.x; i < size / 2; i += kThreads) {
+                const int lo = 2 * stride * (i / stride) + i % stride;
+                const int hi = lo + stride;
+                const bool forward = (lo & width) == 0;
+                const bool swap = forward ? precedes(cand_key[hi], cand_index[hi], cand_key[lo], cand_index[lo])
+                                          : precedes(cand_key[lo], cand_index[lo], cand_key[hi], cand_index[hi]);
+                if (swap) {
+                    const uint32_t k = cand_key[lo];
+                    cand_key[lo] = cand_key[hi];
+                    cand_key[hi] = k;
+                    const int j = cand_index[lo];
+                    cand_index[lo] = cand_index[hi];
+                    cand_index[hi] = j;
+                }
+            }
+            __syncthreads();
+        }
+    }
+    for (int j = threadIdx.x; j < a.k; j += kThreads) {
+        a.values[row * a.k + j] = l[cand_index[j]];
+        a.ids[row * a.k + j] = a.vocab_start + cand_index[j];
+    }
+}
+
+// The k largest keys of a row whose top-12-bit bins hold too many keys at the k-th one
+// (near-equal logits): radix select a byte at a time, each pass over the row in global
+// memory; then every key above the k-th and the lowest-index keys equal to it.
+__device__ __forceinline__ void radix_select(uint32_t* cand_key, int* cand_index, unsigned* histogram,
+                                             const RowTopKArgs& a, int64_t row, const float* l, const RowSpan& span) {
     __shared__ uint32_t s_prefix;
     __shared__ int s_remaining, s_count, s_equal;
     __shared__ int scan_scratch[kWarps];
-    __shared__ TwoLse lse_scratch[kWarps];
-
-    const int64_t row = blockIdx.x;
-    const float* l = a.logits + row * a.ld;
-    const RowSpan span = row_span(l, a.cols);
-    TwoLse t{-INFINITY, 0.f, -INFINITY, 0.f};
-    // The k-th largest key, a byte at a time from the top: after each pass, `prefix`
-    // holds its known high bytes and `remaining` its rank among the keys sharing them.
+    // After each pass `prefix` holds the k-th key's known high bytes and `remaining` its
+    // rank among the keys sharing them.
     uint32_t prefix = 0, mask = 0;
     int remaining = a.k;
-    // Reset before the passes' barriers: the selection below may start adding to it
-    // while thread 0 still writes the lse terms.
     if (threadIdx.x == 0) s_count = 0;
     for (int shift = 24; shift >= 0; shift -= 8) {
         for (int i = threadIdx.x; i < 256; i += kThreads) histogram[i] = 0;
         __syncthreads();
         for_each_logit(l, span, [&](float v, int) {
-            if (shift == 24) {
-                fold(t.raw_max, t.raw_sum, v);
-                fold(t.z_max, t.z_sum, __fdiv_rn(v, a.temperature));
-            }
             const uint32_t key = order_key(v);
             if ((key & mask) == prefix) atomicAdd(&histogram[(key >> shift) & 255u], 1u);
         });
@@ -176,12 +211,9 @@ __global__ void __launch_bounds__(kThreads) row_topk_kernel(RowTopKArgs a) {
         remaining = s_remaining;
         mask |= 255u << shift;
     }
-    t = reduce_lse(t, lse_scratch);
-    if (threadIdx.x == 0) write_partial(a.partial, row, t);
     const uint32_t threshold = prefix;
     if (s_equal == remaining) {
-        // No tie at the k-th key to break (the common case): every key at or above it is
-        // in, in any order, read in 16-byte loads.
+        // No tie at the k-th key to break: every key at or above it is in, in any order.
         for_each_logit(l, span, [&](float v, int c) {
             const uint32_t key = order_key(v);
             if (key < threshold) return;
@@ -217,38 +249,76 @@ __global__ void __launch_bounds__(kThreads) row_topk_kernel(RowTopKArgs a) {
         }
     }
     __syncthreads();
-    int size = 1;
-    while (size < a.k) size <<= 1;
-    for (int i = a.k + threadIdx.x; i < size; i += kThreads) {
-        cand_key[i] = 0u;  // below every float's key but -NaN's: sorts last
-        cand_index[i] = INT32_MAX;
-    }
+    sort_and_write(cand_key, cand_index, a.k, a, row, l);
+}
+
+// One block a row. The first pass over the row folds both log-sum-exps and counts the
+// keys' top 12 bits; the bin holding the k-th key then bounds the candidates, and the
+// second pass gathers every key in that bin or above (an eighth of an octave of logits
+// at the k-th: a few hundred at k = 64 on a 152k vocabulary) for a sort in shared
+// memory. Two reads of the row instead of the five of a byte-at-a-time radix select,
+// which remains for rows whose bins crowd past kCandidates. Four blocks an SM (48 KB of
+// shared memory each; 64 registers a thread): without a block count ptxas for sm_90a
+// caps the kernel at 40 registers and spills.
+__global__ void __launch_bounds__(kThreads, 4) row_topk_kernel(RowTopKArgs a) {
+    extern __shared__ unsigned topk_shared[];
+    unsigned* bins = topk_shared;
+    uint32_t* cand_key = topk_shared + kBins;
+    int* cand_index = reinterpret_cast<int*>(cand_key + kCandidates);
+    __shared__ TwoLse lse_scratch[kWarps];
+    __shared__ int scan_scratch[kWarps];
+    __shared__ int s_bin, s_count, s_candidates;
+
+    const int64_t row = blockIdx.x;
+    const float* l = a.logits + row * a.ld;
+    const RowSpan span = row_span(l, a.cols);
+    for (int i = threadIdx.x; i < kBins; i += kThreads) bins[i] = 0;
+    if (threadIdx.x == 0) s_count = 0;
     __syncthreads();
-    // Bitonic sort into (key desc, index asc).
-    for (int width = 2; width <= size; width <<= 1) {
-        for (int stride = width >> 1; stride > 0; stride >>= 1) {
-            for (int i = threadIdx.x; i < size / 2; i += kThreads) {
-                const int lo = 2 * stride * (i / stride) + i % stride;
-                const int hi = lo + stride;
-                const bool forward = (lo & width) == 0;
-                const bool swap = forward ? precedes(cand_key[hi], cand_index[hi], cand_key[lo], cand_index[lo])
-                                          : precedes(cand_key[lo], cand_index[lo], cand_key[hi], cand_index[hi]);
-                if (swap) {
-                    const uint32_t k = cand_key[lo];
-                    cand_key[lo] = cand_key[hi];
-                    cand_key[hi] = k;
-                    const int j = cand_index[lo];
-                    cand_index[lo] = cand_index[hi];
-                    cand_index[hi] = j;
-                }
+    TwoLse t{-INFINITY, 0.f, -INFINITY, 0.f};
+    for_each_logit(l, span, [&](float v, int) {
+        fold(t.raw_max, t.raw_sum, v);
+        fold(t.z_max, t.z_sum, __fdiv_rn(v, a.temperature));
+        atomicAdd(&bins[order_key(v) >> (32 - kTopBits)], 1u);
+    });
+    t = reduce_lse(t, lse_scratch);  // its barrier also completes the histogram
+    if (threadIdx.x == 0) write_partial(a.partial, row, t);
+    // Thread i holds the 16 bins counted down from the top at 16 i: an exclusive scan in
+    // thread order counts the keys in higher bins, and the thread where the running count
+    // reaches k finds the k-th key's bin among its own.
+    constexpr int kPerThread = kBins / kThreads;
+    const int top = kBins - kPerThread * static_cast<int>(threadIdx.x) - 1;
+    int mine = 0;
+    for (int i = 0; i < kPerThread; ++i) mine += static_cast<int>(bins[top - i]);
+    int above = block_exclusive_scan(mine, scan_scratch);
+    if (above < a.k && above + mine >= a.k) {
+        for (int i = 0; i < kPerThread; ++i) {
+            const int here = static_cast<int>(bins[top - i]);
+            if (above + here >= a.k) {
+                s_bin = top - i;
+                s_candidates = above + here;
+                break;
             }
-            __syncthreads();
+            above += here;
         }
     }
-    for (int j = threadIdx.x; j < a.k; j += kThreads) {
-        a.values[row * a.k + j] = l[cand_index[j]];
-        a.ids[row * a.k + j] = a.vocab_start + cand_index[j];
+    __syncthreads();
+    if (s_candidates > kCandidates) {
+        radix_select(cand_key, cand_index, bins, a, row, l, span);
+        return;
     }
+    const uint32_t lowest = static_cast<uint32_t>(s_bin);
+    for_each_logit(l, span, [&](float v, int c) {
+        const uint32_t key = order_key(v);
+        if ((key >> (32 - kTopBits)) < lowest) return;
+        const int slot = atomicAdd(&s_count, 1);
+        if (slot < kCandidates) {  // exactly s_candidates qualify; the bound keeps a miscount inside
+            cand_key[slot] = key;
+            cand_index[slot] = c;
+        }
+    });
+    __syncthreads();
+    sort_and_write(cand_key, cand_index, min(s_count, kCandidates), a, row, l);
 }
 
 // --- Gumbel-max ----------------------------------------------------------------------------
@@ -423,7 +493,11 @@ __global__ void __launch_bounds__(kThreads) gumbel_merge_kernel(GumbelArgmaxArgs
 cudaError_t row_topk(const RowTopKArgs& args, cudaStream_t stream) {
     if (args.rows <= 0) return cudaSuccess;
     if (args.k < 1 || args.k > kMaxTopK || args.k > args.cols) return cudaErrorInvalidValue;
-    row_topk_kernel<<<args.rows, kThreads, 0, stream>>>(args);
+    // Over the default 48 KB of shared memory a block once the static arrays join it.
+    const cudaError_t error = cudaFuncSetAttribute(row_topk_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                   static_cast<int>(kTopKSharedBytes));
+    if (error != cudaSuccess) return error;
+    row_topk_kernel<<<args.rows, kThreads, kTopKSharedBytes, stream>>>(args);
     return cudaGetLastError();
 }
 

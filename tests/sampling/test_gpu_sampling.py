@@ -491,12 +491,18 @@ def logits_chunk(rows=64, cols=5003, seed=8):
         logits[6, ::2] = -0.0  # equal to +0: the k lowest ids win, whatever the signs
         logits[7, ::3] = -torch.inf  # ids masked by a bias: they add nothing to the lse terms
         logits[8, :2500] = -torch.inf
+        # 5003 distinct values within an eighth of an octave (one bin of row_topk's
+        # histogram of the keys' top 12 bits): more candidates than its sort holds, so the
+        # byte-at-a-time radix select takes the row (as it does row 6's zeros).
+        logits[9] = 1.0 + torch.rand(cols, generator=gen, device=DEVICE) * 0.1
     return logits
 
 
 @needs_extension
 @pytest.mark.parametrize("k", [1, 64, 100, 1000, 1024])
 def test_row_topk_kernel_matches_its_reference(k):
+    """Rows of random logits (the histogram-and-gather path), runs of equal values around the
+    k-th, masked ids, and rows whose k-th bin holds more than 4096 keys (the radix path)."""
     from distil_kernels.sampling.cuda import REFERENCE_SAMPLING_OPS, extension_sampling_ops
 
     logits = logits_chunk()
