@@ -16,6 +16,7 @@
 
 #include "gumbel.h"
 #include "row_walk.h"
+#include "topk_keys.h"
 
 namespace distil {
 namespace {
@@ -78,20 +79,6 @@ __device__ __forceinline__ void write_partial(float* partial, int64_t row, const
 
 // --- top-k by radix select -------------------------------------------------------------------
 
-// A uint32 that orders like the float: flip every bit of a negative, the sign bit of a
-// positive. -0 is keyed as +0 (the two compare equal, so their tie goes to the lower id)
-// and every NaN as one positive NaN, above +inf, as a descending torch.sort ranks it (and
-// as the triton backend's keys do).
-__device__ __forceinline__ uint32_t order_key(float v) {
-    const uint32_t bits = v == 0.f ? 0u : (v != v ? 0x7FC00000u : __float_as_uint(v));
-    return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
-}
-
-// Entry a precedes b: larger key first, then the lower index.
-__device__ __forceinline__ bool precedes(uint32_t ka, int ia, uint32_t kb, int ib) {
-    return ka > kb || (ka == kb && ia < ib);
-}
-
 // An exclusive prefix sum over the block; `scratch` holds kWarps ints.
 __device__ __forceinline__ int block_exclusive_scan(int value, int* scratch) {
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
@@ -127,11 +114,8 @@ __device__ __forceinline__ void for_each_logit(const float* l, const RowSpan& sp
         });
 }
 
-// The top-k pass keeps a 4096-bin histogram of the keys' top 12 bits (sign, exponent and
-// 3 mantissa bits: bins an eighth of an octave wide) and up to kCandidates (key, column)
-// candidates in dynamic shared memory: 48 KB a block.
-constexpr int kTopBits = 12;
-constexpr int kBins = 1 << kTopBits;
+// The top-k pass keeps a histogram of the keys' top bits (topk_keys.h) and up to
+// kCandidates (key, column) candidates in dynamic shared memory: 48 KB a block.
 constexpr int kCandidates = 4096;
 constexpr size_t kTopKSharedBytes = sizeof(unsigned) * kBins + (sizeof(uint32_t) + sizeof(int)) * kCandidates;
 
@@ -279,7 +263,7 @@ __global__ void __launch_bounds__(kThreads, 4) row_topk_kernel(RowTopKArgs a) {
     for_each_logit(l, span, [&](float v, int) {
         fold(t.raw_max, t.raw_sum, v);
         fold(t.z_max, t.z_sum, __fdiv_rn(v, a.temperature));
-        atomicAdd(&bins[order_key(v) >> (32 - kTopBits)], 1u);
+        atomicAdd(&bins[key_bin(order_key(v))], 1u);
     });
     t = reduce_lse(t, lse_scratch);  // its barrier also completes the histogram
     if (threadIdx.x == 0) write_partial(a.partial, row, t);
@@ -288,29 +272,21 @@ __global__ void __launch_bounds__(kThreads, 4) row_topk_kernel(RowTopKArgs a) {
     // reaches k finds the k-th key's bin among its own.
     constexpr int kPerThread = kBins / kThreads;
     const int top = kBins - kPerThread * static_cast<int>(threadIdx.x) - 1;
-    int mine = 0;
-    for (int i = 0; i < kPerThread; ++i) mine += static_cast<int>(bins[top - i]);
-    int above = block_exclusive_scan(mine, scan_scratch);
-    if (above < a.k && above + mine >= a.k) {
-        for (int i = 0; i < kPerThread; ++i) {
-            const int here = static_cast<int>(bins[top - i]);
-            if (above + here >= a.k) {
-                s_bin = top - i;
-                s_candidates = above + here;
-                break;
-            }
-            above += here;
-        }
+    const int above = block_exclusive_scan(bins_total(bins, top, kPerThread), scan_scratch);
+    int bin, candidates;
+    if (kth_key_bin(bins, top, kPerThread, above, a.k, bin, candidates)) {
+        s_bin = bin;
+        s_candidates = candidates;
     }
     __syncthreads();
     if (s_candidates > kCandidates) {
         radix_select(cand_key, cand_index, bins, a, row, l, span);
         return;
     }
-    const uint32_t lowest = static_cast<uint32_t>(s_bin);
+    const int lowest = s_bin;
     for_each_logit(l, span, [&](float v, int c) {
         const uint32_t key = order_key(v);
-        if ((key >> (32 - kTopBits)) < lowest) return;
+        if (key_bin(key) < lowest) return;
         const int slot = atomicAdd(&s_count, 1);
         if (slot < kCandidates) {  // exactly s_candidates qualify; the bound keeps a miscount inside
             cand_key[slot] = key;

@@ -57,8 +57,9 @@ def _two_lse_terms(logits: Tensor, temperature: float, partial: Tensor) -> None:
 def reference_row_topk(logits: Tensor, k: int, temperature: float, values: Tensor, ids: Tensor,
                        partial: Tensor) -> None:
     _two_lse_terms(logits, temperature, partial)
-    # A stable sort of the negated values: ties keep the lower id first.
-    order = torch.sort(-logits, dim=1, stable=True).indices[:, :k]
+    # A stable descending sort: ties keep the lower id first, and NaN ranks above +inf (as
+    # the kernel's keys and torch.topk rank it; an ascending sort of -logits puts it last).
+    order = torch.sort(logits, dim=1, descending=True, stable=True).indices[:, :k]
     values.copy_(logits.gather(1, order))
     ids.copy_(order)
 

@@ -449,3 +449,99 @@ def test_one_pass_epilogue_plans_a_cluster_a_row(probe_extension):
     assert plan(420_000, 1) == 0  # over 200 KB a block
     assert plan(1000, 1025) == 0  # the slot arrays are bounded
     assert plan(0, 1) == 0
+
+
+TOPK_PROGRAM = r"""
+#include <algorithm>
+#include <cstdio>
+#include <vector>
+
+#include "topk_keys.h"
+
+// Reads "rows cols k threads capacity", then each row's floats as uint32 bit patterns.
+// Runs row_topk's selection as the kernel's threads would, one after another: the
+// histogram of the keys' bins, each thread's share of bins_total in thread order (the
+// block's exclusive scan), kth_key_bin on each share, the gather of every key in the
+// chosen bin or above and a sort by `precedes`. Prints the first k columns of each row,
+// or "radix" where the candidates pass `capacity` (the kernel's radix select).
+int main() {
+    int rows, cols, k, threads, capacity;
+    if (std::scanf("%d %d %d %d %d", &rows, &cols, &k, &threads, &capacity) != 5) return 1;
+    const int per_thread = distil::kBins / threads;
+    std::vector<float> row(cols);
+    for (int r = 0; r < rows; ++r) {
+        for (int c = 0; c < cols; ++c) {
+            unsigned bits;
+            if (std::scanf("%u", &bits) != 1) return 1;
+            std::memcpy(&row[c], &bits, sizeof bits);
+        }
+        std::vector<unsigned> bins(distil::kBins, 0u);
+        for (int c = 0; c < cols; ++c) ++bins[distil::key_bin(distil::order_key(row[c]))];
+        int above = 0, found = 0, bin = -1, candidates = -1;
+        for (int t = 0; t < threads; ++t) {
+            const int top = distil::kBins - per_thread * t - 1;
+            int b, n;
+            if (distil::kth_key_bin(bins.data(), top, per_thread, above, k, b, n)) {
+                ++found;
+                bin = b;
+                candidates = n;
+            }
+            above += distil::bins_total(bins.data(), top, per_thread);
+        }
+        if (found != 1) return 2;
+        if (candidates > capacity) {
+            std::printf("radix\n");
+            continue;
+        }
+        std::vector<std::pair<uint32_t, int>> cand;
+        for (int c = 0; c < cols; ++c) {
+            const uint32_t key = distil::order_key(row[c]);
+            if (distil::key_bin(key) >= bin) cand.emplace_back(key, c);
+        }
+        if (static_cast<int>(cand.size()) != candidates) return 3;
+        std::sort(cand.begin(), cand.end(), [](const auto& a, const auto& b) {
+            return distil::precedes(a.first, a.second, b.first, b.second);
+        });
+        for (int j = 0; j < k; ++j) std::printf("%d ", cand[j].second);
+        std::printf("\n");
+    }
+    return 0;
+}
+"""
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+@pytest.mark.parametrize("k", [1, 64, 1000, 1024])
+def test_topk_bins_bound_the_top_k(tmp_path, k):
+    """row_topk's keys and bin search (csrc/topk_keys.h) as host code, its threads run one
+    after another: the candidates of the k-th key's bin and above, sorted, give the
+    reference op's ids (ties to the lower id, -0 as +0, NaN above +inf, -inf masked ids);
+    rows whose bin holds more than 4096 keys go to the radix select."""
+    import torch
+
+    from distil_kernels.sampling.cuda import REFERENCE_SAMPLING_OPS
+
+    gen = torch.Generator().manual_seed(8)
+    rows, cols = 12, 5003
+    logits = torch.randn(rows, cols, generator=gen) * 3.0
+    logits[:, 11] = logits[:, 4000]
+    logits[:3, :100] = 0.25  # runs of equal values around the k-th
+    logits[3] = 0.0
+    logits[3, ::2] = -0.0  # one bin for the whole row: the radix select
+    logits[4, ::3] = -torch.inf
+    logits[5, :2500] = -torch.inf
+    logits[6] = 1.0 + torch.rand(cols, generator=gen) * 0.1  # distinct values, one bin: the radix select
+    logits[7, 17] = torch.nan
+    logits[8] *= 1e-3  # near zero: bins on both signs
+    values = torch.empty(rows, k)
+    ids = torch.empty(rows, k, dtype=torch.long)
+    REFERENCE_SAMPLING_OPS.row_topk(logits, k, 1.0, values, ids, torch.empty(rows, 4))
+    bits = logits.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    stdin = f"{rows} {cols} {k} 256 4096\n" + "\n".join(" ".join(map(str, r)) for r in bits.tolist()) + "\n"
+    lines = host_program_output(tmp_path, "topk_check", TOPK_PROGRAM, stdin).strip().splitlines()
+    assert len(lines) == rows
+    radix = [r for r, line in enumerate(lines) if line == "radix"]
+    assert radix == [3, 6]
+    for r, line in enumerate(lines):
+        if r not in radix:
+            assert [int(t) for t in line.split()] == ids[r].tolist(), r
