@@ -134,7 +134,8 @@ def reference_row_epilogue(logits: Tensor, bias: Tensor | None, softcap: float |
     """The one-pass contract: `reference_chunk_stats`, the shared algebra
     (`weighted_row_terms`, a bucket's rest given for every tail: 0 makes it the others'),
     then `reference_logits_grad`."""
-    assert bucket_clamp == BUCKET_CLAMP
+    if bucket_clamp != BUCKET_CLAMP:
+        raise ValueError(f"the reference algebra clamps a bucket at {BUCKET_CLAMP}, got bucket_clamp={bucket_clamp}")
     rows = logits.shape[0]
     partial = logits.new_empty(rows, 3)
     reference_chunk_stats(logits, bias, softcap, inv_temp, False, ids, 0, slot_logits, partial)
@@ -278,7 +279,7 @@ def cuda_sweep(x: Tensor, weight: Tensor, bias: Tensor | None, slot_ids: Tensor,
         if one_pass is not None:
             grad = in_place_gradient(logits, x.dtype)
             try:
-                one_pass.run(ops, logits, bias32, options, ids, r0, r1, stats, grad)
+                one_pass.run(ops, logits, bias32, ids, r0, r1, stats, grad)
             except RuntimeError as error:
                 # A cluster launch the device refuses (the kernel never ran, the logits are
                 # intact): the two passes finish this chunk and the rest.
@@ -340,10 +341,10 @@ class _OnePassInputs:
                               rest.float().contiguous(), (coef_fn.upstream * inv_t).float().contiguous(),
                               targets.num_target, coef_fn.options)
 
-    def run(self, ops: EpilogueOps, logits: Tensor, bias32: Tensor | None, options: LossOptions, ids: Tensor,
-            r0: int, r1: int, stats: SweepStats, grad: Tensor) -> None:
+    def run(self, ops: EpilogueOps, logits: Tensor, bias32: Tensor | None, ids: Tensor, r0: int, r1: int,
+            stats: SweepStats, grad: Tensor) -> None:
         ops.row_epilogue(
-            logits, bias32, options.softcap, 1.0 / options.temperature, ids[r0:r1], self.slot_weight[r0:r1],
+            logits, bias32, self.options.softcap, 1.0 / self.options.temperature, ids[r0:r1], self.slot_weight[r0:r1],
             self.slot_valid[r0:r1], self.rest[r0:r1], self.upstream[r0:r1], self.num_target,
             self.options.label_smoothing, self.options.z_loss, BUCKET_CLAMP, stats.lse[r0:r1],
             stats.slot_logits[r0:r1], None if stats.logit_sum is None else stats.logit_sum[r0:r1], grad,

@@ -147,10 +147,6 @@ class TargetWeights:
     valid: Tensor  # [N, K] bool
     num_target: int
 
-    def rows(self, start: int, stop: int) -> "TargetWeights":
-        rest = None if self.rest is None else self.rest[start:stop]
-        return TargetWeights(self.weights[start:stop], rest, self.valid[start:stop], self.num_target)
-
 
 def target_weights(slots: Slots, options: LossOptions) -> TargetWeights:
     kt = slots.num_target
