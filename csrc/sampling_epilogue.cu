@@ -11,6 +11,8 @@
 
 #include "sampling_epilogue.h"
 
+#include <cooperative_groups.h>
+
 #include <cmath>
 #include <cstdint>
 
@@ -244,7 +246,9 @@ __device__ __forceinline__ void radix_select(uint32_t* cand_key, int* cand_index
 // which remains for rows whose bins crowd past kCandidates. Four blocks an SM (48 KB of
 // shared memory each; 64 registers a thread): without a block count ptxas for sm_90a
 // caps the kernel at 40 registers and spills.
-__global__ void __launch_bounds__(kThreads, 4) row_topk_kernel(RowTopKArgs a) {
+__global__ void __launch_bounds__(kThreads, 4) row_topk_kernel(RowTopKArgs a, const uint8_t* only_rows) {
+    // Rows the one-pass kernel left to this one (nullptr: every row).
+    if (only_rows != nullptr && only_rows[blockIdx.x] == 0) return;
     extern __shared__ unsigned topk_shared[];
     unsigned* bins = topk_shared;
     uint32_t* cand_key = topk_shared + kBins;
@@ -295,6 +299,132 @@ __global__ void __launch_bounds__(kThreads, 4) row_topk_kernel(RowTopKArgs a) {
     });
     __syncthreads();
     sort_and_write(cand_key, cand_index, min(s_count, kCandidates), a, row, l);
+}
+
+// --- top-k in one read of the row: a thread-block cluster holds it (sm_90) ------------------
+
+// Candidates rank 0 of a cluster gathers (more: the row goes to row_topk_kernel).
+constexpr int kClusterCandidates = 2048;
+constexpr int kTopKClusters[] = {1, 2, 4, 8};  // 8: the largest portable cluster
+// Slices of keys up to ~76 KB leave two blocks an SM (with the bins and candidates: 108
+// KB each); larger rows run one block an SM, up to ~190 KB of keys.
+constexpr size_t kTopKSharedSlice = 80 << 10;
+constexpr size_t kTopKMaxSlice = 190 << 10;
+
+size_t topk_cluster_shared_bytes(int slice) {
+    return sizeof(uint32_t) * static_cast<size_t>(slice) + sizeof(unsigned) * kBins +
+           (sizeof(uint32_t) + sizeof(int)) * kClusterCandidates;
+}
+
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
+namespace cg = cooperative_groups;
+
+struct TopKClusterShared {
+    TwoLse lse;      // this block's terms
+    int bin;         // rank 0: the k-th key's bin; candidates in it and above
+    int candidates;
+    int count;       // rank 0: candidates gathered so far
+};
+#endif
+
+// Block `rank` of a row's cluster holds columns [rank * slice, (rank + 1) * slice) as
+// keys in shared memory, read from HBM once, with the lse folds and a histogram of the
+// keys' bins. The blocks add their histograms into rank 0's (distributed shared memory
+// atomics, non-empty bins only); rank 0 finds the k-th key's bin and merges the lse
+// terms; every block sends its keys in that bin or above to rank 0, which sorts them and
+// writes the row. A row whose candidates pass kClusterCandidates is marked in `redo` for
+// row_topk_kernel. Four cluster barriers a row; after the last, no block reads another's
+// shared memory.
+__global__ void __launch_bounds__(kThreads, 2) row_topk_cluster_kernel(RowTopKArgs a, int slice, uint8_t* redo) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    const cg::cluster_group cluster = cg::this_cluster();
+    const int rank = static_cast<int>(cluster.block_rank());
+    const int blocks = static_cast<int>(cluster.num_blocks());
+    const int64_t row = blockIdx.x / blocks;
+    const int c0 = min(rank * slice, a.cols);
+    const int width = min(slice, a.cols - c0);
+
+    extern __shared__ uint32_t cluster_shared[];
+    uint32_t* keys = cluster_shared;
+    unsigned* bins = keys + slice;
+    uint32_t* cand_key = bins + kBins;
+    int* cand_index = reinterpret_cast<int*>(cand_key + kClusterCandidates);
+    __shared__ TopKClusterShared shared;
+    __shared__ TwoLse lse_scratch[kWarps];
+    __shared__ int scan_scratch[kWarps];
+
+    for (int i = threadIdx.x; i < kBins; i += kThreads) bins[i] = 0;
+    if (threadIdx.x == 0) shared.count = 0;
+    // Rank 0's bins and count are zero before any block adds to them.
+    cluster.sync();
+
+    const float* l = a.logits + row * a.ld;
+    TwoLse t{-INFINITY, 0.f, -INFINITY, 0.f};
+    for_each_logit(l + c0, row_span(l + c0, width), [&](float v, int c) {
+        fold(t.raw_max, t.raw_sum, v);
+        fold(t.z_max, t.z_sum, __fdiv_rn(v, a.temperature));
+        const uint32_t key = order_key(v);
+        keys[c] = key;
+        atomicAdd(&bins[key_bin(key)], 1u);
+    });
+    t = reduce_lse(t, lse_scratch);  // its barrier also completes the keys and the bins
+    if (threadIdx.x == 0) shared.lse = t;
+    if (rank != 0) {
+        unsigned* total = cluster.map_shared_rank(bins, 0);
+        for (int i = threadIdx.x; i < kBins; i += kThreads) {
+            if (bins[i] != 0) atomicAdd(total + i, bins[i]);
+        }
+    }
+    // Rank 0's bins hold the row's histogram; every block's lse terms are written.
+    cluster.sync();
+
+    if (rank == 0) {
+        constexpr int kPerThread = kBins / kThreads;
+        const int top = kBins - kPerThread * static_cast<int>(threadIdx.x) - 1;
+        const int above = block_exclusive_scan(bins_total(bins, top, kPerThread), scan_scratch);
+        int bin, candidates;
+        if (kth_key_bin(bins, top, kPerThread, above, a.k, bin, candidates)) {
+            shared.bin = bin;
+            shared.candidates = candidates;
+        }
+        if (threadIdx.x == 0) {
+            TwoLse total = shared.lse;
+            for (int r = 1; r < blocks; ++r) {
+                const TwoLse other = cluster.map_shared_rank(&shared, r)->lse;
+                merge(total.raw_max, total.raw_sum, other.raw_max, other.raw_sum);
+                merge(total.z_max, total.z_sum, other.z_max, other.z_sum);
+            }
+            write_partial(a.partial, row, total);
+        }
+    }
+    // Rank 0's bin is known.
+    cluster.sync();
+
+    TopKClusterShared* first = cluster.map_shared_rank(&shared, 0);
+    const int lowest = first->bin;
+    const bool gather = first->candidates <= kClusterCandidates;
+    if (gather) {
+        int* count = &first->count;
+        uint32_t* first_key = cluster.map_shared_rank(cand_key, 0);
+        int* first_index = cluster.map_shared_rank(cand_index, 0);
+        for (int c = threadIdx.x; c < width; c += kThreads) {
+            const uint32_t key = keys[c];
+            if (key_bin(key) < lowest) continue;
+            const int slot = atomicAdd(count, 1);
+            if (slot < kClusterCandidates) {  // exactly `candidates` qualify; the bound keeps a miscount inside
+                first_key[slot] = key;
+                first_index[slot] = c0 + c;
+            }
+        }
+    } else if (rank == 0 && threadIdx.x == 0) {
+        redo[row] = 1;
+    }
+    // Every candidate is in rank 0's shared memory.
+    cluster.sync();
+    if (rank == 0 && gather) sort_and_write(cand_key, cand_index, min(shared.count, kClusterCandidates), a, row, l);
+#else
+    __trap();  // built without sm_90 code: row_topk_one_pass launches on sm_90 devices only
+#endif
 }
 
 // --- Gumbel-max ----------------------------------------------------------------------------
@@ -473,7 +603,67 @@ cudaError_t row_topk(const RowTopKArgs& args, cudaStream_t stream) {
     const cudaError_t error = cudaFuncSetAttribute(row_topk_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                    static_cast<int>(kTopKSharedBytes));
     if (error != cudaSuccess) return error;
-    row_topk_kernel<<<args.rows, kThreads, kTopKSharedBytes, stream>>>(args);
+    row_topk_kernel<<<args.rows, kThreads, kTopKSharedBytes, stream>>>(args, nullptr);
+    return cudaGetLastError();
+}
+
+int row_topk_one_pass_cluster(int cols) {
+    if (cols <= 0) return 0;
+    for (const size_t budget : {kTopKSharedSlice, kTopKMaxSlice}) {
+        for (const int cluster : kTopKClusters) {
+            const int slice = (cols + cluster - 1) / cluster;
+            if (sizeof(uint32_t) * static_cast<size_t>(slice) <= budget) return cluster;
+        }
+    }
+    return 0;
+}
+
+size_t row_topk_one_pass_workspace_bytes(int rows) { return rows > 0 ? static_cast<size_t>(rows) : 0; }
+
+cudaError_t row_topk_one_pass(const RowTopKArgs& args, void* workspace, cudaStream_t stream) {
+    if (args.rows <= 0) return cudaSuccess;
+    if (args.k < 1 || args.k > kMaxTopK || args.k > args.cols || workspace == nullptr) return cudaErrorInvalidValue;
+    const int cluster = row_topk_one_pass_cluster(args.cols);
+    if (cluster == 0) return cudaErrorInvalidValue;
+    int device = 0, major = 0;
+    cudaError_t error = cudaGetDevice(&device);
+    if (error == cudaSuccess) error = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+    if (error != cudaSuccess) return error;
+    if (major < 9) return cudaErrorNotSupported;
+    // An sm_90 device may run code compiled for an older target (PTX of compute_80 JIT-ed):
+    // that kernel has no cluster code, only a trap.
+    cudaFuncAttributes attributes{};
+    error = cudaFuncGetAttributes(&attributes, row_topk_cluster_kernel);
+    if (error != cudaSuccess) return error;
+    if (attributes.ptxVersion < 90) return cudaErrorNotSupported;
+    const int slice = (args.cols + cluster - 1) / cluster;
+    const size_t smem_bytes = topk_cluster_shared_bytes(slice);
+    error = cudaFuncSetAttribute(row_topk_cluster_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                 static_cast<int>(smem_bytes));
+    if (error != cudaSuccess) return error;
+    auto* redo = static_cast<uint8_t*>(workspace);
+    error = cudaMemsetAsync(redo, 0, static_cast<size_t>(args.rows), stream);
+    if (error != cudaSuccess) return error;
+    cudaLaunchConfig_t config{};
+    config.gridDim = dim3(static_cast<unsigned>(args.rows) * cluster);
+    config.blockDim = dim3(kThreads);
+    config.dynamicSmemBytes = smem_bytes;
+    config.stream = stream;
+    cudaLaunchAttribute attribute{};
+    attribute.id = cudaLaunchAttributeClusterDimension;
+    attribute.val.clusterDim.x = cluster;
+    attribute.val.clusterDim.y = 1;
+    attribute.val.clusterDim.z = 1;
+    config.attrs = &attribute;
+    config.numAttrs = 1;
+    error = cudaLaunchKernelEx(&config, row_topk_cluster_kernel, args, slice, redo);
+    if (error != cudaSuccess) return error;
+    // The rows whose candidates crowded past the cluster's buffer (near-equal logits):
+    // their blocks run, the others return at once.
+    error = cudaFuncSetAttribute(row_topk_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                 static_cast<int>(kTopKSharedBytes));
+    if (error != cudaSuccess) return error;
+    row_topk_kernel<<<args.rows, kThreads, kTopKSharedBytes, stream>>>(args, redo);
     return cudaGetLastError();
 }
 

@@ -58,6 +58,13 @@ struct GumbelArgmaxArgs {
 };
 
 cudaError_t row_topk(const RowTopKArgs& args, cudaStream_t stream);
+// row_topk in one read of each row (sm_90): a thread-block cluster holds the row's keys
+// in shared memory. `row_topk_one_pass_cluster` gives its blocks a row (0: too wide for
+// it); the workspace marks the rows it leaves to row_topk's kernel, which runs after it.
+// cudaErrorNotSupported before sm_90.
+int row_topk_one_pass_cluster(int cols);
+size_t row_topk_one_pass_workspace_bytes(int rows);
+cudaError_t row_topk_one_pass(const RowTopKArgs& args, void* workspace, cudaStream_t stream);
 // Device scratch gumbel_argmax needs for the per-range partials it merges.
 size_t gumbel_argmax_workspace_bytes(int rows, int64_t vocab_start, int cols);
 cudaError_t gumbel_argmax(const GumbelArgmaxArgs& args, cudaStream_t stream);

@@ -232,10 +232,9 @@ void row_epilogue(torch::Tensor logits, std::optional<torch::Tensor> bias, doubl
     check_launch(distil::row_epilogue(args, reinterpret_cast<cudaStream_t>(stream)), "row_epilogue");
 }
 
-void row_topk(torch::Tensor logits, int64_t vocab_start, int64_t k, double temperature, torch::Tensor values,
-              torch::Tensor ids, torch::Tensor partial, int64_t stream) {
+distil::RowTopKArgs topk_args(const torch::Tensor& logits, int64_t vocab_start, int64_t k, double temperature,
+                              torch::Tensor& values, torch::Tensor& ids, torch::Tensor& partial) {
     const auto [device, rows, cols] = check_chunk(logits);
-    const DeviceGuard guard(device);
     TORCH_CHECK(k >= 1 && k <= distil::kMaxTopK && k <= cols, "k must be in [1, min(cols, ", distil::kMaxTopK,
                 ")], got ", k, " for ", cols, " columns");
     TORCH_CHECK(temperature > 0.0, "temperature must be > 0, got ", temperature);
@@ -256,7 +255,32 @@ void row_topk(torch::Tensor logits, int64_t vocab_start, int64_t k, double tempe
     args.values = values.data_ptr<float>();
     args.ids = ids.data_ptr<int64_t>();
     args.partial = partial.data_ptr<float>();
+    return args;
+}
+
+void row_topk(torch::Tensor logits, int64_t vocab_start, int64_t k, double temperature, torch::Tensor values,
+              torch::Tensor ids, torch::Tensor partial, int64_t stream) {
+    const distil::RowTopKArgs args = topk_args(logits, vocab_start, k, temperature, values, ids, partial);
+    const DeviceGuard guard(logits.device());
     check_launch(distil::row_topk(args, reinterpret_cast<cudaStream_t>(stream)), "row_topk");
+}
+
+int64_t row_topk_one_pass_cluster(int64_t cols) {
+    if (cols <= 0 || cols > INT32_MAX) return 0;
+    return distil::row_topk_one_pass_cluster(static_cast<int>(cols));
+}
+
+void row_topk_one_pass(torch::Tensor logits, int64_t vocab_start, int64_t k, double temperature,
+                       torch::Tensor values, torch::Tensor ids, torch::Tensor partial, int64_t stream) {
+    const distil::RowTopKArgs args = topk_args(logits, vocab_start, k, temperature, values, ids, partial);
+    const DeviceGuard guard(logits.device());
+    TORCH_CHECK(row_topk_one_pass_cluster(args.cols) > 0, "rows of ", args.cols,
+                " logits do not fit a cluster's shared memory; use row_topk");
+    const torch::Tensor workspace =
+        torch::empty({static_cast<int64_t>(distil::row_topk_one_pass_workspace_bytes(args.rows))},
+                     torch::dtype(torch::kUInt8).device(logits.device()));
+    check_launch(distil::row_topk_one_pass(args, workspace.data_ptr(), reinterpret_cast<cudaStream_t>(stream)),
+                 "row_topk_one_pass");
 }
 
 void gumbel_argmax(torch::Tensor logits, int64_t vocab_start, double temperature, bool greedy, torch::Tensor k0,
@@ -326,6 +350,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           py::arg("smoothing"), py::arg("z_loss"), py::arg("bucket_clamp"), py::arg("lse"), py::arg("slot_logits"),
           py::arg("logit_sum"), py::arg("out"), py::arg("stream"));
     m.def("row_topk", &row_topk, "the k largest logits of each row, (value desc, id asc); lse terms",
+          py::arg("logits"), py::arg("vocab_start"), py::arg("k"), py::arg("temperature"), py::arg("values"),
+          py::arg("ids"), py::arg("partial"), py::arg("stream"));
+    m.def("row_topk_one_pass_cluster", &row_topk_one_pass_cluster,
+          "blocks of row_topk_one_pass's cluster for rows of `cols` logits (0: too wide)", py::arg("cols"));
+    m.def("row_topk_one_pass", &row_topk_one_pass, "row_topk in one read of each row (sm_90 thread-block clusters)",
           py::arg("logits"), py::arg("vocab_start"), py::arg("k"), py::arg("temperature"), py::arg("values"),
           py::arg("ids"), py::arg("partial"), py::arg("stream"));
     m.def("gumbel_argmax", &gumbel_argmax, "Gumbel-max draws on the shared Philox stream; lse terms",

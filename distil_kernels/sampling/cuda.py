@@ -3,8 +3,11 @@
 Rows go a chunk at a time, as in the loss's `cuda` backend (`distil_kernels.loss.cuda`):
 one GEMM with an fp32 output gives the chunk's logits, the loss epilogue's `chunk_stats`
 applies bias and softcap in place when there are any (temperature 1), and
-csrc/sampling_epilogue.cu finishes each row: `row_topk` (radix select, ordered by value
-desc and id asc; k <= 1024, above that the chunked sweep) or `gumbel_argmax` (the Philox
+csrc/sampling_epilogue.cu finishes each row: `row_topk` (a histogram of the keys' top bits,
+then the k-th key's bin and above sorted in shared memory, ordered by value desc and id
+asc; k <= 1024, above that the chunked sweep; on sm_90 with
+`DISTIL_KERNELS_CUDA_TOPK=one-pass`, `row_topk_one_pass`: a thread-block cluster holds
+each row's keys, read from HBM once instead of twice) or `gumbel_argmax` (the Philox
 stream and Gumbel transform of the other backends, so a seed draws the same ids but at
 float ties; rows split into column ranges so that a small batch fills the GPU). Both also
 return the row's log-sum-exp terms at temperature 1 and at the temperature.
@@ -16,6 +19,8 @@ with it on the CPU, and compare the kernels with it on a GPU.
 from __future__ import annotations
 
 import math
+import os
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -28,6 +33,8 @@ from .sample import at_temperature
 
 # csrc/sampling_epilogue.h: kMaxTopK (the candidates of a row sort in shared memory).
 MAX_TOPK = 1024
+# "one-pass" or "two-pass": which top-k kernel `row_topk` runs on sm_90 (two passes elsewhere).
+TOPK_ENV = "DISTIL_KERNELS_CUDA_TOPK"
 
 
 @dataclass(frozen=True)
@@ -90,8 +97,20 @@ def extension_sampling_ops() -> SamplingOps:
     def stream(t: Tensor) -> int:
         return torch.cuda.current_stream(t.device).cuda_stream
 
+    refused = []  # the one-pass kernel's launch failed once: two passes from then on
+
     def row_topk(logits, k, temperature, values, ids, partial):
-        ext.row_topk(logits, 0, int(k), float(temperature), values, ids, partial, stream(logits))
+        args = (logits, 0, int(k), float(temperature), values, ids, partial, stream(logits))
+        if (not refused and one_pass_topk_requested() and torch.cuda.get_device_capability(logits.device)[0] >= 9
+                and ext.row_topk_one_pass_cluster(logits.shape[1]) > 0):
+            try:
+                ext.row_topk_one_pass(*args)
+                return
+            except RuntimeError as error:
+                # A cluster launch the device refuses: nothing ran, the two-pass kernel takes the rows.
+                refused.append(error)
+                warnings.warn(f"the one-pass top-k kernel failed ({error}); using row_topk", stacklevel=2)
+        ext.row_topk(*args)
 
     def gumbel_argmax(logits, temperature, greedy, keys, ids, scores, logits_out, partial):
         k0, k1, pos_lo, pos_hi = (k.contiguous() for k in keys)
@@ -99,6 +118,14 @@ def extension_sampling_ops() -> SamplingOps:
                           logits_out, partial, stream(logits))
 
     return SamplingOps(extension_ops(), row_topk, gumbel_argmax)
+
+
+def one_pass_topk_requested() -> bool:
+    """Whether `DISTIL_KERNELS_CUDA_TOPK` asks for the one-pass top-k kernel (default: two passes)."""
+    value = os.environ.get(TOPK_ENV, "two-pass")
+    if value not in ("one-pass", "two-pass"):
+        raise ValueError(f"{TOPK_ENV} must be 'one-pass' or 'two-pass', got {value!r}")
+    return value == "one-pass"
 
 
 # --------------------------------------------------------------------------------------

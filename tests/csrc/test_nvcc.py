@@ -308,7 +308,7 @@ def probe_extension(tmp_path_factory):
 def test_binding_builds_imports_and_checks_its_arguments(probe_extension):
     import torch
 
-    for name in ("chunk_stats", "logits_grad", "row_epilogue", "row_topk", "gumbel_argmax"):
+    for name in ("chunk_stats", "logits_grad", "row_epilogue", "row_topk", "row_topk_one_pass", "gumbel_argmax"):
         assert callable(getattr(probe_extension, name)), name
     with pytest.raises(RuntimeError, match="logits must be a CUDA tensor, got cpu"):
         probe_extension.row_topk(torch.zeros(3, 5), 0, 2, 1.0, torch.zeros(3, 2), torch.zeros(3, 2, dtype=torch.long),
@@ -545,3 +545,40 @@ def test_topk_bins_bound_the_top_k(tmp_path, k):
     for r, line in enumerate(lines):
         if r not in radix:
             assert [int(t) for t in line.split()] == ids[r].tolist(), r
+
+
+def test_one_pass_topk_plans_a_cluster_a_row(probe_extension):
+    """row_topk_one_pass's cluster for a row of keys: the fewest blocks (1, 2, 4, 8) whose
+    slices fit ~80 KB (two blocks an SM beside their bins and candidates), else 8 of up to
+    ~190 KB (one an SM), else none (row_topk)."""
+    plan = probe_extension.row_topk_one_pass_cluster
+    assert plan(5003) == 1
+    assert plan(32_007) == 2
+    assert plan(152_064) == 8  # Qwen2.5: 76 KB of keys a block
+    assert plan(256_000) == 8  # Gemma-2: 125 KB a block, one an SM
+    assert plan(400_000) == 0
+    assert plan(0) == 0
+
+
+def test_one_pass_topk_refused_falls_back_to_row_topk(probe_extension, monkeypatch):
+    """With DISTIL_KERNELS_CUDA_TOPK=one-pass on an sm_90 device, a launch the one-pass
+    kernel refuses (here the binding's device check) warns and hands the rows to
+    row_topk, whose own refusal then surfaces."""
+    import torch
+
+    import distil_kernels.cuda_ext as cuda_ext
+    from distil_kernels.sampling import cuda as sampling_cuda
+
+    monkeypatch.setattr(cuda_ext, "extension", lambda: probe_extension)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: type("S", (), {"cuda_stream": 0})())
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(torch.ops.aten.mm, "overloads", lambda: ["default", "dtype_out"])
+    monkeypatch.setenv(sampling_cuda.TOPK_ENV, "one-pass")
+    ops = sampling_cuda.extension_sampling_ops()
+    z = torch.zeros(3, 5)
+    with pytest.warns(UserWarning, match="one-pass top-k kernel failed .*logits must be a CUDA tensor"):
+        with pytest.raises(RuntimeError, match="logits must be a CUDA tensor, got cpu"):
+            ops.row_topk(z, 2, 1.0, torch.zeros(3, 2), torch.zeros(3, 2, dtype=torch.long), torch.zeros(3, 4))
+    monkeypatch.setenv(sampling_cuda.TOPK_ENV, "fused")
+    with pytest.raises(ValueError, match="DISTIL_KERNELS_CUDA_TOPK must be 'one-pass' or 'two-pass', got 'fused'"):
+        sampling_cuda.one_pass_topk_requested()

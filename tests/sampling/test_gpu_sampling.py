@@ -498,20 +498,37 @@ def logits_chunk(rows=64, cols=5003, seed=8):
     return logits
 
 
-@needs_extension
-@pytest.mark.parametrize("k", [1, 64, 100, 1000, 1024])
-def test_row_topk_kernel_matches_its_reference(k):
-    """Rows of random logits (the histogram-and-gather path), runs of equal values around the
-    k-th, masked ids, and rows whose k-th bin holds more than 4096 keys (the radix path)."""
-    from distil_kernels.sampling.cuda import REFERENCE_SAMPLING_OPS, extension_sampling_ops
+SM90 = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
 
-    logits = logits_chunk()
+
+@needs_extension
+@pytest.mark.parametrize("kernel,shape", [("row_topk", (64, 5003)), ("row_topk_one_pass", (64, 5003)),
+                                          ("row_topk_one_pass", (16, 152064))],
+                         ids=["two-pass", "one-pass-cluster-1", "one-pass-cluster-8"])
+@pytest.mark.parametrize("k", [1, 64, 100, 1000, 1024])
+def test_row_topk_kernel_matches_its_reference(k, kernel, shape):
+    """Rows of random logits (the histogram-and-gather path), runs of equal values around the
+    k-th, masked ids, and rows whose k-th bin holds more than the kernel's candidates (the
+    radix path). The one-pass kernel (sm_90) in a cluster of 1 block, and of 8 (a 152k
+    row: 8 slices, histograms and candidates through distributed shared memory)."""
+    from distil_kernels.cuda_ext import extension
+    from distil_kernels.sampling.cuda import REFERENCE_SAMPLING_OPS
+
+    if kernel == "row_topk_one_pass" and not SM90:
+        pytest.skip("thread-block clusters need sm_90")
+    ext = extension()
+    assert kernel == "row_topk" or ext.row_topk_one_pass_cluster(shape[1]) == (1 if shape[1] < 20_000 else 8)
+    logits = logits_chunk(*shape)
+
+    def extension_topk(*args):
+        getattr(ext, kernel)(args[0], 0, *args[1:], torch.cuda.current_stream().cuda_stream)
+
     results = []
-    for ops in (REFERENCE_SAMPLING_OPS, extension_sampling_ops()):
+    for row_topk in (REFERENCE_SAMPLING_OPS.row_topk, extension_topk):
         values = torch.empty(logits.shape[0], k, device=DEVICE)
         ids = torch.empty(logits.shape[0], k, dtype=torch.int64, device=DEVICE)
         partial = torch.empty(logits.shape[0], 4, device=DEVICE)
-        ops.row_topk(logits, k, 0.8, values, ids, partial)
+        row_topk(logits, k, 0.8, values, ids, partial)
         results.append((values, ids, partial))
     (want_values, want_ids, want_partial), (values, ids, partial) = results
     assert torch.equal(ids, want_ids)  # selection is exact: same ids, same order
