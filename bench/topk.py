@@ -16,6 +16,7 @@ calls per provider, no `torch.compile`.
 from __future__ import annotations
 
 import argparse
+import os
 
 import torch
 
@@ -84,7 +85,24 @@ def providers(device: str = "cpu", quick: bool = False) -> list[Provider]:
         # the least time on a GPU.
         if extension_available():
             out.append(Provider("cuda", lambda x, w: (lambda: linear_topk(x, w, K, backend="cuda"))))
+            if torch.cuda.get_device_capability()[0] >= 9:
+                out.append(Provider("cuda-one-pass", lambda x, w: (lambda: _one_pass_topk(x, w))))
     return out
+
+
+def _one_pass_topk(x, w):
+    """The cuda backend with its sm_90 one-pass top-k kernel (DISTIL_KERNELS_CUDA_TOPK=one-pass)."""
+    from distil_kernels.sampling.cuda import TOPK_ENV
+
+    previous = os.environ.get(TOPK_ENV)
+    os.environ[TOPK_ENV] = "one-pass"
+    try:
+        return linear_topk(x, w, K, backend="cuda")
+    finally:
+        if previous is None:
+            del os.environ[TOPK_ENV]
+        else:
+            os.environ[TOPK_ENV] = previous
 
 
 def report_targets(rows: list[dict]) -> None:
@@ -92,6 +110,11 @@ def report_targets(rows: list[dict]) -> None:
     ours, matmul = (find_row(rows, p, "bf16", CUDA_SHAPES[0]) for p in ("ours", "matmul"))
     print_target(f"linear_topk k={K} N=8192 time vs bare matmul",
                  ours["time_ms"] / matmul["time_ms"] if ours and matmul else None, "<=", 1.2)
+    for name in ("cuda", "cuda-one-pass"):
+        row = find_row(rows, name, "bf16", CUDA_SHAPES[0])
+        if row is not None and matmul:
+            print_target(f"linear_topk k={K} N=8192 time vs bare matmul, backend {name}",
+                         row["time_ms"] / matmul["time_ms"], "<=", 1.2)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
