@@ -12,12 +12,11 @@
 
 #include "row_epilogue.h"
 
-#include <cooperative_groups.h>
-
 #include <cmath>
 #include <cstdint>
 
 #include "epilogue_math.h"
+#include "row_clusters.h"
 #include "row_terms.h"
 #include "row_walk.h"
 
@@ -27,7 +26,6 @@ namespace {
 namespace cg = cooperative_groups;
 
 constexpr int kThreads = 256;
-constexpr int kClusters[] = {1, 2, 4, 8};  // 8: the largest portable cluster
 // A slice of at most ~100 KB lets two blocks (two rows' clusters) share an SM, so one
 // row's exchange overlaps another's loads: Qwen2.5-7B's 152064 ids take 8 x 76 KB.
 // Larger rows (Gemma-2's 256000: 8 x 125 KB) run one block an SM, up to ~200 KB.
@@ -59,11 +57,7 @@ template <typename Out>
 __global__ void __launch_bounds__(kThreads, 2) row_epilogue_kernel(RowEpilogueArgs a, int slice) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     const cg::cluster_group cluster = cg::this_cluster();
-    const int rank = static_cast<int>(cluster.block_rank());
-    const int blocks = static_cast<int>(cluster.num_blocks());
-    const int64_t row = blockIdx.x / blocks;
-    const int c0 = min(rank * slice, a.cols);
-    const int width = min(slice, a.cols - c0);
+    const auto [rank, blocks, row, c0, width] = row_slice(cluster, slice, a.cols);
 
     extern __shared__ float4 dynamic_shared[];
     __shared__ RowShared row_shared;
@@ -204,39 +198,12 @@ __global__ void __launch_bounds__(kThreads, 2) row_epilogue_kernel(RowEpilogueAr
 #endif
 }
 
-template <typename Out>
-cudaError_t launch(const RowEpilogueArgs& args, const RowEpiloguePlan& plan, cudaStream_t stream) {
-    const auto kernel = row_epilogue_kernel<Out>;
-    // An sm_90 device may run code compiled for an older target (PTX of compute_80 JIT-ed):
-    // that kernel has no cluster code, only a trap.
-    cudaFuncAttributes attributes{};
-    cudaError_t error = cudaFuncGetAttributes(&attributes, kernel);
-    if (error != cudaSuccess) return error;
-    if (attributes.ptxVersion < 90) return cudaErrorNotSupported;
-    const int smem_bytes = static_cast<int>(plan.smem_bytes);
-    error = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
-    if (error != cudaSuccess) return error;
-    cudaLaunchConfig_t config{};
-    config.gridDim = dim3(static_cast<unsigned>(args.rows) * plan.cluster);
-    config.blockDim = dim3(kThreads);
-    config.dynamicSmemBytes = plan.smem_bytes;
-    config.stream = stream;
-    cudaLaunchAttribute attribute{};
-    attribute.id = cudaLaunchAttributeClusterDimension;
-    attribute.val.clusterDim.x = plan.cluster;
-    attribute.val.clusterDim.y = 1;
-    attribute.val.clusterDim.z = 1;
-    config.attrs = &attribute;
-    config.numAttrs = 1;
-    return cudaLaunchKernelEx(&config, kernel, args, plan.slice);
-}
-
 }  // namespace
 
 RowEpiloguePlan row_epilogue_plan(int cols, int num_slots) {
     if (cols <= 0 || num_slots < 0 || num_slots > kMaxSlots) return {0, 0, 0};
     for (const size_t budget : {kSharedSliceBytes, kMaxSliceBytes}) {
-        for (const int cluster : kClusters) {
+        for (const int cluster : kRowClusterSizes) {
             const int slice = ((cols + cluster - 1) / cluster + 3) / 4 * 4;
             // The slice (4 spare floats for its alignment shift), two slot arrays, the state.
             const size_t bytes = sizeof(float) * (static_cast<size_t>(slice) + 4 + 2 * num_slots) + sizeof(LseState);
@@ -250,18 +217,16 @@ cudaError_t row_epilogue(const RowEpilogueArgs& args, cudaStream_t stream) {
     if (args.rows <= 0) return cudaSuccess;
     const RowEpiloguePlan plan = row_epilogue_plan(args.cols, args.num_slots);
     if (plan.cluster == 0) return cudaErrorInvalidValue;
-    int device = 0, major = 0;
-    cudaError_t error = cudaGetDevice(&device);
-    if (error == cudaSuccess) error = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
-    if (error != cudaSuccess) return error;
-    if (major < 9) return cudaErrorNotSupported;
     switch (args.out_type) {
         case OutType::kBFloat16:
-            return launch<__nv_bfloat16>(args, plan, stream);
+            return launch_row_clusters(row_epilogue_kernel<__nv_bfloat16>, args.rows, plan.cluster, kThreads,
+                                       plan.smem_bytes, stream, args, plan.slice);
         case OutType::kFloat16:
-            return launch<__half>(args, plan, stream);
+            return launch_row_clusters(row_epilogue_kernel<__half>, args.rows, plan.cluster, kThreads,
+                                       plan.smem_bytes, stream, args, plan.slice);
         default:
-            return launch<float>(args, plan, stream);
+            return launch_row_clusters(row_epilogue_kernel<float>, args.rows, plan.cluster, kThreads,
+                                       plan.smem_bytes, stream, args, plan.slice);
     }
 }
 

@@ -11,12 +11,11 @@
 
 #include "sampling_epilogue.h"
 
-#include <cooperative_groups.h>
-
 #include <cmath>
 #include <cstdint>
 
 #include "gumbel.h"
+#include "row_clusters.h"
 #include "row_walk.h"
 #include "topk_keys.h"
 
@@ -305,7 +304,6 @@ __global__ void __launch_bounds__(kThreads, 4) row_topk_kernel(RowTopKArgs a, co
 
 // Candidates rank 0 of a cluster gathers (more: the row goes to row_topk_kernel).
 constexpr int kClusterCandidates = 2048;
-constexpr int kTopKClusters[] = {1, 2, 4, 8};  // 8: the largest portable cluster
 // Slices of keys up to ~76 KB leave two blocks an SM (with the bins and candidates: 108
 // KB each); larger rows run one block an SM, up to ~190 KB of keys.
 constexpr size_t kTopKSharedSlice = 80 << 10;
@@ -338,11 +336,7 @@ struct TopKClusterShared {
 __global__ void __launch_bounds__(kThreads, 2) row_topk_cluster_kernel(RowTopKArgs a, int slice, uint8_t* redo) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     const cg::cluster_group cluster = cg::this_cluster();
-    const int rank = static_cast<int>(cluster.block_rank());
-    const int blocks = static_cast<int>(cluster.num_blocks());
-    const int64_t row = blockIdx.x / blocks;
-    const int c0 = min(rank * slice, a.cols);
-    const int width = min(slice, a.cols - c0);
+    const auto [rank, blocks, row, c0, width] = row_slice(cluster, slice, a.cols);
 
     extern __shared__ uint32_t cluster_shared[];
     uint32_t* keys = cluster_shared;
@@ -610,7 +604,7 @@ cudaError_t row_topk(const RowTopKArgs& args, cudaStream_t stream) {
 int row_topk_one_pass_cluster(int cols) {
     if (cols <= 0) return 0;
     for (const size_t budget : {kTopKSharedSlice, kTopKMaxSlice}) {
-        for (const int cluster : kTopKClusters) {
+        for (const int cluster : kRowClusterSizes) {
             const int slice = (cols + cluster - 1) / cluster;
             if (sizeof(uint32_t) * static_cast<size_t>(slice) <= budget) return cluster;
         }
@@ -625,38 +619,12 @@ cudaError_t row_topk_one_pass(const RowTopKArgs& args, void* workspace, cudaStre
     if (args.k < 1 || args.k > kMaxTopK || args.k > args.cols || workspace == nullptr) return cudaErrorInvalidValue;
     const int cluster = row_topk_one_pass_cluster(args.cols);
     if (cluster == 0) return cudaErrorInvalidValue;
-    int device = 0, major = 0;
-    cudaError_t error = cudaGetDevice(&device);
-    if (error == cudaSuccess) error = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
-    if (error != cudaSuccess) return error;
-    if (major < 9) return cudaErrorNotSupported;
-    // An sm_90 device may run code compiled for an older target (PTX of compute_80 JIT-ed):
-    // that kernel has no cluster code, only a trap.
-    cudaFuncAttributes attributes{};
-    error = cudaFuncGetAttributes(&attributes, row_topk_cluster_kernel);
-    if (error != cudaSuccess) return error;
-    if (attributes.ptxVersion < 90) return cudaErrorNotSupported;
     const int slice = (args.cols + cluster - 1) / cluster;
-    const size_t smem_bytes = topk_cluster_shared_bytes(slice);
-    error = cudaFuncSetAttribute(row_topk_cluster_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                 static_cast<int>(smem_bytes));
-    if (error != cudaSuccess) return error;
     auto* redo = static_cast<uint8_t*>(workspace);
-    error = cudaMemsetAsync(redo, 0, static_cast<size_t>(args.rows), stream);
+    cudaError_t error = cudaMemsetAsync(redo, 0, static_cast<size_t>(args.rows), stream);
     if (error != cudaSuccess) return error;
-    cudaLaunchConfig_t config{};
-    config.gridDim = dim3(static_cast<unsigned>(args.rows) * cluster);
-    config.blockDim = dim3(kThreads);
-    config.dynamicSmemBytes = smem_bytes;
-    config.stream = stream;
-    cudaLaunchAttribute attribute{};
-    attribute.id = cudaLaunchAttributeClusterDimension;
-    attribute.val.clusterDim.x = cluster;
-    attribute.val.clusterDim.y = 1;
-    attribute.val.clusterDim.z = 1;
-    config.attrs = &attribute;
-    config.numAttrs = 1;
-    error = cudaLaunchKernelEx(&config, row_topk_cluster_kernel, args, slice, redo);
+    error = launch_row_clusters(row_topk_cluster_kernel, args.rows, cluster, kThreads,
+                                topk_cluster_shared_bytes(slice), stream, args, slice, redo);
     if (error != cudaSuccess) return error;
     // The rows whose candidates crowded past the cluster's buffer (near-equal logits):
     // their blocks run, the others return at once.
