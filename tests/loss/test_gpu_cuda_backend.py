@@ -128,7 +128,9 @@ def test_row_epilogue_matches_its_reference_op(vocab, out_dtype, options):
     the other's every softmax value)."""
     rows, num_target, plain = 13, 6, 2
     gen = torch.Generator(device=CUDA).manual_seed(43)
-    logits = torch.randn(rows, vocab, generator=gen, device=CUDA) * 8.0
+    # Logits of a spread that gives no slot most of a row's mass: a bucket's 1 - sum q stays
+    # near 1, so its quotient does not amplify fp32 rounding past the tolerance below.
+    logits = torch.randn(rows, vocab, generator=gen, device=CUDA) * 3.0
     bias = torch.randn(vocab, generator=gen, device=CUDA)
     if not options:
         bias[::97] = -torch.inf  # masked ids (with smoothing they would make every logit sum -inf)
