@@ -120,6 +120,23 @@ __device__ __forceinline__ void for_each_logit(const float* l, const RowSpan& sp
 constexpr int kCandidates = 4096;
 constexpr size_t kTopKSharedBytes = sizeof(unsigned) * kBins + (sizeof(uint32_t) + sizeof(int)) * kCandidates;
 
+// The bin of a row's k-th largest key, and the keys in it and above, from the block's
+// complete histogram; written by the one thread that finds them. Thread i holds the 16
+// bins counted down from the top at 16 i: an exclusive scan in thread order counts the
+// keys in higher bins, and the thread where the running count reaches k finds the bin
+// among its own.
+__device__ __forceinline__ void find_kth_bin(const unsigned* bins, int k, int* scan_scratch, int& bin_out,
+                                             int& candidates_out) {
+    constexpr int kPerThread = kBins / kThreads;
+    const int top = kBins - kPerThread * static_cast<int>(threadIdx.x) - 1;
+    const int above = block_exclusive_scan(bins_total(bins, top, kPerThread), scan_scratch);
+    int bin, candidates;
+    if (kth_key_bin(bins, top, kPerThread, above, k, bin, candidates)) {
+        bin_out = bin;
+        candidates_out = candidates;
+    }
+}
+
 // Sorts the first `count` candidates into (key desc, index asc) and writes the first k:
 // a bitonic sort over the next power of two, padded with keys that sort last.
 __device__ __forceinline__ void sort_and_write(uint32_t* cand_key, int* cand_index, int count, const RowTopKArgs& a,
@@ -270,17 +287,7 @@ __global__ void __launch_bounds__(kThreads, 4) row_topk_kernel(RowTopKArgs a, co
     });
     t = reduce_lse(t, lse_scratch);  // its barrier also completes the histogram
     if (threadIdx.x == 0) write_partial(a.partial, row, t);
-    // Thread i holds the 16 bins counted down from the top at 16 i: an exclusive scan in
-    // thread order counts the keys in higher bins, and the thread where the running count
-    // reaches k finds the k-th key's bin among its own.
-    constexpr int kPerThread = kBins / kThreads;
-    const int top = kBins - kPerThread * static_cast<int>(threadIdx.x) - 1;
-    const int above = block_exclusive_scan(bins_total(bins, top, kPerThread), scan_scratch);
-    int bin, candidates;
-    if (kth_key_bin(bins, top, kPerThread, above, a.k, bin, candidates)) {
-        s_bin = bin;
-        s_candidates = candidates;
-    }
+    find_kth_bin(bins, a.k, scan_scratch, s_bin, s_candidates);
     __syncthreads();
     if (s_candidates > kCandidates) {
         radix_select(cand_key, cand_index, bins, a, row, l, span);
@@ -373,14 +380,7 @@ __global__ void __launch_bounds__(kThreads, 2) row_topk_cluster_kernel(RowTopKAr
     cluster.sync();
 
     if (rank == 0) {
-        constexpr int kPerThread = kBins / kThreads;
-        const int top = kBins - kPerThread * static_cast<int>(threadIdx.x) - 1;
-        const int above = block_exclusive_scan(bins_total(bins, top, kPerThread), scan_scratch);
-        int bin, candidates;
-        if (kth_key_bin(bins, top, kPerThread, above, a.k, bin, candidates)) {
-            shared.bin = bin;
-            shared.candidates = candidates;
-        }
+        find_kth_bin(bins, a.k, scan_scratch, shared.bin, shared.candidates);
         if (threadIdx.x == 0) {
             TwoLse total = shared.lse;
             for (int r = 1; r < blocks; ++r) {
