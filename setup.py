@@ -7,11 +7,21 @@ CUDA build; set DISTIL_KERNELS_SKIP_CUDA_BUILD=1 to skip it, DISTIL_KERNELS_CUDA
 (default "8.0;9.0") to choose target architectures, MAX_JOBS to bound parallel compiles.
 """
 
+import importlib.util
 import os
 import shutil
 from pathlib import Path
 
 from setuptools import setup
+
+
+def csrc_source_hash(csrc):
+    # distil_kernels/cuda_ext.py holds the digest the package checks a build against; it is
+    # loaded by path, since importing the package here would need its dependencies.
+    spec = importlib.util.spec_from_file_location("_cuda_ext", Path("distil_kernels") / "cuda_ext.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.csrc_source_hash(csrc)
 
 
 def cuda_extensions():
@@ -35,7 +45,8 @@ def cuda_extensions():
         # No --use_fast_math: the Gumbel transform's logs (csrc/gumbel.h) must be accurate to
         # an ulp, or a seed could draw other ids than on the other backends; kernels call
         # __expf and __fdividef where the fast form is meant.
-        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]},
+        extra_compile_args={"cxx": ["-O3", f"-DDISTIL_KERNELS_SOURCE_HASH=h{csrc_source_hash(csrc)}"],
+                            "nvcc": ["-O3", "-lineinfo"]},
     )
     return [ext], {"build_ext": BuildExtension}
 

@@ -16,7 +16,8 @@
 #   GPU_CHECK_PROFILE=1     sample and topk also print where each call's time goes
 #   GPU_CHECK_PREBUILT=1    distil_kernels/_C*.so was built elsewhere against this machine's
 #                           torch and CUDA (name it in carry): use it, build only if it fails
-#                           to import (a build takes ~70 s of the lease)
+#                           to import or was built from other csrc/ sources (a build takes
+#                           ~70 s of the lease)
 #
 # Optional comparison providers (Liger-Kernel, Cut Cross-Entropy) are installed from
 # ./wheels/*.whl with --no-deps: copy ../shared/wheels there and name `wheels` in the
@@ -59,7 +60,7 @@ prebuilt=""
 if [ -n "${GPU_CHECK_PREBUILT:-}" ] && ls distil_kernels/_C*.so >/dev/null 2>&1 \
         && DISTIL_KERNELS_SKIP_CUDA_BUILD=1 python -m pip install -q -e . --no-deps --no-build-isolation \
             >"$out/install.log" 2>&1 \
-        && python -c "import torch, distil_kernels._C" 2>>"$out/install.log"; then
+        && python -c "from distil_kernels.cuda_ext import extension; extension()" 2>>"$out/install.log"; then
     prebuilt=" (the carried prebuilt extension)"
 else
     rm -f distil_kernels/_C*.so

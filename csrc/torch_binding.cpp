@@ -331,8 +331,16 @@ void gumbel_argmax(torch::Tensor logits, int64_t vocab_start, double temperature
 
 }  // namespace
 
+// setup.py passes the digest of csrc/ as a bare token (h + 16 hex digits), which needs no
+// quoting through setuptools and nvcc; distil_kernels.cuda_ext compares it with the sources.
+#define DISTIL_KERNELS_STRINGIFY_(x) #x
+#define DISTIL_KERNELS_STRINGIFY(x) DISTIL_KERNELS_STRINGIFY_(x)
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.doc() = "distil-kernels CUDA kernels (csrc/): the cuda backend's loss and sampling epilogues";
+#ifdef DISTIL_KERNELS_SOURCE_HASH
+    m.attr("source_hash") = std::string(DISTIL_KERNELS_STRINGIFY(DISTIL_KERNELS_SOURCE_HASH)).substr(1);
+#endif
     m.def("chunk_stats", &chunk_stats, "per-row (max, sum exp, sum z) of z = softcap(u + b) / T; slot logits",
           py::arg("logits"), py::arg("bias"), py::arg("softcap"), py::arg("inv_temp"), py::arg("write_z"),
           py::arg("ids"), py::arg("vocab_start"), py::arg("slot_logits"), py::arg("partial"), py::arg("stream"));

@@ -285,13 +285,15 @@ def probe_extension(tmp_path_factory):
     import torch
     from torch.utils.cpp_extension import include_paths, library_paths
 
+    from distil_kernels.cuda_ext import csrc_source_hash
+
     out = tmp_path_factory.mktemp("ext") / "_C.so"
     lib = library_paths()[0]
     # C++20 as torch's own extension builds compile (torch 2.13 and 2.14 seen); 2.14's
     # headers refuse anything older ("C++20 or later compatible compiler is required").
     command = [
         "nvcc", "-shared", "-Xcompiler", "-fPIC", "-O1", "-std=c++20", "-arch=sm_80", "-DTORCH_EXTENSION_NAME=_C",
-        f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+        f"-DDISTIL_KERNELS_SOURCE_HASH=h{csrc_source_hash(CSRC)}", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
         *[f"-I{p}" for p in include_paths()], f"-I{sysconfig.get_paths()['include']}", f"-I{CSRC}",
         *[str(p) for p in SOURCES], str(CSRC / "torch_binding.cpp"),
         f"-L{lib}", "-ltorch", "-ltorch_cpu", "-lc10", "-ltorch_python", "-lcudart",
@@ -313,6 +315,27 @@ def test_binding_builds_imports_and_checks_its_arguments(probe_extension):
     with pytest.raises(RuntimeError, match="logits must be a CUDA tensor, got cpu"):
         probe_extension.row_topk(torch.zeros(3, 5), 0, 2, 1.0, torch.zeros(3, 2), torch.zeros(3, 2, dtype=torch.long),
                                  torch.zeros(3, 4), 0)
+
+
+def test_a_build_from_other_sources_is_refused(probe_extension, monkeypatch):
+    """The binding records the digest of the sources it was built from; the package takes
+    the build only while csrc/ still holds those sources."""
+    import types
+
+    import distil_kernels.cuda_ext as cuda_ext
+
+    monkeypatch.setattr(cuda_ext, "_EXTENSION_AVAILABLE", True)
+    monkeypatch.setattr(cuda_ext, "_loaded", None)
+    stale = types.ModuleType("_C")
+    stale.source_hash = "0123456789abcdef"
+    modules = {"current": probe_extension, "stale": stale, "unstamped": types.ModuleType("_C")}
+    for name in ("stale", "unstamped"):
+        monkeypatch.setattr(cuda_ext.importlib, "import_module", lambda _, m=modules[name]: m)
+        with pytest.raises(RuntimeError, match="built from other csrc/ sources.*rebuild it with pip install -e"):
+            cuda_ext.extension()
+    monkeypatch.setattr(cuda_ext.importlib, "import_module", lambda _: probe_extension)
+    assert probe_extension.source_hash == cuda_ext.csrc_source_hash(CSRC)
+    assert cuda_ext.extension() is probe_extension
 
 
 def test_python_wrappers_match_the_binding(probe_extension, monkeypatch):
