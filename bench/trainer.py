@@ -11,7 +11,7 @@
    backward) against the rest (the model's own forward and backward, the optimizer, the
    verifier). On CUDA each timed region synchronises; the target is < 20% in kernels.
 3. The bandit counterexample of `distil.bandit`: reverse KL raises the odds of a worse
-   action, forward cross-entropy never does (`bandit.png`).
+   action, forward cross-entropy never does (the right panel of `trainer.png`).
 
 Runs are written under bench/out/trainer/<objective>-<seed>/ (metrics.jsonl, curves.png).
 """

@@ -114,13 +114,20 @@ def eval_main(args: argparse.Namespace) -> int:
         print(f"error: --checkpoint {args.checkpoint}: no state.json there (give a run's out directory or its "
               f"checkpoint/)", file=sys.stderr)
         return 2
+    if args.samples is not None and args.samples < 1:
+        print(f"error: --samples must be an int >= 1, got {args.samples}", file=sys.stderr)
+        return 2
     saved = json.loads(state_path.read_text())["config"]
     if args.task is not None and args.task != saved["task"]:
         saved["task"], saved["task_options"] = args.task, {}
     if args.samples is not None:
         saved["eval_samples"] = args.samples
     saved["out"] = str(directory.parent)
-    trainer = Trainer(TrainConfig(**saved), progress=False)
+    try:
+        trainer = Trainer(TrainConfig(**saved), progress=False)
+    except (ValueError, TypeError, FileNotFoundError) as err:  # an unknown --task, a cuda run on a CPU machine
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     trainer.load_checkpoint(directory)
     metrics = trainer.evaluate()
     print(json.dumps({"checkpoint": str(directory), "task": saved["task"], "step": trainer.step,

@@ -9,7 +9,10 @@ student rollout visited, as a `SparseTarget` [B, T, k].
   student itself (frozen: its current weights, or an EMA of them) or another model
   sharing the student's tokenizer.
 - `NoisyExpert`: wraps an expert and, with probability eps per state, replaces its
-  distribution by a one-hot on a uniformly random token (an imperfect teacher).
+  distribution by a one-hot on a uniformly random token (an imperfect teacher). The
+  noise is keyed by (run seed, step, row of the step's batch, position), as the
+  rollouts are: no stream to checkpoint, and a rank's share gets the noise a single
+  process would give the same rows.
 
 Slots an expert does not use hold `IGNORE_INDEX` with probability 0.
 """
@@ -25,8 +28,10 @@ from torch import Tensor
 
 from distil_kernels import SparseTarget, linear_topk
 
+from distil_kernels.sampling.philox import philox4x32, seed_key
+
 from .model import LanguageModel
-from .rollout import Rollouts, encode_prompts, visited_states
+from .rollout import Rollouts, encode_prompts, row_seeds, visited_states
 from .tasks import END, Feedback, Problem, Task
 from .tokenizer import check_same_vocabulary
 
@@ -44,6 +49,8 @@ class ExpertQuery:
     problems: list[Problem]  # one per rollout
     rollouts: Rollouts
     feedback: list[Feedback]  # one per rollout
+    step: int = 0  # the training step the rollouts belong to
+    row_offset: int = 0  # the first rollout's row in the step's whole batch (a rank's share)
 
 
 class Expert(ABC):
@@ -162,14 +169,28 @@ class NoisyExpert(Expert):
         self.inner = inner
         self.eps = eps
         self.vocab_ids = vocab_ids
-        self.generator = torch.Generator().manual_seed(seed)
+        self.seed = seed
         self.name = f"noisy({inner.name},{eps})"
+
+    def noise(self, query: ExpertQuery, steps: int) -> tuple[Tensor, Tensor]:
+        """(corrupt [B, T] bool, random ids [B, T]): two Philox words per (row, position).
+
+        Words, not a generator's stream: a row's noise at a position is the same however
+        the batch is padded or split across ranks, and a resumed run draws it again.
+        """
+        rows = row_seeds(self.seed, query.step, len(query.problems), torch.device("cpu"), query.row_offset,
+                         purpose="expert-noise")
+        k0, k1 = seed_key(rows[:, None])
+        word_corrupt, word_id, _, _ = philox4x32(torch.arange(steps)[None, :], 0, 0, 0, k0, k1)
+        corrupt = word_corrupt.double() < self.eps * 2.0**32  # uniform in [0, 2**32): eps 1 corrupts all
+        return corrupt, (word_id * len(self.vocab_ids)) >> 32
 
     def targets(self, query: ExpertQuery) -> SparseTarget:
         clean = self.inner.targets(query)
         shape = clean.ids.shape[:-1]
-        corrupt = (torch.rand(shape, generator=self.generator) < self.eps).to(clean.ids.device)
-        random_ids = self.vocab_ids[torch.randint(len(self.vocab_ids), shape, generator=self.generator)]
+        corrupt, index = self.noise(query, shape[1])
+        corrupt = corrupt.to(clean.ids.device)
+        random_ids = self.vocab_ids[index]
         one_hot_ids = torch.full_like(clean.ids, IGNORE_INDEX)
         one_hot_ids[..., 0] = random_ids.to(clean.ids.device)
         one_hot_probs = torch.zeros_like(clean.probs)
@@ -191,7 +212,11 @@ def make_expert(spec: str, *, task: Task, student: LanguageModel, noise: float, 
     elif spec == "self":
         expert = ModelExpert(student, top_k=top_k, backend=backend)
     elif spec.startswith("ema:"):
-        expert = ModelExpert(student, top_k=top_k, ema=float(spec[4:]), backend=backend)
+        try:
+            decay = float(spec[4:])
+        except ValueError:
+            raise ValueError(f"expert 'ema:<decay>' needs a number in (0, 1) after 'ema:', got {spec!r}") from None
+        expert = ModelExpert(student, top_k=top_k, ema=decay, backend=backend)
     elif spec.startswith("model:"):
         expert = ModelExpert(student, load_model(spec[6:], device), top_k=top_k, backend=backend)
     else:

@@ -43,9 +43,12 @@ class Rollouts:
         return int(self.mask.sum())
 
 
-def row_seeds(seed: int, step: int, rows: int, device: torch.device, row_offset: int = 0) -> Tensor:
-    """Distinct 62-bit Philox seeds per (run seed, step, row); rows from `row_offset` on."""
-    digest = hashlib.blake2b(f"distil-rollout:{seed}:{step}".encode(), digest_size=8).digest()
+def row_seeds(seed: int, step: int, rows: int, device: torch.device, row_offset: int = 0,
+              purpose: str = "rollout") -> Tensor:
+    """Distinct 62-bit Philox seeds per (run seed, step, row); rows from `row_offset` on.
+
+    Each `purpose` (the rollouts' sampling, the expert's noise) gets seeds of its own."""
+    digest = hashlib.blake2b(f"distil-{purpose}:{seed}:{step}".encode(), digest_size=8).digest()
     base = int.from_bytes(digest, "little") >> 3  # room for `rows` above it inside int64
     return base + row_offset + torch.arange(rows, dtype=torch.int64, device=device)
 

@@ -30,6 +30,8 @@ from typing import Any
 import torch
 
 from distil_kernels import SparseTarget, linear_cross_entropy
+from distil_kernels.backends import BACKENDS
+from distil_kernels.loss.distil_loss import BASELINES
 
 from .distributed import DistContext, wrap_states
 from .evaluate import evaluate
@@ -85,6 +87,25 @@ class TrainConfig:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if not self.lr > 0 or not self.warmup_lr > 0:
             raise ValueError(f"lr and warmup_lr must be > 0, got {self.lr}, {self.warmup_lr}")
+        # Checked here, not where first used: the sampler and the loss would refuse these
+        # only after the warm start, with a traceback; a negative noise or a zero clip norm
+        # would not be refused at all (no noise; every update scaled to zero).
+        if not 0.0 <= self.noise <= 1.0:
+            raise ValueError(f"noise must be in [0, 1], got {self.noise!r}")
+        if not self.max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be > 0, got {self.max_grad_norm!r}")
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0 (0 is greedy), got {self.temperature!r}")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1] or None, got {self.top_p!r}")
+        if not math.isfinite(self.future_credit):
+            raise ValueError(f"future_credit must be finite, got {self.future_credit!r}")
+        if not self.discount >= 0:
+            raise ValueError(f"discount must be >= 0, got {self.discount!r}")
+        if self.baseline not in BASELINES:
+            raise ValueError(f"baseline must be one of {', '.join(BASELINES)}, got {self.baseline!r}")
+        if self.backend not in ("auto", *BACKENDS):
+            raise ValueError(f"backend must be one of {', '.join(('auto', *BACKENDS))}, got {self.backend!r}")
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
         if self.device == "cuda" and not torch.cuda.is_available():
@@ -187,19 +208,13 @@ class Trainer:
 
     def _expert_state(self) -> dict:
         state: dict[str, Any] = {}
-        expert = self.expert
-        if isinstance(expert, NoisyExpert):
-            state["noise_rng"] = expert.generator.get_state()
-            expert = expert.inner
+        expert = self.expert.inner if isinstance(self.expert, NoisyExpert) else self.expert
         if isinstance(expert, ModelExpert) and expert.ema is not None:
             state["ema"] = expert.lm.model.state_dict()
         return state
 
     def _load_expert_state(self, state: dict) -> None:
-        expert = self.expert
-        if isinstance(expert, NoisyExpert):
-            expert.generator.set_state(state["noise_rng"])
-            expert = expert.inner
+        expert = self.expert.inner if isinstance(self.expert, NoisyExpert) else self.expert
         if isinstance(expert, ModelExpert) and expert.ema is not None:
             expert.lm.model.load_state_dict(state["ema"])
 
@@ -217,7 +232,9 @@ class Trainer:
         c = self.config
         for group in self.optimizer.param_groups:
             group["lr"] = c.warmup_lr
-        for i in range(c.warmup_steps):
+        # A bar here too: the default warm start is a good share of the demo's time.
+        for i in _progress(range(c.warmup_steps), initial=0, total=c.warmup_steps, enabled=self.progress,
+                           desc="warm start"):
             problems = self.task.problems(c.warmup_batch, seed=_step_seed(c.seed, i, "warmup"), split="train")
             problems = problems[slice(*self.dist.share(len(problems)))]
             prompt_ids, prompt_mask, actions, mask = teacher_forced(self.lm, [p.prompt for p in problems],
@@ -270,7 +287,8 @@ class Trainer:
         rewards = torch.tensor([f.reward for f in feedback], dtype=torch.float32, device=self.device)
         expert: SparseTarget | None = None
         if self.objective.needs_expert:
-            expert = self.expert.targets(ExpertQuery(repeated, rollouts, feedback))
+            expert = self.expert.targets(ExpertQuery(repeated, rollouts, feedback, step=self.step,
+                                                     row_offset=first * c.rollouts_per_prompt))
         states = self.states(rollouts.prompt_ids, rollouts.prompt_mask, rollouts.actions, rollouts.mask)
         batch = Batch(states, self.lm.head, rollouts.actions, rollouts.mask, rollouts.group, rewards, expert,
                       c.backend)
@@ -292,8 +310,11 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         c = self.config
+        # The clean expert: the metric is the student's agreement with the expert the noise
+        # corrupts, not with the corruption.
+        expert = self.expert.inner if isinstance(self.expert, NoisyExpert) else self.expert
         metrics = evaluate(self.lm, self.task, prompts=c.eval_prompts, samples=c.eval_samples, seed=c.seed,
-                           sampling=self.sampling, expert=self.expert, backend=c.backend)
+                           sampling=self.sampling, expert=expert, backend=c.backend)
         return {f"eval_{k}": v for k, v in metrics.items()}
 
     # ----------------------------------------------------------------------------- run
@@ -360,14 +381,14 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line]
 
 
-def _progress(iterable, *, initial: int, total: int, enabled: bool):
+def _progress(iterable, *, initial: int, total: int, enabled: bool, desc: str = "train"):
     if not enabled:
         return iterable
     try:
         from tqdm import tqdm
     except ImportError:
         return iterable
-    return tqdm(iterable, initial=initial, total=total, file=sys.stderr, dynamic_ncols=True, desc="train")
+    return tqdm(iterable, initial=initial, total=total, file=sys.stderr, dynamic_ncols=True, desc=desc)
 
 
 def plot_curves(rows: list[dict[str, Any]], path: Path, title: str) -> None:

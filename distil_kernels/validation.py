@@ -108,9 +108,10 @@ def check_probs(target: SparseTarget, ignore_index: int, tail: str) -> None:
     probs = target.probs.reshape(-1, target.k)
     ids = target.ids.reshape(-1, target.k)
     live = ids != ignore_index
-    if not bool(torch.isfinite(probs).all()):
-        where = _first_bad(~torch.isfinite(target.probs))
-        raise ValueError(f"target.probs must be finite; first NaN/inf at index {where}")
+    # A padding slot's prob is ignored (DESIGN.md), whatever it holds.
+    non_finite = ~torch.isfinite(target.probs) & (target.ids != ignore_index)
+    if bool(non_finite.any()):
+        raise ValueError(f"target.probs must be finite; first NaN/inf at index {_first_bad(non_finite)}")
     if tail == "ignore":
         return
     negative = (probs < 0) & live

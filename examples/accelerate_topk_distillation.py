@@ -67,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--k", type=int, default=16, help="teacher ids kept per position")
     parser.add_argument("--lr", type=float, default=3e-3)
     args = parser.parse_args(argv)
+    for name in ("steps", "batch", "seq", "k"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     try:
         from accelerate import Accelerator
     except ImportError:

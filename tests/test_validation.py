@@ -102,6 +102,14 @@ def test_bucket_mass_slack_and_padding_excluded():
     heavy = target.probs.clone()
     heavy[:, 2] = 5.0  # a padding slot's prob is ignored, in validation too
     linear_cross_entropy(x, w, SparseTarget(ids, heavy))
+    zero = target.probs.clone()
+    zero[:, 2] = 0.0
+    for tail in ("bucket", "renormalize", "ignore"):
+        want = linear_cross_entropy(x, w, SparseTarget(ids, zero), tail=tail)
+        for junk in (-5.0, float("nan"), float("inf")):
+            heavy[:, 2] = junk
+            torch.testing.assert_close(linear_cross_entropy(x, w, SparseTarget(ids, heavy), tail=tail), want,
+                                       rtol=0, atol=0)
 
 
 def test_duplicate_ids_rejected_only_with_bucket():
@@ -166,8 +174,12 @@ def test_validate_false_never_indexes_out_of_range():
         torch.testing.assert_close(got, ref, rtol=0, atol=0)
         ids = target.ids.clone()
         ids[0, 0] = V
-        got = linear_cross_entropy(x, w, SparseTarget(ids, target.probs), validate=False, backend=backend)
-        assert torch.isfinite(got)
+        ids[2, 1] = -7
+        got = linear_cross_entropy(x, w, SparseTarget(ids, target.probs), validate=False, backend=backend,
+                                   reduction="none")
+        padded = torch.where((ids < 0) | (ids >= V), -100, ids)
+        ref = linear_cross_entropy(x, w, SparseTarget(padded, target.probs), backend=backend, reduction="none")
+        torch.testing.assert_close(got, ref, rtol=0, atol=0)
 
 
 def test_ignore_index_is_configurable():

@@ -92,12 +92,11 @@ def _check_distil_inputs(input, expert, actions, mask, group, validate, tail, vo
         if group.device != input.device:
             raise ValueError(f"group must be on input's device {input.device}, got {group.device}")
     check_ids("expert.ids", expert.ids, vocab_size, -100, validate)
+    check_ids("actions", actions, vocab_size, None, False)
     if validate:
         check_probs(expert, -100, tail)
         # Only response tokens need a real action; prompt positions may hold anything.
         check_ids("actions (where mask is True)", torch.where(mask, actions, 0), vocab_size, None, True)
-    elif actions.dtype.is_floating_point:
-        check_ids("actions", actions, vocab_size, None, False)
 
 
 def distil_loss(
@@ -164,6 +163,7 @@ def distil_loss(
         bias = bias.to(cdt)
     live = mask.reshape(-1)
     action_ids = actions.reshape(-1, 1).long()
+    # An out-of-range action (validate=False) is padding on every backend: no credit, log q 0.
     action_valid = live[:, None] & (action_ids >= 0) & (action_ids < vocab_size)
     slots = make_slots(expert, vocab_size, -100, cdt).with_extra(
         action_ids, torch.zeros(action_ids.shape, dtype=cdt, device=x.device), action_valid
@@ -174,7 +174,8 @@ def distil_loss(
     if dense:
         z = reference_logits(x, weight, bias, options)
         ce, lse, _ = reference_token_loss(z, slots, options)
-        log_q_action = torch.where(live, torch.log_softmax(z, dim=1).gather(1, slots.ids[:, -1:])[:, 0], 0.0)
+        log_q_action = torch.where(action_valid[:, 0], torch.log_softmax(z, dim=1).gather(1, slots.ids[:, -1:])[:, 0],
+                                   0.0)
     else:
         if shard is not None:
             lse_s, slot_logits_s, _ = sharded_stats(name, x, weight, bias, slots.ids, options, shard)
@@ -191,7 +192,7 @@ def distil_loss(
                 stats = stats_pass(name, x, weight, bias, slots.ids, options)
         terms = row_terms(stats.lse, stats.slot_logits, None, slots, options, vocab_size)
         ce, lse = terms.token_loss, stats.lse
-        log_q_action = torch.where(live, stats.slot_logits[:, -1] - lse, 0.0)
+        log_q_action = torch.where(action_valid[:, 0], stats.slot_logits[:, -1] - lse, 0.0)
 
     ce_bt = ce.detach().reshape(batch, steps)
     g = cost_to_go(ce_bt, mask, discount)

@@ -115,7 +115,9 @@ def make_slots(target: Tensor | SparseTarget, vocab_size: int, ignore_index: int
     """
     if isinstance(target, SparseTarget):
         ids = target.ids.reshape(-1, target.k).long()
-        weights = target.probs.reshape(-1, target.k).to(dtype)
+        # Detached: gradients never flow to a target, and the dense `torch` backend lets
+        # autograd differentiate everything its loss reads.
+        weights = target.probs.reshape(-1, target.k).detach().to(dtype)
     else:
         ids = target.reshape(-1, 1).long()
         weights = torch.ones(ids.shape, dtype=dtype, device=ids.device)

@@ -76,9 +76,12 @@ class SamplingOptions:
             raise TypeError(f"top_k must be an int or None, got {type(self.top_k).__name__}")
         if self.top_k is not None and self.top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {self.top_k}")
-        if self.top_p is not None and not (isinstance(self.top_p, (int, float)) and 0.0 < self.top_p <= 1.0):
+        # bool is an int to isinstance: top_p=True would read as 1.0 (no truncation).
+        if self.top_p is not None and (isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float))
+                                       or not 0.0 < self.top_p <= 1.0):
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if self.min_p is not None and not (isinstance(self.min_p, (int, float)) and 0.0 <= self.min_p <= 1.0):
+        if self.min_p is not None and (isinstance(self.min_p, bool) or not isinstance(self.min_p, (int, float))
+                                       or not 0.0 <= self.min_p <= 1.0):
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
         if isinstance(self.num_samples, bool) or not isinstance(self.num_samples, int) or self.num_samples < 1:
             raise ValueError(f"num_samples must be an int >= 1, got {self.num_samples!r}")
@@ -211,6 +214,10 @@ def kept_prefix(sorted_z: Tensor, lse: Tensor, options: SamplingOptions) -> Tens
 # Bits of the order key that name a bucket in the nucleus search: 2**14 buckets per row,
 # each spanning 1/32 of an octave, so the boundary's bucket holds ~1% of a flat row.
 NUCLEUS_BUCKET_BITS = 14
+# Rows one nucleus search takes: its float64 bucket table is rows x 2**NUCLEUS_BUCKET_BITS
+# (8 MiB at 64 rows), and rows << NUCLEUS_BUCKET_BITS indexes it in int32 (a whole batch
+# of 131072 rows or more overflowed it; 30000 rows took a 4 GiB table).
+NUCLEUS_ROWS = 64
 
 
 def _order_keys(z: Tensor) -> Tensor:
@@ -266,15 +273,18 @@ def sorted_kept_mask(z: Tensor, lse: Tensor, options: SamplingOptions) -> Tensor
 def kept_mask(z: Tensor, lse: Tensor, options: SamplingOptions) -> Tensor:
     """bool [rows, V]: the ids `kept_prefix` keeps for top_p and min_p, for options without top_k.
 
-    On the CPU without sorting (`nucleus_mask`). A GPU sorts rows fast, and its bincount
-    adds in no fixed order (an error under `torch.use_deterministic_algorithms`): there
-    the rows are sorted.
+    On the CPU without sorting (`nucleus_mask`), where rows are wider than its bucket
+    table (a narrower row sorts in less time than the search takes over 2**14 buckets). A
+    GPU sorts rows fast, and its bincount adds in no fixed order (an error under
+    `torch.use_deterministic_algorithms`): there the rows are sorted.
     """
-    if z.device.type != "cpu":
+    if z.device.type != "cpu" or z.shape[1] <= 1 << NUCLEUS_BUCKET_BITS:
         return sorted_kept_mask(z, lse, options)
     kept = torch.ones_like(z, dtype=torch.bool)
     if options.top_p is not None and options.top_p < 1.0:
-        kept = nucleus_mask(z, lse, options.top_p)
+        for r0 in range(0, z.shape[0], NUCLEUS_ROWS):
+            kept[r0 : r0 + NUCLEUS_ROWS] = nucleus_mask(z[r0 : r0 + NUCLEUS_ROWS], lse[r0 : r0 + NUCLEUS_ROWS],
+                                                        options.top_p)
     if options.min_p is not None and options.min_p > 0.0:
         kept &= z >= z.amax(dim=1, keepdim=True) + math.log(options.min_p)
     return kept
@@ -356,7 +366,8 @@ def _check_seed_and_positions(seed, positions, rows: int, device: torch.device) 
     elif not -(1 << 63) <= seed < (1 << 63):
         raise ValueError(f"seed must fit in 64 bits (-2**63 <= seed < 2**63), got {seed}")
     if positions is not None:
-        if not isinstance(positions, Tensor) or positions.shape != (rows,) or positions.dtype.is_floating_point:
+        if (not isinstance(positions, Tensor) or positions.shape != (rows,) or positions.dtype.is_floating_point
+                or positions.dtype.is_complex or positions.dtype == torch.bool):
             raise ValueError(f"positions must be an integer tensor [B] = [{rows}], got {positions!r:.80}")
         if positions.device != device:
             raise ValueError(f"positions must be on the logits' device {device}, got {positions.device}")
@@ -482,6 +493,13 @@ def _candidate_sample(x: Tensor, weight: Tensor, bias: Tensor | None, softcap: f
                                                   raw_lse=options.temperature != 1.0)
     cand_logprobs, lse_z = cand_logprobs.float(), lse_z.float()
     lse_raw = lse_z if lse_raw is None else lse_raw.float()
+    # A NaN logit makes its row's lse NaN. No score then equals the row's best, and the
+    # draw below would return the out-of-range id V. This path waits for the host on its
+    # unsettled rows anyway: one more short wait.
+    nan_rows = lse_z.isnan().nonzero()[:, 0]
+    if len(nan_rows):
+        raise ValueError(f"linear_sample: the logits (input @ weight.T + bias) must not contain NaN; "
+                         f"{len(nan_rows)} row(s) do, the first row {int(nan_rows[0])}")
     cand_z = cand_logprobs + lse_z[:, None]
     length = kept_prefix(cand_z, lse_z, options)
     settled = _settled(cand_logprobs, length, options, num_candidates, vocab)

@@ -293,7 +293,8 @@ def probe_extension(tmp_path_factory):
     # headers refuse anything older ("C++20 or later compatible compiler is required").
     command = [
         "nvcc", "-shared", "-Xcompiler", "-fPIC", "-O1", "-std=c++20", "-arch=sm_80", "-DTORCH_EXTENSION_NAME=_C",
-        f"-DDISTIL_KERNELS_SOURCE_HASH=h{csrc_source_hash(CSRC)}", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+        f"-DDISTIL_KERNELS_SOURCE_HASH=h{csrc_source_hash(CSRC)}",
+        f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
         *[f"-I{p}" for p in include_paths()], f"-I{sysconfig.get_paths()['include']}", f"-I{CSRC}",
         *[str(p) for p in SOURCES], str(CSRC / "torch_binding.cpp"),
         f"-L{lib}", "-ltorch", "-ltorch_cpu", "-lc10", "-ltorch_python", "-lcudart",

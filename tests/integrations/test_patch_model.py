@@ -73,9 +73,14 @@ def test_training_loss_and_every_gradient_match(family, num_items):
 def test_shift_labels_and_ignore_index_are_honoured():
     reference = tiny_model("llama").train()
     patched = patch_model(copy.deepcopy(reference), backend="torch")
-    ids, attention_mask, labels = batch(seed=2)
-    shifted = torch.nn.functional.pad(labels, (0, 1), value=-1)[..., 1:].contiguous()
-    shifted[shifted == -100] = -1
+    ids, attention_mask, _ = batch(seed=2)
+    # Targets that are not the labels' own shift, so a patch that shifted `labels` itself
+    # would give another loss; no -100 anywhere, so only -1 can mark the ignored ones.
+    gen = torch.Generator().manual_seed(5)
+    labels = torch.randint(0, 97, ids.shape, generator=gen)
+    shifted = torch.randint(0, 97, ids.shape, generator=gen)
+    shifted[attention_mask == 0] = -1
+    shifted[0, 5:7] = -1
     inputs = dict(input_ids=ids, attention_mask=attention_mask, labels=labels, shift_labels=shifted, ignore_index=-1)
     want, _ = loss_and_grads(reference, **inputs)
     got, _ = loss_and_grads(patched, **inputs)

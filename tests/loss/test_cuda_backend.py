@@ -182,7 +182,8 @@ def test_weight_accumulator_is_never_read_before_its_first_write(monkeypatch):
     want = run(x64, w64, b64, target, "torch", **options)
     for got in (run_cuda_orchestration(x64.float(), w64.float(), b64.float(), target, **options),
                 run(x64.float(), w64.float(), b64.float(), target, "chunked", **options)):
-        torch.testing.assert_close(got[2][1].double(), want[2][1], rtol=1e-4, atol=1e-6)
+        # fp32 against float64, |d_weight| < 0.04: a few ulps (3.7e-9 there) of 61-row sums.
+        torch.testing.assert_close(got[2][1].double(), want[2][1], rtol=1e-5, atol=1e-7)
 
 
 def test_gradient_scale_is_a_power_of_two_within_fp16():
@@ -225,8 +226,9 @@ def test_one_pass_matches_two_passes(tail):
     two = run_cuda_orchestration(x, w, b, target, ops=REFERENCE_OPS, **options)
     one = run_cuda_orchestration(x, w, b, target, ops=REFERENCE_ONE_PASS_OPS, **options)
     torch.testing.assert_close(one[0], two[0], rtol=1e-6, atol=1e-6)
+    # |gradients| < 0.02, where an fp32 ulp is 1.9e-9.
     for got, want in zip(one[2], two[2]):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-8)
 
 
 def test_fp16_keeps_two_passes():

@@ -381,6 +381,17 @@ def test_gradient_is_that_of_the_design_surrogate(backend, tail, tail_mass):
     assert_all_close(GRADS, grads, want_grads, rtol=1e-10, atol=1e-13)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_gradient_flows_to_the_expert(backend):
+    """DESIGN.md: gradients never flow to a target; the expert's probs may come out of a graph."""
+    x, weight, bias, expert, actions, mask, group = value_problem(8, (0.5, 0.9))
+    probs = expert.probs.detach().clone().requires_grad_()
+    loss = distil_loss(x, weight, SparseTarget(expert.ids, probs), actions, mask, bias=bias, group=group,
+                       backend=backend)
+    loss.backward()
+    assert x.grad is not None and probs.grad is None
+
+
 @pytest.mark.parametrize("batch, steps", [(3, 5), (0, 5), (3, 0)], ids=["masked", "no-rollouts", "no-steps"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_no_response_tokens_gives_zero_loss_and_zero_gradients(backend, batch, steps):
@@ -551,6 +562,10 @@ BAD_ARGUMENTS = [
     pytest.param(lambda a: dict(mask=a["mask"].long()), TypeError, "^mask must", id="mask-not-bool"),
     pytest.param(lambda a: dict(group=a["group"][:2]), ValueError, "^group must", id="group-shape"),
     pytest.param(out_of_range_action, IndexError, "^actions", id="action-out-of-range"),
+    pytest.param(lambda a: dict(actions=a["actions"] > 3), TypeError, "^actions must have an integer dtype",
+                 id="actions-bool"),
+    pytest.param(lambda a: dict(actions=a["actions"].float()), TypeError, "^actions must have an integer dtype",
+                 id="actions-float"),
     pytest.param(lambda a: dict(baseline="foo"), ValueError, "^baseline must", id="baseline"),
     pytest.param(lambda a: dict(discount=-0.1), ValueError, "^discount must", id="discount-negative"),
     pytest.param(lambda a: dict(backend="cudnn"), ValueError, "^backend must", id="backend"),
@@ -563,6 +578,37 @@ def test_validation_names_the_argument(change, error, match):
     args.update(change(args))
     with pytest.raises(error, match=match):
         call(args)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unvalidated_out_of_range_actions_are_padding(backend):
+    """validate=False: an action outside [0, V) on a response token gets no credit and
+    log q = 0 in the stats, on every backend alike (its own loss term still counts)."""
+    x, weight, bias, expert, actions, mask, group = agree_problem()
+    vocab = weight.shape[0]
+    bad = actions.clone()
+    bad[0, 2], bad[2, 5] = vocab + 7, -3
+    mask = mask.clone()
+    mask[0, 2] = mask[2, 5] = True
+    leaves = [leaf(t) for t in (x, weight, bias)]
+    value, stats = distil_loss(leaves[0], leaves[1], expert, bad, mask, bias=leaves[2], group=group,
+                               backend=backend, validate=False, return_stats=True, **AGREE_OPTIONS)
+    grads = torch.autograd.grad(value, leaves)
+    assert stats.action_logprobs[0, 2] == 0 and stats.action_logprobs[2, 5] == 0
+
+    # DESIGN's surrogate, the credit term left out where the action is out of range.
+    params = [leaf(t) for t in (x, weight, bias)]
+    z = dense_logits(*params, AGREE_OPTIONS["temperature"], AGREE_OPTIONS["softcap"])
+    ce = dense_token_loss(z, expert.ids, expert.probs, "bucket")
+    g = loop_cost_to_go(ce.detach(), mask, AGREE_OPTIONS["discount"])
+    advantage = g - loop_group_baseline(g, mask, group)
+    log_q_action = torch.log_softmax(z, dim=-1).gather(-1, bad.clamp(0, vocab - 1)[..., None])[..., 0]
+    credited = mask & (bad >= 0) & (bad < vocab)
+    count = mask.sum()
+    want_value = (ce * mask).sum() / count
+    surrogate = want_value + (credited * AGREE_OPTIONS["future_credit"] * advantage * log_q_action).sum() / count
+    torch.testing.assert_close(value, want_value, rtol=1e-12, atol=1e-14)
+    assert_all_close(GRADS, grads, torch.autograd.grad(surrogate, params), rtol=1e-10, atol=1e-13)
 
 
 def test_valid_arguments_pass_validation():

@@ -110,6 +110,24 @@ def _check_topk_and_sample(rank, start, end, group):
         assert torch.equal(got.ids, want.ids), options
         for name, a, e in zip(got._fields[1:], got[1:], want[1:]):
             torch.testing.assert_close(a, e, rtol=0, atol=2e-6, msg=lambda m, n=name, o=options: f"{o} {n}: {m}")
+    # With the default 256 candidates every row of a 103-id vocabulary settles on them; with
+    # 8, rows whose nucleus outgrows them take the exact dense fallback over logits gathered
+    # from every shard (ShardedDenseLogits).
+    from distil_kernels import parallel
+    from distil_kernels.sampling import sample as sample_module
+
+    sample_module.CANDIDATES = 8
+    gathered = []
+    gather = parallel.ShardedDenseLogits.__call__
+    parallel.ShardedDenseLogits.__call__ = lambda self, *args: gathered.append(1) or gather(self, *args)
+    options = dict(top_p=0.95, temperature=1.5, num_samples=2)
+    want = linear_sample(x, w, bias=b, softcap=6.0, seed=seeds, backend="chunked", **options)
+    got = linear_sample(x, w[start:end], bias=b[start:end], softcap=6.0, seed=seeds, backend="chunked", **shard,
+                        **options)
+    assert gathered, "no row took the dense fallback"
+    assert torch.equal(got.ids, want.ids)
+    for name, a, e in zip(got._fields[1:], got[1:], want[1:]):
+        torch.testing.assert_close(a, e, rtol=0, atol=2e-6, msg=lambda m, n=name: f"fallback {n}: {m}")
 
 
 CHECKS = {"loss": _check_loss, "distil_loss": _check_distil_loss, "topk_sample": _check_topk_and_sample}

@@ -17,6 +17,18 @@ def dense_log_softmax(x, w, b, softcap=None, temperature=1.0) -> tuple[torch.Ten
     return torch.log_softmax(z, dim=-1), torch.logsumexp(z, dim=-1)
 
 
+def fp32_tolerance(x, w, b, log_q, lse, softcap=None, temperature=1.0) -> float:
+    """Twice the error of PyTorch's own fp32 log-softmax and logsumexp of fp32 logits, plus 1e-6."""
+    z = x.float() @ w.float().T + b.float()
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    z = z / temperature
+    finite = log_q.isfinite()  # ids masked by a -inf bias are -inf in both
+    error = max(float((torch.log_softmax(z, dim=1).double() - log_q)[finite].abs().max()),
+                float((torch.logsumexp(z, dim=1).double() - lse).abs().max()))
+    return 2 * error + 1e-6
+
+
 def mask_ids(bias: torch.Tensor) -> torch.Tensor:
     """`bias` with -inf on its first 3/5 ids and every 7th (a padded vocabulary, banned
     tokens): tiles, splits and chunks of only -inf logits, which must add nothing."""
@@ -53,4 +65,7 @@ def chi_square(ids: torch.Tensor, expected: torch.Tensor) -> tuple[float, int]:
     assert (counts[expected == 0] == 0).all(), "an id outside the kept set was drawn"
     live = expected > 0
     e = expected[live] * ids.numel()
+    # The statistic is chi-square distributed only where every expected count is large;
+    # no cell is pooled here, so a test must draw enough for its smallest one.
+    assert float(e.min()) >= 5, f"expected counts down to {float(e.min()):.1f}: draw more"
     return float(((counts[live] - e) ** 2 / e).sum()), int(live.sum()) - 1

@@ -8,7 +8,16 @@ import pytest
 import torch
 
 from distil.model import Head
-from distil.objectives import GRPO, PROBABILITY_FLOOR, Batch, JensenShannon, LocalCE, ReverseKL, group_advantages
+from distil.objectives import (
+    GRPO,
+    PROBABILITY_FLOOR,
+    Batch,
+    Distil,
+    JensenShannon,
+    LocalCE,
+    ReverseKL,
+    group_advantages,
+)
 from distil_kernels import SparseTarget
 
 
@@ -71,6 +80,46 @@ def test_coarse_divergences_match_the_dense_formula(objective, dense):
     torch.testing.assert_close(got.detach(), want.detach(), rtol=1e-6, atol=1e-7)
     for g, w in zip(got_grads, want_grads):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+def _dense_distil(batch, future_credit, discount):
+    """DESIGN.md's DistIL loss, densely: the masked mean of ce, with the gradient of the surrogate."""
+    logq = torch.log_softmax(batch.states @ batch.head.weight.T, dim=-1)
+    ids, p = batch.expert.ids, batch.expert.probs
+    used = ids != -100
+    logq_ids = torch.where(used, logq.gather(2, ids.clamp_min(0)), 0.0)
+    mass = torch.where(used, p, 0.0).sum(-1)
+    q_tail = (1 - torch.where(used, logq_ids.exp(), 0.0).sum(-1)).clamp_min(PROBABILITY_FLOOR)
+    ce = -torch.where(used, p * logq_ids, 0.0).sum(-1) - (1 - mass).clamp_min(0) * q_tail.log()
+    mask = batch.mask.double()
+    B, T = mask.shape
+    cost = torch.zeros(B, T, dtype=torch.float64)
+    for t in reversed(range(T - 1)):
+        cost[:, t] = ce[:, t + 1].detach() * mask[:, t + 1] + discount * cost[:, t + 1]
+    baseline = torch.zeros(B, T, dtype=torch.float64)
+    for b in range(B):
+        for t in range(T):
+            others = [o for o in range(B) if o != b and batch.group[o] == batch.group[b] and batch.mask[o, t]]
+            baseline[b, t] = sum(cost[o, t] for o in others) / len(others) if others else 0.0
+    logq_actions = logq.gather(2, batch.actions[..., None])[..., 0]
+    credit = (mask * future_credit * (cost - baseline) * logq_actions).sum() / mask.sum()
+    return (mask * ce).sum() / mask.sum() + credit - credit.detach()
+
+
+@pytest.mark.parametrize("objective, future_credit, discount",
+                         [(Distil(), 1.0, 1.0), (Distil(0.5, 0.9, "group"), 0.5, 0.9), (LocalCE(), 0.0, 1.0)],
+                         ids=["distil", "distil-discounted", "ce"])
+def test_distil_and_local_ce_gradients_match_the_dense_surrogate(objective, future_credit, discount):
+    """The objectives hand distil_loss the rollout's group and their options: the value and
+    the gradient are those of DESIGN.md's surrogate (ce alone has no future-credit term)."""
+    batch = _problem(3)
+    got, _ = objective.loss(batch)
+    got_grads = torch.autograd.grad(got, [batch.states, batch.head.weight])
+    want = _dense_distil(batch, future_credit, discount)
+    want_grads = torch.autograd.grad(want, [batch.states, batch.head.weight])
+    torch.testing.assert_close(got.detach(), want.detach(), rtol=1e-10, atol=1e-12)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-8, atol=1e-10)
 
 
 def test_local_ce_is_the_forward_cross_entropy_with_bucket_tail():
