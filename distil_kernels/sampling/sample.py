@@ -450,6 +450,13 @@ def _sweep_sample(x: Tensor, weight: Tensor, bias: Tensor | None, softcap: float
     return Sample(ids, at_temperature(best_raw, options.temperature) - lse_z[:, None], raw_logprobs, lse_raw)
 
 
+def _refuse_nan_rows(lse: Tensor) -> None:
+    nan_rows = lse.isnan().nonzero()[:, 0]
+    if len(nan_rows):
+        raise ValueError(f"linear_sample: the logits (input @ weight.T + bias) must not contain NaN; "
+                         f"{len(nan_rows)} row(s) do, the first row {int(nan_rows[0])}")
+
+
 def _candidate_sample(x: Tensor, weight: Tensor, bias: Tensor | None, softcap: float | None,
                       options: SamplingOptions, seed, positions, keys, workspace_bytes: int | None,
                       backend: str = "chunked", top=None, dense_logits=None, vocab_size: int | None = None
@@ -496,10 +503,7 @@ def _candidate_sample(x: Tensor, weight: Tensor, bias: Tensor | None, softcap: f
     # A NaN logit makes its row's lse NaN. No score then equals the row's best, and the
     # draw below would return the out-of-range id V. This path waits for the host on its
     # unsettled rows anyway: one more short wait.
-    nan_rows = lse_z.isnan().nonzero()[:, 0]
-    if len(nan_rows):
-        raise ValueError(f"linear_sample: the logits (input @ weight.T + bias) must not contain NaN; "
-                         f"{len(nan_rows)} row(s) do, the first row {int(nan_rows[0])}")
+    _refuse_nan_rows(lse_z)
     cand_z = cand_logprobs + lse_z[:, None]
     length = kept_prefix(cand_z, lse_z, options)
     settled = _settled(cand_logprobs, length, options, num_candidates, vocab)
@@ -721,7 +725,10 @@ def linear_sample(input: Tensor, weight: Tensor, *, temperature: float = 1.0, to
                                   truncated, shard)
         if name == "torch":
             raw = reference_logits(input, weight, bias, LossOptions(softcap=softcap))
-            return reference_sample(raw, options, seed, positions)
+            sample = reference_sample(raw, options, seed, positions)
+            if truncated:  # as the other backends' truncated sampling
+                _refuse_nan_rows(sample.lse)
+            return sample
         if name == "triton" and not truncated:
             from .triton import triton_sample
 

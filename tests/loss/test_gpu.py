@@ -18,7 +18,7 @@ pytestmark = [
 from distil_kernels import SparseTarget, distil_loss, linear_cross_entropy  # noqa: E402
 from distil_kernels.cuda_ext import extension_available  # noqa: E402
 from distil_kernels.loss.options import LossOptions  # noqa: E402
-from loss_problems import assert_within_dtype_error, make_problem, run, same_dtype_pytorch  # noqa: E402
+from loss_problems import assert_within_dtype_error, make_problem, max_error, run, same_dtype_pytorch  # noqa: E402
 
 CUDA = torch.device("cuda")
 
@@ -142,25 +142,41 @@ def test_deterministic_mode_bitwise_and_filter_on_peaked_logits():
     assert all(torch.equal(a, c) for a, c in zip(first, second))
 
 
-def test_distil_loss_triton_matches_torch():
+def distil_loss_problem(device):
+    """fp32 DistIL problem: two groups of two rollouts, a sparse expert and ~10% padding."""
     gen = torch.Generator().manual_seed(24)
     batch, steps, d, v, k = 4, 64, 256, 5003, 16
     x = torch.randn(batch, steps, d, generator=gen) / 16
     w = torch.randn(v, d, generator=gen)
     ids = torch.stack([torch.randperm(v, generator=gen)[:k] for _ in range(batch * steps)]).reshape(batch, steps, k)
     probs = torch.rand(batch, steps, k, generator=gen)
-    expert = SparseTarget(ids.cuda(), (probs / probs.sum(-1, keepdim=True) * 0.9).cuda())
-    actions = torch.randint(0, v, (batch, steps), generator=gen).cuda()
-    mask = (torch.rand(batch, steps, generator=gen) > 0.1).cuda()
-    group = torch.tensor([0, 0, 1, 1]).cuda()
-    results = {}
-    for backend in ("torch", "triton"):
-        xg, wg = x.cuda().requires_grad_(), w.cuda().requires_grad_()
-        loss = distil_loss(xg, wg, expert, actions, mask, group=group, discount=0.95, backend=backend)
-        loss.backward()
-        results[backend] = (loss.detach(), xg.grad, wg.grad)
-    for got, want in zip(results["triton"], results["torch"]):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    expert = SparseTarget(ids.to(device), (probs / probs.sum(-1, keepdim=True) * 0.9).to(device))
+    actions = torch.randint(0, v, (batch, steps), generator=gen).to(device)
+    mask = (torch.rand(batch, steps, generator=gen) > 0.1).to(device)
+    group = torch.tensor([0, 0, 1, 1]).to(device)
+    return x.to(device), w.to(device), expert, actions, mask, group
+
+
+def distil_loss_run(x, w, expert, actions, mask, group, backend):
+    """(loss, d_input, d_weight), float64 on the CPU."""
+    x, w = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    loss = distil_loss(x, w, expert, actions, mask, group=group, discount=0.95, backend=backend)
+    loss.backward()
+    return [t.detach().double().cpu() for t in (loss, x.grad, w.grad)]
+
+
+def test_distil_loss_triton_matches_torch():
+    """Within 4x the fp32 torch backend's error of the float64 result (plus two fp32 ulps
+    of the largest value). Simulated on the CPU (the interpreter for triton): errors
+    4.1e-7, 1.2e-6 and 6.4e-8 for the loss, d_input and d_weight against bounds of
+    7.9e-6, 5.1e-6 and 2.8e-7; the median d_weight entry is 2.9e-5."""
+    x, w, expert, actions, mask, group = distil_loss_problem("cuda")
+    exact = distil_loss_run(x.double(), w.double(), expert, actions, mask, group, "torch")
+    same_dtype = distil_loss_run(x, w, expert, actions, mask, group, "torch")
+    got = distil_loss_run(x, w, expert, actions, mask, group, "triton")
+    for name, g, base, want in zip(("loss", "d_input", "d_weight"), got, same_dtype, exact):
+        tol = 4 * max_error(base, want) + 2 * torch.finfo(torch.float32).eps * want.abs().max().item()
+        assert max_error(g, want) <= tol, f"{name}: error {max_error(g, want):.3e} > {tol:.3e}"
 
 
 @pytest.mark.parametrize("n", [4096, 16384], ids=["one-pass", "two-pass"])

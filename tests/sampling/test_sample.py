@@ -271,8 +271,9 @@ def test_nan_logits_and_bad_shapes(monkeypatch):
     # the out-of-range id V.
     x = torch.randn(3, 4)
     x[1, 0] = math.nan
-    with pytest.raises(ValueError, match=r"logits .* must not contain NaN; 1 row\(s\) do, the first row 1"):
-        linear_sample(x, torch.randn(10, 4), top_p=0.9, backend="chunked")
+    for backend in ("torch", "chunked"):
+        with pytest.raises(ValueError, match=r"logits .* must not contain NaN; 1 row\(s\) do, the first row 1"):
+            linear_sample(x, torch.randn(10, 4), top_p=0.9, backend=backend)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     pytest.importorskip("triton")
     with pytest.raises(ValueError, match="runs on cuda tensors"):
