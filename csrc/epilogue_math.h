@@ -22,7 +22,7 @@ struct LseState {
     float zsum;  // sum z, for label smoothing
 };
 
-__device__ __forceinline__ void fold(LseState& s, float v) {
+__host__ __device__ __forceinline__ void fold(LseState& s, float v) {
     if (v > s.max) {
         s.sum = s.sum * expf(s.max - v) + 1.f;
         s.max = v;
@@ -34,9 +34,11 @@ __device__ __forceinline__ void fold(LseState& s, float v) {
     s.zsum += v;
 }
 
-__device__ __forceinline__ LseState merge(LseState a, LseState b) {
+__host__ __device__ __forceinline__ LseState merge(LseState a, LseState b) {
     const float m = fmaxf(a.max, b.max);
-    if (m == -INFINITY) return {m, 0.f, a.zsum + b.zsum};
+    // Both sides saw only -inf and NaN: each sum is 0 or NaN, and a NaN must survive
+    // (fmaxf drops it from the max, so the sum carries it).
+    if (m == -INFINITY) return {m, a.sum + b.sum, a.zsum + b.zsum};
     return {m, a.sum * expf(a.max - m) + b.sum * expf(b.max - m), a.zsum + b.zsum};
 }
 

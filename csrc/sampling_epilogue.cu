@@ -36,7 +36,7 @@ struct TwoLse {
     float raw_max, raw_sum, z_max, z_sum;
 };
 
-__device__ __forceinline__ void fold(float& m, float& s, float v) {
+__host__ __device__ __forceinline__ void fold(float& m, float& s, float v) {
     if (v > m) {
         s = s * expf(m - v) + 1.f;
         m = v;
@@ -47,9 +47,12 @@ __device__ __forceinline__ void fold(float& m, float& s, float v) {
     }
 }
 
-__device__ __forceinline__ void merge(float& m, float& s, float m2, float s2) {
+__host__ __device__ __forceinline__ void merge(float& m, float& s, float m2, float s2) {
     const float top = fmaxf(m, m2);
-    if (top == -INFINITY) return;
+    if (top == -INFINITY) {
+        s += s2;  // each 0 or NaN (a side that saw only -inf and NaN): a NaN survives
+        return;
+    }
     s = s * expf(m - top) + s2 * expf(m2 - top);
     m = top;
 }

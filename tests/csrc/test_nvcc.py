@@ -271,6 +271,65 @@ def test_noise_is_the_other_backends_stream(tmp_path):
     torch.testing.assert_close(gumbel, truth, rtol=2**-22, atol=2**-22)
 
 
+LSE_NAN_CHECK = r"""
+#include <cmath>
+#include <cstdio>
+
+#include "epilogue_math.h"
+#include "sampling_epilogue.cu"
+
+// The log-sum-exp folds and merges keep a NaN however a row's columns fall to threads:
+// a state that has seen only NaN and -inf (max -inf, sum NaN) merged with any other, on
+// either side; two states of -inf alone still merge to a sum of 0.
+namespace distil {
+namespace {
+int sampling_failures() {
+    int failures = 0;
+    for (float other_max : {-INFINITY, 1.f}) {
+        float m = -INFINITY, s = 0.f;
+        fold(m, s, NAN);
+        float left_max = m, left_sum = s;
+        merge(left_max, left_sum, other_max, other_max == -INFINITY ? 0.f : 1.f);
+        failures += !std::isnan(left_sum);
+        float right_max = other_max, right_sum = other_max == -INFINITY ? 0.f : 1.f;
+        merge(right_max, right_sum, m, s);
+        failures += !std::isnan(right_sum);
+    }
+    float m = -INFINITY, s = 0.f;
+    fold(m, s, -INFINITY);
+    merge(m, s, -INFINITY, 0.f);
+    failures += s != 0.f || m != -INFINITY;
+    return failures;
+}
+}  // namespace
+}  // namespace distil
+
+int main() {
+    int failures = distil::sampling_failures();
+    const distil::LseState empty{-INFINITY, 0.f, 0.f};
+    distil::LseState seen_nan = empty, seen_masked = empty;
+    distil::fold(seen_nan, NAN);
+    distil::fold(seen_masked, -INFINITY);
+    for (const distil::LseState& other : {empty, seen_masked, seen_nan}) {
+        failures += !std::isnan(distil::merge(seen_nan, other).sum);
+        failures += !std::isnan(distil::merge(other, seen_nan).sum);
+    }
+    failures += distil::merge(empty, seen_masked).sum != 0.f;
+    std::printf("%d failures\n", failures);
+    return failures != 0;
+}
+"""
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+def test_lse_merges_keep_a_nan(tmp_path):
+    """The loss and sampling epilogues' log-sum-exp fold and merge (csrc/epilogue_math.h,
+    csrc/sampling_epilogue.cu) as host code: a thread that saw only NaN and -inf has max
+    -inf and sum NaN, and a merge with another such state (a row of NaNs: every pair in the
+    block's reduction) dropped the NaN, so the row's lse came out -inf, not NaN."""
+    run_host_check(tmp_path, "lse_nan_check", LSE_NAN_CHECK)
+
+
 @pytest.fixture(scope="module")
 def probe_extension(tmp_path_factory):
     """csrc/ built into a module against this torch, CPU build or not: the kernels by nvcc,

@@ -56,6 +56,36 @@ def assert_close_in_dtype(got, want, name):
                                msg=lambda m: f"{name}: {m}")
 
 
+def assert_gradient_close(got, want, logits, bias, softcap, inv_temp, lse, row_coef, uniform, ids, slot_coef, name):
+    """dL/du element by element, against the terms that form it: (row_coef exp(z - lse) -
+    uniform - sum of the column's slot coefficients) * chain. A bound scaled by the row's
+    largest value (assert_close_in_dtype) leaves nearly every softmax value of a 152k-id
+    row below its atol: a bf16 gradient 1.5x too large off the slot ids passed it. Here
+    each value may differ by two roundings to the output dtype of its terms' magnitude and
+    by fp32 error in z (tanh and the products: a few ulps of |z|) and in exp(z - lse)."""
+    f64 = torch.float64
+    z, tanh = cuda_backend._transform(logits.to(f64), None if bias is None else bias.to(f64), softcap, inv_temp)
+    chain = 1.0 if tanh is None else 1.0 - tanh * tanh
+    lse = lse.to(f64)[:, None]
+    finite_z = z.isfinite()
+    softmax = row_coef.to(f64).abs()[:, None] * torch.where(finite_z, (z - lse).exp(), 0.0)
+    inside = (ids >= 0) & (ids < logits.shape[1])
+    correction = torch.zeros_like(z).scatter_add_(1, ids.clamp(0, logits.shape[1] - 1),
+                                                  torch.where(inside, slot_coef.to(f64).abs(), 0.0))
+    magnitude = (softmax + (0.0 if uniform is None else uniform.to(f64).abs()[:, None]) + correction) * chain
+    out_eps, fp32_eps = torch.finfo(want.dtype).eps, torch.finfo(torch.float32).eps
+    z_terms = torch.where(finite_z, 2.0 + z.abs() + (z - lse).abs(), 0.0)
+    # Measured on the CPU (fp32 reference op against float64): at most 0.8 of
+    # magnitude * (out_eps + fp32_eps * z_terms) at 1000 and 152064 ids, both options.
+    tol = magnitude * (2 * out_eps + 8 * fp32_eps * z_terms)
+    tol += torch.finfo(want.dtype).smallest_normal * out_eps  # fp16's subnormal spacing
+    finite = want.isfinite()
+    assert torch.equal(finite, got.isfinite()), name
+    error = (got.to(f64) - want.to(f64)).abs()
+    worst = (error / tol)[finite].max().item() if finite.any() else 0.0
+    assert (error[finite] <= tol[finite]).all(), f"{name}: {worst:.2f} times the bound"
+
+
 @pytest.mark.parametrize("in_place", [True, False], ids=["in-place", "apart"])
 @pytest.mark.parametrize("softcap", [None, 20.0], ids=["plain", "softcap"])
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
@@ -177,6 +207,8 @@ def test_row_epilogue_matches_its_reference_op(vocab, out_dtype, options):
     reference_logits_grad(logits.clone(), bias, softcap, inv_temp, terms.row_coef * upstream, lse, uniform, ids,
                           terms.slot_coef * upstream[:, None], torch.empty_like(slots), 0, expected)
     assert_close_in_dtype(grad, expected, "grad")
+    assert_gradient_close(grad, expected, logits, bias, softcap, inv_temp, lse, terms.row_coef * upstream, uniform, ids,
+                          terms.slot_coef * upstream[:, None], "grad")
 
 
 @pytest.mark.parametrize("epilogue", ["two-pass", "one-pass"])
