@@ -68,6 +68,8 @@ class TrainConfig:
     eval_every: int = 50
     eval_prompts: int = 64
     eval_samples: int = 4
+    # Rollouts' sampling. The objectives score actions under the untempered, untruncated
+    # policy, so other values make the future-credit and GRPO terms off-policy.
     temperature: float = 1.0
     top_p: float | None = None
     checkpoint_every: int = 25
