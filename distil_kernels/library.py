@@ -131,17 +131,19 @@ def loss_gradients(x: Tensor, weight: Tensor, bias: Optional[Tensor], slot_ids: 
         d_x, d_w, d_b = _gradients(backend, x, weight, bias, slot_ids, lse, slot_logits, _or_none(logit_sum),
                                    row_coef, slot_coef, _or_none(uniform), options,
                                    (need_input, need_weight, need_bias and bias is not None))
-    empty = x.new_empty(_EMPTY)
-    return tuple(empty if g is None else g for g in (d_x, d_w, d_b))
+    # One empty tensor each: a custom op's outputs may not alias one another (a frozen
+    # head without a bias leaves two of them empty).
+    return tuple(x.new_empty(_EMPTY) if g is None else g for g in (d_x, d_w, d_b))
 
 
 @loss_gradients.register_fake
 def _(x, weight, bias, slot_ids, lse, slot_logits, logit_sum, row_coef, slot_coef, uniform, ignore_index, reduction,
       label_smoothing, temperature, softcap, z_loss, tail, filter_eps, workspace_bytes, backend, need_input,
       need_weight, need_bias):
-    empty = x.new_empty(_EMPTY)
-    return (torch.empty_like(x) if need_input else empty, torch.empty_like(weight) if need_weight else empty,
-            bias.new_empty(bias.shape, dtype=compute_dtype(x.dtype)) if (need_bias and bias is not None) else empty)
+    return (torch.empty_like(x) if need_input else x.new_empty(_EMPTY),
+            torch.empty_like(weight) if need_weight else x.new_empty(_EMPTY),
+            bias.new_empty(bias.shape, dtype=compute_dtype(x.dtype)) if (need_bias and bias is not None)
+            else x.new_empty(_EMPTY))
 
 
 def _grads_from(outputs: tuple[Tensor, Tensor, Tensor], needs: tuple[bool, ...]):
@@ -183,7 +185,10 @@ def _lce_setup(ctx, inputs, output):
     x, weight, bias, slot_ids, slot_weights, slot_valid = inputs[:6]
     ctx.scalars = inputs[6:]
     ctx.has_bias = bias is not None
-    _, lse, _, _, slot_logits, logit_sum = output
+    _, lse, token_loss, target_logprobs, slot_logits, logit_sum = output
+    # The stats are detached, as the eager backends return them: gradients reach the
+    # operands through the loss only.
+    ctx.mark_non_differentiable(lse, token_loss, target_logprobs, slot_logits, logit_sum)
     ctx.save_for_backward(x, weight, bias, slot_ids, slot_weights, slot_valid, lse, slot_logits, logit_sum)
 
 

@@ -10,13 +10,15 @@ final-logit softcapping of Gemma 2 and 3. `logits` is None in that output. Anyth
 
 Covered: Llama, Mistral, Qwen2, Qwen3, Gemma2, Gemma3, and any `*ForCausalLM` whose
 logits are its `lm_head` (an `nn.Linear`) applied to the decoder's `last_hidden_state`.
-Heads that rescale logits otherwise (a `logit_scale` or `logits_scaling` in the config)
-are refused, not silently mis-trained.
+Heads that rescale logits otherwise (a `logit_scale` or `logits_scaling` in the config),
+and mixture-of-experts models asked for their router's load-balancing loss
+(`output_router_logits`), are refused, not silently mis-trained.
 """
 
 from __future__ import annotations
 
 import inspect
+import types
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +26,7 @@ from torch import nn
 
 from ..backends import resolve_backend
 from ..loss.linear_cross_entropy import linear_cross_entropy
+from ..loss.options import LossOptions
 
 # Config attributes that mean the logits are not lm_head(hidden) (up to a final softcap).
 _RESCALING_ATTRIBUTES = ("logit_scale", "logits_scaling", "output_multiplier_scale")
@@ -68,7 +71,16 @@ def _check_model(model: nn.Module) -> None:
             if value not in (None, 1, 1.0):
                 raise NotImplementedError(f"patch_model: {type(model).__name__} rescales its logits "
                                           f"(config.{name}={value}), which the patched loss does not reproduce")
+    _check_router_loss(model, getattr(model.config, "output_router_logits", None))
     _decoder(model)
+
+
+def _check_router_loss(model: nn.Module, output_router_logits) -> None:
+    # MoE *ForCausalLM add `router_aux_loss_coef * aux_loss` to the loss in their own forward.
+    if output_router_logits:
+        raise NotImplementedError(f"patch_model: {type(model).__name__} adds its router's load-balancing loss "
+                                  f"(output_router_logits=True), which the patched loss does not reproduce; "
+                                  f"pass output_router_logits=False")
 
 
 def _shifted_targets(labels: torch.Tensor, shift_labels: torch.Tensor | None, ignore_index: int) -> torch.Tensor:
@@ -94,13 +106,18 @@ def patch_model(model: nn.Module, *, backend: str = "auto", filter_eps: float | 
     options; `model.forward` stays the original's when the patch does not apply.
     """
     _check_model(model)
-    resolve_backend(backend, None)  # a bad name fails here, not at the first step
+    # A bad backend name or filter_eps fails here, not at the first step.
+    resolve_backend(backend, None)
+    LossOptions(filter_eps=filter_eps)
     state = getattr(model, "_distil_kernels_patch", None)
     original = state[1] if state is not None else model.forward
     options = PatchOptions(backend, filter_eps, _softcap(model.config))
     signature = inspect.signature(original)
 
-    def forward(*args, **kwargs):
+    # A method of `model`, not a closure over it: `copy.deepcopy` (reference and EMA models)
+    # rebinds it and the original forward in the state to the copy.
+    def forward(model, *args, **kwargs):
+        options, original = model._distil_kernels_patch
         if not (model.training and _labels(signature, args, kwargs) is not None):
             return original(*args, **kwargs)
         bound = signature.bind(*args, **kwargs)
@@ -111,6 +128,8 @@ def patch_model(model: nn.Module, *, backend: str = "auto", filter_eps: float | 
         labels = arguments.pop("labels")
         loss_kwargs = {name: arguments.pop(name) for name in _LOSS_KWARGS if name in arguments}
         return_dict = arguments.pop("return_dict", None)
+        _check_router_loss(model, arguments.get("output_router_logits",
+                                                getattr(model.config, "output_router_logits", None)))
         arguments.pop("logits_to_keep", None)  # the loss needs every position
         decoder_output = _decoder(model)(**arguments)
         hidden = decoder_output.last_hidden_state
@@ -128,7 +147,7 @@ def patch_model(model: nn.Module, *, backend: str = "auto", filter_eps: float | 
         output = _output(model, decoder_output, loss)
         return output.to_tuple() if return_dict is False else output
 
-    model.forward = forward
+    model.forward = types.MethodType(forward, model)
     model._distil_kernels_patch = (options, original)
     return model
 

@@ -77,6 +77,69 @@ def test_distil_loss(backend):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("trainable", ["input", "weight", "bias"])
+@pytest.mark.parametrize("has_bias", [False, True], ids=["no-bias", "bias"])
+def test_linear_cross_entropy_with_frozen_operands(trainable, has_bias):
+    """A frozen head (LoRA, a fixed embedding) or frozen hidden states: only the asked-for gradient comes back."""
+    if trainable == "bias" and not has_bias:
+        pytest.skip("no bias to train")
+    gen = torch.Generator().manual_seed(67)
+    x, w, b = torch.randn(9, 16, generator=gen), torch.randn(41, 16, generator=gen), torch.randn(41, generator=gen)
+    y = torch.randint(0, 41, (9,), generator=gen)
+
+    def loss_fn(x, w, b):
+        return linear_cross_entropy(x, w, y, bias=b, backend="chunked")
+
+    def leaves():
+        named = dict(input=x, weight=w, bias=b if has_bias else None)
+        return {name: None if t is None else t.clone().requires_grad_(name == trainable) for name, t in named.items()}
+
+    want, got = leaves(), leaves()
+    loss_fn(*want.values()).backward()
+    compiled(loss_fn)(*got.values()).backward()
+    torch.testing.assert_close(got[trainable].grad, want[trainable].grad, rtol=1e-5, atol=1e-6)
+    assert all(t.grad is None for name, t in got.items() if t is not None and name != trainable)
+
+
+@pytest.mark.parametrize("backend", ["chunked", "torch"])
+def test_stats_are_detached_as_in_eager(backend):
+    """Gradients reach the operands through the loss only, compiled or not."""
+    x, w = torch.randn(6, 8, requires_grad=True), torch.randn(29, 8, requires_grad=True)
+    y = torch.tensor([1, 2, -100, 4, 5, 6])
+
+    def loss_fn(x, w):
+        return linear_cross_entropy(x, w, y, backend=backend, return_stats=True)
+
+    for _, stats in (loss_fn(x, w), compiled(loss_fn)(x, w)):
+        assert not any(t.requires_grad for t in (stats.lse, stats.token_loss, stats.target_logprobs))
+
+
+@pytest.mark.parametrize("kind", ["hard", "sparse"])
+def test_linear_cross_entropy_with_a_dynamic_number_of_rows(kind):
+    """A second row count makes Dynamo's shapes symbolic; that graph then serves every N unchanged."""
+    gen = torch.Generator().manual_seed(66)
+    w = torch.randn(67, 16, generator=gen)
+    options = dict(label_smoothing=0.1, reduction="none", backend="chunked")
+
+    def loss_fn(x, w, target):
+        return linear_cross_entropy(x, w, target, return_stats=True, **options)
+
+    compiled_fn = compiled(loss_fn)
+    for rows in (7, 12, 30):
+        x = torch.randn(rows, 16, generator=gen)
+        ids = torch.stack([torch.randperm(67, generator=gen)[:3] for _ in range(rows)])
+        target = ids[:, 0].clone() if kind == "hard" else SparseTarget(ids, torch.full((rows, 3), 0.3))
+        with torch.compiler.set_stance("fail_on_recompile" if rows == 30 else "default"):
+            got, got_grads = grads_of(lambda x, w: compiled_fn(x, w, target)[0], x, w)
+            stats = compiled_fn(x, w, target)[1]
+        want, want_grads = grads_of(lambda x, w: loss_fn(x, w, target)[0], x, w)
+        assert got.shape == (rows,)
+        assert stats.lse.shape == (rows,) and stats.target_logprobs.shape == (rows, 1 if kind == "hard" else 3)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        for g, e in zip(got_grads, want_grads):
+            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("options", [dict(temperature=0.8, num_samples=2), dict(top_p=0.7, seed="rows")],
                          ids=["plain", "top_p-row-seeds"])
 def test_linear_sample(options):

@@ -67,7 +67,23 @@ def test_training_loss_and_every_gradient_match(family, num_items):
     torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=1e-6)
     assert set(got_grads) == set(want_grads)
     for name, grad in want_grads.items():
-        torch.testing.assert_close(got_grads[name], grad, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+        torch.testing.assert_close(got_grads[name], grad, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_a_head_with_a_bias_and_logits_to_keep():
+    """The head's bias enters the loss and gets its gradient; `logits_to_keep` does not shorten the loss."""
+    reference = tiny_model("qwen2").train()
+    torch.manual_seed(4)
+    reference.lm_head = torch.nn.Linear(32, 97, bias=True)
+    patched = patch_model(copy.deepcopy(reference), backend="chunked")
+    ids, attention_mask, labels = batch()
+    want, want_grads = loss_and_grads(reference, input_ids=ids, attention_mask=attention_mask, labels=labels)
+    got, got_grads = loss_and_grads(patched, input_ids=ids, attention_mask=attention_mask, labels=labels,
+                                    logits_to_keep=1)
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=1e-6)
+    assert "lm_head.bias" in got_grads and set(got_grads) == set(want_grads)
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
 
 
 def test_shift_labels_and_ignore_index_are_honoured():
@@ -134,3 +150,44 @@ def test_refuses_what_it_cannot_reproduce():
         patch_model(model)
     with pytest.raises(ValueError, match="backend must be one of"):
         patch_model(tiny_model("llama"), backend="fast")
+
+
+def test_a_deep_copy_trains_its_own_weights():
+    """`copy.deepcopy` of a patched model (a reference or EMA model) runs on the copy's parameters."""
+    patched = patch_model(tiny_model("llama").train(), backend="chunked")
+    duplicate = copy.deepcopy(patched)
+    with torch.no_grad():
+        duplicate.lm_head.weight.mul_(2.0)
+    ids, attention_mask, labels = batch()
+    _, original_grads = loss_and_grads(patched, input_ids=ids, attention_mask=attention_mask, labels=labels)
+    patched.zero_grad()
+    out, grads = loss_and_grads(duplicate, input_ids=ids, attention_mask=attention_mask, labels=labels)
+    assert out.logits is None and "lm_head.weight" in grads
+    assert all(p.grad is None for p in patched.parameters())
+    unpatched = copy.deepcopy(duplicate)
+    del unpatched.forward, unpatched._distil_kernels_patch  # back to the class's forward
+    want, _ = loss_and_grads(unpatched, input_ids=ids, attention_mask=attention_mask, labels=labels)
+    torch.testing.assert_close(out.loss, want.loss, rtol=1e-5, atol=1e-6)
+
+
+def test_refuses_a_router_load_balancing_loss():
+    """MoE models add `router_aux_loss_coef * aux_loss` to the loss when router logits are output."""
+    config = transformers.MixtralConfig(**COMMON, num_local_experts=4, num_experts_per_tok=2)
+    torch.manual_seed(0)
+    patched = patch_model(transformers.MixtralForCausalLM(config).train(), backend="chunked")
+    ids, attention_mask, labels = batch()
+    assert patched(input_ids=ids, attention_mask=attention_mask, labels=labels).logits is None
+    with pytest.raises(NotImplementedError, match="output_router_logits"):
+        patched(input_ids=ids, attention_mask=attention_mask, labels=labels, output_router_logits=True)
+    patched.config.output_router_logits = True
+    with pytest.raises(NotImplementedError, match="output_router_logits"):
+        patched(input_ids=ids, attention_mask=attention_mask, labels=labels)
+    with pytest.raises(NotImplementedError, match="output_router_logits"):
+        patch_model(patched)
+    assert patched(input_ids=ids, attention_mask=attention_mask, labels=labels,
+                   output_router_logits=False).logits is None
+
+
+def test_a_bad_filter_eps_fails_when_patching():
+    with pytest.raises(ValueError, match="filter_eps"):
+        patch_model(tiny_model("llama"), filter_eps=2.0)
