@@ -83,5 +83,7 @@ class LossOptions:
 def _check_real(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    if not math.isfinite(value):
+    # A comparison, not math.isfinite: torch.compile(dynamic=True) passes floats as
+    # symbolic values, which a comparison guards on and math.isfinite cannot trace.
+    if not abs(value) < math.inf:
         raise ValueError(f"{name} must be finite, got {value}")

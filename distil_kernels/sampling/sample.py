@@ -67,8 +67,9 @@ class SamplingOptions:
     num_samples: int = 1
 
     def __post_init__(self) -> None:
+        # abs(t) < inf, not math.isfinite: see loss/options.py's _check_real.
         if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) \
-                or not math.isfinite(self.temperature):
+                or not abs(self.temperature) < math.inf:
             raise TypeError(f"temperature must be a finite real number, got {self.temperature!r}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")

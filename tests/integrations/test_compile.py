@@ -211,3 +211,21 @@ def test_vocabulary_parallelism_is_refused_inside_a_compiled_region():
 
     with pytest.raises(Exception, match="vocabulary parallelism .* not traced by torch.compile"):
         compiled(loss_fn)(x, w)
+
+
+def test_dynamic_shapes_and_float_options():
+    """`torch.compile(dynamic=True)` passes float options as symbolic values: the options'
+    checks must trace them (math.isfinite cannot), for every public op."""
+    gen = torch.Generator().manual_seed(67)
+    x, w = torch.randn(11, 16, generator=gen), torch.randn(80, 16, generator=gen)
+    y = torch.randint(0, 80, (11,), generator=gen)
+    ops = {
+        "linear_cross_entropy": lambda x, w: linear_cross_entropy(x, w, y, temperature=0.9, label_smoothing=0.1,
+                                                                  softcap=6.0, backend="chunked"),
+        "linear_topk": lambda x, w: linear_topk(x, w, 4, temperature=0.7, backend="chunked").logprobs,
+        "linear_sample": lambda x, w: linear_sample(x, w, temperature=0.8, seed=3, backend="chunked").logprobs,
+    }
+    for name, op in ops.items():
+        torch._dynamo.reset()
+        got = torch.compile(op, fullgraph=True, dynamic=True, backend="aot_eager")(x, w)
+        torch.testing.assert_close(got, op(x, w), rtol=0, atol=0, msg=lambda m, name=name: f"{name}: {m}")
