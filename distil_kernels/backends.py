@@ -1,8 +1,8 @@
 """Backend names and how `backend="auto"` resolves them.
 
-`auto` picks `triton` on CUDA tensors when Triton is installed, and `chunked`
-everywhere else. `triton` also runs on CPU tensors under `TRITON_INTERPRET=1`
-(Triton's interpreter, for tests). `cuda` (the compiled csrc/ extension) runs on CUDA
+`auto` picks `triton` on CUDA tensors when Triton is installed (but for float64
+input, which the kernels do not take), and `chunked` everywhere else. `triton` also
+runs on CPU tensors under `TRITON_INTERPRET=1` (Triton's interpreter, for tests). `cuda` (the compiled csrc/ extension) runs on CUDA
 tensors where the install built it.
 """
 
@@ -25,12 +25,12 @@ def triton_installed() -> bool:
     return _TRITON_INSTALLED
 
 
-def resolve_backend(backend: str, device: torch.device | None) -> str:
-    """The concrete backend for `backend` on `device` (None: any); ValueError says why not."""
+def resolve_backend(backend: str, device: torch.device | None, dtype: torch.dtype | None = None) -> str:
+    """The concrete backend for `backend` on `device` and `dtype` (None: any); ValueError says why not."""
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
     if backend == "auto":
-        if device is not None and device.type == "cuda" and triton_installed():
+        if device is not None and device.type == "cuda" and triton_installed() and dtype != torch.float64:
             return "triton"
         return "chunked"
     if backend not in BACKENDS:

@@ -205,3 +205,13 @@ def test_triton_backend_needs_cuda_or_the_interpreter(monkeypatch):
     if triton_installed():
         with pytest.raises(TypeError, match=r"backend='triton' takes float16, bfloat16 or float32 input"):
             linear_cross_entropy(x.double(), w.double(), y, backend="triton")
+
+
+def test_auto_takes_chunked_for_float64_on_cuda():
+    """The triton and cuda kernels take no float64: `auto` must not hand such input to them."""
+    from distil_kernels.backends import resolve_backend, triton_installed
+
+    cuda = torch.device("cuda")
+    assert resolve_backend("auto", cuda, torch.float64) == "chunked"
+    assert resolve_backend("auto", cuda, torch.bfloat16) == ("triton" if triton_installed() else "chunked")
+    assert resolve_backend("auto", torch.device("cpu"), torch.float32) == "chunked"

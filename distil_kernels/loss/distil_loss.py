@@ -153,7 +153,7 @@ def distil_loss(
     shard = make_shard(process_group, vocab_start, weight)
     vocab_size = weight.shape[0] if shard is None else shard.vocab_size
     _check_distil_inputs(input, expert, actions, mask, group, validate and not compiling, tail, vocab_size)
-    name = resolve_backend(backend, input.device)
+    name = resolve_backend(backend, input.device, input.dtype)
     check_backend_dtype(name, input.dtype)
 
     batch, steps, dim = input.shape

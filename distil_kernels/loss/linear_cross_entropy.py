@@ -90,7 +90,7 @@ def linear_cross_entropy(
     # Value checks sync with the host; a compiled graph keeps only the static ones.
     compiling = torch.compiler.is_compiling()
     check_target(target, input, vocab_size, ignore_index, tail, values=validate and not compiling)
-    name = resolve_backend(backend, input.device)
+    name = resolve_backend(backend, input.device, input.dtype)
     check_backend_dtype(name, input.dtype)
     slots = make_slots(target, vocab_size, ignore_index, compute_dtype(input.dtype))
     x = input.reshape(-1, input.shape[-1])

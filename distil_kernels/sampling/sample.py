@@ -703,7 +703,7 @@ def linear_sample(input: Tensor, weight: Tensor, *, temperature: float = 1.0, to
         raise ValueError(f"top_k must be <= V = {vocab_size}, got {options.top_k}")
     LossOptions(softcap=softcap, workspace_bytes=workspace_bytes)  # validates both
     _check_seed_and_positions(seed, positions, input.shape[0], input.device)
-    name = resolve_backend(backend, input.device)
+    name = resolve_backend(backend, input.device, input.dtype)
     check_backend_dtype(name, input.dtype)
     if torch.compiler.is_compiling():
         from ..library import linear_sample_op

@@ -329,7 +329,7 @@ def linear_topk(
     vocab_size = weight.shape[0] if shard is None else shard.vocab_size
     k = _check_k(k, vocab_size)
     options = _topk_options(softcap, temperature, workspace_bytes)
-    name = resolve_backend(backend, input.device)
+    name = resolve_backend(backend, input.device, input.dtype)
     check_backend_dtype(name, input.dtype)
     if shard is not None:
         with torch.no_grad():
