@@ -2,8 +2,8 @@
 
 `auto` picks `triton` on CUDA tensors when Triton is installed (but for float64
 input, which the kernels do not take), and `chunked` everywhere else. `triton` also
-runs on CPU tensors under `TRITON_INTERPRET=1` (Triton's interpreter, for tests). `cuda` (the compiled csrc/ extension) runs on CUDA
-tensors where the install built it.
+runs on CPU tensors under `TRITON_INTERPRET=1` (Triton's interpreter, for tests).
+`cuda` (the compiled csrc/ extension) runs on CUDA tensors where the install built it.
 """
 
 from __future__ import annotations
