@@ -118,7 +118,7 @@ def test_ids_masked_by_the_bias(monkeypatch, kind):
     monkeypatch.setattr(cuda_backend, "extension_ops", lambda: REFERENCE_OPS)
     # The named backend on the CPU tensors, the float64 reference's "torch" included.
     monkeypatch.setattr(importlib.import_module("distil_kernels.loss.linear_cross_entropy"), "resolve_backend",
-                        lambda backend, device: backend)
+                        lambda backend, device, dtype=None: backend)
     assert_masked_problem_matches("cuda", kind, torch.float32, workspace_bytes=17 * 1024)
 
 

@@ -25,8 +25,8 @@ def cuda_on_cpu(monkeypatch):
     import distil_kernels.backends as backends
     import distil_kernels.sampling.topk as topk_module
 
-    def resolve(backend, device):
-        return "cuda" if backend == "cuda" else original(backend, device)
+    def resolve(backend, device, dtype=None):
+        return "cuda" if backend == "cuda" else original(backend, device, dtype)
 
     original = backends.resolve_backend
     monkeypatch.setattr(backends, "resolve_backend", resolve)
