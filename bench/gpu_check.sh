@@ -17,10 +17,12 @@
 #   GPU_CHECK_STEPS="tests loss cuda-loss sample topk trainer"   the steps (default: these; also: tune)
 #   GPU_CHECK_TUNE_KINDS=forward,gradient   the tune step's kernels (default: bench/tune.py's all)
 #   GPU_CHECK_PROFILE=1     sample and topk also print where each call's time goes
-#   GPU_CHECK_PREBUILT=1    distil_kernels/_C*.so was built elsewhere against this machine's
-#                           torch and CUDA (name it in carry): use it, build only if it fails
-#                           to import or was built from other csrc/ sources (a build takes
-#                           ~70 s of the lease)
+#   GPU_CHECK_PREBUILT=1    build/prebuilt/_C*.so (or distil_kernels/_C*.so) was built
+#                           elsewhere against this machine's torch and CUDA (name it in
+#                           carry; `make gpu-prebuilt` builds it): use it, build only if it
+#                           fails to import or was built from other csrc/ sources (a build
+#                           takes ~70 s of the lease). Kept out of distil_kernels/ on the CPU
+#                           machines, where a CUDA build of the extension cannot load.
 #
 # Optional comparison providers (Liger-Kernel, Cut Cross-Entropy) are installed from
 # ./wheels/*.whl with --no-deps: copy ../shared/wheels there and name `wheels` in the
@@ -78,6 +80,9 @@ arch=$(python -c "import torch; print('%d.%d' % torch.cuda.get_device_capability
 export DISTIL_KERNELS_CUDA_ARCHS=${DISTIL_KERNELS_CUDA_ARCHS:-${arch:-9.0}} MAX_JOBS=${MAX_JOBS:-$(nproc)}
 build_t0=$(date +%s)
 prebuilt=""
+if [ -n "${GPU_CHECK_PREBUILT:-}" ] && ls build/prebuilt/_C*.so >/dev/null 2>&1; then
+    cp build/prebuilt/_C*.so distil_kernels/
+fi
 if [ -n "${GPU_CHECK_PREBUILT:-}" ] && ls distil_kernels/_C*.so >/dev/null 2>&1 \
         && DISTIL_KERNELS_SKIP_CUDA_BUILD=1 python -m pip install -q -e . --no-deps --no-build-isolation \
             >"$out/install.log" 2>&1 \
