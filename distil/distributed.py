@@ -4,8 +4,9 @@ Under torchrun (WORLD_SIZE > 1 in the environment) every rank builds the same st
 (DDP broadcasts rank 0's weights at wrap time), takes a contiguous share of each step's
 prompts (so its rollouts, verifier calls and expert queries are its own: the row seeds
 are offset by the share's first row, and the rollouts are those a single process would
-draw for the same rows), and computes the objective on its share; DDP averages the
-gradients. Metrics are averaged (rollouts summed) over ranks; rank 0 alone evaluates,
+draw for the same rows), and computes the objective on its share, scaled by the share's
+fraction of the step's tokens so that DDP's average of the gradients is the gradient of
+the whole step. Metrics are averaged (rollouts summed) over ranks; rank 0 alone evaluates,
 writes metrics, checkpoints, the summary and the curves, and shows progress. gloo on
 the CPU, NCCL on CUDA (one GPU per rank: cuda:LOCAL_RANK).
 """

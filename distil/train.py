@@ -245,12 +245,21 @@ class Trainer:
             head = self.lm.head
             loss = linear_cross_entropy(states[mask], head.weight, actions[mask], bias=head.bias, softcap=head.softcap,
                                         backend=c.backend)
-            self._apply(loss)
+            self._apply(self._token_weighted(loss, int(mask.sum())))
         for group in self.optimizer.param_groups:
             group["lr"] = c.lr
         # The warm-start moments would bias the first RL steps: start Adam afresh.
         self.optimizer.state.clear()
         self.warm = True
+
+    def _token_weighted(self, loss: torch.Tensor, tokens: int) -> torch.Tensor:
+        """A rank's loss (a mean over its own `tokens`) scaled by its share of the step's
+        tokens: DDP averages the ranks' gradients, which then make the gradient of the
+        whole step's token mean, as one process takes it, instead of weighing every rank
+        the same whatever its number of tokens."""
+        if not self.dist.enabled:
+            return loss
+        return loss * (tokens * self.dist.world / max(self.dist.total(tokens, self.device), 1))
 
     def _apply(self, loss: torch.Tensor) -> str:
         """Backward and step: "applied", "no signal" (a zero gradient), or the non-finite part.
@@ -295,6 +304,7 @@ class Trainer:
         batch = Batch(states, self.lm.head, rollouts.actions, rollouts.mask, rollouts.group, rewards, expert,
                       c.backend)
         loss, extra = self.objective.loss(batch)
+        loss = self._token_weighted(loss, rollouts.num_tokens)
         outcome = self._apply(loss)
         if outcome == "applied":
             self.expert.after_update(self.lm)
