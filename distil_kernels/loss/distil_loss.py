@@ -89,6 +89,8 @@ def _check_distil_inputs(input, expert, actions, mask, group, validate, tail, vo
         check_tensor("group", group)
         if group.shape != (batch,):
             raise ValueError(f"group must have shape [B] = [{batch}], got {tuple(group.shape)}")
+        if group.dtype.is_floating_point or group.dtype.is_complex or group.dtype == torch.bool:
+            raise TypeError(f"group must be an integer tensor (a prompt index per sequence), got {group.dtype}")
         if group.device != input.device:
             raise ValueError(f"group must be on input's device {input.device}, got {group.device}")
     check_ids("expert.ids", expert.ids, vocab_size, -100, validate)

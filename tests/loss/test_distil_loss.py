@@ -561,6 +561,8 @@ BAD_ARGUMENTS = [
     pytest.param(lambda a: dict(actions=a["actions"][:, 1:]), ValueError, "^actions must", id="actions-shape"),
     pytest.param(lambda a: dict(mask=a["mask"].long()), TypeError, "^mask must", id="mask-not-bool"),
     pytest.param(lambda a: dict(group=a["group"][:2]), ValueError, "^group must", id="group-shape"),
+    pytest.param(lambda a: dict(group=a["group"].float()), TypeError, "^group must be an integer tensor",
+                 id="group-float"),
     pytest.param(out_of_range_action, IndexError, "^actions", id="action-out-of-range"),
     pytest.param(lambda a: dict(actions=a["actions"] > 3), TypeError, "^actions must have an integer dtype",
                  id="actions-bool"),
