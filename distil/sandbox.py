@@ -77,6 +77,7 @@ def _make_hook(workdir):
     import os
 
     realpath, isabs, fsdecode, fspath, sep = os.path.realpath, os.path.isabs, os.fsdecode, os.fspath, os.sep
+    plain_text = str.__str__  # the text of a str subclass, whose comparisons could lie
     write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
     # Events that change the file system: (argument positions naming paths that must lie
     # inside the working directory, positions holding a dir_fd). A dir_fd is relative to
@@ -129,8 +130,10 @@ def _make_hook(workdir):
                 outside = [args[i] for i in paths if not inside(args[i])]
                 if outside:
                     why = f"outside the working directory: {outside[0]!r}"
-        elif event == "import" and args[0] == "_posixsubprocess":
-            # subprocess's fork_exec raises no event of its own: stop it at its import.
+        elif event == "import" and plain_text(args[0]).rpartition(".")[2] == "_posixsubprocess":
+            # subprocess's fork_exec raises no event of its own: stop it at its import. An
+            # extension's init function is named by the last part of the module name, so
+            # loading it as "x._posixsubprocess" works too.
             event, why = "import _posixsubprocess", "process creation is not allowed in the sandbox"
         if why is not None:
             raise PermissionError(f"sandbox: {event} denied ({why})")
@@ -272,14 +275,24 @@ def _remove_tree(path: str) -> None:
         for name in dirs:
             try:
                 os.chmod(os.path.join(root, name), 0o700, follow_symlinks=False)
-            except OSError:
-                pass  # a symlink or a vanished entry: rmtree copes
+            except (OSError, NotImplementedError):
+                # A vanished entry, or a symlink to a directory (os.walk lists those too):
+                # Linux cannot chmod a link itself and says so with NotImplementedError.
+                # rmtree unlinks links without following them.
+                pass
     shutil.rmtree(path, ignore_errors=True)
 
 
-def _check_positive(name: str, value: float) -> None:
-    if not (isinstance(value, (int, float)) and value > 0):
-        raise ValueError(f"{name} must be a positive number, got {value!r}")
+def _check_positive_finite(name: str, value: float) -> None:
+    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf):
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+
+
+def _check_positive_int(name: str, value: int) -> None:
+    # Resource limits are whole units: a fraction would be truncated (memory_mb=0.5 gives
+    # an address-space limit of 0, in which the interpreter cannot even start).
+    if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 def run_python(
@@ -305,13 +318,13 @@ def run_python(
         raise TypeError(f"code must be a str, got {type(code).__name__}")
     if not isinstance(stdin, str):
         raise TypeError(f"stdin must be a str, got {type(stdin).__name__}")
-    _check_positive("timeout_s", timeout_s)
-    _check_positive("memory_mb", memory_mb)
-    _check_positive("max_output_bytes", max_output_bytes)
+    _check_positive_finite("timeout_s", timeout_s)
+    _check_positive_int("memory_mb", memory_mb)
+    _check_positive_int("max_output_bytes", max_output_bytes)
     if cpu_s is None:
         cpu_s = math.ceil(timeout_s) + 1
-    _check_positive("cpu_s", cpu_s)
-    limits = _child_limits(int(memory_mb), int(cpu_s))
+    _check_positive_int("cpu_s", cpu_s)
+    limits = _child_limits(memory_mb, cpu_s)
 
     workdir = tempfile.mkdtemp(prefix="distil-sandbox-")
     try:
@@ -370,7 +383,11 @@ def run_python(
     elif returncode == -signal.SIGXCPU:
         killed_reason = f"cpu time limit: more than {cpu_s} s"
     elif returncode < 0:
-        killed_reason = f"signal {signal.Signals(-returncode).name}"
+        # Real-time signals (SIGRTMIN + n), which the child can raise, have no name.
+        try:
+            killed_reason = f"signal {signal.Signals(-returncode).name}"
+        except ValueError:
+            killed_reason = f"signal {-returncode}"
     else:
         killed_reason = None
     return RunResult(

@@ -13,6 +13,7 @@ value, that is, compute the function: a forged pass is an earned one.
 from __future__ import annotations
 
 import json
+import math
 
 from ..sandbox import RunResult, run_many
 from .base import (
@@ -113,10 +114,16 @@ def _passes(record: dict | None, expected: int) -> bool:
     # Ints and floats count by value (2.0*x+3 gives 7.0 for x=2); anything else fails.
     if record is None:
         return False
-    if "int" in record:
-        return int(record["int"]) == expected
-    if "float" in record:
-        return float(record["float"]) == expected
+    # The record may be forged: the expression can print a line for a later test and exit
+    # before the harness writes the real one. A value that does not parse fails the test
+    # instead of raising in the trainer.
+    try:
+        if "int" in record:
+            return int(record["int"]) == expected
+        if "float" in record:
+            return float(record["float"]) == expected
+    except (TypeError, ValueError):
+        return False
     return False
 
 
@@ -184,8 +191,8 @@ class Program(Task):
             if not (isinstance(value, int) and low <= value <= high):
                 raise ValueError(f"program: {option} must be an int in [{low}, {high}], got {value!r}")
         for option, value in (("timeout_s", timeout_s), ("test_timeout_s", test_timeout_s)):
-            if not (isinstance(value, (int, float)) and value > 0):
-                raise ValueError(f"program: {option} must be a positive number, got {value!r}")
+            if not (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf):
+                raise ValueError(f"program: {option} must be a positive finite number, got {value!r}")
         self.max_coef, self.max_const, self.examples = max_coef, max_const, examples
         self.timeout_s, self.test_timeout_s = float(timeout_s), float(test_timeout_s)
         longest = max(len(form) for form in canonical_forms(-max_coef, -max_const))

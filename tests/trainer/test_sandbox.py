@@ -8,8 +8,10 @@ the working directory is removed afterwards.
 
 from __future__ import annotations
 
+import math
 import os
 import resource
+import signal
 import socket
 import sys
 import time
@@ -106,8 +108,15 @@ def test_huge_allocation_fails_in_the_child_only(code):
         "while True:\n    os.system('sleep 30 &')",
         "while True:\n    os.posix_spawn('/bin/sleep', ['sleep', '30'], {})",
         "import multiprocessing\nmultiprocessing.Process(target=time.sleep, args=(30,)).start()",
+        # _posixsubprocess loaded under a package name: its import event names "x._posixsubprocess".
+        (
+            "import importlib.util as u\norigin = u.find_spec('_posixsubprocess').origin\n"
+            "spec = u.spec_from_file_location('x._posixsubprocess', origin) if origin.endswith('.so') \\\n"
+            "    else u.find_spec('_posixsubprocess')\n"
+            "u.module_from_spec(spec)"
+        ),
     ],
-    ids=["fork", "subprocess", "system", "posix_spawn", "multiprocessing"],
+    ids=["fork", "subprocess", "system", "posix_spawn", "multiprocessing", "renamed-posixsubprocess"],
 )
 def test_fork_bomb_is_contained(attack):
     code = f"import os, time\nprint(os.getpid(), flush=True)\n{attack}\n"
@@ -165,10 +174,13 @@ def test_network_connect_fails():
 
 
 def test_network_namespace_where_permitted():
-    result = run_python("import os\nprint(os.readlink('/proc/self/ns/net'))")
+    # /proc/self/net/dev lists the interfaces of the reader's network namespace.
+    result = run_python("import os\nprint(os.readlink('/proc/self/ns/net'))\nprint(open('/proc/self/net/dev').read())")
     assert result.returncode == 0, result.stderr
-    if result.stdout.strip() == os.readlink("/proc/self/ns/net"):
+    namespace, devices = result.stdout.split("\n", 1)
+    if namespace == os.readlink("/proc/self/ns/net"):
         pytest.skip("this kernel refused a new network namespace; the audit hook still refuses sockets")
+    assert [line.split(":")[0].strip() for line in devices.splitlines()[2:] if line.strip()] == ["lo"]
 
 
 def test_output_is_truncated():
@@ -180,11 +192,16 @@ def test_output_is_truncated():
     assert result.timed_out and result.output_truncated and len(result.stdout) == 5000
 
 
-def test_working_directory_is_private_and_removed():
+def test_working_directory_is_private_and_removed(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir(mode=0o755)
+    (outside / "kept").write_text("keep")
     code = (
         "import os, tempfile\n"
         "open('notes.txt', 'w').write('inside is fine')\n"
         "os.mkdir('locked', 0)\n"
+        # A link to a directory outside: removed, never followed.
+        f"os.symlink({str(outside)!r}, 'link')\n"
         "with tempfile.NamedTemporaryFile(delete=False) as f:\n"
         "    pass\n"
         "print(os.getcwd(), os.path.dirname(f.name) == os.getcwd(), open('notes.txt').read())\n"
@@ -195,6 +212,14 @@ def test_working_directory_is_private_and_removed():
     assert in_workdir == "True" and note == "inside is fine\n"
     assert os.path.basename(workdir).startswith("distil-sandbox-")
     assert not os.path.exists(workdir)
+    assert (outside / "kept").read_text() == "keep" and outside.stat().st_mode & 0o777 == 0o755
+
+
+def test_death_by_a_signal_python_has_no_name_for():
+    # Real-time signals above SIGRTMIN have no signal.Signals member.
+    number = signal.SIGRTMIN + 1
+    result = run_python(f"import signal\nsignal.raise_signal({number})")
+    assert result.returncode == -number and result.killed_reason == f"signal {number}", result
 
 
 def test_run_many_keeps_order():
@@ -205,10 +230,19 @@ def test_run_many_keeps_order():
 
 
 def test_bad_arguments_are_named():
-    with pytest.raises(ValueError, match="timeout_s must be a positive number"):
+    with pytest.raises(ValueError, match="timeout_s must be a positive finite number"):
         run_python("pass", timeout_s=0)
     with pytest.raises(ValueError, match="memory_mb"):
         run_python("pass", memory_mb=-1)
+    # Fractions and infinities: the limits are whole numbers, the timeout a finite one.
+    with pytest.raises(ValueError, match="memory_mb must be a positive int, got 0.5"):
+        run_python("pass", memory_mb=0.5)
+    with pytest.raises(ValueError, match="max_output_bytes must be a positive int, got 10.5"):
+        run_python("pass", max_output_bytes=10.5)
+    with pytest.raises(ValueError, match="cpu_s must be a positive int, got 1.5"):
+        run_python("pass", cpu_s=1.5)
+    with pytest.raises(ValueError, match="timeout_s must be a positive finite number, got inf"):
+        run_python("pass", timeout_s=math.inf)
     with pytest.raises(TypeError, match="code must be a str"):
         run_python(b"pass")
     with pytest.raises(ValueError, match="stdins must have one entry per program"):

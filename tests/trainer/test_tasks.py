@@ -180,6 +180,15 @@ def test_program_sandbox_contains_the_response():
     assert noise.correct, noise.text
 
 
+@pytest.mark.parametrize("value", ['"int": "abc"', '"float": "abc"', '"int": [1]', '"int": "' + "1" * 5000 + '"'])
+def test_program_forged_records_fail_the_test(value):
+    # A response can print a record for a later test and exit before the harness overwrites it.
+    task = get_task("program")
+    forged = 'print(\'@@test {"test": 5, ' + value + "}', flush=True) or __import__('os')._exit(0)"
+    fb = task.verify(program_problem(1, 0), forged)
+    assert fb.reward == 0.0 and "test 6: f(20) expected 20, got" in fb.text and fb.text.endswith(": fail")
+
+
 def test_feedback_is_printable_for_any_response():
     weird = "\t\x00\u00e9\u4e2d\n"
     for name, options in CONFIGS:
@@ -282,3 +291,7 @@ def test_registry():
         get_task("sorting", length=1)
     with pytest.raises(ValueError, match="examples must be an int in"):
         get_task("program", examples=1)
+    # An infinite limit would otherwise fail later, inside the sandbox or its harness.
+    for option in ("timeout_s", "test_timeout_s"):
+        with pytest.raises(ValueError, match=f"program: {option} must be a positive finite number, got inf"):
+            get_task("program", **{option: float("inf")})
