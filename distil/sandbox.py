@@ -18,8 +18,15 @@ layered, each layer covering what the others cannot:
   processes, sockets, and ctypes and gc's object walks (ways to reach and undo the hook).
 
 The audit hook stops naive and accidental harm, which is what generated code does; it is
-not a boundary against code written to escape (PEP 578 says as much). The OS layers (the
-process, its limits, the timeout, the namespace) bound what such code can do.
+not a boundary against code written to escape (PEP 578 says as much: patching a builtin
+or the hook's closure undoes it). Against such code the OS layers bound memory, CPU time,
+wall time (of the process group), file sizes and, where the namespace exists, the network
+and the parent's /proc entries (its environment included). They do not bound writes
+outside the working directory (no mount namespace; the child keeps its uid, root's
+included), reads anywhere, disk use beyond the per-file limit, or a descendant that
+leaves the process group (setsid) and so outlives the timeout: run the program task in a
+container or VM if its generated code may be hostile. Where the kernel refuses the
+namespaces, the first run warns once.
 POSIX only (the `resource` module, process groups).
 """
 
@@ -36,6 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -226,6 +234,30 @@ def _confine_child(limits: tuple[tuple[int, int, int], ...]) -> None:
             _unshare(_CLONE_NEWNET)
 
 
+def _enter_namespaces() -> None:
+    """preexec_fn of the probe: the namespaces `_confine_child` asks for, or an error."""
+    if _unshare is None or (_unshare(_CLONE_NEWUSER | _CLONE_NEWNET) != 0 and _unshare(_CLONE_NEWNET) != 0):
+        raise OSError("unshare(CLONE_NEWNET) refused")
+
+
+_namespaces_checked = False
+
+
+def _warn_without_namespaces() -> None:
+    """Once a process: warn when a child cannot get its own network namespace."""
+    global _namespaces_checked
+    if _namespaces_checked:
+        return
+    _namespaces_checked = True
+    try:
+        subprocess.run([sys.executable, "-I", "-c", ""], preexec_fn=_enter_namespaces, check=True, timeout=30,
+                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    except (OSError, subprocess.SubprocessError):
+        warnings.warn("distil.sandbox: the kernel refused a network namespace for sandboxed programs; they share "
+                      "the host's network (the audit hook alone refuses sockets) and can read this process's "
+                      "/proc entries, its environment included", RuntimeWarning, stacklevel=3)
+
+
 def _minimal_env(workdir: str) -> dict[str, str]:
     # Nothing of the parent's environment leaks in (tokens, proxies, CUDA settings);
     # temporary files go to the working directory, the only writable place.
@@ -325,6 +357,7 @@ def run_python(
         cpu_s = math.ceil(timeout_s) + 1
     _check_positive_int("cpu_s", cpu_s)
     limits = _child_limits(memory_mb, cpu_s)
+    _warn_without_namespaces()
 
     workdir = tempfile.mkdtemp(prefix="distil-sandbox-")
     try:

@@ -183,6 +183,30 @@ def test_network_namespace_where_permitted():
     assert [line.split(":")[0].strip() for line in devices.splitlines()[2:] if line.strip()] == ["lo"]
 
 
+@pytest.mark.parametrize("granted", [True, False], ids=["namespaces", "namespaces-refused"])
+def test_a_run_without_a_network_namespace_warns_once(monkeypatch, granted):
+    """Where the kernel refuses the namespace the child shares the host's network and can
+    read the trainer's /proc entries: the first run says so, once; where it grants one,
+    nothing is said."""
+    import warnings
+
+    import distil.sandbox as sandbox
+
+    if granted:
+        namespace = run_python("import os\nprint(os.readlink('/proc/self/ns/net'))").stdout.strip()
+        if namespace == os.readlink("/proc/self/ns/net"):
+            pytest.skip("this kernel refuses new network namespaces")
+    else:
+        monkeypatch.setattr(sandbox, "_unshare", lambda flags: -1)
+    monkeypatch.setattr(sandbox, "_namespaces_checked", False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert run_python("print(1)").stdout == "1\n"
+        run_python("print(2)")
+    said = [str(w.message) for w in caught if "refused a network namespace" in str(w.message)]
+    assert len(said) == (0 if granted else 1), said
+
+
 def test_output_is_truncated():
     result = run_python("print('x' * 100_000)\nprint('done')", max_output_bytes=1000)
     assert result.returncode == 0 and result.output_truncated
