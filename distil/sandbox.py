@@ -11,8 +11,10 @@ layered, each layer covering what the others cannot:
 - resource limits set in the child between fork and exec (address space, CPU seconds,
   processes, file size, open files, no core dumps);
 - a wall-clock timeout that kills the child's whole process group;
-- a new network namespace where the kernel allows one (a user namespace first, so that
-  it also works unprivileged): the child then has only a loopback device that is down;
+- new user, network and mount namespaces where the kernel allows them (the user
+  namespace makes the others available unprivileged): the child then has only a
+  loopback device that is down, and every mount is read-only but its working directory
+  (mount_setattr, Linux >= 5.12), so the kernel refuses writes anywhere else;
 - a Python audit hook (PEP 578), installed by a wrapper before the user code runs, that
   denies writes outside the working directory, process creation, signals to other
   processes, sockets, and ctypes and gc's object walks (ways to reach and undo the hook).
@@ -20,13 +22,13 @@ layered, each layer covering what the others cannot:
 The audit hook stops naive and accidental harm, which is what generated code does; it is
 not a boundary against code written to escape (PEP 578 says as much: patching a builtin
 or the hook's closure undoes it). Against such code the OS layers bound memory, CPU time,
-wall time (of the process group), file sizes and, where the namespace exists, the network
-and the parent's /proc entries (its environment included). They do not bound writes
-outside the working directory (no mount namespace; the child keeps its uid, root's
-included), reads anywhere, disk use beyond the per-file limit, or a descendant that
-leaves the process group (setsid) and so outlives the timeout: run the program task in a
-container or VM if its generated code may be hostile. Where the kernel refuses the
-namespaces, the first run warns once.
+wall time (of the process group), file sizes and, where the namespaces exist, the
+network, the parent's /proc entries (its environment included) and writes outside the
+working directory. They do not bound reads, disk use in the working directory beyond
+the per-file limit, or a descendant that leaves the process group (setsid) and so
+outlives the timeout: run the program task in a container or VM if its generated code
+may be hostile. Where the kernel refuses the namespaces or the read-only mounts, the
+first run warns once, saying which.
 POSIX only (the `resource` module, process groups).
 """
 
@@ -187,9 +189,26 @@ _FSIZE_LIMIT_BYTES = 16 << 20
 
 _CLONE_NEWUSER = 0x10000000
 _CLONE_NEWNET = 0x40000000
-# Resolved once in the parent so the child only makes the call (no imports, no lookups,
+_CLONE_NEWNS = 0x00020000
+_MS_BIND, _MS_REC, _MS_PRIVATE = 0x1000, 0x4000, 0x40000
+# mount_setattr(2) (Linux >= 5.12; one number on every architecture since 5.1's table)
+# makes a whole mount tree read-only in one call, submounts included.
+_SYS_MOUNT_SETATTR, _AT_FDCWD, _AT_RECURSIVE, _MOUNT_ATTR_RDONLY = 442, -100, 0x8000, 0x1
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64), ("propagation", ctypes.c_uint64),
+                ("userns_fd", ctypes.c_uint64)]
+
+
+# Resolved once in the parent so the child only makes the calls (no imports, no lookups,
 # no locks after fork). None where there is no unshare (not Linux).
-_unshare = getattr(ctypes.CDLL(None, use_errno=True), "unshare", None) if sys.platform.startswith("linux") else None
+_libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+_unshare = getattr(_libc, "unshare", None)
+_mount = getattr(_libc, "mount", None)
+_syscall = getattr(_libc, "syscall", None)
+_READ_ONLY = _MountAttr(_MOUNT_ATTR_RDONLY, 0, 0, 0)
+_WRITABLE = _MountAttr(0, _MOUNT_ATTR_RDONLY, 0, 0)
 
 
 def _clamp(value: int, hard: int) -> int:
@@ -215,7 +234,7 @@ def _child_limits(memory_mb: int, cpu_s: int) -> tuple[tuple[int, int, int], ...
     return tuple(limits)
 
 
-def _confine_child(limits: tuple[tuple[int, int, int], ...]) -> None:
+def _confine_child(limits: tuple[tuple[int, int, int], ...], workdir: bytes) -> None:
     """preexec_fn: runs in the forked child before exec.
 
     Kept to plain system calls on values prepared in the parent: Python warns that
@@ -226,36 +245,71 @@ def _confine_child(limits: tuple[tuple[int, int, int], ...]) -> None:
     """
     for rid, soft, hard in limits:
         resource.setrlimit(rid, (soft, hard))
-    if _unshare is not None:
-        # A user namespace makes the network namespace available without privileges;
-        # root can create one directly. Where neither is permitted the audit hook still
-        # refuses sockets.
-        if _unshare(_CLONE_NEWUSER | _CLONE_NEWNET) != 0:
-            _unshare(_CLONE_NEWNET)
+    if _unshare is None:
+        return
+    # A user namespace makes the network and mount namespaces available without
+    # privileges; root can create a network namespace directly. Where none is permitted
+    # the audit hook still refuses sockets and writes outside the working directory.
+    if _unshare(_CLONE_NEWUSER | _CLONE_NEWNET | _CLONE_NEWNS) == 0:
+        _read_only_but(workdir)
+    elif _unshare(_CLONE_NEWUSER | _CLONE_NEWNET) != 0:
+        _unshare(_CLONE_NEWNET)
 
 
-def _enter_namespaces() -> None:
-    """preexec_fn of the probe: the namespaces `_confine_child` asks for, or an error."""
-    if _unshare is None or (_unshare(_CLONE_NEWUSER | _CLONE_NEWNET) != 0 and _unshare(_CLONE_NEWNET) != 0):
-        raise OSError("unshare(CLONE_NEWNET) refused")
+def _read_only_but(workdir: bytes) -> None:
+    """In the child's own mount namespace: every mount read-only but `workdir`.
+
+    The kernel then refuses writes anywhere else, whoever the child is (root's uid is
+    kept in the user namespace, so file permissions alone would not). The working
+    directory becomes a mount of its own first, so that it can stay writable; the cwd
+    is entered again, as it still names the directory through the mount beneath.
+    """
+    if _mount is None or _syscall is None:
+        return
+    size = ctypes.sizeof(_MountAttr)
+    if (_mount(None, b"/", None, _MS_REC | _MS_PRIVATE, None) == 0
+            and _mount(workdir, workdir, None, _MS_BIND | _MS_REC, None) == 0
+            and _syscall(_SYS_MOUNT_SETATTR, _AT_FDCWD, b"/", _AT_RECURSIVE, ctypes.byref(_READ_ONLY), size) == 0):
+        _syscall(_SYS_MOUNT_SETATTR, _AT_FDCWD, workdir, _AT_RECURSIVE, ctypes.byref(_WRITABLE), size)
+        os.chdir(workdir)
 
 
+# What a confined child reports of itself: its network namespace, whether its root is
+# read-only, whether its working directory is writable.
+_PROBE = (
+    "import os\n"
+    "print(os.readlink('/proc/self/ns/net'))\n"
+    "print(bool(os.statvfs('/').f_flag & os.ST_RDONLY))\n"
+    "print(not os.statvfs('.').f_flag & os.ST_RDONLY)\n"
+)
 _namespaces_checked = False
 
 
 def _warn_without_namespaces() -> None:
-    """Once a process: warn when a child cannot get its own network namespace."""
+    """Once a process: warn when a confined child shares the host's network or can write
+    outside its working directory (the kernel refused the namespaces or the mounts)."""
     global _namespaces_checked
     if _namespaces_checked:
         return
     _namespaces_checked = True
+    workdir = tempfile.mkdtemp(prefix="distil-sandbox-probe-")
     try:
-        subprocess.run([sys.executable, "-I", "-c", ""], preexec_fn=_enter_namespaces, check=True, timeout=30,
-                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    except (OSError, subprocess.SubprocessError):
-        warnings.warn("distil.sandbox: the kernel refused a network namespace for sandboxed programs; they share "
-                      "the host's network (the audit hook alone refuses sockets) and can read this process's "
-                      "/proc entries, its environment included", RuntimeWarning, stacklevel=3)
+        result = subprocess.run([sys.executable, "-I", "-c", _PROBE], cwd=workdir, capture_output=True, text=True,
+                                timeout=30, preexec_fn=lambda: _confine_child((), os.fsencode(workdir)))
+        net, read_only, writable = result.stdout.split("\n")[:3]
+    except (OSError, subprocess.SubprocessError, ValueError):
+        net, read_only, writable = "", "False", "True"
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    missing = []
+    if net in ("", os.readlink("/proc/self/ns/net")):
+        missing.append("a network namespace: programs share the host's network (the audit hook alone refuses "
+                       "sockets) and can read this process's /proc entries, its environment included")
+    if read_only != "True" or writable != "True":
+        missing.append("a read-only mount namespace: only the audit hook keeps programs' writes in their "
+                       "working directory")
+    if missing:
+        warnings.warn(f"distil.sandbox: the kernel refused {'; and '.join(missing)}", RuntimeWarning, stacklevel=3)
 
 
 def _minimal_env(workdir: str) -> dict[str, str]:
@@ -377,7 +431,7 @@ def run_python(
                 cwd=workdir,
                 env=_minimal_env(workdir),
                 start_new_session=True,
-                preexec_fn=lambda: _confine_child(limits),
+                preexec_fn=lambda: _confine_child(limits, os.fsencode(workdir)),
             )
         selector = selectors.DefaultSelector()
         stdout_fd, stderr_fd = proc.stdout.fileno(), proc.stderr.fileno()

@@ -183,28 +183,58 @@ def test_network_namespace_where_permitted():
     assert [line.split(":")[0].strip() for line in devices.splitlines()[2:] if line.strip()] == ["lo"]
 
 
-@pytest.mark.parametrize("granted", [True, False], ids=["namespaces", "namespaces-refused"])
-def test_a_run_without_a_network_namespace_warns_once(monkeypatch, granted):
-    """Where the kernel refuses the namespace the child shares the host's network and can
-    read the trainer's /proc entries: the first run says so, once; where it grants one,
-    nothing is said."""
+def _kernel_confines() -> bool:
+    """Whether this kernel gives a sandboxed child its own network namespace and a
+    read-only root (user, network and mount namespaces; mount_setattr)."""
+    report = run_python("import os\nprint(os.readlink('/proc/self/ns/net'))\n"
+                        "print(bool(os.statvfs('/').f_flag & os.ST_RDONLY))").stdout.split()
+    return report[0] != os.readlink("/proc/self/ns/net") and report[1] == "True"
+
+
+@pytest.mark.parametrize("refused", [None, "namespaces", "mounts"])
+def test_what_the_kernel_refuses_is_said_once(monkeypatch, refused):
+    """Without the namespaces a child shares the host's network and can read the
+    trainer's /proc entries; without the read-only mounts only the audit hook keeps its
+    writes in its directory. The first run says which, once; nothing is said where the
+    kernel grants both."""
     import warnings
 
     import distil.sandbox as sandbox
 
-    if granted:
-        namespace = run_python("import os\nprint(os.readlink('/proc/self/ns/net'))").stdout.strip()
-        if namespace == os.readlink("/proc/self/ns/net"):
-            pytest.skip("this kernel refuses new network namespaces")
-    else:
+    if not _kernel_confines():
+        pytest.skip("this kernel refuses the sandbox's namespaces or read-only mounts")
+    if refused == "namespaces":
         monkeypatch.setattr(sandbox, "_unshare", lambda flags: -1)
+    elif refused == "mounts":
+        monkeypatch.setattr(sandbox, "_syscall", lambda *args: -1)
     monkeypatch.setattr(sandbox, "_namespaces_checked", False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert run_python("print(1)").stdout == "1\n"
         run_python("print(2)")
-    said = [str(w.message) for w in caught if "refused a network namespace" in str(w.message)]
-    assert len(said) == (0 if granted else 1), said
+    said = [str(w.message) for w in caught if "distil.sandbox: the kernel refused" in str(w.message)]
+    assert len(said) == (0 if refused is None else 1), said
+    assert all(("network namespace" in m) == (refused == "namespaces") for m in said), said
+    assert all("read-only mount namespace" in m for m in said), said
+
+
+def test_writes_outside_the_working_directory_fail_even_past_the_audit_hook(tmp_path):
+    """Code written to escape undoes the audit hook (here: a patched builtin that its
+    path check calls); the read-only mounts of the child's namespace still refuse the
+    write, and the working directory stays writable."""
+    if not _kernel_confines():
+        pytest.skip("this kernel refuses the sandbox's namespaces or read-only mounts")
+    target = tmp_path / "escaped"
+    code = (
+        "import builtins\n"
+        "original = builtins.isinstance\n"
+        "builtins.isinstance = lambda a, b: True if b is int else original(a, b)\n"
+        "open('inside.txt', 'w').write('x')\n"
+        f"open({str(target)!r}, 'w').write('x')\n"
+    )
+    result = run_python(code)
+    assert "Read-only file system" in result.stderr, result.stderr
+    assert not target.exists()
 
 
 def test_output_is_truncated():
