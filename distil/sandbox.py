@@ -23,11 +23,12 @@ The audit hook stops naive and accidental harm, which is what generated code doe
 not a boundary against code written to escape (PEP 578 says as much: patching a builtin
 or the hook's closure undoes it). Against such code the OS layers bound memory, CPU time,
 wall time (of the process group), file sizes and, where the namespaces exist, the
-network, the parent's /proc entries (its environment included) and writes outside the
-working directory. They do not bound reads, disk use in the working directory beyond
-the per-file limit, or a descendant that leaves the process group (setsid) and so
-outlives the timeout: run the program task in a container or VM if its generated code
-may be hostile. Where the kernel refuses the namespaces or the read-only mounts, the
+network, the parent's /proc entries (its environment included), writes outside the
+working directory and the lifetime of every descendant (after the run the parent kills
+what lives in the run's user namespace and its descendants' PID namespace, so a process
+that left the group by setsid goes too). They do not bound reads, or disk use in the
+working directory beyond the per-file limit: run the program task in a container or VM
+if its generated code may be hostile. Where the kernel refuses the namespaces or the read-only mounts, the
 first run warns once, saying which.
 POSIX only (the `resource` module, process groups).
 """
@@ -190,6 +191,7 @@ _FSIZE_LIMIT_BYTES = 16 << 20
 _CLONE_NEWUSER = 0x10000000
 _CLONE_NEWNET = 0x40000000
 _CLONE_NEWNS = 0x00020000
+_CLONE_NEWPID = 0x20000000
 _MS_BIND, _MS_REC, _MS_PRIVATE = 0x1000, 0x4000, 0x40000
 # mount_setattr(2) (Linux >= 5.12; one number on every architecture since 5.1's table)
 # makes a whole mount tree read-only in one call, submounts included.
@@ -247,10 +249,13 @@ def _confine_child(limits: tuple[tuple[int, int, int], ...], workdir: bytes) -> 
         resource.setrlimit(rid, (soft, hard))
     if _unshare is None:
         return
-    # A user namespace makes the network and mount namespaces available without
-    # privileges; root can create a network namespace directly. Where none is permitted
-    # the audit hook still refuses sockets and writes outside the working directory.
-    if _unshare(_CLONE_NEWUSER | _CLONE_NEWNET | _CLONE_NEWNS) == 0:
+    # A user namespace makes the others available without privileges; root can create a
+    # network namespace directly. Where none is permitted the audit hook still refuses
+    # sockets, writes outside the working directory and process creation. The child's
+    # descendants (not the child itself) go into a PID namespace of their own, which the
+    # parent empties after the run.
+    namespaces = _CLONE_NEWUSER | _CLONE_NEWNET | _CLONE_NEWNS
+    if _unshare(namespaces | _CLONE_NEWPID) == 0 or _unshare(namespaces) == 0:
         _read_only_but(workdir)
     elif _unshare(_CLONE_NEWUSER | _CLONE_NEWNET) != 0:
         _unshare(_CLONE_NEWNET)
@@ -321,6 +326,50 @@ def _minimal_env(workdir: str) -> dict[str, str]:
 # --------------------------------------------------------------------------------------
 # Running one program.
 # --------------------------------------------------------------------------------------
+def _user_namespace(pid: int) -> str | None:
+    """The child's user namespace, when it is its own (every run makes a new one).
+
+    Read as soon as the child has exec'd: its interpreter takes milliseconds to start,
+    so it cannot have forked, or exited, before. (Its descendants' PID namespace cannot
+    be named yet: the kernel shows it only once a first process lives in it.)"""
+    try:
+        namespace = os.readlink(f"/proc/{pid}/ns/user")
+        return None if namespace == os.readlink("/proc/self/ns/user") else namespace
+    except OSError:
+        return None
+
+
+def _kill_descendants(user_namespace: str) -> None:
+    """SIGKILL every process of the run's user namespace and of the PID namespaces they
+    live in: a descendant that left the process group (setsid) would otherwise outlive
+    the run. Killing a PID namespace's first process ends all of that namespace."""
+    pid_namespaces = {os.readlink("/proc/self/ns/pid")}
+    own_pid_namespace = next(iter(pid_namespaces))
+    members = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            if os.readlink(f"/proc/{entry.name}/ns/user") == user_namespace:
+                members.append(int(entry.name))
+                pid_namespaces.add(os.readlink(f"/proc/{entry.name}/ns/pid"))
+        except OSError:
+            pass  # gone, or not ours to read
+    pid_namespaces.discard(own_pid_namespace)
+    for entry in os.scandir("/proc") if pid_namespaces else ():
+        if entry.name.isdigit():
+            try:
+                if os.readlink(f"/proc/{entry.name}/ns/pid") in pid_namespaces:
+                    members.append(int(entry.name))
+            except OSError:
+                pass
+    for pid in members:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
 def _kill_group(pgid: int) -> None:
     # The child leads its own session, so its group id is its pid; that number cannot be
     # reused while any member of the group is alive.
@@ -433,6 +482,7 @@ def run_python(
                 start_new_session=True,
                 preexec_fn=lambda: _confine_child(limits, os.fsencode(workdir)),
             )
+        descendants = _user_namespace(proc.pid)
         selector = selectors.DefaultSelector()
         stdout_fd, stderr_fd = proc.stdout.fileno(), proc.stderr.fileno()
         buffers = {stdout_fd: bytearray(), stderr_fd: bytearray()}
@@ -454,8 +504,11 @@ def run_python(
                 dropped |= _pump(selector, buffers, time.monotonic() + 1.0, max_output_bytes)
             returncode = proc.wait()
         finally:
-            # Always: a member that outlived the leader (had it escaped the hook) dies too.
+            # Always: a member that outlived the leader (had it escaped the hook) dies too,
+            # and so does a descendant that left the group.
             _kill_group(proc.pid)
+            if descendants is not None:
+                _kill_descendants(descendants)
             if proc.poll() is None:
                 proc.wait()
             selector.close()

@@ -237,6 +237,49 @@ def test_writes_outside_the_working_directory_fail_even_past_the_audit_hook(tmp_
     assert not target.exists()
 
 
+def test_a_descendant_that_left_the_group_dies_with_the_run(monkeypatch):
+    """With the audit hook gone (as code written to escape can make it), a program forks
+    a child that leaves the process group (setsid) and sleeps, then exits: the group kill
+    misses it, the PID namespace of the program's descendants does not."""
+    import distil.sandbox as sandbox
+
+    probe = run_python("import os\nprint(os.readlink('/proc/self/ns/pid_for_children'))").stdout.strip()
+    if probe == os.readlink("/proc/self/ns/pid"):
+        pytest.skip("this kernel refuses a PID namespace for the sandbox's descendants")
+    hook = "    sys.addaudithook(_make_hook(os.path.realpath(os.getcwd())))\n"
+    assert hook in sandbox._WRAPPER
+    monkeypatch.setattr(sandbox, "_WRAPPER", sandbox._WRAPPER.replace(hook, ""))
+    # The sleeper lets go of the output pipes, so the run ends when the program does.
+    code = "import os, time\nif os.fork() == 0:\n    os.setsid()\n    os.close(1)\n    os.close(2)\n" \
+           "    time.sleep(30)\n    os._exit(0)\n"
+    before = set(_sandboxed_processes())
+    result = run_python(code, timeout_s=5.0)
+    assert result.returncode == 0 and not result.timed_out, result
+    deadline = time.monotonic() + 2.0  # a SIGKILLed process may take a moment to go
+    while (left := set(_sandboxed_processes()) - before) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not left, f"still running: {sorted(left)}"
+
+
+def _sandboxed_processes() -> list[int]:
+    """Live (not zombie) processes running the sandbox's wrapper, forks included (their
+    working directory reads as "/ (deleted)" from here: another mount namespace)."""
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                command = f.read()
+            with open(f"/proc/{entry.name}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if b"_sandbox_main()" in command and state != "Z":
+            found.append(int(entry.name))
+    return found
+
+
 def test_output_is_truncated():
     result = run_python("print('x' * 100_000)\nprint('done')", max_output_bytes=1000)
     assert result.returncode == 0 and result.output_truncated
