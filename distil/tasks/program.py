@@ -146,6 +146,10 @@ def _results(stdout: str) -> dict[int, dict]:
 def _stop_reason(run: RunResult) -> str:
     if run.killed_reason is not None:
         return run.killed_reason
+    if run.output_truncated:
+        # The harness's result lines come after the program's own output: past the
+        # sandbox's output limit they were dropped, whatever the answers were.
+        return "it printed more than the sandbox keeps, and the test results were cut off"
     last = run.stderr.strip().splitlines()[-1:]
     if run.returncode == 0 or not last:
         return f"it exited early with code {run.returncode}"

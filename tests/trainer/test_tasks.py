@@ -189,6 +189,13 @@ def test_program_forged_records_fail_the_test(value):
     assert fb.reward == 0.0 and "test 6: f(20) expected 20, got" in fb.text and fb.text.endswith(": fail")
 
 
+def test_program_output_past_the_limit_is_said():
+    """A right answer that prints past the sandbox's output limit pushes the results out:
+    the feedback says so rather than that the program exited early."""
+    fb = get_task("program").verify(program_problem(1, 0), "print('a' * 70000) or x")
+    assert fb.reward == 0.0 and "printed more than the sandbox keeps" in fb.text, fb.text
+
+
 def test_feedback_is_printable_for_any_response():
     weird = "\t\x00\u00e9\u4e2d\n"
     for name, options in CONFIGS:
