@@ -27,7 +27,6 @@ import torch
 from torch import Tensor
 
 from distil_kernels import SparseTarget, linear_topk
-
 from distil_kernels.sampling.philox import philox4x32, seed_key
 
 from .model import LanguageModel

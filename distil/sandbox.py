@@ -28,8 +28,8 @@ working directory and the lifetime of every descendant (after the run the parent
 what lives in the run's user namespace and its descendants' PID namespace, so a process
 that left the group by setsid goes too). They do not bound reads, or disk use in the
 working directory beyond the per-file limit: run the program task in a container or VM
-if its generated code may be hostile. Where the kernel refuses the namespaces or the read-only mounts, the
-first run warns once, saying which.
+if its generated code may be hostile. Where the kernel refuses the namespaces or the
+read-only mounts, the first run warns once, saying which.
 POSIX only (the `resource` module, process groups).
 """
 
@@ -343,31 +343,22 @@ def _kill_descendants(user_namespace: str) -> None:
     """SIGKILL every process of the run's user namespace and of the PID namespaces they
     live in: a descendant that left the process group (setsid) would otherwise outlive
     the run. Killing a PID namespace's first process ends all of that namespace."""
-    pid_namespaces = {os.readlink("/proc/self/ns/pid")}
-    own_pid_namespace = next(iter(pid_namespaces))
-    members = []
+    processes = []  # (pid, user namespace, PID namespace)
     for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            if os.readlink(f"/proc/{entry.name}/ns/user") == user_namespace:
-                members.append(int(entry.name))
-                pid_namespaces.add(os.readlink(f"/proc/{entry.name}/ns/pid"))
-        except OSError:
-            pass  # gone, or not ours to read
-    pid_namespaces.discard(own_pid_namespace)
-    for entry in os.scandir("/proc") if pid_namespaces else ():
         if entry.name.isdigit():
             try:
-                if os.readlink(f"/proc/{entry.name}/ns/pid") in pid_namespaces:
-                    members.append(int(entry.name))
+                processes.append((int(entry.name), os.readlink(f"/proc/{entry.name}/ns/user"),
+                                  os.readlink(f"/proc/{entry.name}/ns/pid")))
+            except OSError:
+                pass  # gone, or not ours to read
+    theirs = {pid_ns for _, user_ns, pid_ns in processes if user_ns == user_namespace}
+    theirs.discard(os.readlink("/proc/self/ns/pid"))
+    for pid, user_ns, pid_ns in processes:
+        if user_ns == user_namespace or pid_ns in theirs:
+            try:
+                os.kill(pid, signal.SIGKILL)
             except OSError:
                 pass
-    for pid in members:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except OSError:
-            pass
 
 
 def _kill_group(pgid: int) -> None:

@@ -208,15 +208,20 @@ class Trainer:
         if self.dist.main:
             self._truncate_metrics()
 
+    @property
+    def _clean_expert(self) -> Expert:
+        """The expert without its noise (the noise itself holds no state)."""
+        return self.expert.inner if isinstance(self.expert, NoisyExpert) else self.expert
+
     def _expert_state(self) -> dict:
         state: dict[str, Any] = {}
-        expert = self.expert.inner if isinstance(self.expert, NoisyExpert) else self.expert
+        expert = self._clean_expert
         if isinstance(expert, ModelExpert) and expert.ema is not None:
             state["ema"] = expert.lm.model.state_dict()
         return state
 
     def _load_expert_state(self, state: dict) -> None:
-        expert = self.expert.inner if isinstance(self.expert, NoisyExpert) else self.expert
+        expert = self._clean_expert
         if isinstance(expert, ModelExpert) and expert.ema is not None:
             expert.lm.model.load_state_dict(state["ema"])
 
@@ -324,9 +329,8 @@ class Trainer:
         c = self.config
         # The clean expert: the metric is the student's agreement with the expert the noise
         # corrupts, not with the corruption.
-        expert = self.expert.inner if isinstance(self.expert, NoisyExpert) else self.expert
         metrics = evaluate(self.lm, self.task, prompts=c.eval_prompts, samples=c.eval_samples, seed=c.seed,
-                           sampling=self.sampling, expert=expert, backend=c.backend)
+                           sampling=self.sampling, expert=self._clean_expert, backend=c.backend)
         return {f"eval_{k}": v for k, v in metrics.items()}
 
     # ----------------------------------------------------------------------------- run

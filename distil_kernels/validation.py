@@ -58,9 +58,14 @@ def _first_bad(mask: Tensor) -> tuple[int, ...]:
     return tuple(int(i) for i in mask.nonzero()[0])
 
 
+def is_integer_dtype(dtype: torch.dtype) -> bool:
+    """An integer dtype, bool excluded (True/False would pass as ids or indices 0/1)."""
+    return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
+
+
 def check_ids(name: str, ids: Tensor, vocab_size: int, ignore_index: int | None, values: bool) -> None:
     """Integer ids in [0, V) (or equal to `ignore_index`); IndexError names the first bad one."""
-    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+    if not is_integer_dtype(ids.dtype):
         raise TypeError(f"{name} must have an integer dtype, got {ids.dtype}")
     if not values or ids.numel() == 0:
         return

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ..backends import check_backend_dtype, resolve_backend
 from ..parallel import make_shard, sharded_stats
-from ..validation import check_ids, check_linear, check_probs, check_tensor
+from ..validation import check_ids, check_linear, check_probs, check_tensor, is_integer_dtype
 from .chunked import SweepStats
 from .passes import PassParams, PrecomputedCoefficientLoss, stats_pass
 from .options import LossOptions, _check_real
@@ -89,7 +89,7 @@ def _check_distil_inputs(input, expert, actions, mask, group, validate, tail, vo
         check_tensor("group", group)
         if group.shape != (batch,):
             raise ValueError(f"group must have shape [B] = [{batch}], got {tuple(group.shape)}")
-        if group.dtype.is_floating_point or group.dtype.is_complex or group.dtype == torch.bool:
+        if not is_integer_dtype(group.dtype):
             raise TypeError(f"group must be an integer tensor (a prompt index per sequence), got {group.dtype}")
         if group.device != input.device:
             raise ValueError(f"group must be on input's device {input.device}, got {group.device}")

@@ -35,6 +35,7 @@ from typing import Callable, NamedTuple
 import torch
 from torch import Tensor
 
+from ..validation import is_integer_dtype
 from .philox import philox4x32, seed_key
 
 _TWO_POW_MINUS_32 = 2.0**-32
@@ -367,8 +368,7 @@ def _check_seed_and_positions(seed, positions, rows: int, device: torch.device) 
     elif not -(1 << 63) <= seed < (1 << 63):
         raise ValueError(f"seed must fit in 64 bits (-2**63 <= seed < 2**63), got {seed}")
     if positions is not None:
-        if (not isinstance(positions, Tensor) or positions.shape != (rows,) or positions.dtype.is_floating_point
-                or positions.dtype.is_complex or positions.dtype == torch.bool):
+        if not isinstance(positions, Tensor) or positions.shape != (rows,) or not is_integer_dtype(positions.dtype):
             raise ValueError(f"positions must be an integer tensor [B] = [{rows}], got {positions!r:.80}")
         if positions.device != device:
             raise ValueError(f"positions must be on the logits' device {device}, got {positions.device}")
