@@ -48,9 +48,12 @@ def option_args(options: LossOptions, dtype: torch.dtype) -> tuple:
             options.resolved_filter_eps(dtype), options.workspace_bytes)
 
 
-def _or_none(t: Tensor) -> Tensor | None:
-    """The ops pass an optional [N] tensor as an empty one (custom ops return no None)."""
-    return None if t.numel() == 0 else t
+def _or_none(t: Tensor, label_smoothing: float) -> Tensor | None:
+    """The ops pass an optional [N] tensor (logit sums, the uniform coefficient: both exist
+    only with label smoothing) as an empty one (custom ops return no None). Whether it
+    exists comes from the option, not from its size: with N = 0 rows a present one is empty.
+    """
+    return t if label_smoothing else None
 
 
 # --------------------------------------------------------------------------------------
@@ -128,8 +131,9 @@ def loss_gradients(x: Tensor, weight: Tensor, bias: Optional[Tensor], slot_ids: 
     options = _options(ignore_index, reduction, label_smoothing, temperature, softcap, z_loss, tail, filter_eps,
                        workspace_bytes)
     with torch.no_grad():
-        d_x, d_w, d_b = _gradients(backend, x, weight, bias, slot_ids, lse, slot_logits, _or_none(logit_sum),
-                                   row_coef, slot_coef, _or_none(uniform), options,
+        d_x, d_w, d_b = _gradients(backend, x, weight, bias, slot_ids, lse, slot_logits,
+                                   _or_none(logit_sum, label_smoothing), row_coef, slot_coef,
+                                   _or_none(uniform, label_smoothing), options,
                                    (need_input, need_weight, need_bias and bias is not None))
     # One empty tensor each: a custom op's outputs may not alias one another (a frozen
     # head without a bias leaves two of them empty).
@@ -166,7 +170,7 @@ def linear_cross_entropy_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], s
     options = _options(*args)
     lse, slot_logits, logit_sum = loss_stats(x, weight, bias, slot_ids, *args, backend)
     slots = Slots(slot_ids, slot_weights, slot_valid, num_target)
-    terms = row_terms(lse, slot_logits, _or_none(logit_sum), slots, options, weight.shape[0])
+    terms = row_terms(lse, slot_logits, _or_none(logit_sum, label_smoothing), slots, options, weight.shape[0])
     loss = reduce_loss(terms.token_loss, slots.row_valid, reduction)
     return loss, lse.clone(), terms.token_loss.clone(), terms.target_logprobs, slot_logits, logit_sum
 
@@ -198,7 +202,8 @@ def _lce_backward(ctx, grad_loss, *_unused):
     backend = args[-1]
     options = _options(*args[:-1])
     slots = Slots(slot_ids, slot_weights, slot_valid, num_target)
-    terms = row_terms(lse, slot_logits, _or_none(logit_sum), slots, options, weight.shape[0])
+    terms = row_terms(lse, slot_logits, _or_none(logit_sum, options.label_smoothing), slots, options,
+                      weight.shape[0])
     upstream = row_upstream(grad_loss, slots.row_valid, options.reduction, lse.dtype)
     uniform = lse.new_empty(_EMPTY) if terms.uniform is None else terms.uniform * upstream
     needs = ctx.needs_input_grad[:3]

@@ -9,10 +9,14 @@ final-logit softcapping of Gemma 2 and 3. `logits` is None in that output. Anyth
 (evaluation, no labels, `generate`) goes to the original forward unchanged.
 
 Covered: Llama, Mistral, Qwen2, Qwen3, Gemma2, Gemma3, and any `*ForCausalLM` whose
-logits are its `lm_head` (an `nn.Linear`) applied to the decoder's `last_hidden_state`.
-Heads that rescale logits otherwise (a `logit_scale` or `logits_scaling` in the config),
-and mixture-of-experts models asked for their router's load-balancing loss
-(`output_router_logits`), are refused, not silently mis-trained.
+logits are its `lm_head` (an `nn.Linear`) applied to the decoder's `last_hidden_state`
+and whose loss is transformers' shifted causal-LM loss (`self.loss_function`). Refused,
+not silently mis-trained: heads that rescale logits (a `logit_scale`, `logits_scaling`,
+`lm_head_multiplier`... in the config) or drop padded vocabulary rows; prediction heads
+with layers of their own before the output embedding (BERT, RoBERTa, ELECTRA,
+ModernBERT decoders); models that add a z-loss; models whose loss is not the shifted
+one (the Bart-style decoders, which take labels already shifted); and mixture-of-experts
+models asked for their router's load-balancing loss (`output_router_logits`).
 """
 
 from __future__ import annotations
@@ -28,8 +32,13 @@ from ..backends import resolve_backend
 from ..loss.linear_cross_entropy import linear_cross_entropy
 from ..loss.options import LossOptions
 
-# Config attributes that mean the logits are not lm_head(hidden) (up to a final softcap).
-_RESCALING_ATTRIBUTES = ("logit_scale", "logits_scaling", "output_multiplier_scale")
+# Config attributes that mean the logits are not lm_head(hidden) (up to a final softcap)
+# unless they are 1: Cohere, Granite, MiniCPM3, HyperCLOVAX, Falcon-H1, Inkling.
+_RESCALING_ATTRIBUTES = ("logit_scale", "logits_scaling", "output_multiplier_scale", "lm_head_multiplier",
+                         "logits_mup_width_multiplier")
+# The final-logit softcap `c * tanh(u / c)` by its names: Gemma 2/3 and most others,
+# RecurrentGemma, xLSTM.
+_SOFTCAP_ATTRIBUTES = ("final_logit_softcapping", "logits_soft_cap", "output_logit_soft_cap")
 # Keyword arguments of transformers' causal-LM loss, not of the decoder.
 _LOSS_KWARGS = ("num_items_in_batch", "shift_labels", "ignore_index")
 
@@ -43,9 +52,10 @@ class PatchOptions:
 
 def _softcap(config) -> float | None:
     for cfg in (config, getattr(config, "text_config", None)):
-        value = getattr(cfg, "final_logit_softcapping", None) if cfg is not None else None
-        if value:
-            return float(value)
+        for name in _SOFTCAP_ATTRIBUTES:
+            value = getattr(cfg, name, None) if cfg is not None else None
+            if value:
+                return float(value)
     return None
 
 
@@ -71,8 +81,44 @@ def _check_model(model: nn.Module) -> None:
             if value not in (None, 1, 1.0):
                 raise NotImplementedError(f"patch_model: {type(model).__name__} rescales its logits "
                                           f"(config.{name}={value}), which the patched loss does not reproduce")
+        unpadded = getattr(cfg, "unpadded_vocab_size", None) if cfg is not None else None
+        if unpadded is not None and unpadded < head.out_features:
+            raise NotImplementedError(f"patch_model: {type(model).__name__} keeps {unpadded} of its head's "
+                                      f"{head.out_features} logits (config.unpadded_vocab_size), which the patched "
+                                      f"loss does not reproduce")
+        if cfg is not None and getattr(cfg, "z_loss_coefficient", None):
+            raise NotImplementedError(f"patch_model: {type(model).__name__} adds a z-loss over every position "
+                                      f"(config.z_loss_coefficient={cfg.z_loss_coefficient}), which the patched "
+                                      f"loss does not reproduce")
     _check_router_loss(model, getattr(model.config, "output_router_logits", None))
-    _decoder(model)
+    _check_head_on_decoder(model, head, _decoder(model))
+    _check_shifted_loss(model)
+
+
+def _check_head_on_decoder(model: nn.Module, head: nn.Linear, decoder: nn.Module) -> None:
+    # A prediction head with layers before its output embedding (BERT's transform,
+    # RoBERTa's dense + norm, ELECTRA's generator) holds parameters outside the decoder
+    # and the output embedding, which the patched loss would skip.
+    owned = {id(p) for p in decoder.parameters()} | {id(p) for p in head.parameters()}
+    skipped = [name for name, p in model.named_parameters() if id(p) not in owned]
+    if skipped:
+        raise NotImplementedError(f"patch_model: {type(model).__name__}'s logits are not its output embedding "
+                                  f"applied to the decoder's last hidden state: parameters such as {skipped[0]} "
+                                  f"lie between them, which the patched loss would skip")
+
+
+def _check_shifted_loss(model: nn.Module) -> None:
+    # transformers' shifted causal-LM loss is `self.loss_function`; the Bart-style
+    # *ForCausalLM decoders (Bart, mBART, Marian, Pegasus, Whisper, TrOCR...) instead take
+    # labels already aligned with the logits and call CrossEntropyLoss on them unshifted.
+    try:
+        source = inspect.getsource(type(model).forward)
+    except (OSError, TypeError):  # no source to read (a class built at run time): trust the docs
+        return
+    if "self.loss_function(" not in source:
+        raise NotImplementedError(f"patch_model: {type(model).__name__}'s forward does not compute transformers' "
+                                  f"shifted causal-LM loss (self.loss_function), so the patched loss would not "
+                                  f"match its own")
 
 
 def _check_router_loss(model: nn.Module, output_router_logits) -> None:

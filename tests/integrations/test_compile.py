@@ -102,6 +102,23 @@ def test_linear_cross_entropy_with_frozen_operands(trainable, has_bias):
 
 
 @pytest.mark.parametrize("backend", ["chunked", "torch"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_an_empty_batch_with_label_smoothing(backend, reduction):
+    """No rows: the logit sums label smoothing needs are present but empty, not absent."""
+    x, w, b = torch.randn(0, 8), torch.randn(29, 8), torch.randn(29)
+    y = torch.zeros(0, dtype=torch.int64)
+
+    def loss_fn(x, w, b):
+        return linear_cross_entropy(x, w, y, bias=b, label_smoothing=0.1, reduction=reduction, backend=backend)
+
+    want, want_grads = grads_of(loss_fn, x, w, b)
+    got, got_grads = grads_of(compiled(loss_fn), x, w, b)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for g, e in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, e, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["chunked", "torch"])
 def test_stats_are_detached_as_in_eager(backend):
     """Gradients reach the operands through the loss only, compiled or not."""
     x, w = torch.randn(6, 8, requires_grad=True), torch.randn(29, 8, requires_grad=True)

@@ -152,6 +152,53 @@ def test_refuses_what_it_cannot_reproduce():
         patch_model(tiny_model("llama"), backend="fast")
 
 
+@pytest.mark.parametrize("name, value", [("lm_head_multiplier", 0.25), ("logits_mup_width_multiplier", 2.0),
+                                         ("unpadded_vocab_size", 90), ("z_loss_coefficient", 1e-4)])
+def test_refuses_config_terms_it_does_not_reproduce(name, value):
+    """Falcon-H1 scales its logits, Inkling scales them and drops padded vocabulary rows, Bamba adds a z-loss."""
+    model = tiny_model("llama")
+    setattr(model.config, name, value)
+    with pytest.raises(NotImplementedError, match=name):
+        patch_model(model)
+
+
+SMALL_ENCODER = dict(vocab_size=97, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64)
+SMALL_BART = dict(vocab_size=97, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+                  decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64)
+
+
+@pytest.mark.parametrize("family, match", [
+    ("BertLMHeadModel", "cls.predictions.transform"),  # dense + norm before the output embedding
+    ("RobertaForCausalLM", "lm_head.dense"),
+    ("BartForCausalLM", "shifted causal-LM loss"),  # takes labels already shifted, unshifted CrossEntropyLoss
+])
+def test_refuses_heads_and_losses_it_would_mis_train(family, match):
+    if family == "BartForCausalLM":
+        model = transformers.BartForCausalLM(transformers.BartConfig(**SMALL_BART))
+    else:
+        config_name = family.replace("LMHeadModel", "Config").replace("ForCausalLM", "Config")
+        model = getattr(transformers, family)(getattr(transformers, config_name)(**SMALL_ENCODER, is_decoder=True))
+    with pytest.raises(NotImplementedError, match=match):
+        patch_model(model)
+
+
+def test_recurrent_gemma_logits_soft_cap():
+    """RecurrentGemma names its final-logit softcap `logits_soft_cap`."""
+    config = transformers.RecurrentGemmaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                               num_attention_heads=4, num_key_value_heads=2, lru_width=32,
+                                               attention_window_size=16, logits_soft_cap=3.0, use_cache=False)
+    torch.manual_seed(0)
+    reference = transformers.RecurrentGemmaForCausalLM(config).float().train()
+    patched = patch_model(copy.deepcopy(reference), backend="chunked")
+    ids, attention_mask, labels = batch()
+    want, want_grads = loss_and_grads(reference, input_ids=ids, attention_mask=attention_mask, labels=labels)
+    got, got_grads = loss_and_grads(patched, input_ids=ids, attention_mask=attention_mask, labels=labels)
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=1e-6)
+    assert set(got_grads) == set(want_grads)
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+
+
 def test_a_deep_copy_trains_its_own_weights():
     """`copy.deepcopy` of a patched model (a reference or EMA model) runs on the copy's parameters."""
     patched = patch_model(tiny_model("llama").train(), backend="chunked")
