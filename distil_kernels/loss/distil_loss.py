@@ -203,7 +203,9 @@ def distil_loss(
     value = (ce.detach() * live).sum() / count
 
     if dense:
-        credit = (live * future_credit * advantage * log_q_action).sum() / count
+        # The mask as cdt first: bool * float promotes to the default dtype (fp32), which
+        # would round future_credit before the float64 reference multiplies it in.
+        credit = (live.to(cdt) * future_credit * advantage * log_q_action).sum() / count
         loss = (ce * live).sum() / count + credit - credit.detach()
     else:
         # The credit term is the plain weighted slot -w log q[a] with w = -future_credit * A;

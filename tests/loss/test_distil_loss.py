@@ -499,6 +499,22 @@ def test_backends_agree_float64(tail):
                      rtol=2**-23, atol=1e-12)
 
 
+def test_float64_reference_keeps_future_credit_in_float64():
+    """future_credit = 0.3 is no fp32 number (AGREE_OPTIONS' 0.5 is): the dense reference's
+    credit term once took it through a bool mask times a Python float, which promotes to
+    fp32, and its float64 gradient was off by ~1e-8 relative. Both backends in float64 agree
+    to float64 rounding."""
+    x, weight, bias, expert, actions, mask, group = agree_problem()
+    options = dict(AGREE_OPTIONS, future_credit=0.3)
+    grads = {}
+    for backend in ("torch", "chunked"):
+        params = [leaf(t) for t in (x, weight, bias)]
+        value = distil_loss(params[0], params[1], expert, actions, mask, bias=params[2], group=group,
+                            backend=backend, **options)
+        grads[backend] = torch.autograd.grad(value, params)
+    assert_all_close(GRADS, grads["torch"], grads["chunked"], rtol=1e-12, atol=1e-12)
+
+
 # A low-precision result's error against float64 truth on the same (rounded) inputs is
 # at most this multiple of eager PyTorch's error in the same dtype, plus an atol of a
 # few fp32 ulps of an O(1) quantity (the loss math is fp32 in both).

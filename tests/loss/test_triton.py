@@ -303,6 +303,30 @@ def test_public_filter_eps_on_peaked_case():
     assert ((grads[eps][1] - grads[None][1]).abs() <= bound_w + 1e-7).all()
 
 
+@pytest.mark.parametrize("label_smoothing", [0.1, 0.01])
+def test_filter_with_label_smoothing_drops_nothing_above_filter_eps(label_smoothing):
+    """A skipped tile is written as zeros, which also drops label smoothing's -eps_ls / V on
+    each of its logits. With eps_ls / V = 4.9e-5 above filter_eps = 1e-5 that is more than
+    the filter may drop (it once was: d_weight off by twice the bound below), so nothing
+    is skipped; with 4.9e-6 below it the tiles are skipped within the same bound."""
+    x, w, y = _peaked_problem()
+    eps = 1e-5
+    grads = {}
+    for filter_eps in (None, eps):
+        xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+        linear_cross_entropy(xg, wg, y, backend="triton", filter_eps=filter_eps,
+                             label_smoothing=label_smoothing).backward()
+        grads[filter_eps] = (xg.grad, wg.grad)
+    # A dropped logit gradient is q / N - eps_ls / V / N with both terms in [0, eps / N].
+    n = x.shape[0]
+    bound_x = eps / n * w.abs().sum(dim=0)
+    bound_w = eps / n * x.abs().sum(dim=0)
+    assert ((grads[eps][0] - grads[None][0]).abs() <= bound_x + 1e-7).all()
+    assert ((grads[eps][1] - grads[None][1]).abs() <= bound_w + 1e-7).all()
+    dropped = (grads[eps][1] - grads[None][1]).abs().max()
+    assert (dropped == 0) if label_smoothing / w.shape[0] >= eps else (dropped > 0)
+
+
 def test_deterministic_mode_is_bitwise_reproducible():
     x64, w64, b64, target = make_problem(40, 20, 100, k=4, seed=15)
     x, w, b = x64.float(), w64.float(), b64.float()

@@ -34,7 +34,7 @@ times a power of two (`gemm.gradient_scale`) that its GEMMs' fp32 products take 
 
 With `filter_eps`, a tile whose largest softmax value (from the forward's per-block
 maxima) is below it, and that holds no target id, is written as zeros without
-recomputing it.
+recomputing it; with label smoothing only while its eps / V is below filter_eps too.
 """
 
 from __future__ import annotations
@@ -285,6 +285,10 @@ def backward(x: Tensor, weight: Tensor, bias: Tensor | None, slot_ids: Tensor, l
     uniform = None if uniform is None else (uniform * scale).float().contiguous()
     lse = lse.contiguous()
     filter_eps = options.resolved_filter_eps(x.dtype)
+    if filter_eps is not None and uniform is not None and options.label_smoothing / v >= filter_eps:
+        # A skipped tile is written as zeros, dropping label smoothing's eps / V on each of its
+        # logits along with the softmax values: a drop filter_eps allows only below it.
+        filter_eps = None
     d_input = torch.empty_like(x) if need_dx else None
     # Contiguous whatever the head's strides: each vocabulary chunk is one GEMM's output.
     d_weight = torch.empty(weight.shape, dtype=weight.dtype, device=dev) if need_dw else None
