@@ -655,13 +655,16 @@ def _dense_fallback(sample: Sample, x: Tensor, weight: Tensor, bias: Tensor | No
     # rows at a time in the other half.
     logit_rows = max(1, budget // (2 * 4 * vocab))
     sample_rows = max(1, budget // (2 * DENSE_BYTES_PER_LOGIT * vocab))
+    per_row_seeds = isinstance(seed, Tensor) and seed.dim() == 1
     for i in range(0, len(rows), logit_rows):
         logit_block = rows[i : i + logit_rows]
         logits = dense_logits(x[logit_block], weight, bias, softcap, budget // 4)
         for k in range(0, len(logit_block), sample_rows):
             block = logit_block[k : k + sample_rows]
-            block_positions = block if positions is None else positions[block]
-            block_seed = seed[block] if isinstance(seed, Tensor) and seed.dim() == 1 else seed
+            # Without positions a row is named by its index in the batch, but by its seed
+            # alone when seeds are per row (`row_keys` then takes position 0, not the index).
+            block_positions = positions[block] if positions is not None else None if per_row_seeds else block
+            block_seed = seed[block] if per_row_seeds else seed
             dense = _dense_truncated_sample(logits[k : k + sample_rows], options, block_seed, block_positions,
                                             draws)
             for out, value in zip(sample, dense):

@@ -111,6 +111,21 @@ def test_nucleus_larger_than_the_candidates_takes_the_exact_fallback():
     torch.testing.assert_close(a.logprobs, c.logprobs, rtol=0, atol=0)
 
 
+def test_fallback_rows_with_per_row_seeds_are_named_by_their_seed():
+    """Per-row seeds without positions: a row's noise is keyed by its seed alone (position
+    0), in the exact fallback too, so each row draws what it draws in a batch of one."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 8, generator=gen, dtype=torch.float64) * 0.01  # flat rows: every row falls back
+    w = torch.randn(300, 8, generator=gen, dtype=torch.float64)
+    seeds = torch.randint(-(2**62), 2**62, (5,), generator=gen)
+    want = linear_sample(x, w, top_p=0.95, seed=seeds, num_samples=3, backend="torch")
+    alone = torch.cat([linear_sample(x[i : i + 1], w, top_p=0.95, seed=seeds[i : i + 1], num_samples=3,
+                                     backend="torch").ids for i in range(5)])
+    assert torch.equal(want.ids, alone)
+    got = linear_sample(x, w, top_p=0.95, seed=seeds, num_samples=3, backend="chunked")
+    assert torch.equal(got.ids, want.ids)
+
+
 def _searched_mask(z: torch.Tensor, lse: torch.Tensor, options, monkeypatch) -> torch.Tensor:
     """kept_mask's result, which must come from the bucket search, not from a sort."""
     from distil_kernels.sampling import sample

@@ -426,6 +426,17 @@ def test_flat_head_fallback_draws_the_torch_ids(monkeypatch):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-5)
 
 
+def test_flat_head_fallback_with_per_row_seeds():
+    """Per-row seeds without positions key each row by its seed alone (position 0), in
+    the dense fallback too: the torch ids, not the noise of the rows' batch indices."""
+    x, w, b = make_problem(5, 300, 8, torch.float32, seed=5, scale=0.01)
+    seeds = torch.randint(-(2**62), 2**62, (5,), generator=torch.Generator().manual_seed(6))
+    kwargs = dict(bias=b * 0.01, seed=seeds, top_p=0.95, num_samples=2)
+    got = linear_sample(x, w, backend="triton", **kwargs)
+    want = linear_sample(x, w, backend="torch", **kwargs)
+    assert torch.equal(got.ids, want.ids)
+
+
 def test_sample_rejects_float64():
     x, w, _ = make_problem(3, 20, 4, torch.float64, seed=0)
     with pytest.raises(TypeError, match="float64"):
