@@ -204,15 +204,18 @@ def gather_candidates(z: Tensor, ids: Tensor, k: int, shard: VocabShard) -> tupl
     return merge_candidates(all_z, all_ids, k, shard.vocab_size)
 
 
-def sharded_topk(input: Tensor, weight: Tensor, bias: Tensor | None, k: int, softcap, temperature: float,
-                 backend: str, workspace_bytes, shard: VocabShard):
-    """`linear_topk` over the whole vocabulary from this rank's shard: (ids, logprobs, lse)."""
-    from .sampling.topk import linear_topk
+def sharded_topk(x: Tensor, weight: Tensor, bias: Tensor | None, k: int, options, backend: str,
+                 shard: VocabShard):
+    """`linear_topk` of 2-D `x` over the whole vocabulary from this rank's shard: (ids, logprobs, lse).
 
-    local = linear_topk(input, weight, min(k, shard.size), bias=bias, softcap=softcap, temperature=temperature,
-                        backend=backend, workspace_bytes=workspace_bytes)
+    The shards' candidates are merged by their logits as computed, so equal logits on two
+    shards stay equal and go to the lower id.
+    """
+    from .sampling.topk import topk_candidates
+
+    local = topk_candidates(x, weight, bias, min(k, shard.size), options, backend)
     lse = merge_lse(local.lse, shard)
-    values, ids = gather_candidates(local.logprobs + local.lse[:, None], local.ids + shard.start, k, shard)
+    values, ids = gather_candidates(local.values, local.ids + shard.start, k, shard)
     return ids, values - lse[:, None], lse
 
 
@@ -224,12 +227,12 @@ class ShardedCandidates:
         self.shard = shard
 
     def __call__(self, x, weight, bias, k, options, raw_lse=False):
-        from .sampling.topk import chunked_topk
+        from .sampling.topk import Candidates, chunked_topk
 
-        ids, logprobs, lse, lse_raw = chunked_topk(x, weight, bias, min(k, self.shard.size), options, raw_lse)
-        z, ids = gather_candidates(logprobs.float() + lse.float()[:, None], ids + self.shard.start, k, self.shard)
-        lse = merge_lse(lse.float(), self.shard)
-        return ids, z - lse[:, None], lse, None if lse_raw is None else merge_lse(lse_raw.float(), self.shard)
+        local = chunked_topk(x, weight, bias, min(k, self.shard.size), options, raw_lse)
+        z, ids = gather_candidates(local.values.float(), local.ids + self.shard.start, k, self.shard)
+        lse_raw = None if local.lse_raw is None else merge_lse(local.lse_raw.float(), self.shard)
+        return Candidates(ids, z, merge_lse(local.lse.float(), self.shard), lse_raw)
 
 
 class ShardedDenseLogits:
@@ -257,28 +260,18 @@ class ShardedDenseLogits:
 def sharded_sample(x: Tensor, weight: Tensor, bias: Tensor | None, softcap, options, seed, positions, keys,
                    workspace_bytes, truncated: bool, shard: VocabShard):
     """`linear_sample` over the whole vocabulary from this rank's shard (the chunked sweep)."""
-    from .sampling.sample import Sample, _candidate_sample, _sweep_sample, at_temperature, gumbel_noise
+    from .sampling.sample import SweepDraws, _candidate_sample, _sweep_sample
 
     if truncated:
         return _candidate_sample(x, weight, bias, softcap, options, seed, positions, keys, workspace_bytes,
                                  top=ShardedCandidates(shard), dense_logits=ShardedDenseLogits(shard),
                                  vocab_size=shard.vocab_size)
     local = _sweep_sample(x, weight, bias, softcap, options, keys, workspace_bytes, id_offset=shard.start)
-    raw = local.raw_logprobs + local.lse[:, None]  # the winners' logits at temperature 1
-    if options.greedy:
-        score = raw
-    else:
-        z = at_temperature(raw, options.temperature)
-        noise = torch.stack([gumbel_noise(local.ids[:, j : j + 1], keys, j)[:, 0] for j in range(raw.shape[1])], 1)
-        score = z + noise
-    # Every rank's winners; the best score wins, equal scores go to the lower id.
-    all_score, all_ids, all_raw = (_all_gather(t, shard) for t in (score, local.ids, raw))
+    # Every rank's winners, by their scores as computed: the best score wins, equal scores
+    # (equal logits when greedy) go to the lower id.
+    all_score, all_ids, all_raw = (_all_gather(t, shard) for t in (local.score, local.ids, local.raw))
     best = all_score.max(dim=0, keepdim=True).values
     winner = torch.where(all_score == best, all_ids, shard.vocab_size).min(dim=0).values
     raw_best = torch.where(all_ids == winner[None], all_raw, -torch.inf).amax(dim=0)
-    lse_raw = merge_lse(local.lse, shard)
-    raw_logprobs = raw_best - lse_raw[:, None]
-    if options.greedy:
-        return Sample(winner, torch.zeros_like(raw_logprobs), raw_logprobs, lse_raw)
-    lse_z = merge_lse((at_temperature(raw, options.temperature) - local.logprobs)[:, 0], shard)
-    return Sample(winner, at_temperature(raw_best, options.temperature) - lse_z[:, None], raw_logprobs, lse_raw)
+    draws = SweepDraws(winner, best[0], raw_best, merge_lse(local.lse_raw, shard), merge_lse(local.lse_z, shard))
+    return draws.sample(options)

@@ -25,6 +25,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from .gemm import CUDA_FP32_OUTPUT_MM, mm_fp32
 from .options import LossOptions
 from .reference import LossStats, compute_dtype, reduce_loss
 from .targets import RowTerms, Slots, row_terms, row_upstream, row_weights
@@ -126,7 +127,13 @@ def logits_tile(ws: Workspace, x_rows: Tensor, weight: Tensor, bias: Tensor | No
     """z = softcap(x W[v0:v1].T + b) / T into the workspace; also tanh(u/c) with a softcap."""
     rows, cols = x_rows.shape[0], v1 - v0
     z = ws.view(ws.tile, rows, cols)
-    if ws.low is not None:
+    if ws.low is not None and z.is_cuda and CUDA_FP32_OUTPUT_MM:
+        # The GEMM writes its fp32 accumulator: no rounding to the input dtype (the
+        # triton and cuda backends' logits, where the k > 256 top-k and the truncated
+        # sampler's fallbacks come here), and 4 bytes written a logit instead of 2 plus a
+        # 2-to-4-byte copy.
+        mm_fp32(x_rows, weight[v0:v1].T, z)
+    elif ws.low is not None:
         # CPU GEMMs have no bf16-in/fp32-out form: the product is accumulated in fp32
         # inside the GEMM and rounded once to the input dtype, as F.linear does.
         low = ws.view(ws.low, rows, cols)

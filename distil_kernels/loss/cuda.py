@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from .chunked import CoefFn, Grads, SweepStats, TermsCoefFn, chunked_gradients, chunked_linear_cross_entropy
-from .gemm import addmm_fp32, gradient_scale, mm_fp32
+from .gemm import CUDA_FP32_OUTPUT_MM, addmm_fp32, gradient_scale, mm_fp32
 from .options import BUCKET_CLAMP, LossOptions
 from .reference import LossStats
 from .targets import Slots, TargetWeights, target_weights, weighted_row_terms
@@ -176,7 +176,7 @@ def extension_ops() -> EpilogueOps:
     from ..cuda_ext import extension
 
     ext = extension()
-    if "dtype_out" not in torch.ops.aten.mm.overloads():
+    if not CUDA_FP32_OUTPUT_MM:
         raise RuntimeError(f"backend='cuda' needs torch's fp32-output mm for bf16/fp16 operands "
                            f"(aten::mm.dtype_out), which torch {torch.__version__} lacks")
 

@@ -40,6 +40,11 @@ def gradient_scale(dtype: torch.dtype, row_coef: Tensor, slot_coef: Tensor, unif
     return 2.0 ** min(64, max(0, math.floor(math.log2(FP16_GRADIENT_CEILING / top))))
 
 
+# CUDA torch's GEMM with an fp32 output for bf16/fp16 operands (aten::mm.dtype_out,
+# torch >= 2.8).
+CUDA_FP32_OUTPUT_MM = "dtype_out" in torch.ops.aten.mm.overloads()
+
+
 def mm_fp32(a: Tensor, b: Tensor, out: Tensor) -> None:
     """out (fp32) = a @ b, a bf16/fp16 product never rounded to the operands' dtype.
 

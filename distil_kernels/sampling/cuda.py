@@ -30,6 +30,7 @@ from torch import Tensor
 from ..loss.cuda import REFERENCE_OPS, EpilogueOps, chunk_rows, extension_ops
 from ..loss.options import LossOptions
 from .sample import at_temperature
+from .topk import Candidates, chunked_topk
 
 # csrc/sampling_epilogue.h: kMaxTopK (the candidates of a row sort in shared memory).
 MAX_TOPK = 1024
@@ -164,28 +165,20 @@ def _lse(partial: Tensor, column: int) -> Tensor:
 
 
 def cuda_topk(x: Tensor, weight: Tensor, bias: Tensor | None, k: int, options: LossOptions, raw_lse: bool = False,
-              ops: SamplingOps | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """`chunked_topk`'s result (ids, logprobs, lse, raw lse or None) by the csrc/ kernels."""
+              ops: SamplingOps | None = None) -> Candidates:
+    """`chunked_topk`'s result by the csrc/ kernels."""
     if k > MAX_TOPK:
-        from .topk import chunked_topk
-
         return chunked_topk(x, weight, bias, k, options, raw_lse)
     ops = ops if ops is not None else extension_sampling_ops()
     rows = x.shape[0]
     dev = x.device
     ids = torch.empty(rows, k, dtype=torch.int64, device=dev)
-    logprobs = torch.empty(rows, k, dtype=torch.float32, device=dev)
-    lse = torch.empty(rows, dtype=torch.float32, device=dev)
-    lse_raw = torch.empty(rows, dtype=torch.float32, device=dev) if raw_lse else None
     partial = torch.empty(rows, 4, dtype=torch.float32, device=dev)
     values = torch.empty(rows, k, dtype=torch.float32, device=dev)
     for r0, r1, logits in _raw_chunks(x, weight, bias, options.softcap, options.workspace_bytes, ops.epilogue):
         ops.row_topk(logits, k, options.temperature, values[r0:r1], ids[r0:r1], partial[r0:r1])
-    lse.copy_(_lse(partial, 2))
-    torch.sub(at_temperature(values, options.temperature), lse[:, None], out=logprobs)
-    if lse_raw is not None:
-        lse_raw.copy_(_lse(partial, 0))
-    return ids, logprobs, lse, lse_raw
+    return Candidates(ids, at_temperature(values, options.temperature), _lse(partial, 2),
+                      _lse(partial, 0) if raw_lse else None)
 
 
 def cuda_dense_draws(z: Tensor, keys, num_samples: int, ops: SamplingOps | None = None) -> Tensor:

@@ -385,8 +385,27 @@ CANDIDATES = 256
 NOISE_BLOCK_CPU = 1 << 20
 
 
+@dataclass(frozen=True)
+class SweepDraws:
+    """What a sweep of the vocabulary (or of a shard of it) leaves: each draw's winner and
+    its score and logit as computed, so that shards compare winners exactly."""
+
+    ids: Tensor  # [B, n] int64
+    score: Tensor  # [B, n] fp32: z + noise, or z itself when greedy
+    raw: Tensor  # [B, n] fp32: the winners' logits at temperature 1
+    lse_raw: Tensor  # [B] fp32
+    lse_z: Tensor  # [B] fp32 (unused when greedy)
+
+    def sample(self, options: SamplingOptions) -> Sample:
+        raw_logprobs = self.raw - self.lse_raw[:, None]
+        if options.greedy:
+            return Sample(self.ids, torch.zeros_like(raw_logprobs), raw_logprobs, self.lse_raw)
+        logprobs = at_temperature(self.raw, options.temperature) - self.lse_z[:, None]
+        return Sample(self.ids, logprobs, raw_logprobs, self.lse_raw)
+
+
 def _sweep_sample(x: Tensor, weight: Tensor, bias: Tensor | None, softcap: float | None,
-                  options: SamplingOptions, keys, workspace_bytes: int | None, id_offset: int = 0) -> Sample:
+                  options: SamplingOptions, keys, workspace_bytes: int | None, id_offset: int = 0) -> SweepDraws:
     """Untruncated or greedy sampling in one pass: online lse and a running Gumbel argmax.
 
     `id_offset`: the vocabulary id of weight's first row (a shard's), which names the
@@ -407,6 +426,7 @@ def _sweep_sample(x: Tensor, weight: Tensor, bias: Tensor | None, softcap: float
     best_raw = torch.zeros(rows, n, dtype=torch.float32, device=dev)
     lse_raw = torch.empty(rows, dtype=torch.float32, device=dev)
     lse_z = torch.empty(rows, dtype=torch.float32, device=dev)
+    scores = torch.empty(rows, n, dtype=torch.float32, device=dev)
     for r0 in range(0, rows, plan.rows):
         r1 = min(r0 + plan.rows, rows)
         chunk_keys = tuple(k[r0:r1] for k in keys)
@@ -445,10 +465,8 @@ def _sweep_sample(x: Tensor, weight: Tensor, bias: Tensor | None, softcap: float
                     fold_lse_(z_max, z_sum, z)
         lse_raw[r0:r1] = raw_max + raw_sum.log()
         lse_z[r0:r1] = z_max + z_sum.log()
-    raw_logprobs = best_raw - lse_raw[:, None]
-    if options.greedy:
-        return Sample(ids, torch.zeros_like(raw_logprobs), raw_logprobs, lse_raw)
-    return Sample(ids, at_temperature(best_raw, options.temperature) - lse_z[:, None], raw_logprobs, lse_raw)
+        scores[r0:r1] = best_score
+    return SweepDraws(ids, scores, best_raw, lse_raw, lse_z)
 
 
 def _refuse_nan_rows(lse: Tensor) -> None:
@@ -497,15 +515,16 @@ def _candidate_sample(x: Tensor, weight: Tensor, bias: Tensor | None, softcap: f
         top = cuda_topk
     elif top is None:
         top = chunked_topk
-    cand_ids, cand_logprobs, lse_z, lse_raw = top(x, weight, bias, num_candidates, z_options,
-                                                  raw_lse=options.temperature != 1.0)
-    cand_logprobs, lse_z = cand_logprobs.float(), lse_z.float()
-    lse_raw = lse_z if lse_raw is None else lse_raw.float()
+    cand = top(x, weight, bias, num_candidates, z_options, raw_lse=options.temperature != 1.0)
+    # The candidates' own logits, not logprobs + lse: that would round each once more and
+    # could split equal logits, or move one across the kept set's boundary.
+    cand_ids, cand_z, lse_z = cand.ids, cand.values.float(), cand.lse.float()
+    lse_raw = lse_z if cand.lse_raw is None else cand.lse_raw.float()
     # A NaN logit makes its row's lse NaN. No score then equals the row's best, and the
     # draw below would return the out-of-range id V. This path waits for the host on its
     # unsettled rows anyway: one more short wait.
     _refuse_nan_rows(lse_z)
-    cand_z = cand_logprobs + lse_z[:, None]
+    cand_logprobs = cand_z - lse_z[:, None]
     length = kept_prefix(cand_z, lse_z, options)
     settled = _settled(cand_logprobs, length, options, num_candidates, vocab)
     ranks = torch.arange(num_candidates, device=x.device)
@@ -594,10 +613,10 @@ def _dense_truncated_sample(raw_logits: Tensor, options: SamplingOptions, seed: 
 
 def _tile_logits(x: Tensor, weight: Tensor, bias: Tensor | None, softcap: float | None, budget: int) -> Tensor:
     """softcap(x W^T + b) [rows, V] as the chunked sweep's tiles hold them (fp32; float64
-    for float64): a bf16 or fp16 GEMM's output rounded to its dtype first, as F.linear
-    does, so the fallback rows of the chunked backend sample the logits its candidates
-    came from, with the input dtype's GEMM rate (a bf16 head cast to fp32 took 5x the
-    GEMM on the CPU). `budget` is unused: the rows' logits are the workspace.
+    for float64; on the CPU a bf16 or fp16 GEMM's output rounded to its dtype first, as
+    F.linear does), so the fallback rows of the chunked backend sample the logits its
+    candidates came from, with the input dtype's GEMM rate (a bf16 head cast to fp32 took
+    5x the GEMM on the CPU). `budget` is unused: the rows' logits are the workspace.
     """
     from ..loss.chunked import ChunkPlan, Workspace, logits_tile
     from ..loss.options import LossOptions
@@ -746,4 +765,4 @@ def linear_sample(input: Tensor, weight: Tensor, *, temperature: float = 1.0, to
             from .cuda import cuda_sample
 
             return cuda_sample(input, weight, bias, softcap, options, keys, workspace_bytes)
-        return _sweep_sample(input, weight, bias, softcap, options, keys, workspace_bytes)
+        return _sweep_sample(input, weight, bias, softcap, options, keys, workspace_bytes).sample(options)

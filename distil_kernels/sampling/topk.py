@@ -37,18 +37,35 @@ class TopK(NamedTuple):
     lse: Tensor  # [N] fp32, log-sum-exp of z
 
 
+class Candidates(NamedTuple):
+    """A backend's top-k of 2-D rows: the candidates' own logits, not their log-probs.
+
+    Truncated sampling and the merge of vocabulary shards compare candidates by their
+    logits; `logprobs + lse` would round each once more, differently where the lse
+    differs (one shard's against another's), and split equal logits apart.
+    """
+
+    ids: Tensor  # [N, k] int64, descending z, ties to the lower id
+    values: Tensor  # [N, k] z = softcap(x W^T + b) / T at the ids, in the compute dtype
+    lse: Tensor  # [N] log-sum-exp of z
+    lse_raw: Tensor | None  # [N] log-sum-exp of softcap(x W^T + b), when asked for
+
+    @property
+    def logprobs(self) -> Tensor:
+        return self.values - self.lse[:, None]
+
+
 # --------------------------------------------------------------------------------------
 # Reference (the `torch` backend)
 # --------------------------------------------------------------------------------------
 
 
-def reference_topk(x: Tensor, weight: Tensor, bias: Tensor | None, k: int, options: LossOptions
-                   ) -> tuple[Tensor, Tensor, Tensor]:
-    """(ids [N, k], logprobs [N, k], lse [N]) of 2-D `x` in the compute dtype, from dense logits."""
+def reference_topk(x: Tensor, weight: Tensor, bias: Tensor | None, k: int, options: LossOptions) -> Candidates:
+    """The top-k of 2-D `x` in the compute dtype, from dense logits (no raw lse)."""
     z = reference_logits(x, weight, bias, options)
     lse = torch.logsumexp(z, dim=1)
     values, ids = torch.sort(z, dim=1, descending=True, stable=True)
-    return ids[:, :k], values[:, :k] - lse[:, None], lse
+    return Candidates(ids[:, :k], values[:, :k], lse, None)
 
 
 # --------------------------------------------------------------------------------------
@@ -220,10 +237,10 @@ def fold_lse_(run_max: Tensor, run_sum: Tensor, values: Tensor) -> None:
 
 
 def chunked_topk(x: Tensor, weight: Tensor, bias: Tensor | None, k: int, options: LossOptions,
-                 raw_lse: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """(ids [N, k], logprobs [N, k], lse [N], raw lse [N] or None) of 2-D `x`, tile by tile.
+                 raw_lse: bool = False) -> Candidates:
+    """The top-k of 2-D `x`, tile by tile, in the compute dtype.
 
-    Values are in the compute dtype. With `raw_lse` the same pass also folds the
+    With `raw_lse` the same pass also folds the
     log-sum-exp of the logits at temperature 1 (z times the temperature), which truncated
     sampling needs beside the candidates: one sweep over the vocabulary, not two.
     """
@@ -233,7 +250,7 @@ def chunked_topk(x: Tensor, weight: Tensor, bias: Tensor | None, k: int, options
     plan = plan_chunks(num_rows, vocab_size, x.dtype, x.device, options, SWEEP_CPU_ROWS, SWEEP_CPU_MIN_TILE)
     ws = Workspace(plan, x.dtype, x.device, options.softcap is not None)
     out_ids = torch.empty(num_rows, k, dtype=torch.int64, device=x.device)
-    out_logprobs = torch.empty(num_rows, k, dtype=cdt, device=x.device)
+    out_values = torch.empty(num_rows, k, dtype=cdt, device=x.device)
     lse = torch.empty(num_rows, dtype=cdt, device=x.device)
     lse_raw = torch.empty(num_rows, dtype=cdt, device=x.device) if raw_lse else None
     for r0 in range(0, num_rows, plan.rows):
@@ -257,8 +274,8 @@ def chunked_topk(x: Tensor, weight: Tensor, bias: Tensor | None, k: int, options
         if raw_lse:
             lse_raw[r0:r1] = raw_max + raw_sum.log()
         out_ids[r0:r1] = best_ids
-        out_logprobs[r0:r1] = best_values - lse[r0:r1, None]
-    return out_ids, out_logprobs, lse, lse_raw
+        out_values[r0:r1] = best_values
+    return Candidates(out_ids, out_values, lse, lse_raw)
 
 
 # --------------------------------------------------------------------------------------
@@ -331,30 +348,33 @@ def linear_topk(
     options = _topk_options(softcap, temperature, workspace_bytes)
     name = resolve_backend(backend, input.device, input.dtype)
     check_backend_dtype(name, input.dtype)
+    x = input.reshape(-1, input.shape[-1])
     if shard is not None:
         with torch.no_grad():
-            ids, logprobs, lse = sharded_topk(input.reshape(-1, input.shape[-1]), weight, bias, k, softcap,
-                                              temperature, backend, workspace_bytes, shard)
+            ids, logprobs, lse = sharded_topk(x, weight, bias, k, options, name, shard)
         return TopK(ids.contiguous(), logprobs.float().contiguous(), lse.float().contiguous())
     if torch.compiler.is_compiling():
         from ..library import linear_topk_op
 
-        flat = input.reshape(-1, input.shape[-1])
-        return TopK(*linear_topk_op(flat, weight, bias, k, softcap, float(temperature), name, workspace_bytes))
-    x = input.reshape(-1, input.shape[-1])
+        return TopK(*linear_topk_op(x, weight, bias, k, softcap, float(temperature), name, workspace_bytes))
     with torch.no_grad():
-        if bias is not None:
-            bias = bias.to(compute_dtype(input.dtype))
-        if name == "torch":
-            ids, logprobs, lse = reference_topk(x, weight, bias, k, options)
-        elif name == "triton":
-            from .triton import triton_topk
+        top = topk_candidates(x, weight, bias, k, options, name)
+    return TopK(top.ids.contiguous(), top.logprobs.float().contiguous(), top.lse.float().contiguous())
 
-            ids, logprobs, lse, _ = triton_topk(x, weight, bias, k, options)
-        elif name == "cuda":
-            from .cuda import cuda_topk
 
-            ids, logprobs, lse, _ = cuda_topk(x, weight, bias, k, options)
-        else:
-            ids, logprobs, lse, _ = chunked_topk(x, weight, bias, k, options)
-    return TopK(ids.contiguous(), logprobs.float().contiguous(), lse.float().contiguous())
+def topk_candidates(x: Tensor, weight: Tensor, bias: Tensor | None, k: int, options: LossOptions,
+                    backend: str) -> Candidates:
+    """The top-k of 2-D `x` by the resolved `backend` (no raw lse)."""
+    if bias is not None:
+        bias = bias.to(compute_dtype(x.dtype))
+    if backend == "torch":
+        return reference_topk(x, weight, bias, k, options)
+    if backend == "triton":
+        from .triton import triton_topk
+
+        return triton_topk(x, weight, bias, k, options)
+    if backend == "cuda":
+        from .cuda import cuda_topk
+
+        return cuda_topk(x, weight, bias, k, options)
+    return chunked_topk(x, weight, bias, k, options)

@@ -35,6 +35,7 @@ def _problem():
     w = torch.randn(VOCAB, DIM, generator=gen, dtype=torch.float64)
     w[64] = w[5]  # equal logits on two shards: ties go to the lower id
     b = torch.randn(VOCAB, generator=gen, dtype=torch.float64)
+    b[64] = b[5]
     labels = torch.randint(0, VOCAB, (ROWS,), generator=gen)
     labels[3] = -100
     ids = torch.stack([torch.randperm(VOCAB, generator=gen)[:6] for _ in range(ROWS)])
@@ -94,13 +95,26 @@ def _check_topk_and_sample(rank, start, end, group):
     x, w, b, _, _ = _problem()
     x, w, b = x.float(), w.float(), b.float()
     shard = dict(process_group=group, vocab_start=start)
-    for k in (1, 7, 45):  # 45: more than the smallest shard holds
+    # 45: more than the smallest shard holds; VOCAB: every row holds the equal logits 5 and
+    # 64, which a shard's candidates merged as logprob + its own lse rounded apart in about
+    # a third of the rows, so that 64 could come first.
+    for k in (1, 7, 45, VOCAB):
         want = linear_topk(x, w, k, bias=b, softcap=6.0, temperature=0.8, backend="chunked")
         got = linear_topk(x, w[start:end], k, bias=b[start:end], softcap=6.0, temperature=0.8, backend="chunked",
                           **shard)
         assert torch.equal(got.ids, want.ids), k
         torch.testing.assert_close(got.logprobs, want.logprobs, rtol=0, atol=2e-6)
         torch.testing.assert_close(got.lse, want.lse, rtol=0, atol=2e-6)
+    # Rows whose two best ids are the equal logits 5 and 64, on different shards.
+    tied = w[5] * torch.linspace(6.0, 12.0, 8)[:, None]
+    for temperature in (1.0, 0.7):
+        top = linear_topk(tied, w[start:end], 2, bias=b[start:end], temperature=temperature, backend="chunked",
+                          **shard)
+        assert (top.ids == torch.tensor([5, 64])).all(), top.ids
+        assert torch.equal(top.logprobs[:, 0], top.logprobs[:, 1])
+    for options in (dict(temperature=0.0), dict(temperature=0.0, top_k=3)):
+        greedy = linear_sample(tied, w[start:end], bias=b[start:end], backend="chunked", **shard, **options)
+        assert (greedy.ids == 5).all(), (options, greedy.ids)
     seeds = torch.arange(ROWS, dtype=torch.int64) * 7919 + 11
     for options in (dict(temperature=0.8, num_samples=3), dict(temperature=0.0), dict(top_p=0.5, min_p=0.02),
                     dict(top_k=10, temperature=1.3)):

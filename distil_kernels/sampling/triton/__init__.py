@@ -7,6 +7,6 @@ this package needs `triton`; the rest of distil_kernels does not.
 """
 
 from .sample import triton_sample
-from .topk import TritonTopK, triton_topk
+from .topk import triton_topk
 
-__all__ = ["TritonTopK", "triton_sample", "triton_topk"]
+__all__ = ["triton_sample", "triton_topk"]

@@ -40,7 +40,6 @@ several times the tile's matmul: on an H100 (bench/RESULTS.md, 2026-11-26) it to
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import torch
 import triton
@@ -51,18 +50,12 @@ from ...loss.options import LossOptions
 from ...loss.triton.lse_forward import merge_lse
 from ...loss.triton.tiles import fold_lse, logits_tile
 from ...loss.triton.configs import ENABLE_FP_FUSION, kernel_operands
+from ..topk import Candidates
 from .configs import MAX_TOPK, TileConfig, select_threshold_config, select_topk_config
 from .splits import plan_splits
 
 # The key of a masked entry: below the key of every float, -inf and NaN included.
 EMPTY_KEY = tl.constexpr(-(2**63))
-
-
-class TritonTopK(NamedTuple):
-    ids: Tensor  # [N, k] int64, descending probability, ties to the lower id
-    logprobs: Tensor  # [N, k] fp32, z[id] - lse
-    lse: Tensor  # [N] fp32, log-sum-exp of z = softcap(x W^T + b) / T
-    lse_raw: Tensor | None  # [N] fp32, log-sum-exp of softcap(x W^T + b), when asked for
 
 
 @triton.jit
@@ -422,7 +415,7 @@ def threshold_topk(x: Tensor, weight: Tensor, bias: Tensor | None, k: int, optio
 
 def triton_topk(x: Tensor, weight: Tensor, bias: Tensor | None, k: int, options: LossOptions,
                 raw_lse: bool = False, config: TileConfig | None = None, capacity: int | None = None
-                ) -> TritonTopK:
+                ) -> Candidates:
     """Top-k of 2-D `x` [N, d] (fp16, bf16 or fp32) against `weight` [V, d]; `bias` fp32 or None.
 
     The threshold pass with the merge kernel for the rows it cannot settle; `capacity`
@@ -434,8 +427,9 @@ def triton_topk(x: Tensor, weight: Tensor, bias: Tensor | None, k: int, options:
     if k > MAX_TOPK:
         from ..topk import chunked_topk
 
-        ids, logprobs, lse, lse_raw = chunked_topk(x, weight, bias, k, options, raw_lse)
-        return TritonTopK(ids, logprobs.float(), lse.float(), None if lse_raw is None else lse_raw.float())
+        top = chunked_topk(x, weight, bias, k, options, raw_lse)
+        lse_raw = None if top.lse_raw is None else top.lse_raw.float()
+        return Candidates(top.ids, top.values.float(), top.lse.float(), lse_raw)
     n = x.shape[0]
     v = weight.shape[0]
     if x.stride(-1) != 1:
@@ -467,4 +461,4 @@ def triton_topk(x: Tensor, weight: Tensor, bias: Tensor | None, k: int, options:
     redo = (~settled).nonzero()[:, 0]
     if redo.numel() > 0:
         values[redo], ids[redo], _, _ = merged_topk(x[redo], weight, bias, k, options)
-    return TritonTopK(ids, values - lse[:, None], lse, lse_raw)
+    return Candidates(ids, values, lse, lse_raw)
