@@ -8,7 +8,7 @@ passed), `num_items_in_batch` (a sum divided by it, as transformers' loss does) 
 final-logit softcapping of Gemma 2 and 3. `logits` is None in that output. Anything else
 (evaluation, no labels, `generate`) goes to the original forward unchanged.
 
-Covered: Llama, Mistral, Qwen2, Qwen3, Gemma2, Gemma3, and any `*ForCausalLM` whose
+Covered: Llama, Llama 4, Mistral, Qwen2, Qwen3, Gemma2, Gemma3, and any `*ForCausalLM` whose
 logits are its `lm_head` (an `nn.Linear`) applied to the decoder's `last_hidden_state`
 and whose loss is transformers' shifted causal-LM loss (`self.loss_function`). Refused,
 not silently mis-trained: heads that rescale logits (a `logit_scale`, `logits_scaling`,
@@ -60,11 +60,15 @@ def _softcap(config) -> float | None:
 
 
 def _decoder(model: nn.Module) -> nn.Module:
-    decoder = getattr(model, getattr(model, "base_model_prefix", "model"), None)
-    if not isinstance(decoder, nn.Module) or decoder is model:
-        raise TypeError(f"patch_model: {type(model).__name__} has no decoder at "
-                        f"model.{getattr(model, 'base_model_prefix', 'model')}; expected a transformers *ForCausalLM")
-    return decoder
+    # `base_model_prefix` names the decoder, except where a class shares its prefix with
+    # a multimodal sibling (Llama 4's text model says "language_model" and holds `model`).
+    prefix = getattr(model, "base_model_prefix", "model")
+    for name in dict.fromkeys((prefix, "model")):
+        decoder = getattr(model, name, None)
+        if isinstance(decoder, nn.Module) and decoder is not model:
+            return decoder
+    raise TypeError(f"patch_model: {type(model).__name__} has no decoder at model.{prefix} or model.model; "
+                    f"expected a transformers *ForCausalLM")
 
 
 def _check_model(model: nn.Module) -> None:

@@ -26,6 +26,10 @@ FAMILIES = {
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=8)),
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(head_dim=8, final_logit_softcapping=3.0)),
     "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(head_dim=8, final_logit_softcapping=3.0)),
+    # base_model_prefix "language_model", its decoder at `model`; a mixture-of-experts layer.
+    "llama4": ("Llama4TextConfig", "Llama4ForCausalLM", dict(
+        head_dim=8, intermediate_size_mlp=64, num_local_experts=2, attention_chunk_size=4, moe_layers=[1],
+        layer_types=["chunked_attention", "full_attention"], no_rope_layers=[1, 0])),
 }
 
 
