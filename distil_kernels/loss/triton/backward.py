@@ -124,10 +124,10 @@ def logits_grad_kernel(
         store_gradient(grad_ptr, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), pid_m, pid_n, offs_m, offs_n,
                        row_ok, col_ok, stride_gn, BLOCK_M, BLOCK_N, USE_TMA)
     else:
-        z, tanh = logits_tile(
+        z, slope = logits_tile(
             x_ptr, w_ptr, b_ptr, offs_m, offs_n, pid_m * BLOCK_M, pid_n * BLOCK_N, N, V, D,
             stride_xn, stride_xd, stride_wv, stride_wd, softcap, inv_temp,
-            BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS, HAS_SOFTCAP, DOT_PRECISION, USE_TMA,
+            BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS, HAS_SOFTCAP, DOT_PRECISION, USE_TMA, SOFTCAP_SLOPE=True,
         )
         row_coef = tl.load(row_coef_ptr + offs_m, mask=row_ok, other=0.0)
         dz = tl.exp(z - lse[:, None]) * row_coef[:, None]
@@ -143,7 +143,7 @@ def logits_grad_kernel(
             coef = tl.where(offs_m == entry_row, tl.load(entry_coef_ptr + e), 0.0)
             dz -= tl.where(offs_n[None, :] == entry_col, coef[:, None], 0.0)
         if HAS_SOFTCAP:
-            dz *= 1.0 - tanh * tanh
+            dz *= slope  # 1 - tanh^2, from the tile: near saturation a rounded tanh leaves only noise
         store_gradient(grad_ptr, dz, pid_m, pid_n, offs_m, offs_n, row_ok, col_ok, stride_gn, BLOCK_M, BLOCK_N,
                        USE_TMA)
 

@@ -26,8 +26,37 @@ def grouped_program(pid, num_m_blocks, num_n_tiles, GROUP_M: tl.constexpr):
 
 @triton.jit
 def tanh_fp32(y):
-    # 1 - 2 / (exp(2y) + 1) saturates to +-1 without overflow: exp(2y) = inf gives 1.
-    return 1.0 - 2.0 / (tl.exp(2.0 * y) + 1.0)
+    """tanh(y) to a few ulps relative (see `tanh_and_slope_fp32`)."""
+    tanh, _ = tanh_and_slope_fp32(y)
+    return tanh
+
+
+@triton.jit
+def tanh_and_slope_fp32(y):
+    """(tanh(y), 1 - tanh(y)^2) in fp32, each to a few ulps relative, for any y.
+
+    Both come from r = 1 - tanh|y| = 2 / (exp(2|y|) + 1), in (0, 1] with no overflow
+    (exp = inf gives r = 0: tanh = +-1, slope 0). The slope r (2 - r) is a product of
+    two accurate factors, where 1 - tanh^2 of a rounded tanh cancels as |y| grows (at
+    |y| = 8 the true 4.5e-7 is a few ulps of 1: errors of 10% and more).
+    1 - r cancels the other way, as |y| -> 0: an error of an ulp of 1, not of tanh, which
+    the softcap's c / T then scales (c = 30, T = 0.05: 4e-5 in z). Below |y| = 0.625 an
+    odd polynomial takes over, y + y^3 P(y^2), a relative minimax fit (4e-9) that is
+    exact for tiny y; above it tanh > 0.55 and 1 - r loses nothing.
+    """
+    a = tl.abs(y)
+    # exp(2a) as exp2(a * 2 log2(e)): tl.exp's own lowering on a GPU (ex2 of x log2(e)), less a product by 2
+    r = 2.0 / (tl.exp2(a * 2.8853900817779268) + 1.0)
+    # The polynomial of y clamped to its interval: past it the value goes unused, and
+    # y = +-inf (ids masked by a -inf bias) would make it inf - inf.
+    c = tl.minimum(tl.maximum(y, -0.625), 0.625)
+    s = c * c
+    p = -0.00570524717 * s + 0.0206393152
+    p = p * s - 0.0537397824
+    p = p * s + 0.133314431
+    p = p * s - 0.333332807
+    tanh = tl.where(a < 0.625, c + (c * s) * p, tl.where(y < 0.0, r - 1.0, 1.0 - r))
+    return tanh, r * (2.0 - r)
 
 
 @triton.jit
@@ -55,8 +84,10 @@ def logits_tile(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
     USE_TMA: tl.constexpr = False,  # x_ptr and w_ptr are tensor descriptors (sm_90)
+    SOFTCAP_SLOPE: tl.constexpr = False,  # return 1 - tanh(u / c)^2 in place of tanh(u / c)
 ):
-    """z = softcap(x W^T + b) / T for one [BLOCK_M, BLOCK_N] tile, fp32, and tanh(u / c).
+    """z = softcap(x W^T + b) / T for one [BLOCK_M, BLOCK_N] tile, fp32, and tanh(u / c)
+    (or, with SOFTCAP_SLOPE, the softcap's derivative 1 - tanh(u / c)^2; see `finish_logits`).
 
     Rows past N and columns past V load zeros (no out-of-bounds read); callers mask them.
     """
@@ -65,7 +96,7 @@ def logits_tile(
     else:
         acc = pointer_products(x_ptr, w_ptr, offs_m, offs_n, N, V, D, stride_xn, stride_xd, stride_wv, stride_wd,
                                BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION)
-    return finish_logits(acc, b_ptr, offs_n, offs_n < V, softcap, inv_temp, HAS_BIAS, HAS_SOFTCAP)
+    return finish_logits(acc, b_ptr, offs_n, offs_n < V, softcap, inv_temp, HAS_BIAS, HAS_SOFTCAP, SOFTCAP_SLOPE)
 
 
 @triton.jit
@@ -110,14 +141,21 @@ def descriptor_products(
 
 
 @triton.jit
-def finish_logits(acc, b_ptr, offs_n, col_ok, softcap, inv_temp, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
-    """(z, tanh(u / c)) of a tile of products `acc` = x W^T: bias, softcap and temperature applied."""
+def finish_logits(acc, b_ptr, offs_n, col_ok, softcap, inv_temp, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                  SOFTCAP_SLOPE: tl.constexpr = False):
+    """(z, tanh(u / c)) of a tile of products `acc` = x W^T: bias, softcap and temperature applied.
+
+    With SOFTCAP_SLOPE the second value is the chain factor 1 - tanh(u / c)^2 instead,
+    formed before tanh is rounded (it cannot be recovered from a rounded tanh near +-1).
+    Without a softcap it is the raw logit u. Triton drops whichever a kernel leaves unused.
+    """
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    tanh = acc
+    second = acc
     if HAS_SOFTCAP:
-        tanh = tanh_fp32(acc / softcap)
+        tanh, slope = tanh_and_slope_fp32(acc / softcap)
         acc = tanh * (softcap * inv_temp)
+        second = slope if SOFTCAP_SLOPE else tanh
     else:
         acc = acc * inv_temp
-    return acc, tanh
+    return acc, second
