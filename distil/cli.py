@@ -8,7 +8,9 @@
 With no arguments, `distil train` runs the embedded default (the addition task, the
 task's oracle as expert, the built-in tiny student) on the CPU in a few minutes. A TOML
 config file may set any training option (the names of `TrainConfig`); flags given on the
-command line win over the file.
+command line win over the file. `--resume` continues the run in OUT with the options its
+checkpoint was written with: flags and file may change only `train.RESUME_MAY_CHANGE`.
+Bad options are refused before anything runs, in one line naming the option.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ try:
 except ModuleNotFoundError:  # Python < 3.11
     import tomli as tomllib
 
-from .train import TrainConfig, Trainer
+from .train import TrainConfig, Trainer, saved_config
 
 _FLAG_TYPES = {"int": int, "float": float, "str": str}
 
@@ -53,29 +55,47 @@ def _parse_value(text: str):
     return {"true": True, "false": False}.get(text.lower(), text)
 
 
+def _read_config_file(path: Path) -> dict:
+    """The options of a TOML config file; a ValueError naming --config and the file."""
+    try:
+        with open(path, "rb") as f:
+            values = tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        raise ValueError(f"--config {path}: {reason} (a TOML file of training options)") from None
+    unknown = set(values) - set(TrainConfig.field_names())
+    if unknown:
+        raise ValueError(f"--config {path}: unknown option(s) {', '.join(sorted(unknown))}; "
+                         f"known: {', '.join(TrainConfig.field_names())}")
+    return values
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The run's options: the config file's, then the flags' (which win). With --resume,
+    the checkpoint's options come first, so `distil train --out DIR --resume` continues
+    the run in DIR as it was started (Trainer.check_resume refuses other changes)."""
     values: dict = {}
     if args.config is not None:
-        with open(args.config, "rb") as f:
-            values.update(tomllib.load(f))
-        unknown = set(values) - set(TrainConfig.field_names())
-        if unknown:
-            raise SystemExit(f"error: unknown option(s) in {args.config}: {', '.join(sorted(unknown))}; "
-                             f"known: {', '.join(TrainConfig.field_names())}")
+        values.update(_read_config_file(args.config))
     for name in TrainConfig.field_names():
         value = getattr(args, name, None)
         if value is not None:
             values[name] = value
-    options = dict(values.get("task_options", {}))
-    for item in args.task_option:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"error: --task-option takes KEY=VALUE, got {item!r}")
-        options[key] = _parse_value(value)
-    values["task_options"] = options
     if "out" not in values:
         values["out"] = f"runs/{values.get('task', 'addition')}-{values.get('objective', 'distil')}-" \
                         f"{values.get('seed', 0)}"
+    if getattr(args, "resume", False):
+        values = {**saved_config(values["out"]), **values}
+    options = values.get("task_options", {})
+    if not isinstance(options, dict):
+        raise TypeError(f"task_options must be a table, got {options!r}")
+    options = dict(options)
+    for item in args.task_option:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--task-option takes KEY=VALUE, got {item!r}")
+        options[key] = _parse_value(value)
+    values["task_options"] = options
     return TrainConfig(**values)
 
 
@@ -83,8 +103,15 @@ def train_main(args: argparse.Namespace) -> int:
     try:
         config = config_from_args(args)
         trainer = Trainer(config, progress=not args.no_progress)
+        if args.resume:
+            trainer.check_resume()
     except (ValueError, TypeError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
+        Path(config.out).mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # an --out where no directory can be made
+        print(f"error: out {config.out!r}: cannot create it: {err.strerror or err}", file=sys.stderr)
         return 2
     if not trainer.dist.main:  # under torchrun, rank 0 reports
         trainer.run(resume=args.resume)
@@ -117,7 +144,11 @@ def eval_main(args: argparse.Namespace) -> int:
     if args.samples is not None and args.samples < 1:
         print(f"error: --samples must be an int >= 1, got {args.samples}", file=sys.stderr)
         return 2
-    saved = json.loads(state_path.read_text())["config"]
+    try:
+        saved = json.loads(state_path.read_text())["config"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        print(f"error: --checkpoint {args.checkpoint}: cannot read {state_path}: {err}", file=sys.stderr)
+        return 2
     if args.task is not None and args.task != saved["task"]:
         saved["task"], saved["task_options"] = args.task, {}
     if args.samples is not None:
@@ -128,7 +159,12 @@ def eval_main(args: argparse.Namespace) -> int:
     except (ValueError, TypeError, FileNotFoundError) as err:  # an unknown --task, a cuda run on a CPU machine
         print(f"error: {err}", file=sys.stderr)
         return 2
-    trainer.load_checkpoint(directory)
+    try:
+        trainer.load_checkpoint(directory)
+    except (OSError, ValueError, KeyError, RuntimeError) as err:  # a damaged or foreign checkpoint
+        reason = " ".join(str(err).split())
+        print(f"error: --checkpoint {args.checkpoint}: cannot load it: {reason[:300]}", file=sys.stderr)
+        return 2
     metrics = trainer.evaluate()
     print(json.dumps({"checkpoint": str(directory), "task": saved["task"], "step": trainer.step,
                       **{k[5:]: round(v, 4) for k, v in metrics.items()}}, indent=2))

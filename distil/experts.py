@@ -217,7 +217,8 @@ def make_expert(spec: str, *, task: Task, student: LanguageModel, noise: float, 
             raise ValueError(f"expert 'ema:<decay>' needs a number in (0, 1) after 'ema:', got {spec!r}") from None
         expert = ModelExpert(student, top_k=top_k, ema=decay, backend=backend)
     elif spec.startswith("model:"):
-        expert = ModelExpert(student, load_model(spec[6:], device), top_k=top_k, backend=backend)
+        other = load_model(spec[6:], device, what="--expert model:")
+        expert = ModelExpert(student, other, top_k=top_k, backend=backend)
     else:
         raise ValueError(f"expert must be 'oracle', 'self', 'ema:<decay>' or 'model:<path>', got {spec!r}")
     if noise > 0.0:

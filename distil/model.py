@@ -76,21 +76,42 @@ def tiny_student(seed: int, device: torch.device, config: TinyConfig = TinyConfi
     return LanguageModel(model.to(device), tokenizer)
 
 
-def load_model(path: str | Path, device: torch.device, dtype: torch.dtype | None = None) -> LanguageModel:
-    """A transformers causal LM and its tokenizer from a local directory (no downloads)."""
+def load_model(path: str | Path, device: torch.device, dtype: torch.dtype | None = None,
+               what: str = "--model") -> LanguageModel:
+    """A transformers causal LM and its tokenizer from a local directory (no downloads).
+
+    `what` names the option that gave the path, for the errors: a directory without
+    weights or with a config transformers does not know is a ValueError naming it, and so
+    is one without a tokenizer (transformers would then build an empty one that encodes
+    every prompt to nothing, and the run would train on empty prompts)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"--model must be a local directory holding a transformers causal LM; "
+        raise FileNotFoundError(f"{what} must be a local directory holding a transformers causal LM; "
                                 f"{str(path)!r} is not a directory (nothing is downloaded)")
     kwargs = {"local_files_only": True}
     if dtype is not None:
         kwargs["dtype"] = dtype
     if flash_attention_available(device):
         kwargs["attn_implementation"] = "flash_attention_2"
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs).to(device)
-    tokenizer = HFTokenizer(AutoTokenizer.from_pretrained(path, local_files_only=True))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs).to(device)
+        inner = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError) as err:
+        reason = " ".join(str(err).split())
+        raise ValueError(f"{what} {str(path)!r}: not a transformers causal LM with its tokenizer: {reason}") from None
+    tokenizer = HFTokenizer(inner)
+    rows = head_of(model).weight.shape[0]
+    sample = "12+34=\nsort: b a"
+    ids = tokenizer.encode(sample)
+    if not ids:
+        raise ValueError(f"{what} {str(path)!r}: its tokenizer encodes {sample!r} to no tokens "
+                         f"(no tokenizer files there?)")
+    largest = max(ids + [tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id])
+    if largest >= rows:
+        raise ValueError(f"{what} {str(path)!r}: its tokenizer gives id {largest}, beyond the model's "
+                         f"{rows}-row output head")
     return LanguageModel(model, tokenizer)
 
 

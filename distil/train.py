@@ -78,6 +78,9 @@ class TrainConfig:
     baseline: str = "group"
 
     def __post_init__(self) -> None:
+        self._check_types()
+        if not -(2**63) <= self.seed < 2**64:  # what torch.manual_seed takes
+            raise ValueError(f"seed must be an int in [-2**63, 2**64), got {self.seed!r}")
         positive = ("steps", "prompts_per_step", "rollouts_per_prompt", "eval_every", "eval_prompts",
                     "eval_samples", "checkpoint_every", "expert_top_k", "warmup_batch", "student_hidden",
                     "student_layers")
@@ -85,6 +88,8 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if self.student_hidden % 8:  # 4 heads of an even width (rotary embeddings pair the dimensions)
+            raise ValueError(f"student_hidden must be a multiple of 8, got {self.student_hidden!r}")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if not self.lr > 0 or not self.warmup_lr > 0:
@@ -113,9 +118,59 @@ class TrainConfig:
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("device='cuda' but torch sees no CUDA device; use --device cpu")
 
+    def _check_types(self) -> None:
+        """Every option of the type its field names (a config file can give any TOML value):
+        a bool is not a number here (`noise = true` would otherwise train at noise 1), an
+        int is a float (converted), a string is not a number."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+            optional = kind.endswith("| None")
+            base = kind.removesuffix("| None").strip().split("[")[0]
+            if value is None and optional:
+                continue
+            if base == "float" and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+                setattr(self, f.name, value)
+            expected = {"str": str, "int": int, "float": float, "dict": dict}[base]
+            if isinstance(value, bool) or not isinstance(value, expected):
+                name = {"str": "a string", "int": "an int", "float": "a number", "dict": "a table"}[base]
+                raise TypeError(f"{f.name} must be {name}{' or None' if optional else ''}, got {value!r}")
+
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in dataclasses.fields(cls)]
+
+
+# What a resumed run may set otherwise than the run it continues: the length, where it
+# runs, and how often it saves. Anything else would not continue that run, but start
+# another from its weights.
+RESUME_MAY_CHANGE = ("steps", "out", "device", "backend", "checkpoint_every")
+
+
+def find_checkpoint(out: str | Path) -> Path | None:
+    """The run's checkpoint directory in `out` (checkpoint/, or checkpoint.old/ when a kill
+    fell between the two renames of a save), or None."""
+    for name in ("checkpoint", "checkpoint.old"):
+        if (Path(out) / name / "state.json").exists():
+            return Path(out) / name
+    return None
+
+
+def saved_config(out: str | Path) -> dict[str, Any]:
+    """The training options of the checkpoint in `out`; a ValueError naming `out` when there
+    is none or it cannot be read."""
+    directory = find_checkpoint(out)
+    if directory is None:
+        raise ValueError(f"--resume: no checkpoint in {out} (expected {Path(out) / 'checkpoint' / 'state.json'}); "
+                         f"give the --out of the run to continue")
+    try:
+        config = json.loads((directory / "state.json").read_text())["config"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"--resume: cannot read {directory / 'state.json'}: {err}") from None
+    if not isinstance(config, dict):
+        raise TypeError(f"--resume: {directory / 'state.json'} holds no training options")
+    return config
 
 
 def _step_seed(seed: int, step: int, purpose: str) -> int:
@@ -141,6 +196,8 @@ class Trainer:
         self.progress = progress and self.dist.main
         self.log = log if self.dist.main else (lambda *args, **kwargs: None)
         self.out = Path(config.out)
+        if self.out.exists() and not self.out.is_dir():
+            raise ValueError(f"out {config.out!r} exists and is not a directory")
         self.device = self.dist.device(config.device)
         self.task: Task = get_task(config.task, **config.task_options)
         torch.manual_seed(config.seed)
@@ -182,6 +239,7 @@ class Trainer:
         torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(self._expert_state(), tmp / "expert.pt")
         state = {"step": self.step, "rollouts": self.rollouts, "warm": self.warm,
+                 "seconds": time.perf_counter() - self.started,
                  "config": dataclasses.asdict(self.config), "torch_rng": torch.get_rng_state().tolist()}
         (tmp / "state.json").write_text(json.dumps(state))
         old = self.out / "checkpoint.old"
@@ -192,21 +250,36 @@ class Trainer:
         shutil.rmtree(old, ignore_errors=True)
 
     def load_checkpoint(self, directory: Path | None = None) -> None:
-        directory = directory or self.checkpoint_dir
+        """Weights, optimizer, expert and loop state from `directory` (default: this run's).
+
+        It leaves `metrics.jsonl` alone (`distil eval` loads a checkpoint of a run that may
+        still be writing it); `run(resume=True)` drops the rows past the checkpoint."""
+        directory = directory or find_checkpoint(self.out) or self.checkpoint_dir
         if not (directory / "state.json").exists():
-            old = self.out / "checkpoint.old"  # killed between the two renames
-            if (old / "state.json").exists():
-                directory = old
-            else:
-                raise FileNotFoundError(f"no checkpoint in {directory} (expected state.json, model.pt, optimizer.pt)")
+            raise FileNotFoundError(f"no checkpoint in {directory} (expected state.json, model.pt, optimizer.pt)")
         state = json.loads((directory / "state.json").read_text())
         self.lm.model.load_state_dict(torch.load(directory / "model.pt", map_location=self.device))
         self.optimizer.load_state_dict(torch.load(directory / "optimizer.pt", map_location=self.device))
         self._load_expert_state(torch.load(directory / "expert.pt", map_location=self.device, weights_only=False))
         torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
         self.step, self.rollouts, self.warm = state["step"], state["rollouts"], state["warm"]
-        if self.dist.main:
-            self._truncate_metrics()
+        # The run's time so far counts on, as its rollouts do (a summary's seconds and the
+        # result line are the whole run's); a checkpoint from before this was saved has none.
+        self.started = time.perf_counter() - state.get("seconds", 0.0)
+
+    def check_resume(self) -> None:
+        """A ValueError unless `out` holds a checkpoint of a run with these options (but
+        those of RESUME_MAY_CHANGE): resuming must continue that run, not silently start
+        another (another objective) or fail deep in loading (another student size)."""
+        saved = saved_config(self.out)
+        mine = dataclasses.asdict(self.config)
+        differ = [name for name in mine if name not in RESUME_MAY_CHANGE and name in saved
+                  and saved[name] != mine[name]]
+        differ += [name for name in saved if name not in mine]
+        if differ:
+            shown = "; ".join(f"{n}={saved.get(n)!r} there, {mine.get(n)!r} here" for n in differ)
+            raise ValueError(f"--resume: the checkpoint in {self.out} is of a run with other options ({shown}); "
+                             f"a resumed run may change only {', '.join(RESUME_MAY_CHANGE)}")
 
     @property
     def _clean_expert(self) -> Expert:
@@ -339,11 +412,15 @@ class Trainer:
         """Train to `steps`; the summary (on ranks other than 0, an empty dict)."""
         c = self.config
         main = self.dist.main
+        if resume:
+            self.check_resume()  # before config.json is overwritten
         if main:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.json").write_text(json.dumps(dataclasses.asdict(c), indent=2))
         if resume:
             self.load_checkpoint()
+            if main:
+                self._truncate_metrics()
             self.log(f"resumed from {self.checkpoint_dir} at step {self.step} ({self.rollouts} rollouts)")
         elif main:
             (self.out / "metrics.jsonl").write_text("")
@@ -352,7 +429,7 @@ class Trainer:
                 self.log(f"warm start: {c.warmup_steps} supervised steps on reference solutions")
             self.warm_start()
         if not resume and main:
-            row = {"step": 0, "rollouts": 0, "loss": math.nan, "reward": math.nan, "tokens_per_s": 0.0,
+            row = {"step": 0, "rollouts": 0, "loss": None, "reward": None, "tokens_per_s": 0.0,
                    **self.evaluate()}
             self._append(row)
             self.save_checkpoint()
@@ -373,8 +450,11 @@ class Trainer:
         return self.finish() if main else {}
 
     def _append(self, row: dict[str, Any]) -> None:
+        # JSON has no NaN or inf (Python writes them bare, which jq and JavaScript refuse):
+        # a value that is not finite (a skipped step's loss) is written as null.
+        row = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
         with open(self.out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row, allow_nan=True) + "\n")
+            f.write(json.dumps(row, allow_nan=False) + "\n")
 
     def finish(self) -> dict[str, Any]:
         rows = read_metrics(self.out / "metrics.jsonl")
@@ -413,7 +493,7 @@ def plot_curves(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    train = [r for r in rows if r["step"] > 0]
+    train = [{k: math.nan if v is None else v for k, v in r.items()} for r in rows if r["step"] > 0]
     evals = [r for r in rows if "eval_pass@1" in r]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     axes[0].plot([r["rollouts"] for r in evals], [r["eval_pass@1"] for r in evals], marker="o")

@@ -160,8 +160,11 @@ def test_non_finite_loss_skips_the_step_and_says_so(tmp_path):
 
     trainer.train_step = remember_step
     trainer.run()
+    text = (tmp_path / "metrics.jsonl").read_text()
+    assert "NaN" not in text and "Infinity" not in text  # JSON has neither: null instead
     rows = read_metrics(tmp_path / "metrics.jsonl")
     assert [r.get("skipped") for r in rows[1:]] == [0, 1, 0]
+    assert rows[0]["loss"] is None and rows[2]["loss"] is None
     assert any("step 2: non-finite loss, update skipped" in m for m in messages)
 
 
@@ -186,8 +189,8 @@ def test_cli_config_file_and_flags(tmp_path, capsys):
 def test_cli_rejects_bad_options(tmp_path, capsys):
     config = tmp_path / "bad.toml"
     config.write_text("stepz = 3\n")
-    with pytest.raises(SystemExit, match="unknown option"):
-        main(["train", "--config", str(config)])
+    assert main(["train", "--config", str(config)]) == 2
+    assert f"error: --config {config}: unknown option(s) stepz" in capsys.readouterr().err
     assert main(["train", "--objective", "nope", "--out", str(tmp_path)]) == 2
     assert "objective must be one of" in capsys.readouterr().err
     assert main(["train", "--task", "nope", "--out", str(tmp_path)]) == 2
@@ -308,3 +311,137 @@ def test_student_from_a_local_transformers_checkpoint(tmp_path, capsys):
     assert "differs from the student's" in capsys.readouterr().err
     assert main(["train", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "z")]) == 2
     assert "not a directory" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- robustness of the CLI
+
+# A run of a second or two: a value that is wrongly accepted fails the test quickly.
+TINY_TOML = ("steps = 1\nwarmup_steps = 1\nwarmup_batch = 2\nprompts_per_step = 2\nrollouts_per_prompt = 2\n"
+             "eval_every = 1\neval_prompts = 2\neval_samples = 1\nstudent_hidden = 16\nstudent_layers = 1\n")
+
+
+def _one_line_error(capsys) -> str:
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.strip().splitlines() if line.strip() and "%|" not in line]  # no bars
+    assert len(lines) == 1 and lines[0].startswith("error: "), captured.err
+    return lines[0]
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("steps = \n", "--config {path}: Invalid value"),  # not TOML
+    ('{"steps": 2}', "--config {path}: Invalid statement"),  # JSON
+    ("stepz = 3\n", "--config {path}: unknown option(s) stepz; known: task, "),
+    ("noise = true\n", "noise must be a number, got True"),  # not the noise of 1.0 a bool would be
+    ('lr = "0.1"\n', "lr must be a number, got '0.1'"),
+    ("steps = 2.0\n", "steps must be an int, got 2.0"),
+    ("task_options = 3\n", "task_options must be a table, got 3"),
+    ("model = 3\n", "model must be a string or None, got 3"),
+    ("student_hidden = 12\n", "student_hidden must be a multiple of 8, got 12"),  # not a rotary-embedding traceback
+    ("seed = 99999999999999999999999\n", "seed must be an int in [-2**63, 2**64), got 99999999999999999999999"),
+])
+def test_cli_refuses_bad_config_files(tmp_path, capsys, text, message):
+    """A config file that is not TOML, or gives a value of the wrong type, is refused in one
+    line naming --config or the option: never a traceback, never a run with the value
+    misread (a bool taken for a number)."""
+    path = tmp_path / "run.toml"
+    key = text.split("=")[0].strip()
+    # The tiny run's options but the one under test (TOML refuses a key given twice).
+    tiny = "".join(line + "\n" for line in TINY_TOML.splitlines() if line.split(" =")[0] != key)
+    path.write_text(text if key in ("steps", '{"steps": 2}') and "2.0" not in text else tiny + text)
+    out = tmp_path / "out"
+    assert main(["train", "--config", str(path), "--out", str(out), "--no-progress"]) == 2
+    assert _one_line_error(capsys).startswith("error: " + message.format(path=path))
+    assert not out.exists()
+
+
+def test_cli_refuses_unreadable_config_paths(tmp_path, capsys):
+    for path in (tmp_path / "missing.toml", tmp_path):  # no such file; a directory (was a traceback)
+        assert main(["train", "--config", str(path), "--out", str(tmp_path / "out"), "--no-progress"]) == 2
+        assert _one_line_error(capsys).startswith(f"error: --config {path}: ")
+
+
+def test_cli_refuses_an_out_that_cannot_be_a_directory(tmp_path, capsys):
+    config = tmp_path / "run.toml"
+    config.write_text(TINY_TOML)
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    assert main(["train", "--config", str(config), "--out", str(a_file), "--no-progress"]) == 2
+    assert _one_line_error(capsys) == f"error: out {str(a_file)!r} exists and is not a directory"
+    below = a_file / "run"
+    assert main(["train", "--config", str(config), "--out", str(below), "--no-progress"]) == 2
+    assert _one_line_error(capsys).startswith(f"error: out {str(below)!r}: cannot create it: ")
+    assert a_file.read_text() == "x"
+
+
+def test_resume_continues_the_checkpointed_run(tmp_path, capsys):
+    """`distil train --out DIR --resume` continues the run in DIR with its own options (it
+    used to continue with the defaults: another objective, silently); a flag that would
+    change the run is refused, as is a resume with no checkpoint, before anything is written."""
+    config = tmp_path / "run.toml"
+    config.write_text(TINY_TOML)
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(config), "--task", "sorting", "--objective", "grpo", "--out", str(out),
+                 "--no-progress"]) == 0
+    first_seconds = json.loads((out / "summary.json").read_text())["seconds"]
+    capsys.readouterr()
+    assert main(["train", "--out", str(out), "--steps", "2", "--resume", "--no-progress"]) == 0
+    assert "result: sorting grpo pass@1 " in capsys.readouterr().out
+    # The whole run's time, as its rollouts count the whole run's, not the resumed part's.
+    assert json.loads((out / "summary.json").read_text())["seconds"] >= first_seconds
+    saved = json.loads((out / "config.json").read_text())
+    assert (saved["objective"], saved["task"], saved["student_hidden"], saved["steps"]) == ("grpo", "sorting", 16, 2)
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [0, 1, 2] and [r["rollouts"] for r in rows] == [0, 4, 8]
+    for flags, shown in ((["--objective", "ce"], "objective='grpo' there, 'ce' here"),
+                         (["--student-hidden", "32"], "student_hidden=16 there, 32 here")):
+        assert main(["train", "--out", str(out), "--steps", "3", *flags, "--resume", "--no-progress"]) == 2
+        assert shown in _one_line_error(capsys)
+    assert json.loads((out / "config.json").read_text()) == saved
+    missing = tmp_path / "missing"
+    assert main(["train", "--config", str(config), "--out", str(missing), "--resume", "--no-progress"]) == 2
+    assert _one_line_error(capsys).startswith(f"error: --resume: no checkpoint in {missing} ")
+    assert not missing.exists()
+
+
+def test_eval_leaves_the_runs_metrics_alone(tmp_path, capsys):
+    """Evaluating a checkpoint while its run goes on (rows past the checkpoint) must not cut
+    the run's metrics.jsonl; a damaged checkpoint is refused in one line."""
+    config = tmp_path / "run.toml"
+    config.write_text(TINY_TOML)
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(config), "--out", str(out), "--no-progress"]) == 0
+    metrics = out / "metrics.jsonl"
+    with open(metrics, "a") as f:  # the run has gone one step past its last checkpoint
+        f.write(json.dumps({"step": 2, "rollouts": 8, "loss": 1.0, "reward": 0.0, "tokens_per_s": 1.0}) + "\n")
+    before = metrics.read_text()
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(out)]) == 0
+    assert json.loads(capsys.readouterr().out)["step"] == 1
+    assert metrics.read_text() == before
+    (out / "checkpoint" / "model.pt").unlink()
+    assert main(["eval", "--checkpoint", str(out)]) == 2
+    assert _one_line_error(capsys).startswith(f"error: --checkpoint {out}: cannot load it: ")
+    (out / "checkpoint" / "state.json").write_text("{bad")
+    assert main(["eval", "--checkpoint", str(out)]) == 2
+    assert _one_line_error(capsys).startswith(f"error: --checkpoint {out}: cannot read ")
+
+
+def test_model_directory_without_weights_or_tokenizer_is_refused(tmp_path, capsys):
+    """--model PATH without a tokenizer used to train on an empty one transformers makes up
+    (every prompt encoded to nothing); without weights it was a traceback."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model_dir = tmp_path / "model"
+    _save_hf_model(model_dir)
+    config = tmp_path / "run.toml"
+    config.write_text(TINY_TOML)
+    flags = ["--config", str(config), "--expert", "self", "--no-progress"]
+    # A GPT-2 (whose tokenizer transformers would make up empty) without tokenizer files.
+    no_tokenizer = tmp_path / "no_tokenizer"
+    GPT2LMHeadModel(GPT2Config(vocab_size=99, n_embd=16, n_layer=1, n_head=2, n_positions=256, bos_token_id=1,
+                               eos_token_id=2, pad_token_id=0)).save_pretrained(no_tokenizer)
+    assert main(["train", *flags, "--model", str(no_tokenizer), "--out", str(tmp_path / "a")]) == 2
+    assert "its tokenizer encodes" in _one_line_error(capsys)
+    (model_dir / "model.safetensors").unlink()
+    assert main(["train", *flags, "--model", str(model_dir), "--out", str(tmp_path / "b")]) == 2
+    assert _one_line_error(capsys).startswith(f"error: --model {str(model_dir)!r}: not a transformers causal LM")
