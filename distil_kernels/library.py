@@ -107,10 +107,13 @@ def _gradients(backend: str, x: Tensor, weight: Tensor, bias: Tensor | None, slo
         from .loss.triton.lse_forward import ForwardStats
 
         if options.resolved_filter_eps(x.dtype) is not None:
-            stats = triton_stats(x, weight, bias, slot_ids, options)  # the per-block maxima the filter reads
+            # The per-block maxima the filter reads, from a statistics pass; the statistics
+            # themselves stay those given (a vocabulary shard's own lse is not the row's).
+            fresh = triton_stats(x, weight, bias, slot_ids, options).forward
+            forward = ForwardStats(lse, logit_sum, fresh.block_max, fresh.config)
         else:
             forward = ForwardStats(lse, logit_sum, lse.new_empty((1, 1)), FORWARD_DEFAULT)
-            stats = TritonStats(lse, slot_logits, logit_sum, forward)
+        stats = TritonStats(lse, slot_logits, logit_sum, forward)
         return triton_gradients(x, weight, bias, slot_ids, stats, row_coef, slot_coef, uniform, options, need)
     stats = SweepStats(lse, slot_logits, logit_sum)
     if backend == "cuda":

@@ -40,6 +40,8 @@ def check_linear(input: Tensor, weight: Tensor, bias: Tensor | None) -> None:
         )
     if weight.shape[0] < 1:
         raise ValueError("weight must have at least one row (V >= 1), got V = 0")
+    if weight.shape[1] < 1:
+        raise ValueError(f"input must have a hidden dimension d >= 1, got shape {tuple(input.shape)}")
     if weight.dtype != input.dtype:
         raise TypeError(f"weight must have input's dtype {input.dtype}, got {weight.dtype}")
     if weight.device != input.device:
@@ -67,7 +69,7 @@ def check_ids(name: str, ids: Tensor, vocab_size: int, ignore_index: int | None,
     """Integer ids in [0, V) (or equal to `ignore_index`); IndexError names the first bad one."""
     if not is_integer_dtype(ids.dtype):
         raise TypeError(f"{name} must have an integer dtype, got {ids.dtype}")
-    if not values or ids.numel() == 0:
+    if not values or ids.numel() == 0 or ids.is_meta:  # a meta tensor has no values to check
         return
     bad = (ids < 0) | (ids >= vocab_size)
     if ignore_index is not None:
@@ -108,21 +110,26 @@ def check_target(target: Tensor | SparseTarget, input: Tensor, vocab_size: int, 
     check_ids("target", target, vocab_size, ignore_index, values)
 
 
-def check_probs(target: SparseTarget, ignore_index: int, tail: str) -> None:
-    """Finite weights; for bucket/renormalize probabilities; unique ids for bucket."""
+def check_probs(target: SparseTarget, ignore_index: int, tail: str, name: str = "target") -> None:
+    """Finite weights; for bucket/renormalize probabilities; unique ids for bucket.
+
+    `name`: the argument that holds `target` (distil_loss's is `expert`), for the messages.
+    """
+    if target.probs.is_meta:  # no values to check
+        return
     probs = target.probs.reshape(-1, target.k)
     ids = target.ids.reshape(-1, target.k)
     live = ids != ignore_index
     # A padding slot's prob is ignored (DESIGN.md), whatever it holds.
     non_finite = ~torch.isfinite(target.probs) & (target.ids != ignore_index)
     if bool(non_finite.any()):
-        raise ValueError(f"target.probs must be finite; first NaN/inf at index {_first_bad(non_finite)}")
+        raise ValueError(f"{name}.probs must be finite; first NaN/inf at index {_first_bad(non_finite)}")
     if tail == "ignore":
         return
     negative = (probs < 0) & live
     if bool(negative.any()):
         raise ValueError(
-            f"target.probs must be >= 0 with tail={tail!r} (signed weights need tail='ignore'); "
+            f"{name}.probs must be >= 0 with tail={tail!r} (signed weights need tail='ignore'); "
             f"got {float(probs[_first_bad(negative)])} at row {_first_bad(negative)[0]}"
         )
     mass = torch.where(live, probs, 0).sum(dim=1, dtype=torch.float64)
@@ -131,7 +138,7 @@ def check_probs(target: SparseTarget, ignore_index: int, tail: str) -> None:
         if bool(over.any()):
             row = _first_bad(over)[0]
             raise ValueError(
-                f"target.probs must sum to at most 1 per row with tail='bucket' (the rest is the "
+                f"{name}.probs must sum to at most 1 per row with tail='bucket' (the rest is the "
                 f"expert's mass outside its top-k); row {row} sums to {float(mass[row]):.6f}. "
                 f"Use tail='renormalize' for unnormalised weights."
             )
@@ -143,7 +150,7 @@ def check_probs(target: SparseTarget, ignore_index: int, tail: str) -> None:
             if bool(dup.any()):
                 row, col = _first_bad(dup)
                 raise ValueError(
-                    f"target.ids must be unique within a row with tail='bucket' (the bucket is the "
+                    f"{name}.ids must be unique within a row with tail='bucket' (the bucket is the "
                     f"mass outside the set of ids); row {row} repeats id {int(sorted_ids[row, col])}"
                 )
     else:
@@ -152,6 +159,6 @@ def check_probs(target: SparseTarget, ignore_index: int, tail: str) -> None:
         if bool(empty.any()):
             row = _first_bad(empty)[0]
             raise ValueError(
-                f"target.probs must have positive mass on every non-ignored row with "
+                f"{name}.probs must have positive mass on every non-ignored row with "
                 f"tail='renormalize'; row {row} sums to {float(mass[row])}"
             )

@@ -46,6 +46,28 @@ def test_bad_hard_inputs(change, error, match):
         linear_cross_entropy(x, w, y)
 
 
+def test_zero_hidden_dimension():
+    """d = 0 once reached input.reshape(-1, 0), a RuntimeError from inside the op."""
+    from distil_kernels import linear_topk
+
+    x, w, y, _ = inputs()
+    with pytest.raises(ValueError, match=r"input must have a hidden dimension d >= 1, got shape \(5, 0\)"):
+        linear_cross_entropy(x[:, :0], w[:, :0], y)
+    with pytest.raises(ValueError, match=r"input must have a hidden dimension d >= 1"):
+        linear_topk(x[:, :0], w[:, :0], 2)
+
+
+@pytest.mark.parametrize("kind", ["hard", "sparse"])
+def test_meta_tensors_skip_the_value_checks(kind):
+    """Meta tensors have shapes but no values: validate=True checks what it can, as validate=False
+    does, where reading the ids back once raised from inside torch (Tensor.item() on meta)."""
+    x, w, y, target = inputs()
+    meta = torch.device("meta")
+    target = y.to(meta) if kind == "hard" else SparseTarget(target.ids.to(meta), target.probs.to(meta))
+    loss = linear_cross_entropy(x.to(meta), w.to(meta), target, reduction="none")
+    assert loss.device == meta and loss.shape == (N,)
+
+
 def test_bad_bias():
     x, w, y, _ = inputs()
     with pytest.raises(ValueError, match=r"bias must have shape \[V\] = \[12\], got \(11,\)"):
@@ -151,6 +173,8 @@ def test_renormalize_needs_positive_mass():
         (dict(filter_eps=2.0), ValueError, r"filter_eps must be None, 'auto' or in \(0, 1\)"),
         (dict(filter_eps="sometimes"), TypeError, "filter_eps must be a real number"),
         (dict(ignore_index=1.5), TypeError, "ignore_index must be an int"),
+        (dict(ignore_index=2**70), ValueError, "ignore_index must fit in int64, got 1180591620717411303424"),
+        (dict(ignore_index=-(2**63) - 1), ValueError, "ignore_index must fit in int64"),
         (dict(workspace_bytes=10), ValueError, "workspace_bytes must be at least 4096"),
         (dict(temperature="1"), TypeError, "temperature must be a real number, got str"),
     ],

@@ -96,7 +96,7 @@ def _check_distil_inputs(input, expert, actions, mask, group, validate, tail, vo
     check_ids("expert.ids", expert.ids, vocab_size, -100, validate)
     check_ids("actions", actions, vocab_size, None, False)
     if validate:
-        check_probs(expert, -100, tail)
+        check_probs(expert, -100, tail, name="expert")
         # Only response tokens need a real action; prompt positions may hold anything.
         check_ids("actions (where mask is True)", torch.where(mask, actions, 0), vocab_size, None, True)
 

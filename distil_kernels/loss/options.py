@@ -41,6 +41,9 @@ class LossOptions:
     def __post_init__(self) -> None:
         if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
             raise TypeError(f"ignore_index must be an int, got {type(self.ignore_index).__name__}")
+        if not -(2**63) <= self.ignore_index < 2**63:
+            # Compared with int64 ids: a value beyond int64 overflows the comparison.
+            raise ValueError(f"ignore_index must fit in int64, got {self.ignore_index}")
         if self.reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
         if self.tail not in TAILS:

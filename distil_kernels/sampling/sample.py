@@ -338,6 +338,10 @@ def sample_from_logits(logits: Tensor, *, temperature: float = 1.0, top_k: int |
         raise ValueError("logits must have at least one column (V >= 1)")
     if bool(torch.isnan(logits).any()):
         raise ValueError("logits must not contain NaN")
+    empty = (logits == -math.inf).all(dim=1).nonzero()[:, 0]
+    if len(empty):  # no distribution to sample from: the draw would be id 0 with NaN logprobs
+        raise ValueError(f"logits must hold a finite value in every row; {len(empty)} row(s) are all -inf, "
+                         f"the first row {int(empty[0])}")
     options = SamplingOptions(temperature, top_k, top_p, min_p, num_samples)
     if options.top_k is not None and options.top_k > logits.shape[1]:
         raise ValueError(f"top_k must be <= V = {logits.shape[1]}, got {options.top_k}")

@@ -585,6 +585,13 @@ BAD_ARGUMENTS = [
     pytest.param(lambda a: dict(actions=a["actions"].float()), TypeError, "^actions must have an integer dtype",
                  id="actions-float"),
     pytest.param(lambda a: dict(baseline="foo"), ValueError, "^baseline must", id="baseline"),
+    pytest.param(lambda a: dict(expert=SparseTarget(a["expert"].ids, a["expert"].probs * float("nan"))), ValueError,
+                 "^expert.probs must be finite", id="expert-probs-nan"),
+    pytest.param(lambda a: dict(expert=SparseTarget(a["expert"].ids, a["expert"].probs * 3)), ValueError,
+                 "^expert.probs must sum to at most 1", id="expert-mass"),
+    pytest.param(lambda a: dict(expert=SparseTarget(a["expert"].ids[..., :1].expand_as(a["expert"].ids),
+                                                    a["expert"].probs / 4)), ValueError,
+                 "^expert.ids must be unique", id="expert-duplicate-ids"),
     pytest.param(lambda a: dict(discount=-0.1), ValueError, "^discount must", id="discount-negative"),
     pytest.param(lambda a: dict(backend="cudnn"), ValueError, "^backend must", id="backend"),
 ]

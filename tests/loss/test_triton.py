@@ -9,6 +9,7 @@ interpreter's bf16 `tl.dot` is unreliable, so inputs are fp32 and fp16; kernels 
 from __future__ import annotations
 
 import itertools
+import math
 import os
 
 import pytest
@@ -287,44 +288,57 @@ def test_filter_never_skips_a_tile_holding_a_target():
     torch.testing.assert_close(result.d_weight[y], exact.d_weight[y], rtol=1e-6, atol=1e-7)
 
 
-def test_public_filter_eps_on_peaked_case():
-    """Through linear_cross_entropy: hard labels, mean, so every row's coefficient is 1/N."""
-    x, w, y = _peaked_problem()
-    eps = 1e-3
+def _filtered_gradient_change(x, w, y, eps, **options):
+    """(d_input, d_weight) with filter_eps = eps minus those without, through
+    linear_cross_entropy (mean: every row's coefficient is 1/N), after asserting each
+    within what dropping logit gradients of at most eps / N allows."""
     grads = {}
     for filter_eps in (None, eps):
         xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
-        linear_cross_entropy(xg, wg, y, backend="triton", filter_eps=filter_eps).backward()
+        linear_cross_entropy(xg, wg, y, backend="triton", filter_eps=filter_eps, **options).backward()
         grads[filter_eps] = (xg.grad, wg.grad)
     n = x.shape[0]
-    bound_x = eps / n * w.abs().sum(dim=0)
-    bound_w = eps / n * x.abs().sum(dim=0)
-    assert ((grads[eps][0] - grads[None][0]).abs() <= bound_x + 1e-7).all()
-    assert ((grads[eps][1] - grads[None][1]).abs() <= bound_w + 1e-7).all()
+    change_x, change_w = (grads[eps][i] - grads[None][i] for i in (0, 1))
+    assert (change_x.abs() <= eps / n * w.abs().sum(dim=0) + 1e-7).all()
+    assert (change_w.abs() <= eps / n * x.abs().sum(dim=0) + 1e-7).all()
+    return change_x, change_w
+
+
+def test_public_filter_eps_on_peaked_case():
+    x, w, y = _peaked_problem()
+    _filtered_gradient_change(x, w, y, 1e-3)
 
 
 @pytest.mark.parametrize("label_smoothing", [0.1, 0.01])
 def test_filter_with_label_smoothing_drops_nothing_above_filter_eps(label_smoothing):
     """A skipped tile is written as zeros, which also drops label smoothing's -eps_ls / V on
     each of its logits. With eps_ls / V = 4.9e-5 above filter_eps = 1e-5 that is more than
-    the filter may drop (it once was: d_weight off by twice the bound below), so nothing
-    is skipped; with 4.9e-6 below it the tiles are skipped within the same bound."""
+    the filter may drop (it once was: d_weight off by twice the bound), so nothing is
+    skipped; with 4.9e-6 below it the tiles are skipped within the same bound (a dropped
+    logit gradient is q / N - eps_ls / V / N, both terms in [0, eps / N])."""
     x, w, y = _peaked_problem()
     eps = 1e-5
-    grads = {}
-    for filter_eps in (None, eps):
-        xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
-        linear_cross_entropy(xg, wg, y, backend="triton", filter_eps=filter_eps,
-                             label_smoothing=label_smoothing).backward()
-        grads[filter_eps] = (xg.grad, wg.grad)
-    # A dropped logit gradient is q / N - eps_ls / V / N with both terms in [0, eps / N].
-    n = x.shape[0]
-    bound_x = eps / n * w.abs().sum(dim=0)
-    bound_w = eps / n * x.abs().sum(dim=0)
-    assert ((grads[eps][0] - grads[None][0]).abs() <= bound_x + 1e-7).all()
-    assert ((grads[eps][1] - grads[None][1]).abs() <= bound_w + 1e-7).all()
-    dropped = (grads[eps][1] - grads[None][1]).abs().max()
+    _, change_w = _filtered_gradient_change(x, w, y, eps, label_smoothing=label_smoothing)
+    dropped = change_w.abs().max()
     assert (dropped == 0) if label_smoothing / w.shape[0] >= eps else (dropped > 0)
+
+
+def test_filtered_gradient_pass_takes_the_given_lse():
+    """The op-level gradient pass (vocabulary shards, compiled backward) recomputes the
+    statistics for the filter's per-block maxima; the lse it must use is the one it was
+    given: a shard's global lse, here its own plus log 2 (another shard of equal mass)."""
+    from distil_kernels.library import _gradients
+
+    gen = torch.Generator().manual_seed(0)
+    x, w = torch.randn(8, 16, generator=gen), torch.randn(128, 16, generator=gen)
+    ids = torch.randint(0, 128, (8, 1), generator=gen)
+    local = triton_stats(x, w, None, ids, LossOptions())
+    lse = local.lse + math.log(2.0)
+    grads = {eps: _gradients("triton", x, w, None, ids, lse, local.slot_logits, None, torch.ones(8),
+                             torch.ones(8, 1), None, LossOptions(filter_eps=eps), (True, True, False))
+             for eps in (None, 1e-9)}
+    for exact, filtered in zip(grads[None][:2], grads[1e-9][:2]):
+        torch.testing.assert_close(filtered, exact, rtol=1e-6, atol=1e-7)
 
 
 def test_deterministic_mode_is_bitwise_reproducible():

@@ -294,6 +294,9 @@ def test_bad_input(kwargs, error, match):
 def test_nan_logits_and_bad_shapes(monkeypatch):
     with pytest.raises(ValueError, match="NaN"):
         sample_from_logits(torch.tensor([[0.0, math.nan]]))
+    # A row of -inf holds no distribution: it drew id 0 with NaN log-probabilities.
+    with pytest.raises(ValueError, match=r"1 row\(s\) are all -inf, the first row 1"):
+        sample_from_logits(torch.tensor([[0.0, -math.inf], [-math.inf, -math.inf]]), top_p=0.9)
     with pytest.raises(ValueError, match=r"shape \[B, V\]"):
         sample_from_logits(torch.zeros(3))
     with pytest.raises(ValueError, match=r"input must have shape \[B, d\]"):
