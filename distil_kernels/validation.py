@@ -23,6 +23,13 @@ def check_tensor(name: str, value: object) -> Tensor:
     return value
 
 
+def check_flags(**flags: object) -> None:
+    """Switches that must be bools: `validate="no"` would otherwise be truthy and validate."""
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be True or False, got {value!r}")
+
+
 def check_linear(input: Tensor, weight: Tensor, bias: Tensor | None) -> None:
     """input [..., d] float, weight [V, d] of the same dtype and device, bias [V] or None."""
     check_tensor("input", input)

@@ -177,6 +177,8 @@ def test_renormalize_needs_positive_mass():
         (dict(ignore_index=-(2**63) - 1), ValueError, "ignore_index must fit in int64"),
         (dict(workspace_bytes=10), ValueError, "workspace_bytes must be at least 4096"),
         (dict(temperature="1"), TypeError, "temperature must be a real number, got str"),
+        (dict(validate="no"), TypeError, "validate must be True or False, got 'no'"),
+        (dict(return_stats=1), TypeError, "return_stats must be True or False, got 1"),
     ],
 )
 def test_bad_options(options, error, match):

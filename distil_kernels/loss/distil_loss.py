@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ..backends import check_backend_dtype, resolve_backend
 from ..parallel import make_shard, sharded_stats
-from ..validation import check_ids, check_linear, check_probs, check_tensor, is_integer_dtype
+from ..validation import check_flags, check_ids, check_linear, check_probs, check_tensor, is_integer_dtype
 from .chunked import SweepStats
 from .passes import PassParams, PrecomputedCoefficientLoss, stats_pass
 from .options import LossOptions, _check_real
@@ -150,6 +150,7 @@ def distil_loss(
         raise ValueError(f"discount must be >= 0, got {discount}")
     if baseline not in BASELINES:
         raise ValueError(f"baseline must be one of {BASELINES}, got {baseline!r}")
+    check_flags(return_stats=return_stats, validate=validate)
     compiling = torch.compiler.is_compiling()
     check_linear(input, weight, bias)
     shard = make_shard(process_group, vocab_start, weight)

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from ..backends import check_backend_dtype, resolve_backend
 from ..parallel import ParallelParams, VocabParallelLinearCrossEntropy, make_shard
-from ..validation import check_linear, check_target
+from ..validation import check_flags, check_linear, check_target
 from .chunked import chunked_linear_cross_entropy
 from .options import LossOptions
 from .reference import LossStats, compute_dtype, reference_linear_cross_entropy
@@ -84,6 +84,7 @@ def linear_cross_entropy(
         temperature=temperature, softcap=softcap, z_loss=z_loss, tail=tail, filter_eps=filter_eps,
         workspace_bytes=workspace_bytes,
     )
+    check_flags(return_stats=return_stats, validate=validate)
     check_linear(input, weight, bias)
     shard = make_shard(process_group, vocab_start, weight)
     vocab_size = weight.shape[0] if shard is None else shard.vocab_size

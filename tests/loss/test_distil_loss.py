@@ -594,6 +594,7 @@ BAD_ARGUMENTS = [
                  "^expert.ids must be unique", id="expert-duplicate-ids"),
     pytest.param(lambda a: dict(discount=-0.1), ValueError, "^discount must", id="discount-negative"),
     pytest.param(lambda a: dict(backend="cudnn"), ValueError, "^backend must", id="backend"),
+    pytest.param(lambda a: dict(validate="no"), TypeError, "^validate must be True or False", id="validate-str"),
 ]
 
 
