@@ -99,7 +99,9 @@ SAMPLE_CANDIDATES_SM90 = (SAMPLE_DEFAULT_SM90, SAMPLE_DEFAULT, TileConfig(64, 32
                           *(SAMPLE_TMA_SM90 if tensor_descriptors() is not None else ()))
 SAMPLE_CANDIDATES = (SAMPLE_DEFAULT, TileConfig(64, 32, 64, num_warps=8, num_stages=3))
 SAMPLE_DEFAULT_FP32 = TileConfig(64, 32, 32, num_warps=8, num_stages=3)
-SAMPLE_SMALL_BATCH_FP32 = TileConfig(16, 128, 32, num_warps=8, num_stages=3)
+# 16-wide K slices: the FMA loop's slices of 32 with several samples' noise spilled 24-40 B
+# on sm_90 under Triton 3.9 (246-255 registers, no spill, under 3.6 and 3.9 now).
+SAMPLE_SMALL_BATCH_FP32 = TileConfig(16, 128, 16, num_warps=8, num_stages=3)
 
 # The truncated sampler's dense fallback draws over logits loaded from memory (no matmul:
 # block_k is unused). Its blocks are a few rows (a 64 MiB budget holds 4 rows of a
