@@ -102,14 +102,14 @@ def _gradients(backend: str, x: Tensor, weight: Tensor, bias: Tensor | None, slo
     from .loss.chunked import SweepStats, chunked_gradients
 
     if backend == "triton":
-        from .loss.triton import TritonStats, triton_gradients, triton_stats
+        from .loss.triton import TritonStats, triton_gradients
         from .loss.triton.configs import FORWARD_DEFAULT
-        from .loss.triton.lse_forward import ForwardStats
+        from .loss.triton.lse_forward import ForwardStats, lse_forward
 
         if options.resolved_filter_eps(x.dtype) is not None:
-            # The per-block maxima the filter reads, from a statistics pass; the statistics
+            # The per-block maxima the filter reads, from the lse pass; the statistics
             # themselves stay those given (a vocabulary shard's own lse is not the row's).
-            fresh = triton_stats(x, weight, bias, slot_ids, options).forward
+            fresh = lse_forward(x, weight, bias, options)
             forward = ForwardStats(lse, logit_sum, fresh.block_max, fresh.config)
         else:
             forward = ForwardStats(lse, logit_sum, lse.new_empty((1, 1)), FORWARD_DEFAULT)

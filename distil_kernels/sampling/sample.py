@@ -28,6 +28,7 @@ Outputs: `ids` [B, n]; `logprobs`, log-probability under the distribution sample
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
@@ -491,7 +492,7 @@ def _candidate_sample(x: Tensor, weight: Tensor, bias: Tensor | None, softcap: f
     the chunked sweep otherwise.
     """
     from ..loss.options import LossOptions
-    from .topk import chunked_topk
+    from .topk import topk_candidates
 
     rows = x.shape[0]
     vocab = weight.shape[0] if vocab_size is None else vocab_size
@@ -509,16 +510,8 @@ def _candidate_sample(x: Tensor, weight: Tensor, bias: Tensor | None, softcap: f
         from .cuda import cuda_dense_draws
 
         draws = cuda_dense_draws
-    if top is None and backend == "triton":
-        from .triton import triton_topk
-
-        top = triton_topk
-    elif top is None and backend == "cuda":
-        from .cuda import cuda_topk
-
-        top = cuda_topk
-    elif top is None:
-        top = chunked_topk
+    if top is None:
+        top = functools.partial(topk_candidates, backend=backend)
     cand = top(x, weight, bias, num_candidates, z_options, raw_lse=options.temperature != 1.0)
     # The candidates' own logits, not logprobs + lse: that would round each once more and
     # could split equal logits, or move one across the kept set's boundary.

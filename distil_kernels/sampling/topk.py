@@ -16,6 +16,7 @@ Order: reference -> tile kernels -> chunked sweep -> public function.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import NamedTuple
 
 import torch
@@ -60,12 +61,16 @@ class Candidates(NamedTuple):
 # --------------------------------------------------------------------------------------
 
 
-def reference_topk(x: Tensor, weight: Tensor, bias: Tensor | None, k: int, options: LossOptions) -> Candidates:
-    """The top-k of 2-D `x` in the compute dtype, from dense logits (no raw lse)."""
+def reference_topk(x: Tensor, weight: Tensor, bias: Tensor | None, k: int, options: LossOptions,
+                   raw_lse: bool = False) -> Candidates:
+    """The top-k of 2-D `x` in the compute dtype, from dense logits."""
     z = reference_logits(x, weight, bias, options)
     lse = torch.logsumexp(z, dim=1)
     values, ids = torch.sort(z, dim=1, descending=True, stable=True)
-    return Candidates(ids[:, :k], values[:, :k], lse, None)
+    lse_raw = None
+    if raw_lse:
+        lse_raw = torch.logsumexp(reference_logits(x, weight, bias, replace(options, temperature=1.0)), dim=1)
+    return Candidates(ids[:, :k], values[:, :k], lse, lse_raw)
 
 
 # --------------------------------------------------------------------------------------
@@ -363,18 +368,19 @@ def linear_topk(
 
 
 def topk_candidates(x: Tensor, weight: Tensor, bias: Tensor | None, k: int, options: LossOptions,
-                    backend: str) -> Candidates:
-    """The top-k of 2-D `x` by the resolved `backend` (no raw lse)."""
+                    backend: str, raw_lse: bool = False) -> Candidates:
+    """The top-k of 2-D `x` by the resolved `backend`; with `raw_lse` also the log-sum-exp
+    at temperature 1, from the same pass (truncated sampling needs both)."""
     if bias is not None:
         bias = bias.to(compute_dtype(x.dtype))
     if backend == "torch":
-        return reference_topk(x, weight, bias, k, options)
+        return reference_topk(x, weight, bias, k, options, raw_lse)
     if backend == "triton":
         from .triton import triton_topk
 
-        return triton_topk(x, weight, bias, k, options)
+        return triton_topk(x, weight, bias, k, options, raw_lse)
     if backend == "cuda":
         from .cuda import cuda_topk
 
-        return cuda_topk(x, weight, bias, k, options)
-    return chunked_topk(x, weight, bias, k, options)
+        return cuda_topk(x, weight, bias, k, options, raw_lse)
+    return chunked_topk(x, weight, bias, k, options, raw_lse)

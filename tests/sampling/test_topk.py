@@ -350,3 +350,22 @@ def test_threshold_lists_hold_what_the_subset_bound_lets_through(k, splits, logi
     assert int(counts.max()) <= capacity, f"{int(counts.max())} > {capacity}"
     # Not wastefully large either: the mean count is within 4x of the list.
     assert capacity <= 4 * max(float(counts.float().mean()), 8.0) + 64
+
+
+def test_every_backend_gives_candidates_with_the_raw_lse():
+    """Truncated sampling asks the top-k pass for the log-sum-exp at temperature 1 too; the
+    torch and chunked passes give the same candidates' logits and both lse."""
+    from distil_kernels.loss.options import LossOptions
+    from distil_kernels.sampling.topk import topk_candidates
+
+    gen = torch.Generator().manual_seed(4)
+    x, w, b = (torch.randn(9, 16, generator=gen, dtype=torch.float64), torch.randn(70, 16, generator=gen,
+               dtype=torch.float64), torch.randn(70, generator=gen, dtype=torch.float64))
+    options = LossOptions(softcap=3.0, temperature=0.7)
+    want = topk_candidates(x, w, b, 6, options, "torch", raw_lse=True)
+    got = topk_candidates(x, w, b, 6, options, "chunked", raw_lse=True)
+    assert torch.equal(got.ids, want.ids)
+    for name in ("values", "lse", "lse_raw"):
+        torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=1e-12, atol=1e-12)
+    raw = torch.logsumexp(3.0 * torch.tanh((x @ w.T + b) / 3.0), dim=1)
+    torch.testing.assert_close(want.lse_raw, raw, rtol=1e-12, atol=1e-12)
