@@ -83,13 +83,17 @@ FORWARD_PLAIN_SM90 = TileConfig(128, 256, 64, num_warps=8, num_stages=3)
 # TMA descriptors load the x and W slices on sm_90: no per-thread addresses or masks
 # (Triton 3.6: 211 registers instead of 234 for the default tile; a plain head's 128x128
 # tile 127 instead of 168, so two blocks an SM fit at 3 stages, 96 KiB each, one's
-# epilogue beside the other's matmul). Candidates until a GPU run times them.
+# epilogue beside the other's matmul). Timed on an H100 (bench/RESULTS.md, seventh
+# session; N=8192, Llama-3-8B's head): the plain 128x256 tile by TMA 6.84 ms against
+# 8.38 by pointers (1.09x the bare matmul's 6.30), 128x128 8.37 against 9.71. So where
+# Triton has descriptors the TMA tiles lead on sm_90; a launch whose operands a
+# descriptor cannot address (`descriptors_apply`) takes the same tile by pointers.
 FORWARD_TMA_SM90 = (TileConfig(128, 128, 64, num_warps=8, num_stages=4, tma=True),)
 FORWARD_PLAIN_TMA_SM90 = (TileConfig(128, 256, 64, num_warps=8, num_stages=3, tma=True),
                           TileConfig(128, 128, 64, num_warps=8, num_stages=3, tma=True))
 _TMA = tensor_descriptors() is not None
-FORWARD_SM90_CANDIDATES = (*FORWARD_CANDIDATES, *(FORWARD_TMA_SM90 if _TMA else ()))
-FORWARD_PLAIN_SM90_CANDIDATES = (FORWARD_PLAIN_SM90, *FORWARD_CANDIDATES, *(FORWARD_PLAIN_TMA_SM90 if _TMA else ()))
+FORWARD_SM90_CANDIDATES = (*(FORWARD_TMA_SM90 if _TMA else ()), *FORWARD_CANDIDATES)
+FORWARD_PLAIN_SM90_CANDIDATES = (*(FORWARD_PLAIN_TMA_SM90 if _TMA else ()), FORWARD_PLAIN_SM90, *FORWARD_CANDIDATES)
 # fp32 operands take the "ieee" path: no tensor cores, an FMA loop in which each thread
 # holds its rows of x and columns of W over the whole K slice. 32-wide slices and 32
 # outputs per thread (64x128 over 8 warps) fit the registers with no spill on sm_90 and
@@ -110,17 +114,19 @@ GRADIENT_DEFAULT_SM90 = TileConfig(128, 128, 64, num_warps=8, num_stages=4)
 # Triton 3.6), at the same 254 registers and no spill; 128x256 still spills (256 B over
 # 16 warps). A 64x128 tile by TMA takes 128 registers, no spill: two blocks an SM, one's
 # epilogue beside the other's matmul, for 43 FLOPs per byte of slices instead of 64.
-# Candidates until a GPU run times them (`python -m bench tune`).
+# Timed on an H100 (`python -m bench tune`, seventh session; Llama-3-8B's head, N=8192):
+# the 128x128 tile by TMA 29.6 ms against 34.1 by pointers, 128x128x128 29.8, 64x128
+# 34.8. So the TMA tile leads on sm_90 where Triton has descriptors.
 GRADIENT_TMA_SM90 = (
     TileConfig(128, 128, 64, num_warps=8, num_stages=4, tma=True),
     TileConfig(128, 128, 128, num_warps=8, num_stages=3, tma=True),  # half the loop steps, 192 KiB
     TileConfig(64, 128, 64, num_warps=8, num_stages=3, tma=True),  # two blocks an SM
 )
 GRADIENT_CANDIDATES_SM90 = (
+    *(GRADIENT_TMA_SM90 if _TMA else ()),
     GRADIENT_DEFAULT_SM90,
     TileConfig(128, 128, 64, num_warps=8, num_stages=3),  # a stage less smem (96 KiB) for a second block
     TileConfig(64, 128, 64, num_warps=8, num_stages=4),  # twice the programs, for small chunks
-    *(GRADIENT_TMA_SM90 if _TMA else ()),
 )
 GRADIENT_DEFAULT = TileConfig(64, 128, 64, num_warps=8, num_stages=4)
 GRADIENT_CANDIDATES = (GRADIENT_DEFAULT,)

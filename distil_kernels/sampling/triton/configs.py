@@ -83,19 +83,23 @@ THRESHOLD_DEFAULT_FP32 = TileConfig(64, 64, 32, num_warps=8, num_stages=3)
 # programs are row blocks of the same split, so at larger batches they read each W
 # tile at about the same time and share it through L2. fp32 keeps one tile per pass
 # (its FMA loop holds the K slices in registers).
-SAMPLE_DEFAULT_SM90 = TileConfig(64, 32, 64, num_warps=8, num_stages=3, split_n=4)
-SAMPLE_DEFAULT = TileConfig(64, 32, 64, num_warps=8, num_stages=3, split_n=2)
-SAMPLE_SMALL_BATCH = TileConfig(16, 128, 64, num_warps=8, num_stages=3, split_n=2)
 # At B=64 the sampler streams the head from HBM like a GEMV: 128-wide K slices read 256
 # contiguous bytes of each W row per stage instead of 128, in half the loop steps (239-255
-# registers, no spill; 144 KiB of shared memory). `python -m bench tune` times it.
+# registers, no spill; 144 KiB of shared memory). Timed on an H100 (`python -m bench
+# tune`, seventh session; Qwen2.5-7B's head): 0.526 ms at B=64 and 1.436 at B=256
+# against 0.587 and 1.625 for 64-wide slices, the fastest at B=256 and within 2% of the
+# fastest (the 4-stage TMA one below) at B=64, with no need for descriptors.
+SAMPLE_DEFAULT_SM90 = TileConfig(64, 32, 128, num_warps=8, num_stages=3, split_n=4)
+SAMPLE_DEFAULT = TileConfig(64, 32, 64, num_warps=8, num_stages=3, split_n=2)
+SAMPLE_SMALL_BATCH = TileConfig(16, 128, 64, num_warps=8, num_stages=3, split_n=2)
 # With TMA descriptors W streams in [32, BLOCK_K] boxes, one instruction each instead of
 # per-thread masked loads (177-221 registers instead of 204-224, Triton 3.6); the
-# 4-stage 128-wide one keeps 192 KiB of W in flight an SM. Candidates until timed.
+# 4-stage 128-wide one keeps 192 KiB of W in flight an SM (0.514 ms at B=64, 1.497 at
+# B=256; 64-wide slices by TMA 0.598 and 1.663).
 SAMPLE_TMA_SM90 = (TileConfig(64, 32, 64, num_warps=8, num_stages=3, split_n=4, tma=True),
                    TileConfig(64, 32, 128, num_warps=8, num_stages=4, split_n=4, tma=True))
-SAMPLE_CANDIDATES_SM90 = (SAMPLE_DEFAULT_SM90, SAMPLE_DEFAULT, TileConfig(64, 32, 64, num_warps=8, num_stages=3),
-                          TileConfig(64, 32, 128, num_warps=8, num_stages=3, split_n=4),
+SAMPLE_CANDIDATES_SM90 = (SAMPLE_DEFAULT_SM90, TileConfig(64, 32, 64, num_warps=8, num_stages=3, split_n=4),
+                          SAMPLE_DEFAULT, TileConfig(64, 32, 64, num_warps=8, num_stages=3),
                           *(SAMPLE_TMA_SM90 if tensor_descriptors() is not None else ()))
 SAMPLE_CANDIDATES = (SAMPLE_DEFAULT, TileConfig(64, 32, 64, num_warps=8, num_stages=3))
 SAMPLE_DEFAULT_FP32 = TileConfig(64, 32, 32, num_warps=8, num_stages=3)
