@@ -303,7 +303,7 @@ def measure(provider: GpuProvider, inputs: GpuInputs) -> dict:
     inputs.x.grad = inputs.weight.grad = None
     # The value, so that a competitor computing another loss (reduction, softcap) shows.
     return {"time_ms": median, "p20_ms": p20, "p80_ms": p80, "forward_ms": forward_ms,
-            "overhead_mib": overhead / 2**20, "loss": float(loss)}
+            "overhead_mib": overhead / 2**20, "loss": loss.item()}
 
 
 CSV_FIELDS = ["timestamp", "gpu", "torch", "triton", "commit", "head", "logits", "provider", "target", "N", "d",

@@ -84,7 +84,7 @@ FORWARD_PLAIN_SM90 = TileConfig(128, 256, 64, num_warps=8, num_stages=3)
 # (Triton 3.6: 211 registers instead of 234 for the default tile; a plain head's 128x128
 # tile 127 instead of 168, so two blocks an SM fit at 3 stages, 96 KiB each, one's
 # epilogue beside the other's matmul). Timed on an H100 (bench/RESULTS.md, seventh
-# session; N=8192, Llama-3-8B's head): the plain 128x256 tile by TMA 6.84 ms against
+# session; N=4096, Qwen2.5-7B's head): the plain 128x256 tile by TMA 6.84 ms against
 # 8.38 by pointers (1.09x the bare matmul's 6.30), 128x128 8.37 against 9.71. So where
 # Triton has descriptors the TMA tiles lead on sm_90; a launch whose operands a
 # descriptor cannot address (`descriptors_apply`) takes the same tile by pointers.
@@ -114,7 +114,7 @@ GRADIENT_DEFAULT_SM90 = TileConfig(128, 128, 64, num_warps=8, num_stages=4)
 # Triton 3.6), at the same 254 registers and no spill; 128x256 still spills (256 B over
 # 16 warps). A 64x128 tile by TMA takes 128 registers, no spill: two blocks an SM, one's
 # epilogue beside the other's matmul, for 43 FLOPs per byte of slices instead of 64.
-# Timed on an H100 (`python -m bench tune`, seventh session; Llama-3-8B's head, N=8192):
+# Timed on an H100 (`python -m bench tune`, seventh session; Qwen2.5-7B's head, N=4096):
 # the 128x128 tile by TMA 29.6 ms against 34.1 by pointers, 128x128x128 29.8, 64x128
 # 34.8. So the TMA tile leads on sm_90 where Triton has descriptors.
 GRADIENT_TMA_SM90 = (

@@ -60,12 +60,13 @@ TOPK_LARGE_K_FP32 = TileConfig(16, 256, 32, num_warps=8, num_stages=2)
 # 32x128 spills up to 40 B where ptxas caps it at 128 registers).
 THRESHOLD_DEFAULT_SM90 = TileConfig(128, 128, 64, num_warps=8, num_stages=3)
 # With TMA descriptors for the x and W slices (no masks or per-thread addresses) the
-# default tile spills 8 B instead of 24 in 6% fewer instructions (Triton 3.6): a
-# candidate until a GPU run times it.
+# same tile spills 8 B instead of 24 in 6% fewer instructions (Triton 3.6), and on an
+# H100 (`python -m bench tune`, seventh session; N=2048, Qwen2.5-7B's head) took 7.63 ms
+# against 8.15 by pointers: it leads where Triton has descriptors.
 THRESHOLD_TMA_SM90 = TileConfig(128, 128, 64, num_warps=8, num_stages=3, tma=True)
-THRESHOLD_CANDIDATES_SM90 = (THRESHOLD_DEFAULT_SM90, TileConfig(64, 256, 64, num_warps=8, num_stages=3),
-                             TileConfig(64, 128, 64, num_warps=8, num_stages=4),
-                             *((THRESHOLD_TMA_SM90,) if tensor_descriptors() is not None else ()))
+THRESHOLD_CANDIDATES_SM90 = (*((THRESHOLD_TMA_SM90,) if tensor_descriptors() is not None else ()),
+                             THRESHOLD_DEFAULT_SM90, TileConfig(64, 256, 64, num_warps=8, num_stages=3),
+                             TileConfig(64, 128, 64, num_warps=8, num_stages=4))
 THRESHOLD_DEFAULT = TileConfig(64, 128, 64, num_warps=8, num_stages=4)
 THRESHOLD_CANDIDATES = (THRESHOLD_DEFAULT,)
 THRESHOLD_DEFAULT_FP32 = TileConfig(64, 64, 32, num_warps=8, num_stages=3)
@@ -86,9 +87,9 @@ THRESHOLD_DEFAULT_FP32 = TileConfig(64, 64, 32, num_warps=8, num_stages=3)
 # At B=64 the sampler streams the head from HBM like a GEMV: 128-wide K slices read 256
 # contiguous bytes of each W row per stage instead of 128, in half the loop steps (239-255
 # registers, no spill; 144 KiB of shared memory). Timed on an H100 (`python -m bench
-# tune`, seventh session; Qwen2.5-7B's head): 0.526 ms at B=64 and 1.436 at B=256
-# against 0.587 and 1.625 for 64-wide slices, the fastest at B=256 and within 2% of the
-# fastest (the 4-stage TMA one below) at B=64, with no need for descriptors.
+# tune`, seventh session, two runs; Qwen2.5-7B's head): 0.525 ms at B=64 and 1.44-1.51
+# at B=256 against 0.59 and 1.59-1.63 for 64-wide slices; the fastest at B=256 and within
+# 2% of the fastest (the 4-stage TMA one below) at B=64, with no need for descriptors.
 SAMPLE_DEFAULT_SM90 = TileConfig(64, 32, 128, num_warps=8, num_stages=3, split_n=4)
 SAMPLE_DEFAULT = TileConfig(64, 32, 64, num_warps=8, num_stages=3, split_n=2)
 SAMPLE_SMALL_BATCH = TileConfig(16, 128, 64, num_warps=8, num_stages=3, split_n=2)
