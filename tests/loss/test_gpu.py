@@ -62,10 +62,34 @@ def test_matches_reference(backend, dtype, kind, options):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("kind", ["hard", "sparse"])
 def test_two_pass_backward_matches_reference(dtype, kind):
-    """1 MiB accumulators: d_input over 4 token chunks of 256 rows, d_weight over 448-row chunks."""
+    """1 MiB accumulators, d=520 (not a multiple of 16, so d_input's sum cannot split into the
+    outputs' 16-byte-aligned halves): d_input over 4 token chunks of 256 rows, d_weight over
+    448-row chunks."""
     k = None if kind == "hard" else 32
     x64, w64, b64, target = on_cuda(*make_problem(1000, 520, 32007, k=k, seed=22, ignore_rows=(5,), scale=4.0))
     options = dict(softcap=30.0, label_smoothing=0.1)
+    want = cpu64(run(x64, w64, b64, target, "torch", **options))
+    x, w, b = x64.to(dtype), w64.to(dtype), b64.to(dtype)
+    got = cpu64(run(x, w, b, target, "triton", workspace_bytes=2**20, **options))
+    base = same_dtype_pytorch(x, w, b, target, LossOptions(**options))
+    base = (base[0].double().cpu(), [None if g is None else g.double().cpu() for g in base[1]])
+    rounded = cpu64(run(x.double(), w.double(), b.double(), target, "torch", **options))
+    assert_within_dtype_error(got, base, want, rounded_inputs=rounded)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("kind", ["hard", "sparse"])
+def test_input_sum_in_the_outputs_matches_reference(dtype, kind):
+    """1 MiB of workspace, d=512: d_input's fp32 sum (2 MB) sums in d_weight's last 1000
+    rows and in d_input, and those rows' d_weight is recomputed after it."""
+    from distil_kernels.loss.triton.backward import plan_backward
+    from distil_kernels.loss.triton.configs import CANDIDATES
+
+    config = CANDIDATES["gradient_sm90" if torch.cuda.get_device_capability()[0] == 9 else "gradient"][0][0]
+    assert plan_backward(1000, 32007, 512, dtype, (True, True, True), config, 2**20).dx_in_outputs
+    k = None if kind == "hard" else 32
+    x64, w64, b64, target = on_cuda(*make_problem(1000, 512, 32007, k=k, seed=24, ignore_rows=(6,), scale=4.0))
+    options = dict(softcap=30.0, label_smoothing=0.1, z_loss=1e-4)
     want = cpu64(run(x64, w64, b64, target, "torch", **options))
     x, w, b = x64.to(dtype), w64.to(dtype), b64.to(dtype)
     got = cpu64(run(x, w, b, target, "triton", workspace_bytes=2**20, **options))
@@ -179,11 +203,11 @@ def test_distil_loss_triton_matches_torch():
         assert max_error(g, want) <= tol, f"{name}: error {max_error(g, want):.3e} > {tol:.3e}"
 
 
-@pytest.mark.parametrize("n", [4096, 16384], ids=["one-pass", "two-pass"])
+@pytest.mark.parametrize("n", [4096, 16384], ids=["sum-in-workspace", "sum-in-outputs"])
 def test_memory_overhead_is_bounded(n):
     """Beyond inputs and gradients: the backward's workspace (56 MiB by default) and O(N)
-    statistics. d_input's fp32 [N, d] (d=1024) fits half of it at N=4096 (one pass) and
-    not at N=16384 (its own pass over token chunks)."""
+    statistics. d_input's fp32 [N, d] (d=1024) fits half of it at N=4096 and not at
+    N=16384, where it sums in the gradient outputs."""
     d, v = 1024, 65536
     x = (torch.randn(n, d, device=CUDA) / 32).bfloat16().requires_grad_()
     w = torch.randn(v, d, device=CUDA).bfloat16().requires_grad_()

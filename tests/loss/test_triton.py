@@ -128,17 +128,28 @@ def test_no_bias_and_partial_requires_grad(workspace_bytes):
 
 
 def test_backward_plan_bounds_its_memory():
-    """Qwen2.5-7B's head at N=16384, bf16: d_input's fp32 [N, d] (224 MiB) takes a pass of
-    its own over 2048-row chunks with 7168-column gradient blocks, the vocabulary pass
-    holds 1792 columns of every row; each within 56 MiB (issue 3 allows 64 MiB of
-    overhead). At N=1024, or with a larger workspace, d_input rides along. fp16 sums
-    d_weight in fp32; so does a token count whose rows of one tile exceed the budget."""
+    """Qwen2.5-7B's head at N=16384, bf16: d_input's fp32 [N, d] (224 MiB) does not fit
+    the 56 MiB workspace (issue 3 allows 64 MiB of overhead), so it sums in the gradient
+    outputs: the vocabulary pass holds 1792 columns of every row, and d_weight's rows
+    from 135680 on (the last N = 16384 rounded down to a tile) come after. For d_input
+    alone, or d not a multiple of 16, or fp32, or N > V, d_input takes a pass of its own
+    over 2048-row chunks with 7168-column gradient blocks. At N=1024, or with a larger
+    workspace, d_input's sum rides along in the workspace. fp16 sums d_weight in fp32; so
+    does a token count whose rows of one tile exceed the budget."""
     need, cfg, v, d = (True, True, False), GRADIENT_DEFAULT_SM90, 152064, 3584
     budget = 56 * 2**20
     large = plan_backward(16384, v, d, torch.bfloat16, need, cfg, None)
-    assert not large.dx_rides_along and not large.dw_accumulator
-    assert (large.head_rows, large.head_cols, large.dx_rows, large.dx_cols) == (16384, 1792, 2048, 7168)
+    assert large.dx_rides_along and large.dx_in_outputs and not large.dw_accumulator
+    assert (large.head_rows, large.head_cols, large.dx_rows, large.dw_deferred_from) == (16384, 1792, 0, 135680)
     assert large.workspace_bytes(16384, d, 2) <= budget
+    for args in [(16384, v, d, torch.bfloat16, (True, False, False)), (16384, v, d - 8, torch.bfloat16, need),
+                 (16384, 8192, d, torch.bfloat16, need)]:
+        own_pass = plan_backward(*args, cfg, None)
+        assert not own_pass.dx_in_outputs and own_pass.dx_rows > 0 and own_pass.workspace_bytes(16384, d, 2) <= budget
+    own_pass = plan_backward(16384, v, d, torch.bfloat16, (True, False, False), cfg, None)
+    assert (own_pass.dx_rows, own_pass.dx_cols) == (2048, 7168)
+    fp32 = plan_backward(16384, v, d, torch.float32, need, cfg, None)
+    assert not fp32.dx_in_outputs and fp32.dx_rows > 0 and fp32.workspace_bytes(16384, d, 4) <= budget
     small = plan_backward(1024, v, d, torch.bfloat16, need, cfg, None)
     assert small.dx_rides_along and small.dx_rows == 0 and small.workspace_bytes(1024, d, 2) <= budget
     assert plan_backward(16384, v, d, torch.bfloat16, need, cfg, 2**30).dx_rides_along
@@ -252,6 +263,65 @@ def test_two_passes_match_one(mode):
     assert two_pass.passes == 2 and one_pass.passes == 1
     torch.testing.assert_close(two_pass.d_input, one_pass.d_input, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(two_pass.d_weight, one_pass.d_weight, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("kind", ["hard", "sparse"])
+def test_input_sum_in_the_outputs_matches_the_reference(kind):
+    """fp16 with 8 KiB of workspace: d_input's fp32 sum (N d 4 = 5 KiB) does not fit half of
+    it, so its halves sum in d_weight's last N rows and in d_input itself, and d_weight's
+    ids from 256 on (the last 40 rounded down to a 64-column tile) are recomputed after
+    it is rounded into d_input. Every option; against the float64 reference and against
+    the sum held in a workspace large enough for it (an fp16 ulp apart at most: the same
+    fp32 sums, grouped by other chunks)."""
+    k = None if kind == "hard" else 5
+    x64, w64, b64, target = make_problem(40, 32, 300, k=k, seed=41, ignore_rows=(2,), scale=2.0)
+    options = dict(softcap=5.0, label_smoothing=0.1, temperature=0.7, z_loss=1e-3)
+    want = run(x64, w64, b64, target, "torch", **options)
+    x, w, b = x64.half(), w64.half(), b64.half()
+    plan = plan_backward(40, 300, 32, torch.float16, (True, True, True), INTERPRETER_CONFIG, 8192)
+    assert plan.dx_in_outputs and plan.dw_deferred_from == 256 and plan.dx_rows == 0
+    got = run(x, w, b, target, "triton", workspace_bytes=8192, **options)
+    # PyTorch's fp16 error here is smaller than the inputs' rounding alone by luck (its
+    # rounded logits cancel some of it): the float64 run on the rounded inputs counts too.
+    rounded = run(x.double(), w.double(), b.double(), target, "torch", **options)
+    assert_within_dtype_error(got, same_dtype_pytorch(x, w, b, target, LossOptions(**options)), want,
+                              rounded_inputs=rounded)
+    in_workspace = run(x, w, b, target, "triton", workspace_bytes=2**20, **options)
+    for grad, other in zip(got[2], in_workspace[2]):
+        torch.testing.assert_close(grad, other, rtol=2**-10, atol=2**-24)
+
+
+def test_input_sum_in_the_outputs_recomputes_only_the_deferred_rows():
+    """The direct backward: one pass over the vocabulary, then the deferred ids' tiles
+    (300 - 192 = 108 ids) once more; d_input and d_weight are those of the sum held in a
+    1 MiB workspace (one pass, no tile twice) to an fp16 ulp."""
+    x, w, y = _peaked_problem(n=100, d=32, v=300, seed=43)
+    x, w = (x / 8).half(), w.half()
+    in_outputs, _ = _direct_backward(x, w, y, LossOptions(workspace_bytes=16 * 1024))
+    in_workspace, _ = _direct_backward(x, w, y, LossOptions(workspace_bytes=2**20))
+    row_blocks = math.ceil(100 / INTERPRETER_CONFIG.block_m)
+    assert in_outputs.passes == 1 and in_outputs.deferred_cols == 108
+    assert in_outputs.total_tiles == row_blocks * (math.ceil(300 / 64) + math.ceil(108 / 64))
+    assert in_workspace.deferred_cols == 0 and in_workspace.total_tiles == row_blocks * math.ceil(300 / 64)
+    torch.testing.assert_close(in_outputs.d_input, in_workspace.d_input, rtol=2**-10, atol=2**-24)
+    torch.testing.assert_close(in_outputs.d_weight, in_workspace.d_weight, rtol=2**-10, atol=2**-24)
+
+
+@pytest.mark.parametrize("workspace_bytes", [48 * 1024, 2**20], ids=["in-outputs", "in-workspace"])
+def test_input_sum_in_the_outputs_allocates_no_fp32_copy(workspace_bytes):
+    """Every allocation watched: with 48 KiB of workspace the fp16 backward allocates no fp32
+    [N, d] for d_input's sum (it lives in the gradients); with 1 MiB it does (the tracker
+    would see one). (The CPU's fp32 copies of x for its GEMMs are other ops.)"""
+    n, d, v = 200, 48, 1500
+    x64, w64, _, target = make_problem(n, d, v, seed=47, bias=False)
+    x, w = (t.half().requires_grad_() for t in (x64, w64))
+    tracker = track(lambda: linear_cross_entropy(x, w, target, backend="triton", workspace_bytes=workspace_bytes))
+    assert x.grad is not None and w.grad is not None
+    plan = plan_backward(n, v, d, torch.float16, (True, True, False), INTERPRETER_CONFIG, workspace_bytes)
+    assert plan.dx_in_outputs == (workspace_bytes == 48 * 1024)
+    fp32_sums = [a for a in tracker.allocations if a.phase == "backward" and a.shape == (n, d) and "empty" in a.op
+                 and a.dtype == torch.float32]
+    assert bool(fp32_sums) == (not plan.dx_in_outputs), fp32_sums
 
 
 def _tiles_holding_targets(y):

@@ -22,7 +22,7 @@ if os.environ.get("TRITON_INTERPRET") != "1":
 pytest.importorskip("triton")
 
 from distil_kernels.loss.options import LossOptions  # noqa: E402
-from distil_kernels.loss.triton import configs  # noqa: E402
+from distil_kernels.loss.triton import backward, configs, lse_forward  # noqa: E402
 from distil_kernels.loss.triton.backward import plan_backward  # noqa: E402
 from kernel_launches import RecordingKernel  # noqa: E402
 from loss_problems import assert_within_dtype_error, make_problem, run, same_dtype_pytorch  # noqa: E402
@@ -35,10 +35,18 @@ ARCHS = {"sm90": ("gradient_sm90", "forward_plain_sm90"), "sm80": ("gradient", "
 @pytest.fixture(params=sorted(ARCHS))
 def device_tiles(request, monkeypatch):
     """Config selection as on a GPU of the given architecture (CPU tensors pick the
-    sm_80 kinds; sm_90's are put in their place)."""
+    sm_80 kinds; sm_90's are put in their place). A TMA config launches by pointers here,
+    as on a GPU whose operands a descriptor cannot address: its tile is what is tested
+    (`test_gradient_by_tma_descriptors` tests the descriptors)."""
     gradient_kind, plain_forward_kind = ARCHS[request.param]
     tiles = DeviceTiles(plain_forward_kind)
-    monkeypatch.setattr(configs, "interpreting", lambda: tiles.selections.append(1) and False)
+    monkeypatch.setattr(configs, "interpreting", lambda: False)
+    for module in (lse_forward, backward):
+        def select_config(*args, _select=module.select_config, **kwargs):
+            tiles.selections.append(1)
+            return _select(*args, **kwargs)
+
+        monkeypatch.setattr(module, "select_config", select_config)
     monkeypatch.setitem(configs.CANDIDATES, "gradient", configs.CANDIDATES[gradient_kind])
     return tiles
 
@@ -92,6 +100,25 @@ def test_two_pass_workspace_splits_these_shapes(device_tiles, dtype):
     plan = plan_backward(N, V, D, dtype, need, candidates[0], 64 * 1024)
     assert not plan.dx_rides_along
     assert plan.head_rows < N and plan.head_cols < V and plan.dx_rows < N and plan.dx_cols < V
+
+
+def test_input_sum_in_the_outputs_on_device_tiles(device_tiles):
+    """fp16, d=64, 64 KiB of workspace: d_input's fp32 sum (37.5 KiB) sums in d_weight's
+    last 150 rows and in d_input; d_weight's ids from 384 on (601 - 150 rounded down to
+    the 128-column tile) are recomputed after it, every option on."""
+    x64, w64, b64, target = make_problem(N, 64, V, k=6, seed=43, ignore_rows=(0, 149), scale=2.0,
+                                         pad_slots=((3, 2), (3, 5)))
+    options = dict(tail="renormalize", label_smoothing=0.05, softcap=8.0, temperature=0.9, z_loss=1e-4)
+    candidates = configs.CANDIDATES["gradient"][0]
+    plan = plan_backward(N, V, 64, torch.float16, (True, True, True), candidates[0], 64 * 1024)
+    assert plan.dx_in_outputs and plan.dw_deferred_from == 384
+    want = run(x64, w64, b64, target, "torch", **options)
+    x, w, b = x64.half(), w64.half(), b64.half()
+    got = run(x, w, b, target, "triton", workspace_bytes=64 * 1024, **options)
+    device_tiles.assert_forward_and_backward_took_them()
+    rounded = run(x.double(), w.double(), b.double(), target, "torch", **options)
+    assert_within_dtype_error(got, same_dtype_pytorch(x, w, b, target, LossOptions(**options)), want,
+                              rounded_inputs=rounded)
 
 
 @pytest.mark.skipif(configs.tensor_descriptors() is None, reason="this Triton has no TMA descriptors")

@@ -23,7 +23,13 @@ not depend on scheduling, so deterministic mode needs nothing more.
 sums the gradient of every row, d_input[rows] that of every column, so one of the two
 sums over chunks, in fp32. d_input's fp32 [N, d] rides along when it fits half the
 budget: one pass over vocabulary chunks (6 N V d FLOPs with the forward's 2). When it
-does not (N = 16384 at d = 4096 takes 256 MiB), d_input gets a pass of its own over
+does not (N = 16384 at d = 4096 takes 256 MiB), a 16-bit d_input's fp32 sum still rides
+along, in the gradient outputs themselves: its first d/2 columns in the last N rows of
+d_weight (N d 2 bytes, not yet written), the other d/2 in d_input's own N d 2 bytes.
+Those N rows of d_weight wait until the sum has been rounded into d_input, and then
+recompute their logits: 2 N^2 d FLOPs more (6% of the pass on Llama-3-8B's head at
+N = 8192), where the pass it replaces recomputed all 2 N V d. Otherwise (d_input
+alone, fp32, N > V, or d not a multiple of 16), d_input gets a pass of its own over
 token chunks, each with an fp32 [rows, d] accumulator and gradient blocks that take
 the other half: a second recomputation of the logits (10 N V d FLOPs) for bounded
 memory at any N. Likewise d_weight sums token chunks in an fp32 [cols, d] accumulator
@@ -63,6 +69,7 @@ class BackwardResult:
     skipped_tiles: Tensor  # [1] int32: tiles the filter skipped
     total_tiles: int  # tiles of every launch, over both passes
     passes: int  # 1, or 2 when d_input took a pass of its own
+    deferred_cols: int = 0  # vocabulary ids whose d_weight waited for d_input's sum (recomputed)
 
 
 @triton.jit
@@ -200,12 +207,16 @@ class BackwardPlan:
     dx_rides_along: bool  # d_input's fp32 [N, d] accumulates in the vocabulary pass
     dx_rows: int  # token rows per chunk of d_input's own pass (0: no such pass)
     dx_cols: int  # vocabulary columns per gradient block of d_input's own pass
+    # d_input's fp32 sum lives in the gradient outputs (d_weight's rows from `dw_deferred_from`
+    # on, written after it, and d_input), not in the workspace
+    dx_in_outputs: bool = False
+    dw_deferred_from: int = 0  # first vocabulary id (a tile boundary) whose d_weight waits
 
     def workspace_bytes(self, n: int, d: int, itemsize: int) -> int:
         """The most the backward holds at once: gradient buffers and fp32 accumulators."""
         head = itemsize * min(self.head_rows, n) * self.head_cols
         head += 4 * self.head_cols * d if self.dw_accumulator else 0
-        head += 4 * n * d if self.dx_rides_along else 0
+        head += 4 * n * d if self.dx_rides_along and not self.dx_in_outputs else 0
         dx = (4 * d + itemsize * self.dx_cols) * self.dx_rows
         return max(head, dx)
 
@@ -226,10 +237,16 @@ def plan_backward(n: int, v: int, d: int, dtype: torch.dtype, need: tuple[bool, 
     budget = BACKWARD_WORKSPACE_BYTES if workspace_bytes is None else workspace_bytes
     itemsize = dtype.itemsize
     dx_rides_along = need_dx and 4 * n * d <= budget // 2
+    # The fp32 [N, d] sum as two [N, d/2] halves, each the bytes of N 16-bit rows of d:
+    # d_weight's last N rows and d_input. d a multiple of 16 keeps the halves' columns
+    # and the rows after d_weight's deferred ones 16-byte aligned for the GEMMs.
+    dx_in_outputs = (need_dx and need_dw and not dx_rides_along and itemsize == 2 and d % 16 == 0
+                     and 0 < n <= v)
+    dx_rides_along = dx_rides_along or dx_in_outputs
     head_rows = head_cols = dx_rows = dx_cols = 0
     dw_accumulator = False
     if need_dw or need_db or dx_rides_along:
-        head_budget = budget - (4 * n * d if dx_rides_along else 0)
+        head_budget = budget - (4 * n * d if dx_rides_along and not dx_in_outputs else 0)
         # fp16's scaled gradient needs its product in fp32 before the scale comes off.
         scaled = need_dw and dtype == torch.float16
         per_col = itemsize * n + (4 * d if scaled else 0)
@@ -246,7 +263,9 @@ def plan_backward(n: int, v: int, d: int, dtype: torch.dtype, need: tuple[bool, 
     if need_dx and not dx_rides_along:
         dx_rows = _whole_tiles(budget // 2 // (4 * max(d, 1)), config.block_m, n)
         dx_cols = _whole_tiles(budget // 2 // (itemsize * dx_rows), config.block_n, v)
-    return BackwardPlan(head_rows, head_cols, dw_accumulator, dx_rides_along, dx_rows, dx_cols)
+    deferred_from = (v - n) // config.block_n * config.block_n if dx_in_outputs else v
+    return BackwardPlan(head_rows, head_cols, dw_accumulator, dx_rides_along, dx_rows, dx_cols, dx_in_outputs,
+                        deferred_from)
 
 
 # --------------------------------------------------------------------------------------
@@ -289,8 +308,10 @@ def backward(x: Tensor, weight: Tensor, bias: Tensor | None, slot_ids: Tensor, l
         # A skipped tile is written as zeros, dropping label smoothing's eps / V on each of its
         # logits along with the softmax values: a drop filter_eps allows only below it.
         filter_eps = None
-    d_input = torch.empty_like(x) if need_dx else None
-    # Contiguous whatever the head's strides: each vocabulary chunk is one GEMM's output.
+    # Contiguous (d_input too where it holds half of its fp32 sum), whatever the inputs'
+    # strides: each vocabulary chunk of d_weight is one GEMM's output.
+    d_input = (torch.empty(x.shape, dtype=x.dtype, device=dev) if plan.dx_in_outputs else torch.empty_like(x)
+               ) if need_dx else None
     d_weight = torch.empty(weight.shape, dtype=weight.dtype, device=dev) if need_dw else None
     d_bias = torch.zeros(v, dtype=torch.float32, device=dev) if need_db else None
     total_tiles = 0
@@ -329,10 +350,27 @@ def backward(x: Tensor, weight: Tensor, bias: Tensor | None, slot_ids: Tensor, l
         return grad
 
     passes = 0
-    if n > 0 and plan.head_cols > 0:
+    deferred_cols = 0
+    if n > 0 and plan.dx_in_outputs:
         passes += 1
-        _vocabulary_pass(x, weight, plan, inv_scale, gradient_block, d_input if plan.dx_rides_along else None,
+        deferred_cols = v - plan.dw_deferred_from
+        half = d // 2
+        # Both halves are written (beta = 0) by the first chunk's GEMMs before anything reads them.
+        dx_low = d_weight[v - n:].view(torch.float32)
+        dx_high = d_input.view(torch.float32)
+        _vocabulary_pass(x, weight, plan, inv_scale, gradient_block, ((dx_low, slice(0, half)),
+                                                                       (dx_high, slice(half, d))),
+                         d_weight, d_bias, dw_end=plan.dw_deferred_from)
+        _round_split_sum(dx_low, dx_high, d_input, plan, x.dtype.itemsize)
+        _vocabulary_pass(x, weight, plan, inv_scale, gradient_block, (), d_weight, None,
+                         first_col=plan.dw_deferred_from)
+    elif n > 0 and plan.head_cols > 0:
+        passes += 1
+        dx_acc = torch.empty(n, d, dtype=torch.float32, device=dev) if need_dx and plan.dx_rides_along else None
+        _vocabulary_pass(x, weight, plan, inv_scale, gradient_block, () if dx_acc is None else ((dx_acc, slice(None)),),
                          d_weight, d_bias)
+        if dx_acc is not None:
+            d_input.copy_(dx_acc)
     if n > 0 and plan.dx_rows > 0:
         passes += 1
         _input_pass(x, weight, plan, inv_scale, gradient_block, d_input)
@@ -340,23 +378,27 @@ def backward(x: Tensor, weight: Tensor, bias: Tensor | None, slot_ids: Tensor, l
         for grad in (d_input, d_weight):
             if grad is not None:
                 grad.zero_()
-    return BackwardResult(d_input, d_weight, d_bias, skipped, total_tiles, passes)
+    return BackwardResult(d_input, d_weight, d_bias, skipped, total_tiles, passes, deferred_cols)
 
 
 def _vocabulary_pass(x: Tensor, weight: Tensor, plan: BackwardPlan, inv_scale: float, gradient_block,
-                     d_input: Tensor | None, d_weight: Tensor | None, d_bias: Tensor | None) -> None:
-    """Vocabulary chunks (token chunks within each): d_weight and d_bias, and d_input when it rides along."""
+                     dx_parts: tuple[tuple[Tensor, slice], ...], d_weight: Tensor | None, d_bias: Tensor | None,
+                     first_col: int = 0, dw_end: int | None = None) -> None:
+    """Vocabulary chunks from id `first_col` (a tile boundary) on, token chunks within each:
+    d_bias; d_weight of the ids below `dw_end`; and d_input's fp32 sum when it rides along,
+    each (accumulator, columns of d) of `dx_parts` taking du @ W[chunk, columns]."""
     n, d = x.shape
     v = weight.shape[0]
     dev = x.device
+    dw_end = v if dw_end is None else dw_end
     rows = min(plan.head_rows, n)
     buffer = torch.empty(rows, plan.head_cols, dtype=x.dtype, device=dev)
     dw_acc = None
     if d_weight is not None and plan.dw_accumulator:
         dw_acc = torch.empty(plan.head_cols, d, dtype=torch.float32, device=dev)
-    dx_acc = torch.empty(n, d, dtype=torch.float32, device=dev) if d_input is not None else None
-    for v0 in range(0, v, plan.head_cols):
+    for v0 in range(first_col, v, plan.head_cols):
         v1 = min(v, v0 + plan.head_cols)
+        dw_cols = max(0, min(v1, dw_end) - v0) if d_weight is not None else 0
         for r0 in range(0, n, rows):
             r1 = min(n, r0 + rows)
             grad = gradient_block(buffer, r0, r1, v0, v1)
@@ -364,17 +406,32 @@ def _vocabulary_pass(x: Tensor, weight: Tensor, plan: BackwardPlan, inv_scale: f
                 # From the same rounded gradient the weight's GEMM reads (a bias is a weight
                 # column against a constant 1 input), summed in fp32.
                 d_bias[v0:v1].add_(grad.sum(dim=0, dtype=torch.float32), alpha=inv_scale)
-            if d_weight is not None:
+            if dw_cols:
                 if dw_acc is None:  # every row in one buffer, unscaled: one GEMM, rounded once
-                    torch.mm(grad.T, x[r0:r1], out=d_weight[v0:v1])
+                    torch.mm(grad[:, :dw_cols].T, x[r0:r1], out=d_weight[v0:v0 + dw_cols])
                 else:
-                    addmm_fp32(dw_acc[: v1 - v0], grad.T, x[r0:r1], inv_scale, 0.0 if r0 == 0 else 1.0)
-            if dx_acc is not None:
-                addmm_fp32(dx_acc[r0:r1], grad, weight[v0:v1], inv_scale, 0.0 if v0 == 0 else 1.0)
-        if dw_acc is not None:
-            d_weight[v0:v1].copy_(dw_acc[: v1 - v0])
-    if dx_acc is not None:
-        d_input.copy_(dx_acc)
+                    addmm_fp32(dw_acc[:dw_cols], grad[:, :dw_cols].T, x[r0:r1], inv_scale, 0.0 if r0 == 0 else 1.0)
+            for acc, columns in dx_parts:
+                addmm_fp32(acc[r0:r1], grad, weight[v0:v1, columns], inv_scale, 0.0 if v0 == first_col else 1.0)
+        if dw_acc is not None and dw_cols:
+            d_weight[v0:v0 + dw_cols].copy_(dw_acc[:dw_cols])
+
+
+def _round_split_sum(dx_low: Tensor, dx_high: Tensor, d_input: Tensor, plan: BackwardPlan, itemsize: int) -> None:
+    """d_input = [dx_low | dx_high] rounded to its dtype, where dx_high is d_input's own bytes.
+
+    Row r of dx_high is exactly the bytes of row r of d_input, so each block of rows has
+    its high half copied out (rounded) before either half is written over it.
+    """
+    n, d = d_input.shape
+    half = d // 2
+    rows = max(1, min(n, plan.workspace_bytes(n, d, itemsize) // (itemsize * half)))
+    high = torch.empty(rows, half, dtype=d_input.dtype, device=d_input.device)
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        high[: r1 - r0].copy_(dx_high[r0:r1])
+        d_input[r0:r1, :half].copy_(dx_low[r0:r1])
+        d_input[r0:r1, half:].copy_(high[: r1 - r0])
 
 
 def _input_pass(x: Tensor, weight: Tensor, plan: BackwardPlan, inv_scale: float, gradient_block,
