@@ -38,6 +38,18 @@ CUDA_BACKEND = pytest.param("cuda", marks=pytest.mark.skipif(not extension_avail
                                                              reason="the csrc/ extension was not built"))
 
 
+def assert_matches_reference(x64, w64, b64, target, dtype, backend, workspace_bytes=None, **options):
+    """`backend` on the float64 problem rounded to `dtype`, against the float64 reference:
+    within a small multiple of PyTorch's same-dtype error or of the inputs' rounding alone."""
+    want = cpu64(run(x64, w64, b64, target, "torch", **options))
+    x, w, b = x64.to(dtype), w64.to(dtype), b64.to(dtype)
+    got = cpu64(run(x, w, b, target, backend, workspace_bytes=workspace_bytes, **options))
+    base = same_dtype_pytorch(x, w, b, target, LossOptions(**options))
+    base = (base[0].double().cpu(), [None if g is None else g.double().cpu() for g in base[1]])
+    rounded = cpu64(run(x.double(), w.double(), b.double(), target, "torch", **options))
+    assert_within_dtype_error(got, base, want, rounded_inputs=rounded)
+
+
 @pytest.mark.parametrize("backend", ["triton", "chunked", CUDA_BACKEND])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("kind", ["hard", "sparse"])
@@ -50,13 +62,7 @@ CUDA_BACKEND = pytest.param("cuda", marks=pytest.mark.skipif(not extension_avail
 def test_matches_reference(backend, dtype, kind, options):
     k = None if kind == "hard" else 32
     x64, w64, b64, target = on_cuda(*make_problem(1000, 520, 32007, k=k, seed=21, ignore_rows=(3, 999), scale=4.0))
-    want = cpu64(run(x64, w64, b64, target, "torch", **options))
-    x, w, b = x64.to(dtype), w64.to(dtype), b64.to(dtype)
-    got = cpu64(run(x, w, b, target, backend, **options))
-    base = same_dtype_pytorch(x, w, b, target, LossOptions(**options))
-    base = (base[0].double().cpu(), [None if g is None else g.double().cpu() for g in base[1]])
-    rounded = cpu64(run(x.double(), w.double(), b.double(), target, "torch", **options))
-    assert_within_dtype_error(got, base, want, rounded_inputs=rounded)
+    assert_matches_reference(x64, w64, b64, target, dtype, backend, **options)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
@@ -68,13 +74,7 @@ def test_two_pass_backward_matches_reference(dtype, kind):
     k = None if kind == "hard" else 32
     x64, w64, b64, target = on_cuda(*make_problem(1000, 520, 32007, k=k, seed=22, ignore_rows=(5,), scale=4.0))
     options = dict(softcap=30.0, label_smoothing=0.1)
-    want = cpu64(run(x64, w64, b64, target, "torch", **options))
-    x, w, b = x64.to(dtype), w64.to(dtype), b64.to(dtype)
-    got = cpu64(run(x, w, b, target, "triton", workspace_bytes=2**20, **options))
-    base = same_dtype_pytorch(x, w, b, target, LossOptions(**options))
-    base = (base[0].double().cpu(), [None if g is None else g.double().cpu() for g in base[1]])
-    rounded = cpu64(run(x.double(), w.double(), b.double(), target, "torch", **options))
-    assert_within_dtype_error(got, base, want, rounded_inputs=rounded)
+    assert_matches_reference(x64, w64, b64, target, dtype, "triton", workspace_bytes=2**20, **options)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
@@ -90,13 +90,7 @@ def test_input_sum_in_the_outputs_matches_reference(dtype, kind):
     k = None if kind == "hard" else 32
     x64, w64, b64, target = on_cuda(*make_problem(1000, 512, 32007, k=k, seed=24, ignore_rows=(6,), scale=4.0))
     options = dict(softcap=30.0, label_smoothing=0.1, z_loss=1e-4)
-    want = cpu64(run(x64, w64, b64, target, "torch", **options))
-    x, w, b = x64.to(dtype), w64.to(dtype), b64.to(dtype)
-    got = cpu64(run(x, w, b, target, "triton", workspace_bytes=2**20, **options))
-    base = same_dtype_pytorch(x, w, b, target, LossOptions(**options))
-    base = (base[0].double().cpu(), [None if g is None else g.double().cpu() for g in base[1]])
-    rounded = cpu64(run(x.double(), w.double(), b.double(), target, "torch", **options))
-    assert_within_dtype_error(got, base, want, rounded_inputs=rounded)
+    assert_matches_reference(x64, w64, b64, target, dtype, "triton", workspace_bytes=2**20, **options)
 
 
 def _every_launch_config():
