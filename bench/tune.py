@@ -8,7 +8,8 @@ at the shape its target is measured on, so one run says which default to keep.
                against the bare bf16 matmul; then the default drawing greedily (no
                noise), which says what the noise costs
     forward    the loss forward's statistics kernel, a plain head (no bias), N=4096 on
-               that head, against the bare bf16 matmul
+               that head, against the bare bf16 matmul; then a softcap-only head, Gemma-2-2B's
+               (d=2304, V=256000, softcap 30), N=4096
     gradient   the loss backward (its gradient kernel and GEMMs) at N=4096 on that head;
                then the default for d_weight alone (the vocabulary pass), which says
                what d_input's own pass costs
@@ -27,6 +28,7 @@ import torch
 from .report import progress
 
 QWEN_D, QWEN_V = 3584, 152064
+GEMMA_D, GEMMA_V, GEMMA_SOFTCAP = 2304, 256000, 30.0
 KINDS = ("sample", "forward", "gradient", "threshold")
 SAMPLE_BATCHES = (64, 256)  # issue 4's two batch sizes
 
@@ -87,19 +89,27 @@ def _tune_sample_batch(rows: int, rep_ms: int) -> None:
 
 def tune_forward(rep_ms: int) -> None:
     from distil_kernels.loss.options import LossOptions
+
+    _tune_forward_head("forward", QWEN_D, QWEN_V, LossOptions(), rep_ms)
+    _tune_forward_head("fwd softcap", GEMMA_D, GEMMA_V, LossOptions(softcap=GEMMA_SOFTCAP), rep_ms)
+
+
+def _tune_forward_head(label: str, d: int, v: int, options, rep_ms: int) -> None:
+    """The forward's candidates for a head without bias (`head_kind`'s plain or softcap kind)."""
     from distil_kernels.loss.triton.configs import CANDIDATES
-    from distil_kernels.loss.triton.lse_forward import lse_forward
+    from distil_kernels.loss.triton.lse_forward import head_kind, lse_forward
 
     n = 4096
     gen = torch.Generator(device="cuda").manual_seed(0)
-    x = torch.randn(n, QWEN_D, generator=gen, device="cuda").bfloat16()
-    w = (torch.randn(QWEN_V, QWEN_D, generator=gen, device="cuda") * QWEN_D**-0.5).bfloat16()
-    kind = "forward_plain_sm90" if torch.cuda.get_device_capability()[0] == 9 else "forward"
+    x = torch.randn(n, d, generator=gen, device="cuda").bfloat16()
+    w = (torch.randn(v, d, generator=gen, device="cuda") * d**-0.5).bfloat16()
+    sm90 = torch.cuda.get_device_capability()[0] == 9
+    kind = f"forward_{head_kind(None, options)}_sm90" if sm90 else "forward"
     candidates = CANDIDATES[kind][0]
     matmul_ms = _bench(lambda: x @ w.T, rep_ms)
-    print(f"{'forward':14s} {'bare matmul':28s} {matmul_ms:9.3f} ms", flush=True)
-    _report("forward", candidates, candidates[0], lambda c: _bench(lambda: lse_forward(x, w, None, LossOptions(), c),
-                                                                   rep_ms), matmul_ms)
+    print(f"{label:14s} {'bare matmul':28s} {matmul_ms:9.3f} ms", flush=True)
+    _report(label, candidates, candidates[0], lambda c: _bench(lambda: lse_forward(x, w, None, options, c), rep_ms),
+            matmul_ms)
 
 
 def tune_gradient(rep_ms: int) -> None:

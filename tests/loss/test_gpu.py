@@ -99,30 +99,33 @@ def _every_launch_config():
     from distil_kernels.loss.triton.configs import CANDIDATES
 
     kernel = {"forward": "forward", "forward_sm90": "forward", "forward_plain_sm90": "forward_plain",
-              "gradient": "gradient", "gradient_sm90": "gradient"}
+              "forward_softcap_sm90": "forward_softcap", "gradient": "gradient", "gradient_sm90": "gradient"}
     return list(dict.fromkeys((kernel[kind], c) for kind, (candidates, _) in CANDIDATES.items() for c in candidates))
 
 
 @pytest.mark.parametrize("kind, config", _every_launch_config(), ids=lambda a: str(a))
 def test_every_launch_config_matches_reference(monkeypatch, kind, config):
     """Every candidate the autotuner (or `python -m bench tune`) may pick, the TMA ones
-    included, through the whole loss: bf16, sparse k=32 with every option, one pass
-    and two. A config for another architecture than this GPU's launches all the same
-    (a TMA config falls back to pointers below sm_90)."""
+    included, through the whole loss: bf16, sparse k=32 with every option (a forward's
+    own head: plain, or a softcap alone), one pass and two. A config for another
+    architecture than this GPU's launches all the same (a TMA config falls back to
+    pointers below sm_90)."""
     from distil_kernels.loss.triton import backward as backward_module
     from distil_kernels.loss.triton import lse_forward as forward_module
 
     module = forward_module if kind.startswith("forward") else backward_module
     monkeypatch.setattr(module, "select_config", lambda *args: config)
-    plain = kind == "forward_plain"
-    x64, w64, b64, target = on_cuda(*make_problem(1000, 520, 32007, k=None if plain else 32, seed=23,
-                                                  ignore_rows=(7,), scale=4.0, bias=not plain))
-    options = {} if plain else dict(softcap=30.0, label_smoothing=0.1, temperature=0.9)
+    # The head each forward kind launches for (`lse_forward.head_kind`); the gradient's: every option.
+    head = {"forward_plain": "plain", "forward_softcap": "softcap"}.get(kind)
+    x64, w64, b64, target = on_cuda(*make_problem(1000, 520, 32007, k=None if head == "plain" else 32, seed=23,
+                                                  ignore_rows=(7,), scale=4.0, bias=head is None))
+    options = {"plain": {}, "softcap": dict(softcap=30.0, temperature=0.9)}.get(
+        head, dict(softcap=30.0, label_smoothing=0.1, temperature=0.9))
     want = cpu64(run(x64, w64, b64, target, "torch", **options))
-    x, w, b = x64.bfloat16(), w64.bfloat16(), None if plain else b64.bfloat16()
+    x, w, b = x64.bfloat16(), w64.bfloat16(), None if b64 is None else b64.bfloat16()
     base = same_dtype_pytorch(x, w, b, target, LossOptions(**options))
     base = (base[0].double().cpu(), [None if g is None else g.double().cpu() for g in base[1]])
-    rounded = cpu64(run(x.double(), w.double(), None if plain else b.double(), target, "torch", **options))
+    rounded = cpu64(run(x.double(), w.double(), None if b is None else b.double(), target, "torch", **options))
     for workspace_bytes in (None, 2**20):
         got = cpu64(run(x, w, b, target, "triton", workspace_bytes=workspace_bytes, **options))
         assert_within_dtype_error(got, base, want, rounded_inputs=rounded)

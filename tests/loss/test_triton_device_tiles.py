@@ -165,26 +165,33 @@ def test_tma_configs_fall_back_to_pointers_where_rows_are_unaligned(monkeypatch)
     assert_within_dtype_error(got, same_dtype_pytorch(x, w, b, target, LossOptions()), want)
 
 
-TMA_FORWARDS = [(c, False) for c in configs.FORWARD_TMA_SM90] + [(c, True) for c in configs.FORWARD_PLAIN_TMA_SM90]
+TMA_FORWARDS = ([(c, None) for c in configs.FORWARD_TMA_SM90] + [(c, "plain") for c in configs.FORWARD_PLAIN_TMA_SM90]
+                + [(configs.FORWARD_SOFTCAP_TMA_SM90, "softcap")])
 
 
 @pytest.mark.skipif(configs.tensor_descriptors() is None, reason="this Triton has no TMA descriptors")
-@pytest.mark.parametrize("config, plain", TMA_FORWARDS, ids=lambda a: str(a) if isinstance(a, configs.TileConfig)
-                         else ("plain" if a else "every-option"))
-def test_forward_by_tma_descriptors(monkeypatch, config, plain):
-    """The sm_90 forward candidates with TMA loads: a plain head's, and one with bias, softcap
-    and label smoothing; the forward's statistics feed the backward, so the whole loss
-    and its gradients are checked (fp16, hard labels)."""
+@pytest.mark.parametrize("config, head", TMA_FORWARDS, ids=lambda a: str(a) if isinstance(a, configs.TileConfig)
+                         else (a or "every-option"))
+def test_forward_by_tma_descriptors(monkeypatch, config, head):
+    """The sm_90 forward candidates with TMA loads: a plain head's, a softcap-only head's,
+    and one with bias, softcap and label smoothing; the forward's statistics feed the
+    backward, so the whole loss and its gradients are checked (fp16, hard labels)."""
     from distil_kernels.loss.triton import lse_forward as forward_module
 
     launched = []
     monkeypatch.setattr(forward_module, "lse_forward_kernel",
                         RecordingKernel(forward_module.lse_forward_kernel, launched))
     monkeypatch.setattr(forward_module, "select_config", lambda kind, *args: config)
-    x64, w64, b64, target = make_problem(N, D, V, seed=44, ignore_rows=(9,), scale=2.0, bias=not plain)
-    options = {} if plain else dict(label_smoothing=0.05, softcap=8.0, temperature=0.9)
+    x64, w64, b64, target = make_problem(N, D, V, seed=44, ignore_rows=(9,), scale=2.0, bias=head is None)
+    options = {"plain": {}, "softcap": dict(softcap=8.0, temperature=0.9)}.get(
+        head, dict(label_smoothing=0.05, softcap=8.0, temperature=0.9))
     want = run(x64, w64, b64, target, "torch", **options)
-    x, w, b = x64.half(), w64.half(), None if plain else b64.half()
+    x, w, b = x64.half(), w64.half(), None if b64 is None else b64.half()
     got = run(x, w, b, target, "triton", **options)
     assert launched and all(launched), "the forward kernel ran without its descriptors"
-    assert_within_dtype_error(got, same_dtype_pytorch(x, w, b, target, LossOptions(**options)), want)
+    assert forward_module.head_kind(b, LossOptions(**options)) == head
+    # PyTorch's fp16 error can be smaller than the inputs' rounding alone by luck: the
+    # float64 run on the rounded inputs counts too.
+    rounded = run(x.double(), w.double(), None if b is None else b.double(), target, "torch", **options)
+    assert_within_dtype_error(got, same_dtype_pytorch(x, w, b, target, LossOptions(**options)), want,
+                              rounded_inputs=rounded)

@@ -36,6 +36,7 @@ from .configs import (
     FORWARD_PLAIN_SM90,
     FORWARD_PLAIN_SM90_CANDIDATES,
     FORWARD_SM90_CANDIDATES,
+    FORWARD_SOFTCAP_SM90_CANDIDATES,
     GRADIENT_CANDIDATES,
     GRADIENT_CANDIDATES_FP32,
     GRADIENT_CANDIDATES_SM90,
@@ -94,16 +95,17 @@ def kernel_spec(name: str, kernel, pointers: dict, constexprs: dict, config: Til
     return CompileSpec(name, kernel, signature, constexprs, num_warps, num_stages, divisible, unit_strides)
 
 
-def forward_spec(config: TileConfig, dtype: str, plain: bool = False, archs: tuple[int, ...] = (90, 80)
+def forward_spec(config: TileConfig, dtype: str, head: str | None = None, archs: tuple[int, ...] = (90, 80)
                  ) -> CompileSpec:
-    """`plain`: no bias, softcap or label smoothing (the flags a plain head launches with)."""
+    """`head` (`lse_forward.head_kind`): "plain" (no bias, softcap or label smoothing),
+    "softcap" (a softcap alone), or None: every flag on."""
     t = TRITON_DTYPE[dtype]
     pointers = {"x_ptr": t, "w_ptr": t, "b_ptr": "fp32", "part_max_ptr": "fp32", "part_sum_ptr": "fp32",
                 "part_zsum_ptr": "fp32", "block_max_ptr": "fp32"}
     constexprs = {"BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "BLOCK_K": config.block_k,
-                  "HAS_BIAS": not plain, "HAS_SOFTCAP": not plain, "LOGIT_SUM": not plain,
+                  "HAS_BIAS": head is None, "HAS_SOFTCAP": head != "plain", "LOGIT_SUM": head is None,
                   "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32", "USE_TMA": config.tma}
-    flags = "plain," if plain else ""
+    flags = f"{head}," if head else ""
     spec = kernel_spec(f"lse_forward[{dtype},{flags}{config}]", lse_forward_kernel, pointers, constexprs, config,
                        float_args=("softcap", "inv_temp"))
     if config.tma:
@@ -159,9 +161,12 @@ def all_specs() -> list[CompileSpec]:
     for dtype, forward in (("bf16", FORWARD_CANDIDATES), ("fp32", FORWARD_CANDIDATES_FP32)):
         specs += [forward_spec(c, dtype) for c in forward]
         if dtype == "bf16":  # sm_90: a plain head's own wide tile, and the TMA candidates
-            specs.append(forward_spec(FORWARD_PLAIN_SM90, dtype, plain=True, archs=(90,)))
+            specs.append(forward_spec(FORWARD_PLAIN_SM90, dtype, head="plain", archs=(90,)))
             specs += [forward_spec(c, dtype, archs=(90,)) for c in FORWARD_SM90_CANDIDATES if c.tma]
-            specs += [forward_spec(c, dtype, plain=True, archs=(90,)) for c in FORWARD_PLAIN_SM90_CANDIDATES if c.tma]
+            specs += [forward_spec(c, dtype, head="plain", archs=(90,)) for c in FORWARD_PLAIN_SM90_CANDIDATES
+                      if c.tma]
+            specs += [forward_spec(c, dtype, head="softcap", archs=(90,)) for c in FORWARD_SOFTCAP_SM90_CANDIDATES
+                      if c.tma]
         # The gradient kernel's tiles per architecture (sm_80's fp32 list is sm_90's too).
         if dtype == "bf16":
             gradient = [(c, (90,)) for c in GRADIENT_CANDIDATES_SM90 if c not in GRADIENT_CANDIDATES]

@@ -94,6 +94,12 @@ FORWARD_PLAIN_TMA_SM90 = (TileConfig(128, 256, 64, num_warps=8, num_stages=3, tm
 _TMA = tensor_descriptors() is not None
 FORWARD_SM90_CANDIDATES = (*(FORWARD_TMA_SM90 if _TMA else ()), *FORWARD_CANDIDATES)
 FORWARD_PLAIN_SM90_CANDIDATES = (*(FORWARD_PLAIN_TMA_SM90 if _TMA else ()), FORWARD_PLAIN_SM90, *FORWARD_CANDIDATES)
+# A head with a softcap but no bias or label smoothing (Gemma 2) keeps nearly the plain
+# head's registers: by TMA its 128x256 tile fits as well (240 registers, no spill, Triton
+# 3.6; with the bias and the logit sum it spills 256 B), for the plain tile's L2 saving.
+# A candidate until `python -m bench tune` times it on Gemma-2-2B's head.
+FORWARD_SOFTCAP_TMA_SM90 = TileConfig(128, 256, 64, num_warps=8, num_stages=3, tma=True)
+FORWARD_SOFTCAP_SM90_CANDIDATES = (*FORWARD_SM90_CANDIDATES, *((FORWARD_SOFTCAP_TMA_SM90,) if _TMA else ()))
 # fp32 operands take the "ieee" path: no tensor cores, an FMA loop in which each thread
 # holds its rows of x and columns of W over the whole K slice. 32-wide slices and 32
 # outputs per thread (64x128 over 8 warps) fit the registers with no spill on sm_90 and
@@ -139,6 +145,7 @@ CANDIDATES = {
     "forward": (FORWARD_CANDIDATES, FORWARD_CANDIDATES_FP32),
     "forward_sm90": (FORWARD_SM90_CANDIDATES, FORWARD_CANDIDATES_FP32),
     "forward_plain_sm90": (FORWARD_PLAIN_SM90_CANDIDATES, FORWARD_CANDIDATES_FP32),
+    "forward_softcap_sm90": (FORWARD_SOFTCAP_SM90_CANDIDATES, FORWARD_CANDIDATES_FP32),
     "gradient": (GRADIENT_CANDIDATES, GRADIENT_CANDIDATES_FP32),
     "gradient_sm90": (GRADIENT_CANDIDATES_SM90, GRADIENT_CANDIDATES_FP32),
 }

@@ -96,13 +96,23 @@ def merge_lse(part_max: Tensor, part_sum: Tensor) -> Tensor:
     return (shift + (part_sum * (part_max - shift).exp()).sum(dim=1, keepdim=True).log()).squeeze(1)
 
 
+def head_kind(bias: Tensor | None, options: LossOptions) -> str | None:
+    """"plain" (no bias, softcap or label smoothing), "softcap" (a softcap alone), or None:
+    the epilogue's live values, which decide the tiles that fit the registers."""
+    if bias is not None or options.label_smoothing:
+        return None
+    return "plain" if options.softcap is None else "softcap"
+
+
 def lse_forward(x: Tensor, weight: Tensor, bias: Tensor | None, options: LossOptions,
                 config: TileConfig | None = None) -> ForwardStats:
     """Launch the statistics kernel on 2-D `x` [N, d]; merge the per-split partials."""
     if config is None:
-        plain = bias is None and options.softcap is None and not options.label_smoothing
         sm90 = x.is_cuda and torch.cuda.get_device_capability(x.device)[0] == 9
-        kind = ("forward_plain_sm90" if plain else "forward_sm90") if sm90 else "forward"
+        kind = "forward"
+        if sm90:
+            kind = {None: "forward_sm90", "plain": "forward_plain_sm90", "softcap": "forward_softcap_sm90"}[
+                head_kind(bias, options)]
         config = select_config(kind, x.dtype, (x.shape[0], weight.shape[0], x.shape[1]),
                                (bias is not None, options.softcap is not None, bool(options.label_smoothing)),
                                lambda c: lse_forward(x, weight, bias, options, c))
