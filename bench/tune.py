@@ -129,7 +129,7 @@ def tune_gradient(rep_ms: int) -> None:
     stats = triton_stats(x, w, None, slots.ids, options)
     terms = row_terms(stats.lse, stats.slot_logits, None, slots, options, QWEN_V)
     g = row_weights(slots.row_valid, "mean", torch.float32)
-    kind = "gradient_sm90" if torch.cuda.get_device_capability()[0] == 9 else "gradient"
+    kind = "gradient_plain_sm90" if torch.cuda.get_device_capability()[0] == 9 else "gradient"  # no bias, softcap
     candidates = CANDIDATES[kind][0]
 
     def run(config, need=(True, True, False)):

@@ -99,7 +99,8 @@ def _every_launch_config():
     from distil_kernels.loss.triton.configs import CANDIDATES
 
     kernel = {"forward": "forward", "forward_sm90": "forward", "forward_plain_sm90": "forward_plain",
-              "forward_softcap_sm90": "forward_softcap", "gradient": "gradient", "gradient_sm90": "gradient"}
+              "forward_softcap_sm90": "forward_softcap", "gradient": "gradient", "gradient_sm90": "gradient",
+              "gradient_plain_sm90": "gradient_plain"}
     return list(dict.fromkeys((kernel[kind], c) for kind, (candidates, _) in CANDIDATES.items() for c in candidates))
 
 
@@ -116,7 +117,7 @@ def test_every_launch_config_matches_reference(monkeypatch, kind, config):
     module = forward_module if kind.startswith("forward") else backward_module
     monkeypatch.setattr(module, "select_config", lambda *args: config)
     # The head each forward kind launches for (`lse_forward.head_kind`); the gradient's: every option.
-    head = {"forward_plain": "plain", "forward_softcap": "softcap"}.get(kind)
+    head = {"forward_plain": "plain", "forward_softcap": "softcap", "gradient_plain": "plain"}.get(kind)
     x64, w64, b64, target = on_cuda(*make_problem(1000, 520, 32007, k=None if head == "plain" else 32, seed=23,
                                                   ignore_rows=(7,), scale=4.0, bias=head is None))
     options = {"plain": {}, "softcap": dict(softcap=30.0, temperature=0.9)}.get(

@@ -121,14 +121,20 @@ def test_input_sum_in_the_outputs_on_device_tiles(device_tiles):
                               rounded_inputs=rounded)
 
 
+TMA_GRADIENTS = ([(c, False) for c in configs.GRADIENT_TMA_SM90]
+                 + [(c, True) for c in configs.GRADIENT_PLAIN_TMA_SM90])
+
+
 @pytest.mark.skipif(configs.tensor_descriptors() is None, reason="this Triton has no TMA descriptors")
-@pytest.mark.parametrize("config", configs.GRADIENT_TMA_SM90, ids=str)
+@pytest.mark.parametrize("config, plain", TMA_GRADIENTS, ids=lambda a: str(a) if isinstance(a, configs.TileConfig)
+                         else ("plain" if a else "every-option"))
 @pytest.mark.parametrize("workspace_bytes", [None, 64 * 1024], ids=["one-pass", "two-passes"])
-def test_gradient_by_tma_descriptors(monkeypatch, config, workspace_bytes):
+def test_gradient_by_tma_descriptors(monkeypatch, config, plain, workspace_bytes):
     """The sm_90 candidates whose x and W slices come by TMA descriptors and whose gradient
     tile leaves by one: zero fill past N, V and d on the loads, clipping on the stores
     (a partial last row block, vocabulary tile and K slice here), fp16 sparse targets
-    with every option."""
+    with every option, or a plain head's for its own wide tiles (no bias, softcap or
+    label smoothing)."""
     from distil_kernels.loss.triton import backward as backward_module
 
     launched = []
@@ -136,13 +142,16 @@ def test_gradient_by_tma_descriptors(monkeypatch, config, workspace_bytes):
     kernel = backward_module.logits_grad_kernel
     monkeypatch.setattr(backward_module, "logits_grad_kernel", RecordingKernel(kernel, launched))
     monkeypatch.setattr(backward_module, "select_config", lambda kind, *args: config)
-    x64, w64, b64, target = make_problem(N, D, V, k=6, seed=43, ignore_rows=(5,), scale=2.0)
-    options = dict(label_smoothing=0.05, softcap=8.0, temperature=0.9, z_loss=1e-4)
+    x64, w64, b64, target = make_problem(N, D, V, k=6, seed=43, ignore_rows=(5,), scale=2.0, bias=not plain)
+    options = dict(temperature=0.9) if plain else dict(label_smoothing=0.05, softcap=8.0, temperature=0.9,
+                                                       z_loss=1e-4)
     want = run(x64, w64, b64, target, "torch", **options)
-    x, w, b = x64.half(), w64.half(), b64.half()
+    x, w, b = x64.half(), w64.half(), None if plain else b64.half()
     got = run(x, w, b, target, "triton", workspace_bytes=workspace_bytes, **options)
     assert launched and all(launched), "the gradient kernel ran without its descriptors"
-    assert_within_dtype_error(got, same_dtype_pytorch(x, w, b, target, LossOptions(**options)), want)
+    rounded = run(x.double(), w.double(), None if plain else b.double(), target, "torch", **options)
+    assert_within_dtype_error(got, same_dtype_pytorch(x, w, b, target, LossOptions(**options)), want,
+                              rounded_inputs=rounded)
 
 
 @pytest.mark.skipif(configs.tensor_descriptors() is None, reason="this Triton has no TMA descriptors")

@@ -40,6 +40,7 @@ from .configs import (
     GRADIENT_CANDIDATES,
     GRADIENT_CANDIDATES_FP32,
     GRADIENT_CANDIDATES_SM90,
+    GRADIENT_PLAIN_CANDIDATES_SM90,
     INDEXED_DOT_BLOCK_D,
     INDEXED_DOT_BLOCK_P,
     TileConfig,
@@ -114,17 +115,20 @@ def forward_spec(config: TileConfig, dtype: str, head: str | None = None, archs:
     return dataclasses.replace(spec, archs=archs)
 
 
-def gradient_spec(config: TileConfig, dtype: str, filtered: bool, archs: tuple[int, ...] = (90, 80)
-                  ) -> CompileSpec:
-    """The backward's gradient kernel with every option on (bias, softcap, label smoothing)."""
+def gradient_spec(config: TileConfig, dtype: str, filtered: bool, archs: tuple[int, ...] = (90, 80),
+                  plain: bool = False) -> CompileSpec:
+    """The backward's gradient kernel with every option on (bias, softcap, label smoothing),
+    or none of them (`plain`)."""
     t = TRITON_DTYPE[dtype]
     pointers = {"x_ptr": t, "w_ptr": t, "b_ptr": "fp32", "lse_ptr": "fp32", "row_coef_ptr": "fp32",
                 "uniform_ptr": "fp32", "block_max_ptr": "fp32", "entry_offset_ptr": "i32", "entry_row_ptr": "i32",
                 "entry_id_ptr": "i32", "entry_coef_ptr": "fp32", "grad_ptr": t, "skipped_ptr": "i32"}
     constexprs = {"BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "BLOCK_K": config.block_k,
-                  "GROUP_M": config.group_m, "HAS_BIAS": True, "HAS_SOFTCAP": True, "HAS_UNIFORM": True,
-                  "FILTER": filtered, "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32", "USE_TMA": config.tma}
-    spec = kernel_spec(f"logits_grad[{dtype},{'filter,' if filtered else ''}{config}]", logits_grad_kernel,
+                  "GROUP_M": config.group_m, "HAS_BIAS": not plain, "HAS_SOFTCAP": not plain,
+                  "HAS_UNIFORM": not plain, "FILTER": filtered,
+                  "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32", "USE_TMA": config.tma}
+    flags = ("filter," if filtered else "") + ("plain," if plain else "")
+    spec = kernel_spec(f"logits_grad[{dtype},{flags}{config}]", logits_grad_kernel,
                        pointers, constexprs, config, float_args=("softcap", "inv_temp", "log_filter_eps"))
     if config.tma:
         spec = with_descriptors(spec, x_ptr=(t, config.block_m, config.block_k),
@@ -178,6 +182,9 @@ def all_specs() -> list[CompileSpec]:
         defaults = {c: archs for c, archs in gradient if c in (GRADIENT_CANDIDATES_SM90[0], GRADIENT_CANDIDATES[0],
                                                                 GRADIENT_CANDIDATES_FP32[0])}
         specs += [gradient_spec(c, dtype, filtered=True, archs=archs) for c, archs in defaults.items()]
+        if dtype == "bf16":  # sm_90: a plain head's wide TMA tiles, which spill with every option on
+            specs += [gradient_spec(c, dtype, filtered=False, archs=(90,), plain=True)
+                      for c in GRADIENT_PLAIN_CANDIDATES_SM90 if c not in GRADIENT_CANDIDATES_SM90]
         specs.append(indexed_dot_spec(dtype))
     return specs
 

@@ -290,7 +290,10 @@ def backward(x: Tensor, weight: Tensor, bias: Tensor | None, slot_ids: Tensor, l
     if not any(need):
         return BackwardResult(None, None, None, skipped, 0, 0)
     if config is None:
-        kind = "gradient_sm90" if x.is_cuda and torch.cuda.get_device_capability(x.device)[0] == 9 else "gradient"
+        kind = "gradient"
+        if x.is_cuda and torch.cuda.get_device_capability(x.device)[0] == 9:
+            plain = bias is None and options.softcap is None and uniform is None
+            kind = "gradient_plain_sm90" if plain else "gradient_sm90"
         config = select_config(
             kind, x.dtype, (n, v, d), (bias is not None, need),
             lambda c: backward(x, weight, bias, slot_ids, lse, row_coef, slot_coef, uniform, forward, options,

@@ -134,6 +134,19 @@ GRADIENT_CANDIDATES_SM90 = (
     TileConfig(128, 128, 64, num_warps=8, num_stages=3),  # a stage less smem (96 KiB) for a second block
     TileConfig(64, 128, 64, num_warps=8, num_stages=4),  # twice the programs, for small chunks
 )
+# A plain head (no bias, softcap or label smoothing: Llama 3, Qwen 2.5) leaves the
+# gradient's epilogue an exp, the slot corrections and the store, and by TMA its 128x128
+# tile takes 128 registers: 128x256 fits over 8 warps (254, no spill; with the softcap
+# alone it spills 464 B), and over 16 warps so do 128x256 and 256x128 (128 each), each
+# reading its x and W slices for 85 FLOPs a byte instead of 64, as the plain forward's
+# 128x256 tile does (23% faster there). Candidates until `python -m bench tune` times
+# them; its gradient rows are on such a head.
+GRADIENT_PLAIN_TMA_SM90 = (
+    TileConfig(128, 256, 64, num_warps=8, num_stages=3, tma=True),
+    TileConfig(128, 256, 64, num_warps=16, num_stages=3, tma=True),
+    TileConfig(256, 128, 64, num_warps=16, num_stages=3, tma=True),
+)
+GRADIENT_PLAIN_CANDIDATES_SM90 = (*GRADIENT_CANDIDATES_SM90, *(GRADIENT_PLAIN_TMA_SM90 if _TMA else ()))
 GRADIENT_DEFAULT = TileConfig(64, 128, 64, num_warps=8, num_stages=4)
 GRADIENT_CANDIDATES = (GRADIENT_DEFAULT,)
 # fp32: the forward's FMA-loop tile, 128-182 registers, at most 8 B spilled.
@@ -148,6 +161,7 @@ CANDIDATES = {
     "forward_softcap_sm90": (FORWARD_SOFTCAP_SM90_CANDIDATES, FORWARD_CANDIDATES_FP32),
     "gradient": (GRADIENT_CANDIDATES, GRADIENT_CANDIDATES_FP32),
     "gradient_sm90": (GRADIENT_CANDIDATES_SM90, GRADIENT_CANDIDATES_FP32),
+    "gradient_plain_sm90": (GRADIENT_PLAIN_CANDIDATES_SM90, GRADIENT_CANDIDATES_FP32),
 }
 
 # What the backward holds at once, gradient buffers and fp32 accumulators (backward.py):
