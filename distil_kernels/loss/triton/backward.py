@@ -57,7 +57,7 @@ from ..gemm import addmm_fp32, gradient_scale
 from ..options import LossOptions
 from .configs import (BACKWARD_WORKSPACE_BYTES, ENABLE_FP_FUSION, TileConfig, kernel_operands, select_config,
                       tensor_descriptors)
-from .lse_forward import ForwardStats
+from .lse_forward import ForwardStats, head_kind
 from .tiles import grouped_program, logits_tile
 
 
@@ -292,8 +292,7 @@ def backward(x: Tensor, weight: Tensor, bias: Tensor | None, slot_ids: Tensor, l
     if config is None:
         kind = "gradient"
         if x.is_cuda and torch.cuda.get_device_capability(x.device)[0] == 9:
-            plain = bias is None and options.softcap is None and uniform is None
-            kind = "gradient_plain_sm90" if plain else "gradient_sm90"
+            kind = "gradient_plain_sm90" if head_kind(bias, options) == "plain" else "gradient_sm90"
         config = select_config(
             kind, x.dtype, (n, v, d), (bias is not None, need),
             lambda c: backward(x, weight, bias, slot_ids, lse, row_coef, slot_coef, uniform, forward, options,
@@ -311,10 +310,9 @@ def backward(x: Tensor, weight: Tensor, bias: Tensor | None, slot_ids: Tensor, l
         # A skipped tile is written as zeros, dropping label smoothing's eps / V on each of its
         # logits along with the softmax values: a drop filter_eps allows only below it.
         filter_eps = None
-    # Contiguous (d_input too where it holds half of its fp32 sum), whatever the inputs'
-    # strides: each vocabulary chunk of d_weight is one GEMM's output.
-    d_input = (torch.empty(x.shape, dtype=x.dtype, device=dev) if plan.dx_in_outputs else torch.empty_like(x)
-               ) if need_dx else None
+    # Contiguous whatever the inputs' strides: each vocabulary chunk of d_weight is one
+    # GEMM's output, and d_input may hold half of its own fp32 sum.
+    d_input = torch.empty(x.shape, dtype=x.dtype, device=dev) if need_dx else None
     d_weight = torch.empty(weight.shape, dtype=weight.dtype, device=dev) if need_dw else None
     d_bias = torch.zeros(v, dtype=torch.float32, device=dev) if need_db else None
     total_tiles = 0
@@ -364,7 +362,7 @@ def backward(x: Tensor, weight: Tensor, bias: Tensor | None, slot_ids: Tensor, l
         _vocabulary_pass(x, weight, plan, inv_scale, gradient_block, ((dx_low, slice(0, half)),
                                                                        (dx_high, slice(half, d))),
                          d_weight, d_bias, dw_end=plan.dw_deferred_from)
-        _round_split_sum(dx_low, dx_high, d_input, plan, x.dtype.itemsize)
+        _round_split_sum(dx_low, dx_high, d_input, plan)
         _vocabulary_pass(x, weight, plan, inv_scale, gradient_block, (), d_weight, None,
                          first_col=plan.dw_deferred_from)
     elif n > 0 and plan.head_cols > 0:
@@ -420,7 +418,7 @@ def _vocabulary_pass(x: Tensor, weight: Tensor, plan: BackwardPlan, inv_scale: f
             d_weight[v0:v0 + dw_cols].copy_(dw_acc[:dw_cols])
 
 
-def _round_split_sum(dx_low: Tensor, dx_high: Tensor, d_input: Tensor, plan: BackwardPlan, itemsize: int) -> None:
+def _round_split_sum(dx_low: Tensor, dx_high: Tensor, d_input: Tensor, plan: BackwardPlan) -> None:
     """d_input = [dx_low | dx_high] rounded to its dtype, where dx_high is d_input's own bytes.
 
     Row r of dx_high is exactly the bytes of row r of d_input, so each block of rows has
@@ -428,6 +426,7 @@ def _round_split_sum(dx_low: Tensor, dx_high: Tensor, d_input: Tensor, plan: Bac
     """
     n, d = d_input.shape
     half = d // 2
+    itemsize = d_input.element_size()
     rows = max(1, min(n, plan.workspace_bytes(n, d, itemsize) // (itemsize * half)))
     high = torch.empty(rows, half, dtype=d_input.dtype, device=d_input.device)
     for r0 in range(0, n, rows):
