@@ -7,6 +7,8 @@ logits are bitwise equal and the lower id must win everywhere.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -322,16 +324,40 @@ def test_validation(kwargs, error, match):
 # --------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("k", [1, 2, 8, 17, 64, 100, 256])
+@pytest.mark.parametrize("step", [1, 2, 5, 16])
+def test_subset_rank_is_the_least_with_short_counts_this_rare(k, step):
+    """The odds that a row's count at or above the subset's j-th largest is short of k are
+    those of j or more of its k - 1 largest in the 1-in-`step` subset: a binomial tail,
+    here in exact rationals. `subset_rank` is the least j whose tail is within the budget."""
+    pytest.importorskip("triton")
+    from fractions import Fraction
+
+    from distil_kernels.sampling.triton.topk import SHORT_COUNT_PROBABILITY, subset_rank
+
+    def tail(j):
+        p = Fraction(1, step)
+        return sum(math.comb(k - 1, i) * p**i * (1 - p) ** (k - 1 - i) for i in range(j, k))
+
+    rank = subset_rank(k, step)
+    assert 1 <= rank <= k
+    assert tail(rank) <= SHORT_COUNT_PROBABILITY
+    assert rank == 1 or tail(rank - 1) > SHORT_COUNT_PROBABILITY
+    if step == 1:  # the subset is the vocabulary
+        assert rank == k
+
+
 @pytest.mark.parametrize("k, splits", [(1, 8), (64, 8), (64, 528), (256, 8), (256, 264)])
 @pytest.mark.parametrize("logits", ["gaussian", "peaked"])
 def test_threshold_lists_hold_what_the_subset_bound_lets_through(k, splits, logits):
     """Qwen2.5-7B's vocabulary (152064), 128-wide tiles cut into `splits` splits as the
     kernel's launcher does: every (row, split) count of logits at or above the subset's
-    k-th largest fits `split_capacity`, so the merge kernel is the rare exception."""
+    `subset_rank`-th largest fits `split_capacity`, and every row's total reaches k, so
+    the merge kernel is the rare exception."""
     pytest.importorskip("triton")
     import triton
 
-    from distil_kernels.sampling.triton.topk import split_capacity, subset_step
+    from distil_kernels.sampling.triton.topk import split_capacity, subset_rank, subset_step
 
     vocab, block_n, rows = 152064, 128, 64
     gen = torch.Generator().manual_seed(k * 1000 + splits)
@@ -339,13 +365,14 @@ def test_threshold_lists_hold_what_the_subset_bound_lets_through(k, splits, logi
     if logits == "peaked":  # a few hundred ids far above the rest, as in a confident LM
         z[:, torch.randperm(vocab, generator=gen)[:300]] += 8.0
     step = subset_step(vocab, k)
-    bound = torch.topk(z[:, ::step], k, dim=1).values[:, -1:]
+    rank = subset_rank(k, step)
+    bound = torch.topk(z[:, ::step], rank, dim=1).values[:, -1:]
     num_tiles = triton.cdiv(vocab, block_n)
     tiles_per_split = triton.cdiv(num_tiles, splits)
     split_columns = tiles_per_split * block_n
     counts = torch.stack([(z[:, c : c + split_columns] >= bound).sum(dim=1)
                           for c in range(0, vocab, split_columns)], dim=1)
-    capacity = split_capacity(k, step, split_columns, vocab)
+    capacity = split_capacity(rank, step, split_columns, vocab)
     assert (counts.sum(dim=1) >= k).all()
     assert int(counts.max()) <= capacity, f"{int(counts.max())} > {capacity}"
     # Not wastefully large either: the mean count is within 4x of the list.

@@ -217,6 +217,37 @@ def test_topk_bounds_above_the_kth_value_are_caught(monkeypatch):
     assert fallback.calls == [20]
 
 
+def test_topk_a_subset_holding_the_rows_largest_sends_them_to_the_merge_kernel(monkeypatch):
+    """The bound is the subset's j-th largest with j < k (here 12 for k = 32), which lets
+    through k or more entries unless the subset holds j of a row's largest: with every
+    16th row of W scaled up, it holds all of them, each row's count falls short of k,
+    and every row is redone exactly."""
+    fallback = FallbackRows(monkeypatch)
+    x, w, b = make_problem(20, 1500, 16, torch.float32, seed=15)
+    step = topk_module.subset_step(1500, 32)
+    assert step == 16 and topk_module.subset_rank(32, step) == 12
+    w[::step] *= 6.0
+    got = triton_topk(x, w, b, 32, LossOptions())
+    want = linear_topk(x, w, 32, bias=b, backend="torch")
+    assert torch.equal(got.ids, want.ids)
+    torch.testing.assert_close(got.logprobs, want.logprobs, rtol=0, atol=2e-5)
+    assert fallback.calls == [20]
+
+
+def test_topk_rows_of_nan_are_redone_and_the_others_settle(monkeypatch):
+    """A NaN hidden state makes its row's logits NaN, none of which passes the bound: those
+    rows alone go to the merge kernel, and their lse is NaN. (A NaN among finite logits,
+    which only the NaN lse flags, is `test_topk_nan_logits_rank_first`'s case.)"""
+    fallback = FallbackRows(monkeypatch)
+    x, w, b = make_problem(17, 900, 16, torch.float32, seed=16)
+    x[[2, 9], 3] = torch.nan
+    got = triton_topk(x, w, b, 4, LossOptions())
+    want = linear_topk(x, w, 4, bias=b, backend="torch")
+    assert torch.equal(got.ids, want.ids)
+    assert fallback.calls == [2]
+    assert got.lse[[2, 9]].isnan().all() and not got.lse[[0, 1, 3]].isnan().any()
+
+
 def test_topk_nan_logits_rank_first():
     """A NaN row of W makes that id NaN in every row: first, as in a descending torch.sort.
 

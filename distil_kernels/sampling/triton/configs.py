@@ -49,7 +49,8 @@ TOPK_LARGE_K_FP32 = TileConfig(16, 256, 32, num_warps=8, num_stages=2)
 
 # Threshold top-k: the loss forward's work (a GEMM with an online log-sum-exp), plus a
 # compare per entry and a few rounds of row maxima that take the entries at or above
-# the bound (about one per row in a tile). Its GEMM reads x and W slices from L2 for
+# the bound (a quarter of one per row in a 128-wide tile, so two rounds in most
+# tiles, three in a fifth of them: each round ~400 instructions a thread). Its GEMM reads x and W slices from L2 for
 # each tile: 2 BLOCK_M BLOCK_N / (BLOCK_M + BLOCK_N) FLOPs per byte, 64 for 128x128
 # and 43 for 64x128, and on an H100 128x128 tiles already need about as much L2
 # bandwidth as there is. The rounds' masked copy of the tile is live next to the logits:

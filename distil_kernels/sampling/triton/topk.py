@@ -6,21 +6,25 @@ its exact fallback.
 Threshold pass (`threshold_kernel`). Logits strictly below a row's k-th largest can
 never be in its top k, so a pass that knows a lower bound of the k-th largest only has
 to emit the entries at or above it. The bound comes from a subset of the vocabulary:
-every `step`-th row of W (a strided view, one GEMM of V / step columns). The k-th
-largest logit of a subset is at most the k-th largest of all, and as the subset is a
-sample of the vocabulary, about k * step logits of a row lie above it, whatever the
-distribution (order statistics). Program (m, s) takes row block m through vocabulary
-split s, folds each tile into a running (max, sum-exp) and takes the tile's entries at
-or above the bound, largest first, a round of row maxima at a time (about one entry per
-row in a 128-column tile), into the (row, split)'s own list: no atomics, no sort, and
-only [BLOCK_M] vectors stored. The host then orders each row's candidates with one
-`torch.topk` of int64 keys.
+every `step`-th row of W (a strided view, one GEMM of V / step columns). As the subset
+is a sample of the vocabulary, about j * step logits of a row lie at or above the
+subset's j-th largest, whatever the distribution (order statistics), and fewer than k
+only with the probability that k - 1 trials of odds 1 / step hit the subset j times:
+`subset_rank` takes the least j that makes this 1e-6: 17 for k = 64 and step 16, which
+lets 272 entries of a row through where the subset's k-th largest let 1024 through,
+and the tiles' emit rounds and the host's sort shrink with them. Program (m, s) takes
+row block m through vocabulary split s, folds each tile into a running (max, sum-exp)
+and takes the tile's entries at or above the bound, largest first, a round of row
+maxima at a time (a quarter of an entry per row in a 128-column tile, on average), into
+the (row, split)'s own list: no atomics, no sort, and only [BLOCK_M] vectors stored.
+The host then orders each row's candidates with one `torch.topk` of int64 keys.
 
-Exactness does not rest on the bound's rounding. A row whose list holds at least k
-entries holds every entry at or above its k-th largest (that value is at or above the
-bound, so all of them were emitted); a row with fewer than k (the subset GEMM rounded
-its bound above the pass's k-th value), more than fit a list, or a NaN or -inf among
-its entries is redone by the second kernel.
+Exactness rests on neither the odds nor the bound's rounding. A row whose list holds at
+least k entries holds every entry at or above its k-th largest (that value is at or
+above the bound, so all of them were emitted); a row with fewer than k (a subset that
+holds j of the row's k - 1 largest, or a subset GEMM that rounded its bound above
+the pass's k-th value), more than fit a list, or a NaN or -inf among its entries is
+redone by the second kernel.
 
 Merge pass (`topk_kernel`). Each logits tile is turned into int64 keys that order
 entries by (value descending, id ascending): the fp32 bits, flipped so that integer
@@ -39,6 +43,7 @@ several times the tile's matmul: on an H100 (bench/RESULTS.md, 2026-11-26) it to
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -205,7 +210,7 @@ def topk_kernel(
 def threshold_kernel(
     # pointers
     x_ptr, w_ptr, b_ptr,
-    bound_ptr,  # [N] fp32: a lower bound of each row's k-th largest z
+    bound_ptr,  # [N] fp32: each row's bound (`subset_bounds`): entries at or above it are emitted
     count_ptr,  # [N, num_splits] int32: entries found per row and split (may pass `capacity`; -1: unsettled)
     value_ptr,  # [N, num_splits, capacity] fp32: each row and split's candidates
     id_ptr,  # [N, num_splits, capacity] int32: their ids
@@ -225,8 +230,8 @@ def threshold_kernel(
     pid_s = tl.program_id(1)
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = offs_m < N
-    # Rows past N get +inf: nothing of theirs is ever emitted.
-    bound = tl.load(bound_ptr + offs_m, mask=row_ok, other=float("inf"))
+    # Rows past N get NaN, which no comparison passes: nothing of theirs is ever emitted.
+    bound = tl.load(bound_ptr + offs_m, mask=row_ok, other=float("nan"))
     cols = tl.arange(0, BLOCK_N)
     out = offs_m * num_splits + pid_s  # this program's (row, split) slot
     found = tl.zeros((BLOCK_M,), dtype=tl.int32)
@@ -240,9 +245,7 @@ def threshold_kernel(
             inv_temp, run_max, run_sum, raw_max, raw_sum,
             BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS, HAS_SOFTCAP, RAW_LSE, DOT_PRECISION, USE_TMA,
         )
-        # NaN has no place in a comparison order: the row goes to the merge kernel.
-        unsettled |= tl.max((z != z).to(tl.int32), axis=1)
-        hit = (z >= bound[:, None]) & row_ok[:, None]
+        hit = z >= bound[:, None]
         left = tl.sum(hit.to(tl.int32), axis=1)
         hits = tl.where(hit, z, float("-inf"))
         # Take the hits a row at a time, largest first: about one per row in a tile, so
@@ -314,9 +317,11 @@ def merged_topk(x: Tensor, weight: Tensor, bias: Tensor | None, k: int, options:
     return values, ids, lse, lse_raw
 
 
-# The bound comes from every SUBSET_STEP-th row of W: a GEMM over 1/16 of the head, and
-# about 16 * k candidates per row (1024 at k = 64, under one per row in a 128-wide tile).
+# The bound comes from every SUBSET_STEP-th row of W: a GEMM over 1/16 of the head.
 SUBSET_STEP = 16
+# The odds that a row's count at or above the bound falls short of k (the row is then
+# redone by the merge kernel, at several times the threshold pass's cost per row).
+SHORT_COUNT_PROBABILITY = 1e-6
 # Device memory of one launch's temporaries (the subset's logits, the candidate lists and
 # their keys): rows are taken in groups that fit it.
 CANDIDATE_BUDGET_BYTES = 256 << 20
@@ -327,23 +332,47 @@ def subset_step(vocab: int, k: int) -> int:
     return max(1, min(SUBSET_STEP, vocab // (2 * k)))
 
 
-def split_capacity(k: int, step: int, split_columns: int, vocab: int) -> int:
+@functools.lru_cache(maxsize=None)
+def subset_rank(k: int, step: int) -> int:
+    """The rank j <= k of the subset's logit that bounds a row: the least j for which fewer
+    than k of the row's logits lie at or above it with odds at most SHORT_COUNT_PROBABILITY.
+
+    Each of the row's k - 1 largest logits is in the 1-in-`step` subset with odds
+    1 / step, as if at random, and the count falls short of k exactly when j of them are:
+    a binomial tail, summed from the top. A larger j lets more entries through (about
+    j * step a row), each a candidate the kernel emits and the host sorts.
+    """
+    trials, p = k - 1, 1.0 / step
+    if p >= 1.0:  # the subset is the vocabulary: its k-th largest is the row's
+        return k
+    log_p, log_q = math.log(p), math.log1p(-p)
+    tail = 0.0  # P(Binomial(trials, p) >= j), for j from trials down
+    for j in range(trials, 0, -1):
+        log_pmf = math.lgamma(trials + 1) - math.lgamma(j + 1) - math.lgamma(trials - j + 1) + j * log_p
+        tail += math.exp(log_pmf + (trials - j) * log_q)
+        if tail > SHORT_COUNT_PROBABILITY:
+            return j + 1
+    return 1
+
+
+def split_capacity(rank: int, step: int, split_columns: int, vocab: int) -> int:
     """Candidate list length of one (row, split) of `split_columns` vocabulary ids.
 
-    A row's count at or above the k-th largest of a 1-in-`step` sample has mean k * step
-    over the vocabulary, so k * step * split_columns / V in a split. The bound's own
-    randomness (a k-th order statistic: a relative spread of about 1 / sqrt(k)) moves
-    every split of the row together; given the bound, the split's count is about
-    Poisson. Eight of the first and six of the second spreads, and a row past the
-    capacity in any split goes to the merge kernel.
+    A row's count at or above the `rank`-th largest of a 1-in-`step` sample has mean
+    rank * step over the vocabulary, so rank * step * split_columns / V in a split. The
+    bound's own randomness (an order statistic: a relative spread of about
+    1 / sqrt(rank)) moves every split of the row together; given the bound, the split's
+    count is about Poisson. Eight of the first and six of the second spreads, and a row
+    past the capacity in any split goes to the merge kernel.
     """
-    mean = k * step * split_columns / vocab
-    return min(split_columns, math.ceil(mean * (1 + 8 / math.sqrt(k)) + 6 * math.sqrt(mean) + 8))
+    mean = rank * step * split_columns / vocab
+    return min(split_columns, math.ceil(mean * (1 + 8 / math.sqrt(rank)) + 6 * math.sqrt(mean) + 8))
 
 
-def subset_bounds(x: Tensor, weight: Tensor, bias: Tensor | None, k: int, options: LossOptions,
+def subset_bounds(x: Tensor, weight: Tensor, bias: Tensor | None, rank: int, options: LossOptions,
                   step: int) -> Tensor:
-    """A lower bound [n] fp32 of each row's k-th largest z, from the ids 0, step, 2 step, ...
+    """[n] fp32: each row's `rank`-th largest z among the ids 0, step, 2 step, ..., lowered
+    to stay at or below the kernel's own value of that logit.
 
     The GEMM runs in the input dtype (fp32 accumulation) and rounds to it, so the bound
     is lowered by a few ulps of bf16 before the monotone softcap and temperature; a row
@@ -352,11 +381,11 @@ def subset_bounds(x: Tensor, weight: Tensor, bias: Tensor | None, k: int, option
     u = torch.mm(x, weight[::step].t()).float()
     if bias is not None:
         u += bias[::step]
-    kth = torch.topk(u, k, dim=1, sorted=False).values.amin(dim=1)
-    kth = kth - (kth.abs() * 2.0**-7 + 2.0**-10)
+    bound = torch.topk(u, rank, dim=1, sorted=False).values.amin(dim=1)
+    bound = bound - (bound.abs() * 2.0**-7 + 2.0**-10)
     if options.softcap is not None:
-        kth = options.softcap * torch.tanh(kth / options.softcap)
-    return kth * (1.0 / options.temperature)
+        bound = options.softcap * torch.tanh(bound / options.softcap)
+    return bound * (1.0 / options.temperature)
 
 
 def candidate_keys(values: Tensor, ids: Tensor, count: Tensor) -> Tensor:
@@ -380,11 +409,12 @@ def threshold_topk(x: Tensor, weight: Tensor, bias: Tensor | None, k: int, optio
     n, d = x.shape
     v = weight.shape[0]
     dev = x.device
-    bound = subset_bounds(x, weight, bias, k, options, step)
+    rank = subset_rank(k, step)
+    bound = subset_bounds(x, weight, bias, rank, options, step)
     plan = plan_splits(n, v, config.block_m, config.block_n)
     split_columns = plan.tiles_per_split * config.block_n
     if capacity is None:
-        capacity = split_capacity(k, step, split_columns, v)
+        capacity = split_capacity(rank, step, split_columns, v)
     count = torch.empty(n, plan.num_splits, dtype=torch.int32, device=dev)
     cand_values = torch.empty(n, plan.num_splits, capacity, dtype=torch.float32, device=dev)
     cand_ids = torch.empty(n, plan.num_splits, capacity, dtype=torch.int32, device=dev)
@@ -407,9 +437,11 @@ def threshold_topk(x: Tensor, weight: Tensor, bias: Tensor | None, k: int, optio
     values[:, : top.shape[1]], ids[:, : top.shape[1]] = decode_keys(top)
     lse = merge_lse(part[..., 0], part[..., 1])
     lse_raw = merge_lse(part[..., 2], part[..., 3]) if raw_lse else None
-    # Settled: no NaN or -inf hit (count -1), no list past its capacity, and k entries at
-    # or above the bound.
-    settled = (count >= 0).all(dim=1) & (count <= capacity).all(dim=1) & (count.sum(dim=1) >= k)
+    # Settled: no -inf hit (count -1), no list past its capacity, k entries at or above the
+    # bound, and no NaN logit. NaN is no hit (no comparison passes), but it makes its row's
+    # sum of exponentials NaN and so its lse: the kernel needs no NaN test of its own.
+    settled = ((count >= 0).all(dim=1) & (count <= capacity).all(dim=1) & (count.sum(dim=1) >= k)
+               & ~lse.isnan())
     return values, ids, lse, lse_raw, settled
 
 
@@ -447,7 +479,8 @@ def triton_topk(x: Tensor, weight: Tensor, bias: Tensor | None, k: int, options:
     lse_raw = torch.empty(n, dtype=torch.float32, device=dev) if raw_lse else None
     settled = torch.empty(n, dtype=torch.bool, device=dev)
     plan = plan_splits(n, v, config.block_m, config.block_n)
-    list_slots = plan.num_splits * (capacity or split_capacity(k, step, plan.tiles_per_split * config.block_n, v))
+    list_slots = plan.num_splits * (capacity or split_capacity(subset_rank(k, step), step,
+                                                               plan.tiles_per_split * config.block_n, v))
     row_bytes = triton.cdiv(v, step) * (x.element_size() + 4) + list_slots * 32
     group = max(1, CANDIDATE_BUDGET_BYTES // row_bytes)
     for r0 in range(0, n, group):
