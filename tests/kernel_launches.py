@@ -4,14 +4,14 @@ from __future__ import annotations
 
 
 class RecordingKernel:
-    """Wraps `kernel`: each launch appends its USE_TMA argument (whether it took TMA
-    descriptors) to `launched`, then runs the kernel."""
+    """Wraps `kernel`: each launch appends its `argument` (by default USE_TMA: whether it
+    took TMA descriptors) to `launched`, then runs the kernel."""
 
-    def __init__(self, kernel, launched: list):
-        self.kernel, self.launched = kernel, launched
+    def __init__(self, kernel, launched: list, argument: str = "USE_TMA"):
+        self.kernel, self.launched, self.argument = kernel, launched, argument
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            self.launched.append(kwargs["USE_TMA"])
+            self.launched.append(kwargs[self.argument])
             return self.kernel[grid](*args, **kwargs)
         return launch

@@ -23,6 +23,7 @@ from distil_kernels import linear_sample, linear_topk  # noqa: E402
 from distil_kernels.loss.options import LossOptions  # noqa: E402
 from distil_kernels.sampling.triton import configs  # noqa: E402
 from distil_kernels.sampling.triton import sample as sample_module  # noqa: E402
+from distil_kernels.sampling.triton import splits as splits_module  # noqa: E402
 from distil_kernels.sampling.triton import topk as topk_module  # noqa: E402
 from distil_kernels.sampling.triton.topk import triton_topk  # noqa: E402
 from kernel_launches import RecordingKernel  # noqa: E402
@@ -153,6 +154,28 @@ def test_sample_by_tma_descriptors(monkeypatch, config, options):
     x, w, b = make_problem(40, V, D, torch.float16, seed=36, scale=3.0)
     want = linear_sample(x, w, bias=b, softcap=5.0, seed=19, backend="torch", **options)
     got = linear_sample(x, w, bias=b, softcap=5.0, seed=19, backend="triton", **options)
+    assert launched and all(launched)
+    assert torch.equal(got.ids, want.ids)
+    for p, q in zip(got[1:], want[1:]):
+        torch.testing.assert_close(p, q, rtol=0, atol=SAMPLE_ATOL)
+
+
+@pytest.mark.skipif(configs.tensor_descriptors() is None, reason="this Triton has no TMA descriptors")
+@pytest.mark.parametrize("config", [c for c in configs.SAMPLE_TMA_SM90 if c.flat], ids=str)
+@pytest.mark.parametrize("options", [dict(temperature=0.8, num_samples=5), dict(temperature=0)],
+                         ids=["sample", "greedy"])
+def test_flat_sampler_passes_match_the_torch_ids(monkeypatch, config, options):
+    """The flat loop's epilogue runs after each pass's last K slice and restarts the pass's
+    accumulators: d = 296 is three K slices (the last partial), and two programs per row
+    block give each split several passes (the last one past V), so a pass that kept an
+    earlier pass's products or skipped one would draw other ids."""
+    launched = []
+    monkeypatch.setattr(sample_module, "sample_kernel", RecordingKernel(sample_module.sample_kernel, launched, "FLAT"))
+    monkeypatch.setattr(sample_module, "select_sample_config", lambda *args: config)
+    monkeypatch.setattr(splits_module, "target_programs", lambda kind: 2 * 2)  # two splits x two sample groups
+    x, w, b = make_problem(40, V, 296, torch.float16, seed=38, scale=3.0)
+    want = linear_sample(x, w, bias=b, softcap=5.0, seed=23, backend="torch", **options)
+    got = linear_sample(x, w, bias=b, softcap=5.0, seed=23, backend="triton", **options)
     assert launched and all(launched)
     assert torch.equal(got.ids, want.ids)
     for p, q in zip(got[1:], want[1:]):

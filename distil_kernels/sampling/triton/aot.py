@@ -63,7 +63,8 @@ def sample_spec(config: TileConfig, dtype: str, samples: int, greedy: bool = Fal
     constexprs = {"SAMPLES": samples, "BLOCK_M": config.block_m, "BLOCK_N": config.block_n,
                   "BLOCK_K": config.block_k, "SPLIT_N": config.split_n, "HAS_BIAS": True, "HAS_SOFTCAP": True,
                   "GREEDY": greedy,
-                  "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32", "USE_TMA": config.tma}
+                  "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32", "USE_TMA": config.tma,
+                  "FLAT": config.tma and config.flat}
     flags = "greedy," if greedy else f"S={samples},"
     spec = kernel_spec(f"sample[{dtype},{flags}{config}]", sample_kernel, pointers, constexprs, config,
                        float_args=("softcap", "temperature"))

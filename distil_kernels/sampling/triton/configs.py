@@ -98,8 +98,18 @@ SAMPLE_SMALL_BATCH = TileConfig(16, 128, 64, num_warps=8, num_stages=3, split_n=
 # per-thread masked loads (177-221 registers instead of 204-224, Triton 3.6); the
 # 4-stage 128-wide one keeps 192 KiB of W in flight an SM (0.514 ms at B=64, 1.497 at
 # B=256; 64-wide slices by TMA 0.598 and 1.663).
+# The flat ones run a program's passes as one loop over (pass, K slice) (`flat_passes`).
+# A program holds its SM alone (163-167 registers over 8 warps; 152-200 KiB of shared
+# memory), so with a loop per pass HBM idles while a pass's epilogue computes its noise,
+# about 5000 instructions a thread on sm_90 (greedy draws: 1200): by instruction counts
+# ~15% of the pass, as the 1.32x of the bare matmul against greedy's 1.08x suggests. In
+# one loop the pipeliner issues the next pass's first `num_stages - 1` slices (48 KiB
+# each) before the epilogue, whose time their loads then fill (TTGIR: the TMA copies of
+# iteration i + stages - 1 precede the epilogue's branch). Not timed on a GPU yet.
 SAMPLE_TMA_SM90 = (TileConfig(64, 32, 64, num_warps=8, num_stages=3, split_n=4, tma=True),
-                   TileConfig(64, 32, 128, num_warps=8, num_stages=4, split_n=4, tma=True))
+                   TileConfig(64, 32, 128, num_warps=8, num_stages=4, split_n=4, tma=True),
+                   TileConfig(64, 32, 128, num_warps=8, num_stages=4, split_n=4, tma=True, flat=True),
+                   TileConfig(64, 32, 128, num_warps=8, num_stages=3, split_n=4, tma=True, flat=True))
 SAMPLE_CANDIDATES_SM90 = (SAMPLE_DEFAULT_SM90, TileConfig(64, 32, 64, num_warps=8, num_stages=3, split_n=4),
                           SAMPLE_DEFAULT, TileConfig(64, 32, 64, num_warps=8, num_stages=3),
                           *(SAMPLE_TMA_SM90 if tensor_descriptors() is not None else ()))

@@ -203,6 +203,83 @@ def sample_tile(
 
 
 @triton.jit
+def sample_pass(
+    acc0, acc1, acc2, acc3, tile, b_ptr, V, num_tiles, softcap, temperature, seed, pos_lo, pos_hi, first_sample,
+    end_sample, best_score, best_id, best_raw, raw_max, raw_sum, z_max, z_sum,
+    SAMPLES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_N: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, GREEDY: tl.constexpr,
+):
+    """`sample_tile` on each of a pass's SPLIT_N tiles (first `tile`) in turn."""
+    best_score, best_id, best_raw, raw_max, raw_sum, z_max, z_sum = sample_tile(
+        acc0, tile, b_ptr, V, softcap, temperature, seed, pos_lo, pos_hi, first_sample, end_sample,
+        best_score, best_id, best_raw, raw_max, raw_sum, z_max, z_sum,
+        SAMPLES, BLOCK_M, BLOCK_N, HAS_BIAS, HAS_SOFTCAP, GREEDY,
+    )
+    # Tiles past the vocabulary (the last pass's) are skipped: a tile of -inf would fold
+    # nothing and win nothing, but costs its noise.
+    if SPLIT_N >= 2 and tile + 1 < num_tiles:
+        best_score, best_id, best_raw, raw_max, raw_sum, z_max, z_sum = sample_tile(
+            acc1, tile + 1, b_ptr, V, softcap, temperature, seed, pos_lo, pos_hi, first_sample, end_sample,
+            best_score, best_id, best_raw, raw_max, raw_sum, z_max, z_sum,
+            SAMPLES, BLOCK_M, BLOCK_N, HAS_BIAS, HAS_SOFTCAP, GREEDY,
+        )
+    if SPLIT_N >= 4 and tile + 2 < num_tiles:
+        best_score, best_id, best_raw, raw_max, raw_sum, z_max, z_sum = sample_tile(
+            acc2, tile + 2, b_ptr, V, softcap, temperature, seed, pos_lo, pos_hi, first_sample, end_sample,
+            best_score, best_id, best_raw, raw_max, raw_sum, z_max, z_sum,
+            SAMPLES, BLOCK_M, BLOCK_N, HAS_BIAS, HAS_SOFTCAP, GREEDY,
+        )
+    if SPLIT_N >= 4 and tile + 3 < num_tiles:
+        best_score, best_id, best_raw, raw_max, raw_sum, z_max, z_sum = sample_tile(
+            acc3, tile + 3, b_ptr, V, softcap, temperature, seed, pos_lo, pos_hi, first_sample, end_sample,
+            best_score, best_id, best_raw, raw_max, raw_sum, z_max, z_sum,
+            SAMPLES, BLOCK_M, BLOCK_N, HAS_BIAS, HAS_SOFTCAP, GREEDY,
+        )
+    return best_score, best_id, best_raw, raw_max, raw_sum, z_max, z_sum
+
+
+@triton.jit
+def flat_passes(
+    x_desc, w_desc, b_ptr, first_step, last_step, V, D, num_tiles, softcap, temperature, seed, pos_lo, pos_hi,
+    first_sample, end_sample, best_score, best_id, best_raw, raw_max, raw_sum, z_max, z_sum,
+    SAMPLES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT_N: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, GREEDY: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Passes first_step .. last_step - 1 as one loop over (pass, K slice), by TMA.
+
+    The sampler streams W like a GEMV: a program's loads are its SM's share of HBM
+    bandwidth, and a pass's epilogue (the noise: ~100 instructions an id) leaves that
+    bandwidth idle when it follows the pass's own loop, since the registers hold one
+    program an SM. In one flat loop the pipeliner keeps issuing the next pass's first
+    `num_stages - 1` K slices while the epilogue runs (the epilogue is the last slice's
+    branch), so their loads overlap it.
+    """
+    k_slices = tl.cdiv(D, BLOCK_K)
+    first_row = tl.program_id(0) * BLOCK_M
+    acc0, acc1, acc2, acc3 = zero_accumulators(BLOCK_M, BLOCK_N)
+    for it in range(first_step * k_slices, last_step * k_slices):
+        step = it // k_slices
+        k0 = (it - step * k_slices) * BLOCK_K
+        first_col = step * (SPLIT_N * BLOCK_N)
+        a = x_desc.load([first_row, k0])
+        acc0 = tl.dot(a, w_desc.load([first_col, k0]).T, acc0, input_precision=DOT_PRECISION)
+        if SPLIT_N >= 2:
+            acc1 = tl.dot(a, w_desc.load([first_col + BLOCK_N, k0]).T, acc1, input_precision=DOT_PRECISION)
+        if SPLIT_N >= 4:
+            acc2 = tl.dot(a, w_desc.load([first_col + 2 * BLOCK_N, k0]).T, acc2, input_precision=DOT_PRECISION)
+            acc3 = tl.dot(a, w_desc.load([first_col + 3 * BLOCK_N, k0]).T, acc3, input_precision=DOT_PRECISION)
+        if k0 + BLOCK_K >= D:
+            best_score, best_id, best_raw, raw_max, raw_sum, z_max, z_sum = sample_pass(
+                acc0, acc1, acc2, acc3, step * SPLIT_N, b_ptr, V, num_tiles, softcap, temperature, seed, pos_lo,
+                pos_hi, first_sample, end_sample, best_score, best_id, best_raw, raw_max, raw_sum, z_max, z_sum,
+                SAMPLES, BLOCK_M, BLOCK_N, SPLIT_N, HAS_BIAS, HAS_SOFTCAP, GREEDY,
+            )
+            acc0, acc1, acc2, acc3 = zero_accumulators(BLOCK_M, BLOCK_N)
+    return best_score, best_id, best_raw, raw_max, raw_sum, z_max, z_sum
+
+
+@triton.jit
 def program_draws(seed_ptr, pos_ptr, N, num_samples, SAMPLES: tl.constexpr, BLOCK_M: tl.constexpr):
     """A drawing program's rows, their Philox words and the sample slots it fills.
 
@@ -279,6 +356,7 @@ def sample_kernel(
     GREEDY: tl.constexpr,  # temperature 0: argmax of the raw logits, no noise, one sample
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs: no silent TF32
     USE_TMA: tl.constexpr,  # x_ptr and w_ptr are tensor descriptors (sm_90)
+    FLAT: tl.constexpr = False,  # with USE_TMA: one loop over (pass, K slice), `flat_passes`
 ):
     offs_m, row_ok, seed, pos_lo, pos_hi, first_sample, end_sample, slots, best_score, best_id = program_draws(
         seed_ptr, pos_ptr, N, num_samples, SAMPLES, BLOCK_M)
@@ -289,36 +367,23 @@ def sample_kernel(
     z_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     first_step = tl.program_id(1) * steps_per_split
     last_step = tl.minimum(first_step + steps_per_split, tl.cdiv(num_tiles, SPLIT_N))
-    for step in range(first_step, last_step):
-        tile = step * SPLIT_N
-        acc0, acc1, acc2, acc3 = wide_products(
-            x_ptr, w_ptr, offs_m, tile, N, V, D, stride_xn, stride_xd, stride_wv, stride_wd,
-            BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_N, DOT_PRECISION, USE_TMA,
+    if FLAT:
+        best_score, best_id, best_raw, raw_max, raw_sum, z_max, z_sum = flat_passes(
+            x_ptr, w_ptr, b_ptr, first_step, last_step, V, D, num_tiles, softcap, temperature, seed, pos_lo, pos_hi,
+            first_sample, end_sample, best_score, best_id, best_raw, raw_max, raw_sum, z_max, z_sum,
+            SAMPLES, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_N, HAS_BIAS, HAS_SOFTCAP, GREEDY, DOT_PRECISION,
         )
-        best_score, best_id, best_raw, raw_max, raw_sum, z_max, z_sum = sample_tile(
-            acc0, tile, b_ptr, V, softcap, temperature, seed, pos_lo, pos_hi, first_sample, end_sample,
-            best_score, best_id, best_raw, raw_max, raw_sum, z_max, z_sum,
-            SAMPLES, BLOCK_M, BLOCK_N, HAS_BIAS, HAS_SOFTCAP, GREEDY,
-        )
-        # Tiles past the vocabulary (the last step's) are skipped: a tile of -inf would
-        # fold nothing and win nothing, but costs its noise.
-        if SPLIT_N >= 2 and tile + 1 < num_tiles:
-            best_score, best_id, best_raw, raw_max, raw_sum, z_max, z_sum = sample_tile(
-                acc1, tile + 1, b_ptr, V, softcap, temperature, seed, pos_lo, pos_hi, first_sample, end_sample,
-                best_score, best_id, best_raw, raw_max, raw_sum, z_max, z_sum,
-                SAMPLES, BLOCK_M, BLOCK_N, HAS_BIAS, HAS_SOFTCAP, GREEDY,
+    else:
+        for step in range(first_step, last_step):
+            tile = step * SPLIT_N
+            acc0, acc1, acc2, acc3 = wide_products(
+                x_ptr, w_ptr, offs_m, tile, N, V, D, stride_xn, stride_xd, stride_wv, stride_wd,
+                BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_N, DOT_PRECISION, USE_TMA,
             )
-        if SPLIT_N >= 4 and tile + 2 < num_tiles:
-            best_score, best_id, best_raw, raw_max, raw_sum, z_max, z_sum = sample_tile(
-                acc2, tile + 2, b_ptr, V, softcap, temperature, seed, pos_lo, pos_hi, first_sample, end_sample,
-                best_score, best_id, best_raw, raw_max, raw_sum, z_max, z_sum,
-                SAMPLES, BLOCK_M, BLOCK_N, HAS_BIAS, HAS_SOFTCAP, GREEDY,
-            )
-        if SPLIT_N >= 4 and tile + 3 < num_tiles:
-            best_score, best_id, best_raw, raw_max, raw_sum, z_max, z_sum = sample_tile(
-                acc3, tile + 3, b_ptr, V, softcap, temperature, seed, pos_lo, pos_hi, first_sample, end_sample,
-                best_score, best_id, best_raw, raw_max, raw_sum, z_max, z_sum,
-                SAMPLES, BLOCK_M, BLOCK_N, HAS_BIAS, HAS_SOFTCAP, GREEDY,
+            best_score, best_id, best_raw, raw_max, raw_sum, z_max, z_sum = sample_pass(
+                acc0, acc1, acc2, acc3, tile, b_ptr, V, num_tiles, softcap, temperature, seed, pos_lo, pos_hi,
+                first_sample, end_sample, best_score, best_id, best_raw, raw_max, raw_sum, z_max, z_sum,
+                SAMPLES, BLOCK_M, BLOCK_N, SPLIT_N, HAS_BIAS, HAS_SOFTCAP, GREEDY,
             )
     out, out_samples, sample_ok = store_draws(score_ptr, id_ptr, best_score, best_id, offs_m, row_ok, first_sample,
                                               slots, num_splits, num_samples)
@@ -481,6 +546,7 @@ def triton_sample(x: Tensor, weight: Tensor, bias: Tensor | None, softcap: float
             SPLIT_N=config.split_n,
             HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, GREEDY=options.greedy,
             DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", USE_TMA=use_tma,
+            FLAT=use_tma and config.flat,
             num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=ENABLE_FP_FUSION,
         )
     sample = Sample(torch.empty(n, options.num_samples, dtype=torch.int64, device=dev),
