@@ -43,7 +43,7 @@ def topk_spec(config: TileConfig, dtype: str, K: int) -> CompileSpec:
 def threshold_spec(config: TileConfig, dtype: str, archs: tuple[int, ...] = (90, 80)) -> CompileSpec:
     t = TRITON_DTYPE[dtype]
     pointers = {"x_ptr": t, "w_ptr": t, "b_ptr": "fp32", "bound_ptr": "fp32", "count_ptr": "i32",
-                "value_ptr": "fp32", "id_ptr": "i32", "part_ptr": "fp32"}
+                "key_ptr": "i64", "part_ptr": "fp32"}
     constexprs = {"BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "BLOCK_K": config.block_k,
                   "HAS_BIAS": True, "HAS_SOFTCAP": True, "RAW_LSE": True,
                   "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32", "USE_TMA": config.tma}

@@ -64,16 +64,20 @@ EMPTY_KEY = tl.constexpr(-(2**63))
 
 
 @triton.jit
-def ordered_keys(z, offs_n):
-    """int64 keys of fp32 values `z` [M, N] at ids `offs_n` [N]: larger key = (larger z, or equal z and lower id)."""
+def ordered_bits(z):
+    """int32 of fp32 `z` whose integer order is the float order (NaN above +inf, as in a
+    descending torch.sort; -0.0 with +0.0)."""
     bits = z.to(tl.int32, bitcast=True)
-    # -0.0 equals +0.0, so both take +0.0's key and tie by id; NaN ranks above +inf,
-    # as in a descending torch.sort.
     bits = tl.where(z == 0.0, 0, bits)
     bits = tl.where(z != z, 0x7FC00000, bits)
     # Negative floats order backwards as integers: flipping their magnitude bits fixes it.
-    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-    return (ordered.to(tl.int64) << 32) | (0xFFFFFFFF - offs_n)[None, :]
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+@triton.jit
+def ordered_keys(z, offs_n):
+    """int64 keys of fp32 values `z` [M, N] at ids `offs_n` [N]: larger key = (larger z, or equal z and lower id)."""
+    return (ordered_bits(z).to(tl.int64) << 32) | (0xFFFFFFFF - offs_n)[None, :]
 
 
 @triton.jit
@@ -212,8 +216,7 @@ def threshold_kernel(
     x_ptr, w_ptr, b_ptr,
     bound_ptr,  # [N] fp32: each row's bound (`subset_bounds`): entries at or above it are emitted
     count_ptr,  # [N, num_splits] int32: entries found per row and split (may pass `capacity`; -1: unsettled)
-    value_ptr,  # [N, num_splits, capacity] fp32: each row and split's candidates
-    id_ptr,  # [N, num_splits, capacity] int32: their ids
+    key_ptr,  # [N, num_splits, capacity] int64: each row and split's candidates as `ordered_keys`
     part_ptr,  # [N, num_splits, 4] fp32: (max, sum-exp) of z, then of the raw logits
     # sizes
     N, V, D, num_tiles, tiles_per_split, num_splits, capacity,
@@ -259,8 +262,10 @@ def threshold_kernel(
             unsettled |= (emit & (best == float("-inf"))).to(tl.int32)
             slot = out * capacity + found
             keep = emit & (found < capacity)
-            tl.store(value_ptr + slot, best, mask=keep)
-            tl.store(id_ptr + slot, tile * BLOCK_N + at, mask=keep)
+            # The key itself (one store, not a value and an id): the host sorts the lists
+            # as they are, with no pass of its own to build keys.
+            key = (ordered_bits(best).to(tl.int64) << 32) | (0xFFFFFFFF - (tile * BLOCK_N + at).to(tl.int64))
+            tl.store(key_ptr + slot, key, mask=keep)
             found += emit.to(tl.int32)
             left -= emit.to(tl.int32)
             hits = tl.where(cols[None, :] == at[:, None], float("-inf"), hits)
@@ -388,19 +393,6 @@ def subset_bounds(x: Tensor, weight: Tensor, bias: Tensor | None, rank: int, opt
     return bound * (1.0 / options.temperature)
 
 
-def candidate_keys(values: Tensor, ids: Tensor, count: Tensor) -> Tensor:
-    """int64 keys [n, splits * capacity] of `ordered_keys` for each (row, split)'s first `count` slots.
-
-    Unfilled slots (and every slot of a negative count) get EMPTY_KEY.
-    """
-    bits = values.view(torch.int32)
-    bits = torch.where(values == 0, 0, bits)
-    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-    keys = (ordered.to(torch.int64) << 32) | (0xFFFFFFFF - ids.to(torch.int64))
-    filled = torch.arange(values.shape[-1], device=values.device) < count[..., None]
-    return keys.masked_fill(~filled, EMPTY_KEY.value).flatten(1)
-
-
 def threshold_topk(x: Tensor, weight: Tensor, bias: Tensor | None, k: int, options: LossOptions,
                    raw_lse: bool, config: TileConfig, step: int, capacity: int | None
                    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor]:
@@ -416,13 +408,13 @@ def threshold_topk(x: Tensor, weight: Tensor, bias: Tensor | None, k: int, optio
     if capacity is None:
         capacity = split_capacity(rank, step, split_columns, v)
     count = torch.empty(n, plan.num_splits, dtype=torch.int32, device=dev)
-    cand_values = torch.empty(n, plan.num_splits, capacity, dtype=torch.float32, device=dev)
-    cand_ids = torch.empty(n, plan.num_splits, capacity, dtype=torch.int32, device=dev)
+    # Slots a list does not fill keep EMPTY_KEY, which sorts below every candidate.
+    keys = torch.full((n, plan.num_splits * capacity), EMPTY_KEY.value, dtype=torch.int64, device=dev)
     part = torch.empty(n, plan.num_splits, 4, dtype=torch.float32, device=dev)
     x_arg, w_arg, use_tma = kernel_operands(x, weight, config)
     threshold_kernel[(plan.num_m_blocks, plan.num_splits)](
         x_arg, w_arg, bias if bias is not None else x,
-        bound, count, cand_values, cand_ids, part,
+        bound, count, keys, part,
         n, v, d, plan.num_tiles, plan.tiles_per_split, plan.num_splits, capacity,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
         float(options.softcap or 1.0), 1.0 / options.temperature,
@@ -431,7 +423,6 @@ def threshold_topk(x: Tensor, weight: Tensor, bias: Tensor | None, k: int, optio
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", USE_TMA=use_tma,
         num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=ENABLE_FP_FUSION,
     )
-    keys = candidate_keys(cand_values, cand_ids, count)
     top = torch.topk(keys, min(k, keys.shape[1]), dim=1).values
     values, ids = torch.empty(n, k, dtype=torch.float32, device=dev), torch.empty(n, k, dtype=torch.int64, device=dev)
     values[:, : top.shape[1]], ids[:, : top.shape[1]] = decode_keys(top)
@@ -481,7 +472,8 @@ def triton_topk(x: Tensor, weight: Tensor, bias: Tensor | None, k: int, options:
     plan = plan_splits(n, v, config.block_m, config.block_n)
     list_slots = plan.num_splits * (capacity or split_capacity(subset_rank(k, step), step,
                                                                plan.tiles_per_split * config.block_n, v))
-    row_bytes = triton.cdiv(v, step) * (x.element_size() + 4) + list_slots * 32
+    # The subset's logits (input dtype, then fp32) and the lists' keys with torch.topk's copy.
+    row_bytes = triton.cdiv(v, step) * (x.element_size() + 4) + list_slots * 16
     group = max(1, CANDIDATE_BUDGET_BYTES // row_bytes)
     for r0 in range(0, n, group):
         r1 = min(r0 + group, n)
