@@ -251,9 +251,10 @@ def threshold_kernel(
         hit = z >= bound[:, None]
         left = tl.sum(hit.to(tl.int32), axis=1)
         hits = tl.where(hit, z, float("-inf"))
-        # Take the hits a row at a time, largest first: about one per row in a tile, so
-        # a few rounds of row maxima, and every store is a [BLOCK_M] vector. A tile of
-        # addresses (an atomic slot per entry) would take registers the matmul needs.
+        # Take the hits a row at a time, largest first: a quarter of one per row in a
+        # 128-wide tile, so two or three rounds of row maxima, and every store is a
+        # [BLOCK_M] vector. A tile of addresses (an atomic slot per entry) would take
+        # registers the matmul needs.
         while tl.max(left, axis=0) > 0:
             best, at = tl.max(hits, axis=1, return_indices=True, return_indices_tie_break_left=True)
             emit = left > 0
