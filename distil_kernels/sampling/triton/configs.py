@@ -105,11 +105,19 @@ SAMPLE_SMALL_BATCH = TileConfig(16, 128, 64, num_warps=8, num_stages=3, split_n=
 # ~15% of the pass, as the 1.32x of the bare matmul against greedy's 1.08x suggests. In
 # one loop the pipeliner issues the next pass's first `num_stages - 1` slices (48 KiB
 # each) before the epilogue, whose time their loads then fill (TTGIR: the TMA copies of
-# iteration i + stages - 1 precede the epilogue's branch). Not timed on a GPU yet.
+# iteration i + stages - 1 precede the epilogue's branch). Over 8 warps a 64-row tile
+# is two warpgroups side by side, so each of a tile's row reductions crosses warps
+# through shared memory (about 18 barriers a tile at one sample, Triton 3.9); over 4
+# warps one warpgroup holds whole rows and reduces them by shuffles (1 barrier a
+# sample), and the flat
+# 64-wide-slice tile fits in 255 registers (spilling 8-32 B at 2-4 samples a program) and
+# 104 KiB, so two programs share an SM, each one's epilogue beside the other's loads.
+# Not timed on a GPU yet.
 SAMPLE_TMA_SM90 = (TileConfig(64, 32, 64, num_warps=8, num_stages=3, split_n=4, tma=True),
                    TileConfig(64, 32, 128, num_warps=8, num_stages=4, split_n=4, tma=True),
                    TileConfig(64, 32, 128, num_warps=8, num_stages=4, split_n=4, tma=True, flat=True),
-                   TileConfig(64, 32, 128, num_warps=8, num_stages=3, split_n=4, tma=True, flat=True))
+                   TileConfig(64, 32, 128, num_warps=8, num_stages=3, split_n=4, tma=True, flat=True),
+                   TileConfig(64, 32, 64, num_warps=4, num_stages=4, split_n=4, tma=True, flat=True))
 SAMPLE_CANDIDATES_SM90 = (SAMPLE_DEFAULT_SM90, TileConfig(64, 32, 64, num_warps=8, num_stages=3, split_n=4),
                           SAMPLE_DEFAULT, TileConfig(64, 32, 64, num_warps=8, num_stages=3),
                           *(SAMPLE_TMA_SM90 if tensor_descriptors() is not None else ()))

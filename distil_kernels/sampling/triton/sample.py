@@ -165,83 +165,110 @@ def wide_products_tma(
 
 
 @triton.jit
+def tile_first_max(score):
+    """(max, column of its first occurrence) [BLOCK_M] of each row of `score`, in one reduction."""
+    return tl.max(score, axis=1, return_indices=True, return_indices_tie_break_left=True)
+
+
+@triton.jit
+def fold_lse_tempered(raw_max, raw_sum, z_sum, raw, z, temperature):
+    """`fold_lse` of the raw logits and of z = RN(raw / T) with one max reduction: z's
+    running max is no state of its own, as RN(u / T) is monotone in u for T > 0, so the
+    largest z is exactly RN(largest raw / T)."""
+    new_max = tl.maximum(raw_max, tl.max(raw, axis=1))
+    shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+    new_z_max = tl.math.div_rn(new_max, temperature)
+    z_shift = tl.where(new_z_max == float("-inf"), 0.0, new_z_max)
+    raw_sum = raw_sum * tl.exp(raw_max - shift) + tl.sum(tl.exp(raw - shift[:, None]), axis=1)
+    z_sum = z_sum * tl.exp(tl.math.div_rn(raw_max, temperature) - z_shift) + tl.sum(tl.exp(z - z_shift[:, None]),
+                                                                                     axis=1)
+    return new_max, raw_sum, z_sum
+
+
+@triton.jit
 def sample_tile(
     acc, tile, b_ptr, V, softcap, temperature, seed, pos_lo, pos_hi, first_sample, end_sample,
-    best_score, best_id, best_raw, raw_max, raw_sum, z_max, z_sum,
+    best_score, best_id, best_raw, raw_max, raw_sum, z_sum,
     SAMPLES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, GREEDY: tl.constexpr,
 ):
     """Fold vocabulary tile `tile` (its products `acc`) into the program's running state.
 
     Its raw logits and z = raw / T go into the running (max, sum-exp) pairs; for each
-    sample the tile's noise is added to z and the tile's argmax (ties to the lower id)
-    competes with the sample's running best. Returns the updated state.
+    sample the tile's noise is added to z and the tile's first maximum (ties to the lower
+    id) competes with the sample's running best. Returns the updated state.
+
+    Over 8 warps each row reduction of a tile this narrow crosses warps (through shared
+    memory, with a barrier): z's max comes from the raw one, and a draw's maximum and its
+    column from one reduction.
     """
     cols = tl.arange(0, BLOCK_N)
     offs_n = (tile * BLOCK_N + cols).to(tl.int64)
     col_ok = offs_n < V
     raw, _ = finish_logits(acc, b_ptr, offs_n, col_ok, softcap, 1.0, HAS_BIAS, HAS_SOFTCAP)
     raw = tl.where(col_ok[None, :], raw, float("-inf"))
-    raw_max, raw_sum = fold_lse(raw_max, raw_sum, raw)
     if GREEDY:
-        z = raw
+        raw_max, raw_sum = fold_lse(raw_max, raw_sum, raw)
+        # The draw's score is the raw logit itself: one sample, no noise.
+        tile_best, local = tile_first_max(raw)
+        best_score, best_id, better = fold_draw(tile_best, local, tile, 0, tl.arange(0, SAMPLES), best_score,
+                                                best_id, BLOCK_N)
+        best_raw = tl.where(better, tile_best[:, None], best_raw)
     else:
         # Correctly rounded, as the torch backend's division: `/` is approximate on GPUs.
         z = tl.math.div_rn(raw, temperature)
-        z_max, z_sum = fold_lse(z_max, z_sum, z)
-    slots = tl.arange(0, SAMPLES)  # sample first_sample + slot
-    for sample in range(first_sample, end_sample):
-        if GREEDY:
-            score = z
-        else:
+        raw_max, raw_sum, z_sum = fold_lse_tempered(raw_max, raw_sum, z_sum, raw, z, temperature)
+        slots = tl.arange(0, SAMPLES)  # sample first_sample + slot
+        for sample in range(first_sample, end_sample):
             score = z + tile_noise(seed, pos_lo, pos_hi, tile * (BLOCK_N // 4), sample, BLOCK_M, BLOCK_N)
-        best_score, best_id, better, local = fold_draw(score, tile, sample - first_sample, slots, best_score,
-                                                      best_id, BLOCK_N)
-        tile_raw = tl.max(tl.where(cols[None, :] == local[:, None], raw, float("-inf")), axis=1)
-        best_raw = tl.where(better, tile_raw[:, None], best_raw)
-    return best_score, best_id, best_raw, raw_max, raw_sum, z_max, z_sum
+            tile_best, local = tile_first_max(score)
+            tile_raw = tl.max(tl.where(cols[None, :] == local[:, None], raw, float("-inf")), axis=1)
+            best_score, best_id, better = fold_draw(tile_best, local, tile, sample - first_sample, slots, best_score,
+                                                    best_id, BLOCK_N)
+            best_raw = tl.where(better, tile_raw[:, None], best_raw)
+    return best_score, best_id, best_raw, raw_max, raw_sum, z_sum
 
 
 @triton.jit
 def sample_pass(
     acc0, acc1, acc2, acc3, tile, b_ptr, V, num_tiles, softcap, temperature, seed, pos_lo, pos_hi, first_sample,
-    end_sample, best_score, best_id, best_raw, raw_max, raw_sum, z_max, z_sum,
+    end_sample, best_score, best_id, best_raw, raw_max, raw_sum, z_sum,
     SAMPLES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_N: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, GREEDY: tl.constexpr,
 ):
     """`sample_tile` on each of a pass's SPLIT_N tiles (first `tile`) in turn."""
-    best_score, best_id, best_raw, raw_max, raw_sum, z_max, z_sum = sample_tile(
+    best_score, best_id, best_raw, raw_max, raw_sum, z_sum = sample_tile(
         acc0, tile, b_ptr, V, softcap, temperature, seed, pos_lo, pos_hi, first_sample, end_sample,
-        best_score, best_id, best_raw, raw_max, raw_sum, z_max, z_sum,
+        best_score, best_id, best_raw, raw_max, raw_sum, z_sum,
         SAMPLES, BLOCK_M, BLOCK_N, HAS_BIAS, HAS_SOFTCAP, GREEDY,
     )
     # Tiles past the vocabulary (the last pass's) are skipped: a tile of -inf would fold
     # nothing and win nothing, but costs its noise.
     if SPLIT_N >= 2 and tile + 1 < num_tiles:
-        best_score, best_id, best_raw, raw_max, raw_sum, z_max, z_sum = sample_tile(
+        best_score, best_id, best_raw, raw_max, raw_sum, z_sum = sample_tile(
             acc1, tile + 1, b_ptr, V, softcap, temperature, seed, pos_lo, pos_hi, first_sample, end_sample,
-            best_score, best_id, best_raw, raw_max, raw_sum, z_max, z_sum,
+            best_score, best_id, best_raw, raw_max, raw_sum, z_sum,
             SAMPLES, BLOCK_M, BLOCK_N, HAS_BIAS, HAS_SOFTCAP, GREEDY,
         )
     if SPLIT_N >= 4 and tile + 2 < num_tiles:
-        best_score, best_id, best_raw, raw_max, raw_sum, z_max, z_sum = sample_tile(
+        best_score, best_id, best_raw, raw_max, raw_sum, z_sum = sample_tile(
             acc2, tile + 2, b_ptr, V, softcap, temperature, seed, pos_lo, pos_hi, first_sample, end_sample,
-            best_score, best_id, best_raw, raw_max, raw_sum, z_max, z_sum,
+            best_score, best_id, best_raw, raw_max, raw_sum, z_sum,
             SAMPLES, BLOCK_M, BLOCK_N, HAS_BIAS, HAS_SOFTCAP, GREEDY,
         )
     if SPLIT_N >= 4 and tile + 3 < num_tiles:
-        best_score, best_id, best_raw, raw_max, raw_sum, z_max, z_sum = sample_tile(
+        best_score, best_id, best_raw, raw_max, raw_sum, z_sum = sample_tile(
             acc3, tile + 3, b_ptr, V, softcap, temperature, seed, pos_lo, pos_hi, first_sample, end_sample,
-            best_score, best_id, best_raw, raw_max, raw_sum, z_max, z_sum,
+            best_score, best_id, best_raw, raw_max, raw_sum, z_sum,
             SAMPLES, BLOCK_M, BLOCK_N, HAS_BIAS, HAS_SOFTCAP, GREEDY,
         )
-    return best_score, best_id, best_raw, raw_max, raw_sum, z_max, z_sum
+    return best_score, best_id, best_raw, raw_max, raw_sum, z_sum
 
 
 @triton.jit
 def flat_passes(
     x_desc, w_desc, b_ptr, first_step, last_step, V, D, num_tiles, softcap, temperature, seed, pos_lo, pos_hi,
-    first_sample, end_sample, best_score, best_id, best_raw, raw_max, raw_sum, z_max, z_sum,
+    first_sample, end_sample, best_score, best_id, best_raw, raw_max, raw_sum, z_sum,
     SAMPLES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_N: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, GREEDY: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -270,13 +297,13 @@ def flat_passes(
             acc2 = tl.dot(a, w_desc.load([first_col + 2 * BLOCK_N, k0]).T, acc2, input_precision=DOT_PRECISION)
             acc3 = tl.dot(a, w_desc.load([first_col + 3 * BLOCK_N, k0]).T, acc3, input_precision=DOT_PRECISION)
         if k0 + BLOCK_K >= D:
-            best_score, best_id, best_raw, raw_max, raw_sum, z_max, z_sum = sample_pass(
+            best_score, best_id, best_raw, raw_max, raw_sum, z_sum = sample_pass(
                 acc0, acc1, acc2, acc3, step * SPLIT_N, b_ptr, V, num_tiles, softcap, temperature, seed, pos_lo,
-                pos_hi, first_sample, end_sample, best_score, best_id, best_raw, raw_max, raw_sum, z_max, z_sum,
+                pos_hi, first_sample, end_sample, best_score, best_id, best_raw, raw_max, raw_sum, z_sum,
                 SAMPLES, BLOCK_M, BLOCK_N, SPLIT_N, HAS_BIAS, HAS_SOFTCAP, GREEDY,
             )
             acc0, acc1, acc2, acc3 = zero_accumulators(BLOCK_M, BLOCK_N)
-    return best_score, best_id, best_raw, raw_max, raw_sum, z_max, z_sum
+    return best_score, best_id, best_raw, raw_max, raw_sum, z_sum
 
 
 @triton.jit
@@ -316,21 +343,20 @@ def store_draws(score_ptr, id_ptr, best_score, best_id, offs_m, row_ok, first_sa
 
 
 @triton.jit
-def fold_draw(score, tile, slot_index, slots, best_score, best_id, BLOCK_N: tl.constexpr):
-    """One sample's draw over tile `tile` of scores (z plus noise) against its running best.
+def fold_draw(tile_best, local, tile, slot_index, slots, best_score, best_id, BLOCK_N: tl.constexpr):
+    """One sample's draw over tile `tile` against its running best: the tile's first
+    maximum score `tile_best` [BLOCK_M] at column `local` (ties to the lower id).
 
-    The tile's first maximum (ties to the lower id) replaces the sample's best only when
-    strictly greater: earlier tiles hold lower ids. Returns the updated (best_score,
-    best_id), the [BLOCK_M, SAMPLES] mask of replaced entries and the tile's argmax.
+    It replaces the sample's best only when strictly greater: earlier tiles hold lower
+    ids. Returns the updated (best_score, best_id) and the [BLOCK_M, SAMPLES] mask of
+    replaced entries.
     """
-    tile_best = tl.max(score, axis=1)
-    local = tl.argmax(score, axis=1, tie_break_left=True)
     slot = (slots == slot_index)[None, :]
     previous = tl.max(tl.where(slot, best_score, float("-inf")), axis=1)
     better = slot & (tile_best > previous)[:, None]
     best_score = tl.where(better, tile_best[:, None], best_score)
     best_id = tl.where(better, (tile * BLOCK_N + local).to(tl.int64)[:, None], best_id)
-    return best_score, best_id, better, local
+    return best_score, best_id, better
 
 
 @triton.jit
@@ -363,14 +389,13 @@ def sample_kernel(
     best_raw = tl.zeros((BLOCK_M, SAMPLES), dtype=tl.float32)
     raw_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     raw_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    z_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     z_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     first_step = tl.program_id(1) * steps_per_split
     last_step = tl.minimum(first_step + steps_per_split, tl.cdiv(num_tiles, SPLIT_N))
     if FLAT:
-        best_score, best_id, best_raw, raw_max, raw_sum, z_max, z_sum = flat_passes(
+        best_score, best_id, best_raw, raw_max, raw_sum, z_sum = flat_passes(
             x_ptr, w_ptr, b_ptr, first_step, last_step, V, D, num_tiles, softcap, temperature, seed, pos_lo, pos_hi,
-            first_sample, end_sample, best_score, best_id, best_raw, raw_max, raw_sum, z_max, z_sum,
+            first_sample, end_sample, best_score, best_id, best_raw, raw_max, raw_sum, z_sum,
             SAMPLES, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_N, HAS_BIAS, HAS_SOFTCAP, GREEDY, DOT_PRECISION,
         )
     else:
@@ -380,9 +405,9 @@ def sample_kernel(
                 x_ptr, w_ptr, offs_m, tile, N, V, D, stride_xn, stride_xd, stride_wv, stride_wd,
                 BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_N, DOT_PRECISION, USE_TMA,
             )
-            best_score, best_id, best_raw, raw_max, raw_sum, z_max, z_sum = sample_pass(
+            best_score, best_id, best_raw, raw_max, raw_sum, z_sum = sample_pass(
                 acc0, acc1, acc2, acc3, tile, b_ptr, V, num_tiles, softcap, temperature, seed, pos_lo, pos_hi,
-                first_sample, end_sample, best_score, best_id, best_raw, raw_max, raw_sum, z_max, z_sum,
+                first_sample, end_sample, best_score, best_id, best_raw, raw_max, raw_sum, z_sum,
                 SAMPLES, BLOCK_M, BLOCK_N, SPLIT_N, HAS_BIAS, HAS_SOFTCAP, GREEDY,
             )
     out, out_samples, sample_ok = store_draws(score_ptr, id_ptr, best_score, best_id, offs_m, row_ok, first_sample,
@@ -392,7 +417,7 @@ def sample_kernel(
         tl.store(part_ptr + out * 4, raw_max, mask=row_ok)
         tl.store(part_ptr + out * 4 + 1, raw_sum, mask=row_ok)
         if not GREEDY:
-            tl.store(part_ptr + out * 4 + 2, z_max, mask=row_ok)
+            tl.store(part_ptr + out * 4 + 2, tl.math.div_rn(raw_max, temperature), mask=row_ok)
             tl.store(part_ptr + out * 4 + 3, z_sum, mask=row_ok)
 
 
@@ -419,8 +444,9 @@ def dense_sample_kernel(
                     mask=row_ok[:, None] & (cols < V)[None, :], other=float("-inf"))
         for sample in range(first_sample, end_sample):
             score = z + tile_noise(seed, pos_lo, pos_hi, tile * (BLOCK_N // 4), sample, BLOCK_M, BLOCK_N)
-            best_score, best_id, _, _ = fold_draw(score, tile, sample - first_sample, slots, best_score, best_id,
-                                                  BLOCK_N)
+            tile_best, local = tile_first_max(score)
+            best_score, best_id, _ = fold_draw(tile_best, local, tile, sample - first_sample, slots, best_score,
+                                               best_id, BLOCK_N)
     store_draws(score_ptr, id_ptr, best_score, best_id, offs_m, row_ok, first_sample, slots, num_splits, num_samples)
 
 
