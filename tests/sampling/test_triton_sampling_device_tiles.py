@@ -19,6 +19,8 @@ if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("runs under TRITON_INTERPRET=1 (make test runs it)", allow_module_level=True)
 pytest.importorskip("triton")
 
+import triton  # noqa: E402
+
 from distil_kernels import linear_sample, linear_topk  # noqa: E402
 from distil_kernels.loss.options import LossOptions  # noqa: E402
 from distil_kernels.sampling.triton import configs  # noqa: E402
@@ -161,19 +163,22 @@ def test_sample_by_tma_descriptors(monkeypatch, config, options):
 
 
 @pytest.mark.skipif(configs.tensor_descriptors() is None, reason="this Triton has no TMA descriptors")
-@pytest.mark.parametrize("config", [c for c in configs.SAMPLE_TMA_SM90 if c.flat], ids=str)
+@pytest.mark.parametrize("config, rows", [(c, 40) for c in configs.SAMPLE_TMA_SM90 if c.flat]
+                         + [(configs.SAMPLE_TALL_TMA_SM90, 150)], ids=str)
 @pytest.mark.parametrize("options", [dict(temperature=0.8, num_samples=5), dict(temperature=0)],
                          ids=["sample", "greedy"])
-def test_flat_sampler_passes_match_the_torch_ids(monkeypatch, config, options):
+def test_flat_sampler_passes_match_the_torch_ids(monkeypatch, config, rows, options):
     """The flat loop's epilogue runs after each pass's last K slice and restarts the pass's
     accumulators: d = 296 is three K slices (the last partial), and two programs per row
     block give each split several passes (the last one past V), so a pass that kept an
-    earlier pass's products or skipped one would draw other ids."""
+    earlier pass's products or skipped one would draw other ids. 150 rows are a full and
+    a partial block of the tall tile."""
     launched = []
     monkeypatch.setattr(sample_module, "sample_kernel", RecordingKernel(sample_module.sample_kernel, launched, "FLAT"))
     monkeypatch.setattr(sample_module, "select_sample_config", lambda *args: config)
-    monkeypatch.setattr(splits_module, "target_programs", lambda kind: 2 * 2)  # two splits x two sample groups
-    x, w, b = make_problem(40, V, 296, torch.float16, seed=38, scale=3.0)
+    # Two splits per row block and sample group.
+    monkeypatch.setattr(splits_module, "target_programs", lambda kind: 2 * 2 * triton.cdiv(rows, config.block_m))
+    x, w, b = make_problem(rows, V, 296, torch.float16, seed=38, scale=3.0)
     want = linear_sample(x, w, bias=b, softcap=5.0, seed=23, backend="torch", **options)
     got = linear_sample(x, w, bias=b, softcap=5.0, seed=23, backend="triton", **options)
     assert launched and all(launched)

@@ -113,9 +113,10 @@ def all_specs() -> list[CompileSpec]:
     samples = [1 << i for i in range(SAMPLES_PER_PROGRAM.bit_length())]
     for dtype in ("bf16", "fp32"):
         torch_dtype = _TORCH_DTYPE[dtype]
-        # Batches above 16 rows, then the small-batch tile.
-        configs = by_arch(sample_candidates(torch_dtype, 64, 90) + sample_candidates(torch_dtype, 16, 90),
-                          sample_candidates(torch_dtype, 64, 80) + sample_candidates(torch_dtype, 16, 80))
+        # Batches of 128 rows and more (every tile of smaller batches above 16 rows, and
+        # the tall one), then the small-batch tile.
+        configs = by_arch(sample_candidates(torch_dtype, 128, 90) + sample_candidates(torch_dtype, 16, 90),
+                          sample_candidates(torch_dtype, 128, 80) + sample_candidates(torch_dtype, 16, 80))
         for config, archs in configs:
             specs += [sample_spec(config, dtype, s, archs=archs) for s in samples]
             specs.append(sample_spec(config, dtype, 1, greedy=True, archs=archs))

@@ -121,6 +121,14 @@ SAMPLE_TMA_SM90 = (TileConfig(64, 32, 64, num_warps=8, num_stages=3, split_n=4, 
 SAMPLE_CANDIDATES_SM90 = (SAMPLE_DEFAULT_SM90, TileConfig(64, 32, 64, num_warps=8, num_stages=3, split_n=4),
                           SAMPLE_DEFAULT, TileConfig(64, 32, 64, num_warps=8, num_stages=3),
                           *(SAMPLE_TMA_SM90 if tensor_descriptors() is not None else ()))
+# Above 64 rows each pass's W tiles are read from L2 by every row block, and its x rows
+# by every pass: per output, 1 / (split_n block_n) + 1 / block_m of a bf16 operand row,
+# which at B=256 (1.44-1.51 ms against the bare matmul's 0.45) is about 6.5 GB of L2
+# reads for 64-row blocks. 128 rows over 8 warps are two warpgroups stacked, each
+# holding whole rows (reductions by shuffles, as 4 warps over 64 rows), in 255 registers
+# (spilling 0-24 B at 1-4 samples) and 112 KiB: two thirds of the L2 reads. Below 128
+# rows the extra rows would be noise for nothing. Not timed on a GPU yet.
+SAMPLE_TALL_TMA_SM90 = TileConfig(128, 32, 64, num_warps=8, num_stages=3, split_n=4, tma=True, flat=True)
 SAMPLE_CANDIDATES = (SAMPLE_DEFAULT, TileConfig(64, 32, 64, num_warps=8, num_stages=3))
 SAMPLE_DEFAULT_FP32 = TileConfig(64, 32, 32, num_warps=8, num_stages=3)
 # 16-wide K slices: the FMA loop's slices of 32 with several samples' noise spilled 24-40 B
@@ -178,7 +186,10 @@ def sample_candidates(dtype: torch.dtype, rows: int, arch: int) -> tuple[TileCon
         return (SAMPLE_SMALL_BATCH_FP32 if rows <= 16 else SAMPLE_DEFAULT_FP32,)
     if rows <= 16:
         return (SAMPLE_SMALL_BATCH,)
-    return SAMPLE_CANDIDATES_SM90 if arch >= 90 else SAMPLE_CANDIDATES
+    if arch < 90:
+        return SAMPLE_CANDIDATES
+    tall = (SAMPLE_TALL_TMA_SM90,) if rows >= 128 and tensor_descriptors() is not None else ()
+    return SAMPLE_CANDIDATES_SM90 + tall
 
 
 def device_arch(device: torch.device) -> int:
