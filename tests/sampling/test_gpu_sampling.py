@@ -188,7 +188,8 @@ def test_topk_merge_kernel_matches_torch(dtype, k):
 
 @pytest.mark.parametrize("k", [1, 64, 256])
 def test_topk_threshold_pass_rarely_needs_the_fallback(monkeypatch, k):
-    """About k * 16 entries per row pass the subset's bound; the capacity is 8 deviations above."""
+    """About j * 16 entries per row pass the subset's bound (its j-th largest, `subset_rank`:
+    short of k with odds 1e-6); the capacity is 8 deviations above."""
     from distil_kernels.sampling.triton import topk as topk_module
 
     redone = []
