@@ -155,8 +155,9 @@ INTERPRETER_TARGET_PROGRAMS = 6
 
 # The sampler writes 32 B of partials per (row, split, sample) and few rows fill nothing:
 # at B=64 and V=152064, 4 programs per SM would mean 528 splits and 1.03 MiB of partials
-# for one token per row. Two per SM (16 warps each, loads pipelined) still stream the
-# head at full bandwidth and halve that.
+# for one token per row. Two per SM halve that: resident together where a program's
+# registers and shared memory leave room for two (the 4-warp flat tile), else in two
+# waves of one an SM, each program streaming its splits with its loads pipelined.
 SAMPLE_TARGET_PROGRAMS = 2 * 132
 
 
