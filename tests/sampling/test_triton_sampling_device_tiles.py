@@ -75,16 +75,22 @@ SAMPLE_OPTIONS = [dict(), dict(temperature=0.8, num_samples=3), dict(temperature
                   dict(top_k=5, top_p=0.9, temperature=1.2)]
 
 
+def assert_draws_match_torch(x, w, **kwargs):
+    """The triton backend's Sample equals the torch backend's: the same ids, logprobs and
+    lse to fp32 summation order."""
+    want = linear_sample(x, w, backend="torch", **kwargs)
+    got = linear_sample(x, w, backend="triton", **kwargs)
+    assert torch.equal(got.ids, want.ids)
+    for p, q in zip(got[1:], want[1:]):
+        torch.testing.assert_close(p, q, rtol=0, atol=SAMPLE_ATOL)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("rows", [40, 9])
 @pytest.mark.parametrize("options", SAMPLE_OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "plain")
 def test_sample_draws_the_torch_ids(device_tiles, dtype, rows, options):
     x, w, b = make_problem(rows, V, D, dtype, seed=31, scale=3.0)
-    want = linear_sample(x, w, bias=b, softcap=5.0, seed=17, backend="torch", **options)
-    got = linear_sample(x, w, bias=b, softcap=5.0, seed=17, backend="triton", **options)
-    assert torch.equal(got.ids, want.ids)
-    for p, q in zip(got[1:], want[1:]):
-        torch.testing.assert_close(p, q, rtol=0, atol=SAMPLE_ATOL)
+    assert_draws_match_torch(x, w, bias=b, softcap=5.0, seed=17, **options)
     if "top_k" not in options:
         [config] = device_tiles.chosen["select_sample_config"]
         expected = configs.sample_candidates(dtype, rows, device_tiles.arch)[0]
@@ -118,12 +124,7 @@ def test_flat_head_dense_fallback(device_tiles):
     """top_p=0.95 of a flat head keeps more ids than the candidates: the dense fallback's
     4x512 blocks draw the torch backend's ids."""
     x, w, b = make_problem(9, V, D, torch.float32, seed=34, scale=0.01)
-    kwargs = dict(bias=b * 0.01, seed=21, top_p=0.95, temperature=1.2, num_samples=2)
-    got = linear_sample(x, w, backend="triton", **kwargs)
-    want = linear_sample(x, w, backend="torch", **kwargs)
-    assert torch.equal(got.ids, want.ids)
-    for p, q in zip(got[1:], want[1:]):
-        torch.testing.assert_close(p, q, rtol=0, atol=SAMPLE_ATOL)
+    assert_draws_match_torch(x, w, bias=b * 0.01, seed=21, top_p=0.95, temperature=1.2, num_samples=2)
     assert device_tiles.chosen["select_dense_sample_config"]
 
 
@@ -154,12 +155,8 @@ def test_sample_by_tma_descriptors(monkeypatch, config, options):
     monkeypatch.setattr(sample_module, "sample_kernel", RecordingKernel(sample_module.sample_kernel, launched))
     monkeypatch.setattr(sample_module, "select_sample_config", lambda *args: config)
     x, w, b = make_problem(40, V, D, torch.float16, seed=36, scale=3.0)
-    want = linear_sample(x, w, bias=b, softcap=5.0, seed=19, backend="torch", **options)
-    got = linear_sample(x, w, bias=b, softcap=5.0, seed=19, backend="triton", **options)
+    assert_draws_match_torch(x, w, bias=b, softcap=5.0, seed=19, **options)
     assert launched and all(launched)
-    assert torch.equal(got.ids, want.ids)
-    for p, q in zip(got[1:], want[1:]):
-        torch.testing.assert_close(p, q, rtol=0, atol=SAMPLE_ATOL)
 
 
 @pytest.mark.skipif(configs.tensor_descriptors() is None, reason="this Triton has no TMA descriptors")
@@ -179,12 +176,8 @@ def test_flat_sampler_passes_match_the_torch_ids(monkeypatch, config, rows, opti
     # Two splits per row block and sample group.
     monkeypatch.setattr(splits_module, "target_programs", lambda kind: 2 * 2 * triton.cdiv(rows, config.block_m))
     x, w, b = make_problem(rows, V, 296, torch.float16, seed=38, scale=3.0)
-    want = linear_sample(x, w, bias=b, softcap=5.0, seed=23, backend="torch", **options)
-    got = linear_sample(x, w, bias=b, softcap=5.0, seed=23, backend="triton", **options)
+    assert_draws_match_torch(x, w, bias=b, softcap=5.0, seed=23, **options)
     assert launched and all(launched)
-    assert torch.equal(got.ids, want.ids)
-    for p, q in zip(got[1:], want[1:]):
-        torch.testing.assert_close(p, q, rtol=0, atol=SAMPLE_ATOL)
 
 
 @pytest.mark.skipif(configs.tensor_descriptors() is None, reason="this Triton has no TMA descriptors")

@@ -236,32 +236,26 @@ def sample_pass(
     SAMPLES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_N: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, GREEDY: tl.constexpr,
 ):
-    """`sample_tile` on each of a pass's SPLIT_N tiles (first `tile`) in turn."""
-    best_score, best_id, best_raw, raw_max, raw_sum, z_sum = sample_tile(
-        acc0, tile, b_ptr, V, softcap, temperature, seed, pos_lo, pos_hi, first_sample, end_sample,
-        best_score, best_id, best_raw, raw_max, raw_sum, z_sum,
-        SAMPLES, BLOCK_M, BLOCK_N, HAS_BIAS, HAS_SOFTCAP, GREEDY,
-    )
-    # Tiles past the vocabulary (the last pass's) are skipped: a tile of -inf would fold
-    # nothing and win nothing, but costs its noise.
-    if SPLIT_N >= 2 and tile + 1 < num_tiles:
-        best_score, best_id, best_raw, raw_max, raw_sum, z_sum = sample_tile(
-            acc1, tile + 1, b_ptr, V, softcap, temperature, seed, pos_lo, pos_hi, first_sample, end_sample,
-            best_score, best_id, best_raw, raw_max, raw_sum, z_sum,
-            SAMPLES, BLOCK_M, BLOCK_N, HAS_BIAS, HAS_SOFTCAP, GREEDY,
-        )
-    if SPLIT_N >= 4 and tile + 2 < num_tiles:
-        best_score, best_id, best_raw, raw_max, raw_sum, z_sum = sample_tile(
-            acc2, tile + 2, b_ptr, V, softcap, temperature, seed, pos_lo, pos_hi, first_sample, end_sample,
-            best_score, best_id, best_raw, raw_max, raw_sum, z_sum,
-            SAMPLES, BLOCK_M, BLOCK_N, HAS_BIAS, HAS_SOFTCAP, GREEDY,
-        )
-    if SPLIT_N >= 4 and tile + 3 < num_tiles:
-        best_score, best_id, best_raw, raw_max, raw_sum, z_sum = sample_tile(
-            acc3, tile + 3, b_ptr, V, softcap, temperature, seed, pos_lo, pos_hi, first_sample, end_sample,
-            best_score, best_id, best_raw, raw_max, raw_sum, z_sum,
-            SAMPLES, BLOCK_M, BLOCK_N, HAS_BIAS, HAS_SOFTCAP, GREEDY,
-        )
+    """`sample_tile` on each of a pass's SPLIT_N tiles (first `tile`) in turn.
+
+    Tiles past the vocabulary (the last pass's) are skipped: a tile of -inf would fold
+    nothing and win nothing, but costs its noise.
+    """
+    for j in tl.static_range(SPLIT_N):
+        if j == 0:
+            acc = acc0
+        elif j == 1:
+            acc = acc1
+        elif j == 2:
+            acc = acc2
+        else:
+            acc = acc3
+        if j == 0 or tile + j < num_tiles:
+            best_score, best_id, best_raw, raw_max, raw_sum, z_sum = sample_tile(
+                acc, tile + j, b_ptr, V, softcap, temperature, seed, pos_lo, pos_hi, first_sample, end_sample,
+                best_score, best_id, best_raw, raw_max, raw_sum, z_sum,
+                SAMPLES, BLOCK_M, BLOCK_N, HAS_BIAS, HAS_SOFTCAP, GREEDY,
+            )
     return best_score, best_id, best_raw, raw_max, raw_sum, z_sum
 
 
