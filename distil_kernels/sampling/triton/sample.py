@@ -154,13 +154,22 @@ def wide_products_tma(
     first_col = first_tile * BLOCK_N
     acc0, acc1, acc2, acc3 = zero_accumulators(BLOCK_M, BLOCK_N)
     for k0 in range(0, D, BLOCK_K):
-        a = x_desc.load([first_row, k0])
-        acc0 = tl.dot(a, w_desc.load([first_col, k0]).T, acc0, input_precision=DOT_PRECISION)
-        if SPLIT_N >= 2:
-            acc1 = tl.dot(a, w_desc.load([first_col + BLOCK_N, k0]).T, acc1, input_precision=DOT_PRECISION)
-        if SPLIT_N >= 4:
-            acc2 = tl.dot(a, w_desc.load([first_col + 2 * BLOCK_N, k0]).T, acc2, input_precision=DOT_PRECISION)
-            acc3 = tl.dot(a, w_desc.load([first_col + 3 * BLOCK_N, k0]).T, acc3, input_precision=DOT_PRECISION)
+        acc0, acc1, acc2, acc3 = slice_products_tma(x_desc, w_desc, first_row, first_col, k0, acc0, acc1, acc2, acc3,
+                                                    BLOCK_N, SPLIT_N, DOT_PRECISION)
+    return acc0, acc1, acc2, acc3
+
+
+@triton.jit
+def slice_products_tma(x_desc, w_desc, first_row, first_col, k0, acc0, acc1, acc2, acc3,
+                       BLOCK_N: tl.constexpr, SPLIT_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """The products of K slice [k0, k0 + BLOCK_K) added to a pass's SPLIT_N accumulators, by TMA."""
+    a = x_desc.load([first_row, k0])
+    acc0 = tl.dot(a, w_desc.load([first_col, k0]).T, acc0, input_precision=DOT_PRECISION)
+    if SPLIT_N >= 2:
+        acc1 = tl.dot(a, w_desc.load([first_col + BLOCK_N, k0]).T, acc1, input_precision=DOT_PRECISION)
+    if SPLIT_N >= 4:
+        acc2 = tl.dot(a, w_desc.load([first_col + 2 * BLOCK_N, k0]).T, acc2, input_precision=DOT_PRECISION)
+        acc3 = tl.dot(a, w_desc.load([first_col + 3 * BLOCK_N, k0]).T, acc3, input_precision=DOT_PRECISION)
     return acc0, acc1, acc2, acc3
 
 
@@ -282,14 +291,8 @@ def flat_passes(
     for it in range(first_step * k_slices, last_step * k_slices):
         step = it // k_slices
         k0 = (it - step * k_slices) * BLOCK_K
-        first_col = step * (SPLIT_N * BLOCK_N)
-        a = x_desc.load([first_row, k0])
-        acc0 = tl.dot(a, w_desc.load([first_col, k0]).T, acc0, input_precision=DOT_PRECISION)
-        if SPLIT_N >= 2:
-            acc1 = tl.dot(a, w_desc.load([first_col + BLOCK_N, k0]).T, acc1, input_precision=DOT_PRECISION)
-        if SPLIT_N >= 4:
-            acc2 = tl.dot(a, w_desc.load([first_col + 2 * BLOCK_N, k0]).T, acc2, input_precision=DOT_PRECISION)
-            acc3 = tl.dot(a, w_desc.load([first_col + 3 * BLOCK_N, k0]).T, acc3, input_precision=DOT_PRECISION)
+        acc0, acc1, acc2, acc3 = slice_products_tma(x_desc, w_desc, first_row, step * (SPLIT_N * BLOCK_N), k0,
+                                                    acc0, acc1, acc2, acc3, BLOCK_N, SPLIT_N, DOT_PRECISION)
         if k0 + BLOCK_K >= D:
             best_score, best_id, best_raw, raw_max, raw_sum, z_sum = sample_pass(
                 acc0, acc1, acc2, acc3, step * SPLIT_N, b_ptr, V, num_tiles, softcap, temperature, seed, pos_lo,
