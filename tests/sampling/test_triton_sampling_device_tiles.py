@@ -129,19 +129,25 @@ def test_flat_head_dense_fallback(device_tiles):
 
 
 @pytest.mark.skipif(configs.tensor_descriptors() is None, reason="this Triton has no TMA descriptors")
+@pytest.mark.parametrize("config", [configs.THRESHOLD_TMA_SM90, configs.THRESHOLD_TMA_FLAT_SM90], ids=str)
 @pytest.mark.parametrize("d", [72, 13], ids=["tma", "unaligned-rows-fall-back"])
-def test_topk_threshold_pass_by_tma_descriptors(monkeypatch, d):
-    """The sm_90 threshold candidate whose x and W slices come by TMA descriptors (zero
-    fill past N, V and d); fp16 rows of d=13 (26 bytes) cannot be addressed so and take
-    pointers instead."""
+def test_topk_threshold_pass_by_tma_descriptors(monkeypatch, config, d):
+    """The sm_90 threshold candidates whose x and W slices come by TMA descriptors (zero
+    fill past N, V and d; two K slices, the last partial); fp16 rows of d=13 (26 bytes)
+    cannot be addressed so and take pointers instead. Two splits a row block give each
+    program two or three tiles, so the flat loop's epilogue runs once a tile, each on
+    its own products."""
     launched = []
-    monkeypatch.setattr(topk_module, "threshold_kernel", RecordingKernel(topk_module.threshold_kernel, launched))
-    monkeypatch.setattr(topk_module, "select_threshold_config", lambda *args: configs.THRESHOLD_TMA_SM90)
+    argument = "FLAT" if config.flat else "USE_TMA"
+    monkeypatch.setattr(topk_module, "threshold_kernel",
+                        RecordingKernel(topk_module.threshold_kernel, launched, argument))
+    monkeypatch.setattr(topk_module, "select_threshold_config", lambda *args: config)
+    monkeypatch.setattr(splits_module, "target_programs", lambda kind: 2)  # 40 rows: one block, two splits
     x, w, b = make_problem(40, V, d, torch.float16, seed=35, scale=2.0)
     got = linear_topk(x, w, 5, bias=b, softcap=4.0, temperature=0.8, backend="triton")
     log_q, lse = dense_log_softmax(x, w, b, softcap=4.0, temperature=0.8)
     assert_topk_close(got, log_q, lse, 5, tol=fp32_tolerance(x, w, b, log_q, lse, softcap=4.0, temperature=0.8))
-    assert launched and all(use_tma == (d == 72) for use_tma in launched)
+    assert launched and all(used == (d == 72) for used in launched)
 
 
 @pytest.mark.skipif(configs.tensor_descriptors() is None, reason="this Triton has no TMA descriptors")

@@ -91,12 +91,24 @@ def logits_tile(
 
     Rows past N and columns past V load zeros (no out-of-bounds read); callers mask them.
     """
+    acc = tile_products(x_ptr, w_ptr, offs_m, offs_n, first_row, first_col, N, V, D, stride_xn, stride_xd,
+                        stride_wv, stride_wd, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, USE_TMA)
+    return finish_logits(acc, b_ptr, offs_n, offs_n < V, softcap, inv_temp, HAS_BIAS, HAS_SOFTCAP, SOFTCAP_SLOPE)
+
+
+@triton.jit
+def tile_products(
+    x_ptr, w_ptr, offs_m, offs_n, first_row, first_col, N, V, D, stride_xn, stride_xd, stride_wv, stride_wd,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr,
+):
+    """x W^T [BLOCK_M, BLOCK_N] of one tile, fp32: by TMA descriptors or masked pointer loads."""
     if USE_TMA:
         acc = descriptor_products(x_ptr, w_ptr, first_row, first_col, D, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION)
     else:
         acc = pointer_products(x_ptr, w_ptr, offs_m, offs_n, N, V, D, stride_xn, stride_xd, stride_wv, stride_wd,
                                BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION)
-    return finish_logits(acc, b_ptr, offs_n, offs_n < V, softcap, inv_temp, HAS_BIAS, HAS_SOFTCAP, SOFTCAP_SLOPE)
+    return acc
 
 
 @triton.jit

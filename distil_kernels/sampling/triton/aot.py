@@ -46,7 +46,8 @@ def threshold_spec(config: TileConfig, dtype: str, archs: tuple[int, ...] = (90,
                 "key_ptr": "i64", "part_ptr": "fp32"}
     constexprs = {"BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "BLOCK_K": config.block_k,
                   "HAS_BIAS": True, "HAS_SOFTCAP": True, "RAW_LSE": True,
-                  "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32", "USE_TMA": config.tma}
+                  "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32", "USE_TMA": config.tma,
+                  "FLAT": config.tma and config.flat}
     spec = kernel_spec(f"threshold[{dtype},{config}]", threshold_kernel, pointers, constexprs, config,
                        float_args=("softcap", "inv_temp"))
     if config.tma:

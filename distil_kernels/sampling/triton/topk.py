@@ -53,7 +53,7 @@ from torch import Tensor
 
 from ...loss.options import LossOptions
 from ...loss.triton.lse_forward import merge_lse
-from ...loss.triton.tiles import fold_lse, logits_tile
+from ...loss.triton.tiles import finish_logits, fold_lse, tile_products
 from ...loss.triton.configs import ENABLE_FP_FUSION, kernel_operands
 from ..topk import Candidates
 from .configs import MAX_TOPK, TileConfig, select_threshold_config, select_topk_config
@@ -138,12 +138,21 @@ def folded_tile(
     """Logits tile `tile` (z, -inf past V), its ids and their mask, with the tile folded
     into the running (max, sum-exp) of z and, with RAW_LSE, of the raw logits."""
     offs_n = (tile * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    acc = tile_products(x_ptr, w_ptr, offs_m, offs_n, tl.program_id(0) * BLOCK_M, tile * BLOCK_N, N, V, D,
+                        stride_xn, stride_xd, stride_wv, stride_wd, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION, USE_TMA)
+    return folded_products(acc, tile, b_ptr, V, softcap, inv_temp, run_max, run_sum, raw_max, raw_sum,
+                           BLOCK_N, HAS_BIAS, HAS_SOFTCAP, RAW_LSE)
+
+
+@triton.jit
+def folded_products(
+    acc, tile, b_ptr, V, softcap, inv_temp, run_max, run_sum, raw_max, raw_sum,
+    BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, RAW_LSE: tl.constexpr,
+):
+    """`folded_tile` of the tile's products `acc` = x W^T."""
+    offs_n = (tile * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     col_ok = offs_n < V
-    z, tanh = logits_tile(
-        x_ptr, w_ptr, b_ptr, offs_m, offs_n, tl.program_id(0) * BLOCK_M, tile * BLOCK_N, N, V, D,
-        stride_xn, stride_xd, stride_wv, stride_wd, softcap, inv_temp,
-        BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS, HAS_SOFTCAP, DOT_PRECISION, USE_TMA,
-    )
+    z, tanh = finish_logits(acc, b_ptr, offs_n, col_ok, softcap, inv_temp, HAS_BIAS, HAS_SOFTCAP)
     z = tl.where(col_ok[None, :], z, float("-inf"))
     run_max, run_sum = fold_lse(run_max, run_sum, z)
     if RAW_LSE:
@@ -211,6 +220,37 @@ def topk_kernel(
 
 
 @triton.jit
+def emit_hits(z, tile, bound, key_ptr, out, capacity, found, unsettled, BLOCK_N: tl.constexpr):
+    """Append tile `tile`'s entries of `z` at or above each row's `bound` to the row's list
+    at `key_ptr` + `out` * `capacity` (slots past `capacity` are counted, not stored).
+    Returns the updated (found, unsettled) [BLOCK_M]."""
+    cols = tl.arange(0, BLOCK_N)
+    hit = z >= bound[:, None]
+    left = tl.sum(hit.to(tl.int32), axis=1)
+    hits = tl.where(hit, z, float("-inf"))
+    # Take the hits a row at a time, largest first: a quarter of one per row in a
+    # 128-wide tile, so two or three rounds of row maxima, and every store is a
+    # [BLOCK_M] vector. A tile of addresses (an atomic slot per entry) would take
+    # registers the matmul needs.
+    while tl.max(left, axis=0) > 0:
+        best, at = tl.max(hits, axis=1, return_indices=True, return_indices_tie_break_left=True)
+        emit = left > 0
+        # A -inf hit (a bound of -inf, from -inf biases) cannot be told from a taken
+        # entry: such a row goes to the merge kernel too.
+        unsettled |= (emit & (best == float("-inf"))).to(tl.int32)
+        slot = out * capacity + found
+        keep = emit & (found < capacity)
+        # The key itself (one store, not a value and an id): the host sorts the lists
+        # as they are, with no pass of its own to build keys.
+        key = (ordered_bits(best).to(tl.int64) << 32) | (0xFFFFFFFF - (tile * BLOCK_N + at).to(tl.int64))
+        tl.store(key_ptr + slot, key, mask=keep)
+        found += emit.to(tl.int32)
+        left -= emit.to(tl.int32)
+        hits = tl.where(cols[None, :] == at[:, None], float("-inf"), hits)
+    return found, unsettled
+
+
+@triton.jit
 def threshold_kernel(
     # pointers
     x_ptr, w_ptr, b_ptr,
@@ -228,6 +268,7 @@ def threshold_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, RAW_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     USE_TMA: tl.constexpr,  # x_ptr and w_ptr are tensor descriptors (sm_90)
+    FLAT: tl.constexpr = False,  # with USE_TMA: one loop over (tile, K slice)
 ):
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -235,41 +276,38 @@ def threshold_kernel(
     row_ok = offs_m < N
     # Rows past N get NaN, which no comparison passes: nothing of theirs is ever emitted.
     bound = tl.load(bound_ptr + offs_m, mask=row_ok, other=float("nan"))
-    cols = tl.arange(0, BLOCK_N)
     out = offs_m * num_splits + pid_s  # this program's (row, split) slot
     found = tl.zeros((BLOCK_M,), dtype=tl.int32)
     unsettled = tl.zeros((BLOCK_M,), dtype=tl.int32)
     run_max, run_sum, raw_max, raw_sum = empty_lse(BLOCK_M)
     first_tile = pid_s * tiles_per_split
     last_tile = tl.minimum(first_tile + tiles_per_split, num_tiles)
-    for tile in range(first_tile, last_tile):
-        z, _, _, run_max, run_sum, raw_max, raw_sum = folded_tile(
-            x_ptr, w_ptr, b_ptr, offs_m, tile, N, V, D, stride_xn, stride_xd, stride_wv, stride_wd, softcap,
-            inv_temp, run_max, run_sum, raw_max, raw_sum,
-            BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS, HAS_SOFTCAP, RAW_LSE, DOT_PRECISION, USE_TMA,
-        )
-        hit = z >= bound[:, None]
-        left = tl.sum(hit.to(tl.int32), axis=1)
-        hits = tl.where(hit, z, float("-inf"))
-        # Take the hits a row at a time, largest first: a quarter of one per row in a
-        # 128-wide tile, so two or three rounds of row maxima, and every store is a
-        # [BLOCK_M] vector. A tile of addresses (an atomic slot per entry) would take
-        # registers the matmul needs.
-        while tl.max(left, axis=0) > 0:
-            best, at = tl.max(hits, axis=1, return_indices=True, return_indices_tie_break_left=True)
-            emit = left > 0
-            # A -inf hit (a bound of -inf, from -inf biases) cannot be told from a taken
-            # entry: such a row goes to the merge kernel too.
-            unsettled |= (emit & (best == float("-inf"))).to(tl.int32)
-            slot = out * capacity + found
-            keep = emit & (found < capacity)
-            # The key itself (one store, not a value and an id): the host sorts the lists
-            # as they are, with no pass of its own to build keys.
-            key = (ordered_bits(best).to(tl.int64) << 32) | (0xFFFFFFFF - (tile * BLOCK_N + at).to(tl.int64))
-            tl.store(key_ptr + slot, key, mask=keep)
-            found += emit.to(tl.int32)
-            left -= emit.to(tl.int32)
-            hits = tl.where(cols[None, :] == at[:, None], float("-inf"), hits)
+    if FLAT:
+        # One loop over (tile, K slice), the epilogue in the branch of a tile's last slice:
+        # the pipeliner issues the next tile's first slices before it, so the next tile's
+        # products start on loaded operands instead of waiting out a load's latency.
+        k_slices = tl.cdiv(D, BLOCK_K)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for it in range(first_tile * k_slices, last_tile * k_slices):
+            tile = it // k_slices
+            k0 = (it - tile * k_slices) * BLOCK_K
+            acc = tl.dot(x_ptr.load([pid_m * BLOCK_M, k0]), w_ptr.load([tile * BLOCK_N, k0]).T, acc,
+                         input_precision=DOT_PRECISION)
+            if k0 + BLOCK_K >= D:
+                z, _, _, run_max, run_sum, raw_max, raw_sum = folded_products(
+                    acc, tile, b_ptr, V, softcap, inv_temp, run_max, run_sum, raw_max, raw_sum,
+                    BLOCK_N, HAS_BIAS, HAS_SOFTCAP, RAW_LSE,
+                )
+                found, unsettled = emit_hits(z, tile, bound, key_ptr, out, capacity, found, unsettled, BLOCK_N)
+                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    else:
+        for tile in range(first_tile, last_tile):
+            z, _, _, run_max, run_sum, raw_max, raw_sum = folded_tile(
+                x_ptr, w_ptr, b_ptr, offs_m, tile, N, V, D, stride_xn, stride_xd, stride_wv, stride_wd, softcap,
+                inv_temp, run_max, run_sum, raw_max, raw_sum,
+                BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS, HAS_SOFTCAP, RAW_LSE, DOT_PRECISION, USE_TMA,
+            )
+            found, unsettled = emit_hits(z, tile, bound, key_ptr, out, capacity, found, unsettled, BLOCK_N)
     tl.store(count_ptr + out, tl.where(unsettled > 0, -1, found), mask=row_ok)
     tl.store(part_ptr + out * 4, run_max, mask=row_ok)
     tl.store(part_ptr + out * 4 + 1, run_sum, mask=row_ok)
@@ -422,6 +460,7 @@ def threshold_topk(x: Tensor, weight: Tensor, bias: Tensor | None, k: int, optio
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         HAS_BIAS=bias is not None, HAS_SOFTCAP=options.softcap is not None, RAW_LSE=raw_lse,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", USE_TMA=use_tma,
+        FLAT=use_tma and config.flat,
         num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=ENABLE_FP_FUSION,
     )
     top = torch.topk(keys, min(k, keys.shape[1]), dim=1).values
