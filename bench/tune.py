@@ -51,10 +51,10 @@ def _report(kind: str, candidates, default, time_fn, baseline_ms: float | None =
         try:
             ms = time_fn(config)
         except Exception as error:  # a candidate that fails to compile or run ends only its row
-            print(f"{kind:14s} {str(config):28s} failed: {type(error).__name__}: {str(error)[:120]}")
+            print(f"{kind:14s} {str(config):32s} failed: {type(error).__name__}: {str(error)[:120]}")
             continue
         ratio = f"  {ms / baseline_ms:5.2f}x matmul" if baseline_ms else ""
-        print(f"{kind:14s} {str(config):28s} {ms:9.3f} ms{ratio}{'  (default)' if config == default else ''}",
+        print(f"{kind:14s} {str(config):32s} {ms:9.3f} ms{ratio}{'  (default)' if config == default else ''}",
               flush=True)
 
 
