@@ -63,7 +63,10 @@ THRESHOLD_DEFAULT_SM90 = TileConfig(128, 128, 64, num_warps=8, num_stages=3)
 # With TMA descriptors for the x and W slices (no masks or per-thread addresses) the
 # same tile spills 8 B instead of 24 in 6% fewer instructions (Triton 3.6), and on an
 # H100 (`python -m bench tune`, seventh session; N=2048, Qwen2.5-7B's head) took 7.63 ms
-# against 8.15 by pointers: it leads where Triton has descriptors.
+# against 8.15 by pointers: it leads where Triton has descriptors. Since its candidates
+# are stored as one int64 key a round (eighth session), the spec with softcap, bias and
+# the raw lse takes 199 registers by TMA and spills nothing (255 and 16 B by pointers;
+# Triton 3.9).
 THRESHOLD_TMA_SM90 = TileConfig(128, 128, 64, num_warps=8, num_stages=3, tma=True)
 # The same tile in one loop over (tile, K slice), the epilogue in the branch of a tile's
 # last slice: the pipeliner issues the next tile's first slices before the epilogue
