@@ -76,14 +76,14 @@ def _tune_sample_batch(rows: int, rep_ms: int) -> None:
     options = SamplingOptions(temperature=0.8)
     candidates = sample_candidates(x.dtype, rows, device_arch(x.device))
     matmul_ms = _bench(lambda: x @ w.T, rep_ms)
-    print(f"{kind:14s} {'bare matmul':28s} {matmul_ms:9.3f} ms", flush=True)
+    print(f"{kind:14s} {'bare matmul':32s} {matmul_ms:9.3f} ms", flush=True)
     _report(kind, candidates, candidates[0],
             lambda c: _bench(lambda: triton_sample(x, w, None, None, options, seeds, positions, c), rep_ms),
             matmul_ms)
     # Greedy draws skip the noise (Philox and two logs an id): the difference is its cost.
     greedy = SamplingOptions(temperature=0.0)
     greedy_ms = _bench(lambda: triton_sample(x, w, None, None, greedy, seeds, positions, candidates[0]), rep_ms)
-    print(f"{kind:14s} {'default, greedy (no noise)':28s} {greedy_ms:9.3f} ms"
+    print(f"{kind:14s} {'default, greedy (no noise)':32s} {greedy_ms:9.3f} ms"
           f"  {greedy_ms / matmul_ms:5.2f}x matmul", flush=True)
 
 
@@ -107,7 +107,7 @@ def _tune_forward_head(label: str, d: int, v: int, options, rep_ms: int) -> None
     kind = f"forward_{head_kind(None, options)}_sm90" if sm90 else "forward"
     candidates = CANDIDATES[kind][0]
     matmul_ms = _bench(lambda: x @ w.T, rep_ms)
-    print(f"{label:14s} {'bare matmul':28s} {matmul_ms:9.3f} ms", flush=True)
+    print(f"{label:14s} {'bare matmul':32s} {matmul_ms:9.3f} ms", flush=True)
     _report(label, candidates, candidates[0], lambda c: _bench(lambda: lse_forward(x, w, None, options, c), rep_ms),
             matmul_ms)
 
@@ -139,7 +139,7 @@ def tune_gradient(rep_ms: int) -> None:
     _report("gradient", candidates, candidates[0], lambda c: _bench(lambda: run(c), rep_ms))
     # d_weight alone is the vocabulary pass: the rest of the time above is d_input's.
     vocabulary_pass_ms = _bench(lambda: run(candidates[0], (False, True, False)), rep_ms)
-    print(f"{'gradient':14s} {'default, d_weight only':28s} {vocabulary_pass_ms:9.3f} ms", flush=True)
+    print(f"{'gradient':14s} {'default, d_weight only':32s} {vocabulary_pass_ms:9.3f} ms", flush=True)
 
 
 def tune_threshold(rep_ms: int) -> None:
@@ -153,7 +153,7 @@ def tune_threshold(rep_ms: int) -> None:
     options = LossOptions()
     candidates = threshold_candidates(x.dtype, device_arch(x.device))
     matmul_ms = _bench(lambda: x @ w.T, rep_ms)
-    print(f"{'threshold':14s} {'bare matmul':28s} {matmul_ms:9.3f} ms", flush=True)
+    print(f"{'threshold':14s} {'bare matmul':32s} {matmul_ms:9.3f} ms", flush=True)
     _report("threshold", candidates, candidates[0],
             lambda c: _bench(lambda: triton_topk(x, w, None, 64, options, config=c), rep_ms), matmul_ms)
 

@@ -184,11 +184,9 @@ def fold_lse_tempered(raw_max, raw_sum, z_sum, raw, z, temperature):
     """`fold_lse` of the raw logits and of z = RN(raw / T) with one max reduction: z's
     running max is no state of its own, as RN(u / T) is monotone in u for T > 0, so the
     largest z is exactly RN(largest raw / T)."""
-    new_max = tl.maximum(raw_max, tl.max(raw, axis=1))
-    shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+    new_max, raw_sum = fold_lse(raw_max, raw_sum, raw)
     new_z_max = tl.math.div_rn(new_max, temperature)
     z_shift = tl.where(new_z_max == float("-inf"), 0.0, new_z_max)
-    raw_sum = raw_sum * tl.exp(raw_max - shift) + tl.sum(tl.exp(raw - shift[:, None]), axis=1)
     z_sum = z_sum * tl.exp(tl.math.div_rn(raw_max, temperature) - z_shift) + tl.sum(tl.exp(z - z_shift[:, None]),
                                                                                      axis=1)
     return new_max, raw_sum, z_sum
@@ -280,7 +278,7 @@ def flat_passes(
 
     The sampler streams W like a GEMV: a program's loads are its SM's share of HBM
     bandwidth, and a pass's epilogue (the noise: ~100 instructions an id) leaves that
-    bandwidth idle when it follows the pass's own loop, since the registers hold one
+    bandwidth idle when it follows the pass's own loop and the registers hold one
     program an SM. In one flat loop the pipeliner keeps issuing the next pass's first
     `num_stages - 1` K slices while the epilogue runs (the epilogue is the last slice's
     branch), so their loads overlap it.

@@ -64,20 +64,17 @@ EMPTY_KEY = tl.constexpr(-(2**63))
 
 
 @triton.jit
-def ordered_bits(z):
-    """int32 of fp32 `z` whose integer order is the float order (NaN above +inf, as in a
-    descending torch.sort; -0.0 with +0.0)."""
+def ordered_keys(z, ids):
+    """int64 keys of fp32 values `z` at int64 `ids` (broadcast against `z`): larger key =
+    (larger z, or equal z and lower id)."""
     bits = z.to(tl.int32, bitcast=True)
+    # -0.0 equals +0.0, so both take +0.0's key and tie by id; NaN ranks above +inf,
+    # as in a descending torch.sort.
     bits = tl.where(z == 0.0, 0, bits)
     bits = tl.where(z != z, 0x7FC00000, bits)
     # Negative floats order backwards as integers: flipping their magnitude bits fixes it.
-    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
-
-
-@triton.jit
-def ordered_keys(z, offs_n):
-    """int64 keys of fp32 values `z` [M, N] at ids `offs_n` [N]: larger key = (larger z, or equal z and lower id)."""
-    return (ordered_bits(z).to(tl.int64) << 32) | (0xFFFFFFFF - offs_n)[None, :]
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    return (ordered.to(tl.int64) << 32) | (0xFFFFFFFF - ids)
 
 
 @triton.jit
@@ -197,7 +194,7 @@ def topk_kernel(
             inv_temp, run_max, run_sum, raw_max, raw_sum,
             BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS, HAS_SOFTCAP, RAW_LSE, DOT_PRECISION,
         )
-        keys = ordered_keys(z, offs_n)
+        keys = ordered_keys(z, offs_n[None, :])
         keys = tl.where(row_ok[:, None] & col_ok[None, :], keys, EMPTY_KEY)
         # Two int64 sorts cost far more instructions than the keys: skip them when no
         # row's K-th key is beaten, as in most tiles once the running keys are filled.
@@ -242,8 +239,7 @@ def emit_hits(z, tile, bound, key_ptr, out, capacity, found, unsettled, BLOCK_N:
         keep = emit & (found < capacity)
         # The key itself (one store, not a value and an id): the host sorts the lists
         # as they are, with no pass of its own to build keys.
-        key = (ordered_bits(best).to(tl.int64) << 32) | (0xFFFFFFFF - (tile * BLOCK_N + at).to(tl.int64))
-        tl.store(key_ptr + slot, key, mask=keep)
+        tl.store(key_ptr + slot, ordered_keys(best, (tile * BLOCK_N + at).to(tl.int64)), mask=keep)
         found += emit.to(tl.int32)
         left -= emit.to(tl.int32)
         hits = tl.where(cols[None, :] == at[:, None], float("-inf"), hits)
