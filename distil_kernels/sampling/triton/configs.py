@@ -50,8 +50,9 @@ TOPK_LARGE_K_FP32 = TileConfig(16, 256, 32, num_warps=8, num_stages=2)
 # Threshold top-k: the loss forward's work (a GEMM with an online log-sum-exp), plus a
 # compare per entry and a few rounds of row maxima that take the entries at or above
 # the bound (a quarter of one per row in a 128-wide tile, so two rounds in most
-# tiles, three in a fifth of them: each round ~400 instructions a thread). Its GEMM reads x and W slices from L2 for
-# each tile: 2 BLOCK_M BLOCK_N / (BLOCK_M + BLOCK_N) FLOPs per byte, 64 for 128x128
+# tiles, three in a fifth of them: each round ~400 instructions a thread). Its GEMM
+# reads x and W slices from L2 for each tile: 2 BLOCK_M BLOCK_N / (BLOCK_M + BLOCK_N)
+# FLOPs per byte, 64 for 128x128
 # and 43 for 64x128, and on an H100 128x128 tiles already need about as much L2
 # bandwidth as there is. The rounds' masked copy of the tile is live next to the logits:
 # with softcap, bias and the raw lse, 128x128 over 8 warps spills 16-32 B on sm_90
@@ -119,9 +120,9 @@ SAMPLE_SMALL_BATCH = TileConfig(16, 128, 64, num_warps=8, num_stages=3, split_n=
 # is two warpgroups side by side, so each of a tile's row reductions crosses warps
 # through shared memory (about 18 barriers a tile at one sample, Triton 3.9); over 4
 # warps one warpgroup holds whole rows and reduces them by shuffles (1 barrier a
-# sample), and the flat
-# 64-wide-slice tile fits in 255 registers (spilling 8-32 B at 2-4 samples a program) and
-# 104 KiB, so two programs share an SM, each one's epilogue beside the other's loads.
+# sample), and the flat 64-wide-slice tile fits in 255 registers (spilling 8-32 B at 2-4
+# samples a program) and 104 KiB, so two programs share an SM, each one's epilogue
+# beside the other's loads.
 # Not timed on a GPU yet.
 SAMPLE_TMA_SM90 = (TileConfig(64, 32, 64, num_warps=8, num_stages=3, split_n=4, tma=True),
                    TileConfig(64, 32, 128, num_warps=8, num_stages=4, split_n=4, tma=True),
