@@ -129,25 +129,37 @@ def test_flat_head_dense_fallback(device_tiles):
 
 
 @pytest.mark.skipif(configs.tensor_descriptors() is None, reason="this Triton has no TMA descriptors")
-@pytest.mark.parametrize("config", [configs.THRESHOLD_TMA_SM90, configs.THRESHOLD_TMA_FLAT_SM90], ids=str)
+@pytest.mark.parametrize("config", [configs.THRESHOLD_TMA_SM90, configs.THRESHOLD_TMA_FLAT_SM90,
+                                    configs.THRESHOLD_TMA_PAIR_SM90], ids=str)
 @pytest.mark.parametrize("d", [72, 13], ids=["tma", "unaligned-rows-fall-back"])
 def test_topk_threshold_pass_by_tma_descriptors(monkeypatch, config, d):
     """The sm_90 threshold candidates whose x and W slices come by TMA descriptors (zero
     fill past N, V and d; two K slices, the last partial); fp16 rows of d=13 (26 bytes)
     cannot be addressed so and take pointers instead. Two splits a row block give each
     program two or three tiles, so the flat loop's epilogue runs once a tile, each on
-    its own products."""
-    launched = []
+    its own products; the pair's programs take two passes of two tiles and one pass of
+    the last tile (V = 601: five 128-wide tiles), whose second tile lies past V. Every
+    row is settled by the threshold pass itself: the merge kernel would redo a row whose
+    emitted entries were lost, and hide it."""
+    launched, redone = [], []
     argument = "FLAT" if config.flat else "USE_TMA"
     monkeypatch.setattr(topk_module, "threshold_kernel",
                         RecordingKernel(topk_module.threshold_kernel, launched, argument))
     monkeypatch.setattr(topk_module, "select_threshold_config", lambda *args: config)
     monkeypatch.setattr(splits_module, "target_programs", lambda kind: 2)  # 40 rows: one block, two splits
+    merged_topk = topk_module.merged_topk
+
+    def recording_merge(x, *args, **kwargs):
+        redone.append(x.shape[0])
+        return merged_topk(x, *args, **kwargs)
+
+    monkeypatch.setattr(topk_module, "merged_topk", recording_merge)
     x, w, b = make_problem(40, V, d, torch.float16, seed=35, scale=2.0)
     got = linear_topk(x, w, 5, bias=b, softcap=4.0, temperature=0.8, backend="triton")
     log_q, lse = dense_log_softmax(x, w, b, softcap=4.0, temperature=0.8)
     assert_topk_close(got, log_q, lse, 5, tol=fp32_tolerance(x, w, b, log_q, lse, softcap=4.0, temperature=0.8))
     assert launched and all(used == (d == 72) for used in launched)
+    assert redone == []
 
 
 @pytest.mark.skipif(configs.tensor_descriptors() is None, reason="this Triton has no TMA descriptors")

@@ -33,7 +33,7 @@ class TileConfig:
     num_warps: int
     num_stages: int
     group_m: int = 8  # token blocks sharing a sweep over vocabulary tiles (L2 reuse of W)
-    split_n: int = 1  # the sampler: adjacent tiles computed from one pass over x (1, 2 or 4)
+    split_n: int = 1  # the sampler and threshold top-k: adjacent tiles computed from one pass over x (1, 2 or 4)
     tma: bool = False  # x and W slices (and stores, where a kernel has them) by TMA descriptors (sm_90)
     flat: bool = False  # the sampler and threshold top-k, by TMA: one loop over (tile pass, K slice)
 

@@ -47,7 +47,7 @@ def threshold_spec(config: TileConfig, dtype: str, archs: tuple[int, ...] = (90,
     constexprs = {"BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "BLOCK_K": config.block_k,
                   "HAS_BIAS": True, "HAS_SOFTCAP": True, "RAW_LSE": True,
                   "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32", "USE_TMA": config.tma,
-                  "FLAT": config.tma and config.flat}
+                  "FLAT": config.tma and config.flat, "SPLIT_N": config.split_n}
     spec = kernel_spec(f"threshold[{dtype},{config}]", threshold_kernel, pointers, constexprs, config,
                        float_args=("softcap", "inv_temp"))
     if config.tma:

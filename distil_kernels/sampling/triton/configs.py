@@ -75,8 +75,17 @@ THRESHOLD_TMA_SM90 = TileConfig(128, 128, 64, num_warps=8, num_stages=3, tma=Tru
 # latency of its first loads, a few percent of a 128x128x3584 tile's ~28k cycles on an
 # H100. 184-187 registers, no spill. Not timed on a GPU yet.
 THRESHOLD_TMA_FLAT_SM90 = TileConfig(128, 128, 64, num_warps=8, num_stages=4, tma=True, flat=True)
-THRESHOLD_CANDIDATES_SM90 = (*((THRESHOLD_TMA_SM90, THRESHOLD_TMA_FLAT_SM90) if tensor_descriptors() is not None
-                               else ()),
+# Two adjacent 128-wide tiles a pass over the rows' x slices (`wide_tiles`): per 256
+# columns the pass reads one x slice from L2 instead of two, (128 + 256) d bytes
+# instead of 2 (128 + 128) d, a quarter less. By the L2 model of bench/RESULTS.md the
+# threshold pass is bound by those reads (64 FLOPs a byte for a 128x128 tile, 85 for
+# two), as the 128x256 loss forward tile was (1.22x faster on an H100 than 128x128).
+# The second tile's accumulator stays live through the first one's epilogue: 254-255
+# registers, no spill for a plain head, 24 B with softcap, bias and the raw lse
+# (Triton 3.9); four stages or the flat loop spill 40-96 B. Not timed on a GPU yet.
+THRESHOLD_TMA_PAIR_SM90 = TileConfig(128, 128, 64, num_warps=8, num_stages=3, split_n=2, tma=True)
+THRESHOLD_CANDIDATES_SM90 = (*((THRESHOLD_TMA_SM90, THRESHOLD_TMA_FLAT_SM90, THRESHOLD_TMA_PAIR_SM90)
+                               if tensor_descriptors() is not None else ()),
                              THRESHOLD_DEFAULT_SM90, TileConfig(64, 256, 64, num_warps=8, num_stages=3),
                              TileConfig(64, 128, 64, num_warps=8, num_stages=4))
 THRESHOLD_DEFAULT = TileConfig(64, 128, 64, num_warps=8, num_stages=4)

@@ -32,6 +32,7 @@ from ..sample import Sample, SamplingOptions
 from ...loss.triton.configs import ENABLE_FP_FUSION, kernel_operands
 from .configs import SAMPLES_PER_PROGRAM, TileConfig, select_dense_sample_config, select_sample_config
 from .splits import plan_splits
+from .wide_tiles import pass_accumulator, slice_products_tma, wide_products, zero_accumulators
 
 TWO_POW_MINUS_32 = tl.constexpr(2.0**-32)
 TWO_POW_MINUS_33 = tl.constexpr(2.0**-33)
@@ -74,103 +75,6 @@ def tile_noise(seed, pos_lo, pos_hi, first_group, sample, BLOCK_M: tl.constexpr,
     # words of a group in the order w0, w1, w2, w3: id order.
     words = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), (BLOCK_M, BLOCK_N))
     return gumbel_from_words(words)
-
-
-@triton.jit
-def wide_products(
-    x_ptr, w_ptr, offs_m, first_tile, N, V, D, stride_xn, stride_xd, stride_wv, stride_wd,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    USE_TMA: tl.constexpr = False,  # x_ptr and w_ptr are tensor descriptors (`wide_products_tma`)
-):
-    """x W^T [BLOCK_M, BLOCK_N] of tiles first_tile .. first_tile + SPLIT_N - 1, from one pass over x.
-
-    At small batch sizes a program holds every row, and each pass over the hidden dim
-    re-reads the rows' x from L2 next to the tile's W: a 32-wide tile reads twice as many
-    bytes of x as of W. SPLIT_N adjacent tiles share each x slice, while each tile's
-    products stay a separate accumulator that the epilogue consumes and frees in turn
-    (one [BLOCK_M, SPLIT_N * BLOCK_N] tile of noise would not fit the registers).
-    Unused accumulators are zeros the compiler drops.
-    """
-    if USE_TMA:
-        acc0, acc1, acc2, acc3 = wide_products_tma(x_ptr, w_ptr, first_tile, D, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_N,
-                                                   DOT_PRECISION)
-    else:
-        acc0, acc1, acc2, acc3 = wide_products_pointers(x_ptr, w_ptr, offs_m, first_tile, N, V, D, stride_xn,
-                                                        stride_xd, stride_wv, stride_wd, BLOCK_M, BLOCK_N, BLOCK_K,
-                                                        SPLIT_N, DOT_PRECISION)
-    return acc0, acc1, acc2, acc3
-
-
-@triton.jit
-def zero_accumulators(BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Four fp32 [BLOCK_M, BLOCK_N] accumulators, one per tile of a pass (unused ones are dropped)."""
-    zeros = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    return zeros, zeros, zeros, zeros
-
-
-@triton.jit
-def wide_products_pointers(
-    x_ptr, w_ptr, offs_m, first_tile, N, V, D, stride_xn, stride_xd, stride_wv, stride_wd,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    """`wide_products` by masked pointer loads."""
-    offs_k = tl.arange(0, BLOCK_K)
-    row_ok = offs_m < N
-    cols = (first_tile * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    x_ptrs = x_ptr + offs_m[:, None] * stride_xn + offs_k[None, :] * stride_xd
-    w_ptrs = w_ptr + cols[None, :] * stride_wv + offs_k[:, None] * stride_wd
-    tile_rows = BLOCK_N * stride_wv
-    acc0, acc1, acc2, acc3 = zero_accumulators(BLOCK_M, BLOCK_N)
-    for k0 in range(0, D, BLOCK_K):
-        k_ok = offs_k < D - k0
-        a = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(w_ptrs, mask=k_ok[:, None] & (cols < V)[None, :], other=0.0)
-        acc0 = tl.dot(a, b, acc0, input_precision=DOT_PRECISION)
-        if SPLIT_N >= 2:
-            b = tl.load(w_ptrs + tile_rows, mask=k_ok[:, None] & (cols + BLOCK_N < V)[None, :], other=0.0)
-            acc1 = tl.dot(a, b, acc1, input_precision=DOT_PRECISION)
-        if SPLIT_N >= 4:
-            b = tl.load(w_ptrs + 2 * tile_rows, mask=k_ok[:, None] & (cols + 2 * BLOCK_N < V)[None, :], other=0.0)
-            acc2 = tl.dot(a, b, acc2, input_precision=DOT_PRECISION)
-            b = tl.load(w_ptrs + 3 * tile_rows, mask=k_ok[:, None] & (cols + 3 * BLOCK_N < V)[None, :], other=0.0)
-            acc3 = tl.dot(a, b, acc3, input_precision=DOT_PRECISION)
-        x_ptrs += BLOCK_K * stride_xd
-        w_ptrs += BLOCK_K * stride_wd
-    return acc0, acc1, acc2, acc3
-
-
-@triton.jit
-def wide_products_tma(
-    x_desc, w_desc, first_tile, D,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    """`wide_products` with the x and W slices loaded by TMA (sm_90): W streams from HBM in
-    [BLOCK_N, BLOCK_K] boxes, one instruction each instead of per-thread masked loads,
-    zero-filled past V and d."""
-    first_row = tl.program_id(0) * BLOCK_M
-    first_col = first_tile * BLOCK_N
-    acc0, acc1, acc2, acc3 = zero_accumulators(BLOCK_M, BLOCK_N)
-    for k0 in range(0, D, BLOCK_K):
-        acc0, acc1, acc2, acc3 = slice_products_tma(x_desc, w_desc, first_row, first_col, k0, acc0, acc1, acc2, acc3,
-                                                    BLOCK_N, SPLIT_N, DOT_PRECISION)
-    return acc0, acc1, acc2, acc3
-
-
-@triton.jit
-def slice_products_tma(x_desc, w_desc, first_row, first_col, k0, acc0, acc1, acc2, acc3,
-                       BLOCK_N: tl.constexpr, SPLIT_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """The products of K slice [k0, k0 + BLOCK_K) added to a pass's SPLIT_N accumulators, by TMA."""
-    a = x_desc.load([first_row, k0])
-    acc0 = tl.dot(a, w_desc.load([first_col, k0]).T, acc0, input_precision=DOT_PRECISION)
-    if SPLIT_N >= 2:
-        acc1 = tl.dot(a, w_desc.load([first_col + BLOCK_N, k0]).T, acc1, input_precision=DOT_PRECISION)
-    if SPLIT_N >= 4:
-        acc2 = tl.dot(a, w_desc.load([first_col + 2 * BLOCK_N, k0]).T, acc2, input_precision=DOT_PRECISION)
-        acc3 = tl.dot(a, w_desc.load([first_col + 3 * BLOCK_N, k0]).T, acc3, input_precision=DOT_PRECISION)
-    return acc0, acc1, acc2, acc3
 
 
 @triton.jit
@@ -249,18 +153,10 @@ def sample_pass(
     nothing and win nothing, but costs its noise.
     """
     for j in tl.static_range(SPLIT_N):
-        if j == 0:
-            acc = acc0
-        elif j == 1:
-            acc = acc1
-        elif j == 2:
-            acc = acc2
-        else:
-            acc = acc3
         if j == 0 or tile + j < num_tiles:
             best_score, best_id, best_raw, raw_max, raw_sum, z_sum = sample_tile(
-                acc, tile + j, b_ptr, V, softcap, temperature, seed, pos_lo, pos_hi, first_sample, end_sample,
-                best_score, best_id, best_raw, raw_max, raw_sum, z_sum,
+                pass_accumulator(acc0, acc1, acc2, acc3, j), tile + j, b_ptr, V, softcap, temperature, seed, pos_lo,
+                pos_hi, first_sample, end_sample, best_score, best_id, best_raw, raw_max, raw_sum, z_sum,
                 SAMPLES, BLOCK_M, BLOCK_N, HAS_BIAS, HAS_SOFTCAP, GREEDY,
             )
     return best_score, best_id, best_raw, raw_max, raw_sum, z_sum

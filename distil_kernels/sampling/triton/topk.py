@@ -58,6 +58,7 @@ from ...loss.triton.configs import ENABLE_FP_FUSION, kernel_operands
 from ..topk import Candidates
 from .configs import MAX_TOPK, TileConfig, select_threshold_config, select_topk_config
 from .splits import plan_splits
+from .wide_tiles import pass_accumulator, slice_products_tma, wide_products, zero_accumulators
 
 # The key of a masked entry: below the key of every float, -inf and NaN included.
 EMPTY_KEY = tl.constexpr(-(2**63))
@@ -247,6 +248,26 @@ def emit_hits(z, tile, bound, key_ptr, out, capacity, found, unsettled, BLOCK_N:
 
 
 @triton.jit
+def threshold_pass(
+    acc0, acc1, acc2, acc3, tile, b_ptr, V, num_tiles, softcap, inv_temp, bound, key_ptr, out, capacity, found,
+    unsettled, run_max, run_sum, raw_max, raw_sum,
+    BLOCK_N: tl.constexpr, SPLIT_N: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    RAW_LSE: tl.constexpr,
+):
+    """Each of a pass's SPLIT_N tiles (the first `tile`, products `acc0` ..) in turn: folded
+    into the running (max, sum-exp) and its hits emitted. Tiles past the vocabulary (in
+    the last pass) are skipped: all -inf, they would fold and emit nothing."""
+    for j in tl.static_range(SPLIT_N):
+        if j == 0 or tile + j < num_tiles:
+            z, _, _, run_max, run_sum, raw_max, raw_sum = folded_products(
+                pass_accumulator(acc0, acc1, acc2, acc3, j), tile + j, b_ptr, V, softcap, inv_temp,
+                run_max, run_sum, raw_max, raw_sum, BLOCK_N, HAS_BIAS, HAS_SOFTCAP, RAW_LSE,
+            )
+            found, unsettled = emit_hits(z, tile + j, bound, key_ptr, out, capacity, found, unsettled, BLOCK_N)
+    return found, unsettled, run_max, run_sum, raw_max, raw_sum
+
+
+@triton.jit
 def threshold_kernel(
     # pointers
     x_ptr, w_ptr, b_ptr,
@@ -254,8 +275,8 @@ def threshold_kernel(
     count_ptr,  # [N, num_splits] int32: entries found per row and split (may pass `capacity`; -1: unsettled)
     key_ptr,  # [N, num_splits, capacity] int64: each row and split's candidates as `ordered_keys`
     part_ptr,  # [N, num_splits, 4] fp32: (max, sum-exp) of z, then of the raw logits
-    # sizes
-    N, V, D, num_tiles, tiles_per_split, num_splits, capacity,
+    # sizes: the vocabulary is num_tiles tiles of BLOCK_N, taken SPLIT_N at a time
+    N, V, D, num_tiles, steps_per_split, num_splits, capacity,
     # strides
     stride_xn, stride_xd, stride_wv, stride_wd,
     # logits transform
@@ -264,7 +285,8 @@ def threshold_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, RAW_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     USE_TMA: tl.constexpr,  # x_ptr and w_ptr are tensor descriptors (sm_90)
-    FLAT: tl.constexpr = False,  # with USE_TMA: one loop over (tile, K slice)
+    FLAT: tl.constexpr = False,  # with USE_TMA: one loop over (pass, K slice)
+    SPLIT_N: tl.constexpr = 1,  # adjacent tiles per pass over x (1 or 2): `wide_tiles`
 ):
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -276,34 +298,37 @@ def threshold_kernel(
     found = tl.zeros((BLOCK_M,), dtype=tl.int32)
     unsettled = tl.zeros((BLOCK_M,), dtype=tl.int32)
     run_max, run_sum, raw_max, raw_sum = empty_lse(BLOCK_M)
-    first_tile = pid_s * tiles_per_split
-    last_tile = tl.minimum(first_tile + tiles_per_split, num_tiles)
+    first_step = pid_s * steps_per_split
+    last_step = tl.minimum(first_step + steps_per_split, tl.cdiv(num_tiles, SPLIT_N))
     if FLAT:
-        # One loop over (tile, K slice), the epilogue in the branch of a tile's last slice:
-        # the pipeliner issues the next tile's first slices before it, so the next tile's
+        # One loop over (pass, K slice), the epilogue in the branch of a pass's last slice:
+        # the pipeliner issues the next pass's first slices before it, so the next pass's
         # products start on loaded operands instead of waiting out a load's latency.
         k_slices = tl.cdiv(D, BLOCK_K)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for it in range(first_tile * k_slices, last_tile * k_slices):
-            tile = it // k_slices
-            k0 = (it - tile * k_slices) * BLOCK_K
-            acc = tl.dot(x_ptr.load([pid_m * BLOCK_M, k0]), w_ptr.load([tile * BLOCK_N, k0]).T, acc,
-                         input_precision=DOT_PRECISION)
+        acc0, acc1, acc2, acc3 = zero_accumulators(BLOCK_M, BLOCK_N)
+        for it in range(first_step * k_slices, last_step * k_slices):
+            step = it // k_slices
+            k0 = (it - step * k_slices) * BLOCK_K
+            acc0, acc1, acc2, acc3 = slice_products_tma(x_ptr, w_ptr, pid_m * BLOCK_M, step * (SPLIT_N * BLOCK_N), k0,
+                                                        acc0, acc1, acc2, acc3, BLOCK_N, SPLIT_N, DOT_PRECISION)
             if k0 + BLOCK_K >= D:
-                z, _, _, run_max, run_sum, raw_max, raw_sum = folded_products(
-                    acc, tile, b_ptr, V, softcap, inv_temp, run_max, run_sum, raw_max, raw_sum,
-                    BLOCK_N, HAS_BIAS, HAS_SOFTCAP, RAW_LSE,
+                found, unsettled, run_max, run_sum, raw_max, raw_sum = threshold_pass(
+                    acc0, acc1, acc2, acc3, step * SPLIT_N, b_ptr, V, num_tiles, softcap, inv_temp, bound, key_ptr,
+                    out, capacity, found, unsettled, run_max, run_sum, raw_max, raw_sum,
+                    BLOCK_N, SPLIT_N, HAS_BIAS, HAS_SOFTCAP, RAW_LSE,
                 )
-                found, unsettled = emit_hits(z, tile, bound, key_ptr, out, capacity, found, unsettled, BLOCK_N)
-                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                acc0, acc1, acc2, acc3 = zero_accumulators(BLOCK_M, BLOCK_N)
     else:
-        for tile in range(first_tile, last_tile):
-            z, _, _, run_max, run_sum, raw_max, raw_sum = folded_tile(
-                x_ptr, w_ptr, b_ptr, offs_m, tile, N, V, D, stride_xn, stride_xd, stride_wv, stride_wd, softcap,
-                inv_temp, run_max, run_sum, raw_max, raw_sum,
-                BLOCK_M, BLOCK_N, BLOCK_K, HAS_BIAS, HAS_SOFTCAP, RAW_LSE, DOT_PRECISION, USE_TMA,
+        for step in range(first_step, last_step):
+            acc0, acc1, acc2, acc3 = wide_products(
+                x_ptr, w_ptr, offs_m, step * SPLIT_N, N, V, D, stride_xn, stride_xd, stride_wv, stride_wd,
+                BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_N, DOT_PRECISION, USE_TMA,
             )
-            found, unsettled = emit_hits(z, tile, bound, key_ptr, out, capacity, found, unsettled, BLOCK_N)
+            found, unsettled, run_max, run_sum, raw_max, raw_sum = threshold_pass(
+                acc0, acc1, acc2, acc3, step * SPLIT_N, b_ptr, V, num_tiles, softcap, inv_temp, bound, key_ptr, out,
+                capacity, found, unsettled, run_max, run_sum, raw_max, raw_sum,
+                BLOCK_N, SPLIT_N, HAS_BIAS, HAS_SOFTCAP, RAW_LSE,
+            )
     tl.store(count_ptr + out, tl.where(unsettled > 0, -1, found), mask=row_ok)
     tl.store(part_ptr + out * 4, run_max, mask=row_ok)
     tl.store(part_ptr + out * 4 + 1, run_sum, mask=row_ok)
@@ -438,8 +463,9 @@ def threshold_topk(x: Tensor, weight: Tensor, bias: Tensor | None, k: int, optio
     dev = x.device
     rank = subset_rank(k, step)
     bound = subset_bounds(x, weight, bias, rank, options, step)
-    plan = plan_splits(n, v, config.block_m, config.block_n)
-    split_columns = plan.tiles_per_split * config.block_n
+    # Splits are cut in passes of split_n tiles: a pass never straddles two programs.
+    plan = plan_splits(n, v, config.block_m, config.block_n * config.split_n)
+    split_columns = plan.tiles_per_split * config.block_n * config.split_n
     if capacity is None:
         capacity = split_capacity(rank, step, split_columns, v)
     count = torch.empty(n, plan.num_splits, dtype=torch.int32, device=dev)
@@ -450,13 +476,13 @@ def threshold_topk(x: Tensor, weight: Tensor, bias: Tensor | None, k: int, optio
     threshold_kernel[(plan.num_m_blocks, plan.num_splits)](
         x_arg, w_arg, bias if bias is not None else x,
         bound, count, keys, part,
-        n, v, d, plan.num_tiles, plan.tiles_per_split, plan.num_splits, capacity,
+        n, v, d, triton.cdiv(v, config.block_n), plan.tiles_per_split, plan.num_splits, capacity,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
         float(options.softcap or 1.0), 1.0 / options.temperature,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         HAS_BIAS=bias is not None, HAS_SOFTCAP=options.softcap is not None, RAW_LSE=raw_lse,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", USE_TMA=use_tma,
-        FLAT=use_tma and config.flat,
+        FLAT=use_tma and config.flat, SPLIT_N=config.split_n,
         num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=ENABLE_FP_FUSION,
     )
     top = torch.topk(keys, min(k, keys.shape[1]), dim=1).values
@@ -505,9 +531,10 @@ def triton_topk(x: Tensor, weight: Tensor, bias: Tensor | None, k: int, options:
     lse = torch.empty(n, dtype=torch.float32, device=dev)
     lse_raw = torch.empty(n, dtype=torch.float32, device=dev) if raw_lse else None
     settled = torch.empty(n, dtype=torch.bool, device=dev)
-    plan = plan_splits(n, v, config.block_m, config.block_n)
+    plan = plan_splits(n, v, config.block_m, config.block_n * config.split_n)
     list_slots = plan.num_splits * (capacity or split_capacity(subset_rank(k, step), step,
-                                                               plan.tiles_per_split * config.block_n, v))
+                                                               plan.tiles_per_split * config.block_n * config.split_n,
+                                                               v))
     # The subset's logits (input dtype, then fp32) and the lists' keys with torch.topk's copy.
     row_bytes = triton.cdiv(v, step) * (x.element_size() + 4) + list_slots * 16
     group = max(1, CANDIDATE_BUDGET_BYTES // row_bytes)
