@@ -154,19 +154,30 @@ def _threshold_candidates():
 
 
 @pytest.mark.parametrize("config", _threshold_candidates(), ids=str)
-def test_topk_every_threshold_config_matches_torch(config):
-    """Every threshold-pass candidate `bench tune` or the autotuner may pick, the TMA one
-    included (below sm_90 it launches with pointers), bf16 with softcap and temperature."""
+def test_topk_every_threshold_config_matches_torch(monkeypatch, config):
+    """Every threshold-pass candidate `bench tune` or the autotuner may pick, the TMA ones
+    included (below sm_90 they launch with pointers), bf16 with softcap and temperature.
+    Rows the merge kernel redoes are counted: it would hide a config that loses emitted
+    entries."""
     from distil_kernels.loss.options import LossOptions
-    from distil_kernels.sampling.triton.topk import triton_topk
+    from distil_kernels.sampling.triton import topk as topk_module
 
+    redone = []
+    merged = topk_module.merged_topk
+
+    def record(x, *args, **kwargs):
+        redone.append(x.shape[0])
+        return merged(x, *args, **kwargs)
+
+    monkeypatch.setattr(topk_module, "merged_topk", record)
     x, w, b = problem(TOPK_ROWS, torch.bfloat16, seed=1)
     options = dict(softcap=30.0, temperature=0.7)
-    got = triton_topk(x, w, b.float(), 64, LossOptions(**options), config=config)
+    got = topk_module.triton_topk(x, w, b.float(), 64, LossOptions(**options), config=config)
     want = linear_topk(x, w, 64, bias=b, backend="torch", **options)
     z = logits64(x, w, b, 30.0) / 0.7
     lse64 = torch.logsumexp(z, dim=1)
     check_topk(got, want, z - lse64[:, None], lse64, 64, torch.bfloat16)
+    assert sum(redone) <= TOPK_ROWS // 100, f"{sum(redone)} of {TOPK_ROWS} rows took the merge kernel"
 
 
 @pytest.mark.parametrize("k", [1, 64, 256])
