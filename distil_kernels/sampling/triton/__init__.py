@@ -1,8 +1,9 @@
 """The `triton` backend of the sampling core: vocabulary-tiled top-k and Gumbel-max kernels.
 
 One file per kernel (`topk`, `sample`), the split planning and partial merges they
-share in `splits`, all launch configurations in `configs`, ahead-of-time compile specs
-in `aot`. The logits tile itself is the loss core's (`loss/triton/tiles.py`). Importing
+share in `splits`, their passes of several tiles over one x slice in `wide_tiles`, all
+launch configurations in `configs`, ahead-of-time compile specs in `aot`. The logits
+tile's transform is the loss core's (`loss/triton/tiles.py`). Importing
 this package needs `triton`; the rest of distil_kernels does not.
 """
 
