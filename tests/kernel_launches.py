@@ -1,4 +1,6 @@
-"""A Triton kernel stand-in that records how each launch was made (shared by the loss and sampling tests)."""
+"""Test helpers that watch kernel launches: a Triton kernel stand-in that records how each
+launch was made, and a recorder of the rows the threshold top-k redoes (shared by the loss
+and sampling tests)."""
 
 from __future__ import annotations
 
@@ -15,3 +17,19 @@ class RecordingKernel:
             self.launched.append(kwargs[self.argument])
             return self.kernel[grid](*args, **kwargs)
         return launch
+
+
+def record_merged_rows(monkeypatch) -> list[int]:
+    """The rows the threshold top-k sends to its merge kernel, one entry per call: that
+    kernel's exact answer would hide a threshold pass that lost emitted entries."""
+    from distil_kernels.sampling.triton import topk as topk_module
+
+    redone = []
+    merged = topk_module.merged_topk
+
+    def record(x, *args, **kwargs):
+        redone.append(x.shape[0])
+        return merged(x, *args, **kwargs)
+
+    monkeypatch.setattr(topk_module, "merged_topk", record)
+    return redone

@@ -45,6 +45,7 @@ from distil_kernels.sampling.sample import (  # noqa: E402
     kept_prefix,
     row_keys,
 )
+from kernel_launches import record_merged_rows  # noqa: E402
 from sampling_checks import CHI2_CRITICAL, chi_square, truncated  # noqa: E402
 
 # The device and the backend under test (a CPU dry run of this module's logic may swap
@@ -160,19 +161,12 @@ def test_topk_every_threshold_config_matches_torch(monkeypatch, config):
     Rows the merge kernel redoes are counted: it would hide a config that loses emitted
     entries."""
     from distil_kernels.loss.options import LossOptions
-    from distil_kernels.sampling.triton import topk as topk_module
+    from distil_kernels.sampling.triton.topk import triton_topk
 
-    redone = []
-    merged = topk_module.merged_topk
-
-    def record(x, *args, **kwargs):
-        redone.append(x.shape[0])
-        return merged(x, *args, **kwargs)
-
-    monkeypatch.setattr(topk_module, "merged_topk", record)
+    redone = record_merged_rows(monkeypatch)
     x, w, b = problem(TOPK_ROWS, torch.bfloat16, seed=1)
     options = dict(softcap=30.0, temperature=0.7)
-    got = topk_module.triton_topk(x, w, b.float(), 64, LossOptions(**options), config=config)
+    got = triton_topk(x, w, b.float(), 64, LossOptions(**options), config=config)
     want = linear_topk(x, w, 64, bias=b, backend="torch", **options)
     z = logits64(x, w, b, 30.0) / 0.7
     lse64 = torch.logsumexp(z, dim=1)
@@ -201,16 +195,7 @@ def test_topk_merge_kernel_matches_torch(dtype, k):
 def test_topk_threshold_pass_rarely_needs_the_fallback(monkeypatch, k):
     """About j * 16 entries per row pass the subset's bound (its j-th largest, `subset_rank`:
     short of k with odds 1e-6); the capacity is 8 deviations above."""
-    from distil_kernels.sampling.triton import topk as topk_module
-
-    redone = []
-    merged = topk_module.merged_topk
-
-    def record(x, *args, **kwargs):
-        redone.append(x.shape[0])
-        return merged(x, *args, **kwargs)
-
-    monkeypatch.setattr(topk_module, "merged_topk", record)
+    redone = record_merged_rows(monkeypatch)
     x, w, b = problem(TOPK_ROWS, torch.bfloat16, seed=1)
     linear_topk(x, w, k, bias=b, backend="triton")
     assert sum(redone) <= TOPK_ROWS // 100, f"{sum(redone)} of {TOPK_ROWS} rows took the merge kernel"

@@ -28,7 +28,7 @@ from distil_kernels.sampling.triton import sample as sample_module  # noqa: E402
 from distil_kernels.sampling.triton import splits as splits_module  # noqa: E402
 from distil_kernels.sampling.triton import topk as topk_module  # noqa: E402
 from distil_kernels.sampling.triton.topk import triton_topk  # noqa: E402
-from kernel_launches import RecordingKernel  # noqa: E402
+from kernel_launches import RecordingKernel, record_merged_rows  # noqa: E402
 from sampling_checks import dense_log_softmax, fp32_tolerance  # noqa: E402
 from test_triton_sampling import assert_topk_close, make_problem  # noqa: E402
 
@@ -141,19 +141,13 @@ def test_topk_threshold_pass_by_tma_descriptors(monkeypatch, config, d):
     the last tile (V = 601: five 128-wide tiles), whose second tile lies past V. Every
     row is settled by the threshold pass itself: the merge kernel would redo a row whose
     emitted entries were lost, and hide it."""
-    launched, redone = [], []
+    launched = []
     argument = "FLAT" if config.flat else "USE_TMA"
     monkeypatch.setattr(topk_module, "threshold_kernel",
                         RecordingKernel(topk_module.threshold_kernel, launched, argument))
     monkeypatch.setattr(topk_module, "select_threshold_config", lambda *args: config)
     monkeypatch.setattr(splits_module, "target_programs", lambda kind: 2)  # 40 rows: one block, two splits
-    merged_topk = topk_module.merged_topk
-
-    def recording_merge(x, *args, **kwargs):
-        redone.append(x.shape[0])
-        return merged_topk(x, *args, **kwargs)
-
-    monkeypatch.setattr(topk_module, "merged_topk", recording_merge)
+    redone = record_merged_rows(monkeypatch)
     x, w, b = make_problem(40, V, d, torch.float16, seed=35, scale=2.0)
     got = linear_topk(x, w, 5, bias=b, softcap=4.0, temperature=0.8, backend="triton")
     log_q, lse = dense_log_softmax(x, w, b, softcap=4.0, temperature=0.8)
