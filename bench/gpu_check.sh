@@ -143,7 +143,7 @@ fi
 if wanted cuda-loss; then
     step "the cuda loss at issue 6's shape (Qwen2.5-7B head, N=16384), with a kernel profile"
     timed 180 python -m bench loss --device cuda --case qwen2.5-7b:16384 \
-        --providers cuda,cuda-sparse,cuda-one-pass,cuda-one-pass-sparse \
+        --providers cuda,cuda-sparse,cuda-one-pass,cuda-one-pass-sparse,cuda-gemms \
         --profile --csv "$out/loss_cuda.csv" 2>&1
     rc[cuda-loss]=${PIPESTATUS[0]}
 fi

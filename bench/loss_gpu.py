@@ -5,7 +5,8 @@ Providers (hard labels): ours (`triton`, `cuda` where the csrc/ extension was bu
 `torch.compile`d chunked cross-entropy, PyTorch's native `F.linear_cross_entropy`,
 Liger-Kernel's fused linear cross-entropy and Apple's Cut Cross-Entropy (the last two
 optional: skipped when not installed). Sparse k=32 expert targets: ours against the
-torch reference and dense soft targets. Heads: Llama-3-8B (d=4096, V=128256),
+torch reference and dense soft targets. `cuda-gemms` is no loss: the cuda backend's
+three GEMMs alone, its floor under the same clocks (`_CudaGemms`). Heads: Llama-3-8B (d=4096, V=128256),
 Qwen2.5-7B (d=3584, V=152064), Gemma-2-2B (d=2304, V=256000, softcap 30); N from
 4096 to 16384; bf16. Logits either random (nothing for a filter to skip: the worst
 case) or peaked (hidden states aligned with their target's row, as a trained model's).
@@ -26,7 +27,7 @@ import gc
 import math
 import os
 from dataclasses import dataclass
-from functools import partial
+from functools import cache, partial
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
@@ -219,6 +220,61 @@ def _cuda_one_pass(target: str):
     return loss
 
 
+class _CudaGemms(torch.autograd.Function):
+    """The cuda backend's three GEMMs with nothing between them: its floor.
+
+    Per chunk of rows (`chunk_rows` of the default 2 GiB workspace, as the backend
+    takes them), the logits GEMM into an fp32 workspace, then d_input's GEMM and
+    d_weight's fp32 accumulation from a bf16 gradient chunk, as `loss/cuda.py` issues
+    them, and d_weight scaled and rounded by `Grads.take`; no epilogue kernels, so its
+    gradient is a fixed chunk of softmax-sized values and its loss 0. Timed with the
+    same protocol as the providers (the same warm-up, L2 flushes and `rep`, right after
+    them), it tells the cuda backend's own time from the clocks an H100 holds under a
+    sustained load, which the short burst of `matmul_tflops` does not see.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        from distil_kernels.loss.chunked import Grads
+        from distil_kernels.loss.cuda import chunk_rows
+        from distil_kernels.loss.gemm import addmm_fp32, mm_fp32
+
+        n, vocab = x.shape[0], weight.shape[0]
+        rows = chunk_rows(n, vocab, None)
+        logits = torch.empty(rows, vocab, dtype=torch.float32, device=x.device)
+        grad = _floor_gradient(rows, vocab, x.dtype, x.device)
+        grads = Grads.allocate(x, weight, None, (True, True, False))
+        for r0 in range(0, n, rows):
+            r1 = min(n, r0 + rows)
+            mm_fp32(x[r0:r1], weight.T, logits[: r1 - r0])
+            torch.mm(grad[: r1 - r0], weight, out=grads.input[r0:r1])
+            addmm_fp32(grads.weight, grad[: r1 - r0].T, x[r0:r1], 1.0, 0.0 if r0 == 0 else 1.0)
+        ctx.grads, ctx.weight_dtype = grads, weight.dtype
+        return x.new_zeros((), dtype=torch.float32)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        d_x, d_w, _ = ctx.grads.take(grad_loss, ctx.weight_dtype, None)
+        return d_x, d_w
+
+
+@cache
+def _floor_gradient(rows: int, vocab: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A [rows, V] gradient chunk of the magnitudes a mean cross-entropy's takes (softmax
+    values over N rows): made once, outside the timed steps."""
+    return (torch.rand(rows, vocab, device=device) * (2.0 / (vocab * rows))).to(dtype)
+
+
+def _cuda_gemms(inputs: GpuInputs) -> Tensor:
+    return _CudaGemms.apply(inputs.x, inputs.weight)
+
+
+def _cuda_gemms_requirement(inputs: GpuInputs) -> str | None:
+    from distil_kernels.loss.gemm import CUDA_FP32_OUTPUT_MM
+
+    return None if CUDA_FP32_OUTPUT_MM else f"torch {torch.__version__} has no fp32-output mm (aten::mm.dtype_out)"
+
+
 PROVIDERS = (
     GpuProvider("triton", "hard", _ours("triton", "hard")),
     # 1 GiB of workspace: d_input's fp32 [N, d] fits, so the backward takes one pass (6 N V d)
@@ -239,8 +295,13 @@ PROVIDERS = (
     GpuProvider("cuda-sparse", "sparse", _ours("cuda", "sparse"), _extension_requirement),
     GpuProvider("cuda-one-pass", "hard", _cuda_one_pass("hard"), _one_pass_requirement),
     GpuProvider("cuda-one-pass-sparse", "sparse", _cuda_one_pass("sparse"), _one_pass_requirement),
+    # Not a loss: the floor of the cuda rows above, timed right after them (`_CudaGemms`).
+    GpuProvider("cuda-gemms", "hard", _cuda_gemms, _cuda_gemms_requirement),
 )
-QUICK_PROVIDERS = ("triton", "triton-one-pass", "native", "liger", "cce", "triton-sparse", "cuda", "cuda-sparse")
+# Rows whose loss is no loss (compared with nobody's).
+NO_LOSS = ("cuda-gemms",)
+QUICK_PROVIDERS = ("triton", "triton-one-pass", "native", "liger", "cce", "triton-sparse", "cuda", "cuda-sparse",
+                   "cuda-gemms")
 
 
 # --------------------------------------------------------------------------------------
@@ -373,12 +434,19 @@ def target_lines(rows: list[dict]) -> list[str]:
                 ratio = ok[(f"{name}-sparse", "random")]["time_ms"] / hard["time_ms"]
                 line(ratio <= TARGET_CUDA_SPARSE, f"{name} sparse k={SPARSE_K} / hard time {ratio:.2f} "
                      f"(<= {TARGET_CUDA_SPARSE})")
+            floor = ok.get(("cuda-gemms", "random"))
+            if floor is not None:
+                # Not the target (which counts the burst matmul rate): the same comparison
+                # with the clocks of a sustained load on both sides.
+                lines.append(f"NOTE {head} N={n}: {name} at {hard['time_ms'] / floor['time_ms']:.2f}x its three "
+                             f"GEMMs alone timed the same way (cuda-gemms {floor['time_ms']:.1f} ms, "
+                             f"{floor['tflops_6nvd'] / floor['matmul_tflops']:.2f} of the burst matmul rate)")
         if ours is None and cuda is None:
             lines.append(f"FAIL {head} N={n}: neither triton nor cuda measured")
         for (name, logits), row in sorted(ok.items()):
             refs = ("triton", "cuda") if row["target"] == "hard" else ("triton-sparse", "cuda-sparse")
             ref_name = next((r for r in refs if (r, logits) in ok), None)
-            if name == "dense-soft" or ref_name is None or name == ref_name:
+            if name == "dense-soft" or name in NO_LOSS or ref_name is None or name == ref_name:
                 continue
             ref = ok[(ref_name, logits)]
             if abs(row["loss"] - ref["loss"]) > LOSS_RTOL * max(1.0, abs(ref["loss"])):
