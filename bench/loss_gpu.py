@@ -27,7 +27,7 @@ import gc
 import math
 import os
 from dataclasses import dataclass
-from functools import cache, partial
+from functools import lru_cache, partial
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
@@ -258,7 +258,7 @@ class _CudaGemms(torch.autograd.Function):
         return d_x, d_w
 
 
-@cache
+@lru_cache(maxsize=1)  # one head at a time: a chunk is ~1 GB
 def _floor_gradient(rows: int, vocab: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     """A [rows, V] gradient chunk of the magnitudes a mean cross-entropy's takes (softmax
     values over N rows): made once, outside the timed steps."""
