@@ -15,8 +15,9 @@ at the shape its target is measured on, so one run says which default to keep.
                then the default for d_weight alone (the vocabulary pass), which says
                what d_input's own pass costs
 
-Kinds run in this order. Each row is the median ms of `triton.testing.do_bench` after a warm-up call (which
-compiles); the default is marked. bf16 throughout.
+By default the kinds run in this order (`--kinds` picks and orders them). Each row is
+the median ms of `triton.testing.do_bench` after a warm-up call (which compiles); the
+default is marked. bf16 throughout.
 """
 
 from __future__ import annotations
