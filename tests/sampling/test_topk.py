@@ -357,6 +357,7 @@ def test_threshold_lists_hold_what_the_subset_bound_lets_through(k, splits, logi
     pytest.importorskip("triton")
     import triton
 
+    from distil_kernels.sampling.triton.splits import SplitPlan
     from distil_kernels.sampling.triton.topk import split_capacity, subset_rank, subset_step
 
     vocab, block_n, rows = 152064, 128, 64
@@ -368,15 +369,36 @@ def test_threshold_lists_hold_what_the_subset_bound_lets_through(k, splits, logi
     rank = subset_rank(k, step)
     bound = torch.topk(z[:, ::step], rank, dim=1).values[:, -1:]
     num_tiles = triton.cdiv(vocab, block_n)
-    tiles_per_split = triton.cdiv(num_tiles, splits)
-    split_columns = tiles_per_split * block_n
-    counts = torch.stack([(z[:, c : c + split_columns] >= bound).sum(dim=1)
-                          for c in range(0, vocab, split_columns)], dim=1)
-    capacity = split_capacity(rank, step, split_columns, vocab)
+    plan = SplitPlan(1, num_tiles, splits, *divmod(num_tiles, splits))
+    # `split_range`'s tiles: the first `longer_splits` take one more.
+    firsts = [s * plan.tiles_per_split + min(s, plan.longer_splits) for s in range(splits + 1)]
+    counts = torch.stack([(z[:, firsts[s] * block_n : firsts[s + 1] * block_n] >= bound).sum(dim=1)
+                          for s in range(splits)], dim=1)
+    capacity = split_capacity(rank, step, plan.most_tiles * block_n, vocab)
     assert (counts.sum(dim=1) >= k).all()
     assert int(counts.max()) <= capacity, f"{int(counts.max())} > {capacity}"
     # Not wastefully large either: the mean count is within 4x of the list.
     assert capacity <= 4 * max(float(counts.float().mean()), 8.0) + 64
+
+
+@pytest.mark.parametrize("rows, vocab, block_n, target", [(64, 152064, 128, 264), (8192, 152064, 256, 528),
+                                                          (2048, 152064, 128, 528), (5, 601, 64, 6), (1, 7, 64, 6)])
+def test_split_plan_deals_the_tiles_out_evenly(monkeypatch, rows, vocab, block_n, target):
+    """Splits differ by at most one tile, the longer ones first, and cover every tile once:
+    the sampler at B=64 on Qwen2.5-7B's head (1188 passes of 128 ids) gets 132 splits of 5
+    passes then 132 of 4, one of each an SM of an H100, where ceil-sized splits made 238
+    programs, 106 of them a second wave."""
+    pytest.importorskip("triton")
+    from distil_kernels.sampling.triton import splits as splits_module
+
+    monkeypatch.setattr(splits_module, "target_programs", lambda kind: target)
+    plan = splits_module.plan_splits(rows, vocab, 64, block_n)
+    assert plan.num_m_blocks * plan.num_splits <= max(target, plan.num_m_blocks)
+    assert 0 <= plan.longer_splits < plan.num_splits and plan.tiles_per_split >= 1
+    sizes = [plan.tiles_per_split + (s < plan.longer_splits) for s in range(plan.num_splits)]
+    assert sum(sizes) == plan.num_tiles == -(-vocab // block_n) and max(sizes) == plan.most_tiles
+    if (rows, vocab, block_n) == (64, 152064, 128):
+        assert sizes == [5] * 132 + [4] * 132
 
 
 def test_every_backend_gives_candidates_with_the_raw_lse():

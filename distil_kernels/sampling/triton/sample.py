@@ -31,7 +31,7 @@ from ...loss.triton.tiles import finish_logits, fold_lse
 from ..sample import Sample, SamplingOptions
 from ...loss.triton.configs import ENABLE_FP_FUSION, kernel_operands
 from .configs import SAMPLES_PER_PROGRAM, TileConfig, select_dense_sample_config, select_sample_config
-from .splits import plan_splits
+from .splits import plan_splits, split_range
 from .wide_tiles import pass_accumulator, slice_products_tma, wide_products, zero_accumulators
 
 TWO_POW_MINUS_32 = tl.constexpr(2.0**-32)
@@ -258,8 +258,9 @@ def sample_kernel(
     pos_ptr,  # [N] int64: each row's 64-bit position, the counter's words 1 (low) and 3 (high)
     score_ptr, id_ptr, raw_ptr,  # [N, num_splits, num_samples]: each split's best per sample
     part_ptr,  # [N, num_splits, 4] fp32: (max, sum-exp) of the raw logits, then of z
-    # sizes: the vocabulary is num_tiles tiles of BLOCK_N, taken SPLIT_N at a time
-    N, V, D, num_tiles, steps_per_split, num_splits, num_samples,
+    # sizes: the vocabulary is num_tiles tiles of BLOCK_N, taken SPLIT_N at a time (a step);
+    # splits of steps as `SplitPlan`
+    N, V, D, num_tiles, steps_per_split, longer_splits, num_splits, num_samples,
     # strides
     stride_xn, stride_xd, stride_wv, stride_wd,
     # logits transform
@@ -281,8 +282,7 @@ def sample_kernel(
     raw_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     raw_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     z_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    first_step = tl.program_id(1) * steps_per_split
-    last_step = tl.minimum(first_step + steps_per_split, tl.cdiv(num_tiles, SPLIT_N))
+    first_step, last_step = split_range(tl.program_id(1), steps_per_split, longer_splits)
     if FLAT:
         best_score, best_id, best_raw, raw_max, raw_sum, z_sum = flat_passes(
             x_ptr, w_ptr, b_ptr, first_step, last_step, V, D, num_tiles, softcap, temperature, seed, pos_lo, pos_hi,
@@ -317,7 +317,7 @@ def dense_sample_kernel(
     z_ptr,  # [N, V] fp32: tempered logits, -inf outside each row's kept set
     seed_ptr, pos_ptr,  # as sample_kernel's
     score_ptr, id_ptr,  # [N, num_splits, num_samples]: each split's best per sample
-    N, V, tiles_per_split, num_splits, num_samples, stride_zn,
+    N, V, tiles_per_split, longer_splits, num_splits, num_samples, stride_zn,  # splits: `SplitPlan`
     SAMPLES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Gumbel-max draws over logits that exist (the truncated sampler's dense fallback).
@@ -327,8 +327,7 @@ def dense_sample_kernel(
     """
     offs_m, row_ok, seed, pos_lo, pos_hi, first_sample, end_sample, slots, best_score, best_id = program_draws(
         seed_ptr, pos_ptr, N, num_samples, SAMPLES, BLOCK_M)
-    first_tile = tl.program_id(1) * tiles_per_split
-    last_tile = tl.minimum(first_tile + tiles_per_split, tl.cdiv(V, BLOCK_N))
+    first_tile, last_tile = split_range(tl.program_id(1), tiles_per_split, longer_splits)
     for tile in range(first_tile, last_tile):
         cols = (tile * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
         z = tl.load(z_ptr + offs_m[:, None] * stride_zn + cols[None, :],
@@ -415,8 +414,8 @@ def triton_dense_draws(z: Tensor, keys: tuple[Tensor, Tensor, Tensor, Tensor], n
     ids = torch.empty(rows, plan.num_splits, num_samples, dtype=torch.int64, device=z.device)
     if rows > 0:
         dense_sample_kernel[(plan.num_m_blocks, plan.num_splits, sample_programs)](
-            z, seeds, positions, score, ids, rows, vocab, plan.tiles_per_split, plan.num_splits, num_samples,
-            z.stride(0), SAMPLES=samples_per_program, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+            z, seeds, positions, score, ids, rows, vocab, plan.tiles_per_split, plan.longer_splits, plan.num_splits,
+            num_samples, z.stride(0), SAMPLES=samples_per_program, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
             num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=ENABLE_FP_FUSION,
         )
     # First maximum over splits: on equal scores the earlier split, whose ids are lower.
@@ -456,7 +455,7 @@ def triton_sample(x: Tensor, weight: Tensor, bias: Tensor | None, softcap: float
         sample_kernel[(plan.num_m_blocks, plan.num_splits, sample_programs)](
             x_arg, w_arg, bias if bias is not None else x,
             seeds, positions, score, ids, raw, part,
-            n, v, d, num_tiles, plan.tiles_per_split, plan.num_splits, drawn,
+            n, v, d, num_tiles, plan.tiles_per_split, plan.longer_splits, plan.num_splits, drawn,
             x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
             float(softcap or 1.0), float(options.temperature or 1.0),
             SAMPLES=samples_per_program, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,

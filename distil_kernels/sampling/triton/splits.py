@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import triton
+import triton.language as tl
 
 from .configs import target_programs
 
@@ -18,17 +19,36 @@ from .configs import target_programs
 @dataclass(frozen=True)
 class SplitPlan:
     num_m_blocks: int
-    num_tiles: int
-    tiles_per_split: int
+    num_tiles: int  # work units (tiles, or passes of several tiles) of the vocabulary
     num_splits: int
+    # Each split takes tiles_per_split units, the first `longer_splits` one more (`split_range`).
+    tiles_per_split: int
+    longer_splits: int
+
+    @property
+    def most_tiles(self) -> int:
+        """Units of the longest split."""
+        return self.tiles_per_split + (self.longer_splits > 0)
 
 
 def plan_splits(rows: int, vocab: int, block_m: int, block_n: int, other_programs: int = 1,
                 kind: str = "topk") -> SplitPlan:
-    """Splits so that row blocks x splits x `other_programs` cover `kind`'s target program count."""
+    """Splits so that row blocks x splits x `other_programs` cover `kind`'s target program count.
+
+    The units are dealt out evenly, the longer splits first: 1188 units over 264 splits
+    are 132 splits of 5 then 132 of 4, so that an H100's 132 SMs each take one of either
+    (9 units an SM). Splits of ceil(1188 / 264) = 5 would be 238 programs: a second wave
+    of 106 and 10 units on most SMs.
+    """
     num_m_blocks = max(triton.cdiv(rows, block_m), 1)
     num_tiles = triton.cdiv(vocab, block_n)
-    wanted = max(1, min(num_tiles, target_programs(kind) // (num_m_blocks * other_programs)))
-    tiles_per_split = triton.cdiv(num_tiles, wanted)
-    num_splits = triton.cdiv(num_tiles, tiles_per_split)  # no empty split
-    return SplitPlan(num_m_blocks, num_tiles, tiles_per_split, num_splits)
+    num_splits = max(1, min(num_tiles, target_programs(kind) // (num_m_blocks * other_programs)))
+    tiles_per_split, longer_splits = divmod(num_tiles, num_splits)
+    return SplitPlan(num_m_blocks, num_tiles, num_splits, tiles_per_split, longer_splits)
+
+
+@triton.jit
+def split_range(split, tiles_per_split, longer_splits):
+    """[first, last) units of split `split` (`SplitPlan`)."""
+    first = split * tiles_per_split + tl.minimum(split, longer_splits)
+    return first, first + tiles_per_split + (split < longer_splits).to(tl.int32)

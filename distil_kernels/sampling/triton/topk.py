@@ -57,7 +57,7 @@ from ...loss.triton.tiles import finish_logits, fold_lse, tile_products
 from ...loss.triton.configs import ENABLE_FP_FUSION, kernel_operands
 from ..topk import Candidates
 from .configs import MAX_TOPK, TileConfig, select_threshold_config, select_topk_config
-from .splits import plan_splits
+from .splits import plan_splits, split_range
 from .wide_tiles import pass_accumulator, slice_products_tma, wide_products, zero_accumulators
 
 # The key of a masked entry: below the key of every float, -inf and NaN included.
@@ -166,7 +166,7 @@ def topk_kernel(
     keys_ptr,  # [N, num_splits, K] int64: each split's best keys per row
     part_ptr,  # [N, num_splits, 4] fp32: (max, sum-exp) of z, then of the raw logits
     # sizes
-    N, V, D, num_tiles, tiles_per_split, num_splits,
+    N, V, D, tiles_per_split, longer_splits, num_splits,  # splits: `SplitPlan`
     # strides
     stride_xn, stride_xd, stride_wv, stride_wd,
     # logits transform
@@ -187,8 +187,7 @@ def topk_kernel(
     best = tl.full((BLOCK_M, K), EMPTY_KEY, dtype=tl.int64)  # ascending
     kth = tl.full((BLOCK_M,), EMPTY_KEY, dtype=tl.int64)  # best[:, 0]
     run_max, run_sum, raw_max, raw_sum = empty_lse(BLOCK_M)
-    first_tile = pid_s * tiles_per_split
-    last_tile = tl.minimum(first_tile + tiles_per_split, num_tiles)
+    first_tile, last_tile = split_range(pid_s, tiles_per_split, longer_splits)
     for tile in range(first_tile, last_tile):
         z, offs_n, col_ok, run_max, run_sum, raw_max, raw_sum = folded_tile(
             x_ptr, w_ptr, b_ptr, offs_m, tile, N, V, D, stride_xn, stride_xd, stride_wv, stride_wd, softcap,
@@ -275,8 +274,9 @@ def threshold_kernel(
     count_ptr,  # [N, num_splits] int32: entries found per row and split (may pass `capacity`; -1: unsettled)
     key_ptr,  # [N, num_splits, capacity] int64: each row and split's candidates as `ordered_keys`
     part_ptr,  # [N, num_splits, 4] fp32: (max, sum-exp) of z, then of the raw logits
-    # sizes: the vocabulary is num_tiles tiles of BLOCK_N, taken SPLIT_N at a time
-    N, V, D, num_tiles, steps_per_split, num_splits, capacity,
+    # sizes: the vocabulary is num_tiles tiles of BLOCK_N, taken SPLIT_N at a time (a step);
+    # splits of steps as `SplitPlan`
+    N, V, D, num_tiles, steps_per_split, longer_splits, num_splits, capacity,
     # strides
     stride_xn, stride_xd, stride_wv, stride_wd,
     # logits transform
@@ -298,8 +298,7 @@ def threshold_kernel(
     found = tl.zeros((BLOCK_M,), dtype=tl.int32)
     unsettled = tl.zeros((BLOCK_M,), dtype=tl.int32)
     run_max, run_sum, raw_max, raw_sum = empty_lse(BLOCK_M)
-    first_step = pid_s * steps_per_split
-    last_step = tl.minimum(first_step + steps_per_split, tl.cdiv(num_tiles, SPLIT_N))
+    first_step, last_step = split_range(pid_s, steps_per_split, longer_splits)
     if FLAT:
         # One loop over (pass, K slice), the epilogue in the branch of a pass's last slice:
         # the pipeliner issues the next pass's first slices before it, so the next pass's
@@ -366,7 +365,7 @@ def merged_topk(x: Tensor, weight: Tensor, bias: Tensor | None, k: int, options:
         topk_kernel[(plan.num_m_blocks, plan.num_splits)](
             x, weight, bias if bias is not None else x,
             keys, part,
-            n, v, d, plan.num_tiles, plan.tiles_per_split, plan.num_splits,
+            n, v, d, plan.tiles_per_split, plan.longer_splits, plan.num_splits,
             x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
             float(options.softcap or 1.0), 1.0 / options.temperature,
             K=K, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
@@ -465,7 +464,7 @@ def threshold_topk(x: Tensor, weight: Tensor, bias: Tensor | None, k: int, optio
     bound = subset_bounds(x, weight, bias, rank, options, step)
     # Splits are cut in passes of split_n tiles: a pass never straddles two programs.
     plan = plan_splits(n, v, config.block_m, config.block_n * config.split_n)
-    split_columns = plan.tiles_per_split * config.block_n * config.split_n
+    split_columns = plan.most_tiles * config.block_n * config.split_n
     if capacity is None:
         capacity = split_capacity(rank, step, split_columns, v)
     count = torch.empty(n, plan.num_splits, dtype=torch.int32, device=dev)
@@ -476,7 +475,7 @@ def threshold_topk(x: Tensor, weight: Tensor, bias: Tensor | None, k: int, optio
     threshold_kernel[(plan.num_m_blocks, plan.num_splits)](
         x_arg, w_arg, bias if bias is not None else x,
         bound, count, keys, part,
-        n, v, d, triton.cdiv(v, config.block_n), plan.tiles_per_split, plan.num_splits, capacity,
+        n, v, d, triton.cdiv(v, config.block_n), plan.tiles_per_split, plan.longer_splits, plan.num_splits, capacity,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
         float(options.softcap or 1.0), 1.0 / options.temperature,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
@@ -533,7 +532,7 @@ def triton_topk(x: Tensor, weight: Tensor, bias: Tensor | None, k: int, options:
     settled = torch.empty(n, dtype=torch.bool, device=dev)
     plan = plan_splits(n, v, config.block_m, config.block_n * config.split_n)
     list_slots = plan.num_splits * (capacity or split_capacity(subset_rank(k, step), step,
-                                                               plan.tiles_per_split * config.block_n * config.split_n,
+                                                               plan.most_tiles * config.block_n * config.split_n,
                                                                v))
     # The subset's logits (input dtype, then fp32) and the lists' keys with torch.topk's copy.
     row_bytes = triton.cdiv(v, step) * (x.element_size() + 4) + list_slots * 16
