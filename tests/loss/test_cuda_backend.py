@@ -266,3 +266,25 @@ def test_epilogue_choice_is_checked(monkeypatch):
     monkeypatch.setenv(cuda_backend.EPILOGUE_ENV, "fused")
     with pytest.raises(ValueError, match="DISTIL_KERNELS_CUDA_EPILOGUE must be 'one-pass' or 'two-pass', got 'fused'"):
         cuda_backend.one_pass_requested()
+
+
+def test_bench_floor_runs_the_backends_gemms(monkeypatch):
+    """`python -m bench loss`'s `cuda-gemms` row (the cuda backend's three GEMMs alone, its
+    floor) computes what its GEMMs would: over 7-row chunks of a 20-row batch, d_input =
+    G W and d_weight = G^T x summed over chunks, scaled by the upstream gradient, from its
+    fixed gradient chunk G. The bench runs only on a GPU (in bf16); this keeps its calls in
+    step with the backend's, in fp32, where the CPU's GEMMs sum as cuBLAS does."""
+    from bench.loss_gpu import _CudaGemms, _floor_gradient
+
+    monkeypatch.setattr(cuda_backend, "DEFAULT_WORKSPACE", 4 * 50 * 7)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(20, 16, generator=gen).requires_grad_()
+    w = torch.randn(50, 16, generator=gen).requires_grad_()
+    loss = _CudaGemms.apply(x, w)
+    (3.0 * loss).backward()
+    chunk = _floor_gradient(7, 50, torch.float32, x.device).double()
+    grad = torch.cat([chunk, chunk, chunk[:6]])
+    assert loss.item() == 0.0
+    # fp32 sums of at most 50 products of size ~0.1 (G is softmax-sized: <= 2 / (7 * 50)).
+    torch.testing.assert_close(x.grad.double(), 3.0 * grad @ w.double(), rtol=1e-5, atol=5e-7)
+    torch.testing.assert_close(w.grad.double(), 3.0 * grad.T @ x.double(), rtol=1e-5, atol=5e-7)
