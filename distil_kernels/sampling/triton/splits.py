@@ -35,10 +35,11 @@ def plan_splits(rows: int, vocab: int, block_m: int, block_n: int, other_program
                 kind: str = "topk") -> SplitPlan:
     """Splits so that row blocks x splits x `other_programs` cover `kind`'s target program count.
 
-    The units are dealt out evenly, the longer splits first: 1188 units over 264 splits
-    are 132 splits of 5 then 132 of 4, so that an H100's 132 SMs each take one of either
-    (9 units an SM). Splits of ceil(1188 / 264) = 5 would be 238 programs: a second wave
-    of 106 and 10 units on most SMs.
+    The units are dealt out evenly, the longer splits first (programs start in that
+    order): the sampler's 1188 passes at B=64 on Qwen2.5-7B's head over 264 splits are
+    132 splits of 5 then 132 of 4, so that an H100's 132 SMs each take one of either (9
+    passes an SM). Splits of ceil(1188 / 264) = 5 would be 238 programs: a second wave of
+    106 and 10 passes on most SMs.
     """
     num_m_blocks = max(triton.cdiv(rows, block_m), 1)
     num_tiles = triton.cdiv(vocab, block_n)
