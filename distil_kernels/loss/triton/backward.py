@@ -143,16 +143,27 @@ def logits_grad_kernel(
         # A few entries a tile (K per row spread over the vocabulary), each a scalar that
         # every thread reads alike. Searching the tile's rows slot by slot instead takes a
         # load and a cross-warp reduction per slot, by estimate ~500 cycles each: a third
-        # of a 128x128 tile's matmul at d=3584 for K=32.
-        for e in range(tl.load(entry_offsets), tl.load(entry_offsets + 1)):
-            entry_row = tl.load(entry_row_ptr + e) - row_start
-            entry_col = tl.load(entry_id_ptr + e) - col_start
-            coef = tl.where(offs_m == entry_row, tl.load(entry_coef_ptr + e), 0.0)
-            dz -= tl.where(offs_n[None, :] == entry_col, coef[:, None], 0.0)
+        # of a 128x128 tile's matmul at d=3584 for K=32. Each entry's three loads are
+        # issued one entry ahead: the block holds its SM alone, so a load's latency from
+        # L2 (hundreds of cycles) would otherwise stall every warp once per entry.
+        first, end = tl.load(entry_offsets), tl.load(entry_offsets + 1)
+        entry_row, entry_col, entry_coef = load_entry(entry_row_ptr, entry_id_ptr, entry_coef_ptr, first, end)
+        for e in range(first, end):
+            coef = tl.where(offs_m == entry_row - row_start, entry_coef, 0.0)
+            dz -= tl.where(offs_n[None, :] == entry_col - col_start, coef[:, None], 0.0)
+            entry_row, entry_col, entry_coef = load_entry(entry_row_ptr, entry_id_ptr, entry_coef_ptr, e + 1, end)
         if HAS_SOFTCAP:
             dz *= slope  # 1 - tanh^2, from the tile: near saturation a rounded tanh leaves only noise
         store_gradient(grad_ptr, dz, pid_m, pid_n, offs_m, offs_n, row_ok, col_ok, stride_gn, BLOCK_M, BLOCK_N,
                        USE_TMA)
+
+
+@triton.jit
+def load_entry(entry_row_ptr, entry_id_ptr, entry_coef_ptr, e, end):
+    """Slot-correction entry `e` (row, id, coefficient); nothing is read at or past `end`."""
+    present = e < end
+    return (tl.load(entry_row_ptr + e, mask=present, other=0), tl.load(entry_id_ptr + e, mask=present, other=0),
+            tl.load(entry_coef_ptr + e, mask=present, other=0.0))
 
 
 @triton.jit
