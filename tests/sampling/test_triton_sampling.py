@@ -33,6 +33,7 @@ from distil_kernels.sampling.triton.configs import TileConfig  # noqa: E402
 from distil_kernels.sampling.triton.topk import triton_topk  # noqa: E402
 from distil_kernels.sampling.sample import _gumbel_from_words, gumbel_noise_range, row_keys  # noqa: E402
 from distil_kernels.sampling.triton.sample import gumbel_from_words, tile_noise  # noqa: E402
+from kernel_launches import record_merged_rows  # noqa: E402
 from sampling_checks import dense_log_softmax, fp32_tolerance, mask_ids  # noqa: E402
 
 pytestmark = pytest.mark.interpreter
@@ -144,34 +145,20 @@ def test_topk_edge_inputs():
         linear_topk(x.double(), w.double(), 3, backend="triton")
 
 
-class FallbackRows:
-    """Wraps the merge kernel's launcher and records how many rows each call redid."""
-
-    def __init__(self, monkeypatch):
-        self.calls = []
-        merged = topk_module.merged_topk
-
-        def record(x, *args, **kwargs):
-            self.calls.append(x.shape[0])
-            return merged(x, *args, **kwargs)
-
-        monkeypatch.setattr(topk_module, "merged_topk", record)
-
-
 def test_topk_threshold_pass_settles_rows_without_the_fallback(monkeypatch):
     """A vocabulary of 40 tiles: the 1-in-16 subset's bound leaves every row's list within capacity."""
-    fallback = FallbackRows(monkeypatch)
+    redone = record_merged_rows(monkeypatch)
     x, w, b = make_problem(24, 2560, 16, torch.float32, seed=11, scale=3.0)
     got = linear_topk(x, w, 8, bias=b, backend="triton")
     log_q, lse = dense_log_softmax(x, w, b)
     assert_topk_close(got, log_q, lse, 8, tol=fp32_tolerance(x, w, b, log_q, lse))
-    assert fallback.calls == []
+    assert redone == []
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_topk_rows_past_the_capacity_take_the_merge_kernel(monkeypatch, dtype):
     """Lists of 40 slots per (row, split) for about 40 entries each: some rows overflow and are redone, exactly."""
-    fallback = FallbackRows(monkeypatch)
+    redone = record_merged_rows(monkeypatch)
     x, w, b = make_problem(40, 1500, 16, dtype, seed=12, scale=2.0)
     options = LossOptions(softcap=4.0, temperature=0.8)
     got = triton_topk(x, w, b.float(), 5, options, raw_lse=True, capacity=40)
@@ -180,13 +167,13 @@ def test_topk_rows_past_the_capacity_take_the_merge_kernel(monkeypatch, dtype):
     torch.testing.assert_close(got.logprobs, want.logprobs, rtol=0, atol=2e-5)
     raw = linear_topk(x, w, 1, bias=b, softcap=4.0, backend="torch")
     torch.testing.assert_close(got.lse_raw, raw.lse, rtol=0, atol=2e-5)
-    assert len(fallback.calls) == 1 and 0 < fallback.calls[0] < 40
+    assert len(redone) == 1 and 0 < redone[0] < 40
 
 
 def test_topk_rows_of_several_groups_are_redone_in_one_fallback(monkeypatch):
     """Groups of a few rows (a small candidate budget): the overflowing rows of every group
     are found after the last group and redone by one merge-kernel call, exactly."""
-    fallback = FallbackRows(monkeypatch)
+    redone = record_merged_rows(monkeypatch)
     monkeypatch.setattr(topk_module, "CANDIDATE_BUDGET_BYTES", 20 * 1024)
     groups = []
     threshold_topk = topk_module.threshold_topk
@@ -203,12 +190,12 @@ def test_topk_rows_of_several_groups_are_redone_in_one_fallback(monkeypatch):
     assert torch.equal(got.ids, want.ids)
     torch.testing.assert_close(got.logprobs, want.logprobs, rtol=0, atol=2e-5)
     assert len(groups) >= 3 and sum(groups) == 40
-    assert len(fallback.calls) == 1 and max(groups) < fallback.calls[0] < 40  # rows of several groups
+    assert len(redone) == 1 and max(groups) < redone[0] < 40  # rows of several groups
 
 
 def test_topk_bounds_above_the_kth_value_are_caught(monkeypatch):
     """A bound the kernel's logits do not reach (+inf, NaN) leaves fewer than k candidates: redone exactly."""
-    fallback = FallbackRows(monkeypatch)
+    redone = record_merged_rows(monkeypatch)
     bounds = topk_module.subset_bounds
 
     def too_high(*args):
@@ -223,7 +210,7 @@ def test_topk_bounds_above_the_kth_value_are_caught(monkeypatch):
     want = linear_topk(x, w, 6, bias=b, backend="torch")
     assert torch.equal(got.ids, want.ids)
     torch.testing.assert_close(got.logprobs, want.logprobs, rtol=0, atol=2e-5)
-    assert fallback.calls == [20]
+    assert redone == [20]
 
 
 def test_topk_a_subset_holding_the_rows_largest_sends_them_to_the_merge_kernel(monkeypatch):
@@ -231,7 +218,7 @@ def test_topk_a_subset_holding_the_rows_largest_sends_them_to_the_merge_kernel(m
     through k or more entries unless the subset holds j of a row's largest: with every
     16th row of W scaled up, it holds all of them, each row's count falls short of k,
     and every row is redone exactly."""
-    fallback = FallbackRows(monkeypatch)
+    redone = record_merged_rows(monkeypatch)
     x, w, b = make_problem(20, 1500, 16, torch.float32, seed=15)
     step = topk_module.subset_step(1500, 32)
     assert step == 16 and topk_module.subset_rank(32, step) == 12
@@ -240,20 +227,20 @@ def test_topk_a_subset_holding_the_rows_largest_sends_them_to_the_merge_kernel(m
     want = linear_topk(x, w, 32, bias=b, backend="torch")
     assert torch.equal(got.ids, want.ids)
     torch.testing.assert_close(got.logprobs, want.logprobs, rtol=0, atol=2e-5)
-    assert fallback.calls == [20]
+    assert redone == [20]
 
 
 def test_topk_rows_of_nan_are_redone_and_the_others_settle(monkeypatch):
     """A NaN hidden state makes its row's logits NaN, none of which passes the bound: those
     rows alone go to the merge kernel, and their lse is NaN. (A NaN among finite logits,
     which only the NaN lse flags, is `test_topk_nan_logits_rank_first`'s case.)"""
-    fallback = FallbackRows(monkeypatch)
+    redone = record_merged_rows(monkeypatch)
     x, w, b = make_problem(17, 900, 16, torch.float32, seed=16)
     x[[2, 9], 3] = torch.nan
     got = triton_topk(x, w, b, 4, LossOptions())
     want = linear_topk(x, w, 4, bias=b, backend="torch")
     assert torch.equal(got.ids, want.ids)
-    assert fallback.calls == [2]
+    assert redone == [2]
     assert got.lse[[2, 9]].isnan().all() and not got.lse[[0, 1, 3]].isnan().any()
 
 
