@@ -57,7 +57,7 @@ from ...loss.triton.tiles import finish_logits, fold_lse, tile_products
 from ...loss.triton.configs import ENABLE_FP_FUSION, kernel_operands
 from ..topk import Candidates
 from .configs import MAX_TOPK, TileConfig, select_threshold_config, select_topk_config
-from .splits import plan_splits, split_range
+from .splits import SplitPlan, plan_splits, split_range
 from .wide_tiles import pass_accumulator, slice_products_tma, wide_products, zero_accumulators
 
 # The key of a masked entry: below the key of every float, -inf and NaN included.
@@ -452,6 +452,18 @@ def subset_bounds(x: Tensor, weight: Tensor, bias: Tensor | None, rank: int, opt
     return bound * (1.0 / options.temperature)
 
 
+def candidate_lists(rows: int, vocab: int, k: int, step: int, config: TileConfig, capacity: int | None
+                    ) -> tuple[SplitPlan, int]:
+    """The split plan of a threshold launch over `rows` rows and the length of each (row,
+    split)'s list (`capacity` when given)."""
+    # Splits are cut in passes of split_n tiles: a pass never straddles two programs.
+    plan = plan_splits(rows, vocab, config.block_m, config.block_n * config.split_n)
+    if capacity is None:
+        capacity = split_capacity(subset_rank(k, step), step, plan.most_tiles * config.block_n * config.split_n,
+                                  vocab)
+    return plan, capacity
+
+
 def threshold_topk(x: Tensor, weight: Tensor, bias: Tensor | None, k: int, options: LossOptions,
                    raw_lse: bool, config: TileConfig, step: int, capacity: int | None
                    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor]:
@@ -460,13 +472,8 @@ def threshold_topk(x: Tensor, weight: Tensor, bias: Tensor | None, k: int, optio
     n, d = x.shape
     v = weight.shape[0]
     dev = x.device
-    rank = subset_rank(k, step)
-    bound = subset_bounds(x, weight, bias, rank, options, step)
-    # Splits are cut in passes of split_n tiles: a pass never straddles two programs.
-    plan = plan_splits(n, v, config.block_m, config.block_n * config.split_n)
-    split_columns = plan.most_tiles * config.block_n * config.split_n
-    if capacity is None:
-        capacity = split_capacity(rank, step, split_columns, v)
+    bound = subset_bounds(x, weight, bias, subset_rank(k, step), options, step)
+    plan, capacity = candidate_lists(n, v, k, step, config, capacity)
     count = torch.empty(n, plan.num_splits, dtype=torch.int32, device=dev)
     # Slots a list does not fill keep EMPTY_KEY, which sorts below every candidate.
     keys = torch.full((n, plan.num_splits * capacity), EMPTY_KEY.value, dtype=torch.int64, device=dev)
@@ -530,13 +537,16 @@ def triton_topk(x: Tensor, weight: Tensor, bias: Tensor | None, k: int, options:
     lse = torch.empty(n, dtype=torch.float32, device=dev)
     lse_raw = torch.empty(n, dtype=torch.float32, device=dev) if raw_lse else None
     settled = torch.empty(n, dtype=torch.bool, device=dev)
-    plan = plan_splits(n, v, config.block_m, config.block_n * config.split_n)
-    list_slots = plan.num_splits * (capacity or split_capacity(subset_rank(k, step), step,
-                                                               plan.most_tiles * config.block_n * config.split_n,
-                                                               v))
-    # The subset's logits (input dtype, then fp32) and the lists' keys with torch.topk's copy.
-    row_bytes = triton.cdiv(v, step) * (x.element_size() + 4) + list_slots * 16
-    group = max(1, CANDIDATE_BUDGET_BYTES // row_bytes)
+
+    def row_bytes(rows: int) -> int:
+        """A row's temporaries in a launch of `rows` rows: the subset's logits (input dtype,
+        then fp32) and the lists' keys with torch.topk's copy."""
+        plan, lists = candidate_lists(rows, v, k, step, config, capacity)
+        return triton.cdiv(v, step) * (x.element_size() + 4) + plan.num_splits * lists * 16
+
+    group = max(1, CANDIDATE_BUDGET_BYTES // row_bytes(n))
+    if group < n:  # fewer rows a launch take more splits, so more list slots a row
+        group = max(1, CANDIDATE_BUDGET_BYTES // row_bytes(group))
     for r0 in range(0, n, group):
         r1 = min(r0 + group, n)
         got = threshold_topk(x[r0:r1], weight, bias, k, options, raw_lse, config, step, capacity)
