@@ -225,8 +225,8 @@ class _CudaGemms(torch.autograd.Function):
 
     Per chunk of rows (`chunk_rows` of the default 2 GiB workspace, as the backend
     takes them), the logits GEMM into an fp32 workspace, then d_input's GEMM and
-    d_weight's fp32 accumulation from a bf16 gradient chunk, as `loss/cuda.py` issues
-    them, and d_weight scaled and rounded by `Grads.take`; no epilogue kernels, so its
+    d_weight's fp32 accumulation from a bf16 gradient chunk, by the backend's own
+    `backpropagate_chunk`, and d_weight scaled and rounded by `Grads.take`; no epilogue kernels, so its
     gradient is a fixed chunk of softmax-sized values and its loss 0. Timed with the
     same protocol as the providers (the same warm-up, L2 flushes and `rep`, right after
     them), it tells the cuda backend's own time from the clocks an H100 holds under a
@@ -236,9 +236,10 @@ class _CudaGemms(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight):
         from distil_kernels.loss.chunked import Grads
-        from distil_kernels.loss.cuda import chunk_rows
+        from distil_kernels.loss.cuda import EpilogueOps, backpropagate_chunk, chunk_rows
         from distil_kernels.loss.gemm import addmm_fp32, mm_fp32
 
+        ops = EpilogueOps(None, None, mm_fp32, addmm_fp32)  # the GEMMs, no epilogue kernels
         n, vocab = x.shape[0], weight.shape[0]
         rows = chunk_rows(n, vocab, None)
         logits = torch.empty(rows, vocab, dtype=torch.float32, device=x.device)
@@ -246,9 +247,8 @@ class _CudaGemms(torch.autograd.Function):
         grads = Grads.allocate(x, weight, None, (True, True, False))
         for r0 in range(0, n, rows):
             r1 = min(n, r0 + rows)
-            mm_fp32(x[r0:r1], weight.T, logits[: r1 - r0])
-            torch.mm(grad[: r1 - r0], weight, out=grads.input[r0:r1])
-            addmm_fp32(grads.weight, grad[: r1 - r0].T, x[r0:r1], 1.0, 0.0 if r0 == 0 else 1.0)
+            ops.mm_fp32(x[r0:r1], weight.T, logits[: r1 - r0])
+            backpropagate_chunk(grad[: r1 - r0], 1.0, x, weight, r0, r1, grads, ops, None)
         ctx.grads, ctx.weight_dtype = grads, weight.dtype
         return x.new_zeros((), dtype=torch.float32)
 

@@ -288,7 +288,7 @@ def cuda_sweep(x: Tensor, weight: Tensor, bias: Tensor | None, slot_ids: Tensor,
             else:
                 coef_fn(r0, r1, stats.lse[r0:r1], stats.slot_logits[r0:r1],
                         None if stats.logit_sum is None else stats.logit_sum[r0:r1])  # the loss's terms, for its sink
-                _backpropagate(grad, 1.0, x, weight, r0, r1, grads, ops, input_buf)
+                backpropagate_chunk(grad, 1.0, x, weight, r0, r1, grads, ops, input_buf)
                 continue
         if need_stats:
             ops.chunk_stats(logits, bias32, options.softcap, inv_t, False, ids[r0:r1], 0, stats.slot_logits[r0:r1],
@@ -315,7 +315,7 @@ def cuda_sweep(x: Tensor, weight: Tensor, bias: Tensor | None, slot_ids: Tensor,
             None if uniform is None else uniform.contiguous(), ids[r0:r1], slot_coef.contiguous(), slot_scratch[:n],
             0, grad,
         )
-        _backpropagate(grad, scale, x, weight, r0, r1, grads, ops, input_buf)
+        backpropagate_chunk(grad, scale, x, weight, r0, r1, grads, ops, input_buf)
     if grads is not None and grads.weight_unwritten:  # no rows: nothing was written
         grads.weight.zero_()
         grads.weight_unwritten = False
@@ -351,7 +351,7 @@ class _OnePassInputs:
         )
 
 
-def _backpropagate(grad: Tensor, scale: float, x: Tensor, weight: Tensor, r0: int, r1: int, grads: Grads,
+def backpropagate_chunk(grad: Tensor, scale: float, x: Tensor, weight: Tensor, r0: int, r1: int, grads: Grads,
                    ops: EpilogueOps, input_buf: Tensor | None) -> None:
     """Push a chunk's dL/du (written times `scale`) through the linear layer into `grads`."""
     n = r1 - r0
