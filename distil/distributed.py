@@ -92,7 +92,15 @@ class DistContext:
             # without it a rank aborted in gloo's teardown ("terminate called without an
             # active exception") in 6 of 60 two-rank CPU runs; with it, 0 of 40.
             dist.barrier()
+            # Rank 0 hosts the rendezvous store (outside torchrun's agent): once its
+            # process exits, a rank still tearing its group down loses the store under
+            # it, and rank 1 aborted so once in a full test run. So rank 0 leaves last.
+            store = dist.distributed_c10d._get_default_store()
             dist.destroy_process_group()
+            if self.rank > 0:
+                store.set(f"closed/{self.rank}", "1")
+            else:
+                store.wait([f"closed/{r}" for r in range(1, self.world)])
 
 
 class StatesModule(nn.Module):
