@@ -52,9 +52,9 @@ TOPK_LARGE_K_FP32 = TileConfig(16, 256, 32, num_warps=8, num_stages=2)
 # the bound (a quarter of one per row in a 128-wide tile, so two rounds in most
 # tiles, three in a fifth of them: each round ~400 instructions a thread). Its GEMM
 # reads x and W slices from L2 for each tile: 2 BLOCK_M BLOCK_N / (BLOCK_M + BLOCK_N)
-# FLOPs per byte, 64 for 128x128
-# and 43 for 64x128, and on an H100 128x128 tiles already need about as much L2
-# bandwidth as there is. The rounds' masked copy of the tile is live next to the logits:
+# FLOPs per byte, 64 for 128x128 and 43 for 64x128 (the loss forward's 128x128 TMA tile
+# read them at 8.3 TB/s on an H100). The rounds' masked copy of the tile is live next
+# to the logits:
 # with softcap, bias and the raw lse, 128x128 over 8 warps spills 16-32 B on sm_90
 # (255 registers, Triton 3.6 and 3.9) but 160-320 B on sm_80, where 64x128 fits
 # (229-255 registers, no spill). So sm_90 gets 128x128 and sm_80 64x128. fp32 operands
@@ -77,9 +77,11 @@ THRESHOLD_TMA_SM90 = TileConfig(128, 128, 64, num_warps=8, num_stages=3, tma=Tru
 THRESHOLD_TMA_FLAT_SM90 = TileConfig(128, 128, 64, num_warps=8, num_stages=4, tma=True, flat=True)
 # Two adjacent 128-wide tiles a pass over the rows' x slices (`wide_tiles`): per 256
 # columns the pass reads one x slice from L2 instead of two, (128 + 256) d bytes
-# instead of 2 (128 + 128) d, a quarter less. By the L2 model of bench/RESULTS.md the
-# threshold pass is bound by those reads (64 FLOPs a byte for a 128x128 tile, 85 for
-# two), as the 128x256 loss forward tile was (1.22x faster on an H100 than 128x128).
+# instead of 2 (128 + 128) d, a quarter less, and half the passes' pipeline fills. The
+# 128x256 loss forward tile was 1.22x faster on an H100 than 128x128, but the threshold
+# call at N=2048 (7.63 ms) read its tiles' slices at no more than 4.6 TB/s where the
+# loss forward's 128x128 TMA tile read 8.3: its time goes elsewhere (bench/RESULTS.md,
+# tenth session), so what this saves is for the tune step to say.
 # The second tile's accumulator stays live through the first one's epilogue: 254-255
 # registers, no spill for a plain head, 24 B with softcap, bias and the raw lse
 # (Triton 3.9); four stages or the flat loop spill 40-96 B. Not timed on a GPU yet.
