@@ -4,7 +4,7 @@ A GPU session is short, and a default chosen on compile reports alone (registers
 spills, barriers) is a guess: this times each candidate of a kernel kind on one call
 at the shape its target is measured on, so one run says which default to keep.
 
-    threshold  `triton_topk` k=64 at N=2048 on Qwen2.5-7B's head
+    threshold  `triton_topk` k=64 at N=2048 on Qwen2.5-7B's head (a plain head: its candidates too)
     sample     `triton_sample` at B=64 and 256, Qwen2.5-7B's head (d=3584, V=152064), T=0.8,
                against the bare bf16 matmul; then the default drawing greedily (no
                noise), which says what the noise costs
@@ -154,7 +154,7 @@ def tune_threshold(rep_ms: int) -> None:
 
     x, w = make_inputs(2048, QWEN_D, QWEN_V, "bf16", "cuda")
     options = LossOptions()
-    candidates = threshold_candidates(x.dtype, device_arch(x.device))
+    candidates = threshold_candidates(x.dtype, device_arch(x.device), plain=True)  # no bias, softcap or raw lse
     matmul_ms = _bench(lambda: x @ w.T, rep_ms)
     print(f"{'threshold':14s} {'bare matmul':32s} {matmul_ms:9.3f} ms", flush=True)
     _report("threshold", candidates, candidates[0],

@@ -18,8 +18,11 @@ def dense_log_softmax(x, w, b, softcap=None, temperature=1.0) -> tuple[torch.Ten
 
 
 def fp32_tolerance(x, w, b, log_q, lse, softcap=None, temperature=1.0) -> float:
-    """Twice the error of PyTorch's own fp32 log-softmax and logsumexp of fp32 logits, plus 1e-6."""
-    z = x.float() @ w.float().T + b.float()
+    """Twice the error of PyTorch's own fp32 log-softmax and logsumexp of fp32 logits, plus 1e-6
+    (`b` may be None)."""
+    z = x.float() @ w.float().T
+    if b is not None:
+        z = z + b.float()
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
     z = z / temperature

@@ -84,8 +84,8 @@ def problem(rows: int, dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, tor
 
 
 def logits64(x, w, b, softcap=None) -> torch.Tensor:
-    """float64 softcap(x W^T + b) [rows, V] of the inputs as given."""
-    raw = torch.addmm(b.double(), x.double(), w.double().T)
+    """float64 softcap(x W^T + b) [rows, V] of the inputs as given (`b` may be None)."""
+    raw = x.double() @ w.double().T if b is None else torch.addmm(b.double(), x.double(), w.double().T)
     return raw if softcap is None else softcap * torch.tanh(raw / softcap)
 
 
@@ -149,26 +149,32 @@ def test_topk_matches_torch(backend, dtype, options, k):
 
 
 def _threshold_candidates():
+    """(config, plain) of every threshold candidate: the plain head's own on a plain head."""
     from distil_kernels.sampling.triton.configs import threshold_candidates
 
-    return list(dict.fromkeys(threshold_candidates(torch.bfloat16, 90) + threshold_candidates(torch.bfloat16, 80)))
+    general = list(dict.fromkeys(threshold_candidates(torch.bfloat16, 90) + threshold_candidates(torch.bfloat16, 80)))
+    plain_only = [c for c in threshold_candidates(torch.bfloat16, 90, plain=True) if c not in general]
+    return [(c, False) for c in general] + [(c, True) for c in plain_only]
 
 
-@pytest.mark.parametrize("config", _threshold_candidates(), ids=str)
-def test_topk_every_threshold_config_matches_torch(monkeypatch, config):
+@pytest.mark.parametrize(("config", "plain"), _threshold_candidates(),
+                         ids=lambda value: {True: "plain", False: "options"}.get(value, str(value)))
+def test_topk_every_threshold_config_matches_torch(monkeypatch, config, plain):
     """Every threshold-pass candidate `bench tune` or the autotuner may pick, the TMA ones
-    included (below sm_90 they launch with pointers), bf16 with softcap and temperature.
-    Rows the merge kernel redoes are counted: it would hide a config that loses emitted
-    entries."""
+    included (below sm_90 they launch with pointers), bf16 with temperature, and with
+    softcap and bias but for the plain head's own candidates. Rows the merge kernel
+    redoes are counted: it would hide a config that loses emitted entries."""
     from distil_kernels.loss.options import LossOptions
     from distil_kernels.sampling.triton.topk import triton_topk
 
     redone = record_merged_rows(monkeypatch)
     x, w, b = problem(TOPK_ROWS, torch.bfloat16, seed=1)
-    options = dict(softcap=30.0, temperature=0.7)
-    got = triton_topk(x, w, b.float(), 64, LossOptions(**options), config=config)
+    softcap = None if plain else 30.0
+    b = None if plain else b
+    options = dict(softcap=softcap, temperature=0.7)
+    got = triton_topk(x, w, None if b is None else b.float(), 64, LossOptions(**options), config=config)
     want = linear_topk(x, w, 64, bias=b, backend="torch", **options)
-    z = logits64(x, w, b, 30.0) / 0.7
+    z = logits64(x, w, b, softcap) / 0.7
     lse64 = torch.logsumexp(z, dim=1)
     check_topk(got, want, z - lse64[:, None], lse64, 64, torch.bfloat16)
     assert sum(redone) <= TOPK_ROWS // 100, f"{sum(redone)} of {TOPK_ROWS} rows took the merge kernel"

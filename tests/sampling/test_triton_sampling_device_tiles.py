@@ -108,6 +108,36 @@ def test_topk_threshold_pass(device_tiles, dtype, k):
                                                                                           device_tiles.arch)[0]]
 
 
+def test_topk_plain_head_takes_its_own_candidates(monkeypatch):
+    """A head with no bias or softcap (and no raw lse asked for) is timed among the plain
+    head's candidates, the one-warpgroup tile among them; any other head among the
+    general ones, which leave that tile out (it spills with every option on)."""
+    monkeypatch.setattr(configs, "interpreting", lambda: False)
+    monkeypatch.setattr(configs, "device_arch", lambda device: 90)
+    monkeypatch.setattr(configs, "autotuning", lambda: True)
+    monkeypatch.setattr(configs, "_TUNED", {})
+    timed = []
+
+    def fastest(candidates, run):
+        timed.append(candidates)
+        return configs.INTERPRETER_THRESHOLD_CONFIG  # runnable here
+
+    monkeypatch.setattr(configs, "fastest", fastest)
+    x, w, b = make_problem(40, V, D, torch.float16, seed=37, scale=2.0)
+    for bias, softcap in ((None, None), (b, None), (None, 4.0)):
+        got = linear_topk(x, w, 5, bias=bias, softcap=softcap, temperature=0.8, backend="triton")
+        log_q, lse = dense_log_softmax(x, w, bias, softcap=softcap, temperature=0.8)
+        assert_topk_close(got, log_q, lse, 5, tol=fp32_tolerance(x, w, bias, log_q, lse, softcap=softcap,
+                                                                 temperature=0.8))
+    # The softcap head's shape bin and kind are the bias head's: tuned once for both.
+    plain, general = timed
+    assert plain == configs.threshold_candidates(torch.float16, 90, plain=True)
+    assert general == configs.threshold_candidates(torch.float16, 90)
+    if configs.tensor_descriptors() is not None:
+        assert configs.THRESHOLD_TMA_WARPGROUP_SM90 in plain
+        assert configs.THRESHOLD_TMA_WARPGROUP_SM90 not in general
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("k", [5, 100])
 def test_topk_merge_kernel(device_tiles, dtype, k):
@@ -130,7 +160,7 @@ def test_flat_head_dense_fallback(device_tiles):
 
 @pytest.mark.skipif(configs.tensor_descriptors() is None, reason="this Triton has no TMA descriptors")
 @pytest.mark.parametrize("config", [configs.THRESHOLD_TMA_SM90, configs.THRESHOLD_TMA_FLAT_SM90,
-                                    configs.THRESHOLD_TMA_PAIR_SM90], ids=str)
+                                    configs.THRESHOLD_TMA_PAIR_SM90, configs.THRESHOLD_TMA_WARPGROUP_SM90], ids=str)
 @pytest.mark.parametrize("d", [72, 13], ids=["tma", "unaligned-rows-fall-back"])
 def test_topk_threshold_pass_by_tma_descriptors(monkeypatch, config, d):
     """The sm_90 threshold candidates whose x and W slices come by TMA descriptors (zero
@@ -138,9 +168,11 @@ def test_topk_threshold_pass_by_tma_descriptors(monkeypatch, config, d):
     cannot be addressed so and take pointers instead. Two splits a row block give each
     program two or three tiles, so the flat loop's epilogue runs once a tile, each on
     its own products; the pair's programs take two passes of two tiles and one pass of
-    the last tile (V = 601: five 128-wide tiles), whose second tile lies past V. Every
-    row is settled by the threshold pass itself: the merge kernel would redo a row whose
-    emitted entries were lost, and hide it."""
+    the last tile (V = 601: five 128-wide tiles), whose second tile lies past V. The
+    one-warpgroup tile, a plain head's own, runs on a plain head (the interpreter has
+    no warps: this checks that head's code by descriptors). Every row is settled by the
+    threshold pass itself: the merge kernel would redo a row whose emitted entries were
+    lost, and hide it."""
     launched = []
     argument = "FLAT" if config.flat else "USE_TMA"
     monkeypatch.setattr(topk_module, "threshold_kernel",
@@ -149,9 +181,11 @@ def test_topk_threshold_pass_by_tma_descriptors(monkeypatch, config, d):
     monkeypatch.setattr(splits_module, "target_programs", lambda kind: 2)  # 40 rows: one block, two splits
     redone = record_merged_rows(monkeypatch)
     x, w, b = make_problem(40, V, d, torch.float16, seed=35, scale=2.0)
-    got = linear_topk(x, w, 5, bias=b, softcap=4.0, temperature=0.8, backend="triton")
-    log_q, lse = dense_log_softmax(x, w, b, softcap=4.0, temperature=0.8)
-    assert_topk_close(got, log_q, lse, 5, tol=fp32_tolerance(x, w, b, log_q, lse, softcap=4.0, temperature=0.8))
+    plain = config == configs.THRESHOLD_TMA_WARPGROUP_SM90
+    b, softcap = (None, None) if plain else (b, 4.0)
+    got = linear_topk(x, w, 5, bias=b, softcap=softcap, temperature=0.8, backend="triton")
+    log_q, lse = dense_log_softmax(x, w, b, softcap=softcap, temperature=0.8)
+    assert_topk_close(got, log_q, lse, 5, tol=fp32_tolerance(x, w, b, log_q, lse, softcap=softcap, temperature=0.8))
     assert launched and all(used == (d == 72) for used in launched)
     assert redone == []
 

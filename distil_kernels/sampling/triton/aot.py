@@ -40,15 +40,18 @@ def topk_spec(config: TileConfig, dtype: str, K: int) -> CompileSpec:
                        float_args=("softcap", "inv_temp"))
 
 
-def threshold_spec(config: TileConfig, dtype: str, archs: tuple[int, ...] = (90, 80)) -> CompileSpec:
+def threshold_spec(config: TileConfig, dtype: str, archs: tuple[int, ...] = (90, 80),
+                   plain: bool = False) -> CompileSpec:
+    """The threshold kernel with every option on (bias, softcap, the raw lse), or none (`plain`)."""
     t = TRITON_DTYPE[dtype]
     pointers = {"x_ptr": t, "w_ptr": t, "b_ptr": "fp32", "bound_ptr": "fp32", "count_ptr": "i32",
                 "key_ptr": "i64", "part_ptr": "fp32"}
     constexprs = {"BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "BLOCK_K": config.block_k,
-                  "HAS_BIAS": True, "HAS_SOFTCAP": True, "RAW_LSE": True,
+                  "HAS_BIAS": not plain, "HAS_SOFTCAP": not plain, "RAW_LSE": not plain,
                   "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32", "USE_TMA": config.tma,
                   "FLAT": config.tma and config.flat, "SPLIT_N": config.split_n}
-    spec = kernel_spec(f"threshold[{dtype},{config}]", threshold_kernel, pointers, constexprs, config,
+    flags = "plain," if plain else ""
+    spec = kernel_spec(f"threshold[{dtype},{flags}{config}]", threshold_kernel, pointers, constexprs, config,
                        float_args=("softcap", "inv_temp"))
     if config.tma:
         spec = with_descriptors(spec, x_ptr=(t, config.block_m, config.block_k),
@@ -107,8 +110,12 @@ def all_specs() -> list[CompileSpec]:
     specs = []
     for dtype in ("bf16", "fp32"):
         torch_dtype = _TORCH_DTYPE[dtype]
-        for config, archs in by_arch(threshold_candidates(torch_dtype, 90), threshold_candidates(torch_dtype, 80)):
+        general = threshold_candidates(torch_dtype, 90)
+        for config, archs in by_arch(general, threshold_candidates(torch_dtype, 80)):
             specs.append(threshold_spec(config, dtype, archs))
+        # sm_90 tiles for a plain head alone, which spill with every option on.
+        specs += [threshold_spec(c, dtype, (90,), plain=True) for c in threshold_candidates(torch_dtype, 90, plain=True)
+                  if c not in general]
         for K in (1 << i for i in range(MAX_TOPK.bit_length())):
             specs += [topk_spec(c, dtype, K) for c in topk_candidates(torch_dtype, K)]
     samples = [1 << i for i in range(SAMPLES_PER_PROGRAM.bit_length())]

@@ -90,6 +90,19 @@ THRESHOLD_CANDIDATES_SM90 = (*((THRESHOLD_TMA_SM90, THRESHOLD_TMA_FLAT_SM90, THR
                                if tensor_descriptors() is not None else ()),
                              THRESHOLD_DEFAULT_SM90, TileConfig(64, 256, 64, num_warps=8, num_stages=3),
                              TileConfig(64, 128, 64, num_warps=8, num_stages=4))
+# A plain head (no bias or softcap, no raw lse: Llama's and Qwen's heads) has candidates
+# of its own. The threshold pass's epilogue is long: over 8 warps a 128x128 tile takes
+# ~2000 instructions a thread against the loss forward's ~750 (sm_90 SASS: ~1150 before
+# the rounds, then ~400 a round, about two rounds a tile at k=64), and at 183-199
+# registers a program holds its SM alone, so the tensor cores wait out every epilogue.
+# Over one warpgroup the same tile takes 255 registers with no spill for a plain head
+# (Triton 3.6 and 3.9; with bias, softcap and the raw lse it spills 0.9-2.2 KB) and
+# 96 KiB of shared memory: two programs an SM, so that one's epilogue runs beside the
+# other's products, as cuBLAS's ping-pong kernels alternate two warpgroups. Not timed on
+# a GPU yet.
+THRESHOLD_TMA_WARPGROUP_SM90 = TileConfig(128, 128, 64, num_warps=4, num_stages=3, tma=True)
+THRESHOLD_PLAIN_CANDIDATES_SM90 = (*THRESHOLD_CANDIDATES_SM90,
+                                   *((THRESHOLD_TMA_WARPGROUP_SM90,) if tensor_descriptors() is not None else ()))
 THRESHOLD_DEFAULT = TileConfig(64, 128, 64, num_warps=8, num_stages=4)
 THRESHOLD_CANDIDATES = (THRESHOLD_DEFAULT,)
 THRESHOLD_DEFAULT_FP32 = TileConfig(64, 64, 32, num_warps=8, num_stages=3)
@@ -198,11 +211,14 @@ def topk_candidates(dtype: torch.dtype, K: int) -> tuple[TileConfig, ...]:
     return (TOPK_LARGE_K_FP32 if dtype == torch.float32 else TOPK_LARGE_K,)
 
 
-def threshold_candidates(dtype: torch.dtype, arch: int) -> tuple[TileConfig, ...]:
-    """Configs for compute capability `arch` (90 for sm_90), the default first."""
+def threshold_candidates(dtype: torch.dtype, arch: int, plain: bool = False) -> tuple[TileConfig, ...]:
+    """Configs for compute capability `arch` (90 for sm_90), the default first; `plain`: a
+    head with no bias or softcap whose raw lse is not asked for."""
     if dtype == torch.float32:
         return (THRESHOLD_DEFAULT_FP32,)
-    return THRESHOLD_CANDIDATES_SM90 if arch >= 90 else THRESHOLD_CANDIDATES
+    if arch < 90:
+        return THRESHOLD_CANDIDATES
+    return THRESHOLD_PLAIN_CANDIDATES_SM90 if plain else THRESHOLD_CANDIDATES_SM90
 
 
 def sample_candidates(dtype: torch.dtype, rows: int, arch: int) -> tuple[TileConfig, ...]:
@@ -253,8 +269,9 @@ def select_dense_sample_config() -> TileConfig:
 
 
 def select_threshold_config(dtype: torch.dtype, rows: int, vocab: int, device: torch.device,
-                            run: Callable[[TileConfig], object] | None = None) -> TileConfig:
+                            run: Callable[[TileConfig], object] | None = None, plain: bool = False) -> TileConfig:
     if interpreting():
         return INTERPRETER_THRESHOLD_CONFIG
     arch = device_arch(device)
-    return _pick(("threshold", dtype, shape_bin(rows), vocab, arch), threshold_candidates(dtype, arch), run)
+    return _pick(("threshold", dtype, shape_bin(rows), vocab, arch, plain), threshold_candidates(dtype, arch, plain),
+                 run)

@@ -529,8 +529,9 @@ def triton_topk(x: Tensor, weight: Tensor, bias: Tensor | None, k: int, options:
         weight = weight.contiguous()
     step = subset_step(v, k)
     if config is None:
+        plain = bias is None and options.softcap is None and not raw_lse
         config = select_threshold_config(
-            x.dtype, n, v, x.device, lambda c: triton_topk(x, weight, bias, k, options, raw_lse, c, capacity))
+            x.dtype, n, v, x.device, lambda c: triton_topk(x, weight, bias, k, options, raw_lse, c, capacity), plain)
     dev = x.device
     values = torch.empty(n, k, dtype=torch.float32, device=dev)
     ids = torch.empty(n, k, dtype=torch.int64, device=dev)
