@@ -4,7 +4,9 @@ A GPU session is short, and a default chosen on compile reports alone (registers
 spills, barriers) is a guess: this times each candidate of a kernel kind on one call
 at the shape its target is measured on, so one run says which default to keep.
 
-    threshold  `triton_topk` k=64 at N=2048 on Qwen2.5-7B's head (a plain head: its candidates too)
+    threshold  `triton_topk` k=64 at N=2048 on Qwen2.5-7B's head (a plain head: its candidates too);
+               then the loss forward on the default's tile, the same GEMM with an online
+               lse alone, which says what the rest of a top-k costs
     sample     `triton_sample` at B=64 and 256, Qwen2.5-7B's head (d=3584, V=152064), T=0.8,
                against the bare bf16 matmul; then the default drawing greedily (no
                noise), which says what the noise costs
@@ -159,6 +161,14 @@ def tune_threshold(rep_ms: int) -> None:
     print(f"{'threshold':14s} {'bare matmul':32s} {matmul_ms:9.3f} ms", flush=True)
     _report("threshold", candidates, candidates[0],
             lambda c: _bench(lambda: triton_topk(x, w, None, 64, options, config=c), rep_ms), matmul_ms)
+    # The loss forward on the default's tile: the same GEMM with an online lse alone. The
+    # rows above less this one are the threshold pass's own epilogue (its compare and
+    # candidate rounds), the subset GEMM, the lists' sort and the merge.
+    from distil_kernels.loss.triton.lse_forward import lse_forward
+
+    forward_ms = _bench(lambda: lse_forward(x, w, None, options, candidates[0]), rep_ms)
+    print(f"{'threshold':14s} {'loss forward, the default tile':32s} {forward_ms:9.3f} ms"
+          f"  {forward_ms / matmul_ms:5.2f}x matmul", flush=True)
 
 
 def main(args: argparse.Namespace) -> int:
