@@ -149,6 +149,7 @@ def tune_gradient(rep_ms: int) -> None:
 
 def tune_threshold(rep_ms: int) -> None:
     from distil_kernels.loss.options import LossOptions
+    from distil_kernels.loss.triton.lse_forward import lse_forward
     from distil_kernels.sampling.triton.configs import device_arch, threshold_candidates
     from distil_kernels.sampling.triton.topk import triton_topk
 
@@ -164,8 +165,6 @@ def tune_threshold(rep_ms: int) -> None:
     # The loss forward on the default's tile: the same GEMM with an online lse alone. The
     # rows above less this one are the threshold pass's own epilogue (its compare and
     # candidate rounds), the subset GEMM, the lists' sort and the merge.
-    from distil_kernels.loss.triton.lse_forward import lse_forward
-
     forward_ms = _bench(lambda: lse_forward(x, w, None, options, candidates[0]), rep_ms)
     print(f"{'threshold':14s} {'loss forward, the default tile':32s} {forward_ms:9.3f} ms"
           f"  {forward_ms / matmul_ms:5.2f}x matmul", flush=True)

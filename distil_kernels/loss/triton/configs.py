@@ -90,25 +90,27 @@ FORWARD_PLAIN_SM90 = TileConfig(128, 256, 64, num_warps=8, num_stages=3)
 # Triton has descriptors the TMA tiles lead on sm_90; a launch whose operands a
 # descriptor cannot address (`descriptors_apply`) takes the same tile by pointers.
 FORWARD_TMA_SM90 = (TileConfig(128, 128, 64, num_warps=8, num_stages=4, tma=True),)
-FORWARD_PLAIN_TMA_SM90 = (TileConfig(128, 256, 64, num_warps=8, num_stages=3, tma=True),
-                          TileConfig(128, 128, 64, num_warps=8, num_stages=3, tma=True))
+# The 128x128 TMA tile at three stages, a candidate of every kind whose four-stage tile
+# would let two blocks share an SM by its registers (<= 128 a thread) but holds one by its
+# 128 KiB of shared memory: at 96 KiB two blocks fit, one's epilogue beside the other's
+# products. Registers as launched on sm_90: a plain head's forward 116-127, a softcap
+# head's 125 (Triton 3.6; 154 under 3.9, one block), a plain head's gradient kernel
+# 126-128.
+TWO_BLOCKS_TMA_SM90 = TileConfig(128, 128, 64, num_warps=8, num_stages=3, tma=True)
+FORWARD_PLAIN_TMA_SM90 = (TileConfig(128, 256, 64, num_warps=8, num_stages=3, tma=True), TWO_BLOCKS_TMA_SM90)
 _TMA = tensor_descriptors() is not None
 FORWARD_SM90_CANDIDATES = (*(FORWARD_TMA_SM90 if _TMA else ()), *FORWARD_CANDIDATES)
 FORWARD_PLAIN_SM90_CANDIDATES = (*(FORWARD_PLAIN_TMA_SM90 if _TMA else ()), FORWARD_PLAIN_SM90, *FORWARD_CANDIDATES)
 # A head with a softcap but no bias or label smoothing (Gemma 2) keeps nearly the plain
 # head's registers: by TMA its 128x256 tile fits as well (240 registers, no spill, Triton
 # 3.6; with the bias and the logit sum it spills 256 B), for the plain tile's L2 saving.
-# A candidate until `python -m bench tune` times it on Gemma-2-2B's head.
-# Such a head's epilogue (a tanh an entry) weighs more against its K loop than a plain
-# head's (d=2304: 36 slices against Llama-3-8B's 64), and the default's four stages
-# (128 KiB) leave one block an SM although its registers (125-127 under Triton 3.6) would
-# hold two: its forward took 25.4 ms against Llama-3-8B's 14.2 for 12% more FLOPs.
-# With three stages (96 KiB) two blocks share an SM, one's epilogue beside the other's
-# products (Triton 3.6; 3.9 takes 154 registers, one block). Not timed yet.
+# A candidate until `python -m bench tune` times it on Gemma-2-2B's head, as is the
+# two-block tile: such a head's epilogue (a tanh an entry) weighs more against its short
+# K loop (d=2304), and its forward took 25.4 ms against Llama-3-8B's 14.2 for 12% more
+# FLOPs. Not timed yet.
 FORWARD_SOFTCAP_TMA_SM90 = TileConfig(128, 256, 64, num_warps=8, num_stages=3, tma=True)
-FORWARD_SOFTCAP_PAIRED_SM90 = TileConfig(128, 128, 64, num_warps=8, num_stages=3, tma=True)
 FORWARD_SOFTCAP_SM90_CANDIDATES = (*FORWARD_SM90_CANDIDATES,
-                                   *((FORWARD_SOFTCAP_TMA_SM90, FORWARD_SOFTCAP_PAIRED_SM90) if _TMA else ()))
+                                   *((FORWARD_SOFTCAP_TMA_SM90, TWO_BLOCKS_TMA_SM90) if _TMA else ()))
 # fp32 operands take the "ieee" path: no tensor cores, an FMA loop in which each thread
 # holds its rows of x and columns of W over the whole K slice. 32-wide slices and 32
 # outputs per thread (64x128 over 8 warps) fit the registers with no spill on sm_90 and
@@ -148,17 +150,13 @@ GRADIENT_CANDIDATES_SM90 = (
 # tile takes 128 registers: 128x256 fits over 8 warps (254, no spill; with the softcap
 # alone it spills 464 B), and over 16 warps so do 128x256 and 256x128 (128 each), each
 # reading its x and W slices for 85 FLOPs a byte instead of 64, as the plain forward's
-# 128x256 tile does (23% faster there). And the 128x128 tile's 128 registers would let
-# two blocks share an SM, one's epilogue (the exp, the corrections, the gradient tile's
-# store) beside the other's products, but the default's four stages take 128 KiB of
-# shared memory, so one block runs; with three (96 KiB, 126-128 registers under Triton
-# 3.6 and 3.9) two do. Candidates until `python -m bench tune` times them; its gradient
-# rows are on such a head.
+# 128x256 tile does (23% faster there); and the two-block tile. Candidates until
+# `python -m bench tune` times them; its gradient rows are on such a head.
 GRADIENT_PLAIN_TMA_SM90 = (
     TileConfig(128, 256, 64, num_warps=8, num_stages=3, tma=True),
     TileConfig(128, 256, 64, num_warps=16, num_stages=3, tma=True),
     TileConfig(256, 128, 64, num_warps=16, num_stages=3, tma=True),
-    TileConfig(128, 128, 64, num_warps=8, num_stages=3, tma=True),
+    TWO_BLOCKS_TMA_SM90,
 )
 GRADIENT_PLAIN_CANDIDATES_SM90 = (*GRADIENT_CANDIDATES_SM90, *(GRADIENT_PLAIN_TMA_SM90 if _TMA else ()))
 GRADIENT_DEFAULT = TileConfig(64, 128, 64, num_warps=8, num_stages=4)

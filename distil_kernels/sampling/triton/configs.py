@@ -54,9 +54,8 @@ TOPK_LARGE_K_FP32 = TileConfig(16, 256, 32, num_warps=8, num_stages=2)
 # reads x and W slices from L2 for each tile: 2 BLOCK_M BLOCK_N / (BLOCK_M + BLOCK_N)
 # FLOPs per byte, 64 for 128x128 and 43 for 64x128 (the loss forward's 128x128 TMA tile
 # read them at 8.3 TB/s on an H100). The rounds' masked copy of the tile is live next
-# to the logits:
-# with softcap, bias and the raw lse, 128x128 over 8 warps spills 16-32 B on sm_90
-# (255 registers, Triton 3.6 and 3.9) but 160-320 B on sm_80, where 64x128 fits
+# to the logits: with softcap, bias and the raw lse, 128x128 over 8 warps spills 16-32 B
+# on sm_90 (255 registers, Triton 3.6 and 3.9) but 160-320 B on sm_80, where 64x128 fits
 # (229-255 registers, no spill). So sm_90 gets 128x128 and sm_80 64x128. fp32 operands
 # hold their K slices in registers too: 64x64 over 8 warps (180-190 registers, no spill;
 # 32x128 spills up to 40 B where ptxas caps it at 128 registers).
