@@ -9,7 +9,7 @@ at the shape its target is measured on, so one run says which default to keep.
                lse alone, which says what the rest of a top-k costs
     sample     `triton_sample` at B=64 and 256, Qwen2.5-7B's head (d=3584, V=152064), T=0.8,
                against the bare bf16 matmul; then the default drawing greedily (no
-               noise), which says what the noise costs
+               noise), which says what the noise costs, and at T=1 (no tempered fold)
     forward    the loss forward's statistics kernel, a plain head (no bias), N=4096 on
                that head, against the bare bf16 matmul; then a softcap-only head, Gemma-2-2B's
                (d=2304, V=256000, softcap 30), N=4096
@@ -86,10 +86,11 @@ def _tune_sample_batch(rows: int, rep_ms: int) -> None:
             lambda c: _bench(lambda: triton_sample(x, w, None, None, options, seeds, positions, c), rep_ms),
             matmul_ms)
     # Greedy draws skip the noise (Philox and two logs an id): the difference is its cost.
-    greedy = SamplingOptions(temperature=0.0)
-    greedy_ms = _bench(lambda: triton_sample(x, w, None, None, greedy, seeds, positions, candidates[0]), rep_ms)
-    print(f"{kind:14s} {'default, greedy (no noise)':32s} {greedy_ms:9.3f} ms"
-          f"  {greedy_ms / matmul_ms:5.2f}x matmul", flush=True)
+    # At T = 1 the noise stays but z is the raw logit: no division, one lse fold.
+    for label, other in (("default, greedy (no noise)", SamplingOptions(temperature=0.0)),
+                         ("default, T=1 (one lse fold)", SamplingOptions(temperature=1.0))):
+        other_ms = _bench(lambda o=other: triton_sample(x, w, None, None, o, seeds, positions, candidates[0]), rep_ms)
+        print(f"{kind:14s} {label:32s} {other_ms:9.3f} ms  {other_ms / matmul_ms:5.2f}x matmul", flush=True)
 
 
 def tune_forward(rep_ms: int) -> None:

@@ -24,7 +24,7 @@ from .configs import (
     topk_candidates,
 )
 from .configs import target_programs
-from .sample import dense_sample_kernel, finish_draws_kernel, sample_kernel
+from .sample import FINISH_BLOCK_D, FINISH_WARPS, dense_sample_kernel, finish_draws_kernel, sample_kernel
 from .topk import threshold_kernel, topk_kernel
 
 _TORCH_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -60,16 +60,17 @@ def threshold_spec(config: TileConfig, dtype: str, archs: tuple[int, ...] = (90,
 
 
 def sample_spec(config: TileConfig, dtype: str, samples: int, greedy: bool = False,
-                archs: tuple[int, ...] = (90, 80)) -> CompileSpec:
+                archs: tuple[int, ...] = (90, 80), tempered: bool = True) -> CompileSpec:
+    """`tempered=False`: draws at temperature 1, whose z is the raw logit."""
     t = TRITON_DTYPE[dtype]
     pointers = {"x_ptr": t, "w_ptr": t, "b_ptr": "fp32", "seed_ptr": "i64", "pos_ptr": "i64",
-                "score_ptr": "fp32", "id_ptr": "i64", "raw_ptr": "fp32", "part_ptr": "fp32"}
+                "score_ptr": "fp32", "id_ptr": "i64", "part_ptr": "fp32"}
     constexprs = {"SAMPLES": samples, "BLOCK_M": config.block_m, "BLOCK_N": config.block_n,
                   "BLOCK_K": config.block_k, "SPLIT_N": config.split_n, "HAS_BIAS": True, "HAS_SOFTCAP": True,
-                  "GREEDY": greedy,
+                  "GREEDY": greedy, "TEMPERED": tempered and not greedy,
                   "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32", "USE_TMA": config.tma,
                   "FLAT": config.tma and config.flat}
-    flags = "greedy," if greedy else f"S={samples},"
+    flags = "greedy," if greedy else f"S={samples}," + ("" if tempered else "T=1,")
     spec = kernel_spec(f"sample[{dtype},{flags}{config}]", sample_kernel, pointers, constexprs, config,
                        float_args=("softcap", "temperature"))
     if config.tma:
@@ -85,13 +86,15 @@ def dense_sample_spec(samples: int) -> CompileSpec:
     return kernel_spec(f"dense_sample[fp32,S={samples},{config}]", dense_sample_kernel, pointers, constexprs, config)
 
 
-def finish_draws_spec(block_s: int, greedy: bool) -> CompileSpec:
-    pointers = {"score_ptr": "fp32", "id_ptr": "i64", "raw_ptr": "fp32", "part_ptr": "fp32", "ids_out_ptr": "i64",
-                "logprob_ptr": "fp32", "raw_logprob_ptr": "fp32", "lse_ptr": "fp32"}
-    flags = "greedy," if greedy else ""
-    return kernel_spec(f"finish_draws[{flags}S={block_s}]", finish_draws_kernel, pointers,
-                       {"BLOCK_S": block_s, "GREEDY": greedy}, float_args=("temperature",), num_warps=1,
-                       num_stages=1)
+def finish_draws_spec(block_s: int, greedy: bool, dtype: str = "bf16", tempered: bool = True) -> CompileSpec:
+    t = TRITON_DTYPE[dtype]
+    pointers = {"x_ptr": t, "w_ptr": t, "b_ptr": "fp32", "score_ptr": "fp32", "id_ptr": "i64", "part_ptr": "fp32",
+                "ids_out_ptr": "i64", "logprob_ptr": "fp32", "raw_logprob_ptr": "fp32", "lse_ptr": "fp32"}
+    flags = "greedy," if greedy else ("" if tempered else "T=1,")
+    constexprs = {"BLOCK_S": block_s, "BLOCK_D": FINISH_BLOCK_D, "HAS_BIAS": True, "HAS_SOFTCAP": True,
+                  "GREEDY": greedy, "TEMPERED": tempered and not greedy}
+    return kernel_spec(f"finish_draws[{dtype},{flags}S={block_s}]", finish_draws_kernel, pointers, constexprs,
+                       float_args=("softcap", "temperature"), num_warps=FINISH_WARPS, num_stages=1)
 
 
 def by_arch(sm90: tuple[TileConfig, ...], sm80: tuple[TileConfig, ...]) -> list[tuple[TileConfig, tuple[int, ...]]]:
@@ -128,8 +131,17 @@ def all_specs() -> list[CompileSpec]:
         for config, archs in configs:
             specs += [sample_spec(config, dtype, s, archs=archs) for s in samples]
             specs.append(sample_spec(config, dtype, 1, greedy=True, archs=archs))
+        # Draws at temperature 1 run the tempered code less a division and a fold: the
+        # default tiles of each architecture and batch size.
+        defaults: dict[TileConfig, tuple[int, ...]] = {}
+        for rows in (128, 16):
+            for arch in (90, 80):
+                config = sample_candidates(torch_dtype, rows, arch)[0]
+                defaults[config] = defaults.get(config, ()) + (arch,)
+        specs += [sample_spec(config, dtype, 1, archs=archs, tempered=False) for config, archs in defaults.items()]
     specs += [dense_sample_spec(s) for s in samples]
     # The sampler's merge, from one split to the most a launch plans (next power of two).
     widest = 1 << (target_programs("sample") - 1).bit_length()
-    specs += [finish_draws_spec(block_s, greedy) for block_s in (1, widest) for greedy in (False, True)]
+    specs += [finish_draws_spec(block_s, greedy, dtype, tempered) for block_s in (1, widest)
+              for greedy, tempered in ((False, True), (False, False), (True, False)) for dtype in ("bf16", "fp32")]
     return specs

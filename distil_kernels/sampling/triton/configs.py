@@ -19,8 +19,8 @@ from ...loss.triton.configs import TileConfig, autotuning, fastest, interpreting
 # sorted [BLOCK_M, BLOCK_N >= K] key tile; beyond 256 they would spill (see below).
 MAX_TOPK = 256
 
-# Samples drawn per program from one logits tile. A sample's noise is about a hundred
-# instructions per id (a quarter of a Philox call and two fp32 logs), by
+# Samples drawn per program from one logits tile. A sample's noise is about 75
+# instructions per id (a quarter of a Philox call, an accurate and a fast fp32 log), by
 # instruction counts half the time of the tile's matmul at d = 4096 on an H100, so more
 # samples per program would save little matmul; a grid axis over groups of samples
 # keeps the GPU full at small batch sizes.
@@ -135,7 +135,8 @@ SAMPLE_SMALL_BATCH = TileConfig(16, 128, 64, num_warps=8, num_stages=3, split_n=
 # The flat ones run a program's passes as one loop over (pass, K slice) (`flat_passes`).
 # A program holds its SM alone (163-167 registers over 8 warps; 152-200 KiB of shared
 # memory), so with a loop per pass HBM idles while a pass's epilogue computes its noise,
-# about 5000 instructions a thread on sm_90 (greedy draws: 1200): by instruction counts
+# about 5000 instructions a thread on sm_90 when timed (greedy draws: 1200; ~4100 since
+# the fast outer log and the winners' logits recomputed after the pass): by instruction counts
 # ~15% of the pass, as the 1.32x of the bare matmul against greedy's 1.08x suggests. In
 # one loop the pipeliner issues the next pass's first `num_stages - 1` slices (48 KiB
 # each) before the epilogue, whose time their loads then fill (TTGIR: the TMA copies of

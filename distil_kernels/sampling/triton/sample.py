@@ -4,20 +4,23 @@ Program (m, s, j) takes row block m through vocabulary split s for samples
 SAMPLES*j .. SAMPLES*(j+1)-1, SPLIT_N adjacent tiles per pass over the rows' hidden
 states (`wide_products`). Each logits tile is computed once and serves all of the
 program's samples (`sample_tile`): its raw logits and z = raw / T are folded into running (max,
-sum-exp) pairs, and for each sample the Philox noise of the tile is added to z and the
-tile's argmax (ties to the lower id) competes with the sample's running best.
+sum-exp) pairs (one pair at T = 1, where z is the raw logit), and for each sample the
+Philox noise of the tile is added to z and the tile's argmax (ties to the lower id)
+competes with the sample's running best.
 
 The noise is the torch backend's stream (sampling/sample.py): id v of sample n takes
 word v % 4 of Philox4x32-10 keyed by the row's seed at counter (v // 4, position low
 word, n, position high word), so one `tl.philox` call on [BLOCK_M, BLOCK_N / 4] groups
 gives the whole tile; its four words are interleaved back into id order. The transform
 to g = -log(-log(u)) is the torch backend's, taken in fp32 where that backend takes the
-inner log in float64 (`gumbel_from_words`: the same E to a few ulps), so both backends
-draw the same ids unless two scores tie to within the last bits of their math.
+inner log in float64 (`gumbel_from_words`: the same E to a few ulps, and g to a few
+ulps of its magnitude), so both backends draw the same ids unless two scores tie to
+within the last bits of their math.
 
-Each split stores its best (score, id, raw logit) per row and sample and its partials;
+Each split stores its best (score, id) per row and sample and its partials;
 `finish_draws_kernel` keeps the best split per sample (the earlier split on equal
-scores, as its ids are lower), merges the log-sum-exps and writes the Sample.
+scores, as its ids are lower), merges the log-sum-exps, recomputes each drawn id's logit
+(one dot of length d) and writes the Sample.
 """
 
 from __future__ import annotations
@@ -26,16 +29,41 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.language.extra import libdevice
 
-from ...loss.triton.tiles import finish_logits, fold_lse
+from ...loss.triton.tiles import finish_logits, fold_lse, tanh_fp32
 from ..sample import Sample, SamplingOptions
-from ...loss.triton.configs import ENABLE_FP_FUSION, kernel_operands
+from ...loss.triton.configs import ENABLE_FP_FUSION, interpreting, kernel_operands
 from .configs import SAMPLES_PER_PROGRAM, TileConfig, select_dense_sample_config, select_sample_config
 from .splits import plan_splits, split_range
 from .wide_tiles import pass_accumulator, slice_products_tma, wide_products, zero_accumulators
 
+# The finish kernel's dot of a drawn id's logit: 512 of d a step over 4 warps (4 entries
+# a thread), so a 3584-wide head takes 7 steps of 2 KiB loads a row.
+FINISH_BLOCK_D = 512
+FINISH_WARPS = 4
+
 TWO_POW_MINUS_32 = tl.constexpr(2.0**-32)
 TWO_POW_MINUS_33 = tl.constexpr(2.0**-33)
+
+
+@triton.jit
+def _fast_log(x):
+    return libdevice.fast_logf(x)
+
+
+@triton.jit
+def _exact_log(x):
+    return tl.log(x)
+
+
+# g = -log(E) joins a logit in a score z + g, so it needs the absolute accuracy of that
+# sum, not a relative one near g = 0. The fast log (MUFU.LG2 and a product: within
+# 2**-21.4 for E in [0.5, 2] and 3 ulps elsewhere, the CUDA C Programming Guide's __logf)
+# is a few ulps of the score's larger term, below the logit's own error from its GEMM,
+# where libdevice's logf took ~20 instructions an id, a fifth of the noise's. E itself
+# keeps the accurate log (below). The interpreter has no libdevice.
+score_log = _exact_log if interpreting() else _fast_log
 
 
 @triton.jit
@@ -44,12 +72,13 @@ def gumbel_from_words(words):
 
     The torch backend takes E in float64 from the exact u. This is the same E to a few
     fp32 ulps with one fp32 log instead of a float64 one (~30 double-precision
-    instructions an id, at half the fp32 rate on an H100; with the outer log, half the
-    noise's time). For u <= 1/2, E = -log(u) >= 0.69 of u rounded to fp32: the rounding
-    moves E by about an ulp. For u > 1/2, where E is tiny and an unlikely token wins,
-    E = -log1p(-v) of v = 1 - u = (2 (~w) + 1) / 2**33 (exact before its rounding), taken
-    as log(y) of y = 1 - v rounded, plus that rounding's residual (1 - y - v) / y, which
-    is exact: no cancellation anywhere, so E keeps its relative precision down to 2**-33.
+    instructions an id, at half the fp32 rate on an H100). For u <= 1/2, E = -log(u) >=
+    0.69 of u rounded to fp32: the rounding moves E by about an ulp. For u > 1/2, where E
+    is tiny and an unlikely token wins, E = -log1p(-v) of v = 1 - u = (2 (~w) + 1) / 2**33
+    (exact before its rounding), taken as log(y) of y = 1 - v rounded, plus that
+    rounding's residual (1 - y - v) / y, which is exact: no cancellation anywhere, so E
+    keeps its relative precision down to 2**-33. That needs the accurate log; the outer
+    one takes `score_log`.
     """
     upper = (words >> 31) != 0  # u > 1/2
     u = words.to(tl.float32) * TWO_POW_MINUS_32 + TWO_POW_MINUS_33
@@ -58,7 +87,7 @@ def gumbel_from_words(words):
     # y >= 1/2 where it is used; the clamp keeps the unused lanes' quotient finite.
     residual = ((1.0 - y) - v) / tl.maximum(y, 0.5)
     log_u = tl.log(tl.where(upper, y, u)) + tl.where(upper, residual, 0.0)
-    return -tl.log(-log_u)
+    return -score_log(-log_u)
 
 
 @triton.jit
@@ -99,9 +128,9 @@ def fold_lse_tempered(raw_max, raw_sum, z_sum, raw, z, temperature):
 @triton.jit
 def sample_tile(
     acc, tile, b_ptr, V, softcap, temperature, seed, pos_lo, pos_hi, first_sample, end_sample,
-    best_score, best_id, best_raw, raw_max, raw_sum, z_sum,
+    best_score, best_id, raw_max, raw_sum, z_sum,
     SAMPLES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, GREEDY: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, GREEDY: tl.constexpr, TEMPERED: tl.constexpr,
 ):
     """Fold vocabulary tile `tile` (its products `acc`) into the program's running state.
 
@@ -110,11 +139,11 @@ def sample_tile(
     id) competes with the sample's running best. Returns the updated state.
 
     Over 8 warps each row reduction of a tile this narrow crosses warps (through shared
-    memory, with a barrier): z's max comes from the raw one, and a draw's maximum and its
-    column from one reduction.
+    memory, with a barrier): z's max comes from the raw one, a draw's maximum and its
+    column from one reduction, and the winner's logit from none (`finish_draws_kernel`
+    recomputes it, one dot a draw where a reduction a tile took ~3 instructions an id).
     """
-    cols = tl.arange(0, BLOCK_N)
-    offs_n = (tile * BLOCK_N + cols).to(tl.int64)
+    offs_n = (tile * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     col_ok = offs_n < V
     raw, _ = finish_logits(acc, b_ptr, offs_n, col_ok, softcap, 1.0, HAS_BIAS, HAS_SOFTCAP)
     raw = tl.where(col_ok[None, :], raw, float("-inf"))
@@ -122,30 +151,31 @@ def sample_tile(
         raw_max, raw_sum = fold_lse(raw_max, raw_sum, raw)
         # The draw's score is the raw logit itself: one sample, no noise.
         tile_best, local = tile_first_max(raw)
-        best_score, best_id, better = fold_draw(tile_best, local, tile, 0, tl.arange(0, SAMPLES), best_score,
-                                                best_id, BLOCK_N)
-        best_raw = tl.where(better, tile_best[:, None], best_raw)
+        best_score, best_id = fold_draw(tile_best, local, tile, 0, tl.arange(0, SAMPLES), best_score, best_id,
+                                        BLOCK_N)
     else:
-        # Correctly rounded, as the torch backend's division: `/` is approximate on GPUs.
-        z = tl.math.div_rn(raw, temperature)
-        raw_max, raw_sum, z_sum = fold_lse_tempered(raw_max, raw_sum, z_sum, raw, z, temperature)
+        if TEMPERED:
+            # Correctly rounded, as the torch backend's division: `/` is approximate on GPUs.
+            z = tl.math.div_rn(raw, temperature)
+            raw_max, raw_sum, z_sum = fold_lse_tempered(raw_max, raw_sum, z_sum, raw, z, temperature)
+        else:  # T = 1: z is the raw logit (raw / 1 exactly), and its lse the raw one
+            z = raw
+            raw_max, raw_sum = fold_lse(raw_max, raw_sum, raw)
         slots = tl.arange(0, SAMPLES)  # sample first_sample + slot
         for sample in range(first_sample, end_sample):
             score = z + tile_noise(seed, pos_lo, pos_hi, tile * (BLOCK_N // 4), sample, BLOCK_M, BLOCK_N)
             tile_best, local = tile_first_max(score)
-            tile_raw = tl.max(tl.where(cols[None, :] == local[:, None], raw, float("-inf")), axis=1)
-            best_score, best_id, better = fold_draw(tile_best, local, tile, sample - first_sample, slots, best_score,
-                                                    best_id, BLOCK_N)
-            best_raw = tl.where(better, tile_raw[:, None], best_raw)
-    return best_score, best_id, best_raw, raw_max, raw_sum, z_sum
+            best_score, best_id = fold_draw(tile_best, local, tile, sample - first_sample, slots, best_score,
+                                            best_id, BLOCK_N)
+    return best_score, best_id, raw_max, raw_sum, z_sum
 
 
 @triton.jit
 def sample_pass(
     acc0, acc1, acc2, acc3, tile, b_ptr, V, num_tiles, softcap, temperature, seed, pos_lo, pos_hi, first_sample,
-    end_sample, best_score, best_id, best_raw, raw_max, raw_sum, z_sum,
+    end_sample, best_score, best_id, raw_max, raw_sum, z_sum,
     SAMPLES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_N: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, GREEDY: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, GREEDY: tl.constexpr, TEMPERED: tl.constexpr,
 ):
     """`sample_tile` on each of a pass's SPLIT_N tiles (first `tile`) in turn.
 
@@ -154,21 +184,21 @@ def sample_pass(
     """
     for j in tl.static_range(SPLIT_N):
         if j == 0 or tile + j < num_tiles:
-            best_score, best_id, best_raw, raw_max, raw_sum, z_sum = sample_tile(
+            best_score, best_id, raw_max, raw_sum, z_sum = sample_tile(
                 pass_accumulator(acc0, acc1, acc2, acc3, j), tile + j, b_ptr, V, softcap, temperature, seed, pos_lo,
-                pos_hi, first_sample, end_sample, best_score, best_id, best_raw, raw_max, raw_sum, z_sum,
-                SAMPLES, BLOCK_M, BLOCK_N, HAS_BIAS, HAS_SOFTCAP, GREEDY,
+                pos_hi, first_sample, end_sample, best_score, best_id, raw_max, raw_sum, z_sum,
+                SAMPLES, BLOCK_M, BLOCK_N, HAS_BIAS, HAS_SOFTCAP, GREEDY, TEMPERED,
             )
-    return best_score, best_id, best_raw, raw_max, raw_sum, z_sum
+    return best_score, best_id, raw_max, raw_sum, z_sum
 
 
 @triton.jit
 def flat_passes(
     x_desc, w_desc, b_ptr, first_step, last_step, V, D, num_tiles, softcap, temperature, seed, pos_lo, pos_hi,
-    first_sample, end_sample, best_score, best_id, best_raw, raw_max, raw_sum, z_sum,
+    first_sample, end_sample, best_score, best_id, raw_max, raw_sum, z_sum,
     SAMPLES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_N: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, GREEDY: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    TEMPERED: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Passes first_step .. last_step - 1 as one loop over (pass, K slice), by TMA.
 
@@ -188,13 +218,13 @@ def flat_passes(
         acc0, acc1, acc2, acc3 = slice_products_tma(x_desc, w_desc, first_row, step * (SPLIT_N * BLOCK_N), k0,
                                                     acc0, acc1, acc2, acc3, BLOCK_N, SPLIT_N, DOT_PRECISION)
         if k0 + BLOCK_K >= D:
-            best_score, best_id, best_raw, raw_max, raw_sum, z_sum = sample_pass(
+            best_score, best_id, raw_max, raw_sum, z_sum = sample_pass(
                 acc0, acc1, acc2, acc3, step * SPLIT_N, b_ptr, V, num_tiles, softcap, temperature, seed, pos_lo,
-                pos_hi, first_sample, end_sample, best_score, best_id, best_raw, raw_max, raw_sum, z_sum,
-                SAMPLES, BLOCK_M, BLOCK_N, SPLIT_N, HAS_BIAS, HAS_SOFTCAP, GREEDY,
+                pos_hi, first_sample, end_sample, best_score, best_id, raw_max, raw_sum, z_sum,
+                SAMPLES, BLOCK_M, BLOCK_N, SPLIT_N, HAS_BIAS, HAS_SOFTCAP, GREEDY, TEMPERED,
             )
             acc0, acc1, acc2, acc3 = zero_accumulators(BLOCK_M, BLOCK_N)
-    return best_score, best_id, best_raw, raw_max, raw_sum, z_sum
+    return best_score, best_id, raw_max, raw_sum, z_sum
 
 
 @triton.jit
@@ -223,14 +253,14 @@ def program_draws(seed_ptr, pos_ptr, N, num_samples, SAMPLES: tl.constexpr, BLOC
 def store_draws(score_ptr, id_ptr, best_score, best_id, offs_m, row_ok, first_sample, slots, num_splits,
                 num_samples):
     """Each (row, sample)'s best of this split into [N, num_splits, num_samples]; returns the
-    flat (row, split) index and the (index, mask) of the program's entries."""
+    flat (row, split) index."""
     out = offs_m * num_splits + tl.program_id(1)
     samples = first_sample + slots
     out_samples = out[:, None] * num_samples + samples[None, :]
     sample_ok = row_ok[:, None] & (samples < num_samples)[None, :]
     tl.store(score_ptr + out_samples, best_score, mask=sample_ok)
     tl.store(id_ptr + out_samples, best_id, mask=sample_ok)
-    return out, out_samples, sample_ok
+    return out
 
 
 @triton.jit
@@ -239,15 +269,14 @@ def fold_draw(tile_best, local, tile, slot_index, slots, best_score, best_id, BL
     maximum score `tile_best` [BLOCK_M] at column `local` (ties to the lower id).
 
     It replaces the sample's best only when strictly greater: earlier tiles hold lower
-    ids. Returns the updated (best_score, best_id) and the [BLOCK_M, SAMPLES] mask of
-    replaced entries.
+    ids. Returns the updated (best_score, best_id).
     """
     slot = (slots == slot_index)[None, :]
     previous = tl.max(tl.where(slot, best_score, float("-inf")), axis=1)
     better = slot & (tile_best > previous)[:, None]
     best_score = tl.where(better, tile_best[:, None], best_score)
     best_id = tl.where(better, (tile * BLOCK_N + local).to(tl.int64)[:, None], best_id)
-    return best_score, best_id, better
+    return best_score, best_id
 
 
 @triton.jit
@@ -256,8 +285,8 @@ def sample_kernel(
     x_ptr, w_ptr, b_ptr,
     seed_ptr,  # [N] int64: each row's 64-bit Philox key (`philox_rows`)
     pos_ptr,  # [N] int64: each row's 64-bit position, the counter's words 1 (low) and 3 (high)
-    score_ptr, id_ptr, raw_ptr,  # [N, num_splits, num_samples]: each split's best per sample
-    part_ptr,  # [N, num_splits, 4] fp32: (max, sum-exp) of the raw logits, then of z
+    score_ptr, id_ptr,  # [N, num_splits, num_samples]: each split's best per sample
+    part_ptr,  # [N, num_splits, 4] fp32: (max, sum-exp) of the raw logits, then of z (TEMPERED)
     # sizes: the vocabulary is num_tiles tiles of BLOCK_N, taken SPLIT_N at a time (a step);
     # splits of steps as `SplitPlan`
     N, V, D, num_tiles, steps_per_split, longer_splits, num_splits, num_samples,
@@ -272,22 +301,22 @@ def sample_kernel(
     HAS_BIAS: tl.constexpr,  # bias added in the tile
     HAS_SOFTCAP: tl.constexpr,  # c * tanh(u / c) applied in the tile
     GREEDY: tl.constexpr,  # temperature 0: argmax of the raw logits, no noise, one sample
+    TEMPERED: tl.constexpr,  # temperature neither 0 nor 1: z = raw / T has a log-sum-exp of its own
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs: no silent TF32
     USE_TMA: tl.constexpr,  # x_ptr and w_ptr are tensor descriptors (sm_90)
     FLAT: tl.constexpr = False,  # with USE_TMA: one loop over (pass, K slice), `flat_passes`
 ):
     offs_m, row_ok, seed, pos_lo, pos_hi, first_sample, end_sample, slots, best_score, best_id = program_draws(
         seed_ptr, pos_ptr, N, num_samples, SAMPLES, BLOCK_M)
-    best_raw = tl.zeros((BLOCK_M, SAMPLES), dtype=tl.float32)
     raw_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     raw_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     z_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     first_step, last_step = split_range(tl.program_id(1), steps_per_split, longer_splits)
     if FLAT:
-        best_score, best_id, best_raw, raw_max, raw_sum, z_sum = flat_passes(
+        best_score, best_id, raw_max, raw_sum, z_sum = flat_passes(
             x_ptr, w_ptr, b_ptr, first_step, last_step, V, D, num_tiles, softcap, temperature, seed, pos_lo, pos_hi,
-            first_sample, end_sample, best_score, best_id, best_raw, raw_max, raw_sum, z_sum,
-            SAMPLES, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_N, HAS_BIAS, HAS_SOFTCAP, GREEDY, DOT_PRECISION,
+            first_sample, end_sample, best_score, best_id, raw_max, raw_sum, z_sum,
+            SAMPLES, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_N, HAS_BIAS, HAS_SOFTCAP, GREEDY, TEMPERED, DOT_PRECISION,
         )
     else:
         for step in range(first_step, last_step):
@@ -296,18 +325,17 @@ def sample_kernel(
                 x_ptr, w_ptr, offs_m, tile, N, V, D, stride_xn, stride_xd, stride_wv, stride_wd,
                 BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_N, DOT_PRECISION, USE_TMA,
             )
-            best_score, best_id, best_raw, raw_max, raw_sum, z_sum = sample_pass(
+            best_score, best_id, raw_max, raw_sum, z_sum = sample_pass(
                 acc0, acc1, acc2, acc3, tile, b_ptr, V, num_tiles, softcap, temperature, seed, pos_lo, pos_hi,
-                first_sample, end_sample, best_score, best_id, best_raw, raw_max, raw_sum, z_sum,
-                SAMPLES, BLOCK_M, BLOCK_N, SPLIT_N, HAS_BIAS, HAS_SOFTCAP, GREEDY,
+                first_sample, end_sample, best_score, best_id, raw_max, raw_sum, z_sum,
+                SAMPLES, BLOCK_M, BLOCK_N, SPLIT_N, HAS_BIAS, HAS_SOFTCAP, GREEDY, TEMPERED,
             )
-    out, out_samples, sample_ok = store_draws(score_ptr, id_ptr, best_score, best_id, offs_m, row_ok, first_sample,
-                                              slots, num_splits, num_samples)
-    tl.store(raw_ptr + out_samples, best_raw, mask=sample_ok)
+    out = store_draws(score_ptr, id_ptr, best_score, best_id, offs_m, row_ok, first_sample, slots, num_splits,
+                      num_samples)
     if first_sample == 0:  # one program per (row block, split) stores the partials
         tl.store(part_ptr + out * 4, raw_max, mask=row_ok)
         tl.store(part_ptr + out * 4 + 1, raw_sum, mask=row_ok)
-        if not GREEDY:
+        if TEMPERED:
             tl.store(part_ptr + out * 4 + 2, tl.math.div_rn(raw_max, temperature), mask=row_ok)
             tl.store(part_ptr + out * 4 + 3, z_sum, mask=row_ok)
 
@@ -335,8 +363,8 @@ def dense_sample_kernel(
         for sample in range(first_sample, end_sample):
             score = z + tile_noise(seed, pos_lo, pos_hi, tile * (BLOCK_N // 4), sample, BLOCK_M, BLOCK_N)
             tile_best, local = tile_first_max(score)
-            best_score, best_id, _ = fold_draw(tile_best, local, tile, sample - first_sample, slots, best_score,
-                                               best_id, BLOCK_N)
+            best_score, best_id = fold_draw(tile_best, local, tile, sample - first_sample, slots, best_score,
+                                            best_id, BLOCK_N)
     store_draws(score_ptr, id_ptr, best_score, best_id, offs_m, row_ok, first_sample, slots, num_splits, num_samples)
 
 
@@ -349,18 +377,42 @@ def merged_lse(part_max, part_sum):
 
 
 @triton.jit
+def drawn_logit(x_ptr, w_ptr, b_ptr, row, vocab_id, D, stride_xn, stride_xd, stride_wv, stride_wd, softcap,
+                HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The logit at temperature 1 (bias and softcap applied) of id `vocab_id` in row `row`:
+    one dot of length D with fp32 products and sums, the tile's value but for its order of
+    additions."""
+    acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_D):
+        offs = k0 + tl.arange(0, BLOCK_D)
+        ok = offs < D
+        x = tl.load(x_ptr + row * stride_xn + offs * stride_xd, mask=ok, other=0.0)
+        w = tl.load(w_ptr + vocab_id * stride_wv + offs * stride_wd, mask=ok, other=0.0)
+        acc += x.to(tl.float32) * w.to(tl.float32)
+    raw = tl.sum(acc, axis=0)
+    if HAS_BIAS:
+        raw += tl.load(b_ptr + vocab_id).to(tl.float32)
+    if HAS_SOFTCAP:
+        raw = tanh_fp32(raw / softcap) * softcap
+    return raw
+
+
+@triton.jit
 def finish_draws_kernel(
-    score_ptr, id_ptr, raw_ptr,  # [N, num_splits, drawn]: each split's best per sample
-    part_ptr,  # [N, num_splits, 4]: (max, sum-exp) of the raw logits, then of z
+    x_ptr, w_ptr, b_ptr,  # the sampler's operands, for the drawn ids' logits
+    score_ptr, id_ptr,  # [N, num_splits, drawn]: each split's best per sample
+    part_ptr,  # [N, num_splits, 4]: (max, sum-exp) of the raw logits, then of z (TEMPERED)
     ids_out_ptr, logprob_ptr, raw_logprob_ptr,  # [N, num_samples]
     lse_ptr,  # [N]: log-sum-exp of the raw logits
-    num_splits, drawn, num_samples, temperature,
-    BLOCK_S: tl.constexpr, GREEDY: tl.constexpr,
+    V, D, stride_xn, stride_xd, stride_wv, stride_wd, num_splits, drawn, num_samples, softcap, temperature,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    GREEDY: tl.constexpr, TEMPERED: tl.constexpr,
 ):
     """Program `row` keeps each sample's best split (the first on equal scores: its ids are
     lower), merges the log-sum-exps and writes the row's Sample: in one launch what took
     about twenty small torch ops, which at a batch of 64 cost more host time than the
-    sample kernel's GPU time."""
+    sample kernel's GPU time. A greedy draw's score is its logit; a sampled id's logit is
+    recomputed (`drawn_logit`)."""
     row = tl.program_id(0).to(tl.int64)
     splits = tl.arange(0, BLOCK_S)
     split_ok = splits < num_splits
@@ -369,20 +421,24 @@ def finish_draws_kernel(
     lse_raw = merged_lse(tl.load(part, mask=split_ok, other=float("-inf")), tl.load(part + 1, mask=split_ok, other=0.0))
     tl.store(lse_ptr + row, lse_raw)
     lse_z = lse_raw
-    if not GREEDY:
+    if TEMPERED:
         lse_z = merged_lse(tl.load(part + 2, mask=split_ok, other=float("-inf")),
                            tl.load(part + 3, mask=split_ok, other=0.0))
     for j in range(0, drawn):
         score = tl.load(score_ptr + entries * drawn + j, mask=split_ok, other=float("-inf"))
-        best = (row * num_splits + tl.argmax(score, axis=0, tie_break_left=True)) * drawn + j
-        best_id = tl.load(id_ptr + best)
-        best_raw = tl.load(raw_ptr + best)
+        best_score, best_split = tl.max(score, axis=0, return_indices=True, return_indices_tie_break_left=True)
+        best_id = tl.load(id_ptr + (row * num_splits + best_split) * drawn + j)
         if GREEDY:  # one draw serves every sample
             for n in range(0, num_samples):
                 tl.store(ids_out_ptr + row * num_samples + n, best_id)
                 tl.store(logprob_ptr + row * num_samples + n, 0.0)
-                tl.store(raw_logprob_ptr + row * num_samples + n, best_raw - lse_raw)
+                tl.store(raw_logprob_ptr + row * num_samples + n, best_score - lse_raw)
         else:
+            # A draw replaces its best only with a strictly greater score, so no padded
+            # column is ever held; clamped all the same, an id reads W in bounds.
+            safe_id = tl.minimum(tl.maximum(best_id, 0), V - 1)
+            best_raw = drawn_logit(x_ptr, w_ptr, b_ptr, row, safe_id, D, stride_xn, stride_xd, stride_wv, stride_wd,
+                                   softcap, HAS_BIAS, HAS_SOFTCAP, BLOCK_D)
             tl.store(ids_out_ptr + row * num_samples + j, best_id)
             # Correctly rounded, as `at_temperature` divides.
             tl.store(logprob_ptr + row * num_samples + j, tl.math.div_rn(best_raw, temperature) - lse_z)
@@ -433,6 +489,7 @@ def triton_sample(x: Tensor, weight: Tensor, bias: Tensor | None, softcap: float
     n, d = x.shape
     v = weight.shape[0]
     drawn = 1 if options.greedy else options.num_samples
+    tempered = not options.greedy and options.temperature != 1.0
     if config is None:
         config = select_sample_config(x.dtype, n, weight.shape[0], x.device,
                                       lambda c: triton_sample(x, weight, bias, softcap, options, seeds, positions, c))
@@ -448,19 +505,18 @@ def triton_sample(x: Tensor, weight: Tensor, bias: Tensor | None, softcap: float
     dev = x.device
     score = torch.empty(n, plan.num_splits, drawn, dtype=torch.float32, device=dev)
     ids = torch.empty(n, plan.num_splits, drawn, dtype=torch.int64, device=dev)
-    raw = torch.empty(n, plan.num_splits, drawn, dtype=torch.float32, device=dev)
     part = torch.empty(n, plan.num_splits, 4, dtype=torch.float32, device=dev)
     x_arg, w_arg, use_tma = kernel_operands(x, weight, config)
     if n > 0:
         sample_kernel[(plan.num_m_blocks, plan.num_splits, sample_programs)](
             x_arg, w_arg, bias if bias is not None else x,
-            seeds, positions, score, ids, raw, part,
+            seeds, positions, score, ids, part,
             n, v, d, num_tiles, plan.tiles_per_split, plan.longer_splits, plan.num_splits, drawn,
             x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
             float(softcap or 1.0), float(options.temperature or 1.0),
             SAMPLES=samples_per_program, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
             SPLIT_N=config.split_n,
-            HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, GREEDY=options.greedy,
+            HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, GREEDY=options.greedy, TEMPERED=tempered,
             DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", USE_TMA=use_tma,
             FLAT=use_tma and config.flat,
             num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=ENABLE_FP_FUSION,
@@ -471,8 +527,11 @@ def triton_sample(x: Tensor, weight: Tensor, bias: Tensor | None, softcap: float
                     torch.empty(n, dtype=torch.float32, device=dev))
     if n > 0:
         finish_draws_kernel[(n,)](
-            score, ids, raw, part, *sample, plan.num_splits, drawn, options.num_samples,
-            float(options.temperature or 1.0), BLOCK_S=triton.next_power_of_2(plan.num_splits),
-            GREEDY=options.greedy, num_warps=1, enable_fp_fusion=ENABLE_FP_FUSION,
+            x, weight, bias if bias is not None else x, score, ids, part, *sample,
+            v, d, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), plan.num_splits, drawn,
+            options.num_samples, float(softcap or 1.0), float(options.temperature or 1.0),
+            BLOCK_S=triton.next_power_of_2(plan.num_splits), BLOCK_D=FINISH_BLOCK_D, HAS_BIAS=bias is not None,
+            HAS_SOFTCAP=softcap is not None, GREEDY=options.greedy, TEMPERED=tempered, num_warps=FINISH_WARPS,
+            enable_fp_fusion=ENABLE_FP_FUSION,
         )
     return sample
