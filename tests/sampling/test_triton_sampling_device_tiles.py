@@ -196,18 +196,22 @@ def test_topk_threshold_pass_by_tma_descriptors(monkeypatch, config, d):
                          ids=["sample", "greedy"])
 def test_sample_by_tma_descriptors(monkeypatch, config, options):
     """The sm_90 sampler candidates whose x and W slices come by TMA descriptors (four
-    32-wide W boxes a pass, zero-filled past V and d): the torch backend's ids."""
-    launched = []
-    monkeypatch.setattr(sample_module, "sample_kernel", RecordingKernel(sample_module.sample_kernel, launched))
+    32-wide W boxes a pass, zero-filled past V and d): the torch backend's ids. Those
+    with x from registers launch so (the interpreter runs the same code less the copy
+    that keeps x in registers)."""
+    launched, x_registers = [], []
+    kernel = RecordingKernel(RecordingKernel(sample_module.sample_kernel, x_registers, "X_REGISTERS"), launched)
+    monkeypatch.setattr(sample_module, "sample_kernel", kernel)
     monkeypatch.setattr(sample_module, "select_sample_config", lambda *args: config)
     x, w, b = make_problem(40, V, D, torch.float16, seed=36, scale=3.0)
     assert_draws_match_torch(x, w, bias=b, softcap=5.0, seed=19, **options)
     assert launched and all(launched)
+    assert x_registers and all(used == config.x_registers for used in x_registers)
 
 
 @pytest.mark.skipif(configs.tensor_descriptors() is None, reason="this Triton has no TMA descriptors")
 @pytest.mark.parametrize("config, rows", [(c, 40) for c in configs.SAMPLE_TMA_SM90 if c.flat]
-                         + [(configs.SAMPLE_TALL_TMA_SM90, 150)], ids=str)
+                         + [(configs.SAMPLE_TALL_TMA_SM90, 150), (configs.SAMPLE_TALL_XREG_SM90, 150)], ids=str)
 @pytest.mark.parametrize("options", [dict(temperature=0.8, num_samples=5), dict(temperature=0)],
                          ids=["sample", "greedy"])
 def test_flat_sampler_passes_match_the_torch_ids(monkeypatch, config, rows, options):

@@ -36,11 +36,13 @@ class TileConfig:
     split_n: int = 1  # the sampler and threshold top-k: adjacent tiles computed from one pass over x (1, 2 or 4)
     tma: bool = False  # x and W slices (and stores, where a kernel has them) by TMA descriptors (sm_90)
     flat: bool = False  # the sampler and threshold top-k, by TMA: one loop over (tile pass, K slice)
+    x_registers: bool = False  # the sampler, by TMA: x slices read into registers for wgmma (`wide_tiles`)
 
     def __str__(self) -> str:
         split = f"-x{self.split_n}" if self.split_n > 1 else ""
         return (f"{self.block_m}x{self.block_n}x{self.block_k}-w{self.num_warps}-s{self.num_stages}"
-                f"-g{self.group_m}{split}{'-tma' if self.tma else ''}{'-flat' if self.flat else ''}")
+                f"-g{self.group_m}{split}{'-tma' if self.tma else ''}{'-flat' if self.flat else ''}"
+                f"{'-xreg' if self.x_registers else ''}")
 
 
 @functools.cache

@@ -69,7 +69,7 @@ def sample_spec(config: TileConfig, dtype: str, samples: int, greedy: bool = Fal
                   "BLOCK_K": config.block_k, "SPLIT_N": config.split_n, "HAS_BIAS": True, "HAS_SOFTCAP": True,
                   "GREEDY": greedy, "TEMPERED": tempered and not greedy,
                   "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32", "USE_TMA": config.tma,
-                  "FLAT": config.tma and config.flat}
+                  "FLAT": config.tma and config.flat, "X_REGISTERS": config.tma and config.x_registers}
     flags = "greedy," if greedy else f"S={samples}," + ("" if tempered else "T=1,")
     spec = kernel_spec(f"sample[{dtype},{flags}{config}]", sample_kernel, pointers, constexprs, config,
                        float_args=("softcap", "temperature"))

@@ -148,11 +148,24 @@ SAMPLE_SMALL_BATCH = TileConfig(16, 128, 64, num_warps=8, num_stages=3, split_n=
 # samples a program) and 104 KiB, so two programs share an SM, each one's epilogue
 # beside the other's loads.
 # Not timed on a GPU yet.
+# x slices from registers (`x_registers`, the wgmmas' RS form: `wide_tiles` says why):
+# each 8-warp tile above issues m64n16k16 wgmmas that re-read their 2 KiB x slice from
+# shared memory beside 0.5 KiB of W, 2.5x the bytes of the same products with x read
+# into registers once a K slice; over 4 warps (m64n32k16) 2x. The copies of the timed
+# 4-stage TMA tile, the flat one and the 4-warp one: 150-165 registers over 8 warps and
+# 246-255 over 4 (no spill at one sample, 8 B at four), and 16 KiB less shared memory,
+# as x no longer waits in a buffer of its own for the epilogue (Triton 3.9, sm_90). Not
+# timed on a GPU yet.
 SAMPLE_TMA_SM90 = (TileConfig(64, 32, 64, num_warps=8, num_stages=3, split_n=4, tma=True),
                    TileConfig(64, 32, 128, num_warps=8, num_stages=4, split_n=4, tma=True),
                    TileConfig(64, 32, 128, num_warps=8, num_stages=4, split_n=4, tma=True, flat=True),
                    TileConfig(64, 32, 128, num_warps=8, num_stages=3, split_n=4, tma=True, flat=True),
-                   TileConfig(64, 32, 64, num_warps=4, num_stages=4, split_n=4, tma=True, flat=True))
+                   TileConfig(64, 32, 64, num_warps=4, num_stages=4, split_n=4, tma=True, flat=True),
+                   TileConfig(64, 32, 128, num_warps=8, num_stages=4, split_n=4, tma=True, x_registers=True),
+                   TileConfig(64, 32, 128, num_warps=8, num_stages=3, split_n=4, tma=True, flat=True,
+                              x_registers=True),
+                   TileConfig(64, 32, 64, num_warps=4, num_stages=4, split_n=4, tma=True, flat=True,
+                              x_registers=True))
 SAMPLE_CANDIDATES_SM90 = (SAMPLE_DEFAULT_SM90, TileConfig(64, 32, 64, num_warps=8, num_stages=3, split_n=4),
                           SAMPLE_DEFAULT, TileConfig(64, 32, 64, num_warps=8, num_stages=3),
                           *(SAMPLE_TMA_SM90 if tensor_descriptors() is not None else ()))
@@ -164,6 +177,10 @@ SAMPLE_CANDIDATES_SM90 = (SAMPLE_DEFAULT_SM90, TileConfig(64, 32, 64, num_warps=
 # (spilling 0-24 B at 1-4 samples) and 112 KiB: two thirds of the L2 reads. Below 128
 # rows the extra rows would be noise for nothing. Not timed on a GPU yet.
 SAMPLE_TALL_TMA_SM90 = TileConfig(128, 32, 64, num_warps=8, num_stages=3, split_n=4, tma=True, flat=True)
+# Its m64n32k16 wgmmas read 3 KiB of shared memory each; with x from registers, 1 KiB
+# and a 16 KiB x slice a K slice (251 registers, no spill at one sample). Not timed yet.
+SAMPLE_TALL_XREG_SM90 = TileConfig(128, 32, 64, num_warps=8, num_stages=3, split_n=4, tma=True, flat=True,
+                                   x_registers=True)
 SAMPLE_CANDIDATES = (SAMPLE_DEFAULT, TileConfig(64, 32, 64, num_warps=8, num_stages=3))
 SAMPLE_DEFAULT_FP32 = TileConfig(64, 32, 32, num_warps=8, num_stages=3)
 # 16-wide K slices: the FMA loop's slices of 32 with several samples' noise spilled 24-40 B
@@ -229,7 +246,8 @@ def sample_candidates(dtype: torch.dtype, rows: int, arch: int) -> tuple[TileCon
         return (SAMPLE_SMALL_BATCH,)
     if arch < 90:
         return SAMPLE_CANDIDATES
-    tall = (SAMPLE_TALL_TMA_SM90,) if rows >= 128 and tensor_descriptors() is not None else ()
+    tall = ((SAMPLE_TALL_TMA_SM90, SAMPLE_TALL_XREG_SM90) if rows >= 128 and tensor_descriptors() is not None
+            else ())
     return SAMPLE_CANDIDATES_SM90 + tall
 
 

@@ -198,7 +198,7 @@ def flat_passes(
     first_sample, end_sample, best_score, best_id, raw_max, raw_sum, z_sum,
     SAMPLES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_N: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, GREEDY: tl.constexpr,
-    TEMPERED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    TEMPERED: tl.constexpr, DOT_PRECISION: tl.constexpr, X_REGISTERS: tl.constexpr,
 ):
     """Passes first_step .. last_step - 1 as one loop over (pass, K slice), by TMA.
 
@@ -216,7 +216,8 @@ def flat_passes(
         step = it // k_slices
         k0 = (it - step * k_slices) * BLOCK_K
         acc0, acc1, acc2, acc3 = slice_products_tma(x_desc, w_desc, first_row, step * (SPLIT_N * BLOCK_N), k0,
-                                                    acc0, acc1, acc2, acc3, BLOCK_N, SPLIT_N, DOT_PRECISION)
+                                                    acc0, acc1, acc2, acc3, BLOCK_N, SPLIT_N, DOT_PRECISION,
+                                                    X_REGISTERS)
         if k0 + BLOCK_K >= D:
             best_score, best_id, raw_max, raw_sum, z_sum = sample_pass(
                 acc0, acc1, acc2, acc3, step * SPLIT_N, b_ptr, V, num_tiles, softcap, temperature, seed, pos_lo,
@@ -305,6 +306,7 @@ def sample_kernel(
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs: no silent TF32
     USE_TMA: tl.constexpr,  # x_ptr and w_ptr are tensor descriptors (sm_90)
     FLAT: tl.constexpr = False,  # with USE_TMA: one loop over (pass, K slice), `flat_passes`
+    X_REGISTERS: tl.constexpr = False,  # with USE_TMA: each x slice from registers (`wide_tiles`)
 ):
     offs_m, row_ok, seed, pos_lo, pos_hi, first_sample, end_sample, slots, best_score, best_id = program_draws(
         seed_ptr, pos_ptr, N, num_samples, SAMPLES, BLOCK_M)
@@ -317,13 +319,14 @@ def sample_kernel(
             x_ptr, w_ptr, b_ptr, first_step, last_step, V, D, num_tiles, softcap, temperature, seed, pos_lo, pos_hi,
             first_sample, end_sample, best_score, best_id, raw_max, raw_sum, z_sum,
             SAMPLES, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_N, HAS_BIAS, HAS_SOFTCAP, GREEDY, TEMPERED, DOT_PRECISION,
+            X_REGISTERS,
         )
     else:
         for step in range(first_step, last_step):
             tile = step * SPLIT_N
             acc0, acc1, acc2, acc3 = wide_products(
                 x_ptr, w_ptr, offs_m, tile, N, V, D, stride_xn, stride_xd, stride_wv, stride_wd,
-                BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_N, DOT_PRECISION, USE_TMA,
+                BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_N, DOT_PRECISION, USE_TMA, X_REGISTERS,
             )
             best_score, best_id, raw_max, raw_sum, z_sum = sample_pass(
                 acc0, acc1, acc2, acc3, tile, b_ptr, V, num_tiles, softcap, temperature, seed, pos_lo, pos_hi,
@@ -518,7 +521,7 @@ def triton_sample(x: Tensor, weight: Tensor, bias: Tensor | None, softcap: float
             SPLIT_N=config.split_n,
             HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, GREEDY=options.greedy, TEMPERED=tempered,
             DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", USE_TMA=use_tma,
-            FLAT=use_tma and config.flat,
+            FLAT=use_tma and config.flat, X_REGISTERS=use_tma and config.x_registers,
             num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=ENABLE_FP_FUSION,
         )
     sample = Sample(torch.empty(n, options.num_samples, dtype=torch.int64, device=dev),

@@ -7,12 +7,42 @@ serves SPLIT_N products, while each tile's products stay an accumulator of their
 the kernel's epilogue consumes and frees in turn: a [BLOCK_M, SPLIT_N * BLOCK_N] tile of
 epilogue temporaries would not fit the registers. Up to four accumulators; the unused ones
 are zeros the compiler drops.
+
+Tiles this narrow make small wgmma instructions: a 32-wide tile over 8 warps is two
+warpgroups of m64n16k16 each, and with both operands in shared memory every one of them
+reads its x slice (64 x 16, 2 KiB) again beside 0.5 KiB of W. Per 128-wide K slice of a
+64x128 pass that is 160 KiB of shared memory reads for 1M multiply-adds: ~1250 cycles at
+128 B a cycle an SM, where the tensor cores need ~512, so the products run at about 40% of
+their peak, which a batch of 256 rows (a GEMM more than a GEMV) feels. With X_REGISTERS
+each warpgroup reads its x slice into registers once a K slice (ldmatrix) and the wgmmas
+take it from there (their RS form): 64 KiB a K slice, no longer above the tensor cores'
+time. An opaque copy (`register_operand`) is what makes Triton keep the operand in
+registers; the interpreter has no inline assembly and needs no such hint.
 """
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+from ...loss.triton.configs import interpreting
+
+
+@triton.jit
+def _opaque_copy(a):
+    if a.dtype.primitive_bitwidth == 32:
+        out = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [a], dtype=a.dtype, is_pure=True, pack=1)
+    else:  # two 16-bit values to a 32-bit register
+        out = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [a], dtype=a.dtype, is_pure=True, pack=2)
+    return out
+
+
+@triton.jit
+def _same_operand(a):
+    return a
+
+
+register_operand = _same_operand if interpreting() else _opaque_copy
 
 
 @triton.jit
@@ -21,12 +51,13 @@ def wide_products(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     USE_TMA: tl.constexpr = False,  # x_ptr and w_ptr are tensor descriptors (`wide_products_tma`)
+    X_REGISTERS: tl.constexpr = False,  # with USE_TMA: each x slice from registers (module docstring)
 ):
     """The products x W^T [BLOCK_M, BLOCK_N] of tiles first_tile .. first_tile + SPLIT_N - 1,
     from one pass over x."""
     if USE_TMA:
         acc0, acc1, acc2, acc3 = wide_products_tma(x_ptr, w_ptr, first_tile, D, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_N,
-                                                   DOT_PRECISION)
+                                                   DOT_PRECISION, X_REGISTERS)
     else:
         acc0, acc1, acc2, acc3 = wide_products_pointers(x_ptr, w_ptr, offs_m, first_tile, N, V, D, stride_xn,
                                                         stride_xd, stride_wv, stride_wd, BLOCK_M, BLOCK_N, BLOCK_K,
@@ -77,7 +108,7 @@ def wide_products_pointers(
 def wide_products_tma(
     x_desc, w_desc, first_tile, D,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, X_REGISTERS: tl.constexpr = False,
 ):
     """`wide_products` with the x and W slices loaded by TMA (sm_90): W streams from HBM in
     [BLOCK_N, BLOCK_K] boxes, one instruction each instead of per-thread masked loads,
@@ -87,15 +118,18 @@ def wide_products_tma(
     acc0, acc1, acc2, acc3 = zero_accumulators(BLOCK_M, BLOCK_N)
     for k0 in range(0, D, BLOCK_K):
         acc0, acc1, acc2, acc3 = slice_products_tma(x_desc, w_desc, first_row, first_col, k0, acc0, acc1, acc2, acc3,
-                                                    BLOCK_N, SPLIT_N, DOT_PRECISION)
+                                                    BLOCK_N, SPLIT_N, DOT_PRECISION, X_REGISTERS)
     return acc0, acc1, acc2, acc3
 
 
 @triton.jit
 def slice_products_tma(x_desc, w_desc, first_row, first_col, k0, acc0, acc1, acc2, acc3,
-                       BLOCK_N: tl.constexpr, SPLIT_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                       BLOCK_N: tl.constexpr, SPLIT_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                       X_REGISTERS: tl.constexpr = False):
     """The products of K slice [k0, k0 + BLOCK_K) added to a pass's SPLIT_N accumulators, by TMA."""
     a = x_desc.load([first_row, k0])
+    if X_REGISTERS:
+        a = register_operand(a)
     acc0 = tl.dot(a, w_desc.load([first_col, k0]).T, acc0, input_precision=DOT_PRECISION)
     if SPLIT_N >= 2:
         acc1 = tl.dot(a, w_desc.load([first_col + BLOCK_N, k0]).T, acc1, input_precision=DOT_PRECISION)
