@@ -18,6 +18,7 @@
 #
 #   GPU_CHECK_STEPS="tests loss cuda-loss sample topk trainer"   the steps (default: these; also: tune)
 #   GPU_CHECK_TUNE_KINDS=forward,gradient   the tune step's kernels (default: bench/tune.py's all)
+#   GPU_CHECK_TUNE_S=420    the tune step's own time limit (default 300; ~3 s a row, ~60 rows)
 #   GPU_CHECK_PROFILE=1     sample and topk also print where each call's time goes
 #   GPU_CHECK_PREBUILT=1    build/prebuilt/_C*.so (or distil_kernels/_C*.so) was built
 #                           elsewhere against this machine's torch and CUDA (name it in
@@ -166,7 +167,7 @@ fi
 
 if wanted tune; then
     step "launch-config candidates at the issues' shapes (bench/tune.py)"
-    timed 300 python -m bench tune ${GPU_CHECK_TUNE_KINDS:+--kinds "$GPU_CHECK_TUNE_KINDS"} 2>&1
+    timed "${GPU_CHECK_TUNE_S:-300}" python -m bench tune ${GPU_CHECK_TUNE_KINDS:+--kinds "$GPU_CHECK_TUNE_KINDS"} 2>&1
     rc[tune]=${PIPESTATUS[0]}
     # Where the sparse loss's extra time goes (issue 3: <= 1.1x the hard labels): the
     # indexed dot, the slot lists, the gradient kernel's corrections.
