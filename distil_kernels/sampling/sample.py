@@ -414,7 +414,8 @@ def _sweep_sample(x: Tensor, weight: Tensor, bias: Tensor | None, softcap: float
     """Untruncated or greedy sampling in one pass: online lse and a running Gumbel argmax.
 
     `id_offset`: the vocabulary id of weight's first row (a shard's), which names the
-    noise and the drawn ids.
+    noise and the drawn ids. At temperature 1 z is the raw logit (raw / 1 exactly) and its
+    lse the raw one: no division and one fold.
     """
     from ..loss.chunked import Workspace, logits_tile, plan_chunks
     from ..loss.options import LossOptions
@@ -423,6 +424,7 @@ def _sweep_sample(x: Tensor, weight: Tensor, bias: Tensor | None, softcap: float
     raw_options = LossOptions(softcap=softcap, workspace_bytes=workspace_bytes)
     rows, vocab = x.shape[0], weight.shape[0]
     n = options.num_samples
+    tempered = not options.greedy and options.temperature != 1.0
     plan = plan_chunks(rows, vocab, x.dtype, x.device, raw_options, SWEEP_CPU_ROWS,
                        SWEEP_CPU_MIN_TILE)
     ws = Workspace(plan, x.dtype, x.device, softcap is not None)
@@ -454,7 +456,7 @@ def _sweep_sample(x: Tensor, weight: Tensor, bias: Tensor | None, softcap: float
                 c1 = min(c0 + block, v1 - v0)
                 first = v0 + c0 + id_offset
                 raw_block = raw[:, c0:c1]
-                z = raw_block if options.greedy else at_temperature(raw_block, options.temperature)
+                z = at_temperature(raw_block, options.temperature) if tempered else raw_block
                 for j in range(n):
                     score = z
                     if not options.greedy:
@@ -466,10 +468,10 @@ def _sweep_sample(x: Tensor, weight: Tensor, bias: Tensor | None, softcap: float
                     block_raw = raw_block.gather(1, local[:, None])[:, 0]
                     best_raw[r0:r1, j] = torch.where(better, block_raw, best_raw[r0:r1, j])
                 fold_lse_(raw_max, raw_sum, raw_block)
-                if not options.greedy:
+                if tempered:
                     fold_lse_(z_max, z_sum, z)
         lse_raw[r0:r1] = raw_max + raw_sum.log()
-        lse_z[r0:r1] = z_max + z_sum.log()
+        lse_z[r0:r1] = z_max + z_sum.log() if tempered else lse_raw[r0:r1]
         scores[r0:r1] = best_score
     return SweepDraws(ids, scores, best_raw, lse_raw, lse_z)
 
