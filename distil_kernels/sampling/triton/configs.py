@@ -154,8 +154,11 @@ SAMPLE_SMALL_BATCH = TileConfig(16, 128, 64, num_warps=8, num_stages=3, split_n=
 # into registers once a K slice; over 4 warps (m64n32k16) 2x. The copies of the timed
 # 4-stage TMA tile, the flat one and the 4-warp one: 150-165 registers over 8 warps and
 # 246-255 over 4 (no spill at one sample, 8 B at four), and 16 KiB less shared memory,
-# as x no longer waits in a buffer of its own for the epilogue (Triton 3.9, sm_90). Not
-# timed on a GPU yet.
+# as x no longer waits in a buffer of its own for the epilogue (Triton 3.9, sm_90). And
+# since the noise's outer log is the fast one and the winners' logits are recomputed
+# after the pass, a 64x64 tile's noise fits 8 warps (235-239 registers, no spill, 144
+# KiB): its wgmmas are m64n32k16, and a pass of two such tiles has half the row
+# reductions of four 32-wide ones (52 barriers a pass against 98). Not timed on a GPU yet.
 SAMPLE_TMA_SM90 = (TileConfig(64, 32, 64, num_warps=8, num_stages=3, split_n=4, tma=True),
                    TileConfig(64, 32, 128, num_warps=8, num_stages=4, split_n=4, tma=True),
                    TileConfig(64, 32, 128, num_warps=8, num_stages=4, split_n=4, tma=True, flat=True),
@@ -165,6 +168,8 @@ SAMPLE_TMA_SM90 = (TileConfig(64, 32, 64, num_warps=8, num_stages=3, split_n=4, 
                    TileConfig(64, 32, 128, num_warps=8, num_stages=3, split_n=4, tma=True, flat=True,
                               x_registers=True),
                    TileConfig(64, 32, 64, num_warps=4, num_stages=4, split_n=4, tma=True, flat=True,
+                              x_registers=True),
+                   TileConfig(64, 64, 128, num_warps=8, num_stages=3, split_n=2, tma=True, flat=True,
                               x_registers=True))
 SAMPLE_CANDIDATES_SM90 = (SAMPLE_DEFAULT_SM90, TileConfig(64, 32, 64, num_warps=8, num_stages=3, split_n=4),
                           SAMPLE_DEFAULT, TileConfig(64, 32, 64, num_warps=8, num_stages=3),
