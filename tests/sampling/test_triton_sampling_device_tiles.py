@@ -160,7 +160,8 @@ def test_flat_head_dense_fallback(device_tiles):
 
 @pytest.mark.skipif(configs.tensor_descriptors() is None, reason="this Triton has no TMA descriptors")
 @pytest.mark.parametrize("config", [configs.THRESHOLD_TMA_SM90, configs.THRESHOLD_TMA_FLAT_SM90,
-                                    configs.THRESHOLD_TMA_PAIR_SM90, configs.THRESHOLD_TMA_WARPGROUP_SM90], ids=str)
+                                    configs.THRESHOLD_TMA_PAIR_SM90, configs.THRESHOLD_TMA_WARPGROUP_SM90,
+                                    configs.THRESHOLD_TMA_PAIR_XREG_SM90], ids=str)
 @pytest.mark.parametrize("d", [72, 13], ids=["tma", "unaligned-rows-fall-back"])
 def test_topk_threshold_pass_by_tma_descriptors(monkeypatch, config, d):
     """The sm_90 threshold candidates whose x and W slices come by TMA descriptors (zero
@@ -169,24 +170,26 @@ def test_topk_threshold_pass_by_tma_descriptors(monkeypatch, config, d):
     program two or three tiles, so the flat loop's epilogue runs once a tile, each on
     its own products; the pair's programs take two passes of two tiles and one pass of
     the last tile (V = 601: five 128-wide tiles), whose second tile lies past V. The
-    one-warpgroup tile, a plain head's own, runs on a plain head (the interpreter has
-    no warps: this checks that head's code by descriptors). Every row is settled by the
+    one-warpgroup tile and the pair with x from registers, a plain head's own, run on a
+    plain head (the interpreter has no warps and skips the register copy: this checks
+    that head's code by descriptors, and that the flag reaches the kernel). Every row is settled by the
     threshold pass itself: the merge kernel would redo a row whose emitted entries were
     lost, and hide it."""
-    launched = []
+    launched, x_registers = [], []
     argument = "FLAT" if config.flat else "USE_TMA"
-    monkeypatch.setattr(topk_module, "threshold_kernel",
-                        RecordingKernel(topk_module.threshold_kernel, launched, argument))
+    recorded = RecordingKernel(topk_module.threshold_kernel, x_registers, "X_REGISTERS")
+    monkeypatch.setattr(topk_module, "threshold_kernel", RecordingKernel(recorded, launched, argument))
     monkeypatch.setattr(topk_module, "select_threshold_config", lambda *args: config)
     monkeypatch.setattr(splits_module, "target_programs", lambda kind: 2)  # 40 rows: one block, two splits
     redone = record_merged_rows(monkeypatch)
     x, w, b = make_problem(40, V, d, torch.float16, seed=35, scale=2.0)
-    plain = config == configs.THRESHOLD_TMA_WARPGROUP_SM90
+    plain = config in (configs.THRESHOLD_TMA_WARPGROUP_SM90, configs.THRESHOLD_TMA_PAIR_XREG_SM90)
     b, softcap = (None, None) if plain else (b, 4.0)
     got = linear_topk(x, w, 5, bias=b, softcap=softcap, temperature=0.8, backend="triton")
     log_q, lse = dense_log_softmax(x, w, b, softcap=softcap, temperature=0.8)
     assert_topk_close(got, log_q, lse, 5, tol=fp32_tolerance(x, w, b, log_q, lse, softcap=softcap, temperature=0.8))
     assert launched and all(used == (d == 72) for used in launched)
+    assert len(x_registers) == len(launched) and all(used == (config.x_registers and d == 72) for used in x_registers)
     assert redone == []
 
 

@@ -49,7 +49,8 @@ def threshold_spec(config: TileConfig, dtype: str, archs: tuple[int, ...] = (90,
     constexprs = {"BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "BLOCK_K": config.block_k,
                   "HAS_BIAS": not plain, "HAS_SOFTCAP": not plain, "RAW_LSE": not plain,
                   "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32", "USE_TMA": config.tma,
-                  "FLAT": config.tma and config.flat, "SPLIT_N": config.split_n}
+                  "FLAT": config.tma and config.flat, "SPLIT_N": config.split_n,
+                  "X_REGISTERS": config.tma and config.x_registers}
     flags = "plain," if plain else ""
     spec = kernel_spec(f"threshold[{dtype},{flags}{config}]", threshold_kernel, pointers, constexprs, config,
                        float_args=("softcap", "inv_temp"))

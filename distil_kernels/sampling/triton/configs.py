@@ -100,8 +100,20 @@ THRESHOLD_CANDIDATES_SM90 = (*((THRESHOLD_TMA_SM90, THRESHOLD_TMA_FLAT_SM90, THR
 # other's products, as cuBLAS's ping-pong kernels alternate two warpgroups. Not timed on
 # a GPU yet.
 THRESHOLD_TMA_WARPGROUP_SM90 = TileConfig(128, 128, 64, num_warps=4, num_stages=3, tma=True)
+# The pair's two tiles share each x slice, but with both wgmma operands in shared memory
+# each of its m64n128k16 wgmmas reads the slice again: per 16-wide K step 24 KiB of reads
+# and 12 KiB of TMA writes for 0.5M multiply-adds, ~280 cycles at 128 B a cycle an SM
+# against the tensor cores' 256. With the slice read into registers once (`wide_tiles`),
+# 20 KiB of reads. (By the same count the single 128x128 tile's 20 KiB against 128
+# cycles of products cap it near 80% of the 128x256 tile's rate, as the seventh
+# session's loss forward rows measured: 8.37 against 6.84 ms.) For a plain head 255
+# registers and no spill, 128 KiB (Triton 3.9); with every option on it spills 40 B, so
+# it is a plain candidate. Not timed on a GPU yet.
+THRESHOLD_TMA_PAIR_XREG_SM90 = TileConfig(128, 128, 64, num_warps=8, num_stages=3, split_n=2, tma=True,
+                                          x_registers=True)
 THRESHOLD_PLAIN_CANDIDATES_SM90 = (*THRESHOLD_CANDIDATES_SM90,
-                                   *((THRESHOLD_TMA_WARPGROUP_SM90,) if tensor_descriptors() is not None else ()))
+                                   *((THRESHOLD_TMA_WARPGROUP_SM90, THRESHOLD_TMA_PAIR_XREG_SM90)
+                                     if tensor_descriptors() is not None else ()))
 THRESHOLD_DEFAULT = TileConfig(64, 128, 64, num_warps=8, num_stages=4)
 THRESHOLD_CANDIDATES = (THRESHOLD_DEFAULT,)
 THRESHOLD_DEFAULT_FP32 = TileConfig(64, 64, 32, num_warps=8, num_stages=3)

@@ -287,6 +287,7 @@ def threshold_kernel(
     USE_TMA: tl.constexpr,  # x_ptr and w_ptr are tensor descriptors (sm_90)
     FLAT: tl.constexpr = False,  # with USE_TMA: one loop over (pass, K slice)
     SPLIT_N: tl.constexpr = 1,  # adjacent tiles per pass over x (1 or 2): `wide_tiles`
+    X_REGISTERS: tl.constexpr = False,  # with USE_TMA: each x slice from registers (`wide_tiles`)
 ):
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -309,7 +310,8 @@ def threshold_kernel(
             step = it // k_slices
             k0 = (it - step * k_slices) * BLOCK_K
             acc0, acc1, acc2, acc3 = slice_products_tma(x_ptr, w_ptr, pid_m * BLOCK_M, step * (SPLIT_N * BLOCK_N), k0,
-                                                        acc0, acc1, acc2, acc3, BLOCK_N, SPLIT_N, DOT_PRECISION)
+                                                        acc0, acc1, acc2, acc3, BLOCK_N, SPLIT_N, DOT_PRECISION,
+                                                        X_REGISTERS)
             if k0 + BLOCK_K >= D:
                 found, unsettled, run_max, run_sum, raw_max, raw_sum = threshold_pass(
                     acc0, acc1, acc2, acc3, step * SPLIT_N, b_ptr, V, num_tiles, softcap, inv_temp, bound, key_ptr,
@@ -321,7 +323,7 @@ def threshold_kernel(
         for step in range(first_step, last_step):
             acc0, acc1, acc2, acc3 = wide_products(
                 x_ptr, w_ptr, offs_m, step * SPLIT_N, N, V, D, stride_xn, stride_xd, stride_wv, stride_wd,
-                BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_N, DOT_PRECISION, USE_TMA,
+                BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_N, DOT_PRECISION, USE_TMA, X_REGISTERS,
             )
             found, unsettled, run_max, run_sum, raw_max, raw_sum = threshold_pass(
                 acc0, acc1, acc2, acc3, step * SPLIT_N, b_ptr, V, num_tiles, softcap, inv_temp, bound, key_ptr, out,
@@ -488,7 +490,7 @@ def threshold_topk(x: Tensor, weight: Tensor, bias: Tensor | None, k: int, optio
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         HAS_BIAS=bias is not None, HAS_SOFTCAP=options.softcap is not None, RAW_LSE=raw_lse,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", USE_TMA=use_tma,
-        FLAT=use_tma and config.flat, SPLIT_N=config.split_n,
+        FLAT=use_tma and config.flat, SPLIT_N=config.split_n, X_REGISTERS=use_tma and config.x_registers,
         num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=ENABLE_FP_FUSION,
     )
     top = torch.topk(keys, min(k, keys.shape[1]), dim=1).values
