@@ -161,7 +161,7 @@ def test_flat_head_dense_fallback(device_tiles):
 @pytest.mark.skipif(configs.tensor_descriptors() is None, reason="this Triton has no TMA descriptors")
 @pytest.mark.parametrize("config", [configs.THRESHOLD_TMA_SM90, configs.THRESHOLD_TMA_FLAT_SM90,
                                     configs.THRESHOLD_TMA_PAIR_SM90, configs.THRESHOLD_TMA_WARPGROUP_SM90,
-                                    configs.THRESHOLD_TMA_PAIR_XREG_SM90], ids=str)
+                                    configs.THRESHOLD_TMA_PAIR_XREG_SM90, configs.THRESHOLD_TMA_TALL_SM90], ids=str)
 @pytest.mark.parametrize("d", [72, 13], ids=["tma", "unaligned-rows-fall-back"])
 def test_topk_threshold_pass_by_tma_descriptors(monkeypatch, config, d):
     """The sm_90 threshold candidates whose x and W slices come by TMA descriptors (zero
@@ -170,8 +170,8 @@ def test_topk_threshold_pass_by_tma_descriptors(monkeypatch, config, d):
     program two or three tiles, so the flat loop's epilogue runs once a tile, each on
     its own products; the pair's programs take two passes of two tiles and one pass of
     the last tile (V = 601: five 128-wide tiles), whose second tile lies past V. The
-    one-warpgroup tile and the pair with x from registers, a plain head's own, run on a
-    plain head (the interpreter has no warps and skips the register copy: this checks
+    one-warpgroup tile, the pair with x from registers and the 256-row tile, a plain
+    head's own, run on a plain head (the interpreter has no warps and skips the register copy: this checks
     that head's code by descriptors, and that the flag reaches the kernel). Every row is settled by the
     threshold pass itself: the merge kernel would redo a row whose emitted entries were
     lost, and hide it."""
@@ -183,7 +183,8 @@ def test_topk_threshold_pass_by_tma_descriptors(monkeypatch, config, d):
     monkeypatch.setattr(splits_module, "target_programs", lambda kind: 2)  # 40 rows: one block, two splits
     redone = record_merged_rows(monkeypatch)
     x, w, b = make_problem(40, V, d, torch.float16, seed=35, scale=2.0)
-    plain = config in (configs.THRESHOLD_TMA_WARPGROUP_SM90, configs.THRESHOLD_TMA_PAIR_XREG_SM90)
+    plain = config in (configs.THRESHOLD_TMA_WARPGROUP_SM90, configs.THRESHOLD_TMA_PAIR_XREG_SM90,
+                       configs.THRESHOLD_TMA_TALL_SM90)
     b, softcap = (None, None) if plain else (b, 4.0)
     got = linear_topk(x, w, 5, bias=b, softcap=softcap, temperature=0.8, backend="triton")
     log_q, lse = dense_log_softmax(x, w, b, softcap=softcap, temperature=0.8)

@@ -111,9 +111,16 @@ THRESHOLD_TMA_WARPGROUP_SM90 = TileConfig(128, 128, 64, num_warps=4, num_stages=
 # it is a plain candidate. Not timed on a GPU yet.
 THRESHOLD_TMA_PAIR_XREG_SM90 = TileConfig(128, 128, 64, num_warps=8, num_stages=3, split_n=2, tma=True,
                                           x_registers=True)
+# 256 rows over 8 warps: each warpgroup's two m64n128k16 wgmmas a K step share W's slice,
+# and the pass reads (256 + 128) d bytes of L2 for 256 x 128 outputs, as the pair does for
+# 128 x 256. For a plain head 255 registers and no spill (Triton 3.6 and 3.9), 144 KiB;
+# with every option on it spills 1-2 KB. Its candidate rounds take the largest hit
+# count of 256 rows: ~2.4 a tile at k=64 against ~2.2 for 128 rows, for twice the
+# rows. Not timed on a GPU yet.
+THRESHOLD_TMA_TALL_SM90 = TileConfig(256, 128, 64, num_warps=8, num_stages=3, tma=True)
 THRESHOLD_PLAIN_CANDIDATES_SM90 = (*THRESHOLD_CANDIDATES_SM90,
-                                   *((THRESHOLD_TMA_WARPGROUP_SM90, THRESHOLD_TMA_PAIR_XREG_SM90)
-                                     if tensor_descriptors() is not None else ()))
+                                   *((THRESHOLD_TMA_WARPGROUP_SM90, THRESHOLD_TMA_PAIR_XREG_SM90,
+                                      THRESHOLD_TMA_TALL_SM90) if tensor_descriptors() is not None else ()))
 THRESHOLD_DEFAULT = TileConfig(64, 128, 64, num_warps=8, num_stages=4)
 THRESHOLD_CANDIDATES = (THRESHOLD_DEFAULT,)
 THRESHOLD_DEFAULT_FP32 = TileConfig(64, 64, 32, num_warps=8, num_stages=3)
