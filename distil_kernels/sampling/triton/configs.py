@@ -229,9 +229,10 @@ INTERPRETER_DENSE_SAMPLE_CONFIG = TileConfig(4, 32, 1, num_warps=1, num_stages=1
 INTERPRETER_TARGET_PROGRAMS = 6
 
 
-# The sampler writes 32 B of partials per (row, split, sample) and few rows fill nothing:
-# at B=64 and V=152064, 4 programs per SM would mean 528 splits and 1.03 MiB of partials
-# for one token per row. Two per SM halve that (0.52 MiB): resident together where a
+# The sampler writes 28 B of partials per (row, split) at one sample (a score and an id,
+# then two (max, sum-exp) pairs) and few rows fill nothing: at B=64 and V=152064, 4
+# programs per SM would mean 528 splits and 0.90 MiB of partials for one token per row.
+# Two per SM halve that (0.45 MiB): resident together where a
 # program's registers and shared memory leave room for two (the 4-warp flat tile), else
 # in two waves of one an SM, each program streaming its splits with its loads pipelined.
 # `plan_splits` deals the passes out so that each SM's two programs add up to the same
