@@ -29,7 +29,11 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from triton.language.extra import libdevice
+
+try:
+    from triton.language.extra import libdevice
+except ImportError:  # Triton builds without the dispatching module (some containers')
+    from triton.language.extra.cuda import libdevice
 
 from ...loss.triton.tiles import finish_logits, fold_lse, tanh_fp32
 from ..sample import Sample, SamplingOptions
