@@ -35,7 +35,7 @@ try:
 except ImportError:  # Triton builds without the dispatching module (some containers')
     from triton.language.extra.cuda import libdevice
 
-from ...loss.triton.tiles import finish_logits, fold_lse, tanh_fp32
+from ...loss.triton.tiles import finish_logits, fold_lse
 from ..sample import Sample, SamplingOptions
 from ...loss.triton.configs import ENABLE_FP_FUSION, interpreting, kernel_operands
 from .configs import SAMPLES_PER_PROGRAM, TileConfig, select_dense_sample_config, select_sample_config
@@ -386,9 +386,9 @@ def merged_lse(part_max, part_sum):
 @triton.jit
 def drawn_logit(x_ptr, w_ptr, b_ptr, row, vocab_id, D, stride_xn, stride_xd, stride_wv, stride_wd, softcap,
                 HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_D: tl.constexpr):
-    """The logit at temperature 1 (bias and softcap applied) of id `vocab_id` in row `row`:
-    one dot of length D with fp32 products and sums, the tile's value but for its order of
-    additions."""
+    """The logit at temperature 1 of id `vocab_id` in row `row`: one dot of length D with
+    fp32 products and sums (the tile's value but for its order of additions), finished as
+    a [1, 1] tile by the tiles' own bias and softcap (`finish_logits`)."""
     acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
     for k0 in range(0, D, BLOCK_D):
         offs = k0 + tl.arange(0, BLOCK_D)
@@ -396,12 +396,10 @@ def drawn_logit(x_ptr, w_ptr, b_ptr, row, vocab_id, D, stride_xn, stride_xd, str
         x = tl.load(x_ptr + row * stride_xn + offs * stride_xd, mask=ok, other=0.0)
         w = tl.load(w_ptr + vocab_id * stride_wv + offs * stride_wd, mask=ok, other=0.0)
         acc += x.to(tl.float32) * w.to(tl.float32)
-    raw = tl.sum(acc, axis=0)
-    if HAS_BIAS:
-        raw += tl.load(b_ptr + vocab_id).to(tl.float32)
-    if HAS_SOFTCAP:
-        raw = tanh_fp32(raw / softcap) * softcap
-    return raw
+    offs_n = vocab_id + tl.zeros((1,), dtype=tl.int64)
+    raw, _ = finish_logits(tl.sum(acc, axis=0, keep_dims=True)[:, None], b_ptr, offs_n, offs_n >= 0, softcap, 1.0,
+                           HAS_BIAS, HAS_SOFTCAP)
+    return tl.sum(tl.sum(raw, axis=1), axis=0)
 
 
 @triton.jit
