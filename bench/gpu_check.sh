@@ -9,7 +9,9 @@
 # triton loss, hard and sparse; up to 7.5 minutes) is asked for by name:
 # GPU_CHECK_STEPS=tune (GPU_CHECK_TUNE_KINDS=forward,gradient, say, for fewer). Measured
 # with a carried prebuilt extension (2026-11-27): "tests loss cuda-loss sample" 262 s,
-# "tests loss sample topk tune trainer" (four tune kinds) 369 s. Every step has its own time limit,
+# "tests loss sample topk tune trainer" (four tune kinds) 369 s; (2026-11-28) "tests sample
+# topk tune" (the sample and threshold kinds, ~45 rows) 295 s, "loss tune" (forward and
+# gradient) 179 s, each call's start and transfers ~28 s more. Every step has its own time limit,
 # cut to what is left of GPU_CHECK_BUDGET_S (default 570: the device tool kills a command
 # at 600 s, and the steps' own limits add up to far more), so that a hung step still
 # leaves the summary; a step with under 20 s left is skipped (exit 124 in the summary).

@@ -1,9 +1,11 @@
 """linear_topk and linear_sample's triton kernels on the tiles a GPU launches, under the interpreter.
 
 The other interpreter tests run 16-row tiles of 32 or 64 columns. A GPU launches the
-defaults of `sampling/triton/configs.py`: the sampler's 64x32 tiles four (sm_90) or two
-(sm_80) to a pass over x and its 16x128 tiles below 17 rows, the threshold pass's 128x128
-(sm_90) and 64x128 (sm_80) tiles, the merge kernel's 64x64 and 16x256 tiles, and the
+defaults of `sampling/triton/configs.py`: the sampler's 64-row tiles (on sm_90 by TMA:
+64x64 two to a pass for one row block, else 64x32 over 4 warps four to a pass; by
+pointers 64x32 four to a pass; on sm_80 two) and its 16x128 tiles below 17 rows, the
+threshold pass's 128x128 (sm_90; two to a pass for a plain head) and 64x128 (sm_80)
+tiles, the merge kernel's 64x64 and 16x256 tiles, and the
 dense fallback's 4x512 blocks, with as many programs as an H100 would get. Each is checked
 here against the torch backend's ids and the float64 formula before a GPU runs it.
 """
@@ -95,6 +97,21 @@ def test_sample_draws_the_torch_ids(device_tiles, dtype, rows, options):
         [config] = device_tiles.chosen["select_sample_config"]
         expected = configs.sample_candidates(dtype, rows, device_tiles.arch)[0]
         assert config == expected
+
+
+@pytest.mark.parametrize("rows", [64, 65])
+def test_sm90_sampler_default_follows_the_row_blocks(monkeypatch, rows):
+    """On sm_90 with TMA descriptors a batch of one 64-row block (HBM-bound) takes the
+    64x64 tile with x from registers and a larger one the 4-warp flat tile, as timed
+    (configs.py); without descriptors the pointer default. Each draws the torch ids."""
+    device_tiles = DeviceTiles(monkeypatch, 90)
+    x, w, b = make_problem(rows, V, D, torch.float16, seed=39, scale=3.0)
+    assert_draws_match_torch(x, w, bias=b, softcap=5.0, seed=29, temperature=0.8, num_samples=2)
+    if configs.tensor_descriptors() is None:
+        expected = configs.SAMPLE_DEFAULT_SM90
+    else:
+        expected = configs.SAMPLE_WIDE_XREG_SM90 if rows <= 64 else configs.SAMPLE_WARPGROUP_FLAT_SM90
+    assert device_tiles.chosen["select_sample_config"] == [expected]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)

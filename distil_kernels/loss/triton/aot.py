@@ -185,6 +185,9 @@ def all_specs() -> list[CompileSpec]:
         if dtype == "bf16":  # sm_90: a plain head's wide TMA tiles, which spill with every option on
             specs += [gradient_spec(c, dtype, filtered=False, archs=(90,), plain=True)
                       for c in GRADIENT_PLAIN_CANDIDATES_SM90 if c not in GRADIENT_CANDIDATES_SM90]
+            # bf16's filter is on by default: the plain head's default tile with it.
+            specs.append(gradient_spec(GRADIENT_PLAIN_CANDIDATES_SM90[0], dtype, filtered=True, archs=(90,),
+                                       plain=True))
         specs.append(indexed_dot_spec(dtype))
     return specs
 

@@ -106,13 +106,12 @@ FORWARD_PLAIN_SM90_CANDIDATES = (*(FORWARD_PLAIN_TMA_SM90 if _TMA else ()), FORW
 # A head with a softcap but no bias or label smoothing (Gemma 2) keeps nearly the plain
 # head's registers: by TMA its 128x256 tile fits as well (240 registers, no spill, Triton
 # 3.6; with the bias and the logit sum it spills 256 B), for the plain tile's L2 saving.
-# A candidate until `python -m bench tune` times it on Gemma-2-2B's head, as is the
-# two-block tile: such a head's epilogue (a tanh an entry) weighs more against its short
-# K loop (d=2304), and its forward took 25.4 ms against Llama-3-8B's 14.2 for 12% more
-# FLOPs. Not timed yet.
+# Timed on an H100 (`python -m bench tune`, twelfth session; Gemma-2-2B's head, N=4096,
+# against the bare matmul's 6.67 ms): 8.95 ms against the 128x128 TMA tile's 9.70 and the
+# two-block tile's 9.41. So it leads for such a head where Triton has descriptors.
 FORWARD_SOFTCAP_TMA_SM90 = TileConfig(128, 256, 64, num_warps=8, num_stages=3, tma=True)
-FORWARD_SOFTCAP_SM90_CANDIDATES = (*FORWARD_SM90_CANDIDATES,
-                                   *((FORWARD_SOFTCAP_TMA_SM90, TWO_BLOCKS_TMA_SM90) if _TMA else ()))
+FORWARD_SOFTCAP_SM90_CANDIDATES = (*((FORWARD_SOFTCAP_TMA_SM90,) if _TMA else ()), *FORWARD_SM90_CANDIDATES,
+                                   *((TWO_BLOCKS_TMA_SM90,) if _TMA else ()))
 # fp32 operands take the "ieee" path: no tensor cores, an FMA loop in which each thread
 # holds its rows of x and columns of W over the whole K slice. 32-wide slices and 32
 # outputs per thread (64x128 over 8 warps) fit the registers with no spill on sm_90 and
@@ -152,15 +151,19 @@ GRADIENT_CANDIDATES_SM90 = (
 # tile takes 128 registers: 128x256 fits over 8 warps (254, no spill; with the softcap
 # alone it spills 464 B), and over 16 warps so do 128x256 and 256x128 (128 each), each
 # reading its x and W slices for 85 FLOPs a byte instead of 64, as the plain forward's
-# 128x256 tile does (23% faster there); and the two-block tile. Candidates until
-# `python -m bench tune` times them; its gradient rows are on such a head.
+# 128x256 tile does (23% faster there); and the two-block tile. Timed on an H100 (`python
+# -m bench tune`, twelfth session; Qwen2.5-7B's head, N=4096, the whole backward with its
+# GEMMs): 128x256 over 8 warps 20.88 ms, over 16 warps 21.37, 256x128 21.37, the
+# 128x128 TMA tile 21.89 (its d_weight pass alone 13.89). So the first leads for a plain
+# head where Triton has descriptors.
 GRADIENT_PLAIN_TMA_SM90 = (
     TileConfig(128, 256, 64, num_warps=8, num_stages=3, tma=True),
     TileConfig(128, 256, 64, num_warps=16, num_stages=3, tma=True),
     TileConfig(256, 128, 64, num_warps=16, num_stages=3, tma=True),
     TWO_BLOCKS_TMA_SM90,
 )
-GRADIENT_PLAIN_CANDIDATES_SM90 = (*GRADIENT_CANDIDATES_SM90, *(GRADIENT_PLAIN_TMA_SM90 if _TMA else ()))
+GRADIENT_PLAIN_CANDIDATES_SM90 = (*(GRADIENT_PLAIN_TMA_SM90[:1] if _TMA else ()), *GRADIENT_CANDIDATES_SM90,
+                                  *(GRADIENT_PLAIN_TMA_SM90[1:] if _TMA else ()))
 GRADIENT_DEFAULT = TileConfig(64, 128, 64, num_warps=8, num_stages=4)
 GRADIENT_CANDIDATES = (GRADIENT_DEFAULT,)
 # fp32: the forward's FMA-loop tile, 128-182 registers, at most 8 B spilled.

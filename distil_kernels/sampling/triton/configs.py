@@ -72,7 +72,7 @@ THRESHOLD_TMA_SM90 = TileConfig(128, 128, 64, num_warps=8, num_stages=3, tma=Tru
 # last slice: the pipeliner issues the next tile's first slices before the epilogue
 # (TTGIR), so each tile's GEMM starts on loaded operands instead of waiting out the
 # latency of its first loads, a few percent of a 128x128x3584 tile's ~28k cycles on an
-# H100. 184-187 registers, no spill. Not timed on a GPU yet.
+# H100. 184-187 registers, no spill.
 THRESHOLD_TMA_FLAT_SM90 = TileConfig(128, 128, 64, num_warps=8, num_stages=4, tma=True, flat=True)
 # Two adjacent 128-wide tiles a pass over the rows' x slices (`wide_tiles`): per 256
 # columns the pass reads one x slice from L2 instead of two, (128 + 256) d bytes
@@ -83,7 +83,7 @@ THRESHOLD_TMA_FLAT_SM90 = TileConfig(128, 128, 64, num_warps=8, num_stages=4, tm
 # tenth session), so what this saves is for the tune step to say.
 # The second tile's accumulator stays live through the first one's epilogue: 254-255
 # registers, no spill for a plain head, 24 B with softcap, bias and the raw lse
-# (Triton 3.9); four stages or the flat loop spill 40-96 B. Not timed on a GPU yet.
+# (Triton 3.9); four stages or the flat loop spill 40-96 B.
 THRESHOLD_TMA_PAIR_SM90 = TileConfig(128, 128, 64, num_warps=8, num_stages=3, split_n=2, tma=True)
 THRESHOLD_CANDIDATES_SM90 = (*((THRESHOLD_TMA_SM90, THRESHOLD_TMA_FLAT_SM90, THRESHOLD_TMA_PAIR_SM90)
                                if tensor_descriptors() is not None else ()),
@@ -97,8 +97,7 @@ THRESHOLD_CANDIDATES_SM90 = (*((THRESHOLD_TMA_SM90, THRESHOLD_TMA_FLAT_SM90, THR
 # Over one warpgroup the same tile takes 255 registers with no spill for a plain head
 # (Triton 3.6 and 3.9; with bias, softcap and the raw lse it spills 0.9-2.2 KB) and
 # 96 KiB of shared memory: two programs an SM, so that one's epilogue runs beside the
-# other's products, as cuBLAS's ping-pong kernels alternate two warpgroups. Not timed on
-# a GPU yet.
+# other's products, as cuBLAS's ping-pong kernels alternate two warpgroups.
 THRESHOLD_TMA_WARPGROUP_SM90 = TileConfig(128, 128, 64, num_warps=4, num_stages=3, tma=True)
 # The pair's two tiles share each x slice, but with both wgmma operands in shared memory
 # each of its m64n128k16 wgmmas reads the slice again: per 16-wide K step 24 KiB of reads
@@ -108,7 +107,7 @@ THRESHOLD_TMA_WARPGROUP_SM90 = TileConfig(128, 128, 64, num_warps=4, num_stages=
 # cycles of products cap it near 80% of the 128x256 tile's rate, as the seventh
 # session's loss forward rows measured: 8.37 against 6.84 ms.) For a plain head 255
 # registers and no spill, 128 KiB (Triton 3.9); with every option on it spills 40 B, so
-# it is a plain candidate. Not timed on a GPU yet.
+# it is a plain candidate.
 THRESHOLD_TMA_PAIR_XREG_SM90 = TileConfig(128, 128, 64, num_warps=8, num_stages=3, split_n=2, tma=True,
                                           x_registers=True)
 # 256 rows over 8 warps: each warpgroup's two m64n128k16 wgmmas a K step share W's slice,
@@ -116,9 +115,15 @@ THRESHOLD_TMA_PAIR_XREG_SM90 = TileConfig(128, 128, 64, num_warps=8, num_stages=
 # 128 x 256. For a plain head 255 registers and no spill (Triton 3.6 and 3.9), 144 KiB;
 # with every option on it spills 1-2 KB. Its candidate rounds take the largest hit
 # count of 256 rows: ~2.4 a tile at k=64 against ~2.2 for 128 rows, for twice the
-# rows. Not timed on a GPU yet.
+# rows.
 THRESHOLD_TMA_TALL_SM90 = TileConfig(256, 128, 64, num_warps=8, num_stages=3, tma=True)
-THRESHOLD_PLAIN_CANDIDATES_SM90 = (*THRESHOLD_CANDIDATES_SM90,
+# Timed on an H100 (`python -m bench tune`, twelfth session; k=64, N=2048, Qwen2.5-7B's
+# plain head, against the bare matmul's 3.30 ms): the pair 4.88 ms, the pair with x from
+# registers 5.07, the single TMA tile 5.85, its flat loop 5.82, one warpgroup 6.03, the
+# 256-row tile 6.80, 64x256 by pointers 6.82. So the pair leads for a plain head; with
+# every option on (24 B spilled) it stays a candidate until a tune row on such a head.
+THRESHOLD_PLAIN_CANDIDATES_SM90 = (*((THRESHOLD_TMA_PAIR_SM90,) if tensor_descriptors() is not None else ()),
+                                   *(c for c in THRESHOLD_CANDIDATES_SM90 if c != THRESHOLD_TMA_PAIR_SM90),
                                    *((THRESHOLD_TMA_WARPGROUP_SM90, THRESHOLD_TMA_PAIR_XREG_SM90,
                                       THRESHOLD_TMA_TALL_SM90) if tensor_descriptors() is not None else ()))
 THRESHOLD_DEFAULT = TileConfig(64, 128, 64, num_warps=8, num_stages=4)
@@ -143,7 +148,8 @@ THRESHOLD_DEFAULT_FP32 = TileConfig(64, 64, 32, num_warps=8, num_stages=3)
 # registers, no spill; 144 KiB of shared memory). Timed on an H100 (`python -m bench
 # tune`, seventh session, two runs; Qwen2.5-7B's head): 0.525 ms at B=64 and 1.44-1.51
 # at B=256 against 0.59 and 1.59-1.63 for 64-wide slices; the fastest at B=256 and within
-# 2% of the fastest (the 4-stage TMA one below) at B=64, with no need for descriptors.
+# 2% of the fastest (the 4-stage TMA one below) at B=64, with no need for descriptors:
+# sm_90's default where Triton has none (the TMA tiles below lead where it has).
 SAMPLE_DEFAULT_SM90 = TileConfig(64, 32, 128, num_warps=8, num_stages=3, split_n=4)
 SAMPLE_DEFAULT = TileConfig(64, 32, 64, num_warps=8, num_stages=3, split_n=2)
 SAMPLE_SMALL_BATCH = TileConfig(16, 128, 64, num_warps=8, num_stages=3, split_n=2)
@@ -166,7 +172,6 @@ SAMPLE_SMALL_BATCH = TileConfig(16, 128, 64, num_warps=8, num_stages=3, split_n=
 # sample), and the flat 64-wide-slice tile fits in 255 registers (spilling 8-32 B at 2-4
 # samples a program) and 104 KiB, so two programs share an SM, each one's epilogue
 # beside the other's loads.
-# Not timed on a GPU yet.
 # x slices from registers (`x_registers`, the wgmmas' RS form: `wide_tiles` says why):
 # each 8-warp tile above issues m64n16k16 wgmmas that re-read their 2 KiB x slice from
 # shared memory beside 0.5 KiB of W, 2.5x the bytes of the same products with x read
@@ -177,19 +182,32 @@ SAMPLE_SMALL_BATCH = TileConfig(16, 128, 64, num_warps=8, num_stages=3, split_n=
 # since the noise's outer log is the fast one and the winners' logits are recomputed
 # after the pass, a 64x64 tile's noise fits 8 warps (235-239 registers, no spill, 144
 # KiB): its wgmmas are m64n32k16, and a pass of two such tiles has half the row
-# reductions of four 32-wide ones (52 barriers a pass against 98). Not timed on a GPU yet.
+# reductions of four 32-wide ones (52 barriers a pass against 98).
+# Timed on an H100 (`python -m bench tune`, twelfth session; Qwen2.5-7B's head, T=0.8;
+# bench/RESULTS.md): at B=64, a single 64-row block that streams the head from HBM, the
+# 64x64 tile with x from registers took 0.442 ms (1.09x the bare matmul's 0.404), the
+# 4-stage flat tile 0.447, the 4-warp flat one 0.461, the pointer default above 0.484.
+# At B=256 (four row blocks; the matmul 0.455 ms) the 4-warp flat tile took 0.891 ms
+# against 1.26-1.43 for the 8-warp ones: two of its programs share an SM, one's noise
+# beside the other's products, and with four times B=64's noise that overlap is what
+# counts. With x from registers the same 4-warp tile took 1.225, and the tall tiles below
+# 1.015 (by shared memory) and 1.344. So where Triton has descriptors the 64x64 tile
+# leads for batches of one row block and the 4-warp flat tile for larger ones.
+SAMPLE_WIDE_XREG_SM90 = TileConfig(64, 64, 128, num_warps=8, num_stages=3, split_n=2, tma=True, flat=True,
+                                   x_registers=True)
+SAMPLE_WARPGROUP_FLAT_SM90 = TileConfig(64, 32, 64, num_warps=4, num_stages=4, split_n=4, tma=True, flat=True)
+SAMPLE_ONE_BLOCK_ROWS = 64
 SAMPLE_TMA_SM90 = (TileConfig(64, 32, 64, num_warps=8, num_stages=3, split_n=4, tma=True),
                    TileConfig(64, 32, 128, num_warps=8, num_stages=4, split_n=4, tma=True),
                    TileConfig(64, 32, 128, num_warps=8, num_stages=4, split_n=4, tma=True, flat=True),
                    TileConfig(64, 32, 128, num_warps=8, num_stages=3, split_n=4, tma=True, flat=True),
-                   TileConfig(64, 32, 64, num_warps=4, num_stages=4, split_n=4, tma=True, flat=True),
+                   SAMPLE_WARPGROUP_FLAT_SM90,
                    TileConfig(64, 32, 128, num_warps=8, num_stages=4, split_n=4, tma=True, x_registers=True),
                    TileConfig(64, 32, 128, num_warps=8, num_stages=3, split_n=4, tma=True, flat=True,
                               x_registers=True),
                    TileConfig(64, 32, 64, num_warps=4, num_stages=4, split_n=4, tma=True, flat=True,
                               x_registers=True),
-                   TileConfig(64, 64, 128, num_warps=8, num_stages=3, split_n=2, tma=True, flat=True,
-                              x_registers=True))
+                   SAMPLE_WIDE_XREG_SM90)
 SAMPLE_CANDIDATES_SM90 = (SAMPLE_DEFAULT_SM90, TileConfig(64, 32, 64, num_warps=8, num_stages=3, split_n=4),
                           SAMPLE_DEFAULT, TileConfig(64, 32, 64, num_warps=8, num_stages=3),
                           *(SAMPLE_TMA_SM90 if tensor_descriptors() is not None else ()))
@@ -199,10 +217,10 @@ SAMPLE_CANDIDATES_SM90 = (SAMPLE_DEFAULT_SM90, TileConfig(64, 32, 64, num_warps=
 # reads for 64-row blocks. 128 rows over 8 warps are two warpgroups stacked, each
 # holding whole rows (reductions by shuffles, as 4 warps over 64 rows), in 255 registers
 # (spilling 0-24 B at 1-4 samples) and 112 KiB: two thirds of the L2 reads. Below 128
-# rows the extra rows would be noise for nothing. Not timed on a GPU yet.
+# rows the extra rows would be noise for nothing.
 SAMPLE_TALL_TMA_SM90 = TileConfig(128, 32, 64, num_warps=8, num_stages=3, split_n=4, tma=True, flat=True)
 # Its m64n32k16 wgmmas read 3 KiB of shared memory each; with x from registers, 1 KiB
-# and a 16 KiB x slice a K slice (251 registers, no spill at one sample). Not timed yet.
+# and a 16 KiB x slice a K slice (251 registers, no spill at one sample).
 SAMPLE_TALL_XREG_SM90 = TileConfig(128, 32, 64, num_warps=8, num_stages=3, split_n=4, tma=True, flat=True,
                                    x_registers=True)
 SAMPLE_CANDIDATES = (SAMPLE_DEFAULT, TileConfig(64, 32, 64, num_warps=8, num_stages=3))
@@ -271,9 +289,11 @@ def sample_candidates(dtype: torch.dtype, rows: int, arch: int) -> tuple[TileCon
         return (SAMPLE_SMALL_BATCH,)
     if arch < 90:
         return SAMPLE_CANDIDATES
-    tall = ((SAMPLE_TALL_TMA_SM90, SAMPLE_TALL_XREG_SM90) if rows >= 128 and tensor_descriptors() is not None
-            else ())
-    return SAMPLE_CANDIDATES_SM90 + tall
+    if tensor_descriptors() is None:
+        return SAMPLE_CANDIDATES_SM90
+    lead = SAMPLE_WIDE_XREG_SM90 if rows <= SAMPLE_ONE_BLOCK_ROWS else SAMPLE_WARPGROUP_FLAT_SM90
+    tall = (SAMPLE_TALL_TMA_SM90, SAMPLE_TALL_XREG_SM90) if rows >= 128 else ()
+    return (lead, *(c for c in SAMPLE_CANDIDATES_SM90 if c != lead), *tall)
 
 
 def device_arch(device: torch.device) -> int:
