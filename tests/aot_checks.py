@@ -10,7 +10,8 @@ sm_80 than on sm_90.
 
 from __future__ import annotations
 
-from distil_kernels.loss.triton.aot import SHARED_MEMORY_LIMIT, compile_as_launched, compile_spec, resource_usage
+from distil_kernels.loss.triton.aot import (SHARED_MEMORY_LIMIT, compile_as_launched, compile_spec, resource_usage,
+                                           serialized_wgmmas)
 
 # A few spilled bytes are ptxas trading registers for scheduling; a tile too big for the
 # register file spills hundreds (the old 128x256 forward: 408 B; fp32 128x128 backward: 12 KB).
@@ -38,3 +39,8 @@ def check_compiles(spec, arch: int, record_property, *, expect_wgmma: bool) -> N
     if arch == 90 and expect_wgmma:
         # bf16 tiles must reach Hopper's warp-group MMA, not fall back to mma.sync.
         assert "wgmma" in launched.asm["ptx"]
+        # ...and keep several in flight. Tiles whose wgmmas take x from registers are
+        # serialized by ptxas where the loop leaves them in flight past other writes
+        # (sampling/triton/configs.py says where): candidates the tune step times as they are.
+        if not spec.constexprs.get("X_REGISTERS"):
+            assert not serialized_wgmmas(launched), f"ptxas waits out every wgmma of {spec.name} before the next"

@@ -216,16 +216,43 @@ def compile_as_launched(spec: CompileSpec, arch: int):
     return _compile(spec, arch, signature, constexprs, attrs)
 
 
-def resource_usage(compiled) -> tuple[int, int]:
-    """(registers per thread, stack bytes per thread) of a compiled kernel; stack above 0 means spills."""
+def _cuobjdump(compiled, flag: str) -> str:
+    """Triton's bundled cuobjdump with `flag` on a compiled kernel's cubin."""
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "kernel.cubin")
         with open(path, "wb") as f:
             f.write(compiled.asm["cubin"])
-        out = subprocess.run([cuobjdump, "--dump-resource-usage", path], capture_output=True, text=True,
-                             check=True).stdout
+        return subprocess.run([cuobjdump, flag, path], capture_output=True, text=True, check=True).stdout
+
+
+def resource_usage(compiled) -> tuple[int, int]:
+    """(registers per thread, stack bytes per thread) of a compiled kernel; stack above 0 means spills."""
+    out = _cuobjdump(compiled, "--dump-resource-usage")
     match = re.search(r"REG:(\d+).*?STACK:(\d+)", out)
     if match is None:
         raise RuntimeError(f"no resource usage in cuobjdump output: {out[:200]}")
     return int(match.group(1)), int(match.group(2))
+
+
+def serialized_wgmmas(compiled) -> bool:
+    """Whether ptxas waits out every wgmma of an sm_90 kernel before the next one issues:
+    each HGMMA in the SASS followed by a full `WARPGROUP.DEPBAR.LE gsb0, 0x0` before any
+    other HGMMA. ptxas does so where it cannot prove the accumulators safe from other
+    writes while wgmmas are in flight (CUDA 12.8's ptxas says so in its info C7515), and
+    the tensor cores then idle for each wgmma's latency. False for a kernel without
+    wgmmas."""
+    instructions = re.findall(r"/\*[0-9a-f]{4,6}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*(?: gsb0, 0x[0-9a-f]+)?)",
+                              _cuobjdump(compiled, "-sass"))
+    waited, pending = 0, False
+    hgmmas = 0
+    for op in instructions:
+        if op.startswith("HGMMA"):
+            if pending:
+                return False
+            hgmmas += 1
+            pending = True
+        elif op == "WARPGROUP.DEPBAR.LE gsb0, 0x0" and pending:
+            waited += 1
+            pending = False
+    return hgmmas > 0 and waited == hgmmas

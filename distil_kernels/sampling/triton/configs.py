@@ -195,6 +195,25 @@ SAMPLE_SMALL_BATCH = TileConfig(16, 128, 64, num_warps=8, num_stages=3, split_n=
 # leads for batches of one row block and the 4-warp flat tile for larger ones.
 SAMPLE_WIDE_XREG_SM90 = TileConfig(64, 64, 128, num_warps=8, num_stages=3, split_n=2, tma=True, flat=True,
                                    x_registers=True)
+# Yet ptxas serializes the wgmmas of every flat tile with x from registers: Triton leaves
+# a K slice's RS wgmmas in flight across the loop's back edge, where the pass's epilogue
+# and the accumulators' reset sit, so ptxas waits out each wgmma before the next (SASS: a
+# `WARPGROUP.DEPBAR.LE gsb0, 0x0` after each of the 16 HGMMAs, against 7 waits for the
+# same 4-warp tile by shared memory, whose K slice ends in one wait for all). CUDA 12.8's
+# ptxas (Triton 3.6) says so in its info C7515, "non wgmma instructions defining
+# accumulator registers of a wgmma between start and end of the pipeline stage"; under
+# Triton 3.9 the K loop per pass with x from registers is serialized too, here and in
+# the threshold pass's `-xreg` pair. Triton 3.6 and 3.9 run the accumulator-init pass,
+# which would make the reset the wgmma's own flag, from sm_100 only. (`aot.serialized_wgmmas`
+# reads this from the SASS; the AOT tests apply it to every tile whose wgmmas read shared
+# memory alone.) That the 64x64 tile won at B=64 anyway (HBM-bound), and the 4-warp and
+# tall copies lost at B=256, fits. Two 64x64 tiles that keep the wgmmas pipelined (on the
+# GPU machine's Triton 3.6): the flat loop by shared memory (239-253 registers, no spill,
+# 160 KiB), and x from registers with a K loop per pass (240-255, spilling 0-32 B at four
+# samples, 128 KiB). Not timed yet.
+SAMPLE_WIDE_FLAT_SM90 = TileConfig(64, 64, 128, num_warps=8, num_stages=3, split_n=2, tma=True, flat=True)
+SAMPLE_WIDE_PASSES_XREG_SM90 = TileConfig(64, 64, 128, num_warps=8, num_stages=3, split_n=2, tma=True,
+                                          x_registers=True)
 SAMPLE_WARPGROUP_FLAT_SM90 = TileConfig(64, 32, 64, num_warps=4, num_stages=4, split_n=4, tma=True, flat=True)
 SAMPLE_ONE_BLOCK_ROWS = 64
 SAMPLE_TMA_SM90 = (TileConfig(64, 32, 64, num_warps=8, num_stages=3, split_n=4, tma=True),
@@ -207,7 +226,7 @@ SAMPLE_TMA_SM90 = (TileConfig(64, 32, 64, num_warps=8, num_stages=3, split_n=4, 
                               x_registers=True),
                    TileConfig(64, 32, 64, num_warps=4, num_stages=4, split_n=4, tma=True, flat=True,
                               x_registers=True),
-                   SAMPLE_WIDE_XREG_SM90)
+                   SAMPLE_WIDE_XREG_SM90, SAMPLE_WIDE_FLAT_SM90, SAMPLE_WIDE_PASSES_XREG_SM90)
 SAMPLE_CANDIDATES_SM90 = (SAMPLE_DEFAULT_SM90, TileConfig(64, 32, 64, num_warps=8, num_stages=3, split_n=4),
                           SAMPLE_DEFAULT, TileConfig(64, 32, 64, num_warps=8, num_stages=3),
                           *(SAMPLE_TMA_SM90 if tensor_descriptors() is not None else ()))
