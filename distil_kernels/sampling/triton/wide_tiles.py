@@ -17,7 +17,10 @@ their peak, which a batch of 256 rows (a GEMM more than a GEMV) feels. With X_RE
 each warpgroup reads its x slice into registers once a K slice (ldmatrix) and the wgmmas
 take it from there (their RS form): 64 KiB a K slice, no longer above the tensor cores'
 time. An opaque copy (`register_operand`) is what makes Triton keep the operand in
-registers; the interpreter has no inline assembly and needs no such hint.
+registers; the interpreter has no inline assembly and needs no such hint. But where the
+loop leaves these wgmmas in flight past other writes of the accumulators (the flat
+loops' epilogue and reset), ptxas serializes them: sampling/triton/configs.py has the
+measurements, and `aot.serialized_wgmmas` tells from a compiled kernel's SASS.
 """
 
 from __future__ import annotations
