@@ -115,13 +115,13 @@ def train_main(args: argparse.Namespace) -> int:
         return 2
     if not trainer.dist.main:  # under torchrun, rank 0 reports
         trainer.run(resume=args.resume)
-        trainer.dist.close()
+        trainer.close()
         return 0
     ranks = f" ranks={trainer.dist.world}" if trainer.dist.enabled else ""
     print(f"distil train: task={config.task} objective={config.objective} expert={config.expert} "
           f"steps={config.steps} seed={config.seed} device={config.device}{ranks} out={config.out}")
     summary = trainer.run(resume=args.resume)
-    trainer.dist.close()
+    trainer.close()
     final = summary["final_eval"]
     extra = ", ".join(f"{k[5:]} {v:.3f}" for k, v in final.items() if k != "eval_pass@1")
     print(f"held-out after training: {extra}")

@@ -16,6 +16,7 @@ random choice is a function of (seed, step) or lives in the checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import hashlib
 import json
 import math
@@ -407,6 +408,18 @@ class Trainer:
         return {f"eval_{k}": v for k, v in metrics.items()}
 
     # ----------------------------------------------------------------------------- run
+
+    def close(self) -> None:
+        """Leave the process group (nothing to do on one process).
+
+        DDP's reducer holds the group, so the wrapper goes first: the group's gloo or NCCL
+        teardown then runs inside `DistContext.close`, while every rank is still up, not
+        at this process's exit, when rank 0 (which hosts the rendezvous store) may be gone.
+        """
+        if isinstance(self.states, torch.nn.parallel.DistributedDataParallel):
+            self.states = self.states.module
+            gc.collect()  # the wrapper's hooks hold it in reference cycles
+        self.dist.close()
 
     def run(self, resume: bool = False) -> dict[str, Any]:
         """Train to `steps`; the summary (on ranks other than 0, an empty dict)."""

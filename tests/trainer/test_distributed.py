@@ -13,6 +13,7 @@ import os
 import socket
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
@@ -45,7 +46,17 @@ def _rank(rank: int, port: int, out: str) -> None:
     gathered = [torch.empty_like(flat) for _ in range(2)]
     dist.all_gather(gathered, flat)
     assert torch.equal(gathered[0], gathered[1]), "the ranks' weights diverged"
-    trainer.dist.close()
+    _close(trainer)
+
+
+def _close(trainer: Trainer) -> None:
+    """Trainer.close, which must free DDP's wrapper (and its hold on the process group)
+    before the group is torn down."""
+    wrapper = weakref.ref(trainer.states)
+    assert isinstance(wrapper(), torch.nn.parallel.DistributedDataParallel)
+    trainer.close()
+    assert wrapper() is None, "DDP's wrapper outlived the process group's teardown"
+    assert not dist.is_initialized()
 
 
 def test_two_ranks_keep_equal_weights_and_rank_0_writes(tmp_path):
@@ -82,7 +93,7 @@ def _rank_gradient(rank: int, port: int, out: str) -> None:
     trainer.train_step()
     if rank == 0:
         torch.save([p.grad for p in trainer.lm.model.parameters()], Path(out) / "grads.pt")
-    trainer.dist.close()
+    _close(trainer)
 
 
 def test_two_ranks_take_the_gradient_of_one_process(tmp_path):
