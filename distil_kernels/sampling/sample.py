@@ -496,7 +496,6 @@ def _candidate_sample(x: Tensor, weight: Tensor, bias: Tensor | None, softcap: f
     from ..loss.options import LossOptions
     from .topk import topk_candidates
 
-    rows = x.shape[0]
     vocab = weight.shape[0] if vocab_size is None else vocab_size
     n = options.num_samples
     num_candidates = min(vocab, max(CANDIDATES, options.top_k or 0))
@@ -504,10 +503,11 @@ def _candidate_sample(x: Tensor, weight: Tensor, bias: Tensor | None, softcap: f
     if dense_logits is None:
         dense_logits = _tile_logits if backend == "chunked" else _dense_logits
     draws = torch_draws  # the dense fallback's: a kernel of the backend's own where it has one
+    candidate_draws = torch_candidate_draws
     if backend == "triton":
-        from .triton.sample import triton_dense_draws
+        from .triton.sample import triton_candidate_draws, triton_dense_draws
 
-        draws = triton_dense_draws
+        draws, candidate_draws = triton_dense_draws, triton_candidate_draws
     elif backend == "cuda":
         from .cuda import cuda_dense_draws
 
@@ -529,12 +529,7 @@ def _candidate_sample(x: Tensor, weight: Tensor, bias: Tensor | None, softcap: f
     ranks = torch.arange(num_candidates, device=x.device)
     kept = ranks[None, :] < length[:, None]
     kept_lse = torch.logsumexp(torch.where(kept, cand_z, -math.inf), dim=1)
-    ids = torch.empty(rows, n, dtype=torch.int64, device=x.device)
-    for j in range(n):
-        score = torch.where(kept, cand_z + gumbel_noise(cand_ids, keys, j), -math.inf)
-        best = score.max(dim=1, keepdim=True).values
-        # Equal scores go to the lower vocabulary id, as in the dense argmax.
-        ids[:, j] = torch.where(score == best, cand_ids, vocab).min(dim=1).values
+    ids = candidate_draws(torch.where(kept, cand_z, -math.inf), cand_ids, keys, n, vocab)
     position = (cand_ids[:, :, None] == ids[:, None, :]).int().argmax(dim=1)
     z_ids = cand_z.gather(1, position)
     sample = Sample(ids, z_ids - kept_lse[:, None], z_ids * options.temperature - lse_raw[:, None], lse_raw)
@@ -543,6 +538,19 @@ def _candidate_sample(x: Tensor, weight: Tensor, bias: Tensor | None, softcap: f
         _dense_fallback(sample, x, weight, bias, softcap, options, seed, positions, unsettled, workspace_bytes,
                         dense_logits, vocab, draws)
     return sample
+
+
+def torch_candidate_draws(z: Tensor, cand_ids: Tensor, keys: tuple[Tensor, Tensor, Tensor, Tensor],
+                          num_samples: int, vocab: int) -> Tensor:
+    """ids [N, num_samples]: Gumbel-max draws among candidates `cand_ids` [N, C] (any order)
+    with tempered logits `z` [N, C] (-inf outside the kept set), in torch ops."""
+    ids = torch.empty(z.shape[0], num_samples, dtype=torch.int64, device=z.device)
+    for j in range(num_samples):
+        score = z + gumbel_noise(cand_ids, keys, j)
+        best = score.max(dim=1, keepdim=True).values
+        # Equal scores go to the lower vocabulary id, as in the dense argmax.
+        ids[:, j] = torch.where(score == best, cand_ids, vocab).min(dim=1).values
+    return ids
 
 
 def _settled(cand_logprobs: Tensor, length: Tensor, options: SamplingOptions, num_candidates: int,

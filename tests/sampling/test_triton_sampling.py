@@ -31,8 +31,10 @@ from distil_kernels.loss.options import LossOptions  # noqa: E402
 from distil_kernels.sampling.triton import topk as topk_module  # noqa: E402
 from distil_kernels.sampling.triton.configs import TileConfig  # noqa: E402
 from distil_kernels.sampling.triton.topk import triton_topk  # noqa: E402
-from distil_kernels.sampling.sample import _gumbel_from_words, gumbel_noise_range, row_keys  # noqa: E402
-from distil_kernels.sampling.triton.sample import gumbel_from_words, tile_noise  # noqa: E402
+from distil_kernels.sampling.sample import (  # noqa: E402
+    _gumbel_from_words, gumbel_noise_range, row_keys, torch_candidate_draws)
+from distil_kernels.sampling.triton.sample import (  # noqa: E402
+    gumbel_from_words, tile_noise, triton_candidate_draws)
 from kernel_launches import record_merged_rows  # noqa: E402
 from sampling_checks import dense_log_softmax, fp32_tolerance, mask_ids  # noqa: E402
 
@@ -322,6 +324,30 @@ def test_noise_is_the_torch_stream():
 # --------------------------------------------------------------------------------------
 # Sampling
 # --------------------------------------------------------------------------------------
+
+def test_candidate_draws_match_the_torch_draws():
+    """Draws among candidates in any order: 7 rows (2 programs of 4), 70 candidates (3
+    chunks of 32, the last partial), ids shuffled over V=5000, some not kept (-inf), 3
+    samples: the torch loop's ids. Then ties: where several kept candidates share a score
+    (z = 1e30 swamps any noise), the lowest vocabulary id wins, wherever its chunk."""
+    gen = torch.Generator().manual_seed(5)
+    rows, cols, vocab = 7, 70, 5000
+    ids = torch.stack([torch.randperm(vocab, generator=gen)[:cols] for _ in range(rows)])
+    z = torch.randn(rows, cols, generator=gen) * 3
+    z[torch.rand(rows, cols, generator=gen) < 0.3] = float("-inf")
+    z[:, 0] = 0.0  # every row keeps one
+    keys = row_keys(13, torch.arange(100, 100 + rows), rows, torch.device("cpu"))
+    torch.testing.assert_close(triton_candidate_draws(z, ids, keys, 3, vocab),
+                               torch_candidate_draws(z, ids, keys, 3, vocab), rtol=0, atol=0)
+    tied = torch.zeros(rows, cols, dtype=torch.bool)
+    for r in range(rows):
+        tied[r, torch.randperm(cols, generator=gen)[: 2 + r]] = True
+    z_tied = torch.where(tied, 1e30, z)
+    want = torch.where(tied, ids, vocab).min(dim=1).values
+    got = triton_candidate_draws(z_tied, ids, keys, 3, vocab)
+    assert torch.equal(got, want[:, None].expand(rows, 3))
+    assert torch.equal(torch_candidate_draws(z_tied, ids, keys, 3, vocab), got)
+
 
 SAMPLE_OPTIONS = [
     dict(), dict(temperature=0.7), dict(temperature=0, num_samples=3), dict(top_k=5), dict(top_p=0.9),

@@ -15,6 +15,7 @@ import torch
 
 from ...loss.triton.aot import TRITON_DTYPE, CompileSpec, kernel_spec, with_descriptors
 from .configs import (
+    CANDIDATE_DRAWS_CONFIG,
     DENSE_SAMPLE_CONFIG,
     MAX_TOPK,
     SAMPLES_PER_PROGRAM,
@@ -24,7 +25,8 @@ from .configs import (
     topk_candidates,
 )
 from .configs import target_programs
-from .sample import FINISH_BLOCK_D, FINISH_WARPS, dense_sample_kernel, finish_draws_kernel, sample_kernel
+from .sample import (FINISH_BLOCK_D, FINISH_WARPS, candidate_draws_kernel, dense_sample_kernel, finish_draws_kernel,
+                     sample_kernel)
 from .topk import threshold_kernel, topk_kernel
 
 _TORCH_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -87,6 +89,13 @@ def dense_sample_spec(samples: int) -> CompileSpec:
     return kernel_spec(f"dense_sample[fp32,S={samples},{config}]", dense_sample_kernel, pointers, constexprs, config)
 
 
+def candidate_draws_spec() -> CompileSpec:
+    pointers = {"z_ptr": "fp32", "ids_ptr": "i64", "seed_ptr": "i64", "pos_ptr": "i64", "out_ptr": "i64"}
+    config = CANDIDATE_DRAWS_CONFIG
+    constexprs = {"BLOCK_M": config.block_m, "BLOCK_C": config.block_n}
+    return kernel_spec(f"candidate_draws[fp32,{config}]", candidate_draws_kernel, pointers, constexprs, config)
+
+
 def finish_draws_spec(block_s: int, greedy: bool, dtype: str = "bf16", tempered: bool = True) -> CompileSpec:
     t = TRITON_DTYPE[dtype]
     pointers = {"x_ptr": t, "w_ptr": t, "b_ptr": "fp32", "score_ptr": "fp32", "id_ptr": "i64", "part_ptr": "fp32",
@@ -141,6 +150,7 @@ def all_specs() -> list[CompileSpec]:
                 defaults[config] = defaults.get(config, ()) + (arch,)
         specs += [sample_spec(config, dtype, 1, archs=archs, tempered=False) for config, archs in defaults.items()]
     specs += [dense_sample_spec(s) for s in samples]
+    specs.append(candidate_draws_spec())
     # The sampler's merge, from one split to the most a launch plans (next power of two).
     widest = 1 << (target_programs("sample") - 1).bit_length()
     specs += [finish_draws_spec(block_s, greedy, dtype, tempered) for block_s in (1, widest)

@@ -254,6 +254,10 @@ SAMPLE_SMALL_BATCH_FP32 = TileConfig(16, 128, 16, num_warps=8, num_stages=3)
 # thread over 4 warps with their noise, 146-164 registers and no spill on sm_90 and
 # sm_80 (16 x 128 took 220-255).
 DENSE_SAMPLE_CONFIG = TileConfig(4, 512, 1, num_warps=4, num_stages=2)
+# The draws among each row's top candidates (256 of them unless top_k asks for more): a
+# program takes 4 rows, 128 candidates a chunk (block_n), one Philox call an id: 117-141
+# registers, no spill (Triton 3.6 and 3.9); 256-wide chunks spilled 24 B under 3.6.
+CANDIDATE_DRAWS_CONFIG = TileConfig(4, 128, 1, num_warps=4, num_stages=1)
 
 # Under TRITON_INTERPRET=1 each program runs on the CPU, one numpy op at a time: small
 # tiles so that test shapes span several tiles per split and several splits.
@@ -263,6 +267,7 @@ INTERPRETER_TOPK_LARGE_K_CONFIG = TileConfig(16, 256, 32, num_warps=1, num_stage
 INTERPRETER_SAMPLE_CONFIG = TileConfig(16, 32, 32, num_warps=1, num_stages=1, split_n=2)
 INTERPRETER_THRESHOLD_CONFIG = TileConfig(16, 64, 32, num_warps=1, num_stages=1)
 INTERPRETER_DENSE_SAMPLE_CONFIG = TileConfig(4, 32, 1, num_warps=1, num_stages=1)
+INTERPRETER_CANDIDATE_DRAWS_CONFIG = TileConfig(4, 32, 1, num_warps=1, num_stages=1)
 INTERPRETER_TARGET_PROGRAMS = 6
 
 
@@ -348,6 +353,10 @@ def select_sample_config(dtype: torch.dtype, rows: int, vocab: int, device: torc
 
 def select_dense_sample_config() -> TileConfig:
     return INTERPRETER_DENSE_SAMPLE_CONFIG if interpreting() else DENSE_SAMPLE_CONFIG
+
+
+def select_candidate_draws_config() -> TileConfig:
+    return INTERPRETER_CANDIDATE_DRAWS_CONFIG if interpreting() else CANDIDATE_DRAWS_CONFIG
 
 
 def select_threshold_config(dtype: torch.dtype, rows: int, vocab: int, device: torch.device,
