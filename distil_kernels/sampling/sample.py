@@ -528,8 +528,9 @@ def _candidate_sample(x: Tensor, weight: Tensor, bias: Tensor | None, softcap: f
     settled = _settled(cand_logprobs, length, options, num_candidates, vocab)
     ranks = torch.arange(num_candidates, device=x.device)
     kept = ranks[None, :] < length[:, None]
-    kept_lse = torch.logsumexp(torch.where(kept, cand_z, -math.inf), dim=1)
-    ids = candidate_draws(torch.where(kept, cand_z, -math.inf), cand_ids, keys, n, vocab)
+    kept_z = torch.where(kept, cand_z, -math.inf)
+    kept_lse = torch.logsumexp(kept_z, dim=1)
+    ids = candidate_draws(kept_z, cand_ids, keys, n, vocab)
     position = (cand_ids[:, :, None] == ids[:, None, :]).int().argmax(dim=1)
     z_ids = cand_z.gather(1, position)
     sample = Sample(ids, z_ids - kept_lse[:, None], z_ids * options.temperature - lse_raw[:, None], lse_raw)

@@ -244,15 +244,12 @@ def serialized_wgmmas(compiled) -> bool:
     wgmmas."""
     instructions = re.findall(r"/\*[0-9a-f]{4,6}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*(?: gsb0, 0x[0-9a-f]+)?)",
                               _cuobjdump(compiled, "-sass"))
-    waited, pending = 0, False
-    hgmmas = 0
+    hgmmas, pending = 0, False  # pending: the last HGMMA not yet waited out
     for op in instructions:
         if op.startswith("HGMMA"):
             if pending:
                 return False
-            hgmmas += 1
-            pending = True
-        elif op == "WARPGROUP.DEPBAR.LE gsb0, 0x0" and pending:
-            waited += 1
+            hgmmas, pending = hgmmas + 1, True
+        elif op == "WARPGROUP.DEPBAR.LE gsb0, 0x0":
             pending = False
-    return hgmmas > 0 and waited == hgmmas
+    return hgmmas > 0 and not pending
