@@ -351,14 +351,13 @@ def sample_from_logits(logits: Tensor, *, temperature: float = 1.0, top_k: int |
         if options.greedy or options.top_k is not None:
             return reference_sample(logits, options, seed, positions)
         # The same draws without sorting rows or forming a whole row block's noise at once;
-        # on a GPU in one kernel launch (the torch ops' Philox passes are ~100 launches of
-        # [B, V] int64 work a sample).
-        draws = torch_draws
+        # on a GPU in three kernel launches (the torch ops' Philox passes are ~100 launches
+        # of [B, V] int64 work a sample, their kept set ~30 more).
         if logits.is_cuda and triton_installed():
-            from .triton.sample import triton_dense_draws
+            from .triton.truncation import triton_truncated_sample
 
-            draws = triton_dense_draws
-        return _dense_truncated_sample(logits, options, seed, positions, draws)
+            return triton_truncated_sample(logits, options, seed, positions)
+        return _dense_truncated_sample(logits, options, seed, positions, torch_draws)
 
 
 def _check_seed_and_positions(seed, positions, rows: int, device: torch.device) -> None:
@@ -502,16 +501,20 @@ def _candidate_sample(x: Tensor, weight: Tensor, bias: Tensor | None, softcap: f
     z_options = LossOptions(softcap=softcap, temperature=options.temperature, workspace_bytes=workspace_bytes)
     if dense_logits is None:
         dense_logits = _tile_logits if backend == "chunked" else _dense_logits
-    draws = torch_draws  # the dense fallback's: a kernel of the backend's own where it has one
+    # The dense fallback's sampler and the draws among candidates: kernels of the
+    # backend's own where it has them.
+    dense_sampler = DenseSampler(functools.partial(_dense_truncated_sample, draws=torch_draws), DENSE_BYTES_PER_LOGIT)
     candidate_draws = torch_candidate_draws
     if backend == "triton":
-        from .triton.sample import triton_candidate_draws, triton_dense_draws
+        from .triton.sample import triton_candidate_draws
+        from .triton.truncation import triton_truncated_sample
 
-        draws, candidate_draws = triton_dense_draws, triton_candidate_draws
+        dense_sampler, candidate_draws = DenseSampler(triton_truncated_sample, 0), triton_candidate_draws
     elif backend == "cuda":
         from .cuda import cuda_dense_draws
 
-        draws = cuda_dense_draws
+        dense_sampler = DenseSampler(functools.partial(_dense_truncated_sample, draws=cuda_dense_draws),
+                                     DENSE_BYTES_PER_LOGIT)
     if top is None:
         top = functools.partial(topk_candidates, backend=backend)
     cand = top(x, weight, bias, num_candidates, z_options, raw_lse=options.temperature != 1.0)
@@ -537,7 +540,7 @@ def _candidate_sample(x: Tensor, weight: Tensor, bias: Tensor | None, softcap: f
     unsettled = (~settled).nonzero()[:, 0]
     if len(unsettled):
         _dense_fallback(sample, x, weight, bias, softcap, options, seed, positions, unsettled, workspace_bytes,
-                        dense_logits, vocab, draws)
+                        dense_logits, vocab, dense_sampler)
     return sample
 
 
@@ -569,8 +572,9 @@ def _settled(cand_logprobs: Tensor, length: Tensor, options: SamplingOptions, nu
 # bucket index, the masks, and a float64 row for logsumexp.
 DENSE_BYTES_PER_LOGIT = 48
 # The fallback's default workspace: on the CPU what stays near the caches; on a GPU, as
-# the chunked sweep's, room for blocks of ~18 rows of a 152k vocabulary (64 MiB held 4,
-# so a flat head's 64 rows took 16 blocks of ~30 launches each).
+# the chunked sweep's: blocks of ~18 rows of a 152k vocabulary sampled in torch ops (64
+# MiB held 4, so a flat head's 64 rows took 16 blocks of ~30 launches each), ~440 rows
+# by the triton kernels, which need no memory beyond the logits.
 DENSE_FALLBACK_BUDGET = 64 << 20
 DENSE_FALLBACK_BUDGET_GPU = 256 << 20
 
@@ -597,6 +601,16 @@ def torch_draws(z: Tensor, keys: tuple[Tensor, Tensor, Tensor, Tensor], num_samp
 
 # (z [N, V] with -inf outside the kept set, row_keys' words, num_samples) -> ids [N, num_samples]
 DrawFn = Callable[[Tensor, tuple[Tensor, Tensor, Tensor, Tensor], int], Tensor]
+
+
+@dataclass(frozen=True)
+class DenseSampler:
+    """How the dense fallback samples a block of rows from their logits: `sample(raw_logits,
+    options, seed, positions) -> Sample` (no top_k, not greedy), and the live bytes it
+    takes per logit beside the logits themselves."""
+
+    sample: Callable[[Tensor, SamplingOptions, int | Tensor, Tensor | None], Sample]
+    bytes_per_logit: int
 
 
 def _dense_truncated_sample(raw_logits: Tensor, options: SamplingOptions, seed: int | Tensor,
@@ -667,21 +681,28 @@ def _dense_logits(x: Tensor, weight: Tensor, bias: Tensor | None, softcap: float
 
 def _dense_fallback(sample: Sample, x: Tensor, weight: Tensor, bias: Tensor | None, softcap: float | None,
                     options: SamplingOptions, seed, positions, rows: Tensor, workspace_bytes: int | None,
-                    dense_logits, vocab_size: int | None = None, draws: DrawFn = torch_draws) -> None:
+                    dense_logits, vocab_size: int | None = None, sampler: DenseSampler | None = None) -> None:
     """Exact sampling for `rows` from their dense logits, a bounded number of rows at a time.
 
     `dense_logits(x_rows, weight, bias, softcap, budget)` builds them over `vocab_size`
     columns (`_tile_logits` or `_dense_logits` over weight's rows, or a vocabulary
-    shard's gathered from every rank). No row here has a top_k: `_settled` settles every
-    row that one bounds, since the candidates are at least top_k.
+    shard's gathered from every rank); `sampler` samples them (by default
+    `_dense_truncated_sample` in torch ops). No row here has a top_k: `_settled` settles
+    every row that one bounds, since the candidates are at least top_k.
     """
+    if sampler is None:
+        sampler = DenseSampler(functools.partial(_dense_truncated_sample, draws=torch_draws), DENSE_BYTES_PER_LOGIT)
     budget = workspace_bytes or (DENSE_FALLBACK_BUDGET if x.device.type == "cpu" else DENSE_FALLBACK_BUDGET_GPU)
     vocab = weight.shape[0] if vocab_size is None else vocab_size
-    # fp32 logits for many rows per GEMM (each block of rows reads all of W) in half the
-    # budget, the GEMM's low-precision twin freed on return; the sampler takes them a few
-    # rows at a time in the other half.
-    logit_rows = max(1, budget // (2 * 4 * vocab))
-    sample_rows = max(1, budget // (2 * DENSE_BYTES_PER_LOGIT * vocab))
+    # fp32 logits for many rows per GEMM (each block of rows reads all of W), the GEMM's
+    # low-precision twin freed on return. A sampler that needs memory of its own takes
+    # them a few rows at a time in the other half of the budget; one that needs none
+    # (the triton kernels) takes the whole block.
+    if sampler.bytes_per_logit:
+        logit_rows = max(1, budget // (2 * 4 * vocab))
+        sample_rows = max(1, budget // (2 * sampler.bytes_per_logit * vocab))
+    else:
+        logit_rows = sample_rows = max(1, budget // (4 * vocab))
     per_row_seeds = isinstance(seed, Tensor) and seed.dim() == 1
     for i in range(0, len(rows), logit_rows):
         logit_block = rows[i : i + logit_rows]
@@ -692,8 +713,7 @@ def _dense_fallback(sample: Sample, x: Tensor, weight: Tensor, bias: Tensor | No
             # alone when seeds are per row (`row_keys` then takes position 0, not the index).
             block_positions = positions[block] if positions is not None else None if per_row_seeds else block
             block_seed = seed[block] if per_row_seeds else seed
-            dense = _dense_truncated_sample(logits[k : k + sample_rows], options, block_seed, block_positions,
-                                            draws)
+            dense = sampler.sample(logits[k : k + sample_rows], options, block_seed, block_positions)
             for out, value in zip(sample, dense):
                 out[block] = value
 

@@ -14,6 +14,7 @@ the same seed: both use the same Philox stream and fp32 transform.
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -32,7 +33,8 @@ from distil_kernels.sampling.triton import topk as topk_module  # noqa: E402
 from distil_kernels.sampling.triton.configs import TileConfig  # noqa: E402
 from distil_kernels.sampling.triton.topk import triton_topk  # noqa: E402
 from distil_kernels.sampling.sample import (  # noqa: E402
-    _gumbel_from_words, gumbel_noise_range, row_keys, torch_candidate_draws)
+    SamplingOptions, _gumbel_from_words, at_temperature, gumbel_noise_range, row_keys, sorted_kept_mask,
+    torch_candidate_draws)
 from distil_kernels.sampling.triton.sample import (  # noqa: E402
     gumbel_from_words, tile_noise, triton_candidate_draws)
 from kernel_launches import record_merged_rows  # noqa: E402
@@ -442,33 +444,82 @@ def test_sample_chi_square(options, expected):
     assert float(((counts[live] - e) ** 2 / e).sum()) < CHI2_CRITICAL[int(live.sum()) - 1]
 
 
+def truncation_rows(generator: torch.Generator) -> torch.Tensor:
+    """[10, 301] logits (V = 9 tiles of 32 and 13 ids): rows flat to peaked, runs of equal
+    logits across the nucleus boundary, ids masked to -inf, and -0 beside +0."""
+    raw = torch.randn(10, 301, generator=generator) * torch.tensor([0.01, 0.5, 1, 2, 3, 5, 1, 1, 1, 1])[:, None]
+    raw[0, :50] = 0.02  # equal logits at the top of a flat row
+    raw[1, 10:20] = float("-inf")
+    raw[6] = -1.0
+    raw[6, 37:137] = 2.0  # 100 equal logits hold 95% of the mass: the boundary cuts the run
+    raw[7, ::2] = 0.5  # 151 equal logits, every other id, across tiles
+    raw[8, 5] = raw[8, 150] = raw[8].max() + 1  # two equal maxima
+    # 20 zeros, every other one -0, hold 56% of the mass below 38%: top_p=0.9 keeps 19 of
+    # them in id order, -0 and +0 alike.
+    raw[9] = -5.0
+    raw[9, :5] = 1.0
+    raw[9, 100:120] = 0.0
+    raw[9, 100:120:2] = -0.0
+    return raw
+
+
+TRUNCATIONS = [dict(top_p=0.9), dict(top_p=0.5, temperature=0.7), dict(top_p=0.3, temperature=0.9),
+               dict(top_p=0.999), dict(min_p=0.1), dict(top_p=0.95, min_p=0.2, temperature=1.3),
+               dict(top_p=0.2, min_p=0.9), dict(temperature=1.2), dict()]
+
+
+@pytest.mark.parametrize("options", TRUNCATIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "none")
+def test_truncation_keeps_the_sorted_prefix(options):
+    """The kernel's kept set is the stably sorted rows' prefix (`sorted_kept_mask`), equal
+    logits across the boundary cut in id order; its log-sum-exps are torch's to an ulp."""
+    from distil_kernels.sampling.triton.truncation import triton_truncation
+
+    raw = truncation_rows(torch.Generator().manual_seed(21))
+    sampling = SamplingOptions(**options)
+    got = triton_truncation(raw, sampling)
+    z = at_temperature(raw, sampling.temperature)
+    lse = torch.logsumexp(z, dim=1)
+    want = sorted_kept_mask(z, lse, sampling)
+    kept = got.kept(z)
+    assert torch.equal(kept, want), f"rows {(kept != want).any(1).nonzero()[:, 0].tolist()} keep other ids"
+    torch.testing.assert_close(got.lse_raw, torch.logsumexp(raw, dim=1), rtol=0, atol=2e-6)
+    torch.testing.assert_close(got.kept_lse, torch.logsumexp(torch.where(want, z, -math.inf), dim=1), rtol=0,
+                               atol=2e-6)
+    if sampling.top_p is not None and sampling.top_p < 0.6:
+        # The cut inside the runs of equal logits (rows 6 and 7) is what a key bound alone misses.
+        assert 0 < int(kept[6].sum()) < 100 and 0 < int(kept[7].sum()) < 151
+
+
 @pytest.mark.parametrize("num_samples", [1, 6], ids=["3-splits", "2-sample-programs"])
-def test_dense_draws_are_the_torch_draws(num_samples):
-    """The dense fallback's kernel over masked logits: 7 rows (4-row blocks), V=301 (32-wide
-    tiles, the last 13 wide), per-row seeds and positions past 2**32; a quarter of the ids
-    masked (never drawn)."""
-    from distil_kernels.sampling.sample import torch_draws
-    from distil_kernels.sampling.triton.sample import triton_dense_draws
+@pytest.mark.parametrize("options", [dict(top_p=0.9, temperature=0.8), dict(top_p=0.1), dict(min_p=0.05),
+                                     dict(temperature=1.0)], ids=["top_p", "top_p-in-ties", "min_p", "none"])
+def test_truncated_sample_draws_the_torch_ids(options, num_samples):
+    """The kernels' Sample is `_dense_truncated_sample`'s in torch ops: 10 rows (4-row draw
+    blocks), V=301, per-row seeds and positions past 2**32."""
+    from distil_kernels.sampling.sample import _dense_truncated_sample, torch_draws
+    from distil_kernels.sampling.triton.truncation import triton_truncated_sample
 
     g = torch.Generator().manual_seed(12)
-    z = torch.randn(7, 301, generator=g) * 3.0
-    z[torch.rand(7, 301, generator=g) < 0.25] = float("-inf")
-    keys = row_keys(torch.randint(-(2**62), 2**62, (7,), generator=g), torch.arange(7) + 2**33 - 3, 7,
-                    torch.device("cpu"))
-    got = triton_dense_draws(z, keys, num_samples)
-    assert torch.equal(got, torch_draws(z, keys, num_samples))
-    assert z.gather(1, got).isfinite().all()
+    raw = truncation_rows(g)
+    seeds = torch.randint(-(2**62), 2**62, (10,), generator=g)
+    positions = torch.arange(10) + 2**33 - 3
+    sampling = SamplingOptions(num_samples=num_samples, **options)
+    got = triton_truncated_sample(raw, sampling, seeds, positions)
+    want = _dense_truncated_sample(raw, sampling, seeds, positions, torch_draws)
+    assert torch.equal(got.ids, want.ids)
+    for p, q in zip(got[1:], want[1:]):
+        assert p.dtype == torch.float32 and p.shape == q.shape
+        torch.testing.assert_close(p, q, rtol=0, atol=2e-6)
 
 
 def test_flat_head_fallback_draws_the_torch_ids(monkeypatch):
     """A flat head: top_p=0.95 keeps more of V=300 than the 256 candidates in every row, so
-    every row takes the dense fallback and its kernel; the torch backend's ids."""
-    from distil_kernels.sampling.triton import sample as triton_sample_module
+    every row takes the dense fallback and its kernels; the torch backend's ids."""
+    from distil_kernels.sampling.triton import truncation
 
     calls = []
-    draws = triton_sample_module.triton_dense_draws
-    monkeypatch.setattr(triton_sample_module, "triton_dense_draws",
-                        lambda *a, **kw: calls.append(1) or draws(*a, **kw))
+    dense = truncation.triton_truncated_sample
+    monkeypatch.setattr(truncation, "triton_truncated_sample", lambda *a, **kw: calls.append(1) or dense(*a, **kw))
     x, w, b = make_problem(9, 300, 16, torch.float32, seed=3, scale=0.01)
     kwargs = dict(bias=b * 0.01, seed=11, top_p=0.95, temperature=1.2, num_samples=2)
     got = linear_sample(x, w, backend="triton", **kwargs)

@@ -29,6 +29,7 @@ from distil_kernels.sampling.triton import configs  # noqa: E402
 from distil_kernels.sampling.triton import sample as sample_module  # noqa: E402
 from distil_kernels.sampling.triton import splits as splits_module  # noqa: E402
 from distil_kernels.sampling.triton import topk as topk_module  # noqa: E402
+from distil_kernels.sampling.triton import truncation as truncation_module  # noqa: E402
 from distil_kernels.sampling.triton.topk import triton_topk  # noqa: E402
 from kernel_launches import RecordingKernel, record_merged_rows  # noqa: E402
 from sampling_checks import dense_log_softmax, fp32_tolerance  # noqa: E402
@@ -38,7 +39,7 @@ pytestmark = pytest.mark.interpreter
 
 INTERPRETER_TILES = {configs.INTERPRETER_SAMPLE_CONFIG, configs.INTERPRETER_THRESHOLD_CONFIG,
                      configs.INTERPRETER_TOPK_CONFIG, configs.INTERPRETER_TOPK_LARGE_K_CONFIG,
-                     configs.INTERPRETER_DENSE_SAMPLE_CONFIG}
+                     configs.INTERPRETER_DENSE_SAMPLE_CONFIG, configs.INTERPRETER_TRUNCATION_CONFIG}
 
 
 class DeviceTiles:
@@ -49,8 +50,9 @@ class DeviceTiles:
         self.chosen: dict[str, list] = {}
         monkeypatch.setattr(configs, "interpreting", lambda: False)
         monkeypatch.setattr(configs, "device_arch", lambda device: arch)
-        for module, name in ((sample_module, "select_sample_config"), (sample_module, "select_dense_sample_config"),
-                             (topk_module, "select_threshold_config"), (topk_module, "select_topk_config")):
+        for module, name in ((sample_module, "select_sample_config"), (truncation_module, "select_dense_sample_config"),
+                             (truncation_module, "select_truncation_config"), (topk_module, "select_threshold_config"),
+                             (topk_module, "select_topk_config")):
             monkeypatch.setattr(module, name, self._recording(name, getattr(module, name)))
 
     def _recording(self, name, select):
@@ -169,10 +171,11 @@ def test_topk_merge_kernel(device_tiles, dtype, k):
 
 def test_flat_head_dense_fallback(device_tiles):
     """top_p=0.95 of a flat head keeps more ids than the candidates: the dense fallback's
-    4x512 blocks draw the torch backend's ids."""
+    2048-wide truncation steps and 4x512 draw blocks draw the torch backend's ids."""
     x, w, b = make_problem(9, V, D, torch.float32, seed=34, scale=0.01)
     assert_draws_match_torch(x, w, bias=b * 0.01, seed=21, top_p=0.95, temperature=1.2, num_samples=2)
-    assert device_tiles.chosen["select_dense_sample_config"]
+    assert device_tiles.chosen["select_dense_sample_config"] == [configs.DENSE_SAMPLE_CONFIG]
+    assert device_tiles.chosen["select_truncation_config"] == [configs.TRUNCATION_CONFIG]
 
 
 @pytest.mark.skipif(configs.tensor_descriptors() is None, reason="this Triton has no TMA descriptors")

@@ -19,15 +19,16 @@ from .configs import (
     DENSE_SAMPLE_CONFIG,
     MAX_TOPK,
     SAMPLES_PER_PROGRAM,
+    TRUNCATION_CONFIG,
     TileConfig,
     sample_candidates,
     threshold_candidates,
     topk_candidates,
 )
 from .configs import target_programs
-from .sample import (FINISH_BLOCK_D, FINISH_WARPS, candidate_draws_kernel, dense_sample_kernel, finish_draws_kernel,
-                     sample_kernel)
+from .sample import FINISH_BLOCK_D, FINISH_WARPS, candidate_draws_kernel, finish_draws_kernel, sample_kernel
 from .topk import threshold_kernel, topk_kernel
+from .truncation import FINISH_TRUNCATED_WARPS, finish_truncated_draws_kernel, truncated_draws_kernel, truncation_kernel
 
 _TORCH_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -82,11 +83,35 @@ def sample_spec(config: TileConfig, dtype: str, samples: int, greedy: bool = Fal
     return dataclasses.replace(spec, archs=archs)
 
 
-def dense_sample_spec(samples: int) -> CompileSpec:
-    pointers = {"z_ptr": "fp32", "seed_ptr": "i64", "pos_ptr": "i64", "score_ptr": "fp32", "id_ptr": "i64"}
+def truncation_spec(tempered: bool, top_p: bool, min_p: bool) -> CompileSpec:
+    pointers = {"raw_ptr": "fp32", "lse_raw_ptr": "fp32", "kept_lse_ptr": "fp32", "bound_ptr": "i64",
+                "cut_ptr": "i64"}
+    config = TRUNCATION_CONFIG
+    constexprs = {"TEMPERED": tempered, "TOP_P": top_p, "MIN_P": min_p, "BLOCK_N": config.block_n}
+    flags = ",".join(name for name, on in (("T", tempered), ("top_p", top_p), ("min_p", min_p)) if on)
+    spec = kernel_spec(f"truncation[fp32,{flags},{config}]", truncation_kernel, pointers, constexprs, config,
+                       float_args=("temperature", "log_min_p"))
+    # top_p's float64 bits arrive as an int64.
+    return dataclasses.replace(spec, signature={**spec.signature, "top_p_bits": "i64"})
+
+
+def truncated_draws_spec(samples: int, tempered: bool = True) -> CompileSpec:
+    pointers = {"raw_ptr": "fp32", "bound_ptr": "i64", "cut_ptr": "i64", "seed_ptr": "i64", "pos_ptr": "i64",
+                "score_ptr": "fp32", "id_ptr": "i64"}
     config = DENSE_SAMPLE_CONFIG
-    constexprs = {"SAMPLES": samples, "BLOCK_M": config.block_m, "BLOCK_N": config.block_n}
-    return kernel_spec(f"dense_sample[fp32,S={samples},{config}]", dense_sample_kernel, pointers, constexprs, config)
+    constexprs = {"SAMPLES": samples, "BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "TEMPERED": tempered}
+    flags = "" if tempered else "T=1,"
+    return kernel_spec(f"truncated_draws[fp32,{flags}S={samples},{config}]", truncated_draws_kernel, pointers,
+                       constexprs, config, float_args=("temperature",))
+
+
+def finish_truncated_draws_spec(block_s: int, tempered: bool = True) -> CompileSpec:
+    pointers = {"raw_ptr": "fp32", "score_ptr": "fp32", "id_ptr": "i64", "lse_raw_ptr": "fp32",
+                "kept_lse_ptr": "fp32", "ids_out_ptr": "i64", "logprob_ptr": "fp32", "raw_logprob_ptr": "fp32"}
+    flags = "" if tempered else "T=1,"
+    return kernel_spec(f"finish_truncated_draws[fp32,{flags}S={block_s}]", finish_truncated_draws_kernel, pointers,
+                       {"BLOCK_S": block_s, "TEMPERED": tempered}, float_args=("temperature",),
+                       num_warps=FINISH_TRUNCATED_WARPS, num_stages=1)
 
 
 def candidate_draws_spec() -> CompileSpec:
@@ -149,10 +174,15 @@ def all_specs() -> list[CompileSpec]:
                 config = sample_candidates(torch_dtype, rows, arch)[0]
                 defaults[config] = defaults.get(config, ()) + (arch,)
         specs += [sample_spec(config, dtype, 1, archs=archs, tempered=False) for config, archs in defaults.items()]
-    specs += [dense_sample_spec(s) for s in samples]
+    # The dense truncated sampler: every truncation the kernel branches on, the draws at
+    # each samples-per-program, and its merge from one split to the most a launch plans.
+    specs += [truncation_spec(tempered, top_p, min_p) for tempered in (True, False)
+              for top_p, min_p in ((True, False), (False, True), (True, True), (False, False))]
+    specs += [truncated_draws_spec(s) for s in samples] + [truncated_draws_spec(1, tempered=False)]
+    widest = 1 << (target_programs("sample") - 1).bit_length()
+    specs += [finish_truncated_draws_spec(block_s, tempered) for block_s in (1, widest) for tempered in (True, False)]
     specs.append(candidate_draws_spec())
     # The sampler's merge, from one split to the most a launch plans (next power of two).
-    widest = 1 << (target_programs("sample") - 1).bit_length()
     specs += [finish_draws_spec(block_s, greedy, dtype, tempered) for block_s in (1, widest)
               for greedy, tempered in ((False, True), (False, False), (True, False)) for dtype in ("bf16", "fp32")]
     return specs

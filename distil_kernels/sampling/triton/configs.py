@@ -249,11 +249,15 @@ SAMPLE_DEFAULT_FP32 = TileConfig(64, 32, 32, num_warps=8, num_stages=3)
 SAMPLE_SMALL_BATCH_FP32 = TileConfig(16, 128, 16, num_warps=8, num_stages=3)
 
 # The truncated sampler's dense fallback draws over logits loaded from memory (no matmul:
-# block_k is unused). Its blocks are a few rows (a 64 MiB budget holds 4 rows of a
-# 152k vocabulary), so a program takes 4 rows, none wasted, by 512 ids: 16 entries a
+# block_k is unused), a program 4 rows by 512 ids: 16 entries a
 # thread over 4 warps with their noise, 146-164 registers and no spill on sm_90 and
 # sm_80 (16 x 128 took 220-255).
 DENSE_SAMPLE_CONFIG = TileConfig(4, 512, 1, num_warps=4, num_stages=2)
+# The truncation kernel (`truncation.py`): a program per row, ~20 passes over it (the
+# nucleus search), each an fp32 exp, a compare and float64 add per id. 2048 ids a step
+# over 8 warps is 8 a thread, with no reduction across warps until a pass ends: 80-120
+# registers and no spill on sm_90 and sm_80 (Triton 3.6 and 3.9).
+TRUNCATION_CONFIG = TileConfig(1, 2048, 1, num_warps=8, num_stages=2)
 # The draws among each row's top candidates (256 of them unless top_k asks for more): a
 # program takes 4 rows, 128 candidates a chunk (block_n), one Philox call an id: 117-141
 # registers, no spill (Triton 3.6 and 3.9); 256-wide chunks spilled 24 B under 3.6.
@@ -268,6 +272,7 @@ INTERPRETER_SAMPLE_CONFIG = TileConfig(16, 32, 32, num_warps=1, num_stages=1, sp
 INTERPRETER_THRESHOLD_CONFIG = TileConfig(16, 64, 32, num_warps=1, num_stages=1)
 INTERPRETER_DENSE_SAMPLE_CONFIG = TileConfig(4, 32, 1, num_warps=1, num_stages=1)
 INTERPRETER_CANDIDATE_DRAWS_CONFIG = TileConfig(4, 32, 1, num_warps=1, num_stages=1)
+INTERPRETER_TRUNCATION_CONFIG = TileConfig(1, 32, 1, num_warps=1, num_stages=1)
 INTERPRETER_TARGET_PROGRAMS = 6
 
 
@@ -353,6 +358,10 @@ def select_sample_config(dtype: torch.dtype, rows: int, vocab: int, device: torc
 
 def select_dense_sample_config() -> TileConfig:
     return INTERPRETER_DENSE_SAMPLE_CONFIG if interpreting() else DENSE_SAMPLE_CONFIG
+
+
+def select_truncation_config() -> TileConfig:
+    return INTERPRETER_TRUNCATION_CONFIG if interpreting() else TRUNCATION_CONFIG
 
 
 def select_candidate_draws_config() -> TileConfig:

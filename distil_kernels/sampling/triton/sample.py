@@ -38,8 +38,7 @@ except ImportError:  # Triton builds without the dispatching module (some contai
 from ...loss.triton.tiles import finish_logits, fold_lse
 from ..sample import Sample, SamplingOptions
 from ...loss.triton.configs import ENABLE_FP_FUSION, interpreting, kernel_operands
-from .configs import (SAMPLES_PER_PROGRAM, TileConfig, select_candidate_draws_config, select_dense_sample_config,
-                      select_sample_config)
+from .configs import SAMPLES_PER_PROGRAM, TileConfig, select_candidate_draws_config, select_sample_config
 from .splits import plan_splits, split_range
 from .wide_tiles import pass_accumulator, slice_products_tma, wide_products, zero_accumulators
 
@@ -349,34 +348,6 @@ def sample_kernel(
 
 
 @triton.jit
-def dense_sample_kernel(
-    z_ptr,  # [N, V] fp32: tempered logits, -inf outside each row's kept set
-    seed_ptr, pos_ptr,  # as sample_kernel's
-    score_ptr, id_ptr,  # [N, num_splits, num_samples]: each split's best per sample
-    N, V, tiles_per_split, longer_splits, num_splits, num_samples, stride_zn,  # splits: `SplitPlan`
-    SAMPLES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """Gumbel-max draws over logits that exist (the truncated sampler's dense fallback).
-
-    The stream and tie rules of sample_kernel on a tile loaded instead of computed: a
-    masked id's -inf stays -inf under any noise, so it is never drawn.
-    """
-    offs_m, row_ok, seed, pos_lo, pos_hi, first_sample, end_sample, slots, best_score, best_id = program_draws(
-        seed_ptr, pos_ptr, N, num_samples, SAMPLES, BLOCK_M)
-    first_tile, last_tile = split_range(tl.program_id(1), tiles_per_split, longer_splits)
-    for tile in range(first_tile, last_tile):
-        cols = (tile * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-        z = tl.load(z_ptr + offs_m[:, None] * stride_zn + cols[None, :],
-                    mask=row_ok[:, None] & (cols < V)[None, :], other=float("-inf"))
-        for sample in range(first_sample, end_sample):
-            score = z + tile_noise(seed, pos_lo, pos_hi, tile * (BLOCK_N // 4), sample, BLOCK_M, BLOCK_N)
-            tile_best, local = tile_first_max(score)
-            best_score, best_id = fold_draw(tile_best, local, tile, sample - first_sample, slots, best_score,
-                                            best_id, BLOCK_N)
-    store_draws(score_ptr, id_ptr, best_score, best_id, offs_m, row_ok, first_sample, slots, num_splits, num_samples)
-
-
-@triton.jit
 def merged_lse(part_max, part_sum):
     """`merge_lse` of one row's split partials [BLOCK_S] (absent splits: -inf and 0)."""
     top = tl.max(part_max, axis=0)
@@ -456,32 +427,6 @@ def _philox_args(keys: tuple[Tensor, Tensor, Tensor, Tensor]) -> tuple[Tensor, T
     k0, k1, pos_lo, pos_hi = keys
     # The 64-bit seed that tl.philox splits back into (k0, k1); the position likewise.
     return (k0 | (k1 << 32)).contiguous(), (pos_lo | (pos_hi << 32)).contiguous()
-
-
-def triton_dense_draws(z: Tensor, keys: tuple[Tensor, Tensor, Tensor, Tensor], num_samples: int) -> Tensor:
-    """ids [N, num_samples]: Gumbel-max draws over `z` [N, V] fp32 (-inf where not kept).
-
-    The draws of the torch fallback's noise loop (`gumbel_noise_range` at every id, the
-    first maximum) in one launch instead of a Philox pass of int64 ops per block of ids.
-    """
-    rows, vocab = z.shape
-    if z.stride(-1) != 1:
-        z = z.contiguous()
-    config = select_dense_sample_config()
-    samples_per_program = min(triton.next_power_of_2(num_samples), SAMPLES_PER_PROGRAM)
-    sample_programs = triton.cdiv(num_samples, samples_per_program)
-    plan = plan_splits(rows, vocab, config.block_m, config.block_n, sample_programs, kind="sample")
-    seeds, positions = _philox_args(keys)
-    score = torch.empty(rows, plan.num_splits, num_samples, dtype=torch.float32, device=z.device)
-    ids = torch.empty(rows, plan.num_splits, num_samples, dtype=torch.int64, device=z.device)
-    if rows > 0:
-        dense_sample_kernel[(plan.num_m_blocks, plan.num_splits, sample_programs)](
-            z, seeds, positions, score, ids, rows, vocab, plan.tiles_per_split, plan.longer_splits, plan.num_splits,
-            num_samples, z.stride(0), SAMPLES=samples_per_program, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-            num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=ENABLE_FP_FUSION,
-        )
-    # First maximum over splits: on equal scores the earlier split, whose ids are lower.
-    return ids.gather(1, score.argmax(dim=1, keepdim=True)).squeeze(1)
 
 
 @triton.jit
