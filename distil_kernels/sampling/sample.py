@@ -475,41 +475,41 @@ def _sweep_sample(x: Tensor, weight: Tensor, bias: Tensor | None, softcap: float
     return SweepDraws(ids, scores, best_raw, lse_raw, lse_z)
 
 
-def _refuse_nan_rows(lse: Tensor) -> None:
-    nan_rows = lse.isnan().nonzero()[:, 0]
+def _refuse_nan_rows(nan: Tensor) -> None:
+    """Raises if any row of the bool mask `nan` [N] is set (its logits hold a NaN)."""
+    nan_rows = nan.nonzero()[:, 0]
     if len(nan_rows):
         raise ValueError(f"linear_sample: the logits (input @ weight.T + bias) must not contain NaN; "
                          f"{len(nan_rows)} row(s) do, the first row {int(nan_rows[0])}")
 
 
 def _candidate_sample(x: Tensor, weight: Tensor, bias: Tensor | None, softcap: float | None,
-                      options: SamplingOptions, seed, positions, keys, workspace_bytes: int | None,
+                      options: SamplingOptions, seed, positions, keys: tuple | None, workspace_bytes: int | None,
                       backend: str = "chunked", top=None, dense_logits=None, vocab_size: int | None = None
                       ) -> Sample:
     """Truncated sampling from each row's top candidates, with an exact dense fallback.
 
     The candidates and the lse at temperature 1 come from one top-k pass over the
     vocabulary: the Triton kernel with `backend` "triton", csrc/'s `row_topk` with "cuda",
-    the chunked sweep otherwise.
+    the chunked sweep otherwise. `keys`: the rows' Philox words (`row_keys`), or None
+    where the caller has not formed them.
     """
     from ..loss.options import LossOptions
     from .topk import topk_candidates
 
     vocab = weight.shape[0] if vocab_size is None else vocab_size
-    n = options.num_samples
     num_candidates = min(vocab, max(CANDIDATES, options.top_k or 0))
     z_options = LossOptions(softcap=softcap, temperature=options.temperature, workspace_bytes=workspace_bytes)
     if dense_logits is None:
         dense_logits = _tile_logits if backend == "chunked" else _dense_logits
-    # The dense fallback's sampler and the draws among candidates: kernels of the
+    # Sampling among the candidates and the dense fallback's sampler: kernels of the
     # backend's own where it has them.
+    candidate_sample = torch_candidate_sample
     dense_sampler = DenseSampler(functools.partial(_dense_truncated_sample, draws=torch_draws), DENSE_BYTES_PER_LOGIT)
-    candidate_draws = torch_candidate_draws
     if backend == "triton":
-        from .triton.sample import triton_candidate_draws
-        from .triton.truncation import triton_truncated_sample
+        from .triton.truncation import triton_candidate_sample, triton_truncated_sample
 
-        dense_sampler, candidate_draws = DenseSampler(triton_truncated_sample, 0), triton_candidate_draws
+        candidate_sample, dense_sampler = triton_candidate_sample, DenseSampler(triton_truncated_sample, 0)
     elif backend == "cuda":
         from .cuda import cuda_dense_draws
 
@@ -520,28 +520,39 @@ def _candidate_sample(x: Tensor, weight: Tensor, bias: Tensor | None, softcap: f
     cand = top(x, weight, bias, num_candidates, z_options, raw_lse=options.temperature != 1.0)
     # The candidates' own logits, not logprobs + lse: that would round each once more and
     # could split equal logits, or move one across the kept set's boundary.
-    cand_ids, cand_z, lse_z = cand.ids, cand.values.float(), cand.lse.float()
+    lse_z = cand.lse.float()
     lse_raw = lse_z if cand.lse_raw is None else cand.lse_raw.float()
-    # A NaN logit makes its row's lse NaN. No score then equals the row's best, and the
-    # draw below would return the out-of-range id V. This path waits for the host on its
-    # unsettled rows anyway: one more short wait.
-    _refuse_nan_rows(lse_z)
-    cand_logprobs = cand_z - lse_z[:, None]
-    length = kept_prefix(cand_z, lse_z, options)
-    settled = _settled(cand_logprobs, length, options, num_candidates, vocab)
-    ranks = torch.arange(num_candidates, device=x.device)
-    kept = ranks[None, :] < length[:, None]
-    kept_z = torch.where(kept, cand_z, -math.inf)
-    kept_lse = torch.logsumexp(kept_z, dim=1)
-    ids = candidate_draws(kept_z, cand_ids, keys, n, vocab)
-    position = (cand_ids[:, :, None] == ids[:, None, :]).int().argmax(dim=1)
-    z_ids = cand_z.gather(1, position)
-    sample = Sample(ids, z_ids - kept_lse[:, None], z_ids * options.temperature - lse_raw[:, None], lse_raw)
-    unsettled = (~settled).nonzero()[:, 0]
+    sample, unsettled = candidate_sample(cand.ids, cand.values.float(), lse_z, lse_raw, options, seed, positions,
+                                         keys, vocab)
     if len(unsettled):
         _dense_fallback(sample, x, weight, bias, softcap, options, seed, positions, unsettled, workspace_bytes,
                         dense_logits, vocab, dense_sampler)
     return sample
+
+
+def torch_candidate_sample(cand_ids: Tensor, cand_z: Tensor, lse_z: Tensor, lse_raw: Tensor,
+                           options: SamplingOptions, seed, positions, keys, vocab: int) -> tuple[Sample, Tensor]:
+    """(Sample, the rows the candidates leave unsettled) from each row's top candidates
+    `cand_ids`, `cand_z` [N, C] (tempered logits by (z desc, id asc)) and the rows' lse of z
+    and of the raw logits [N], in torch ops; raises on a row whose lse is NaN. `keys`:
+    `row_keys(seed, positions)`, or None to form them here."""
+    # A NaN logit makes its row's lse NaN. No score then equals the row's best, and the
+    # draw below would return the out-of-range id V. This path waits for the host on its
+    # unsettled rows anyway: one more short wait.
+    _refuse_nan_rows(lse_z.isnan())
+    rows, num_candidates = cand_z.shape
+    if keys is None:
+        keys = row_keys(seed, positions, rows, cand_z.device)
+    length = kept_prefix(cand_z, lse_z, options)
+    settled = _settled(length, options, num_candidates, vocab)
+    ranks = torch.arange(num_candidates, device=cand_z.device)
+    kept_z = torch.where(ranks[None, :] < length[:, None], cand_z, -math.inf)
+    kept_lse = torch.logsumexp(kept_z, dim=1)
+    ids = torch_candidate_draws(kept_z, cand_ids, keys, options.num_samples, vocab)
+    position = (cand_ids[:, :, None] == ids[:, None, :]).int().argmax(dim=1)
+    z_ids = cand_z.gather(1, position)
+    sample = Sample(ids, z_ids - kept_lse[:, None], z_ids * options.temperature - lse_raw[:, None], lse_raw)
+    return sample, (~settled).nonzero()[:, 0]
 
 
 def torch_candidate_draws(z: Tensor, cand_ids: Tensor, keys: tuple[Tensor, Tensor, Tensor, Tensor],
@@ -557,12 +568,17 @@ def torch_candidate_draws(z: Tensor, cand_ids: Tensor, keys: tuple[Tensor, Tenso
     return ids
 
 
-def _settled(cand_logprobs: Tensor, length: Tensor, options: SamplingOptions, num_candidates: int,
-             vocab: int) -> Tensor:
-    """Rows whose kept prefix is known from the candidates alone."""
-    if num_candidates == vocab or (options.top_k is not None and options.top_k <= num_candidates
-                                   and options.top_p is None and options.min_p is None):
-        return torch.ones(cand_logprobs.shape[0], dtype=torch.bool, device=cand_logprobs.device)
+def all_settled(options: SamplingOptions, num_candidates: int, vocab: int) -> bool:
+    """Whether every row's kept prefix is known from its `num_candidates` top candidates:
+    they are the whole vocabulary, or top_k alone truncates and they hold it."""
+    return num_candidates == vocab or (options.top_k is not None and options.top_k <= num_candidates
+                                       and options.top_p is None and options.min_p is None)
+
+
+def _settled(length: Tensor, options: SamplingOptions, num_candidates: int, vocab: int) -> Tensor:
+    """Rows whose kept prefix (of `length` [N] candidates) is known from the candidates alone."""
+    if all_settled(options, num_candidates, vocab):
+        return torch.ones(length.shape[0], dtype=torch.bool, device=length.device)
     # The prefix ends inside the candidates unless it takes all of them and could go on.
     return (length < num_candidates) | (options.top_k is not None and options.top_k <= num_candidates)
 
@@ -778,17 +794,17 @@ def linear_sample(input: Tensor, weight: Tensor, *, temperature: float = 1.0, to
             raw = reference_logits(input, weight, bias, LossOptions(softcap=softcap))
             sample = reference_sample(raw, options, seed, positions)
             if truncated:  # as the other backends' truncated sampling
-                _refuse_nan_rows(sample.lse)
+                _refuse_nan_rows(sample.lse.isnan())
             return sample
         if name == "triton" and not truncated:
             from .triton import triton_sample
 
             return triton_sample(input, weight, bias, softcap, options,
                                  *philox_rows(seed, positions, input.shape[0], input.device))
-        keys = row_keys(seed, positions, input.shape[0], input.device)
         if truncated:
-            return _candidate_sample(input, weight, bias, softcap, options, seed, positions, keys, workspace_bytes,
+            return _candidate_sample(input, weight, bias, softcap, options, seed, positions, None, workspace_bytes,
                                      backend=name)
+        keys = row_keys(seed, positions, input.shape[0], input.device)
         if name == "cuda":
             from .cuda import cuda_sample
 

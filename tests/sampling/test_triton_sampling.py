@@ -33,10 +33,8 @@ from distil_kernels.sampling.triton import topk as topk_module  # noqa: E402
 from distil_kernels.sampling.triton.configs import TileConfig  # noqa: E402
 from distil_kernels.sampling.triton.topk import triton_topk  # noqa: E402
 from distil_kernels.sampling.sample import (  # noqa: E402
-    SamplingOptions, _gumbel_from_words, at_temperature, gumbel_noise_range, row_keys, sorted_kept_mask,
-    torch_candidate_draws)
-from distil_kernels.sampling.triton.sample import (  # noqa: E402
-    gumbel_from_words, tile_noise, triton_candidate_draws)
+    SamplingOptions, _gumbel_from_words, at_temperature, gumbel_noise_range, row_keys, sorted_kept_mask)
+from distil_kernels.sampling.triton.sample import gumbel_from_words, tile_noise  # noqa: E402
 from kernel_launches import record_merged_rows  # noqa: E402
 from sampling_checks import dense_log_softmax, fp32_tolerance, mask_ids  # noqa: E402
 
@@ -327,28 +325,72 @@ def test_noise_is_the_torch_stream():
 # Sampling
 # --------------------------------------------------------------------------------------
 
-def test_candidate_draws_match_the_torch_draws():
-    """Draws among candidates in any order: 7 rows (2 programs of 4), 70 candidates (3
-    chunks of 32, the last partial), ids shuffled over V=5000, some not kept (-inf), 3
-    samples: the torch loop's ids. Then ties: where several kept candidates share a score
-    (z = 1e30 swamps any noise), the lowest vocabulary id wins, wherever its chunk."""
+def sorted_candidates(generator: torch.Generator, rows: int = 7, cols: int = 70, vocab: int = 5000):
+    """(ids, z, lse_z) as a top-k pass leaves them: `cols` candidates a row by (z desc, id
+    asc), ids scattered over `vocab`; the rows' candidates hold 100% down to ~5% of the
+    mass (the rest of the row beyond them); runs of equal z, some across 32-wide chunks."""
+    ids = torch.stack([torch.randperm(vocab, generator=generator)[:cols] for _ in range(rows)])
+    z = torch.randn(rows, cols, generator=generator) * torch.linspace(3.0, 0.3, rows)[:, None]
+    z[1, 20:50] = 1.0  # 30 equal logits from the first chunk into the second
+    z[2, :5] = z[2].max() + 0.5  # equal maxima
+    order = torch.sort(ids, dim=1).indices  # by id, then stably by z: (z desc, id asc)
+    ids, z = ids.gather(1, order), z.gather(1, order)
+    order = torch.sort(z, dim=1, descending=True, stable=True).indices
+    ids, z = ids.gather(1, order), z.gather(1, order)
+    beyond = torch.linspace(0.0, 3.0, rows)  # log of (row mass / candidates' mass)
+    return ids, z, torch.logsumexp(z, dim=1) + beyond
+
+
+CANDIDATE_OPTIONS = [dict(top_p=0.9), dict(top_p=0.5, num_samples=3), dict(top_k=20), dict(top_k=70),
+                     dict(top_k=30, top_p=0.8, temperature=1.3), dict(min_p=0.2), dict(top_p=0.95, min_p=0.05),
+                     dict(top_k=60, top_p=0.3, min_p=0.5, num_samples=4)]
+
+
+@pytest.mark.parametrize("options", CANDIDATE_OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_candidate_sample_is_the_torch_ops_sample(options):
+    """One launch for the kept prefix, the rows it settles, the kept lse and the draws:
+    `torch_candidate_sample`'s Sample and unsettled rows, on 7 rows of 70 candidates (3
+    chunks of 32) with per-row seeds and positions."""
+    from distil_kernels.sampling.sample import torch_candidate_sample
+    from distil_kernels.sampling.triton.truncation import triton_candidate_sample
+
     gen = torch.Generator().manual_seed(5)
-    rows, cols, vocab = 7, 70, 5000
-    ids = torch.stack([torch.randperm(vocab, generator=gen)[:cols] for _ in range(rows)])
-    z = torch.randn(rows, cols, generator=gen) * 3
-    z[torch.rand(rows, cols, generator=gen) < 0.3] = float("-inf")
-    z[:, 0] = 0.0  # every row keeps one
-    keys = row_keys(13, torch.arange(100, 100 + rows), rows, torch.device("cpu"))
-    torch.testing.assert_close(triton_candidate_draws(z, ids, keys, 3, vocab),
-                               torch_candidate_draws(z, ids, keys, 3, vocab), rtol=0, atol=0)
-    tied = torch.zeros(rows, cols, dtype=torch.bool)
-    for r in range(rows):
-        tied[r, torch.randperm(cols, generator=gen)[: 2 + r]] = True
-    z_tied = torch.where(tied, 1e30, z)
-    want = torch.where(tied, ids, vocab).min(dim=1).values
-    got = triton_candidate_draws(z_tied, ids, keys, 3, vocab)
-    assert torch.equal(got, want[:, None].expand(rows, 3))
-    assert torch.equal(torch_candidate_draws(z_tied, ids, keys, 3, vocab), got)
+    ids, z, lse_z = sorted_candidates(gen)
+    lse_raw = lse_z * 0.8 + 1.0
+    seeds = torch.randint(-(2**62), 2**62, (7,), generator=gen)
+    positions = torch.arange(7) + 2**32 - 3
+    sampling = SamplingOptions(**options)
+    vocab = 5000
+    got, got_unsettled = triton_candidate_sample(ids, z, lse_z, lse_raw, sampling, seeds, positions, None, vocab)
+    want, want_unsettled = torch_candidate_sample(ids, z, lse_z, lse_raw, sampling, seeds, positions, None, vocab)
+    assert torch.equal(got_unsettled, want_unsettled)
+    settled = torch.ones(7, dtype=torch.bool)
+    settled[want_unsettled] = False
+    assert settled.any()
+    # Unsettled rows are the dense fallback's to overwrite.
+    assert torch.equal(got.ids[settled], want.ids[settled])
+    for p, q in zip(got[1:3], want[1:3]):
+        torch.testing.assert_close(p[settled], q[settled], rtol=0, atol=2e-6)
+    assert got.lse is lse_raw
+
+
+def test_candidate_sample_ties_and_nan_rows():
+    """Equal scores (z = 1e30 swamps any noise) go to the lowest id, wherever its chunk;
+    a row whose lse is NaN is refused, as by the torch ops."""
+    from distil_kernels.sampling.sample import torch_candidate_sample
+    from distil_kernels.sampling.triton.truncation import triton_candidate_sample
+
+    gen = torch.Generator().manual_seed(6)
+    ids, z, lse_z = sorted_candidates(gen)
+    z[:, :40] = 1e30
+    lse_z = torch.full_like(lse_z, 1e30)
+    sampling = SamplingOptions(num_samples=3, top_k=50)
+    got, _ = triton_candidate_sample(ids, z, lse_z, lse_z, sampling, 13, None, None, 5000)
+    assert torch.equal(got.ids, ids[:, :40].min(dim=1).values[:, None].expand(7, 3))
+    lse_z[3] = float("nan")
+    for sample in (triton_candidate_sample, torch_candidate_sample):
+        with pytest.raises(ValueError, match=r"must not contain NaN; 1 row\(s\) do, the first row 3"):
+            sample(ids, z, lse_z, lse_z, sampling, 13, None, None, 5000)
 
 
 SAMPLE_OPTIONS = [

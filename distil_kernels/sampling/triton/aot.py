@@ -15,7 +15,7 @@ import torch
 
 from ...loss.triton.aot import TRITON_DTYPE, CompileSpec, kernel_spec, with_descriptors
 from .configs import (
-    CANDIDATE_DRAWS_CONFIG,
+    CANDIDATE_SAMPLE_CONFIG,
     DENSE_SAMPLE_CONFIG,
     MAX_TOPK,
     SAMPLES_PER_PROGRAM,
@@ -26,9 +26,10 @@ from .configs import (
     topk_candidates,
 )
 from .configs import target_programs
-from .sample import FINISH_BLOCK_D, FINISH_WARPS, candidate_draws_kernel, finish_draws_kernel, sample_kernel
+from .sample import FINISH_BLOCK_D, FINISH_WARPS, finish_draws_kernel, sample_kernel
 from .topk import threshold_kernel, topk_kernel
-from .truncation import FINISH_TRUNCATED_WARPS, finish_truncated_draws_kernel, truncated_draws_kernel, truncation_kernel
+from .truncation import (FINISH_TRUNCATED_WARPS, candidate_sample_kernel, finish_truncated_draws_kernel,
+                         truncated_draws_kernel, truncation_kernel)
 
 _TORCH_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -114,11 +115,17 @@ def finish_truncated_draws_spec(block_s: int, tempered: bool = True) -> CompileS
                        num_warps=FINISH_TRUNCATED_WARPS, num_stages=1)
 
 
-def candidate_draws_spec() -> CompileSpec:
-    pointers = {"z_ptr": "fp32", "ids_ptr": "i64", "seed_ptr": "i64", "pos_ptr": "i64", "out_ptr": "i64"}
-    config = CANDIDATE_DRAWS_CONFIG
-    constexprs = {"BLOCK_M": config.block_m, "BLOCK_C": config.block_n}
-    return kernel_spec(f"candidate_draws[fp32,{config}]", candidate_draws_kernel, pointers, constexprs, config)
+def candidate_sample_spec(top_k: bool, top_p: bool, min_p: bool) -> CompileSpec:
+    pointers = {"z_ptr": "fp32", "ids_ptr": "i64", "lse_z_ptr": "fp32", "lse_raw_ptr": "fp32", "seed_ptr": "i64",
+                "pos_ptr": "i64", "ids_out_ptr": "i64", "logprob_ptr": "fp32", "raw_logprob_ptr": "fp32",
+                "status_ptr": "i32"}
+    config = CANDIDATE_SAMPLE_CONFIG
+    constexprs = {"TOP_K": top_k, "TOP_P": top_p, "MIN_P": min_p, "ALL_SETTLED": False, "TOP_K_SETTLES": top_k,
+                  "BLOCK_C": config.block_n}
+    flags = ",".join(name for name, on in (("top_k", top_k), ("top_p", top_p), ("min_p", min_p)) if on)
+    spec = kernel_spec(f"candidate_sample[fp32,{flags},{config}]", candidate_sample_kernel, pointers, constexprs,
+                       config, float_args=("log_min_p", "temperature"))
+    return dataclasses.replace(spec, signature={**spec.signature, "top_p_bits": "i64"})
 
 
 def finish_draws_spec(block_s: int, greedy: bool, dtype: str = "bf16", tempered: bool = True) -> CompileSpec:
@@ -181,7 +188,9 @@ def all_specs() -> list[CompileSpec]:
     specs += [truncated_draws_spec(s) for s in samples] + [truncated_draws_spec(1, tempered=False)]
     widest = 1 << (target_programs("sample") - 1).bit_length()
     specs += [finish_truncated_draws_spec(block_s, tempered) for block_s in (1, widest) for tempered in (True, False)]
-    specs.append(candidate_draws_spec())
+    # Sampling among candidates: each truncation the kernel branches on.
+    specs += [candidate_sample_spec(top_k, top_p, min_p) for top_k, top_p, min_p in
+              ((True, False, False), (False, True, False), (False, False, True), (True, True, True))]
     # The sampler's merge, from one split to the most a launch plans (next power of two).
     specs += [finish_draws_spec(block_s, greedy, dtype, tempered) for block_s in (1, widest)
               for greedy, tempered in ((False, True), (False, False), (True, False)) for dtype in ("bf16", "fp32")]

@@ -38,7 +38,7 @@ except ImportError:  # Triton builds without the dispatching module (some contai
 from ...loss.triton.tiles import finish_logits, fold_lse
 from ..sample import Sample, SamplingOptions
 from ...loss.triton.configs import ENABLE_FP_FUSION, interpreting, kernel_operands
-from .configs import SAMPLES_PER_PROGRAM, TileConfig, select_candidate_draws_config, select_sample_config
+from .configs import SAMPLES_PER_PROGRAM, TileConfig, select_sample_config
 from .splits import plan_splits, split_range
 from .wide_tiles import pass_accumulator, slice_products_tma, wide_products, zero_accumulators
 
@@ -420,77 +420,6 @@ def finish_draws_kernel(
             # Correctly rounded, as `at_temperature` divides.
             tl.store(logprob_ptr + row * num_samples + j, tl.math.div_rn(best_raw, temperature) - lse_z)
             tl.store(raw_logprob_ptr + row * num_samples + j, best_raw - lse_raw)
-
-
-def _philox_args(keys: tuple[Tensor, Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-    """`philox_rows`' (seeds, positions) [N] int64 from `row_keys`' 32-bit words."""
-    k0, k1, pos_lo, pos_hi = keys
-    # The 64-bit seed that tl.philox splits back into (k0, k1); the position likewise.
-    return (k0 | (k1 << 32)).contiguous(), (pos_lo | (pos_hi << 32)).contiguous()
-
-
-@triton.jit
-def candidate_draws_kernel(
-    z_ptr,  # [N, C] fp32: each row's candidates' tempered logits, -inf outside its kept set
-    ids_ptr,  # [N, C] int64: their vocabulary ids
-    seed_ptr, pos_ptr,  # as sample_kernel's
-    out_ptr,  # [N, num_samples] int64: the drawn ids
-    N, C, V, num_samples,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    """Gumbel-max draws among each row's candidates, ids in any order (the truncated
-    sampler's draws from its top candidates).
-
-    An id's noise is sample_kernel's: word id % 4 of the Philox block at counter id // 4,
-    one Philox call an id here since the ids are scattered. Equal scores go to the lower
-    vocabulary id, as in the dense argmax, whatever the candidates' order.
-    """
-    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = offs_m < N
-    seed = tl.load(seed_ptr + offs_m, mask=row_ok, other=0)
-    position = tl.load(pos_ptr + offs_m, mask=row_ok, other=0)
-    pos_lo = tl.broadcast_to(position.to(tl.uint32)[:, None], (BLOCK_M, BLOCK_C))
-    pos_hi = tl.broadcast_to((position >> 32).to(tl.uint32)[:, None], (BLOCK_M, BLOCK_C))
-    for sample in range(num_samples):
-        best_score = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
-        best_id = tl.full((BLOCK_M,), V, dtype=tl.int64)
-        for c0 in range(0, C, BLOCK_C):
-            cols = c0 + tl.arange(0, BLOCK_C)
-            mask = row_ok[:, None] & (cols < C)[None, :]
-            offsets = offs_m[:, None] * C + cols[None, :]
-            z = tl.load(z_ptr + offsets, mask=mask, other=float("-inf"))
-            # Ids clamped into [0, V): a bad id reads no noise out of the stream's range.
-            ids = tl.minimum(tl.maximum(tl.load(ids_ptr + offsets, mask=mask, other=0), 0), V - 1)
-            counter = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.uint32) + sample
-            w0, w1, w2, w3 = tl.philox(seed[:, None], (ids >> 2).to(tl.uint32), pos_lo, counter, pos_hi)
-            lane = ids & 3
-            words = tl.where(lane == 0, w0, tl.where(lane == 1, w1, tl.where(lane == 2, w2, w3)))
-            score = tl.where(mask, z + gumbel_from_words(words), float("-inf"))
-            chunk_best = tl.max(score, axis=1)
-            chunk_id = tl.min(tl.where(score == chunk_best[:, None], ids, V), axis=1)
-            better = (chunk_best > best_score) | ((chunk_best == best_score) & (chunk_id < best_id))
-            best_score = tl.where(better, chunk_best, best_score)
-            best_id = tl.where(better, chunk_id, best_id)
-        tl.store(out_ptr + offs_m * num_samples + sample, best_id, mask=row_ok)
-
-
-def triton_candidate_draws(z: Tensor, ids: Tensor, keys: tuple[Tensor, Tensor, Tensor, Tensor], num_samples: int,
-                           vocab: int) -> Tensor:
-    """ids [N, num_samples]: Gumbel-max draws among candidates `ids` [N, C] (any order) with
-    tempered logits `z` [N, C] fp32 (-inf outside the kept set), in one launch: the torch
-    ops' noise for arbitrary ids took ~160 launches a sample."""
-    rows, cols = z.shape
-    out = torch.empty(rows, num_samples, dtype=torch.int64, device=z.device)
-    if rows == 0 or num_samples == 0:
-        return out
-    config = select_candidate_draws_config()
-    seeds, positions = _philox_args(keys)
-    candidate_draws_kernel[(triton.cdiv(rows, config.block_m),)](
-        z.contiguous(), ids.contiguous(), seeds, positions, out, rows, cols, vocab, num_samples,
-        BLOCK_M=config.block_m, BLOCK_C=min(config.block_n, triton.next_power_of_2(max(cols, 1))),
-        num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=ENABLE_FP_FUSION,
-    )
-    return out
 
 
 def triton_sample(x: Tensor, weight: Tensor, bias: Tensor | None, softcap: float | None,

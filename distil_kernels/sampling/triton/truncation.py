@@ -49,8 +49,10 @@ from torch import Tensor
 from ...loss.triton.configs import ENABLE_FP_FUSION
 from ...loss.triton.tiles import fold_lse
 from ..sample import Sample, SamplingOptions, _order_keys, philox_rows
-from .configs import SAMPLES_PER_PROGRAM, select_dense_sample_config, select_truncation_config
-from .sample import fold_draw, fold_lse_tempered, program_draws, store_draws, tile_first_max, tile_noise
+from .configs import (SAMPLES_PER_PROGRAM, select_candidate_sample_config, select_dense_sample_config,
+                      select_truncation_config)
+from .sample import (fold_draw, fold_lse_tempered, gumbel_from_words, program_draws, store_draws, tile_first_max,
+                     tile_noise)
 from .splits import plan_splits, split_range
 
 INT32_MAX = tl.constexpr(2**31 - 1)
@@ -259,6 +261,118 @@ def finish_truncated_draws_kernel(
         tl.store(raw_logprob_ptr + row * num_samples + j, raw - lse_raw)
 
 
+@triton.jit
+def candidate_sample_kernel(
+    z_ptr, ids_ptr,  # [N, C] fp32 / int64: each row's top candidates by (z desc, id asc), z tempered
+    lse_z_ptr, lse_raw_ptr,  # [N] fp32: log-sum-exp of z and of the raw logits
+    seed_ptr, pos_ptr,  # as sample_kernel's
+    ids_out_ptr, logprob_ptr, raw_logprob_ptr,  # [N, num_samples]
+    status_ptr,  # [N] int32 out: 0 settled, 1 left to the dense fallback, 2 a NaN lse
+    C, V, num_samples, top_k, top_p_bits, log_min_p, temperature,
+    TOP_K: tl.constexpr, TOP_P: tl.constexpr, MIN_P: tl.constexpr,
+    ALL_SETTLED: tl.constexpr,  # `all_settled`: no row can outgrow its candidates
+    TOP_K_SETTLES: tl.constexpr,  # top_k <= C: a row's kept set ends within them
+    BLOCK_C: tl.constexpr,
+):
+    """A row's truncated Sample from its top candidates (`torch_candidate_sample` in one
+    launch where torch ops took ~45): the kept prefix (`kept_prefix`: float64 mass in
+    rank order, renormalised within top_k), whether the candidates settle it, the kept
+    log-sum-exp, and the Gumbel-max draws among the kept candidates (an id's noise is
+    word id % 4 of its Philox block, equal scores to the lower id)."""
+    row = tl.program_id(0).to(tl.int64)
+    lse_z = tl.load(lse_z_ptr + row)
+    lse_raw = tl.load(lse_raw_ptr + row)
+    z_row = z_ptr + row * C
+    id_row = ids_ptr + row * C
+    length = tl.zeros((), dtype=tl.int32) + C
+    if TOP_K:
+        length = tl.minimum(length, top_k)
+    if TOP_P:
+        top_p = (tl.zeros((), dtype=tl.int64) + top_p_bits).to(tl.float64, bitcast=True)
+        lse64 = lse_z.to(tl.float64)
+        total = tl.zeros((), dtype=tl.float64) + 1.0
+        if TOP_K:
+            # Within top_k the mass is renormalised: the kept ranks' sum first.
+            total = tl.zeros((), dtype=tl.float64)
+            for c0 in range(0, C, BLOCK_C):
+                rank = c0 + tl.arange(0, BLOCK_C)
+                z = tl.load(z_row + rank, mask=rank < C, other=float("-inf"))
+                total += tl.sum(tl.where(rank < length, tl.exp(z.to(tl.float64) - lse64), 0.0), axis=0)
+        # One plus the count of prefixes whose mass is short of top_p.
+        prefix = tl.zeros((), dtype=tl.float64)
+        short = tl.zeros((), dtype=tl.int32)
+        for c0 in range(0, C, BLOCK_C):
+            rank = c0 + tl.arange(0, BLOCK_C)
+            z = tl.load(z_row + rank, mask=rank < C, other=float("-inf"))
+            p = tl.where(rank < length, tl.exp(z.to(tl.float64) - lse64), 0.0)
+            mass = prefix + tl.cumsum(p, axis=0)
+            if TOP_K:
+                mass = mass / total
+            short += tl.sum(((rank < C) & (mass < top_p)).to(tl.int32), axis=0)
+            prefix += tl.sum(p, axis=0)
+        length = tl.minimum(length, short + 1)
+    z_first = tl.load(z_row)
+    if MIN_P:
+        # z >= the first (largest) z + log(min_p) in fp32: a prefix of the ranks.
+        threshold = z_first + log_min_p
+        above = tl.zeros((), dtype=tl.int32)
+        for c0 in range(0, C, BLOCK_C):
+            rank = c0 + tl.arange(0, BLOCK_C)
+            z = tl.load(z_row + rank, mask=rank < C, other=float("-inf"))
+            above += tl.sum(((rank < C) & (z >= threshold)).to(tl.int32), axis=0)
+        length = tl.minimum(length, above)
+    length = tl.maximum(length, 1)
+    status = tl.zeros((), dtype=tl.int32)
+    if not ALL_SETTLED:
+        if not TOP_K_SETTLES:
+            # A prefix that takes every candidate could go on past them.
+            status = (length >= C).to(tl.int32)
+    status = tl.where(lse_z != lse_z, 2, status)
+    tl.store(status_ptr + row, status)
+    # The kept log-sum-exp from the largest z, as torch.logsumexp shifts.
+    shift = tl.where(z_first == float("-inf"), 0.0, z_first)
+    kept_sum = tl.zeros((), dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        rank = c0 + tl.arange(0, BLOCK_C)
+        z = tl.load(z_row + rank, mask=rank < length, other=float("-inf"))
+        kept_sum += tl.sum(tl.exp(z - shift), axis=0)
+    kept_lse = shift + tl.log(kept_sum)
+    seed = tl.load(seed_ptr + row)
+    position = tl.load(pos_ptr + row)
+    pos_lo = tl.zeros((BLOCK_C,), dtype=tl.uint32) + position.to(tl.uint32)
+    pos_hi = tl.zeros((BLOCK_C,), dtype=tl.uint32) + (position >> 32).to(tl.uint32)
+    for sample in range(num_samples):
+        best_score = tl.full((), float("-inf"), dtype=tl.float32)
+        best_id = tl.zeros((), dtype=tl.int64) + V
+        best_z = tl.zeros((), dtype=tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            rank = c0 + tl.arange(0, BLOCK_C)
+            kept = rank < length
+            z = tl.load(z_row + rank, mask=kept, other=float("-inf"))
+            # Ids clamped into [0, V): a bad id reads no noise out of the stream's range.
+            ids = tl.minimum(tl.maximum(tl.load(id_row + rank, mask=kept, other=0), 0), V - 1)
+            counter = tl.zeros((BLOCK_C,), dtype=tl.uint32) + sample
+            w0, w1, w2, w3 = tl.philox(seed, (ids >> 2).to(tl.uint32), pos_lo, counter, pos_hi)
+            lane = ids & 3
+            words = tl.where(lane == 0, w0, tl.where(lane == 1, w1, tl.where(lane == 2, w2, w3)))
+            score = tl.where(kept, z + gumbel_from_words(words), float("-inf"))
+            chunk_best = tl.max(score, axis=0)
+            # The lowest id of the chunk's best (of its kept ids only, should every score
+            # be -inf), and its z.
+            winner = kept & (score == chunk_best)
+            chunk_id = tl.min(tl.where(winner, ids, V), axis=0)
+            chunk_z = tl.max(tl.where(winner & (ids == chunk_id), z, float("-inf")), axis=0)
+            better = (chunk_best > best_score) | ((chunk_best == best_score) & (chunk_id < best_id))
+            best_score = tl.where(better, chunk_best, best_score)
+            best_id = tl.where(better, chunk_id, best_id)
+            best_z = tl.where(better, chunk_z, best_z)
+        out = row * num_samples + sample
+        tl.store(ids_out_ptr + out, best_id)
+        tl.store(logprob_ptr + out, best_z - kept_lse)
+        # The raw logit as the torch path forms it from the candidate's z.
+        tl.store(raw_logprob_ptr + out, best_z * temperature - lse_raw)
+
+
 def float64_bits(value: float) -> int:
     """The IEEE-754 bits of `value` as a signed int64 (`truncation_kernel`'s top_p_bits)."""
     return struct.unpack("<q", struct.pack("<d", value))[0]
@@ -302,6 +416,41 @@ def triton_truncation(raw: Tensor, options: SamplingOptions) -> Truncation:
         num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=ENABLE_FP_FUSION,
     )
     return out
+
+
+def triton_candidate_sample(cand_ids: Tensor, cand_z: Tensor, lse_z: Tensor, lse_raw: Tensor,
+                            options: SamplingOptions, seed, positions, keys, vocab: int) -> tuple[Sample, Tensor]:
+    """`torch_candidate_sample` in one launch and one wait on the device: (Sample, the
+    rows the candidates leave unsettled); raises on a row whose lse is NaN. `keys` (the
+    torch path's Philox words) is unused: the kernel takes the seeds and positions."""
+    from ..sample import _refuse_nan_rows, all_settled
+
+    rows, num_candidates = cand_z.shape
+    dev = cand_z.device
+    n = options.num_samples
+    sample = Sample(torch.empty(rows, n, dtype=torch.int64, device=dev),
+                    torch.empty(rows, n, dtype=torch.float32, device=dev),
+                    torch.empty(rows, n, dtype=torch.float32, device=dev), lse_raw)
+    status = torch.zeros(rows, dtype=torch.int32, device=dev)
+    if rows > 0:
+        top_p = options.top_p is not None and options.top_p < 1.0
+        min_p = options.min_p is not None and options.min_p > 0.0
+        top_k = options.top_k is not None
+        seeds, row_positions = philox_rows(seed, positions, rows, dev)
+        candidate_sample_kernel[(rows,)](
+            cand_z.contiguous(), cand_ids.contiguous(), lse_z.contiguous(), lse_raw.contiguous(), seeds,
+            row_positions, *sample[:3], status, num_candidates, vocab, n, options.top_k if top_k else num_candidates,
+            float64_bits(float(options.top_p)) if top_p else 0, math.log(options.min_p) if min_p else 0.0,
+            float(options.temperature), TOP_K=top_k, TOP_P=top_p, MIN_P=min_p,
+            ALL_SETTLED=all_settled(options, num_candidates, vocab),
+            TOP_K_SETTLES=top_k and options.top_k <= num_candidates,
+            BLOCK_C=min(select_candidate_sample_config().block_n, triton.next_power_of_2(num_candidates)),
+            num_warps=select_candidate_sample_config().num_warps, num_stages=1,
+        )
+    # The one wait: NaN rows and unsettled rows together.
+    status = status.cpu()
+    _refuse_nan_rows(status == 2)
+    return sample, (status == 1).nonzero()[:, 0].to(dev)
 
 
 def triton_truncated_sample(raw_logits: Tensor, options: SamplingOptions, seed: int | Tensor,
