@@ -27,7 +27,7 @@ from .configs import (
 )
 from .configs import target_programs
 from .sample import FINISH_BLOCK_D, FINISH_WARPS, finish_draws_kernel, sample_kernel
-from .topk import threshold_kernel, topk_kernel
+from .topk import FINISH_THRESHOLD_WARPS, finish_threshold_kernel, threshold_kernel, topk_kernel
 from .truncation import (FINISH_TRUNCATED_WARPS, candidate_sample_kernel, finish_truncated_draws_kernel,
                          truncated_draws_kernel, truncation_kernel)
 
@@ -82,6 +82,15 @@ def sample_spec(config: TileConfig, dtype: str, samples: int, greedy: bool = Fal
         spec = with_descriptors(spec, x_ptr=(t, config.block_m, config.block_k),
                                 w_ptr=(t, config.block_n, config.block_k))
     return dataclasses.replace(spec, archs=archs)
+
+
+def finish_threshold_spec(block_k: int, block_s: int, raw_lse: bool) -> CompileSpec:
+    pointers = {"top_ptr": "i64", "count_ptr": "i32", "part_ptr": "fp32", "values_ptr": "fp32", "ids_ptr": "i64",
+                "lse_ptr": "fp32", "lse_raw_ptr": "fp32", "settled_ptr": "i1"}
+    constexprs = {"RAW_LSE": raw_lse, "BLOCK_K": block_k, "BLOCK_S": block_s}
+    flags = "raw_lse," if raw_lse else ""
+    return kernel_spec(f"finish_threshold[{flags}K={block_k},S={block_s}]", finish_threshold_kernel, pointers,
+                       constexprs, num_warps=FINISH_THRESHOLD_WARPS, num_stages=1)
 
 
 def truncation_spec(tempered: bool, top_p: bool, min_p: bool) -> CompileSpec:
@@ -163,6 +172,11 @@ def all_specs() -> list[CompileSpec]:
                   if c not in general]
         for K in (1 << i for i in range(MAX_TOPK.bit_length())):
             specs += [topk_spec(c, dtype, K) for c in topk_candidates(torch_dtype, K)]
+    # The threshold pass's finish, from k = 1 to MAX_TOPK and from one split to the most a
+    # launch plans.
+    most_splits = 1 << (target_programs() - 1).bit_length()
+    specs += [finish_threshold_spec(block_k, block_s, raw_lse) for block_k in (1, MAX_TOPK)
+              for block_s in (1, most_splits) for raw_lse in (False, True)]
     samples = [1 << i for i in range(SAMPLES_PER_PROGRAM.bit_length())]
     for dtype in ("bf16", "fp32"):
         torch_dtype = _TORCH_DTYPE[dtype]

@@ -39,7 +39,7 @@ from ...loss.triton.tiles import finish_logits, fold_lse
 from ..sample import Sample, SamplingOptions
 from ...loss.triton.configs import ENABLE_FP_FUSION, interpreting, kernel_operands
 from .configs import SAMPLES_PER_PROGRAM, TileConfig, select_sample_config
-from .splits import plan_splits, split_range
+from .splits import merged_lse, plan_splits, split_range
 from .wide_tiles import pass_accumulator, slice_products_tma, wide_products, zero_accumulators
 
 # The finish kernel's dot of a drawn id's logit: 512 of d a step over 4 warps (4 entries
@@ -345,14 +345,6 @@ def sample_kernel(
         if TEMPERED:
             tl.store(part_ptr + out * 4 + 2, tl.math.div_rn(raw_max, temperature), mask=row_ok)
             tl.store(part_ptr + out * 4 + 3, z_sum, mask=row_ok)
-
-
-@triton.jit
-def merged_lse(part_max, part_sum):
-    """`merge_lse` of one row's split partials [BLOCK_S] (absent splits: -inf and 0)."""
-    top = tl.max(part_max, axis=0)
-    shift = tl.where(top == float("-inf"), 0.0, top)
-    return shift + tl.log(tl.sum(part_sum * tl.exp(part_max - shift), axis=0))
 
 
 @triton.jit

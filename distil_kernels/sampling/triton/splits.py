@@ -53,3 +53,11 @@ def split_range(split, tiles_per_split, longer_splits):
     """[first, last) units of split `split` (`SplitPlan`)."""
     first = split * tiles_per_split + tl.minimum(split, longer_splits)
     return first, first + tiles_per_split + (split < longer_splits).to(tl.int32)
+
+
+@triton.jit
+def merged_lse(part_max, part_sum):
+    """`merge_lse` of one row's split partials [BLOCK_S] (absent splits: -inf and 0)."""
+    top = tl.max(part_max, axis=0)
+    shift = tl.where(top == float("-inf"), 0.0, top)
+    return shift + tl.log(tl.sum(part_sum * tl.exp(part_max - shift), axis=0))

@@ -57,11 +57,13 @@ from ...loss.triton.tiles import finish_logits, fold_lse, tile_products
 from ...loss.triton.configs import ENABLE_FP_FUSION, kernel_operands
 from ..topk import Candidates
 from .configs import MAX_TOPK, TileConfig, select_threshold_config, select_topk_config
-from .splits import SplitPlan, plan_splits, split_range
+from .splits import SplitPlan, merged_lse, plan_splits, split_range
 from .wide_tiles import pass_accumulator, slice_products_tma, wide_products, zero_accumulators
 
 # The key of a masked entry: below the key of every float, -inf and NaN included.
 EMPTY_KEY = tl.constexpr(-(2**63))
+# The finish kernel reads a row's k keys and its splits' partials: a warp a row.
+FINISH_THRESHOLD_WARPS = 1
 
 
 @triton.jit
@@ -338,6 +340,46 @@ def threshold_kernel(
         tl.store(part_ptr + out * 4 + 3, raw_sum, mask=row_ok)
 
 
+@triton.jit
+def finish_threshold_kernel(
+    top_ptr,  # [n, kk] int64: each row's largest keys (torch.topk of its lists), descending
+    count_ptr,  # [n, num_splits] int32: each list's hits (-1 after a -inf hit)
+    part_ptr,  # [n, num_splits, 4] fp32: (max, sum-exp) of z, then of the raw logits
+    values_ptr, ids_ptr,  # [n, stride_out] fp32 / int64 out: the first kk of each row
+    lse_ptr, lse_raw_ptr, settled_ptr,  # [n] out
+    kk, k, num_splits, capacity, stride_out,
+    RAW_LSE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """Program `row` decodes its top keys into values and ids, merges its lse partials and
+    says whether the threshold pass settled it: what took ~40 small torch ops a call.
+
+    Settled: no -inf hit (count -1), no list past its capacity, k hits at or above the
+    bound, and no NaN logit. NaN is no hit (no comparison passes), but it makes its row's
+    sum of exponentials NaN and so its lse: the threshold kernel needs no NaN test.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_K)
+    col_ok = cols < kk
+    keys = tl.load(top_ptr + row * kk + cols, mask=col_ok, other=0)
+    # `ordered_keys` undone: the low word holds 0xFFFFFFFF - id, the high word the value's order key.
+    ordered = (keys >> 32).to(tl.int32)
+    values = (ordered ^ ((ordered >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+    tl.store(values_ptr + row * stride_out + cols, values, mask=col_ok)
+    tl.store(ids_ptr + row * stride_out + cols, 0xFFFFFFFF - (keys & 0xFFFFFFFF), mask=col_ok)
+    splits = tl.arange(0, BLOCK_S)
+    split_ok = splits < num_splits
+    part = part_ptr + (row * num_splits + splits) * 4
+    lse = merged_lse(tl.load(part, mask=split_ok, other=float("-inf")), tl.load(part + 1, mask=split_ok, other=0.0))
+    tl.store(lse_ptr + row, lse)
+    if RAW_LSE:
+        tl.store(lse_raw_ptr + row, merged_lse(tl.load(part + 2, mask=split_ok, other=float("-inf")),
+                                               tl.load(part + 3, mask=split_ok, other=0.0)))
+    count = tl.load(count_ptr + row * num_splits + splits, mask=split_ok, other=0)
+    settled = ((tl.min(count, axis=0) >= 0) & (tl.max(count, axis=0) <= capacity) & (tl.sum(count, axis=0) >= k)
+               & (lse == lse))
+    tl.store(settled_ptr + row, settled)
+
+
 def decode_keys(keys: Tensor) -> tuple[Tensor, Tensor]:
     """(fp32 values, int64 ids) of keys made by `ordered_keys`."""
     ids = 0xFFFFFFFF - (keys & 0xFFFFFFFF)
@@ -471,10 +513,11 @@ def candidate_lists(rows: int, vocab: int, k: int, step: int, config: TileConfig
 
 
 def threshold_topk(x: Tensor, weight: Tensor, bias: Tensor | None, k: int, options: LossOptions,
-                   raw_lse: bool, config: TileConfig, step: int, capacity: int | None
-                   ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor]:
-    """(values z [n, k], ids [n, k], lse [n], raw lse [n] or None, settled [n] bool) of one
-    group of rows; the values and ids of a row that is not settled are meaningless."""
+                   raw_lse: bool, config: TileConfig, step: int, capacity: int | None,
+                   out: tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor]) -> None:
+    """One group of rows into `out`: (values z [n, k], ids [n, k], lse [n], raw lse [n] or
+    None, settled [n] bool), views of the call's outputs; the values and ids of a row that
+    is not settled are meaningless."""
     n, d = x.shape
     v = weight.shape[0]
     dev = x.device
@@ -498,16 +541,13 @@ def threshold_topk(x: Tensor, weight: Tensor, bias: Tensor | None, k: int, optio
         num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=ENABLE_FP_FUSION,
     )
     top = torch.topk(keys, min(k, keys.shape[1]), dim=1).values
-    values, ids = torch.empty(n, k, dtype=torch.float32, device=dev), torch.empty(n, k, dtype=torch.int64, device=dev)
-    values[:, : top.shape[1]], ids[:, : top.shape[1]] = decode_keys(top)
-    lse = merge_lse(part[..., 0], part[..., 1])
-    lse_raw = merge_lse(part[..., 2], part[..., 3]) if raw_lse else None
-    # Settled: no -inf hit (count -1), no list past its capacity, k entries at or above the
-    # bound, and no NaN logit. NaN is no hit (no comparison passes), but it makes its row's
-    # sum of exponentials NaN and so its lse: the kernel needs no NaN test of its own.
-    settled = ((count >= 0).all(dim=1) & (count <= capacity).all(dim=1) & (count.sum(dim=1) >= k)
-               & ~lse.isnan())
-    return values, ids, lse, lse_raw, settled
+    values, ids, lse, lse_raw, settled = out
+    finish_threshold_kernel[(n,)](
+        top, count, part, values, ids, lse, lse_raw if raw_lse else lse, settled,
+        top.shape[1], k, plan.num_splits, capacity, values.stride(0),
+        RAW_LSE=raw_lse, BLOCK_K=triton.next_power_of_2(top.shape[1]), BLOCK_S=triton.next_power_of_2(plan.num_splits),
+        num_warps=FINISH_THRESHOLD_WARPS, num_stages=1,
+    )
 
 
 def triton_topk(x: Tensor, weight: Tensor, bias: Tensor | None, k: int, options: LossOptions,
@@ -556,10 +596,9 @@ def triton_topk(x: Tensor, weight: Tensor, bias: Tensor | None, k: int, options:
         group = max(1, CANDIDATE_BUDGET_BYTES // row_bytes(group))
     for r0 in range(0, n, group):
         r1 = min(r0 + group, n)
-        got = threshold_topk(x[r0:r1], weight, bias, k, options, raw_lse, config, step, capacity)
-        values[r0:r1], ids[r0:r1], lse[r0:r1], settled[r0:r1] = got[0], got[1], got[2], got[4]
-        if raw_lse:
-            lse_raw[r0:r1] = got[3]
+        threshold_topk(x[r0:r1], weight, bias, k, options, raw_lse, config, step, capacity,
+                       (values[r0:r1], ids[r0:r1], lse[r0:r1], None if lse_raw is None else lse_raw[r0:r1],
+                        settled[r0:r1]))
     # The rows the threshold pass could not settle, found once for all groups: a host sync
     # per group would leave the GPU idle while the next group's launches are issued.
     redo = (~settled).nonzero()[:, 0]
