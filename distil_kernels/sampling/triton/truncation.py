@@ -1,7 +1,12 @@
-"""Truncated sampling over logits that exist: the kept set of top_p / min_p without a sort.
+"""Truncated sampling (top_k / top_p / min_p): among each row's top candidates, and over
+logits that exist, the kept set of top_p / min_p without a sort.
 
-The dense fallback of the truncated sampler (rows whose nucleus or min-p set outgrows
-their candidates) and `sample_from_logits` on a GPU. In torch ops each block of rows
+`candidate_sample_kernel` samples each row from the top candidates of the threshold
+top-k (the candidates' kept prefix, whether it settles the row, the kept log-sum-exp,
+the draws), in one launch where torch ops took ~45.
+
+The rest serves the dense fallback (rows whose nucleus or min-p set outgrows their
+candidates) and `sample_from_logits` on a GPU. In torch ops each block of rows
 took ~30 launches (log-sum-exps, a sort, float64 prefix sums, a scatter, the masking),
 and a 256 MiB workspace held ~18 rows of a 152k vocabulary for them: a flat head's 64
 rows were ~130 launches beside their draws, which made top_p sampling host-bound on an
