@@ -5,7 +5,8 @@ Providers: `matmul` (the bare logits GEMM: the floor), `ours` (`linear_sample`, 
 `torch-compile` (the same under `torch.compile`), and `torch-top_p` /
 `torch-compile-top_p` (sort, cumsum, mask, as transformers' top-p warper does). All at
 temperature 0.8; `ours-top_p` compares with the `torch-top_p` rows, and both again on
-hidden states scaled by 2 (`-peaked`: small nuclei, settled by the candidates alone). CPU default shapes: B in (64, 256), d=896, V=151936.
+hidden states scaled by 2 (`-peaked`: small nuclei, settled by the candidates alone).
+CPU default shapes: B in (64, 256), d=896, V=151936.
 
 On CUDA (B in (64, 256), d=3584, V=152064: Qwen2.5-7B's head) also `triton` and
 `chunked` (`linear_sample` with that backend by name), and FlashInfer when installed:
