@@ -101,8 +101,10 @@ def truncation_spec(tempered: bool, top_p: bool, min_p: bool) -> CompileSpec:
     flags = ",".join(name for name, on in (("T", tempered), ("top_p", top_p), ("min_p", min_p)) if on)
     spec = kernel_spec(f"truncation[fp32,{flags},{config}]", truncation_kernel, pointers, constexprs, config,
                        float_args=("temperature", "log_min_p"))
-    # top_p's float64 bits arrive as an int64.
-    return dataclasses.replace(spec, signature={**spec.signature, "top_p_bits": "i64"})
+    # top_p's float64 bits arrive as an int64. The model heads' vocabularies (and so the
+    # logits' row stride) are multiples of 16, as the JIT then specialises them: 16-byte loads.
+    return dataclasses.replace(spec, signature={**spec.signature, "top_p_bits": "i64"},
+                               divisible=spec.divisible + ("V", "stride_n"))
 
 
 def truncated_draws_spec(samples: int, tempered: bool = True) -> CompileSpec:
@@ -111,8 +113,9 @@ def truncated_draws_spec(samples: int, tempered: bool = True) -> CompileSpec:
     config = DENSE_SAMPLE_CONFIG
     constexprs = {"SAMPLES": samples, "BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "TEMPERED": tempered}
     flags = "" if tempered else "T=1,"
-    return kernel_spec(f"truncated_draws[fp32,{flags}S={samples},{config}]", truncated_draws_kernel, pointers,
+    spec = kernel_spec(f"truncated_draws[fp32,{flags}S={samples},{config}]", truncated_draws_kernel, pointers,
                        constexprs, config, float_args=("temperature",))
+    return dataclasses.replace(spec, divisible=spec.divisible + ("V", "stride_n"))
 
 
 def finish_truncated_draws_spec(block_s: int, tempered: bool = True) -> CompileSpec:

@@ -249,15 +249,22 @@ SAMPLE_DEFAULT_FP32 = TileConfig(64, 32, 32, num_warps=8, num_stages=3)
 SAMPLE_SMALL_BATCH_FP32 = TileConfig(16, 128, 16, num_warps=8, num_stages=3)
 
 # The truncated sampler's dense fallback draws over logits loaded from memory (no matmul:
-# block_k is unused), a program 4 rows by 512 ids: 16 entries a
-# thread over 4 warps with their noise, 146-164 registers and no spill on sm_90 and
-# sm_80 (16 x 128 took 220-255).
+# block_k is unused), a program 4 rows by 512 ids: 16 entries a thread over 4 warps
+# with their noise and the kept set's mask, 128-215 registers as a 16-aligned vocabulary
+# launches it (16-byte loads), no spill but 8 B on sm_80 at two samples under Triton 3.9
+# (16 x 128 took 220-255).
 DENSE_SAMPLE_CONFIG = TileConfig(4, 512, 1, num_warps=4, num_stages=2)
 # The truncation kernel (`truncation.py`): a program per row, ~20 passes over it (the
-# nucleus search), each an fp32 exp, a compare and float64 add per id. 2048 ids a step
-# over 8 warps is 8 a thread, with no reduction across warps until a pass ends: 80-120
-# registers and no spill on sm_90 and sm_80 (Triton 3.6 and 3.9).
-TRUNCATION_CONFIG = TileConfig(1, 2048, 1, num_warps=8, num_stages=2)
+# nucleus search), each an fp32 exp, a compare and float64 add per id. A batch of 64 rows
+# is one program on each of 64 SMs, whose loads wait out the L2's latency (~600 cycles)
+# with nothing else to run: what a step keeps in flight bounds its rate (8 KiB over 8
+# warps, ~14 B a cycle; 16 KiB over 16). 4096 ids a step over 16 warps is 8 a thread in
+# two 16-byte loads (vocabularies and row strides that are multiples of 16, as model
+# heads' are), with no reduction across warps until a pass ends: 80-120 registers and
+# no spill on sm_90 and sm_80 (Triton 3.6 and 3.9). Loads do not pipeline here (no
+# shared memory), and an unrolled loop (`loop_unroll_factor`) left ptxas reusing one
+# pair of registers for every load.
+TRUNCATION_CONFIG = TileConfig(1, 4096, 1, num_warps=16, num_stages=1)
 # Sampling among each row's top candidates (256 of them unless top_k asks for more): a
 # program a row, 256 candidates a chunk (block_n) over 4 warps, one Philox call an id.
 CANDIDATE_SAMPLE_CONFIG = TileConfig(1, 256, 1, num_warps=4, num_stages=1)
