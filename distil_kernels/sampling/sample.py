@@ -516,14 +516,17 @@ def _candidate_sample(x: Tensor, weight: Tensor, bias: Tensor | None, softcap: f
         dense_sampler = DenseSampler(functools.partial(_dense_truncated_sample, draws=cuda_dense_draws),
                                      DENSE_BYTES_PER_LOGIT)
     if top is None:
-        top = functools.partial(topk_candidates, backend=backend)
+        # Without top_k every row the candidates do not settle has an exact home, the dense
+        # fallback: the threshold top-k's own unsettled rows go there too (the triton top-k
+        # then need not wait on the device to find them).
+        top = functools.partial(topk_candidates, backend=backend, settle=options.top_k is not None)
     cand = top(x, weight, bias, num_candidates, z_options, raw_lse=options.temperature != 1.0)
     # The candidates' own logits, not logprobs + lse: that would round each once more and
     # could split equal logits, or move one across the kept set's boundary.
     lse_z = cand.lse.float()
     lse_raw = lse_z if cand.lse_raw is None else cand.lse_raw.float()
     sample, unsettled = candidate_sample(cand.ids, cand.values.float(), lse_z, lse_raw, options, seed, positions,
-                                         keys, vocab)
+                                         keys, vocab, cand.settled)
     if len(unsettled):
         _dense_fallback(sample, x, weight, bias, softcap, options, seed, positions, unsettled, workspace_bytes,
                         dense_logits, vocab, dense_sampler)
@@ -531,11 +534,13 @@ def _candidate_sample(x: Tensor, weight: Tensor, bias: Tensor | None, softcap: f
 
 
 def torch_candidate_sample(cand_ids: Tensor, cand_z: Tensor, lse_z: Tensor, lse_raw: Tensor,
-                           options: SamplingOptions, seed, positions, keys, vocab: int) -> tuple[Sample, Tensor]:
+                           options: SamplingOptions, seed, positions, keys, vocab: int,
+                           exact: Tensor | None = None) -> tuple[Sample, Tensor]:
     """(Sample, the rows the candidates leave unsettled) from each row's top candidates
     `cand_ids`, `cand_z` [N, C] (tempered logits by (z desc, id asc)) and the rows' lse of z
     and of the raw logits [N], in torch ops; raises on a row whose lse is NaN. `keys`:
-    `row_keys(seed, positions)`, or None to form them here."""
+    `row_keys(seed, positions)`, or None to form them here. `exact` [N] bool: the rows
+    whose candidates are exact (`Candidates.settled`; None: all), the others unsettled."""
     # A NaN logit makes its row's lse NaN. No score then equals the row's best, and the
     # draw below would return the out-of-range id V. This path waits for the host on its
     # unsettled rows anyway: one more short wait.
@@ -545,6 +550,8 @@ def torch_candidate_sample(cand_ids: Tensor, cand_z: Tensor, lse_z: Tensor, lse_
         keys = row_keys(seed, positions, rows, cand_z.device)
     length = kept_prefix(cand_z, lse_z, options)
     settled = _settled(length, options, num_candidates, vocab)
+    if exact is not None:
+        settled &= exact
     ranks = torch.arange(num_candidates, device=cand_z.device)
     kept_z = torch.where(ranks[None, :] < length[:, None], cand_z, -math.inf)
     kept_lse = torch.logsumexp(kept_z, dim=1)

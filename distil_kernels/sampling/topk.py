@@ -50,6 +50,9 @@ class Candidates(NamedTuple):
     values: Tensor  # [N, k] z = softcap(x W^T + b) / T at the ids, in the compute dtype
     lse: Tensor  # [N] log-sum-exp of z
     lse_raw: Tensor | None  # [N] log-sum-exp of softcap(x W^T + b), when asked for
+    # [N] bool where rows may be left unsettled (`topk_candidates(settle=False)`): the
+    # rows whose ids and values are exact; the lse stands in every row.
+    settled: Tensor | None = None
 
     @property
     def logprobs(self) -> Tensor:
@@ -368,9 +371,11 @@ def linear_topk(
 
 
 def topk_candidates(x: Tensor, weight: Tensor, bias: Tensor | None, k: int, options: LossOptions,
-                    backend: str, raw_lse: bool = False) -> Candidates:
+                    backend: str, raw_lse: bool = False, settle: bool = True) -> Candidates:
     """The top-k of 2-D `x` by the resolved `backend`; with `raw_lse` also the log-sum-exp
-    at temperature 1, from the same pass (truncated sampling needs both)."""
+    at temperature 1, from the same pass (truncated sampling needs both). `settle=False`
+    lets the triton backend leave the rows its threshold pass cannot settle as they are,
+    flagged in `Candidates.settled`, without waiting on the device to find them."""
     if bias is not None:
         bias = bias.to(compute_dtype(x.dtype))
     if backend == "torch":
@@ -378,7 +383,7 @@ def topk_candidates(x: Tensor, weight: Tensor, bias: Tensor | None, k: int, opti
     if backend == "triton":
         from .triton import triton_topk
 
-        return triton_topk(x, weight, bias, k, options, raw_lse)
+        return triton_topk(x, weight, bias, k, options, raw_lse, settle=settle)
     if backend == "cuda":
         from .cuda import cuda_topk
 

@@ -361,9 +361,15 @@ def test_candidate_sample_is_the_torch_ops_sample(options):
     positions = torch.arange(7) + 2**32 - 3
     sampling = SamplingOptions(**options)
     vocab = 5000
-    got, got_unsettled = triton_candidate_sample(ids, z, lse_z, lse_raw, sampling, seeds, positions, None, vocab)
-    want, want_unsettled = torch_candidate_sample(ids, z, lse_z, lse_raw, sampling, seeds, positions, None, vocab)
+    # Rows 2 and 4 flagged inexact (a top-k pass that could not settle them): unsettled whatever their prefix.
+    exact = torch.tensor([True, True, False, True, False, True, True]) if sampling.top_k is None else None
+    got, got_unsettled = triton_candidate_sample(ids, z, lse_z, lse_raw, sampling, seeds, positions, None, vocab,
+                                                 exact)
+    want, want_unsettled = torch_candidate_sample(ids, z, lse_z, lse_raw, sampling, seeds, positions, None, vocab,
+                                                  exact)
     assert torch.equal(got_unsettled, want_unsettled)
+    if exact is not None:
+        assert {2, 4} <= set(got_unsettled.tolist())
     settled = torch.ones(7, dtype=torch.bool)
     settled[want_unsettled] = False
     assert settled.any()
@@ -570,6 +576,28 @@ def test_flat_head_fallback_draws_the_torch_ids(monkeypatch):
     assert torch.equal(got.ids, want.ids)
     for p, q in zip(got[1:], want[1:]):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-5)
+
+
+def test_top_p_rows_the_top_k_cannot_settle_take_the_dense_fallback(monkeypatch):
+    """Lists of one slot a (row, split): the threshold top-k settles no row. Sampling with
+    top_p sends them to the exact dense fallback, not to the top-k's merge kernel, with no
+    wait on the device for them; the torch backend's ids."""
+    from distil_kernels.sampling.triton import truncation
+
+    redone = record_merged_rows(monkeypatch)
+    monkeypatch.setattr(topk_module, "split_capacity", lambda *args: 1)
+    dense_rows = []
+    dense = truncation.triton_truncated_sample
+    monkeypatch.setattr(truncation, "triton_truncated_sample",
+                        lambda raw, *a, **kw: dense_rows.append(raw.shape[0]) or dense(raw, *a, **kw))
+    x, w, b = make_problem(9, 300, 16, torch.float32, seed=7, scale=3.0)
+    kwargs = dict(bias=b, seed=4, top_p=0.8, temperature=0.9, num_samples=2)
+    got = linear_sample(x, w, backend="triton", **kwargs)
+    want = linear_sample(x, w, backend="torch", **kwargs)
+    assert redone == [] and sum(dense_rows) == 9
+    assert torch.equal(got.ids, want.ids)
+    for p, q in zip(got[1:], want[1:]):
+        torch.testing.assert_close(p, q, rtol=0, atol=4e-6)
 
 
 def test_flat_head_fallback_with_per_row_seeds():

@@ -130,10 +130,11 @@ def finish_truncated_draws_spec(block_s: int, tempered: bool = True) -> CompileS
 def candidate_sample_spec(top_k: bool, top_p: bool, min_p: bool) -> CompileSpec:
     pointers = {"z_ptr": "fp32", "ids_ptr": "i64", "lse_z_ptr": "fp32", "lse_raw_ptr": "fp32", "seed_ptr": "i64",
                 "pos_ptr": "i64", "ids_out_ptr": "i64", "logprob_ptr": "fp32", "raw_logprob_ptr": "fp32",
-                "status_ptr": "i32"}
+                "status_ptr": "i32", "exact_ptr": "i1"}
     config = CANDIDATE_SAMPLE_CONFIG
-    constexprs = {"TOP_K": top_k, "TOP_P": top_p, "MIN_P": min_p, "ALL_SETTLED": False, "TOP_K_SETTLES": top_k,
-                  "BLOCK_C": config.block_n}
+    # Rows flagged by the top-k come with top_p / min_p alone (no top_k: they go to the fallback).
+    constexprs = {"TOP_K": top_k, "TOP_P": top_p, "MIN_P": min_p, "EXACT_ROWS": not top_k, "ALL_SETTLED": False,
+                  "TOP_K_SETTLES": top_k, "BLOCK_C": config.block_n}
     flags = ",".join(name for name, on in (("top_k", top_k), ("top_p", top_p), ("min_p", min_p)) if on)
     spec = kernel_spec(f"candidate_sample[fp32,{flags},{config}]", candidate_sample_kernel, pointers, constexprs,
                        config, float_args=("log_min_p", "temperature"))

@@ -551,11 +551,12 @@ def threshold_topk(x: Tensor, weight: Tensor, bias: Tensor | None, k: int, optio
 
 
 def triton_topk(x: Tensor, weight: Tensor, bias: Tensor | None, k: int, options: LossOptions,
-                raw_lse: bool = False, config: TileConfig | None = None, capacity: int | None = None
-                ) -> Candidates:
+                raw_lse: bool = False, config: TileConfig | None = None, capacity: int | None = None,
+                settle: bool = True) -> Candidates:
     """Top-k of 2-D `x` [N, d] (fp16, bf16 or fp32) against `weight` [V, d]; `bias` fp32 or None.
 
-    The threshold pass with the merge kernel for the rows it cannot settle; `capacity`
+    The threshold pass with the merge kernel for the rows it cannot settle (with
+    `settle=False` those rows are only flagged, in `Candidates.settled`); `capacity`
     overrides the candidate list length per (row, split) (tests use it to send rows to
     the fallback).
     k above `MAX_TOPK` (256) takes the chunked sweep: the fallback keeps each row's keys
@@ -577,7 +578,8 @@ def triton_topk(x: Tensor, weight: Tensor, bias: Tensor | None, k: int, options:
     if config is None:
         plain = bias is None and options.softcap is None and not raw_lse
         config = select_threshold_config(
-            x.dtype, n, v, x.device, lambda c: triton_topk(x, weight, bias, k, options, raw_lse, c, capacity), plain)
+            x.dtype, n, v, x.device, lambda c: triton_topk(x, weight, bias, k, options, raw_lse, c, capacity, settle),
+            plain)
     dev = x.device
     values = torch.empty(n, k, dtype=torch.float32, device=dev)
     ids = torch.empty(n, k, dtype=torch.int64, device=dev)
@@ -599,6 +601,8 @@ def triton_topk(x: Tensor, weight: Tensor, bias: Tensor | None, k: int, options:
         threshold_topk(x[r0:r1], weight, bias, k, options, raw_lse, config, step, capacity,
                        (values[r0:r1], ids[r0:r1], lse[r0:r1], None if lse_raw is None else lse_raw[r0:r1],
                         settled[r0:r1]))
+    if not settle:
+        return Candidates(ids, values, lse, lse_raw, settled)
     # The rows the threshold pass could not settle, found once for all groups: a host sync
     # per group would leave the GPU idle while the next group's launches are issued.
     redo = (~settled).nonzero()[:, 0]

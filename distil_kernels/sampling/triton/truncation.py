@@ -273,8 +273,9 @@ def candidate_sample_kernel(
     seed_ptr, pos_ptr,  # as sample_kernel's
     ids_out_ptr, logprob_ptr, raw_logprob_ptr,  # [N, num_samples]
     status_ptr,  # [N] int32 out: 0 settled, 1 left to the dense fallback, 2 a NaN lse
+    exact_ptr,  # [N] bool: the rows whose candidates are exact (EXACT_ROWS), the others unsettled
     C, V, num_samples, top_k, top_p_bits, log_min_p, temperature,
-    TOP_K: tl.constexpr, TOP_P: tl.constexpr, MIN_P: tl.constexpr,
+    TOP_K: tl.constexpr, TOP_P: tl.constexpr, MIN_P: tl.constexpr, EXACT_ROWS: tl.constexpr,
     ALL_SETTLED: tl.constexpr,  # `all_settled`: no row can outgrow its candidates
     TOP_K_SETTLES: tl.constexpr,  # top_k <= C: a row's kept set ends within them
     BLOCK_C: tl.constexpr,
@@ -332,6 +333,8 @@ def candidate_sample_kernel(
         if not TOP_K_SETTLES:
             # A prefix that takes every candidate could go on past them.
             status = (length >= C).to(tl.int32)
+    if EXACT_ROWS:
+        status = tl.where(tl.load(exact_ptr + row), status, 1)
     status = tl.where(lse_z != lse_z, 2, status)
     tl.store(status_ptr + row, status)
     # The kept log-sum-exp from the largest z, as torch.logsumexp shifts.
@@ -424,10 +427,12 @@ def triton_truncation(raw: Tensor, options: SamplingOptions) -> Truncation:
 
 
 def triton_candidate_sample(cand_ids: Tensor, cand_z: Tensor, lse_z: Tensor, lse_raw: Tensor,
-                            options: SamplingOptions, seed, positions, keys, vocab: int) -> tuple[Sample, Tensor]:
+                            options: SamplingOptions, seed, positions, keys, vocab: int,
+                            exact: Tensor | None = None) -> tuple[Sample, Tensor]:
     """`torch_candidate_sample` in one launch and one wait on the device: (Sample, the
     rows the candidates leave unsettled); raises on a row whose lse is NaN. `keys` (the
-    torch path's Philox words) is unused: the kernel takes the seeds and positions."""
+    torch path's Philox words) is unused: the kernel takes the seeds and positions.
+    `exact`: as `torch_candidate_sample`'s."""
     from ..sample import _refuse_nan_rows, all_settled
 
     rows, num_candidates = cand_z.shape
@@ -444,9 +449,10 @@ def triton_candidate_sample(cand_ids: Tensor, cand_z: Tensor, lse_z: Tensor, lse
         seeds, row_positions = philox_rows(seed, positions, rows, dev)
         candidate_sample_kernel[(rows,)](
             cand_z.contiguous(), cand_ids.contiguous(), lse_z.contiguous(), lse_raw.contiguous(), seeds,
-            row_positions, *sample[:3], status, num_candidates, vocab, n, options.top_k if top_k else num_candidates,
+            row_positions, *sample[:3], status, status if exact is None else exact, num_candidates, vocab, n,
+            options.top_k if top_k else num_candidates,
             float64_bits(float(options.top_p)) if top_p else 0, math.log(options.min_p) if min_p else 0.0,
-            float(options.temperature), TOP_K=top_k, TOP_P=top_p, MIN_P=min_p,
+            float(options.temperature), TOP_K=top_k, TOP_P=top_p, MIN_P=min_p, EXACT_ROWS=exact is not None,
             ALL_SETTLED=all_settled(options, num_candidates, vocab),
             TOP_K_SETTLES=top_k and options.top_k <= num_candidates,
             BLOCK_C=min(select_candidate_sample_config().block_n, triton.next_power_of_2(num_candidates)),
