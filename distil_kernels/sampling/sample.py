@@ -505,7 +505,7 @@ def _candidate_sample(x: Tensor, weight: Tensor, bias: Tensor | None, softcap: f
     # Sampling among the candidates and the dense fallback's sampler: kernels of the
     # backend's own where it has them.
     candidate_sample = torch_candidate_sample
-    dense_sampler = DenseSampler(functools.partial(_dense_truncated_sample, draws=torch_draws), DENSE_BYTES_PER_LOGIT)
+    dense_sampler = TORCH_DENSE_SAMPLER
     if backend == "triton":
         from .triton.truncation import triton_candidate_sample, triton_truncated_sample
 
@@ -656,6 +656,10 @@ def _dense_truncated_sample(raw_logits: Tensor, options: SamplingOptions, seed: 
     return Sample(ids, logprobs, raw_logprobs, lse_raw)
 
 
+TORCH_DENSE_SAMPLER = DenseSampler(functools.partial(_dense_truncated_sample, draws=torch_draws),
+                                   DENSE_BYTES_PER_LOGIT)
+
+
 def _tile_logits(x: Tensor, weight: Tensor, bias: Tensor | None, softcap: float | None, budget: int) -> Tensor:
     """softcap(x W^T + b) [rows, V] as the chunked sweep's tiles hold them (fp32; float64
     for float64; on the CPU a bf16 or fp16 GEMM's output rounded to its dtype first, as
@@ -714,7 +718,7 @@ def _dense_fallback(sample: Sample, x: Tensor, weight: Tensor, bias: Tensor | No
     every row that one bounds, since the candidates are at least top_k.
     """
     if sampler is None:
-        sampler = DenseSampler(functools.partial(_dense_truncated_sample, draws=torch_draws), DENSE_BYTES_PER_LOGIT)
+        sampler = TORCH_DENSE_SAMPLER
     budget = workspace_bytes or (DENSE_FALLBACK_BUDGET if x.device.type == "cpu" else DENSE_FALLBACK_BUDGET_GPU)
     vocab = weight.shape[0] if vocab_size is None else vocab_size
     # fp32 logits for many rows per GEMM (each block of rows reads all of W), the GEMM's
