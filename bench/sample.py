@@ -6,6 +6,8 @@ Providers: `matmul` (the bare logits GEMM: the floor), `ours` (`linear_sample`, 
 `torch-compile-top_p` (sort, cumsum, mask, as transformers' top-p warper does). All at
 temperature 0.8; `ours-top_p` compares with the `torch-top_p` rows, and both again on
 hidden states scaled by 2 (`-peaked`: small nuclei, settled by the candidates alone).
+`logits-top_p` (`sample_from_logits`) and `torch-logits-top_p` sample from fp32 logits
+formed before the timed call: the top-p sampling alone.
 CPU default shapes: B in (64, 256), d=896, V=151936.
 
 On CUDA (B in (64, 256), d=3584, V=152064: Qwen2.5-7B's head) also `triton` and
@@ -24,7 +26,7 @@ import inspect
 
 import torch
 
-from distil_kernels import linear_sample
+from distil_kernels import linear_sample, sample_from_logits
 from distil_kernels.cuda_ext import extension_available
 
 from .sampling_suite import (
@@ -46,8 +48,12 @@ def _torch_sample(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def _torch_sample_top_p(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return _torch_top_p_from_logits((x @ weight.T).float())
+
+
+def _torch_top_p_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """Nucleus sampling as transformers' TopPLogitsWarper writes it: sort, cumsum, mask."""
-    logits = (x @ weight.T).float() / 0.8
+    logits = logits / 0.8
     sorted_logits, order = torch.sort(logits, dim=-1)
     dropped = sorted_logits.softmax(dim=-1).cumsum(dim=-1) <= 1 - 0.95
     dropped[:, -1] = False
@@ -85,6 +91,15 @@ def _ours_top_p(x: torch.Tensor, weight: torch.Tensor):
     return lambda: linear_sample(x, weight, temperature=0.8, top_p=0.95, seed=1)
 
 
+def _from_logits(sample):
+    """`sample(logits)` on the fp32 logits, formed once outside the timed call: the
+    sampling alone (for ours, the truncation and draw kernels of `sample_from_logits`)."""
+    def build(x, w):
+        logits = (x @ w.T).float()
+        return lambda: sample(logits)
+    return build
+
+
 def _peaked(make):
     """`make` on hidden states scaled by 2: logits about N(0, 64), whose nuclei at top_p=0.95
     hold a few dozen ids at most (at N(0, 16) they hold ~150-550 of 152k, so about half the
@@ -105,6 +120,9 @@ def providers(device: str = "cpu", quick: bool = False) -> list[Provider]:
     out += torch_providers("torch", "torch-compile", _torch_sample, not (cuda and quick))
     out += torch_providers("torch-top_p", "torch-compile-top_p", _torch_sample_top_p, not (cuda and quick))
     out.append(Provider("torch-top_p-peaked", _peaked(lambda x, w: (lambda: _torch_sample_top_p(x, w)))))
+    out += [Provider("logits-top_p", _from_logits(lambda z: sample_from_logits(z, temperature=0.8, top_p=0.95,
+                                                                                seed=1))),
+            Provider("torch-logits-top_p", _from_logits(_torch_top_p_from_logits))]
     if cuda:
         out += flashinfer_providers()
         # Last: a fault in a kernel is sticky for the process, and the csrc/ kernels have had
