@@ -348,6 +348,10 @@ def sample_from_logits(logits: Tensor, *, temperature: float = 1.0, top_k: int |
         raise ValueError(f"top_k must be <= V = {logits.shape[1]}, got {options.top_k}")
     _check_seed_and_positions(seed, positions, logits.shape[0], logits.device)
     with torch.no_grad():
+        if options.top_k is not None and not options.greedy and logits.is_cuda and triton_installed():
+            from .triton.truncation import triton_top_k_sample
+
+            return triton_top_k_sample(logits, options, seed, positions)
         if options.greedy or options.top_k is not None:
             return reference_sample(logits, options, seed, positions)
         # The same draws without sorting rows or forming a whole row block's noise at once;

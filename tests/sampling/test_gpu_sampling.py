@@ -550,21 +550,26 @@ def test_row_topk_kernel_matches_its_reference(k, kernel, shape):
 
 
 @pytest.mark.parametrize("options", [dict(top_p=0.9), dict(top_p=0.95, temperature=0.8, num_samples=6),
-                                     dict(min_p=0.05, temperature=1.3, num_samples=3), dict()],
-                         ids=["top_p", "top_p-samples", "min_p-samples", "plain"])
+                                     dict(min_p=0.05, temperature=1.3, num_samples=3), dict(),
+                                     dict(top_k=50, top_p=0.9, temperature=0.7, num_samples=2)],
+                         ids=["top_p", "top_p-samples", "min_p-samples", "plain", "top_k"])
 def test_sample_from_logits_draws_the_torch_ops_ids(options):
     """On a GPU sampling from existing logits takes three Triton launches (the kept set by
-    a search over order keys, the draws, their merge) where the torch ops sort the rows
-    and take a Philox pass of int64 ops: the same stream, the same ids and kept sets but
-    at float ties of the scores or the nucleus boundary (`check_draws`)."""
-    from distil_kernels.sampling.sample import _dense_truncated_sample, torch_draws
+    a search over order keys, the draws, their merge; with top_k a torch.topk of int64
+    keys and the candidate kernel) where the torch ops sort the rows and take a Philox
+    pass of int64 ops: the same stream, the same ids and kept sets but at float ties of
+    the scores or the nucleus boundary (`check_draws`)."""
+    from distil_kernels.sampling.sample import _dense_truncated_sample, reference_sample, torch_draws
 
     gen = torch.Generator(device=DEVICE).manual_seed(14)
     scale = torch.linspace(0.1, 4.0, 33, device=DEVICE)[:, None]  # flat rows to peaked ones
     logits = torch.randn(33, 50_000, generator=gen, device=DEVICE) * scale
     seeds = torch.randint(-(2**62), 2**62, (33,), generator=gen, device=DEVICE)
     got = sample_from_logits(logits, seed=seeds, **options)
-    want = _dense_truncated_sample(logits, SamplingOptions(**options), seeds, None, torch_draws)
+    if "top_k" in options:
+        want = reference_sample(logits, SamplingOptions(**options), seeds, None)
+    else:
+        want = _dense_truncated_sample(logits, SamplingOptions(**options), seeds, None, torch_draws)
     stats = check_draws(got, want, logits.double(), SamplingOptions(**options), seeds, None, torch.float32)
     print(f"sample_from_logits {options_id(options)}: {stats}")
 

@@ -578,6 +578,29 @@ def test_flat_head_fallback_draws_the_torch_ids(monkeypatch):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("options", [dict(top_k=5), dict(top_k=40, top_p=0.9, temperature=1.3, num_samples=3),
+                                     dict(top_k=3, min_p=0.2), dict(top_k=301, top_p=0.5, num_samples=2)],
+                         ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_top_k_sample_from_logits_is_the_reference(options):
+    """`sample_from_logits` with top_k on a GPU: the top_k by int64 keys and the candidate
+    kernel draw `reference_sample`'s ids, equal logits at the top_k boundary kept in id
+    order (10 rows of V=301, runs of ties across it)."""
+    from distil_kernels.sampling.sample import reference_sample
+    from distil_kernels.sampling.triton.truncation import triton_top_k_sample
+
+    g = torch.Generator().manual_seed(17)
+    raw = truncation_rows(g)
+    raw[3, 100:110] = raw[3].topk(4).values[-1]  # ties at the 4th-largest logit, through top_k=5
+    seeds = torch.randint(-(2**62), 2**62, (10,), generator=g)
+    sampling = SamplingOptions(**options)
+    got = triton_top_k_sample(raw, sampling, seeds, None)
+    want = reference_sample(raw, sampling, seeds, None)
+    assert torch.equal(got.ids, want.ids)
+    for p, q in zip(got[1:], want[1:]):
+        assert p.dtype == torch.float32 and p.shape == q.shape
+        torch.testing.assert_close(p, q, rtol=0, atol=2e-6)
+
+
 def test_top_p_rows_the_top_k_cannot_settle_take_the_dense_fallback(monkeypatch):
     """Lists of one slot a (row, split): the threshold top-k settles no row. Sampling with
     top_p sends them to the exact dense fallback, not to the top-k's merge kernel, with no

@@ -464,6 +464,36 @@ def triton_candidate_sample(cand_ids: Tensor, cand_z: Tensor, lse_z: Tensor, lse
     return sample, (status == 1).nonzero()[:, 0].to(dev)
 
 
+def triton_top_k_sample(raw_logits: Tensor, options: SamplingOptions, seed: int | Tensor,
+                        positions: Tensor | None) -> Sample:
+    """`reference_sample` with top_k (and any top_p / min_p, not greedy) for logits that
+    exist: the rows' top_k ids by (z desc, id asc) from one `torch.topk` of int64 keys
+    (order key, then 0xFFFFFFFF - id: exact, ties to the lower id), then the candidate
+    kernel, which top_k always settles. The reference sorts whole rows and forms every
+    id's noise in torch ops (~100 launches of [B, V] int64 work a sample)."""
+    from ..sample import at_temperature
+    from .topk import decode_keys
+
+    if options.greedy or options.top_k is None:
+        raise ValueError(f"triton_top_k_sample takes top_k truncation, got {options}")
+    raw = raw_logits.float()
+    rows, vocab = raw.shape
+    z = at_temperature(raw, options.temperature)
+    lse_raw = torch.logsumexp(raw, dim=1)
+    lse_z = lse_raw if options.temperature == 1.0 else torch.logsumexp(z, dim=1)
+    ids = torch.arange(vocab, device=raw.device)
+    keys = (_order_keys(z).to(torch.int64) << 32) | (0xFFFFFFFF - ids)
+    values, top_ids = decode_keys(torch.topk(keys, options.top_k, dim=1).values)
+    del keys
+    sample, unsettled = triton_candidate_sample(top_ids, values, lse_z, lse_raw, options, seed, positions, None,
+                                                vocab)
+    if len(unsettled):  # top_k <= its candidates settles every row
+        raise RuntimeError(f"internal: rows {unsettled.tolist()[:5]} unsettled by their top_k candidates")
+    # The drawn ids' raw logits as they are, where the candidates' path has only z * T.
+    raw_logprobs = raw.gather(1, sample.ids) - lse_raw[:, None]
+    return Sample(sample.ids, sample.logprobs, raw_logprobs, lse_raw)
+
+
 def triton_truncated_sample(raw_logits: Tensor, options: SamplingOptions, seed: int | Tensor,
                             positions: Tensor | None) -> Sample:
     """`_dense_truncated_sample` (no top_k, not greedy) in three kernel launches over the
