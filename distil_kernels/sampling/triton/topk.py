@@ -380,8 +380,15 @@ def finish_threshold_kernel(
     tl.store(settled_ptr + row, settled)
 
 
+def encode_keys(z: Tensor, ids: Tensor) -> Tensor:
+    """`ordered_keys` in torch ops, for fp32 `z` without NaN at int64 `ids` (broadcast)."""
+    from ..sample import _order_keys
+
+    return (_order_keys(z).to(torch.int64) << 32) | (0xFFFFFFFF - ids)
+
+
 def decode_keys(keys: Tensor) -> tuple[Tensor, Tensor]:
-    """(fp32 values, int64 ids) of keys made by `ordered_keys`."""
+    """(fp32 values, int64 ids) of keys made by `ordered_keys` or `encode_keys`."""
     ids = 0xFFFFFFFF - (keys & 0xFFFFFFFF)
     ordered = (keys >> 32).to(torch.int32)
     bits = ordered ^ ((ordered >> 31) & 0x7FFFFFFF)

@@ -447,6 +447,7 @@ def triton_candidate_sample(cand_ids: Tensor, cand_z: Tensor, lse_z: Tensor, lse
         min_p = options.min_p is not None and options.min_p > 0.0
         top_k = options.top_k is not None
         seeds, row_positions = philox_rows(seed, positions, rows, dev)
+        config = select_candidate_sample_config()
         candidate_sample_kernel[(rows,)](
             cand_z.contiguous(), cand_ids.contiguous(), lse_z.contiguous(), lse_raw.contiguous(), seeds,
             row_positions, *sample[:3], status, status if exact is None else exact, num_candidates, vocab, n,
@@ -455,8 +456,8 @@ def triton_candidate_sample(cand_ids: Tensor, cand_z: Tensor, lse_z: Tensor, lse
             float(options.temperature), TOP_K=top_k, TOP_P=top_p, MIN_P=min_p, EXACT_ROWS=exact is not None,
             ALL_SETTLED=all_settled(options, num_candidates, vocab),
             TOP_K_SETTLES=top_k and options.top_k <= num_candidates,
-            BLOCK_C=min(select_candidate_sample_config().block_n, triton.next_power_of_2(num_candidates)),
-            num_warps=select_candidate_sample_config().num_warps, num_stages=1,
+            BLOCK_C=min(config.block_n, triton.next_power_of_2(num_candidates)), num_warps=config.num_warps,
+            num_stages=1,
         )
     # The one wait: NaN rows and unsettled rows together.
     status = status.cpu()
@@ -472,19 +473,20 @@ def triton_top_k_sample(raw_logits: Tensor, options: SamplingOptions, seed: int 
     kernel, which top_k always settles. The reference sorts whole rows and forms every
     id's noise in torch ops (~100 launches of [B, V] int64 work a sample)."""
     from ..sample import at_temperature
-    from .topk import decode_keys
+    from .topk import decode_keys, encode_keys
 
     if options.greedy or options.top_k is None:
         raise ValueError(f"triton_top_k_sample takes top_k truncation, got {options}")
     raw = raw_logits.float()
-    rows, vocab = raw.shape
-    z = at_temperature(raw, options.temperature)
-    lse_raw = torch.logsumexp(raw, dim=1)
-    lse_z = lse_raw if options.temperature == 1.0 else torch.logsumexp(z, dim=1)
-    ids = torch.arange(vocab, device=raw.device)
-    keys = (_order_keys(z).to(torch.int64) << 32) | (0xFFFFFFFF - ids)
+    if raw.stride(-1) != 1:
+        raw = raw.contiguous()
+    vocab = raw.shape[1]
+    # Both log-sum-exps in one launch: the truncation kernel's first pass, nothing truncated.
+    lse = triton_truncation(raw, SamplingOptions(temperature=options.temperature))
+    lse_raw, lse_z = lse.lse_raw, lse.kept_lse
+    keys = encode_keys(at_temperature(raw, options.temperature), torch.arange(vocab, device=raw.device))
     values, top_ids = decode_keys(torch.topk(keys, options.top_k, dim=1).values)
-    del keys
+    del keys  # [B, V] int64: gone before the candidates' kernel
     sample, unsettled = triton_candidate_sample(top_ids, values, lse_z, lse_raw, options, seed, positions, None,
                                                 vocab)
     if len(unsettled):  # top_k <= its candidates settles every row
