@@ -19,7 +19,8 @@ noise of an id depends on nothing else, so a row's sample does not depend on the
 around it, the row order (given positions or per-row seeds) or the tiling, and backends
 that share the stream and this transform draw the same ids; the exception is a float
 tie between two scores z_v + g_v whose last bits differ between math libraries or
-matmul orders.
+matmul orders (on the CPU a bf16/fp16 head's chunked logits are its GEMM's output
+rounded to that dtype, as F.linear's: there scores that close are the rounding's size).
 
 Outputs: `ids` [B, n]; `logprobs`, log-probability under the distribution sampled from
 (0 for greedy); `raw_logprobs`, under the untruncated softmax at temperature 1; `lse`

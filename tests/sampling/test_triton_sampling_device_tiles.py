@@ -110,7 +110,7 @@ def test_sm90_sampler_default_follows_the_row_blocks(monkeypatch, rows):
     x, w, b = make_problem(rows, V, D, torch.float16, seed=39, scale=3.0)
     assert_draws_match_torch(x, w, bias=b, softcap=5.0, seed=29, temperature=0.8, num_samples=2)
     if configs.tensor_descriptors() is None:
-        expected = configs.SAMPLE_DEFAULT_SM90
+        expected = configs.SAMPLE_CANDIDATES_SM90[0]
     else:
         expected = configs.SAMPLE_WIDE_XREG_SM90 if rows <= 64 else configs.SAMPLE_WARPGROUP_FLAT_SM90
     assert device_tiles.chosen["select_sample_config"] == [expected]

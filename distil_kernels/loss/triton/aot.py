@@ -18,6 +18,7 @@ cubin. The sampling kernels' specs (sampling/triton/aot.py) use the same functio
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 import re
 import subprocess
@@ -192,8 +193,22 @@ def all_specs() -> list[CompileSpec]:
     return specs
 
 
+def _source(kernel, signature: dict, constexprs: dict, attrs: dict) -> ASTSource:
+    """The kernel's ASTSource. Triton 3.3 took constexprs and attributes keyed by argument
+    index; 3.2 (the oldest Triton supported) takes constants and an AttrsDescriptor of
+    the indices divisible by 16."""
+    if "constexprs" in inspect.signature(ASTSource.__init__).parameters:
+        return ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    from triton.backends.compiler import AttrsDescriptor
+
+    divisible = sorted(index for (index,), properties in attrs.items() if ["tt.divisibility", 16] in properties)
+    descriptor = AttrsDescriptor.from_dict({"cls": AttrsDescriptor.__name__,
+                                            "arg_properties": {"tt.divisibility": divisible}})
+    return ASTSource(fn=kernel, signature=signature, constants=constexprs, attrs=descriptor)
+
+
 def _compile(spec: CompileSpec, arch: int, signature: dict, constexprs: dict, attrs: dict):
-    source = ASTSource(fn=spec.kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    source = _source(spec.kernel, signature, constexprs, attrs)
     return triton.compile(source, target=GPUTarget("cuda", arch, 32),
                           options={"num_warps": spec.num_warps, "num_stages": spec.num_stages,
                                    "enable_fp_fusion": ENABLE_FP_FUSION})

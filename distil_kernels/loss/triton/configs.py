@@ -45,12 +45,17 @@ class TileConfig:
                 f"{'-xreg' if self.x_registers else ''}")
 
 
+def triton_version() -> tuple[int, int]:
+    """(major, minor) of the Triton in use."""
+    major, minor = (int(part) for part in triton.__version__.split(".")[:2])
+    return major, minor
+
+
 @functools.cache
 def tensor_descriptors():
     """Triton's host-side TMA descriptor class, or None before Triton 3.4 (the kernels'
     descriptor loads and stores were checked with 3.6 and 3.9)."""
-    major, minor = (int(part) for part in triton.__version__.split(".")[:2])
-    if (major, minor) < (3, 4):
+    if triton_version() < (3, 4):
         return None
     from triton.tools.tensor_descriptor import TensorDescriptor
 

@@ -42,10 +42,11 @@ TARGET_PROGRAMS = 4 * 132
 # its alternates took to compile in CI for every K.
 TOPK_SMALL_K = TileConfig(64, 64, 64, num_warps=8, num_stages=3)  # K <= 64
 TOPK_LARGE_K = TileConfig(16, 256, 32, num_warps=8, num_stages=4)  # 64 < K <= 256
-# fp32 operands take twice the registers and shared memory per K slice: 32-wide slices,
-# and two stages for the 256-wide tile.
+# fp32 operands take twice the registers and shared memory per K slice: 32-wide slices
+# for the 64-wide tile, 16-wide ones for the 256-wide tile (with 32 it spilled 40 B on
+# sm_80 under Triton 3.9; 16 spills 0-24 B under 3.6 and 3.9).
 TOPK_SMALL_K_FP32 = TileConfig(64, 64, 32, num_warps=8, num_stages=3)
-TOPK_LARGE_K_FP32 = TileConfig(16, 256, 32, num_warps=8, num_stages=2)
+TOPK_LARGE_K_FP32 = TileConfig(16, 256, 16, num_warps=8, num_stages=3)
 
 # Threshold top-k: the loss forward's work (a GEMM with an online log-sum-exp), plus a
 # compare per entry and a few rounds of row maxima that take the entries at or above
@@ -145,11 +146,11 @@ THRESHOLD_DEFAULT_FP32 = TileConfig(64, 64, 32, num_warps=8, num_stages=3)
 # (its FMA loop holds the K slices in registers).
 # At B=64 the sampler streams the head from HBM like a GEMV: 128-wide K slices read 256
 # contiguous bytes of each W row per stage instead of 128, in half the loop steps (239-255
-# registers, no spill; 144 KiB of shared memory). Timed on an H100 (`python -m bench
+# registers, no spill under Triton 3.6 and 3.9; 144 KiB of shared memory). Timed on an H100 (`python -m bench
 # tune`, seventh session, two runs; Qwen2.5-7B's head): 0.525 ms at B=64 and 1.44-1.51
 # at B=256 against 0.59 and 1.59-1.63 for 64-wide slices; the fastest at B=256 and within
 # 2% of the fastest (the 4-stage TMA one below) at B=64, with no need for descriptors:
-# sm_90's default where Triton has none (the TMA tiles below lead where it has).
+# an autotuning candidate beside them (below for the Tritons that have none).
 SAMPLE_DEFAULT_SM90 = TileConfig(64, 32, 128, num_warps=8, num_stages=3, split_n=4)
 SAMPLE_DEFAULT = TileConfig(64, 32, 64, num_warps=8, num_stages=3, split_n=2)
 SAMPLE_SMALL_BATCH = TileConfig(16, 128, 64, num_warps=8, num_stages=3, split_n=2)
@@ -227,7 +228,11 @@ SAMPLE_TMA_SM90 = (TileConfig(64, 32, 64, num_warps=8, num_stages=3, split_n=4, 
                    TileConfig(64, 32, 64, num_warps=4, num_stages=4, split_n=4, tma=True, flat=True,
                               x_registers=True),
                    SAMPLE_WIDE_XREG_SM90, SAMPLE_WIDE_FLAT_SM90, SAMPLE_WIDE_PASSES_XREG_SM90)
-SAMPLE_CANDIDATES_SM90 = (SAMPLE_DEFAULT_SM90, TileConfig(64, 32, 64, num_warps=8, num_stages=3, split_n=4),
+# Without descriptors (Triton 3.2 and 3.3, where these lead) the 128-wide K slices spill
+# 96-112 B a thread (Triton 3.2's ptxas, 255 registers) where 64-wide ones fit (224-237
+# registers, no spill): there the 64-wide tile leads and the 128-wide one is left out.
+SAMPLE_POINTER_SM90 = (SAMPLE_DEFAULT_SM90, TileConfig(64, 32, 64, num_warps=8, num_stages=3, split_n=4))
+SAMPLE_CANDIDATES_SM90 = (*(SAMPLE_POINTER_SM90 if tensor_descriptors() is not None else SAMPLE_POINTER_SM90[1:]),
                           SAMPLE_DEFAULT, TileConfig(64, 32, 64, num_warps=8, num_stages=3),
                           *(SAMPLE_TMA_SM90 if tensor_descriptors() is not None else ()))
 # Above 64 rows each pass's W tiles are read from L2 by every row block, and its x rows

@@ -81,43 +81,50 @@ def ordered_keys(z, ids):
 
 
 @triton.jit
-def _bit_indicator(LOG_N: tl.constexpr, axis: tl.constexpr):
-    """0, 1 along axis `axis` of a [M, 2, ..., 2] hypercube with LOG_N twos; size 1 elsewhere."""
-    return tl.reshape(tl.arange(0, 2), [1] * axis + [2] + [1] * (LOG_N - axis))
-
-
-@triton.jit
-def _compare_exchange(h, descending, LOG_N: tl.constexpr, axis: tl.constexpr):
-    """One bitonic step: each entry meets its partner along `axis` and keeps the min or the max."""
+def _compare_exchange(x, RUN_BIT: tl.constexpr, DESCENDING: tl.constexpr, M: tl.constexpr, N: tl.constexpr,
+                      J: tl.constexpr, RUNS: tl.constexpr):
+    """One bitonic step on the rows of `x` [M, N]: each column meets the one 2**J apart and
+    keeps the min or the max. Runs of 2**RUN_BIT columns alternate ascending and
+    descending by bit RUN_BIT of the column (RUNS), else all go the DESCENDING way."""
+    G: tl.constexpr = N >> (J + 1)
+    # [M, groups, the pair, 2**J]: partners lie along axis 2. Shapes are list literals:
+    # Triton 3.2 and 3.3 compile no list arithmetic in a kernel.
+    h = tl.reshape(x, [M, G, 2, 1 << J])
     # a + b - a = b holds in wrapping int64 arithmetic, so a sum finds the partner.
-    partner = tl.sum(h, axis=axis, keep_dims=True) - h
-    right = _bit_indicator(LOG_N, axis)
-    return tl.where((h > partner) != (right ^ descending), partner, h)
+    partner = tl.sum(h, axis=2, keep_dims=True) - h
+    right = tl.reshape(tl.arange(0, 2), [1, 1, 2, 1])
+    if RUNS:
+        # Bit RUN_BIT of column g 2**(J+1) + r 2**J + t is bit RUN_BIT - J - 1 of g.
+        descending = tl.reshape((tl.arange(0, G) >> (RUN_BIT - J - 1)) & 1, [1, G, 1, 1]) ^ DESCENDING
+    else:
+        descending = DESCENDING
+    return tl.reshape(tl.where((h > partner) != (right ^ descending), partner, h), [M, N])
 
 
 @triton.jit
 def sort_rows(x, DESCENDING: tl.constexpr):
-    """Each row of int64 `x` [M, N] (N a power of two) sorted, by a bitonic network.
+    """Each row of int64 `x` [M, N] (N a power of two, at most 2048) sorted, by a bitonic network.
 
-    The network of `tl.sort`, on the [M, 2, ..., 2] hypercube of `x`, but partners are
-    found by a sum over a size-2 axis instead of an xor: Triton's interpreter runs
-    numpy sums at once but reductions with a custom combine element by element (seconds
-    per tile, hours per test run), and the compiled code is the same shuffles.
+    The network of `tl.sort`, but partners are found by a sum over a size-2 axis instead
+    of an xor: Triton's interpreter runs numpy sums at once but reductions with a custom
+    combine element by element (seconds per tile, hours per test run), and the compiled
+    code is the same shuffles. (`tl.sort` itself, under Triton 3.2, spilled 5-17 KB a
+    thread in the merge kernel's tiles; this network none.)
     """
     M: tl.constexpr = x.shape[0]
     N: tl.constexpr = x.shape[1]
-    LOG_N: tl.constexpr = int(N).bit_length() - 1
-    h = tl.reshape(x, [M] + [2] * LOG_N)  # axis a holds bit LOG_N - a of the column
+    # log2(N) from constexpr comparisons: Triton 3.2 wraps int(N) in a constexpr, which
+    # has no bit_length.
+    LOG_N: tl.constexpr = ((N > 1) + (N > 2) + (N > 4) + (N > 8) + (N > 16) + (N > 32) + (N > 64) + (N > 128)
+                           + (N > 256) + (N > 512) + (N > 1024))
+    tl.static_assert((N & (N - 1)) == 0, "sort_rows takes rows of a power of two entries")
+    tl.static_assert(N <= 2048, "sort_rows takes rows of at most 2048 entries")
     for stage in tl.static_range(1, LOG_N + 1):
         # Stage s merges runs of 2**s, alternately ascending and descending (by bit s of
         # the column) until the last stage, which runs the requested way.
-        if stage < LOG_N:
-            descending = _bit_indicator(LOG_N, LOG_N - stage) ^ DESCENDING
-        else:
-            descending = DESCENDING
         for i in tl.static_range(stage):
-            h = _compare_exchange(h, descending, LOG_N, LOG_N - stage + 1 + i)
-    return tl.reshape(h, [M, N])
+            x = _compare_exchange(x, stage, DESCENDING, M, N, stage - 1 - i, stage < LOG_N)
+    return x
 
 
 @triton.jit

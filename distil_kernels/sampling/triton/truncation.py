@@ -110,7 +110,7 @@ def mass_above(row_ptr, V, temperature, lse_z, t, TEMPERED: tl.constexpr, BLOCK_
         key = order_key(z)
         over = ok & (key > t)
         mass += tl.where(over, tl.exp(z - lse_z), 0.0).to(tl.float64)
-        below = tl.maximum(below, tl.where(ok & ~over, key, -INT32_MAX - 1))
+        below = tl.maximum(below, tl.where(ok & (key <= t), key, -INT32_MAX - 1))
         above = tl.minimum(above, tl.where(over, key, INT32_MAX))
     return (tl.sum(tl.sum(mass, axis=1), axis=0), tl.max(tl.max(below, axis=1), axis=0),
             tl.min(tl.min(above, axis=1), axis=0))
