@@ -54,7 +54,7 @@ from torch import Tensor
 from ...loss.options import LossOptions
 from ...loss.triton.lse_forward import merge_lse
 from ...loss.triton.tiles import finish_logits, fold_lse, tile_products
-from ...loss.triton.configs import ENABLE_FP_FUSION, kernel_operands
+from ...loss.triton.configs import ENABLE_FP_FUSION, kernel_operands, triton_version
 from ..topk import Candidates
 from .configs import MAX_TOPK, TileConfig, select_threshold_config, select_topk_config
 from .splits import SplitPlan, merged_lse, plan_splits, split_range
@@ -621,5 +621,19 @@ def triton_topk(x: Tensor, weight: Tensor, bias: Tensor | None, k: int, options:
     # per group would leave the GPU idle while the next group's launches are issued.
     redo = (~settled).nonzero()[:, 0]
     if redo.numel() > 0:
-        values[redo], ids[redo], _, _ = merged_topk(x[redo], weight, bias, k, options)
+        values[redo], ids[redo] = exact_topk_rows(x[redo], weight, bias, k, options)
     return Candidates(ids, values, lse, lse_raw)
+
+
+def exact_topk_rows(x: Tensor, weight: Tensor, bias: Tensor | None, k: int, options: LossOptions
+                    ) -> tuple[Tensor, Tensor]:
+    """(values z [n, k] fp32, ids [n, k]) of rows the threshold pass left, by the merge kernel;
+    under Triton 3.3 by the chunked sweep, as its compiler crashes (a segmentation fault
+    lowering to LLVM IR, Triton 3.3.1) on the merge kernel for 2 <= k < 64."""
+    if triton_version() == (3, 3):
+        from ..topk import chunked_topk
+
+        top = chunked_topk(x, weight, bias, k, options)
+        return top.values.float(), top.ids
+    values, ids, _, _ = merged_topk(x, weight, bias, k, options)
+    return values, ids
