@@ -246,15 +246,16 @@ def test_topk_rows_of_nan_are_redone_and_the_others_settle(monkeypatch):
     assert got.lse[[2, 9]].isnan().all() and not got.lse[[0, 1, 3]].isnan().any()
 
 
-def test_topk_rows_left_by_the_threshold_pass_take_the_chunked_sweep_under_triton_3_3(monkeypatch):
-    """Triton 3.3's compiler crashes on the merge kernel: there the rows the threshold pass
-    cannot settle (a list of one slot: every row) take the chunked sweep, exactly."""
+def test_topk_merge_kernel_sorts_every_tile_under_triton_3_3(monkeypatch):
+    """Triton 3.3's compiler crashes on the merge kernel's skip of unbeaten tiles: there it
+    sorts every tile, with the same exact result (every row of a one-slot list redone)."""
     redone = record_merged_rows(monkeypatch)
     monkeypatch.setattr(topk_module, "triton_version", lambda: (3, 3))
+    assert not topk_module.skip_unbeaten_tiles()
     x, w, b = make_problem(13, 700, 16, torch.float32, seed=16, scale=2.0)
     got = triton_topk(x, w, b.float(), 6, LossOptions(softcap=4.0, temperature=0.8), capacity=1)
     want = linear_topk(x, w, 6, bias=b, softcap=4.0, temperature=0.8, backend="torch")
-    assert redone == []
+    assert redone == [13]
     assert torch.equal(got.ids, want.ids)
     torch.testing.assert_close(got.logprobs, want.logprobs, rtol=0, atol=2e-5)
 

@@ -27,7 +27,7 @@ from .configs import (
 )
 from .configs import target_programs
 from .sample import FINISH_BLOCK_D, FINISH_WARPS, finish_draws_kernel, sample_kernel
-from .topk import FINISH_THRESHOLD_WARPS, finish_threshold_kernel, threshold_kernel, topk_kernel
+from .topk import FINISH_THRESHOLD_WARPS, finish_threshold_kernel, skip_unbeaten_tiles, threshold_kernel, topk_kernel
 from .truncation import (FINISH_TRUNCATED_WARPS, candidate_sample_kernel, finish_truncated_draws_kernel,
                          truncated_draws_kernel, truncation_kernel)
 
@@ -39,7 +39,7 @@ def topk_spec(config: TileConfig, dtype: str, K: int) -> CompileSpec:
     pointers = {"x_ptr": t, "w_ptr": t, "b_ptr": "fp32", "keys_ptr": "i64", "part_ptr": "fp32"}
     constexprs = {"K": K, "BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "BLOCK_K": config.block_k,
                   "HAS_BIAS": True, "HAS_SOFTCAP": True, "RAW_LSE": True,
-                  "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32"}
+                  "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32", "SKIP_UNBEATEN": skip_unbeaten_tiles()}
     return kernel_spec(f"topk[{dtype},K={K},{config}]", topk_kernel, pointers, constexprs, config,
                        float_args=("softcap", "inv_temp"))
 

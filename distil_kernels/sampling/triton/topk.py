@@ -168,6 +168,14 @@ def folded_products(
     return z, offs_n, col_ok, run_max, run_sum, raw_max, raw_sum
 
 
+def skip_unbeaten_tiles() -> bool:
+    """Whether the merge kernel skips the sorts of tiles that beat no row's K-th key. Not
+    under Triton 3.3: its compiler crashes (a segmentation fault lowering to LLVM IR,
+    3.3.1) on the sorts inside that data-dependent branch for 2 <= K < 64, so there every
+    tile is sorted: the same result, more instructions."""
+    return triton_version() != (3, 3)
+
+
 @triton.jit
 def topk_kernel(
     # pointers
@@ -187,6 +195,7 @@ def topk_kernel(
     HAS_SOFTCAP: tl.constexpr,  # c * tanh(u / c) applied in the tile
     RAW_LSE: tl.constexpr,  # truncated sampling at T != 1 also needs the lse at temperature 1
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs: no silent TF32
+    SKIP_UNBEATEN: tl.constexpr = True,  # `skip_unbeaten_tiles`
 ):
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -207,7 +216,9 @@ def topk_kernel(
         keys = tl.where(row_ok[:, None] & col_ok[None, :], keys, EMPTY_KEY)
         # Two int64 sorts cost far more instructions than the keys: skip them when no
         # row's K-th key is beaten, as in most tiles once the running keys are filled.
-        needed = tl.max(tl.where(tl.max(keys, axis=1) > kth, 1, 0), axis=0)
+        needed = 1
+        if SKIP_UNBEATEN:
+            needed = tl.max(tl.where(tl.max(keys, axis=1) > kth, 1, 0), axis=0)
         if needed > 0:
             top = sort_rows(keys, True)
             if K < BLOCK_N:
@@ -428,7 +439,7 @@ def merged_topk(x: Tensor, weight: Tensor, bias: Tensor | None, k: int, options:
             float(options.softcap or 1.0), 1.0 / options.temperature,
             K=K, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
             HAS_BIAS=bias is not None, HAS_SOFTCAP=options.softcap is not None, RAW_LSE=raw_lse,
-            DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+            DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", SKIP_UNBEATEN=skip_unbeaten_tiles(),
             num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=ENABLE_FP_FUSION,
         )
     # Keys are distinct but for EMPTY_KEY, which ranks last and k <= V keeps it out.
@@ -621,19 +632,5 @@ def triton_topk(x: Tensor, weight: Tensor, bias: Tensor | None, k: int, options:
     # per group would leave the GPU idle while the next group's launches are issued.
     redo = (~settled).nonzero()[:, 0]
     if redo.numel() > 0:
-        values[redo], ids[redo] = exact_topk_rows(x[redo], weight, bias, k, options)
+        values[redo], ids[redo], _, _ = merged_topk(x[redo], weight, bias, k, options)
     return Candidates(ids, values, lse, lse_raw)
-
-
-def exact_topk_rows(x: Tensor, weight: Tensor, bias: Tensor | None, k: int, options: LossOptions
-                    ) -> tuple[Tensor, Tensor]:
-    """(values z [n, k] fp32, ids [n, k]) of rows the threshold pass left, by the merge kernel;
-    under Triton 3.3 by the chunked sweep, as its compiler crashes (a segmentation fault
-    lowering to LLVM IR, Triton 3.3.1) on the merge kernel for 2 <= k < 64."""
-    if triton_version() == (3, 3):
-        from ..topk import chunked_topk
-
-        top = chunked_topk(x, weight, bias, k, options)
-        return top.values.float(), top.ids
-    values, ids, _, _ = merged_topk(x, weight, bias, k, options)
-    return values, ids
