@@ -45,6 +45,7 @@ class TileConfig:
                 f"{'-xreg' if self.x_registers else ''}")
 
 
+@functools.cache
 def triton_version() -> tuple[int, int]:
     """(major, minor) of the Triton in use."""
     major, minor = (int(part) for part in triton.__version__.split(".")[:2])

@@ -146,8 +146,8 @@ THRESHOLD_DEFAULT_FP32 = TileConfig(64, 64, 32, num_warps=8, num_stages=3)
 # (its FMA loop holds the K slices in registers).
 # At B=64 the sampler streams the head from HBM like a GEMV: 128-wide K slices read 256
 # contiguous bytes of each W row per stage instead of 128, in half the loop steps (239-255
-# registers, no spill under Triton 3.6 and 3.9; 144 KiB of shared memory). Timed on an H100 (`python -m bench
-# tune`, seventh session, two runs; Qwen2.5-7B's head): 0.525 ms at B=64 and 1.44-1.51
+# registers, no spill under Triton 3.6 and 3.9; 144 KiB of shared memory). Timed on an
+# H100 (`python -m bench tune`, seventh session, two runs; Qwen2.5-7B's head): 0.525 ms at B=64 and 1.44-1.51
 # at B=256 against 0.59 and 1.59-1.63 for 64-wide slices; the fastest at B=256 and within
 # 2% of the fastest (the 4-stage TMA one below) at B=64, with no need for descriptors:
 # an autotuning candidate beside them (below for the Tritons that have none).
@@ -231,8 +231,8 @@ SAMPLE_TMA_SM90 = (TileConfig(64, 32, 64, num_warps=8, num_stages=3, split_n=4, 
 # Without descriptors (Triton 3.2 and 3.3, where these lead) the 128-wide K slices spill
 # 96-112 B a thread (Triton 3.2's ptxas, 255 registers) where 64-wide ones fit (224-237
 # registers, no spill): there the 64-wide tile leads and the 128-wide one is left out.
-SAMPLE_POINTER_SM90 = (SAMPLE_DEFAULT_SM90, TileConfig(64, 32, 64, num_warps=8, num_stages=3, split_n=4))
-SAMPLE_CANDIDATES_SM90 = (*(SAMPLE_POINTER_SM90 if tensor_descriptors() is not None else SAMPLE_POINTER_SM90[1:]),
+SAMPLE_NARROW_K_SM90 = TileConfig(64, 32, 64, num_warps=8, num_stages=3, split_n=4)
+SAMPLE_CANDIDATES_SM90 = (*((SAMPLE_DEFAULT_SM90,) if tensor_descriptors() is not None else ()), SAMPLE_NARROW_K_SM90,
                           SAMPLE_DEFAULT, TileConfig(64, 32, 64, num_warps=8, num_stages=3),
                           *(SAMPLE_TMA_SM90 if tensor_descriptors() is not None else ()))
 # Above 64 rows each pass's W tiles are read from L2 by every row block, and its x rows
