@@ -259,8 +259,9 @@ class Trainer:
         if not (directory / "state.json").exists():
             raise FileNotFoundError(f"no checkpoint in {directory} (expected state.json, model.pt, optimizer.pt)")
         state = json.loads((directory / "state.json").read_text())
-        self.lm.model.load_state_dict(torch.load(directory / "model.pt", map_location=self.device))
-        self.optimizer.load_state_dict(torch.load(directory / "optimizer.pt", map_location=self.device))
+        self.lm.model.load_state_dict(torch.load(directory / "model.pt", map_location=self.device, weights_only=True))
+        optimizer_state = torch.load(directory / "optimizer.pt", map_location=self.device, weights_only=True)
+        self.optimizer.load_state_dict(optimizer_state)
         self._load_expert_state(torch.load(directory / "expert.pt", map_location=self.device, weights_only=False))
         torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
         self.step, self.rollouts, self.warm = state["step"], state["rollouts"], state["warm"]

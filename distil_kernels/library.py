@@ -19,8 +19,8 @@ forward (6*N*V*d). The `torch` backend's compiled gradients come from the chunke
 the statistics pass to get the per-block maxima the filter reads.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: torch 2.4's custom_op reads the annotations
+# as objects and refuses the strings that import leaves.
 from typing import Optional
 
 import torch

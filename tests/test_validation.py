@@ -219,25 +219,56 @@ def test_ignore_index_is_configurable():
 def test_triton_backend_needs_cuda_or_the_interpreter(monkeypatch):
     x, w, y, _ = inputs()
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    from distil_kernels.backends import triton_installed
+    from distil_kernels.backends import triton_supported
 
-    if triton_installed():
+    if triton_supported():
         with pytest.raises(ValueError, match=r"backend='triton' runs on cuda tensors.*input is on cpu"):
             linear_cross_entropy(x, w, y, backend="triton")
     else:
-        with pytest.raises(ValueError, match=r"backend='triton' needs the triton package"):
+        with pytest.raises(ValueError, match=r"backend='triton' needs (the triton package|triton >= 3.2)"):
             linear_cross_entropy(x, w, y, backend="triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    if triton_installed():
+    if triton_supported():
         with pytest.raises(TypeError, match=r"backend='triton' takes float16, bfloat16 or float32 input"):
             linear_cross_entropy(x.double(), w.double(), y, backend="triton")
 
 
 def test_auto_takes_chunked_for_float64_on_cuda():
     """The triton and cuda kernels take no float64: `auto` must not hand such input to them."""
-    from distil_kernels.backends import resolve_backend, triton_installed
+    from distil_kernels.backends import resolve_backend, triton_supported
 
     cuda = torch.device("cuda")
     assert resolve_backend("auto", cuda, torch.float64) == "chunked"
-    assert resolve_backend("auto", cuda, torch.bfloat16) == ("triton" if triton_installed() else "chunked")
+    assert resolve_backend("auto", cuda, torch.bfloat16) == ("triton" if triton_supported() else "chunked")
     assert resolve_backend("auto", torch.device("cpu"), torch.float32) == "chunked"
+
+
+@pytest.mark.parametrize("version, supported", [(None, False), ((3, 0), False), ((3, 1), False),
+                                                 ((3, 2), True), ((3, 9), True), ((4, 0), True)])
+def test_triton_versions_before_3_2_are_refused_and_skipped_by_auto(monkeypatch, version, supported):
+    """torch 2.4 and 2.5 bring Triton 3.0 and 3.1, under which the kernels do not compile:
+    `auto` must take chunked there, and `triton` must say which version it needs."""
+    from distil_kernels import backends
+
+    monkeypatch.setattr(backends, "_TRITON_VERSION", version)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    cuda = torch.device("cuda")
+    assert backends.resolve_backend("auto", cuda, torch.bfloat16) == ("triton" if supported else "chunked")
+    if supported:
+        assert backends.resolve_backend("triton", torch.device("cpu"), torch.float32) == "triton"
+    elif version is None:
+        with pytest.raises(ValueError, match=r"needs the triton package \(pip install 'triton>=3.2'\)"):
+            backends.resolve_backend("triton", cuda, torch.bfloat16)
+    else:
+        found = f"{version[0]}.{version[1]}"
+        with pytest.raises(ValueError, match=rf"backend='triton' needs triton >= 3.2, found {found} .*"
+                                             r"pip install 'triton>=3.2'"):
+            backends.resolve_backend("triton", cuda, torch.bfloat16)
+
+
+def test_installed_triton_version_matches_the_imported_module():
+    triton = pytest.importorskip("triton")
+    from distil_kernels import backends
+
+    major, minor = (int(part) for part in triton.__version__.split(".")[:2])
+    assert backends._installed_triton_version() == (major, minor)

@@ -22,6 +22,7 @@ models asked for their router's load-balancing loss (`output_router_logits`).
 from __future__ import annotations
 
 import inspect
+import re
 import types
 from dataclasses import dataclass
 
@@ -31,6 +32,11 @@ from torch import nn
 from ..backends import resolve_backend
 from ..loss.linear_cross_entropy import linear_cross_entropy
 from ..loss.options import LossOptions
+
+# The oldest transformers whose models the patch reproduces: its tests pass from 4.53 to
+# 5.x. Before, models differ from the patched loss (Mistral's forward inlined its own loss
+# through 4.46; Gemma 2's gradients with num_items_in_batch differed under 4.48 and 4.51).
+MIN_TRANSFORMERS = (4, 53)
 
 # Config attributes that mean the logits are not lm_head(hidden) (up to a final softcap)
 # unless they are 1: Cohere, Granite, MiniCPM3, HyperCLOVAX, Falcon-H1, Inkling.
@@ -71,10 +77,24 @@ def _decoder(model: nn.Module) -> nn.Module:
                     f"expected a transformers *ForCausalLM")
 
 
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
+def _check_transformers_version() -> None:
+    version = _transformers_version()
+    if tuple(int(part) for part in re.findall(r"\d+", version)[:2]) < MIN_TRANSFORMERS:
+        raise RuntimeError(f"patch_model needs transformers >= 4.53, found {version}: "
+                           f"pip install 'transformers>=4.53'")
+
+
 def _check_model(model: nn.Module) -> None:
     if not isinstance(model, nn.Module) or not hasattr(model, "config"):
         raise TypeError(f"patch_model takes a transformers causal LM (an nn.Module with a config), "
                         f"got {type(model).__name__}")
+    _check_transformers_version()
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if not isinstance(head, nn.Linear):
         raise TypeError(f"patch_model: {type(model).__name__}'s output embeddings are "

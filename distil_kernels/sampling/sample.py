@@ -329,7 +329,7 @@ def sample_from_logits(logits: Tensor, *, temperature: float = 1.0, top_k: int |
                        top_p: float | None = None, min_p: float | None = None, seed: int | Tensor = 0,
                        positions: Tensor | None = None, num_samples: int = 1) -> Sample:
     """Sample `num_samples` ids per row of existing `logits` [B, V] (see the module docstring)."""
-    from ..backends import triton_installed
+    from ..backends import triton_supported
 
     if not isinstance(logits, Tensor):
         raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
@@ -349,7 +349,7 @@ def sample_from_logits(logits: Tensor, *, temperature: float = 1.0, top_k: int |
         raise ValueError(f"top_k must be <= V = {logits.shape[1]}, got {options.top_k}")
     _check_seed_and_positions(seed, positions, logits.shape[0], logits.device)
     with torch.no_grad():
-        if options.top_k is not None and not options.greedy and logits.is_cuda and triton_installed():
+        if options.top_k is not None and not options.greedy and logits.is_cuda and triton_supported():
             from .triton.truncation import triton_top_k_sample
 
             return triton_top_k_sample(logits, options, seed, positions)
@@ -358,7 +358,7 @@ def sample_from_logits(logits: Tensor, *, temperature: float = 1.0, top_k: int |
         # The same draws without sorting rows or forming a whole row block's noise at once;
         # on a GPU in three kernel launches (the torch ops' Philox passes are ~100 launches
         # of [B, V] int64 work a sample, their kept set ~30 more).
-        if logits.is_cuda and triton_installed():
+        if logits.is_cuda and triton_supported():
             from .triton.truncation import triton_truncated_sample
 
             return triton_truncated_sample(logits, options, seed, positions)

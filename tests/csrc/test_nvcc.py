@@ -409,7 +409,8 @@ def test_python_wrappers_match_the_binding(probe_extension, monkeypatch):
 
     monkeypatch.setattr(cuda_ext, "extension", lambda: probe_extension)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: type("S", (), {"cuda_stream": 0})())
-    monkeypatch.setattr(torch.ops.aten.mm, "overloads", lambda: ["default", "dtype_out"])
+    # Read once at import; torch 2.7 and older lack the fp32-output mm the cuda backend needs.
+    monkeypatch.setattr(loss_cuda, "CUDA_FP32_OUTPUT_MM", True)
     loss_ops, sampling_ops = loss_cuda.extension_ops(), sampling_cuda.extension_sampling_ops()
     z, ids = torch.zeros(3, 5), torch.zeros(3, 2, dtype=torch.long)
     vec, pair = torch.zeros(3), torch.zeros(3, 2)
@@ -650,12 +651,13 @@ def test_one_pass_topk_refused_falls_back_to_row_topk(probe_extension, monkeypat
     import torch
 
     import distil_kernels.cuda_ext as cuda_ext
+    from distil_kernels.loss import cuda as loss_cuda
     from distil_kernels.sampling import cuda as sampling_cuda
 
     monkeypatch.setattr(cuda_ext, "extension", lambda: probe_extension)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: type("S", (), {"cuda_stream": 0})())
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    monkeypatch.setattr(torch.ops.aten.mm, "overloads", lambda: ["default", "dtype_out"])
+    monkeypatch.setattr(loss_cuda, "CUDA_FP32_OUTPUT_MM", True)
     monkeypatch.setenv(sampling_cuda.TOPK_ENV, "one-pass")
     ops = sampling_cuda.extension_sampling_ops()
     z = torch.zeros(3, 5)

@@ -226,8 +226,25 @@ def test_vocabulary_parallelism_is_refused_inside_a_compiled_region():
     def loss_fn(x, w):
         return linear_cross_entropy(x, w, y, process_group=group, vocab_start=0)
 
-    with pytest.raises(Exception, match="vocabulary parallelism .* not traced by torch.compile"):
+    # Older Dynamo replaces an exception raised in a traced callee by its own "Observed
+    # exception" (seen with torch 2.4, 2.5 and 2.6; 2.13 keeps the message): there the
+    # refusal itself is what can be checked.
+    message = "vocabulary parallelism .* not traced by torch.compile"
+    with pytest.raises(Exception, match=message if dynamo_keeps_exception_messages() else "Observed exception"):
         compiled(loss_fn)(x, w)
+
+
+def dynamo_keeps_exception_messages() -> bool:
+    """Whether an exception raised in a function the compiled one calls keeps its message."""
+    def refuse(x):
+        raise NotImplementedError("a message to keep")
+
+    def calls_refuse(x):
+        return refuse(x) + 1
+
+    with pytest.raises(Exception) as caught:
+        compiled(calls_refuse)(torch.zeros(1))
+    return "a message to keep" in str(caught.value)
 
 
 def test_dynamic_shapes_and_float_options():

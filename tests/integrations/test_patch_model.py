@@ -13,7 +13,8 @@ import copy
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
+# patch_model refuses transformers before 4.53 (test_an_older_transformers_is_refused).
+transformers = pytest.importorskip("transformers", minversion="4.53")
 
 from distil_kernels import patch_model  # noqa: E402
 
@@ -38,6 +39,20 @@ def tiny_model(family: str, seed: int = 0):
     config = getattr(transformers, config_name)(**COMMON, **extra)
     torch.manual_seed(seed)
     return getattr(transformers, model_name)(config).float()
+
+
+def test_an_older_transformers_is_refused(monkeypatch):
+    """patch_model reproduces the models of transformers >= 4.53 (its tests pass there); with
+    an older one it says so instead of patching."""
+    from distil_kernels.integrations import transformers as integration
+
+    model = tiny_model("llama")
+    monkeypatch.setattr(integration, "_transformers_version", lambda: "4.52.4")
+    with pytest.raises(RuntimeError, match=r"patch_model needs transformers >= 4.53, found 4.52.4: "
+                                           r"pip install 'transformers>=4.53'"):
+        patch_model(model)
+    monkeypatch.setattr(integration, "_transformers_version", lambda: "4.53.0.dev0")
+    assert patch_model(model) is model
 
 
 def batch(seed: int = 1):

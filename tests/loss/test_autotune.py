@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytest.importorskip("triton")
+pytest.importorskip("triton", minversion="3.2")
 
 from distil_kernels.loss.triton import configs  # noqa: E402
 from distil_kernels.loss.triton.configs import TileConfig, fastest  # noqa: E402

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 
 import pytest
 import torch
@@ -21,6 +22,11 @@ from distil_kernels import SparseTarget, distil_loss, linear_cross_entropy, line
 VOCAB, DIM, ROWS = 103, 12, 29
 # Shards of 103 rows: uneven, and for three ranks not in rank order of vocab_start.
 SHARDS = {2: [(0, 61), (61, 103)], 3: [(50, 103), (0, 20), (20, 50)]}
+
+# Before torch 2.8 a gloo group's destructor joins its worker threads holding the GIL,
+# while a worker may still need the GIL to free a collective's tensors: a deadlock at
+# destroy_process_group (pytorch/pytorch#154976, seen here with torch 2.4).
+GLOO_DESTRUCTOR_HOLDS_GIL = tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 8)
 
 
 def _free_port() -> int:
@@ -154,6 +160,11 @@ def _worker(rank: int, world: int, port: int, check: str) -> None:
     try:
         start, end = SHARDS[world][rank]
         CHECKS[check](rank, start, end, dist.group.WORLD)
+        if GLOO_DESTRUCTOR_HOLDS_GIL:
+            # A gloo worker thread frees a finished collective's tensors after the caller
+            # has moved on, and a tensor Python has let go of needs the GIL to free. The
+            # sleep hands it the GIL, before the destructor takes the GIL for good.
+            time.sleep(0.2)
     finally:
         dist.destroy_process_group()
 

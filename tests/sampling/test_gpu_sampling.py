@@ -29,13 +29,13 @@ import math
 
 import pytest
 import torch
-import triton
-import triton.language as tl
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]
+triton = pytest.importorskip("triton", minversion="3.2")
+import triton.language as tl  # noqa: E402
 
 from distil_kernels import linear_sample, linear_topk, sample_from_logits  # noqa: E402
 from distil_kernels.backends import resolve_backend  # noqa: E402

@@ -20,7 +20,7 @@ import pytest
 
 if os.environ.get("TRITON_INTERPRET") == "1":
     pytest.skip("the interpreter replaces the compiler; run without TRITON_INTERPRET", allow_module_level=True)
-pytest.importorskip("triton")
+pytest.importorskip("triton", minversion="3.2")
 
 from aot_checks import check_compiles  # noqa: E402
 from distil_kernels.sampling.triton.aot import all_specs  # noqa: E402

@@ -19,7 +19,7 @@ import torch
 
 if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("runs under TRITON_INTERPRET=1 (make test runs it)", allow_module_level=True)
-pytest.importorskip("triton")
+pytest.importorskip("triton", minversion="3.2")
 
 import triton  # noqa: E402
 

@@ -102,7 +102,7 @@ def test_two_ranks_take_the_gradient_of_one_process(tmp_path):
     computes it (the ranks' token means weighed by their tokens, not equally: that was up
     to 5x off in some entries)."""
     mp.start_processes(_rank_gradient, args=(_free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
-    two_ranks = torch.load(tmp_path / "grads.pt")
+    two_ranks = torch.load(tmp_path / "grads.pt", weights_only=True)
     one = Trainer(TrainConfig(out=str(tmp_path / "one"), **{**SMALL, "warmup_steps": 0}), progress=False)
     one.train_step()
     for got, want in zip(two_ranks, [p.grad for p in one.lm.model.parameters()]):
