@@ -76,8 +76,7 @@ def tiny_student(seed: int, device: torch.device, config: TinyConfig = TinyConfi
     return LanguageModel(model.to(device), tokenizer)
 
 
-def load_model(path: str | Path, device: torch.device, dtype: torch.dtype | None = None,
-               what: str = "--model") -> LanguageModel:
+def load_model(path: str | Path, device: torch.device, what: str = "--model") -> LanguageModel:
     """A transformers causal LM and its tokenizer from a local directory (no downloads).
 
     `what` names the option that gave the path, for the errors: a directory without
@@ -91,14 +90,14 @@ def load_model(path: str | Path, device: torch.device, dtype: torch.dtype | None
         raise FileNotFoundError(f"{what} must be a local directory holding a transformers causal LM; "
                                 f"{str(path)!r} is not a directory (nothing is downloaded)")
     kwargs = {"local_files_only": True}
-    if dtype is not None:
-        kwargs["dtype"] = dtype
     if flash_attention_available(device):
         kwargs["attn_implementation"] = "flash_attention_2"
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs).to(device)
         inner = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError, KeyError) as err:
+    # ImportError: transformers 4.x, short of a tokenizer's files, tries converting one and
+    # asks for protobuf or sentencepiece.
+    except (OSError, ValueError, KeyError, ImportError) as err:
         reason = " ".join(str(err).split())
         raise ValueError(f"{what} {str(path)!r}: not a transformers causal LM with its tokenizer: {reason}") from None
     tokenizer = HFTokenizer(inner)

@@ -178,7 +178,7 @@ def extension_ops() -> EpilogueOps:
     ext = extension()
     if not CUDA_FP32_OUTPUT_MM:
         raise RuntimeError(f"backend='cuda' needs torch's fp32-output mm for bf16/fp16 operands "
-                           f"(aten::mm.dtype_out), which torch {torch.__version__} lacks")
+                           f"(aten::mm.dtype_out, torch >= 2.8), which torch {torch.__version__} lacks")
 
     def stream(t: Tensor) -> int:
         return torch.cuda.current_stream(t.device).cuda_stream

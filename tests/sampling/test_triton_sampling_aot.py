@@ -23,7 +23,9 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 pytest.importorskip("triton", minversion="3.2")
 
 from aot_checks import check_compiles  # noqa: E402
+from distil_kernels.loss.triton.configs import triton_version  # noqa: E402
 from distil_kernels.sampling.triton.aot import all_specs  # noqa: E402
+from distil_kernels.sampling.triton.topk import topk_kernel  # noqa: E402
 
 pytestmark = pytest.mark.aot
 
@@ -32,7 +34,11 @@ BUILDS = [(spec, arch) for spec in all_specs() for arch in spec.archs]
 
 
 @pytest.mark.parametrize(("spec", "arch"), BUILDS, ids=[f"{s.name}-sm_{a}" for s, a in BUILDS])
-def test_compiles(spec, arch, record_property):
+def test_compiles(spec, arch, record_property, request):
+    if spec.kernel is topk_kernel and spec.constexprs["K"] > 64 and triton_version() < (3, 3):
+        # Every 16x256 tile tried spills 64-1976 B a thread as Triton 3.2 compiles it
+        # (README, "Backends"): correct there, slower. Still compiled and reported.
+        request.applymarker(pytest.mark.xfail(reason="the k > 64 merge tiles spill under Triton 3.2"))
     # ptxas caps some of these kernels at 128 registers and spills a few bytes for it.
     bf16_tile = "fp32" not in spec.name and spec.constexprs.get("BLOCK_M", 0) >= 64
     check_compiles(spec, arch, record_property, expect_wgmma=bf16_tile)
