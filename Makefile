@@ -15,7 +15,9 @@ $(STAMP): pyproject.toml setup.py
 	@test -x $(PY) || $(PYTHON_BOOT) -m venv --system-site-packages $(VENV)
 	@$(PY) -c "import torch" 2>/dev/null || $(PIP_INSTALL) "$(TORCH_SPEC)"
 	$(PIP_INSTALL) setuptools wheel
-	$(PIP_INSTALL) --no-build-isolation -e ".[test,trainer,examples]"
+	@# The torch in the venv stays: pinned for the extras, which must not pull another.
+	@$(PY) -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > $(VENV)/keep-torch.txt
+	$(PIP_INSTALL) -c $(VENV)/keep-torch.txt --no-build-isolation -e ".[test,trainer,examples]"
 	@touch $(STAMP)
 
 demo: $(STAMP)
