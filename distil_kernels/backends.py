@@ -23,9 +23,15 @@ BACKENDS = ("torch", "chunked", "triton", "cuda")
 MIN_TRITON = (3, 2)
 
 
+def major_minor(version: str) -> tuple[int, int]:
+    """(major, minor) of a version string: "3.2.0", "2.4.1+cu121", "4.53.0.dev0"."""
+    major, minor = re.match(r"(\d+)\.(\d+)", version).groups()
+    return int(major), int(minor)
+
+
 def _installed_triton_version() -> tuple[int, int] | None:
     """(major, minor) of the installed Triton, None without one. Read from the package's
-    metadata rather than by importing it: importing Triton costs about a second."""
+    metadata rather than by importing it: importing Triton takes about half a second."""
     if importlib.util.find_spec("triton") is None:
         return None
     for distribution in ("triton", "pytorch-triton", "pytorch-triton-rocm", "pytorch-triton-xpu"):
@@ -38,8 +44,7 @@ def _installed_triton_version() -> tuple[int, int] | None:
         import triton
 
         version = triton.__version__
-    major, minor = re.match(r"(\d+)\.(\d+)", version).groups()
-    return int(major), int(minor)
+    return major_minor(version)
 
 
 # Looked up once: torch.compile (2.11) refuses to trace importlib's find_spec, and

@@ -272,3 +272,12 @@ def test_installed_triton_version_matches_the_imported_module():
 
     major, minor = (int(part) for part in triton.__version__.split(".")[:2])
     assert backends._installed_triton_version() == (major, minor)
+
+
+def test_major_minor_reads_release_local_and_dev_versions():
+    from distil_kernels.backends import major_minor
+
+    assert major_minor("3.2.0") == (3, 2)
+    assert major_minor("2.4.1+cu121") == (2, 4)
+    assert major_minor("4.53.0.dev0") == (4, 53)
+    assert major_minor("3.10") == (3, 10)

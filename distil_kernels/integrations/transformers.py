@@ -22,14 +22,13 @@ models asked for their router's load-balancing loss (`output_router_logits`).
 from __future__ import annotations
 
 import inspect
-import re
 import types
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ..backends import resolve_backend
+from ..backends import major_minor, resolve_backend
 from ..loss.linear_cross_entropy import linear_cross_entropy
 from ..loss.options import LossOptions
 
@@ -85,7 +84,7 @@ def _transformers_version() -> str:
 
 def _check_transformers_version() -> None:
     version = _transformers_version()
-    if tuple(int(part) for part in re.findall(r"\d+", version)[:2]) < MIN_TRANSFORMERS:
+    if major_minor(version) < MIN_TRANSFORMERS:
         raise RuntimeError(f"patch_model needs transformers >= 4.53, found {version}: "
                            f"pip install 'transformers>=4.53'")
 

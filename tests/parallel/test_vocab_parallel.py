@@ -18,6 +18,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from distil_kernels import SparseTarget, distil_loss, linear_cross_entropy, linear_sample, linear_topk
+from distil_kernels.backends import major_minor
 
 VOCAB, DIM, ROWS = 103, 12, 29
 # Shards of 103 rows: uneven, and for three ranks not in rank order of vocab_start.
@@ -26,7 +27,7 @@ SHARDS = {2: [(0, 61), (61, 103)], 3: [(50, 103), (0, 20), (20, 50)]}
 # Before torch 2.8 a gloo group's destructor joins its worker threads holding the GIL,
 # while a worker may still need the GIL to free a collective's tensors: a deadlock at
 # destroy_process_group (pytorch/pytorch#154976, seen here with torch 2.4).
-GLOO_DESTRUCTOR_HOLDS_GIL = tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 8)
+GLOO_DESTRUCTOR_HOLDS_GIL = major_minor(torch.__version__) < (2, 8)
 
 
 def _free_port() -> int:

@@ -20,6 +20,8 @@ from typing import Callable
 import torch
 import triton
 
+from ...backends import major_minor
+
 # FMA contraction in the kernels' arithmetic, as every measurement and test here was made:
 # Triton's default through 3.9, which warns that 3.10 turns it off unless asked.
 ENABLE_FP_FUSION = True
@@ -48,8 +50,7 @@ class TileConfig:
 @functools.cache
 def triton_version() -> tuple[int, int]:
     """(major, minor) of the Triton in use."""
-    major, minor = (int(part) for part in triton.__version__.split(".")[:2])
-    return major, minor
+    return major_minor(triton.__version__)
 
 
 @functools.cache
