@@ -219,9 +219,15 @@ class Grads:
                 continue
             if dtype is None or buf.dtype == dtype:
                 grads.append(buf.mul_(scale.to(buf.dtype)))
-            else:
+            elif buf.is_cuda:
                 # Scaled and rounded in one pass over the fp32 buffer (d_weight's is [V, d]).
                 grads.append(torch.mul(buf, scale.to(buf.dtype), out=torch.empty_like(buf, dtype=dtype)))
+            else:
+                # The CPU's TensorIterator computes a mul into a narrower `out` through a
+                # temporary of the inputs' dtype: a second fp32 [V, d] at the step's peak
+                # (125 MiB instead of 62 at V=32000, d=512). Scaled in place, then
+                # rounded: the same values.
+                grads.append(buf.mul_(scale.to(buf.dtype)).to(dtype))
         self.input = self.weight = self.bias = None
         return tuple(grads)
 
