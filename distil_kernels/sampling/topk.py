@@ -233,21 +233,25 @@ def _merge(best_values: Tensor, best_ids: Tensor, values: Tensor, ids: Tensor, k
 # --------------------------------------------------------------------------------------
 
 
-def fold_lse_(run_max: Tensor, run_sum: Tensor, values: Tensor) -> None:
+def fold_lse_(run_max: Tensor, run_sum: Tensor, values: Tensor, *, consume: bool = False) -> None:
     """Fold a tile into a running (max, sum of exp(v - max)) per row, in place.
 
     Rows that have seen only -inf keep sum 0 (their exponents shift by 0, not by -inf).
+    The shifted exponentials take one buffer of `values`' size, none with `consume`
+    (`values` is a temporary of the caller's, overwritten).
     """
     new_max = torch.maximum(run_max, values.amax(dim=1))
     shift = torch.where(new_max == -math.inf, 0.0, new_max)
-    run_sum.mul_((run_max - shift).exp()).add_((values - shift[:, None]).exp().sum(dim=1))
+    shifted = values.sub_(shift[:, None]) if consume else values - shift[:, None]
+    run_sum.mul_((run_max - shift).exp()).add_(shifted.exp_().sum(dim=1))
     run_max.copy_(new_max)
 
 
 def fold_scaled_lse_(run_max: Tensor, run_sum: Tensor, z: Tensor, scale: float) -> None:
-    """`fold_lse_` of `z * scale`, in place; on the CPU in blocks of rows of LSE_BLOCK_BYTES.
+    """`fold_lse_` of `z * scale`, in place: one buffer for the products, shifted and
+    exponentiated where they are, on the CPU a block of rows of LSE_BLOCK_BYTES at a time.
 
-    Over a whole tile the products, their shifts and exponentials would be three more
+    Formed over the whole tile, the products, their shifts and exponentials were three more
     tile-sized buffers beside the workspace's tile (37 MiB each for 64 rows of a 152k
     vocabulary: the top_p sweep's peak was four tiles, 149 MiB, for a 64 MiB budget).
     """
@@ -255,7 +259,7 @@ def fold_scaled_lse_(run_max: Tensor, run_sum: Tensor, z: Tensor, scale: float) 
     block = max(1, LSE_BLOCK_BYTES // max(cols * z.element_size(), 1)) if z.device.type == "cpu" else rows
     for r0 in range(0, rows, block):
         r1 = min(r0 + block, rows)
-        fold_lse_(run_max[r0:r1], run_sum[r0:r1], z[r0:r1] * scale)
+        fold_lse_(run_max[r0:r1], run_sum[r0:r1], z[r0:r1] * scale, consume=True)
 
 
 def chunked_topk(x: Tensor, weight: Tensor, bias: Tensor | None, k: int, options: LossOptions,

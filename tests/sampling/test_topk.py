@@ -418,3 +418,25 @@ def test_every_backend_gives_candidates_with_the_raw_lse():
         torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=1e-12, atol=1e-12)
     raw = torch.logsumexp(3.0 * torch.tanh((x @ w.T + b) / 3.0), dim=1)
     torch.testing.assert_close(want.lse_raw, raw, rtol=1e-12, atol=1e-12)
+
+
+def test_scaled_lse_fold_in_row_blocks_equals_one_fold(monkeypatch):
+    """The raw log-sum-exp of truncated sampling, folded a block of rows at a time over
+    the products it overwrites, equals the fold of the whole tile's products; a fold that
+    does not consume its values leaves them as they were."""
+    from distil_kernels.sampling import topk
+
+    gen = torch.Generator().manual_seed(5)
+    tiles = [torch.randn(7, 40, generator=gen) * 4 for _ in range(3)]
+    tiles[1][2] = -math.inf  # a row that sees only -inf in one tile
+    state = [(torch.full((7,), -math.inf), torch.zeros(7)) for _ in range(2)]
+    monkeypatch.setattr(topk, "LSE_BLOCK_BYTES", 3 * 40 * 4)  # blocks of 3 rows: 3 + 3 + 1
+    for z in tiles:
+        before = z.clone()
+        topk.fold_scaled_lse_(*state[0], z, 0.7)
+        topk.fold_lse_(*state[1], z * 0.7)
+        assert torch.equal(z, before)
+    want = torch.logsumexp(torch.cat(tiles, dim=1) * 0.7, dim=1)
+    for run_max, run_sum in state:
+        torch.testing.assert_close(run_max + run_sum.log(), want, rtol=1e-6, atol=1e-6)
+    assert torch.equal(state[0][0], state[1][0]) and torch.equal(state[0][1], state[1][1])
