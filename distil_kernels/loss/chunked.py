@@ -64,6 +64,18 @@ def _bytes_per_tile_element(dtype: torch.dtype, softcap: bool) -> int:
     return per
 
 
+def workspace_budget(vocab_size: int, dtype: torch.dtype, device: torch.device, options: LossOptions,
+                     cpu_target_rows: int = _CPU_TARGET_ROWS) -> int:
+    """The bytes a sweep's tile buffers may take: `options.workspace_bytes`, or by default
+    `cpu_target_rows` rows of the vocabulary within [16, 64] MiB on the CPU, 256 MiB elsewhere."""
+    if options.workspace_bytes is not None:
+        return options.workspace_bytes
+    if device.type != "cpu":
+        return _GPU_WORKSPACE
+    per_element = _bytes_per_tile_element(dtype, options.softcap is not None)
+    return min(max(cpu_target_rows * vocab_size * per_element, _CPU_MIN_WORKSPACE), _CPU_MAX_WORKSPACE)
+
+
 def plan_chunks(num_rows: int, vocab_size: int, dtype: torch.dtype, device: torch.device,
                 options: LossOptions, cpu_target_rows: int = _CPU_TARGET_ROWS,
                 cpu_min_tile: int | None = None) -> ChunkPlan:
@@ -81,14 +93,7 @@ def plan_chunks(num_rows: int, vocab_size: int, dtype: torch.dtype, device: torc
     1024-row GEMM, or 1.7 s in 1024 x 16384 tiles (2-core AVX-512 host).
     """
     per_element = _bytes_per_tile_element(dtype, options.softcap is not None)
-    budget = options.workspace_bytes
-    if budget is None:
-        if device.type == "cpu":
-            budget = cpu_target_rows * vocab_size * per_element
-            budget = min(max(budget, _CPU_MIN_WORKSPACE), _CPU_MAX_WORKSPACE)
-        else:
-            budget = _GPU_WORKSPACE
-    elements = max(budget // per_element, 1)
+    elements = max(workspace_budget(vocab_size, dtype, device, options, cpu_target_rows) // per_element, 1)
     rows_needed = max(num_rows, 1)
     narrowest = vocab_size
     if cpu_min_tile is not None and device.type == "cpu":

@@ -392,6 +392,23 @@ def _check_seed_and_positions(seed, positions, rows: int, device: torch.device) 
 CANDIDATES = 256
 # Noise values per row block x id block the CPU sweep forms at once (see _sweep_sample).
 NOISE_BLOCK_CPU = 1 << 20
+# Peak bytes an id of a sweep's noise block takes (the Philox words and rounds in int64,
+# the float64 transform, the score; the block's tempered logits): 20 for the noise and
+# score measured with tests/memory_tracking.py, 4 for the tempered logits.
+NOISE_BYTES_PER_ID = 24
+
+
+def noise_block_columns(rows: int, budget: int, device: torch.device) -> int:
+    """Ids per row of a sweep's noise block: within the sweep's workspace `budget`, so
+    that the noise is bounded as the tile is (a whole 256 MiB tile's noise would be
+    1.5 GB on a GPU); on the CPU also within NOISE_BLOCK_CPU, where the Philox rounds'
+    passes over their operands stay in cache (220 ms against 63 ms for 64 x 151936 ids,
+    measured). On a GPU the budget's default (256 MiB) holds one block for a batch of 64
+    rows of a 152k vocabulary, so the launches stay few."""
+    ids = budget // NOISE_BYTES_PER_ID
+    if device.type == "cpu":
+        ids = min(ids, NOISE_BLOCK_CPU)
+    return max(ids // max(rows, 1), 1)
 
 
 @dataclass(frozen=True)
@@ -421,7 +438,7 @@ def _sweep_sample(x: Tensor, weight: Tensor, bias: Tensor | None, softcap: float
     noise and the drawn ids. At temperature 1 z is the raw logit (raw / 1 exactly) and its
     lse the raw one: no division and one fold.
     """
-    from ..loss.chunked import Workspace, logits_tile, plan_chunks
+    from ..loss.chunked import Workspace, logits_tile, plan_chunks, workspace_budget
     from ..loss.options import LossOptions
     from .topk import SWEEP_CPU_MIN_TILE, SWEEP_CPU_ROWS, fold_lse_
 
@@ -431,6 +448,7 @@ def _sweep_sample(x: Tensor, weight: Tensor, bias: Tensor | None, softcap: float
     tempered = not options.greedy and options.temperature != 1.0
     plan = plan_chunks(rows, vocab, x.dtype, x.device, raw_options, SWEEP_CPU_ROWS,
                        SWEEP_CPU_MIN_TILE)
+    budget = workspace_budget(vocab, x.dtype, x.device, raw_options, SWEEP_CPU_ROWS)
     ws = Workspace(plan, x.dtype, x.device, softcap is not None)
     dev = x.device
     ids = torch.zeros(rows, n, dtype=torch.int64, device=dev)
@@ -450,12 +468,7 @@ def _sweep_sample(x: Tensor, weight: Tensor, bias: Tensor | None, softcap: float
             v1 = min(v0 + plan.tile, vocab)
             raw, _ = logits_tile(ws, x[r0:r1], weight, bias, v0, v1, raw_options)
             raw = raw.float()
-            # On the CPU the noise's Philox rounds are ~100 passes of int64 ops over
-            # their operands: in blocks of NOISE_BLOCK_CPU ids per row those stay in
-            # cache (220 ms against 63 ms for 64 x 151936 ids, measured), and so do the
-            # block's tempered logits and log-sum-exp terms; elsewhere one block per
-            # tile keeps the launches few.
-            block = v1 - v0 if dev.type != "cpu" else max(NOISE_BLOCK_CPU // (r1 - r0), 1)
+            block = noise_block_columns(r1 - r0, budget, dev)
             for c0 in range(0, v1 - v0, block):
                 c1 = min(c0 + block, v1 - v0)
                 first = v0 + c0 + id_offset

@@ -13,16 +13,13 @@ import pytest
 import torch
 
 from distil_kernels import linear_sample, linear_topk
-from distil_kernels.sampling.sample import NOISE_BLOCK_CPU
+from distil_kernels.sampling.sample import NOISE_BLOCK_CPU, NOISE_BYTES_PER_ID, noise_block_columns
 from memory_tracking import MiB, AllocationTracker
 
 N, D, V = 512, 64, 32768
 LOGITS_BYTES = N * V * 4  # one fp32 [N, V] tensor: 64 MiB
 # Above the sweeps' 4 MiB row blocks, so a tile-sized temporary is told from a block.
 WORKSPACE_BYTES = 16 << 20
-# The CPU sweep's noise for one block of NOISE_BLOCK_CPU ids: int64 Philox words and the
-# float64 transform, ~24 bytes an id at its peak.
-NOISE_BYTES = 32 * NOISE_BLOCK_CPU
 
 # Flat logits (a nucleus of thousands of ids), so top_p and min_p rows take the dense
 # fallback as well as the candidates' sweep.
@@ -55,11 +52,25 @@ def test_chunked_sampling_stays_within_its_workspace(name):
     options = SAMPLING[name]
     peak = peak_bytes(lambda: linear_sample(x, w, seed=1, backend="chunked", workspace_bytes=WORKSPACE_BYTES,
                                             **options))
-    # The tile, the noise of one block, and O(N * candidates) (each candidate's noise words
-    # and keys); a second tile-sized buffer would pass the bound (the top_p sweep's
-    # tempered raw log-sum-exp took three: 67 MiB here).
-    bound = WORKSPACE_BYTES + NOISE_BYTES
+    # The tile within the workspace, the noise of a block within it again, and per row
+    # 256 candidates' Philox words (32 B each: 4 MiB here), which also covers the rows'
+    # small tables. Another tile-sized buffer passes the bound: the top_p sweep's tempered
+    # raw log-sum-exp took three (67 MiB).
+    bound = 2 * WORKSPACE_BYTES + N * 256 * 32
     assert peak <= bound, f"{name}: peak {peak / MiB:.1f} MiB, bound {bound / MiB:.1f} MiB"
+
+
+def test_noise_blocks_stay_within_the_budget_on_every_device():
+    budget = 256 << 20  # a GPU's default
+    for device in (torch.device("cpu"), torch.device("cuda")):
+        for rows in (1, 64, 256, 4096):
+            columns = noise_block_columns(rows, budget, device)
+            assert rows * columns * NOISE_BYTES_PER_ID <= budget or columns == 1
+            if device.type == "cpu":
+                assert rows * columns <= max(NOISE_BLOCK_CPU, rows)
+    # A GPU batch of 64 rows of a 152k vocabulary is one block: no more launches than one a tile.
+    assert noise_block_columns(64, budget, torch.device("cuda")) >= 152064
+    assert noise_block_columns(4, 1, torch.device("cuda")) == 1
 
 
 def test_chunked_topk_stays_within_its_workspace():
