@@ -225,7 +225,7 @@ def test_a_deep_copy_trains_its_own_weights():
     with torch.no_grad():
         duplicate.lm_head.weight.mul_(2.0)
     ids, attention_mask, labels = batch()
-    _, original_grads = loss_and_grads(patched, input_ids=ids, attention_mask=attention_mask, labels=labels)
+    loss_and_grads(patched, input_ids=ids, attention_mask=attention_mask, labels=labels)
     patched.zero_grad()
     out, grads = loss_and_grads(duplicate, input_ids=ids, attention_mask=attention_mask, labels=labels)
     assert out.logits is None and "lm_head.weight" in grads
