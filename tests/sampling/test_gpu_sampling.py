@@ -407,6 +407,43 @@ def test_auto_resolves_to_triton_with_the_same_ids():
     torch.testing.assert_close(auto.logprobs, explicit.logprobs, rtol=0, atol=1e-6)
 
 
+
+@pytest.mark.parametrize("options", [dict(temperature=0.8, num_samples=3), dict(temperature=0.0)],
+                         ids=["sample", "greedy"])
+def test_untruncated_sample_replays_in_a_cuda_graph(options):
+    """DESIGN.md: per-row seeds as an int64 tensor make `linear_sample` CUDA-graph friendly.
+    The triton backend's untruncated and greedy draws wait on the host nowhere, so they
+    capture; a replay after the seeds and positions change in place draws exactly what an
+    eager call with the new values draws (same kernels, configs and split order)."""
+    x, w, b = problem(SAMPLE_ROWS, torch.bfloat16, seed=3)
+    rows = x.shape[0]
+    seeds = torch.arange(rows, device=DEVICE, dtype=torch.int64) * 7919 + 11
+    positions = torch.arange(rows, device=DEVICE, dtype=torch.int64) + 100
+
+    def draw():
+        return linear_sample(x, w, bias=b, seed=seeds, positions=positions, backend="triton", **options)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compiled and warmed up outside the capture
+        draw()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = draw()
+    drawn = []
+    for step in range(3):
+        seeds.add_(1 << step)
+        positions.add_(step + 1)
+        graph.replay()
+        want = draw()
+        for name, got, expected in zip(want._fields, captured, want):
+            assert torch.equal(got, expected), f"step {step}: {name} differs from the eager call's"
+        drawn.append(captured.ids.clone())
+    if options["temperature"] > 0:  # the replays read the new seeds: some draws change
+        assert not torch.equal(drawn[0], drawn[1]) and not torch.equal(drawn[1], drawn[2])
+
+
 def sample_partials_bytes(rows: int, vocab: int, dtype: torch.dtype, drawn: int) -> tuple[int, int]:
     """(bytes, splits) of the sample kernel's per-split partials, the largest over the configs it may pick.
 
