@@ -86,7 +86,7 @@ SWEEP_CPU_ROWS = 256
 # chunk reads all of W (fp32 GEMMs of 512 rows in 32768-column tiles took 8% longer
 # than 1024 rows in 16384-column tiles), and 8192 columns added per-tile costs.
 SWEEP_CPU_MIN_TILE = 16384
-# Bytes of log_softmax output per block of rows in a tile's lse (see _row_lse).
+# Bytes of a tile's lse temporaries per block of rows (see _row_lse, fold_scaled_lse_).
 LSE_BLOCK_BYTES = 4 << 20
 # Columns per strided group of the CPU top-k prefilter (see _prefiltered_topk).
 PREFILTER_GROUP = 16
@@ -158,6 +158,15 @@ def _prefiltered_topk(z: Tensor, wide: int) -> tuple[Tensor, Tensor]:
     return values, columns.gather(1, at)
 
 
+def lse_row_block(z: Tensor) -> int:
+    """Rows of tile `z` per block of its lse temporaries: LSE_BLOCK_BYTES of them on the
+    CPU (see `_row_lse`), the whole tile elsewhere (one launch)."""
+    rows, cols = z.shape
+    if z.device.type != "cpu":
+        return max(rows, 1)
+    return max(1, LSE_BLOCK_BYTES // max(cols * z.element_size(), 1))
+
+
 def _row_lse(z: Tensor, row_max: Tensor, argmax: Tensor) -> Tensor:
     """log-sum-exp of each row of `z` [rows, cols], given its maximum and where it is.
 
@@ -168,8 +177,8 @@ def _row_lse(z: Tensor, row_max: Tensor, argmax: Tensor) -> Tensor:
     (11.6 ms against 3.5 ms measured on the CPU); a few MiB come back from the heap.
     Other devices' caching allocators keep the memory: one launch there.
     """
-    rows, cols = z.shape
-    block = max(1, LSE_BLOCK_BYTES // (cols * z.element_size())) if z.device.type == "cpu" else rows
+    rows = z.shape[0]
+    block = lse_row_block(z)
     at_max = torch.empty(rows, dtype=z.dtype, device=z.device)
     for r0 in range(0, rows, block):
         r1 = min(r0 + block, rows)
@@ -255,8 +264,8 @@ def fold_scaled_lse_(run_max: Tensor, run_sum: Tensor, z: Tensor, scale: float) 
     tile-sized buffers beside the workspace's tile (37 MiB each for 64 rows of a 152k
     vocabulary: the top_p sweep's peak was four tiles, 149 MiB, for a 64 MiB budget).
     """
-    rows, cols = z.shape
-    block = max(1, LSE_BLOCK_BYTES // max(cols * z.element_size(), 1)) if z.device.type == "cpu" else rows
+    rows = z.shape[0]
+    block = lse_row_block(z)
     for r0 in range(0, rows, block):
         r1 = min(r0 + block, rows)
         fold_lse_(run_max[r0:r1], run_sum[r0:r1], z[r0:r1] * scale, consume=True)
